@@ -1,0 +1,317 @@
+"""Typed training configuration: the one place where every key is declared and documented.
+
+A stage config is YAML. It may start with ``defaults: [other.yaml, ...]`` (paths relative to the
+file) which are merged first, in order. Everything is merged onto the dataclass schema below, so
+an unknown key or a value of the wrong type is an error that names the key (and the closest valid
+key). Dotted command-line overrides (``optim.lr=1e-5``) are applied last.
+
+Key names follow the reference trainer (VGGT / DVGT): max_epochs, limit_train_batches,
+accum_steps, max_img_per_gpu, checkpoint.*, optim.*, loss.*.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that says how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name: str = "dvgt1"  # dvgt1 | dvgt2 | dvgt2_pretrain | vggt
+    size: str = "full"  # full (the published architecture) | small | tiny (same code, fewer/narrower layers)
+    dino_v3_weight_path: Optional[str] = None  # DINOv3 ViT-L/16 weights (.pth state_dict or .safetensors)
+    max_frames: int = 48  # length of the learned temporal embedding (frames per clip at most)
+    gradient_checkpointing: bool = True  # recompute aggregator blocks in backward (train mode only)
+    frames_chunk_size: Optional[int] = None  # DPT head: frames per chunk (None = all at once)
+
+
+@dataclass
+class DatasetEntry:
+    name: str = "synthetic"  # label: nuscenes | openscene | kitti | waymo | ddad | synthetic | ...
+    root: str = MISSING  # annotation root in the DVGT preprocessed layout (docs/data.md)
+    weight: float = 1.0  # mixing weight: probability of drawing a step from this dataset
+    split: str = "train"
+
+
+@dataclass
+class DataSplitConfig:
+    datasets: List[DatasetEntry] = field(default_factory=list)
+    views: List[int] = field(default_factory=lambda: [2, 8])  # [min, max] cameras per frame
+    frames: List[int] = field(default_factory=lambda: [2, 8])  # [min, max] frames per clip
+    aspect_ratio: List[float] = field(default_factory=lambda: [1.6, 3.3])  # [min, max] width / height
+    img_width: int = 512  # height = width / aspect rounded down to a multiple of the patch size
+    frame_stride: int = 1  # take every k-th annotated frame (annotations are 2 Hz for DVGT)
+    color_jitter: float = 0.0  # brightness/contrast/saturation jitter strength (0 = off)
+    steps_per_epoch: int = 1000  # length of one epoch of the grouped sampler, in steps
+
+
+@dataclass
+class DataConfig:
+    train: DataSplitConfig = field(default_factory=DataSplitConfig)
+    val: DataSplitConfig = field(default_factory=DataSplitConfig)
+    pin_memory: bool = True
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
+
+
+@dataclass
+class PointLossConfig:
+    weight: float = 1.0
+    gradient_loss_fn: Optional[str] = "normal"  # normal | grad | None
+    valid_range: float = 0.98  # quantile of per-pixel losses kept (outlier filter); <= 0 disables
+    gamma: float = 1.0  # weight of the confidence-weighted term
+    alpha: float = 0.2  # weight of the -log(conf) regulariser
+
+
+@dataclass
+class EgoPoseLossConfig:
+    weight: float = 5.0
+    gamma: float = 0.6  # per-iteration decay: iteration i of n weighs gamma ** (n - i - 1)
+    loss_type: str = "l1"  # l1 | l2
+    weight_trans: float = 1.0
+    weight_rot: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    gt_scale_factor: float = 0.1  # ground truth is multiplied by this (DVGT: outputs in units of 10 m)
+    point: PointLossConfig = field(default_factory=PointLossConfig)
+    ego_pose: EgoPoseLossConfig = field(default_factory=EgoPoseLossConfig)
+
+
+@dataclass
+class ClipGroupConfig:
+    module_name: List[str] = field(default_factory=list)  # parameter-name substrings of this group
+    max_norm: float = 1.0
+    norm_type: float = 2.0
+
+
+@dataclass
+class AmpConfig:
+    enabled: bool = True  # autocast on GPU; always off on CPU
+    amp_dtype: str = "bfloat16"  # bfloat16 | float16
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4  # peak learning rate
+    min_lr: float = 1e-8  # start of warm-up and end of the cosine
+    weight_decay: float = 0.05
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_fraction: float = 0.05  # share of all optimizer steps spent warming up (linear)
+    frozen_module_names: List[str] = field(default_factory=list)  # fnmatch globs on parameter names
+    gradient_clip: List[ClipGroupConfig] = field(default_factory=list)
+    amp: AmpConfig = field(default_factory=AmpConfig)
+    max_consecutive_nonfinite: int = 10  # stop with an error after this many skipped steps in a row
+
+
+@dataclass
+class CheckpointConfig:
+    uri: str = "runs/${exp_name}/ckpts"  # local folder or file:// URI
+    save_freq: int = 1  # save every N epochs (and always at the end)
+    save_every_steps: int = 0  # also save every N optimizer steps (0 = off)
+    keep_last: int = 0  # keep the newest K checkpoints (0 = keep all)
+    resume: str = "auto"  # auto: continue from the newest checkpoint under uri if any | never
+    resume_checkpoint_path: Optional[str] = None  # resume from this checkpoint folder (must exist)
+    direct_load_pretrained_weights_path: Optional[str] = None  # same-architecture weights (.pt or .safetensors)
+    load_pretrained_weights_path: Optional[str] = None  # VGGT-1B weights mapped onto DVGT (later issue)
+    strict: bool = False  # strict key matching for the pretrained weights above
+
+
+@dataclass
+class LoggingConfig:
+    log_dir: str = "runs/${exp_name}"
+    log_freq: int = 10  # log every N optimizer steps
+    tensorboard: bool = False
+    progress: bool = True  # progress bar on rank 0
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
+    timeout_mins: int = 30
+    find_unused_parameters: bool = False
+    bucket_cap_mb: int = 25
+    gradient_as_bucket_view: bool = True
+
+
+@dataclass
+class TrainConfig:
+    exp_name: str = "dvgt"
+    seed_value: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    max_epochs: int = 20
+    limit_train_batches: Optional[int] = None  # cap on steps per epoch (None = data.train.steps_per_epoch)
+    limit_val_batches: int = 4
+    val_epoch_freq: int = 1
+    accum_steps: int = 1  # split each batch into this many chunks, one optimizer step per batch
+    max_img_per_gpu: int = 48  # images per forward pass on one GPU: batch = max(1, this // (views * frames))
+    num_workers: int = 8
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+# Renamed keys of the reference trainer, so that their error can point at our name.
+RENAMED_KEYS = {"checkpoint.save_dir": "checkpoint.uri", "optim.optimizer.lr": "optim.lr",
+                "optim.optimizer.weight_decay": "optim.weight_decay"}
+
+# What --debug changes: few batches, log every step, save every epoch, no workers.
+DEBUG_OVERRIDES = ["limit_train_batches=4", "limit_val_batches=1", "logging.log_freq=1",
+                   "checkpoint.save_freq=1", "num_workers=0"]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+CONFIG_ROOT = resources.files("dvgt") / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path resolves against the packaged configs first, then the working directory."""
+    candidates = [Path(str(CONFIG_ROOT / str(path))), Path(path)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    stages = ", ".join(sorted(str(p.relative_to(Path(str(CONFIG_ROOT)))) for p in Path(str(CONFIG_ROOT)).rglob("*.yaml")
+                              if "base" not in p.parts))
+    raise ConfigError(f"config file '{path}' not found (looked in the packaged configs and the working "
+                      f"directory); packaged stage configs: {stages}")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> List[DictConfig]:
+    """The file's defaults (depth first, in order), then the file itself."""
+    if path in seen:
+        raise ConfigError(f"config '{path}' includes itself through its defaults")
+    node = OmegaConf.load(path)
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config '{path}' must be a mapping of keys to values")
+    layers: List[DictConfig] = []
+    defaults = node.pop("defaults", [])
+    for item in defaults or []:
+        layers += _read_yaml((path.parent / str(item)).resolve(), seen + (path,))
+    layers.append(node)
+    return layers
+
+
+def valid_keys(schema: Any = TrainConfig, prefix: str = "") -> List[str]:
+    """Every dotted key of the schema (list items are described by their element type)."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        name = f"{prefix}{f.name}"
+        keys.append(name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys += valid_keys(type(default), name + ".")
+    return keys
+
+
+def _closest_key(key: str) -> str:
+    if key in RENAMED_KEYS:
+        return f"; it is called '{RENAMED_KEYS[key]}' here"
+    match = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    if not match:
+        leaf = key.rsplit(".", 1)[-1]
+        match = [k for k in valid_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _explain(error: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(error, "full_key", None) or ""
+    if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
+        return ConfigError(f"unknown config key '{key}' in {source}{_closest_key(key)}")
+    if isinstance(error, ValidationError):
+        expected = getattr(error, "ref_type", None) or getattr(error, "object_type", None)
+        expected_name = getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+        msg = str(error).split("\n")[0]
+        return ConfigError(f"config key '{key}' in {source} has the wrong type: {msg}"
+                           + (f" (expected {expected_name})" if expected_name and expected_name != "None" else ""))
+    return ConfigError(f"invalid config in {source}: {str(error).splitlines()[0]} (key '{key}')")
+
+
+def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as error:
+        raise _explain(error, source) from None
+
+
+def parse_overrides(overrides: Sequence[str]) -> List[DictConfig]:
+    layers = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' must look like key.path=value (for example optim.lr=1e-5)")
+        key = item.split("=", 1)[0].lstrip("+")
+        layers.append((key, OmegaConf.from_dotlist([item.lstrip("+")])))
+    return layers
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = (), debug: bool = False) -> DictConfig:
+    """Load a stage config, apply overrides, validate, and return a read-only typed config."""
+    config_file = resolve_config_path(path)
+    cfg = OmegaConf.structured(TrainConfig)
+    for layer in _read_yaml(config_file):
+        cfg = _merge(cfg, layer, str(config_file))
+    for key, layer in parse_overrides(list(DEBUG_OVERRIDES if debug else []) + list(overrides)):
+        cfg = _merge(cfg, layer, f"override '{key}'")
+    try:
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as error:
+        raise _explain(error, str(config_file)) from None
+    if missing:
+        raise ConfigError(f"config {config_file} leaves required key(s) unset: {', '.join(missing)}")
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks across keys that types alone cannot express."""
+    _check(cfg.model.name in ("dvgt1", "dvgt2", "dvgt2_pretrain", "vggt"),
+           f"model.name '{cfg.model.name}' is not one of dvgt1, dvgt2, dvgt2_pretrain, vggt")
+    _check(cfg.model.size in ("full", "small", "tiny"), f"model.size '{cfg.model.size}' is not one of full, small, tiny")
+    _check(cfg.accum_steps >= 1, f"accum_steps must be >= 1, got {cfg.accum_steps}")
+    _check(cfg.max_img_per_gpu >= 1, f"max_img_per_gpu must be >= 1, got {cfg.max_img_per_gpu}")
+    _check(cfg.max_epochs >= 1, f"max_epochs must be >= 1, got {cfg.max_epochs}")
+    _check(cfg.checkpoint.resume in ("auto", "never"), f"checkpoint.resume must be 'auto' or 'never', got '{cfg.checkpoint.resume}'")
+    for split in ("train", "val"):
+        s = cfg.data[split]
+        for key in ("views", "frames", "aspect_ratio"):
+            value = list(s[key])
+            _check(len(value) == 2 and value[0] <= value[1] and value[0] > 0,
+                   f"data.{split}.{key} must be [min, max] with 0 < min <= max, got {value}")
+        for i, entry in enumerate(s.datasets):
+            _check(entry.weight > 0, f"data.{split}.datasets[{i}].weight must be > 0, got {entry.weight}")
+    _check(cfg.optim.amp.amp_dtype in ("bfloat16", "float16"),
+           f"optim.amp.amp_dtype must be bfloat16 or float16, got '{cfg.optim.amp.amp_dtype}'")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
