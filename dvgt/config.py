@@ -149,6 +149,7 @@ class DistributedConfig:
     find_unused_parameters: bool = False
     bucket_cap_mb: int = 25
     gradient_as_bucket_view: bool = True
+    verify_replicas: bool = False  # after every step, check that all ranks hold identical parameters
 
 
 @dataclass
@@ -237,16 +238,28 @@ def _closest_key(key: str) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
+def _schema_type(key: str) -> str:
+    """The declared type of a dotted key, as a readable name ('int', 'Optional[str]', ...)."""
+    schema: Any = TrainConfig
+    annotation = "value"
+    for part in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+        if part not in fields:
+            return annotation
+        annotation = fields[part].type if isinstance(fields[part].type, str) else str(fields[part].type)
+        default = fields[part].default_factory() if fields[part].default_factory is not dataclasses.MISSING \
+            else fields[part].default
+        schema = type(default) if dataclasses.is_dataclass(default) else None
+    return annotation.replace("typing.", "")
+
+
 def _explain(error: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(error, "full_key", None) or ""
     if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
         return ConfigError(f"unknown config key '{key}' in {source}{_closest_key(key)}")
     if isinstance(error, ValidationError):
-        expected = getattr(error, "ref_type", None) or getattr(error, "object_type", None)
-        expected_name = getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
-        msg = str(error).split("\n")[0]
-        return ConfigError(f"config key '{key}' in {source} has the wrong type: {msg}"
-                           + (f" (expected {expected_name})" if expected_name and expected_name != "None" else ""))
+        detail = str(error).splitlines()[0]
+        return ConfigError(f"config key '{key}' in {source} expects {_schema_type(key)}: {detail}")
     return ConfigError(f"invalid config in {source}: {str(error).splitlines()[0]} (key '{key}')")
 
 
@@ -274,7 +287,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), debug: bool = F
     for layer in _read_yaml(config_file):
         cfg = _merge(cfg, layer, str(config_file))
     for key, layer in parse_overrides(list(DEBUG_OVERRIDES if debug else []) + list(overrides)):
-        cfg = _merge(cfg, layer, f"override '{key}'")
+        cfg = _merge(cfg, layer, "the command-line overrides")
     try:
         OmegaConf.resolve(cfg)
         missing = sorted(OmegaConf.missing_keys(cfg))

@@ -1,0 +1,299 @@
+"""The trainer: one short loop over batches; model, data, optimizer, clipping, checkpoints and logs
+each come from their own component."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import dvgt
+from dvgt.checkpoint.manager import Checkpoint, CheckpointManager, set_rng_state
+from dvgt.data.loader import build_dataloader
+from dvgt.models import build_model
+from dvgt.models.weights import load_weights
+from dvgt.train import distributed
+from dvgt.train.clipping import GradientClipper
+from dvgt.train.evaluation import EvalAccumulator, evaluate_clip
+from dvgt.train.logger import RunLogger, format_record
+from dvgt.train.losses import compute_loss
+from dvgt.train.optim import build_optimizer, freeze_modules, set_lr, warmup_cosine
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def move_to(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def split_batch(batch: Dict[str, Any], chunks: int) -> List[Dict[str, Any]]:
+    """Split along the batch dimension into `chunks` parts (fewer when the batch is smaller)."""
+    size = batch["images"].shape[0]
+    chunks = max(1, min(chunks, size))
+    bounds = np.linspace(0, size, chunks + 1).round().astype(int)
+    return [{k: (v[a:b] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.dist = distributed.init_distributed(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_mins)
+        self.device = self.dist.device
+        self.log = RunLogger(cfg.logging.log_dir, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard)
+        self.steps_per_epoch = cfg.limit_train_batches or cfg.data.train.steps_per_epoch
+        self.total_steps = cfg.max_epochs * self.steps_per_epoch
+        self.step = 0  # optimizer steps done (skipped non-finite steps included: they consume a batch)
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self._last_saved_step = -1
+
+        seed_everything(cfg.seed_value)  # the same on every rank, so initial weights agree
+        self.model = build_model(cfg.model).to(self.device)
+        self.checkpoints = CheckpointManager(cfg.checkpoint.uri, self.dist.rank, self.dist.world_size,
+                                             cfg.checkpoint.keep_last, dvgt.__version__)
+        resume_from = self._find_resume_checkpoint()
+        if resume_from is None:
+            self._load_pretrained()
+        self.frozen = freeze_modules(self.model, cfg.optim.frozen_module_names)
+        self.clipper = GradientClipper(self.model, cfg.optim.gradient_clip)
+        self.optimizer = build_optimizer(self.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
+                                         fused=self.device.type == "cuda")
+        self.amp_dtype = getattr(torch, cfg.optim.amp.amp_dtype)
+        self.use_amp = cfg.optim.amp.enabled and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.train_model = self.model
+        if self.dist.is_distributed:
+            d = cfg.distributed
+            self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                   find_unused_parameters=d.find_unused_parameters, bucket_cap_mb=d.bucket_cap_mb,
+                                   gradient_as_bucket_view=d.gradient_as_bucket_view)
+
+        data = cfg.data
+        self.patch_size = getattr(self.model, "patch_size", 16)
+        self.train_loader = build_dataloader(
+            data.train, patch_size=self.patch_size, max_img_per_gpu=cfg.max_img_per_gpu, seed=cfg.seed_value,
+            rank=self.dist.rank, world_size=self.dist.world_size, num_workers=cfg.num_workers,
+            pin_memory=data.pin_memory and self.device.type == "cuda", prefetch_factor=data.prefetch_factor,
+            persistent_workers=data.persistent_workers, steps_per_epoch=self.steps_per_epoch)
+        self.val_loader = None
+        if self.dist.is_main and data.val.datasets and cfg.limit_val_batches > 0:
+            self.val_loader = build_dataloader(
+                data.val, patch_size=self.patch_size, max_img_per_gpu=cfg.max_img_per_gpu, seed=cfg.seed_value + 1,
+                rank=0, world_size=1, num_workers=0, pin_memory=False, prefetch_factor=data.prefetch_factor,
+                persistent_workers=False, steps_per_epoch=cfg.limit_val_batches)
+        self.epoch, self.step_in_epoch = 0, 0
+        # Ranks differ from here on (data augmentation, RoPE jitter), and a resume restores this exactly.
+        seed_everything(cfg.seed_value + 1000 * (self.dist.rank + 1))
+        if resume_from is not None:
+            self._resume(resume_from)
+
+    # -- start-up -------------------------------------------------------------------------------
+    def _print(self, message: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(message)
+
+    def _find_resume_checkpoint(self) -> Optional[Checkpoint]:
+        ck = self.cfg.checkpoint
+        if ck.resume_checkpoint_path:
+            path = Path(ck.resume_checkpoint_path)
+            manager = CheckpointManager(str(path.parent))
+            match = path.name.startswith("step_") and path.name[5:].isdigit()
+            if not (path.is_dir() and match and (path / "manifest.json").is_file()):
+                raise FileNotFoundError(
+                    f"checkpoint.resume_checkpoint_path '{path}' is not a committed checkpoint folder "
+                    f"(expected .../step_NNNNNNNN with a manifest.json); committed checkpoints under "
+                    f"{ck.uri}: {self.checkpoints.committed_steps() or 'none'}")
+            return manager.open(int(path.name[5:]))
+        if ck.resume == "auto":
+            return self.checkpoints.latest()
+        return None
+
+    def _load_pretrained(self) -> None:
+        ck = self.cfg.checkpoint
+        if ck.load_pretrained_weights_path:
+            raise NotImplementedError("checkpoint.load_pretrained_weights_path (initialising DVGT from VGGT-1B) "
+                                      "arrives with the DVGT-2/VGGT release; use "
+                                      "checkpoint.direct_load_pretrained_weights_path for DVGT weights")
+        if ck.direct_load_pretrained_weights_path:
+            report = load_weights(self.model, ck.direct_load_pretrained_weights_path, strict=ck.strict)
+            self._print(f"Loaded pretrained weights from {ck.direct_load_pretrained_weights_path}:\n{report.summary()}")
+
+    def _resume(self, checkpoint: Checkpoint) -> None:
+        self.model.load_state_dict(checkpoint.model_state(), strict=True)
+        self.optimizer.load_state_dict(checkpoint.load("optimizer.pt"))
+        state = checkpoint.load("trainer_state.pt")
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.nonfinite_total = state["nonfinite_total"]
+        self.scaler.load_state_dict(state["scaler"])
+        self._last_saved_step = self.step
+        rng = checkpoint.rng(self.dist.rank)
+        if rng is not None:
+            set_rng_state(rng)
+        self._print(f"Resumed from {checkpoint.storage.uri}/{checkpoint.prefix} at step {self.step} "
+                    f"(epoch {self.epoch}, step {self.step_in_epoch} of the epoch)")
+
+    # -- training -------------------------------------------------------------------------------
+    def autocast(self):
+        if self.use_amp:
+            return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return contextlib.nullcontext()
+
+    def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
+        """Forward/backward over accum_steps chunks, then one clipped optimizer step (or a counted skip)."""
+        self.train_model.train()
+        lr = warmup_cosine(self.step, self.total_steps, self.cfg.optim.warmup_fraction, self.cfg.optim.lr,
+                           self.cfg.optim.min_lr)
+        set_lr(self.optimizer, lr)
+        chunks = split_batch(batch, self.cfg.accum_steps)
+        batch_size = batch["images"].shape[0]
+        totals: Dict[str, float] = {}
+        finite = True
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.is_distributed else self.train_model.no_sync()
+            with sync:
+                with self.autocast():
+                    predictions = self.train_model(chunk["images"])
+                losses = compute_loss(predictions, chunk, self.cfg.loss)
+                share = chunk["images"].shape[0] / batch_size
+                finite &= bool(torch.isfinite(losses["objective"]))
+                self.scaler.scale(losses["objective"] * share).backward()
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) * share
+        self.scaler.unscale_(self.optimizer)
+        norms = self.clipper.clip()
+        finite &= self.scaler.is_enabled() or all(math.isfinite(n) for n in norms.values())
+        if distributed.all_true(finite, self.device):
+            self.scaler.step(self.optimizer)
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            limit = self.cfg.optim.max_consecutive_nonfinite
+            if self.nonfinite_in_a_row >= limit:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                    f"(last at step {self.step}); lower optim.lr, check the data, or raise "
+                    f"optim.max_consecutive_nonfinite (now {limit})")
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record = {f"loss/{k}": v for k, v in totals.items()}
+        record.update({f"grad_norm/{k}": v for k, v in norms.items()})
+        record.update(lr=lr, nonfinite_skipped=self.nonfinite_total, skipped=not bool(finite))
+        return record
+
+    def verify_replicas(self) -> None:
+        """Under DDP, check that every rank holds bit-identical parameters (catches silent desync)."""
+        if not self.dist.is_distributed:
+            return
+        fingerprint = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                                   for p in self.model.parameters()]).cpu()
+        gathered = [torch.empty_like(fingerprint) for _ in range(self.dist.world_size)]
+        dist.all_gather(gathered, fingerprint.to(self.device) if self.device.type == "cuda" else fingerprint)
+        if not all(torch.equal(gathered[0].cpu(), g.cpu()) for g in gathered[1:]):
+            raise RuntimeError(f"model replicas differ across ranks after step {self.step}")
+
+    @torch.inference_mode()
+    def evaluate(self) -> Optional[Dict[str, float]]:
+        """Held-out metrics on rank 0 (others wait); see dvgt/train/evaluation.py."""
+        if self.val_loader is None:
+            distributed.barrier()
+            return None
+        self.model.eval()
+        accumulator = EvalAccumulator()
+        self.val_loader.batch_sampler.set_epoch(0)
+        for batch in self.val_loader:
+            batch = move_to(batch, self.device)
+            with self.autocast():
+                predictions = self.model(batch["images"])
+            accumulator.add(evaluate_clip(predictions, batch, self.cfg.loss.gt_scale_factor))
+            accumulator.add({"objective": float(compute_loss(predictions, batch, self.cfg.loss)["objective"])})
+        self.model.train()
+        distributed.barrier()
+        return {f"val/{k}": v for k, v in accumulator.mean().items()}
+
+    def save(self) -> None:
+        if self.step == self._last_saved_step:
+            return
+        self._last_saved_step = self.step
+        state = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                 "nonfinite_total": self.nonfinite_total, "scaler": self.scaler.state_dict()}
+        self.checkpoints.save(self.step, model_state=self.model.state_dict(),
+                              optimizer_state=self.optimizer.state_dict(), trainer_state=state,
+                              config_yaml=OmegaConf.to_yaml(self.cfg), epoch=self.epoch)
+
+    def fit(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        sampler = self.train_loader.batch_sampler
+        self._print(f"Training {cfg.model.name} ({cfg.model.size}) on {self.dist.world_size} process(es), "
+                    f"device {self.device}; {self.total_steps} steps; checkpoints -> {cfg.checkpoint.uri}; "
+                    f"log -> {self.log.path}")
+        last_eval: Dict[str, Any] = {}
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not (self.dist.is_main and cfg.logging.progress),
+                        desc=cfg.exp_name, unit="step", dynamic_ncols=True)
+        while self.epoch < cfg.max_epochs:
+            sampler.set_epoch(self.epoch)
+            sampler.set_start_step(self.step_in_epoch)
+            wait_start = time.perf_counter()
+            for batch in self.train_loader:
+                data_time = time.perf_counter() - wait_start
+                batch = move_to(batch, self.device)
+                images = batch["images"].shape[0] * batch["images"].shape[1] * batch["images"].shape[2]
+                record = self.train_step(batch)
+                step_time = time.perf_counter() - wait_start
+                self.step_in_epoch += 1
+                if cfg.distributed.verify_replicas:
+                    self.verify_replicas()
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss/objective']:.4g}", lr=f"{record['lr']:.2e}")
+                if self.step % cfg.logging.log_freq == 0 or self.step == 1:
+                    record.update(kind="train", step=self.step, epoch=self.epoch, step_time=step_time,
+                                  data_time=data_time, images_per_sec=images * self.dist.world_size / step_time)
+                    self.log.log(record)
+                if cfg.checkpoint.save_every_steps and self.step % cfg.checkpoint.save_every_steps == 0:
+                    self.save()
+                wait_start = time.perf_counter()
+            self.epoch += 1
+            self.step_in_epoch = 0
+            if self.epoch % cfg.val_epoch_freq == 0 or self.epoch == cfg.max_epochs:
+                metrics = self.evaluate()
+                if metrics:
+                    last_eval = metrics
+                    self.log.log({"kind": "eval", "step": self.step, "epoch": self.epoch, **metrics})
+                    self._print(f"epoch {self.epoch}: {format_record(metrics)}")
+            if self.epoch % cfg.checkpoint.save_freq == 0 or self.epoch == cfg.max_epochs:
+                self.save()
+        progress.close()
+        self.log.close()
+        return {"step": self.step, **last_eval}
+
+    def close(self) -> None:
+        distributed.cleanup()
+
+
+def train(cfg: DictConfig) -> Dict[str, Any]:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
