@@ -1,0 +1,20 @@
+# The two commands of the README. Both install what they need first (scripts/setup.sh).
+.PHONY: setup demo test bench clean
+
+setup: .venv/.installed
+
+.venv/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+demo: setup
+	.venv/bin/dvgt demo --out runs/demo
+
+test: setup
+	.venv/bin/pytest -q
+
+bench: setup
+	.venv/bin/python benchmarks/run.py
+
+clean:
+	rm -rf runs .pytest_cache
