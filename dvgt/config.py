@@ -46,12 +46,12 @@ class DatasetEntry:
     name: str = "synthetic"  # label: nuscenes | openscene | kitti | waymo | ddad | synthetic | ...
     root: str = MISSING  # annotation root in the DVGT preprocessed layout (docs/data.md)
     weight: float = 1.0  # mixing weight: probability of drawing a step from this dataset
-    split: str = "train"
+    split: str = "train"  # the split folder under root
 
 
 @dataclass
 class DataSplitConfig:
-    datasets: List[DatasetEntry] = field(default_factory=list)
+    datasets: List[DatasetEntry] = field(default_factory=list)  # the mixture (see DatasetEntry below)
     views: List[int] = field(default_factory=lambda: [2, 8])  # [min, max] cameras per frame
     frames: List[int] = field(default_factory=lambda: [2, 8])  # [min, max] frames per clip
     aspect_ratio: List[float] = field(default_factory=lambda: [1.6, 3.3])  # [min, max] width / height
@@ -65,14 +65,14 @@ class DataSplitConfig:
 class DataConfig:
     train: DataSplitConfig = field(default_factory=DataSplitConfig)
     val: DataSplitConfig = field(default_factory=DataSplitConfig)
-    pin_memory: bool = True
-    prefetch_factor: int = 2
-    persistent_workers: bool = True
+    pin_memory: bool = True  # page-locked host batches (GPU only)
+    prefetch_factor: int = 2  # batches prepared ahead per worker
+    persistent_workers: bool = True  # keep workers alive across epochs
 
 
 @dataclass
 class PointLossConfig:
-    weight: float = 1.0
+    weight: float = 1.0  # weight of the point loss in the objective
     gradient_loss_fn: Optional[str] = "normal"  # normal | grad | None
     valid_range: float = 0.98  # quantile of per-pixel losses kept (outlier filter); <= 0 disables
     gamma: float = 1.0  # weight of the confidence-weighted term
@@ -81,11 +81,11 @@ class PointLossConfig:
 
 @dataclass
 class EgoPoseLossConfig:
-    weight: float = 5.0
+    weight: float = 5.0  # weight of the ego-pose loss in the objective
     gamma: float = 0.6  # per-iteration decay: iteration i of n weighs gamma ** (n - i - 1)
     loss_type: str = "l1"  # l1 | l2
-    weight_trans: float = 1.0
-    weight_rot: float = 1.0
+    weight_trans: float = 1.0  # translation term
+    weight_rot: float = 1.0  # rotation (quaternion) term
 
 
 @dataclass
@@ -98,8 +98,8 @@ class LossConfig:
 @dataclass
 class ClipGroupConfig:
     module_name: List[str] = field(default_factory=list)  # parameter-name substrings of this group
-    max_norm: float = 1.0
-    norm_type: float = 2.0
+    max_norm: float = 1.0  # clip this group's gradient norm to this value
+    norm_type: float = 2.0  # p of the p-norm
 
 
 @dataclass
@@ -112,11 +112,11 @@ class AmpConfig:
 class OptimConfig:
     lr: float = 2e-4  # peak learning rate
     min_lr: float = 1e-8  # start of warm-up and end of the cosine
-    weight_decay: float = 0.05
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms, biases, tokens)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     warmup_fraction: float = 0.05  # share of all optimizer steps spent warming up (linear)
     frozen_module_names: List[str] = field(default_factory=list)  # fnmatch globs on parameter names
-    gradient_clip: List[ClipGroupConfig] = field(default_factory=list)
+    gradient_clip: List[ClipGroupConfig] = field(default_factory=list)  # clipping groups (see ClipGroupConfig)
     amp: AmpConfig = field(default_factory=AmpConfig)
     max_consecutive_nonfinite: int = 10  # stop with an error after this many skipped steps in a row
 
@@ -136,34 +136,34 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    log_dir: str = "runs/${exp_name}"
+    log_dir: str = "runs/${exp_name}"  # train_log.jsonl (and tensorboard/) go here
     log_freq: int = 10  # log every N optimizer steps
-    tensorboard: bool = False
+    tensorboard: bool = False  # also write TensorBoard event files
     progress: bool = True  # progress bar on rank 0
 
 
 @dataclass
 class DistributedConfig:
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
-    timeout_mins: int = 30
-    find_unused_parameters: bool = False
-    bucket_cap_mb: int = 25
-    gradient_as_bucket_view: bool = True
+    timeout_mins: int = 30  # collective timeout
+    find_unused_parameters: bool = False  # DDP option (needed only if some outputs go unused)
+    bucket_cap_mb: int = 25  # DDP gradient bucket size
+    gradient_as_bucket_view: bool = True  # DDP: gradients alias the buckets (less memory)
     verify_replicas: bool = False  # after every step, check that all ranks hold identical parameters
 
 
 @dataclass
 class TrainConfig:
-    exp_name: str = "dvgt"
-    seed_value: int = 42
+    exp_name: str = "dvgt"  # run name: default log and checkpoint folders are runs/<exp_name>
+    seed_value: int = 42  # seeds weights init (same on all ranks) and per-rank RNGs
     device: str = "auto"  # auto | cpu | cuda
-    max_epochs: int = 20
+    max_epochs: int = 20  # epochs of data.train.steps_per_epoch (or limit_train_batches) steps
     limit_train_batches: Optional[int] = None  # cap on steps per epoch (None = data.train.steps_per_epoch)
-    limit_val_batches: int = 4
-    val_epoch_freq: int = 1
+    limit_val_batches: int = 4  # held-out batches per evaluation (0 = no evaluation)
+    val_epoch_freq: int = 1  # evaluate every N epochs (and before the first step)
     accum_steps: int = 1  # split each batch into this many chunks, one optimizer step per batch
     max_img_per_gpu: int = 48  # images per forward pass on one GPU: batch = max(1, this // (views * frames))
-    num_workers: int = 8
+    num_workers: int = 8  # data-loading worker processes per rank (0 = in the training process)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -328,3 +328,42 @@ def validate(cfg: DictConfig) -> None:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md, generated from the schema above (its comments are the documentation)."""
+    import inspect
+    import re
+
+    lines = ["# Configuration keys", "",
+             "Generated from `dvgt/config.py` by `python -m dvgt.config > docs/configuration.md`; "
+             "a test keeps the two in step.", ""]
+
+    def describe(schema: Any, prefix: str) -> None:
+        source = inspect.getsource(schema)
+        lines.extend([f"## `{prefix.rstrip('.') or '(top level)'}`", "", "| key | type | default | meaning |",
+                      "| --- | --- | --- | --- |"])
+        nested = []
+        for f in dataclasses.fields(schema):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            match = re.search(rf"^\s+{f.name}: [^=\n]+=[^#\n]*#\s*(.+)$", source, re.M)
+            meaning = match.group(1).strip().replace("|", "\\|") if match else ""
+            type_name = f.type if isinstance(f.type, str) else str(f.type)
+            if dataclasses.is_dataclass(default):
+                nested.append((type(default), f"{prefix}{f.name}."))
+                lines.append(f"| `{prefix}{f.name}` | section | | see below |")
+                continue
+            shown = "required" if default is MISSING else repr(default)
+            lines.append(f"| `{prefix}{f.name}` | {type_name} | `{shown}` | {meaning} |")
+        lines.append("")
+        for sub, sub_prefix in nested:
+            describe(sub, sub_prefix)
+
+    describe(TrainConfig, "")
+    for item in (DatasetEntry, ClipGroupConfig):
+        describe(item, f"{item.__name__} (list item).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -90,3 +90,12 @@ def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
 def test_missing_config_lists_the_packaged_stages():
     with pytest.raises(ConfigError, match="not found.*train/dvgt1/demo.yaml"):
         load_config("train/dvgt1/nope.yaml")
+
+
+def test_configuration_reference_is_generated_from_the_schema():
+    from dvgt.config import reference_markdown, valid_keys
+
+    doc = (Path(__file__).parents[1] / "docs/configuration.md").read_text()
+    assert doc.strip() == reference_markdown().strip(), "regenerate: python -m dvgt.config > docs/configuration.md"
+    for key in valid_keys():
+        assert f"`{key}`" in doc
