@@ -1,0 +1,193 @@
+"""Result figure: training curves plus one held-out clip (depth maps and a bird's-eye view).
+
+Drawn with matplotlib's object API (``Figure`` + Agg), so no display and no pyplot state are involved.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from dvgt.train.evaluation import depth_in_gt_cameras, depth_metrics, evaluate_clip
+
+GT_COLOR, PRED_COLOR = "tab:blue", "tab:orange"
+LOSS_COMPONENTS = ("loss_conf_point", "loss_reg_point", "loss_grad_point", "loss_ego_pose")
+HELD_OUT_METRICS = ("point_error", "chamfer")  # logged by the trainer as val/<name>, metres
+BEV_MAX_POINTS = 4000  # points per set drawn in the bird's-eye view
+DEPTH_CMAP = matplotlib.colormaps["turbo"].with_extremes(bad="0.85")  # invalid pixels in light grey
+
+
+def render_training_curves(history: Sequence[Mapping[str, Any]], out_png: str | Path,
+                           title: str = "DVGT training") -> Path:
+    """Only the training-curve row of the result figure, as a PNG."""
+    fig = Figure(figsize=(20, 4.2), layout="constrained")
+    plot_training_curves(fig.subplots(1, 4), history)
+    fig.suptitle(title, fontsize=14)
+    return _save(fig, out_png)
+
+
+def render_result_figure(history: Sequence[Mapping[str, Any]], clip: Mapping[str, Any],
+                         predictions: Mapping[str, Any], out_png: str | Path, *, gt_scale_factor: float,
+                         title: str = "DVGT result", views: Optional[Sequence[Tuple[int, int]]] = None) -> Path:
+    """Training curves (top row) and the first clip of ``clip`` (one row per (frame, view) pair).
+
+    history: JSON-lines log records (train records: step, loss/objective, loss/loss_*, lr; eval records:
+    step, val/point_error, val/chamfer, ...). clip: a data batch (see dvgt/train/evaluation.py for the
+    keys); predictions: the model output for it, in units scaled by gt_scale_factor. views: the
+    (frame, view) pairs shown; by default the first view of the first frame and the middle view of the
+    last frame. Each row shows the input image, GT depth and predicted depth on one colour scale; the
+    right column is a bird's-eye view (x right, z forward, first-frame ego frame) of GT vs predicted
+    points and ego trajectories.
+    """
+    clip, predictions = _first_clip(clip), _first_clip(predictions)
+    pred_points = predictions["points"].float() / gt_scale_factor  # [1,T,V,H,W,3] metres
+    pred_depth = depth_in_gt_cameras(pred_points, clip["cam_to_ego"], clip["ego_to_first"])[0]  # [T,V,H,W]
+    num_frames, num_views = clip["depths"].shape[1:3]
+    views = list(views or dict.fromkeys([(0, 0), (num_frames - 1, num_views // 2)]))
+
+    fig = Figure(figsize=(20, 4.2 * (1 + len(views))), layout="constrained")
+    grid = fig.add_gridspec(1 + len(views), 4, width_ratios=[1, 1, 1, 1.5])
+    plot_training_curves([fig.add_subplot(grid[0, i]) for i in range(4)], history)
+    depth_range = _depth_range(clip, views)
+    for row, (t, v) in enumerate(views, start=1):
+        _plot_view(fig, [fig.add_subplot(grid[row, i]) for i in range(3)], clip, pred_depth, t, v, depth_range)
+    metrics = evaluate_clip(predictions, clip, gt_scale_factor, max_points=5000)
+    _plot_birds_eye(fig.add_subplot(grid[1:, 3]), clip, predictions, pred_points[0], gt_scale_factor, metrics)
+    fig.suptitle(title, fontsize=14)
+    return _save(fig, out_png)
+
+
+# --------------------------------------------------------------------------------------------
+# Training curves
+# --------------------------------------------------------------------------------------------
+
+
+def plot_training_curves(axes: Sequence[Axes], history: Sequence[Mapping[str, Any]]) -> None:
+    """Four panels: objective, loss components, held-out metrics, learning rate. Missing series are noted."""
+    ax_objective, ax_components, ax_held_out, ax_lr = axes
+    _plot_series(ax_objective, history, [("loss/objective", "train objective")], "training objective",
+                 log=True)
+    _plot_series(ax_components, history, [(f"loss/{name}", name) for name in LOSS_COMPONENTS],
+                 "loss components", log=True)
+    _plot_series(ax_held_out, history, [(f"val/{name}", name) for name in HELD_OUT_METRICS],
+                 "held-out metrics [m]", log=False, empty_note="no held-out evaluation yet")
+    _plot_series(ax_lr, history, [("lr", "learning rate")], "learning rate", log=True)
+
+
+def _plot_series(ax: Axes, history: Sequence[Mapping[str, Any]], series: List[Tuple[str, str]], title: str,
+                 log: bool, empty_note: str = "no entries yet") -> None:
+    """One line per (history key, label); records without a finite value for the key are skipped."""
+    all_values = []
+    for key, label in series:
+        points = sorted((r["step"], r[key]) for r in history if "step" in r and _is_number(r.get(key)))
+        if points:
+            steps, values = np.array(points, dtype=float).T
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
+            all_values.extend(values)
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    if not all_values:
+        ax.text(0.5, 0.5, empty_note, ha="center", va="center", transform=ax.transAxes, color="0.4")
+        return
+    if log and min(all_values) > 0:
+        ax.set_yscale("log")
+    elif log:  # the confidence terms can go negative: log scale beyond the smallest magnitudes, linear within
+        ax.set_yscale("symlog", linthresh=max(float(np.percentile(np.abs(all_values), 10)), 1e-8))
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out clip
+# --------------------------------------------------------------------------------------------
+
+
+def _first_clip(data: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """The tensors of a batch dict, cut to its first clip, detached, on the CPU."""
+    return {k: v[:1].detach().cpu() for k, v in data.items() if torch.is_tensor(v)}
+
+
+def _depth_range(clip: Mapping[str, torch.Tensor], views: Sequence[Tuple[int, int]]) -> Tuple[float, float]:
+    """The 2nd..98th percentile of the valid GT depths of the shown views: one colour scale for all."""
+    depths = torch.cat([clip["depths"][0, t, v][clip["point_masks"][0, t, v].bool()] for t, v in views])
+    if depths.numel() == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(depths.float().numpy(), [2, 98])
+    return float(low), float(max(high, low + 1e-3))
+
+
+def _plot_view(fig: Figure, axes: Sequence[Axes], clip: Mapping[str, torch.Tensor], pred_depth: torch.Tensor,
+               t: int, v: int, depth_range: Tuple[float, float]) -> None:
+    """Input image, GT depth and predicted depth of frame t, view v (invalid GT pixels greyed out)."""
+    ax_image, ax_gt, ax_pred = axes
+    image = clip["images"][0, t, v].float().permute(1, 2, 0).numpy()  # [H,W,3]
+    if image.min() < 0 or image.max() > 1:  # normalised input: stretch back to [0, 1] for display
+        image = (image - image.min()) / max(image.max() - image.min(), 1e-6)
+    ax_image.imshow(image)
+    ax_image.set_title(f"input image (frame {t}, view {v})")
+
+    mask = clip["point_masks"][0, t, v].bool()
+    gt = clip["depths"][0, t, v].float()
+    error = depth_metrics(pred_depth[t, v], gt, mask)["depth_abs_rel"]
+    for ax, depth, name in ((ax_gt, gt, "GT depth"), (ax_pred, pred_depth[t, v], f"predicted depth (AbsRel {error:.3f})")):
+        shown = torch.where(mask, depth, torch.full_like(depth, math.nan)).numpy()
+        im = ax.imshow(shown, cmap=DEPTH_CMAP, vmin=depth_range[0], vmax=depth_range[1])
+        ax.set_title(name)
+    fig.colorbar(im, ax=[ax_gt, ax_pred], label="depth [m]", shrink=0.9)
+    for ax in axes:
+        ax.set_axis_off()
+
+
+def _plot_birds_eye(ax: Axes, clip: Mapping[str, torch.Tensor], predictions: Mapping[str, torch.Tensor],
+                    pred_points: torch.Tensor, gt_scale_factor: float, metrics: Mapping[str, float]) -> None:
+    """x-z plane of the first-frame ego frame: GT vs predicted points (valid pixels) and ego trajectories."""
+    mask = clip["point_masks"][0].bool()
+    gt_xyz, pred_xyz = clip["points"][0].float()[mask], pred_points[mask]  # [N,3] metres
+    stride = max(1, math.ceil(len(gt_xyz) / BEV_MAX_POINTS))
+    gt_xyz, pred_xyz = gt_xyz[::stride].numpy(), pred_xyz[::stride].numpy()
+    gt_traj = clip["ego_pose"][0, :, :3].float().numpy()
+    pred_traj = predictions["absolute_ego_pose_enc"][0, :, :3].float().numpy() / gt_scale_factor
+
+    ax.scatter(gt_xyz[:, 0], gt_xyz[:, 2], s=1, color=GT_COLOR, alpha=0.4, label="GT points", rasterized=True)
+    ax.scatter(pred_xyz[:, 0], pred_xyz[:, 2], s=1, color=PRED_COLOR, alpha=0.4, label="predicted points",
+               rasterized=True)
+    ax.plot(gt_traj[:, 0], gt_traj[:, 2], "-o", color="navy", markersize=4, label="GT ego trajectory")
+    ax.plot(pred_traj[:, 0], pred_traj[:, 2], "--s", color="darkred", markersize=4, label="predicted ego trajectory")
+
+    # Frame the GT (robust percentiles) in a square window, so that wild predictions cannot shrink the
+    # scene to a dot and both axes keep the same metres per inch.
+    xs = np.concatenate([gt_xyz[:, 0], gt_traj[:, 0]])
+    zs = np.concatenate([gt_xyz[:, 2], gt_traj[:, 2]])
+    (x0, x1), (z0, z1) = np.percentile(xs, [1, 99]), np.percentile(zs, [1, 99])
+    half = 0.55 * max(x1 - x0, z1 - z0, 1.0)
+    ax.set_xlim((x0 + x1) / 2 - half, (x0 + x1) / 2 + half)
+    ax.set_ylim((z0 + z1) / 2 - half, (z0 + z1) / 2 + half)
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xlabel("x (right) [m]")
+    ax.set_ylabel("z (forward) [m]")
+    ax.set_title("bird's-eye view (first-frame ego frame)\n"
+                 f"chamfer {metrics['chamfer']:.2f} m, depth AbsRel {metrics['depth_abs_rel']:.3f}\n"
+                 f"pose AUC@30 {metrics['pose_auc_30']:.2f}, ego position error {metrics['ego_trans_error']:.2f} m")
+    legend = ax.legend(loc="upper left", fontsize=8)
+    for handle in legend.legend_handles[:2]:  # the point clouds: legend dots larger than the 1-px points
+        handle.set_sizes([20])
+    ax.grid(alpha=0.3)
+
+
+def _save(fig: Figure, out_png: str | Path) -> Path:
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    return out_png
