@@ -1,0 +1,93 @@
+"""DVGT-1: driving visual geometry transformer (aggregator + ego-pose head + DPT point head)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .aggregator import Aggregator
+from .dpt_head import DPTHead
+from .ego_pose_head import EgoPoseHead
+
+
+@dataclass(frozen=True)
+class DVGT1Size:
+    """Width and depth of every part. `full` is the published model; the others are for tests and CPU demos."""
+
+    embed_dim: int  # token width C of DINOv3 and the aggregator; the heads read 3C
+    num_heads: int  # DINOv3, aggregator and ego-pose trunk
+    backbone_depth: int  # DINOv3 blocks
+    depth: int  # aggregator steps (one intra-view, one cross-view and one cross-frame block each)
+    dpt_features: int
+    dpt_out_channels: Tuple[int, int, int, int]
+    dpt_layers: Tuple[int, int, int, int]  # aggregator outputs read by the DPT head
+    ego_trunk_depth: int
+
+
+SIZES: Dict[str, DVGT1Size] = {
+    "full": DVGT1Size(1024, 16, 24, 24, 256, (256, 512, 1024, 1024), (4, 11, 17, 23), 4),
+    "small": DVGT1Size(192, 3, 4, 4, 64, (48, 96, 192, 192), (0, 1, 2, 3), 2),
+    "tiny": DVGT1Size(64, 2, 2, 4, 32, (16, 32, 64, 64), (0, 1, 2, 3), 1),
+}
+
+
+class DVGT1(nn.Module):
+    def __init__(
+        self,
+        size: DVGT1Size = SIZES["full"],
+        patch_size: int = 16,
+        max_frames: int = 48,
+        gradient_checkpointing: bool = True,
+        frames_chunk_size: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.frames_chunk_size = frames_chunk_size
+        self.aggregator = Aggregator(
+            embed_dim=size.embed_dim,
+            depth=size.depth,
+            num_heads=size.num_heads,
+            backbone_depth=size.backbone_depth,
+            patch_size=patch_size,
+            max_frames=max_frames,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        dim_in = 3 * size.embed_dim
+        self.ego_pose_head = EgoPoseHead(dim_in, trunk_depth=size.ego_trunk_depth, num_heads=size.num_heads)
+        self.point_head = DPTHead(
+            dim_in,
+            patch_size=patch_size,
+            features=size.dpt_features,
+            out_channels=size.dpt_out_channels,
+            intermediate_layer_idx=size.dpt_layers,
+        )
+
+    def forward(self, images: Tensor) -> Dict[str, object]:
+        """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1], H and W multiples of the patch size.
+
+        Returns absolute_ego_pose_enc [B, T, 7] (last iteration), absolute_ego_pose_enc_list (one per
+        iteration), points [B, T, V, H, W, 3] in the frame-0 ego frame, points_conf [B, T, V, H, W],
+        and, in eval mode, the input `images`.
+        """
+        if images.ndim == 5:
+            images = images.unsqueeze(0)
+        tokens_list, patch_start_idx = self.aggregator(images)
+
+        # The heads run in float32 even under autocast.
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            poses = self.ego_pose_head(tokens_list)
+            points, points_conf = self.point_head(
+                tokens_list, images.shape[-2:], patch_start_idx, frames_chunk_size=self.frames_chunk_size
+            )
+
+        predictions = {
+            "absolute_ego_pose_enc": poses[-1],
+            "absolute_ego_pose_enc_list": poses,
+            "points": points,
+            "points_conf": points_conf,
+        }
+        if not self.training:
+            predictions["images"] = images
+        return predictions

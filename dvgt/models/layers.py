@@ -1,0 +1,164 @@
+"""Transformer building blocks shared by the DINOv3 backbone, the aggregator and the ego-pose head.
+
+One `Attention` and one `Block` serve all three. What differs is passed in:
+- `qk_norm`: LayerNorm over the head dim of q and k (aggregator only);
+- `rope`: a callable `rope(x, pos)` that rotates q and k. The aggregator passes a
+  `RotaryPositionEmbedding2D`; the DINOv3 backbone passes a function that rotates patch tokens only;
+- `mask_k_bias`: DINOv3's qkv layer whose K bias is multiplied by a fixed 0/1 mask.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+RopeFn = Callable[[Tensor, object], Tensor]
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (exact) -> fc2."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch, initialised to a small constant."""
+
+    def __init__(self, dim: int, init_values: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_values))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class LinearKMaskedBias(nn.Linear):
+    """qkv projection whose bias is multiplied by the persistent `bias_mask` buffer (0 on the K third).
+
+    DINOv3 trains with the K bias masked out; the bias parameter keeps its full size so that
+    checkpoints load unchanged.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=True)
+        self.register_buffer("bias_mask", torch.empty(out_features))
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        third = self.out_features // 3
+        self.bias_mask.fill_(1.0)
+        self.bias_mask[third : 2 * third] = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias * self.bias_mask.to(self.bias.dtype))
+
+
+def reset_buffers(model: nn.Module) -> nn.Module:
+    """Recompute every buffer of `model` (they are constants of the architecture).
+
+    Needed after `model.to_empty(...)`, which leaves buffers as uninitialised memory.
+    """
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    return model
+
+
+class RotaryPositionEmbedding2D(nn.Module):
+    """2D RoPE (as in VGGT): the first half of each head rotates with the row, the second with the column.
+
+    Each half uses the standard 1D RoPE with frequencies `frequency ** (-2i / half)` and the
+    rotate-half convention (pairs feature i with feature i + half/2).
+    """
+
+    def __init__(self, frequency: float = 100.0) -> None:
+        super().__init__()
+        self.frequency = frequency
+
+    @staticmethod
+    def _rotate_half(x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    def _rope_1d(self, x: Tensor, positions: Tensor) -> Tensor:
+        # x: [B, heads, N, d], positions: [B or 1, N] integer
+        d = x.shape[-1]
+        inv_freq = 1.0 / (self.frequency ** (torch.arange(0, d, 2, device=x.device).float() / d))  # [d/2]
+        angles = positions.float()[..., None] * inv_freq  # [B, N, d/2]
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, N, d]
+        return x * angles.cos().to(x.dtype) + self._rotate_half(x) * angles.sin().to(x.dtype)
+
+    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
+        """x: [B, heads, N, head_dim]; pos: [B or 1, N, 2] integer (row, col)."""
+        rows, cols = x.chunk(2, dim=-1)
+        return torch.cat((self._rope_1d(rows, pos[..., 0]), self._rope_1d(cols, pos[..., 1])), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (F.scaled_dot_product_attention) with optional q/k norm and RoPE."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        rope: Optional[RopeFn] = None,
+        mask_k_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = LinearKMaskedBias(dim, dim * 3) if mask_k_bias else nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.rope = rope
+
+    def forward(self, x: Tensor, pos=None) -> Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [B, heads, N, head_dim]
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        x = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim]
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        init_values: float,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
+        rope: Optional[RopeFn] = None,
+        mask_k_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qk_norm=qk_norm, rope=rope, mask_k_bias=mask_k_bias)
+        self.ls1 = LayerScale(dim, init_values)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values)
+
+    def forward(self, x: Tensor, pos=None) -> Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
+        return x + self.ls2(self.mlp(self.norm2(x)))

@@ -1,0 +1,118 @@
+"""Reading checkpoints and loading them into a model with a readable report of what matched."""
+
+from __future__ import annotations
+
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+MAX_NAMES = 10  # key names shown per category in a summary
+
+
+class WeightsMismatchError(ValueError):
+    """A checkpoint does not match the model's keys or shapes (the message is the load summary)."""
+
+
+def read_checkpoint(path: str | Path) -> Dict[str, Tensor]:
+    """The state_dict stored at `path`, with any DDP `module.` prefix removed.
+
+    Accepts a torch checkpoint holding a bare state_dict or a dict with key "model" (read with
+    `weights_only=True`: tensors and plain containers only, never arbitrary pickled objects), or a
+    .safetensors file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            # Zip-format checkpoints (the torch.save default) are memory-mapped to avoid a second copy in RAM.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as error:  # torch and safetensors raise many types for damaged files
+        raise ValueError(
+            f"{path} is not a valid checkpoint (expected a torch state_dict, a dict with key 'model', "
+            f"or a .safetensors file): {type(error).__name__}: {error}"
+        ) from error
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    is_state_dict = isinstance(state, Mapping) and all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    )
+    if not is_state_dict:
+        raise ValueError(f"{path} is not a valid checkpoint: it holds no mapping of parameter names to tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _names(keys: Sequence[str]) -> List[str]:
+    """Up to MAX_NAMES entries: the keys themselves, or when there are more, their longest prefixes that fit."""
+    if len(keys) <= MAX_NAMES:
+        return list(keys)
+    best = None
+    for depth in range(1, max(k.count(".") for k in keys) + 1):
+        groups = Counter(".".join(k.split(".")[:depth]) for k in keys)  # in order of first appearance
+        if len(groups) > MAX_NAMES:
+            break
+        best = groups
+    if best is None:
+        return list(keys[:MAX_NAMES]) + [f"... and {len(keys) - MAX_NAMES} more"]
+    return [f"{prefix}.* ({count})" for prefix, count in best.items()]
+
+
+@dataclass
+class LoadReport:
+    path: str
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)  # in the model, not in the file
+    unexpected: List[str] = field(default_factory=list)  # in the file, not in the model
+    mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)  # key, file, model
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        total = len(self.loaded) + len(self.missing) + len(self.mismatched)
+        lines = [
+            f"weights {self.path}: loaded {len(self.loaded)} of {total} model entries; "
+            f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatched"
+        ]
+        for label, keys in (("missing (in the model, not in the file)", self.missing),
+                            ("unexpected (in the file, not in the model)", self.unexpected)):
+            if keys:
+                lines.append(f"  {label}: " + ", ".join(_names(keys)))
+        if self.mismatched:
+            lines.append("  shape mismatched (file vs model):")
+            lines += [f"    {k}: {list(f)} vs {list(m)}" for k, f, m in self.mismatched[:MAX_NAMES]]
+            if len(self.mismatched) > MAX_NAMES:
+                lines.append(f"    ... and {len(self.mismatched) - MAX_NAMES} more")
+        return "\n".join(lines)
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool) -> LoadReport:
+    """Load the checkpoint at `path` into `model` and report which keys matched.
+
+    strict=True: any missing, unexpected or shape-mismatched key raises `WeightsMismatchError` and
+    nothing is loaded. strict=False: every key whose name and shape match is loaded, the rest is
+    skipped and listed in the report.
+    """
+    state = read_checkpoint(path)
+    model_state = model.state_dict()
+    report = LoadReport(str(path), unexpected=[k for k in state if k not in model_state])
+    for key, target in model_state.items():
+        if key not in state:
+            report.missing.append(key)
+        elif state[key].shape != target.shape:
+            report.mismatched.append((key, tuple(state[key].shape), tuple(target.shape)))
+        else:
+            report.loaded.append(key)
+    if strict and not report.ok:
+        raise WeightsMismatchError(report.summary())
+    model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    return report
