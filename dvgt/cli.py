@@ -100,7 +100,16 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 # Errors a user can fix: reported as one line, without a traceback (DVGT_TRACEBACK=1 shows it).
-USER_ERRORS = (ConfigError, FileNotFoundError, NotImplementedError, ValueError, RuntimeError)
+USER_ERRORS = (ConfigError, OSError, NotImplementedError, ValueError, RuntimeError)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (an error re-raised from a data worker carries the worker's
+    traceback: its last line is the message)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in str(error):
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(line.strip() for line in lines)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
@@ -113,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     except USER_ERRORS as error:
         if os.environ.get("DVGT_TRACEBACK"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         code = 2
     sys.exit(code)
 

@@ -270,14 +270,32 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
         raise _explain(error, source) from None
 
 
-def parse_overrides(overrides: Sequence[str]) -> List[DictConfig]:
-    layers = []
+def parse_overrides(overrides: Sequence[str]) -> List[tuple]:
+    """`key.path=value` pairs; values are YAML (numbers, booleans, null, [lists], {maps})."""
+    pairs = []
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' must look like key.path=value (for example optim.lr=1e-5)")
-        key = item.split("=", 1)[0].lstrip("+")
-        layers.append((key, OmegaConf.from_dotlist([item.lstrip("+")])))
-    return layers
+        key, value = item.lstrip("+").split("=", 1)
+        pairs.append((key, OmegaConf.from_dotlist([f"value={value}"])["value"]))
+    return pairs
+
+
+def _apply_override(cfg: DictConfig, key: str, value: Any) -> None:
+    """Set one dotted key (list items by index: data.train.datasets.0.root=...)."""
+    parent_key, _, leaf = key.rpartition(".")
+    try:
+        parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
+        if parent is None or not isinstance(parent, (DictConfig, ListConfig)):
+            raise ConfigKeyError(f"Key '{key}' is not in the config")
+        if isinstance(parent, ListConfig) and not (leaf.isdigit() and int(leaf) < len(parent)):
+            raise ConfigError(f"override '{key}': '{parent_key}' has {len(parent)} item(s); index {leaf} does not exist")
+        if isinstance(parent, DictConfig) and leaf not in parent:
+            raise ConfigKeyError(f"Key '{leaf}' is not in the config")
+        OmegaConf.update(cfg, key, value, merge=True)
+    except OmegaConfBaseException as error:
+        error.full_key = key
+        raise _explain(error, "the command-line overrides") from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = (), debug: bool = False) -> DictConfig:
@@ -286,8 +304,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), debug: bool = F
     cfg = OmegaConf.structured(TrainConfig)
     for layer in _read_yaml(config_file):
         cfg = _merge(cfg, layer, str(config_file))
-    for key, layer in parse_overrides(list(DEBUG_OVERRIDES if debug else []) + list(overrides)):
-        cfg = _merge(cfg, layer, "the command-line overrides")
+    for key, value in parse_overrides(list(DEBUG_OVERRIDES if debug else []) + list(overrides)):
+        _apply_override(cfg, key, value)
     try:
         OmegaConf.resolve(cfg)
         missing = sorted(OmegaConf.missing_keys(cfg))

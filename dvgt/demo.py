@@ -10,6 +10,7 @@ import torch
 
 from dvgt.config import load_config
 from dvgt.data.loader import load_clip
+from dvgt.data.sampler import image_height
 from dvgt.train.logger import read_log
 from dvgt.train.loop import Trainer
 from dvgt.viz import render_result_figure
@@ -33,8 +34,8 @@ def run_demo(config: str, out: str | Path, overrides: Sequence[str] = ()) -> Pat
     history = read_log(out / "train_log.jsonl")
     evals = [r for r in history if r.get("kind") == "eval"]
     val = cfg.data.val
-    clip = load_clip(val.datasets[0], scene_index=0, views=val.views[1], frames=val.frames[1],
-                     img_width=val.img_width, aspect_ratio=val.aspect_ratio[0], patch_size=trainer.patch_size)
+    clip = load_clip(val.datasets[0], scene_index=0, views=val.views[1], frames=val.frames[1], width=val.img_width,
+                     height=image_height(val.img_width, val.aspect_ratio[0], trainer.patch_size))
     with torch.inference_mode():
         predictions = trainer.model.eval()(clip["images"])
     figure = out / "demo_result.png"

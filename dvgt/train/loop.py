@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -87,19 +88,16 @@ class Trainer:
                                    find_unused_parameters=d.find_unused_parameters, bucket_cap_mb=d.bucket_cap_mb,
                                    gradient_as_bucket_view=d.gradient_as_bucket_view)
 
-        data = cfg.data
         self.patch_size = getattr(self.model, "patch_size", 16)
-        self.train_loader = build_dataloader(
-            data.train, patch_size=self.patch_size, max_img_per_gpu=cfg.max_img_per_gpu, seed=cfg.seed_value,
-            rank=self.dist.rank, world_size=self.dist.world_size, num_workers=cfg.num_workers,
-            pin_memory=data.pin_memory and self.device.type == "cuda", prefetch_factor=data.prefetch_factor,
-            persistent_workers=data.persistent_workers, steps_per_epoch=self.steps_per_epoch)
+        if not self.dist.is_main:
+            distributed.barrier()  # rank 0 first: it generates a synthetic dataset if one is missing
+        self.train_loader = self._loader("train", rank=self.dist.rank, world_size=self.dist.world_size,
+                                         num_workers=cfg.num_workers, steps=self.steps_per_epoch)
         self.val_loader = None
-        if self.dist.is_main and data.val.datasets and cfg.limit_val_batches > 0:
-            self.val_loader = build_dataloader(
-                data.val, patch_size=self.patch_size, max_img_per_gpu=cfg.max_img_per_gpu, seed=cfg.seed_value + 1,
-                rank=0, world_size=1, num_workers=0, pin_memory=False, prefetch_factor=data.prefetch_factor,
-                persistent_workers=False, steps_per_epoch=cfg.limit_val_batches)
+        if self.dist.is_main and cfg.data.val.datasets and cfg.limit_val_batches > 0:
+            self.val_loader = self._loader("val", rank=0, world_size=1, num_workers=0, steps=cfg.limit_val_batches)
+        if self.dist.is_main:
+            distributed.barrier()
         self.epoch, self.step_in_epoch = 0, 0
         # Ranks differ from here on (data augmentation, RoPE jitter), and a resume restores this exactly.
         seed_everything(cfg.seed_value + 1000 * (self.dist.rank + 1))
@@ -107,6 +105,15 @@ class Trainer:
             self._resume(resume_from)
 
     # -- start-up -------------------------------------------------------------------------------
+    def _loader(self, split: str, *, rank: int, world_size: int, num_workers: int, steps: int):
+        data = self.cfg.data
+        return build_dataloader(
+            data[split], patch_size=self.patch_size, max_img_per_gpu=self.cfg.max_img_per_gpu,
+            seed=self.cfg.seed_value + (split == "val"), rank=rank, world_size=world_size, num_workers=num_workers,
+            pin_memory=data.pin_memory and self.device.type == "cuda", prefetch_factor=data.prefetch_factor,
+            persistent_workers=data.persistent_workers and num_workers > 0, steps_per_epoch=steps,
+            config_key=f"data.{split}")
+
     def _print(self, message: str) -> None:
         if self.dist.is_main:
             tqdm.write(message)
@@ -232,6 +239,13 @@ class Trainer:
         distributed.barrier()
         return {f"val/{k}": v for k, v in accumulator.mean().items()}
 
+    def _evaluate_and_log(self) -> Dict[str, float]:
+        metrics = self.evaluate()
+        if metrics:
+            self.log.log({"kind": "eval", "step": self.step, "epoch": self.epoch, **metrics})
+            self._print(f"step {self.step} (epoch {self.epoch}): {format_record(metrics)}")
+        return metrics or {}
+
     def save(self) -> None:
         if self.step == self._last_saved_step:
             return
@@ -249,11 +263,13 @@ class Trainer:
                     f"device {self.device}; {self.total_steps} steps; checkpoints -> {cfg.checkpoint.uri}; "
                     f"log -> {self.log.path}")
         last_eval: Dict[str, Any] = {}
+        if self.step == 0:
+            last_eval = self._evaluate_and_log()  # the starting point of the held-out curves
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not (self.dist.is_main and cfg.logging.progress),
-                        desc=cfg.exp_name, unit="step", dynamic_ncols=True)
+                        desc=cfg.exp_name, unit="step", dynamic_ncols=True,
+                        mininterval=0.1 if sys.stderr.isatty() else 10.0)
         while self.epoch < cfg.max_epochs:
-            sampler.set_epoch(self.epoch)
-            sampler.set_start_step(self.step_in_epoch)
+            sampler.load_state_dict({"epoch": self.epoch, "step": self.step_in_epoch})
             wait_start = time.perf_counter()
             for batch in self.train_loader:
                 data_time = time.perf_counter() - wait_start
@@ -276,11 +292,7 @@ class Trainer:
             self.epoch += 1
             self.step_in_epoch = 0
             if self.epoch % cfg.val_epoch_freq == 0 or self.epoch == cfg.max_epochs:
-                metrics = self.evaluate()
-                if metrics:
-                    last_eval = metrics
-                    self.log.log({"kind": "eval", "step": self.step, "epoch": self.epoch, **metrics})
-                    self._print(f"epoch {self.epoch}: {format_record(metrics)}")
+                last_eval = self._evaluate_and_log() or last_eval
             if self.epoch % cfg.checkpoint.save_freq == 0 or self.epoch == cfg.max_epochs:
                 self.save()
         progress.close()

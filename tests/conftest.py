@@ -1,0 +1,38 @@
+"""Shared fixtures: a small synthetic dataset and the overrides that make a demo run tiny and fast."""
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from dvgt.data.synthetic import generate_synthetic_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory) -> Path:
+    """A small synthetic dataset in the DVGT layout (train and val splits)."""
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic_dataset(root, split="train", num_scenes=4, num_frames=6, height=64, width=128, seed=0)
+    generate_synthetic_dataset(root, split="val", num_scenes=1, num_frames=6, height=64, width=128, seed=1)
+    return root
+
+
+def tiny_overrides(data_root: Path, run_dir: Path, **extra) -> list:
+    """The demo stage shrunk to a tiny model, 64x32 images and a few steps, writing under run_dir."""
+    values = {
+        "model.size": "tiny", "max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 1,
+        "max_img_per_gpu": 8, "num_workers": 0, "seed_value": 3,
+        "data.train.datasets.0.root": data_root, "data.val.datasets.0.root": data_root,
+        "data.train.img_width": 64, "data.val.img_width": 64, "data.train.views": "[2,2]",
+        "data.val.views": "[2,2]", "data.train.frames": "[2,3]", "data.val.frames": "[2,2]",
+        "logging.log_dir": run_dir, "logging.log_freq": 1, "logging.progress": "false",
+        "checkpoint.uri": run_dir / "ckpts", "checkpoint.keep_last": 0,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

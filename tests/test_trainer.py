@@ -1,0 +1,274 @@
+"""The trainer end to end on CPU: resume exactness, accumulation, the non-finite guard, frozen
+modules, clipping coverage, two-process torchrun, and learning on the demo config."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import free_port, tiny_overrides
+from dvgt.checkpoint.manager import CheckpointManager
+from dvgt.config import load_config
+from dvgt.data.loader import load_clip
+from dvgt.train.logger import read_log
+from dvgt.train.loop import NonFiniteLossError, Trainer, train
+
+DVGT = [sys.executable, "-m", "dvgt"]
+
+
+def train_losses(run_dir: Path) -> dict:
+    return {r["step"]: r["loss/objective"] for r in read_log(run_dir / "train_log.jsonl") if r["kind"] == "train"}
+
+
+def make_trainer(tiny_data_root, run_dir, **extra) -> Trainer:
+    return Trainer(load_config("train/dvgt1/demo.yaml", tiny_overrides(tiny_data_root, run_dir, **extra)))
+
+
+def test_resumed_run_continues_exactly(tiny_data_root, tmp_path):
+    full = tmp_path / "full"
+    result = train(load_config("train/dvgt1/demo.yaml",
+                               tiny_overrides(tiny_data_root, full, num_workers=1, **{"checkpoint.save_every_steps": 2})))
+    assert result["step"] == 6
+    manager = CheckpointManager(str(full / "ckpts"))
+    assert manager.committed_steps() == [2, 3, 4, 6]  # every 2 steps, and at the end of each epoch
+    manifest = manager.open(2).manifest
+    assert {o["key"] for o in manifest["objects"]} == {
+        "model.safetensors", "optimizer.pt", "trainer_state.pt", "config.yaml", "rng/rank_00000.pt"}
+
+    resumed = tmp_path / "resumed"  # "stopped after step 2": continue from that checkpoint elsewhere
+    train(load_config("train/dvgt1/demo.yaml", tiny_overrides(
+        tiny_data_root, resumed, num_workers=1,
+        **{"checkpoint.resume_checkpoint_path": full / "ckpts" / "step_00000002"})))
+    expected, got = train_losses(full), train_losses(resumed)
+    assert sorted(got) == [3, 4, 5, 6]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"step {step}"
+    final_a = CheckpointManager(str(full / "ckpts")).open(6).model_state()
+    final_b = CheckpointManager(str(resumed / "ckpts")).open(6).model_state()
+    assert all(torch.allclose(final_a[k], final_b[k], atol=1e-6) for k in final_a)
+
+
+def test_auto_resume_picks_up_the_newest_checkpoint(tiny_data_root, tmp_path):
+    run = tmp_path / "run"
+    train(load_config("train/dvgt1/demo.yaml", tiny_overrides(tiny_data_root, run, max_epochs=1)))
+    trainer = make_trainer(tiny_data_root, run, max_epochs=2)  # checkpoint.resume=auto is the default
+    assert (trainer.step, trainer.epoch) == (3, 1)
+    trainer.close()
+    fresh = make_trainer(tiny_data_root, run, max_epochs=2, **{"checkpoint.resume": "never"})
+    assert fresh.step == 0
+    fresh.close()
+
+
+def duplicated_batch(tiny_data_root, copies: int) -> dict:
+    entry = OmegaConf.create({"name": "synthetic", "root": str(tiny_data_root), "split": "train"})
+    clip = load_clip(entry,
+                     views=2, frames=2, height=32, width=64)
+    return {k: (torch.cat([v] * copies) if torch.is_tensor(v) else v * copies) for k, v in clip.items()}
+
+
+@pytest.mark.parametrize("accum_steps", [2, 8])
+def test_gradient_accumulation_matches_one_pass(tiny_data_root, tmp_path, accum_steps):
+    """Two identical clips: split into chunks or not, the gradients reaching the optimizer are the
+    same; more chunks than clips is fine. (Switched off: DINOv3's random RoPE rescale in train mode,
+    since each chunk would draw its own, and the quantile outlier filter, whose cut-off depends on
+    how many pixels it sees.)"""
+    batch = duplicated_batch(tiny_data_root, 2)
+    grads = []
+    for accum in (1, accum_steps):
+        trainer = make_trainer(tiny_data_root, tmp_path / f"a{accum}", accum_steps=accum,
+                               **{"loss.point.valid_range": -1})
+        trainer.model.aggregator.patch_embed.rope_embed.rescale_coords = None
+        seen = {}
+        trainer.optimizer.step = lambda: seen.update(
+            {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        assert not trainer.train_step(batch)["skipped"]
+        grads.append(seen)
+        trainer.close()
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
+    worst = max(float((grads[0][n] - grads[1][n]).norm() / (grads[0][n].norm() + 1e-12)) for n in grads[0])
+    print(f"largest relative gradient difference: {worst:.2e}")
+    assert worst < 1e-5  # float32 summation order; a wrong chunk weighting would be off by ~50%
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_data_root, tmp_path):
+    trainer = make_trainer(tiny_data_root, tmp_path, **{"optim.max_consecutive_nonfinite": 3})
+    batch = duplicated_batch(tiny_data_root, 1)
+    bad = dict(batch, images=batch["images"].clone().fill_(float("nan")))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    for expected in (1, 2):
+        record = trainer.train_step(bad)
+        assert record["skipped"] and record["nonfinite_skipped"] == expected
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    assert not trainer.train_step(batch)["skipped"]  # a good step resets the run of skips ...
+    assert trainer.nonfinite_in_a_row == 0
+    for _ in range(2):
+        trainer.train_step(bad)
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row.*optim.max_consecutive_nonfinite"):
+        trainer.train_step(bad)  # ... and three in a row stop it
+    trainer.close()
+
+
+def test_frozen_modules_stay_unchanged(tiny_data_root, tmp_path):
+    trainer = make_trainer(tiny_data_root, tmp_path, **{"optim.frozen_module_names": "[aggregator.patch_embed.*]"})
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith("aggregator.patch_embed.")}
+    trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith("point_head.")}
+    trainer.step = 5
+    trainer.train_step(duplicated_batch(tiny_data_root, 1))
+    params = dict(trainer.model.named_parameters())
+    assert all(torch.equal(frozen[n], params[n]) for n in frozen)
+    assert any(not torch.equal(trained[n], params[n]) for n in trained)
+    trainer.close()
+
+
+def test_bad_frozen_glob_and_uncovered_clipping_are_refused(tiny_data_root, tmp_path):
+    with pytest.raises(ValueError, match="glob 'aggregater.*' matches no parameter"):
+        make_trainer(tiny_data_root, tmp_path, **{"optim.frozen_module_names": "[aggregater.*]"})
+    with pytest.raises(ValueError, match="does not cover .* trainable parameter.*ego_pose_head"):
+        make_trainer(tiny_data_root, tmp_path, **{
+            "optim.gradient_clip": "[{module_name: [aggregator], max_norm: 1.0}, {module_name: [point_head]}]"})
+
+
+def test_two_process_torchrun_keeps_replicas_identical(tiny_data_root, tmp_path):
+    """torchrun with 2 CPU ranks (gloo); every step each rank checks that all ranks hold bit-identical
+    parameters (distributed.verify_replicas) and the run fails otherwise."""
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "-m", "dvgt.train", "--config=train/dvgt1/demo.yaml", "--debug",
+               *tiny_overrides(tiny_data_root, run, **{"distributed.verify_replicas": "true", "accum_steps": 2})]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = train_losses(run)
+    assert sorted(losses) == list(range(1, 7))  # 3 steps per epoch (limit_train_batches), 2 epochs
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    manifest = CheckpointManager(str(run / "ckpts")).latest().manifest
+    assert manifest["world_size"] == 2
+    assert {"rng/rank_00000.pt", "rng/rank_00001.pt"} <= {o["key"] for o in manifest["objects"]}
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*DVGT, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def no_checkpoints(run_dir: Path) -> bool:
+    return not (run_dir / "ckpts").exists() or not any((run_dir / "ckpts").iterdir())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lrr=1"], "unknown config key 'optim.lrr'.*did you mean 'optim.lr'"),
+    (["max_epochs=many"], "'max_epochs'.*expects int"),
+    (["data.train.datasets.0.name=nuscenes", "data.train.datasets.0.root=/nonexistent/nuscenes"],
+     "/nonexistent/nuscenes.*data.train.datasets\\[0\\].root"),
+    (["checkpoint.direct_load_pretrained_weights_path=/nonexistent/dvgt1.pt"], "/nonexistent/dvgt1.pt"),
+    (["checkpoint.resume_checkpoint_path=/nonexistent/step_00000010"],
+     "resume_checkpoint_path '/nonexistent/step_00000010' is not a committed checkpoint"),
+])
+def test_bad_input_is_one_clear_line_and_writes_no_checkpoint(tiny_data_root, tmp_path, overrides, message):
+    run = tmp_path / "bad"
+    done = run_cli("train", "--config=train/dvgt1/demo.yaml", *tiny_overrides(tiny_data_root, run), *overrides)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert __import__("re").search(message, lines[0]), lines[0]
+    assert no_checkpoints(run)
+
+
+def test_unreadable_image_names_the_file(tiny_data_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_root, data)
+    broken = sorted((data / "train").rglob("*.jpg"))[0]
+    broken.write_bytes(b"not a jpeg")
+    run = tmp_path / "run"
+    # Every clip of the tiny set starts at frame 0 of a scene's first camera in some batch, so the
+    # broken file is met within the first epoch.
+    done = run_cli("train", "--config=train/dvgt1/demo.yaml",
+                   *tiny_overrides(data, run, **{"data.train.views": "[3,3]", "limit_train_batches": 12,
+                                                 "max_epochs": 1, "limit_val_batches": 0}))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert str(broken) in done.stderr and done.stderr.startswith("error: ")
+    assert no_checkpoints(run)
+
+
+def test_pretrained_weights_load_and_mismatches_are_reported(tiny_data_root, tmp_path):
+    trainer = make_trainer(tiny_data_root, tmp_path / "source")
+    state = trainer.model.state_dict()
+    trainer.close()
+    good = tmp_path / "good.pt"
+    torch.save({"model": state}, good)
+    loaded = make_trainer(tiny_data_root, tmp_path / "a", **{"checkpoint.direct_load_pretrained_weights_path": good,
+                                                            "checkpoint.strict": "true"})
+    assert all(torch.equal(state[k], v) for k, v in loaded.model.state_dict().items())
+    loaded.close()
+
+    bad_state = {k: v for k, v in state.items() if not k.startswith("point_head.scratch.output_conv2")}
+    bad_state["extra_head.weight"] = torch.zeros(3)
+    bad = tmp_path / "bad.pt"
+    torch.save(bad_state, bad)
+    run = tmp_path / "b"
+    done = run_cli("train", "--config=train/dvgt1/demo.yaml", *tiny_overrides(tiny_data_root, run),
+                   f"checkpoint.direct_load_pretrained_weights_path={bad}", "checkpoint.strict=true")
+    assert done.returncode == 2
+    assert "point_head.scratch.output_conv2" in done.stderr and "extra_head.weight" in done.stderr
+    assert no_checkpoints(run)
+
+
+def test_corrupt_checkpoint_is_refused_on_resume(tiny_data_root, tmp_path):
+    run = tmp_path / "run"
+    train(load_config("train/dvgt1/demo.yaml", tiny_overrides(tiny_data_root, run, max_epochs=1)))
+    model_file = run / "ckpts" / "step_00000003" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:-10] + b"0123456789")
+    done = run_cli("train", "--config=train/dvgt1/demo.yaml", *tiny_overrides(tiny_data_root, run))
+    assert done.returncode == 2
+    assert "model.safetensors" in done.stderr and "corrupt" in done.stderr
+
+
+def test_model_info_cli_prints_the_layout_without_weights():
+    done = run_cli("model-info", "--config=train/dvgt1/default.yaml", "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["num_parameters"] == 1_732_105_522 and len(info["state_dict"]) == 1798
+    assert info["state_dict"]["aggregator.temporal_pos_embed"] == [[1, 48, 1024], "float32"]
+    small = json.loads(run_cli("model-info", "--config=train/dvgt1/default.yaml", "model.size=small", "--json").stdout)
+    assert small["num_parameters"] < info["num_parameters"] / 50
+    later = run_cli("model-info", "--config=train/dvgt2/default.yaml", "--json")
+    assert later.returncode == 2 and "not available yet" in later.stderr
+
+
+def test_python_api_builds_and_runs_the_model(tmp_path):
+    import dvgt
+
+    model = dvgt.build_model("train/dvgt1/default.yaml", overrides=["model.size=tiny"], device="cpu")
+    out = model(torch.rand(1, 2, 2, 3, 32, 64))
+    assert out["points"].shape == (1, 2, 2, 32, 64, 3) and out["absolute_ego_pose_enc"].shape == (1, 2, 7)
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    again = dvgt.build_model("train/dvgt1/default.yaml", overrides=["model.size=tiny"], weights=str(weights))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_tensorboard_option_writes_event_files(tiny_data_root, tmp_path):
+    train(load_config("train/dvgt1/demo.yaml", tiny_overrides(tiny_data_root, tmp_path, max_epochs=1,
+                                                               **{"logging.tensorboard": "true"})))
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_demo_config_learns(tmp_path):
+    """The demo stage as shipped (small model, synthetic data), shortened to 3 of its 6 epochs:
+    the training loss and the held-out point error must both drop clearly."""
+    run = tmp_path / "demo"
+    cfg = load_config("train/dvgt1/demo.yaml", [
+        "max_epochs=3", f"logging.log_dir={run}", f"checkpoint.uri={run / 'ckpts'}", "logging.progress=false",
+        f"data.train.datasets.0.root={tmp_path / 'data'}", f"data.val.datasets.0.root={tmp_path / 'data'}"])
+    train(cfg)
+    log = read_log(run / "train_log.jsonl")
+    losses = [r["loss/objective"] for r in log if r["kind"] == "train"]
+    evals = [r for r in log if r["kind"] == "eval"]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:3]) / 3
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 120
+    assert evals[-1]["val/point_error"] < 0.7 * evals[0]["val/point_error"]
+    assert evals[-1]["val/chamfer"] < evals[0]["val/chamfer"]
