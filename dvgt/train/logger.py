@@ -11,14 +11,14 @@ from typing import Any, Dict, List, Optional
 class RunLogger:
     """Rank 0 writes `<log_dir>/train_log.jsonl`; other ranks get a logger that writes nothing."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool, tensorboard: bool = False) -> None:
+    def __init__(self, log_dir: str | Path, enabled: bool, tensorboard: bool = False, append: bool = False) -> None:
         self.enabled = enabled
         self.path = Path(log_dir) / "train_log.jsonl"
         self._file = None
         self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", buffering=1)
+            self._file = open(self.path, "a" if append else "w", buffering=1)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 

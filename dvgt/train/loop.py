@@ -59,7 +59,6 @@ class Trainer:
         self.cfg = cfg
         self.dist = distributed.init_distributed(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_mins)
         self.device = self.dist.device
-        self.log = RunLogger(cfg.logging.log_dir, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard)
         self.steps_per_epoch = cfg.limit_train_batches or cfg.data.train.steps_per_epoch
         self.total_steps = cfg.max_epochs * self.steps_per_epoch
         self.step = 0  # optimizer steps done (skipped non-finite steps included: they consume a batch)
@@ -72,6 +71,9 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint.uri, self.dist.rank, self.dist.world_size,
                                              cfg.checkpoint.keep_last, dvgt.__version__)
         resume_from = self._find_resume_checkpoint()
+        # A resumed run continues its log; a fresh run starts a new one.
+        self.log = RunLogger(cfg.logging.log_dir, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard,
+                             append=resume_from is not None)
         if resume_from is None:
             self._load_pretrained()
         self.frozen = freeze_modules(self.model, cfg.optim.frozen_module_names)
