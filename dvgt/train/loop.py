@@ -283,7 +283,7 @@ class Trainer:
                 if cfg.distributed.verify_replicas:
                     self.verify_replicas()
                 progress.update(1)
-                progress.set_postfix(loss=f"{record['loss/objective']:.4g}", lr=f"{record['lr']:.2e}")
+                progress.set_postfix(loss=f"{record['loss/objective']:.4g}", lr=f"{record['lr']:.2e}", refresh=False)
                 if self.step % cfg.logging.log_freq == 0 or self.step == 1:
                     record.update(kind="train", step=self.step, epoch=self.epoch, step_time=step_time,
                                   data_time=data_time, images_per_sec=images * self.dist.world_size / step_time)
