@@ -51,11 +51,11 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from dvgt.data.synthetic import DEMO_SPEC, generate_synthetic_dataset
+    from dvgt.data.synthetic import demo_spec, generate_synthetic_dataset
 
     for split in args.splits:
         started = time.perf_counter()
-        spec = {**DEMO_SPEC[split], **({"num_scenes": args.scenes} if args.scenes else {})}
+        spec = {**demo_spec(split), **({"num_scenes": args.scenes} if args.scenes else {})}
         generate_synthetic_dataset(args.out, split=split, **spec)
         print(f"wrote {split} split to {Path(args.out) / split} in {time.perf_counter() - started:.1f} s")
     return 0

@@ -239,6 +239,15 @@ def test_model_info_cli_prints_the_layout_without_weights():
     assert later.returncode == 2 and "not available yet" in later.stderr
 
 
+def test_data_synth_cli_writes_the_layout(tmp_path):
+    from dvgt.data.layout import read_split
+
+    done = run_cli("data", "synth", "--out", tmp_path, "--splits", "val", "--scenes", "1")
+    assert done.returncode == 0, done.stderr
+    scenes = read_split(tmp_path, "val")
+    assert len(scenes) == 1 and len(scenes[0].cameras) >= 2
+
+
 def test_python_api_builds_and_runs_the_model(tmp_path):
     import dvgt
 
