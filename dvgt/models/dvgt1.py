@@ -44,6 +44,7 @@ class DVGT1(nn.Module):
         frames_chunk_size: Optional[int] = None,
     ) -> None:
         super().__init__()
+        self.patch_size = patch_size  # H and W of inputs must be multiples of this
         self.frames_chunk_size = frames_chunk_size
         self.aggregator = Aggregator(
             embed_dim=size.embed_dim,

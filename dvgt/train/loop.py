@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dvgt
-from dvgt.checkpoint.manager import Checkpoint, CheckpointManager, set_rng_state
+from dvgt.checkpoint.manager import STEP_DIR, Checkpoint, CheckpointManager, set_rng_state
 from dvgt.data.loader import build_dataloader
 from dvgt.models import build_model
 from dvgt.models.weights import load_weights
@@ -76,7 +76,9 @@ class Trainer:
                              append=resume_from is not None)
         if resume_from is None:
             self._load_pretrained()
-        self.frozen = freeze_modules(self.model, cfg.optim.frozen_module_names)
+        frozen = freeze_modules(self.model, cfg.optim.frozen_module_names)
+        if frozen:
+            self._print(f"Frozen: {len(frozen)} parameter tensors matching {list(cfg.optim.frozen_module_names)}")
         self.clipper = GradientClipper(self.model, cfg.optim.gradient_clip)
         self.optimizer = build_optimizer(self.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
                                          fused=self.device.type == "cuda")
@@ -90,7 +92,7 @@ class Trainer:
                                    find_unused_parameters=d.find_unused_parameters, bucket_cap_mb=d.bucket_cap_mb,
                                    gradient_as_bucket_view=d.gradient_as_bucket_view)
 
-        self.patch_size = getattr(self.model, "patch_size", 16)
+        self.patch_size = self.model.patch_size
         if not self.dist.is_main:
             distributed.barrier()  # rank 0 first: it generates a synthetic dataset if one is missing
         self.train_loader = self._loader("train", rank=self.dist.rank, world_size=self.dist.world_size,
@@ -124,14 +126,16 @@ class Trainer:
         ck = self.cfg.checkpoint
         if ck.resume_checkpoint_path:
             path = Path(ck.resume_checkpoint_path)
-            manager = CheckpointManager(str(path.parent))
-            match = path.name.startswith("step_") and path.name[5:].isdigit()
-            if not (path.is_dir() and match and (path / "manifest.json").is_file()):
+            step = STEP_DIR.match(path.name)
+            try:
+                if step is None:
+                    raise FileNotFoundError(path)
+                return CheckpointManager(str(path.parent)).open(int(step.group(1)))
+            except FileNotFoundError:
                 raise FileNotFoundError(
                     f"checkpoint.resume_checkpoint_path '{path}' is not a committed checkpoint folder "
                     f"(expected .../step_NNNNNNNN with a manifest.json); committed checkpoints under "
-                    f"{ck.uri}: {self.checkpoints.committed_steps() or 'none'}")
-            return manager.open(int(path.name[5:]))
+                    f"{ck.uri}: {self.checkpoints.committed_steps() or 'none'}") from None
         if ck.resume == "auto":
             return self.checkpoints.latest()
         return None
@@ -216,10 +220,10 @@ class Trainer:
         if not self.dist.is_distributed:
             return
         fingerprint = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-                                   for p in self.model.parameters()]).cpu()
+                                   for p in self.model.parameters()])
         gathered = [torch.empty_like(fingerprint) for _ in range(self.dist.world_size)]
-        dist.all_gather(gathered, fingerprint.to(self.device) if self.device.type == "cuda" else fingerprint)
-        if not all(torch.equal(gathered[0].cpu(), g.cpu()) for g in gathered[1:]):
+        dist.all_gather(gathered, fingerprint)
+        if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
             raise RuntimeError(f"model replicas differ across ranks after step {self.step}")
 
     @torch.inference_mode()
