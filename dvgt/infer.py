@@ -132,6 +132,9 @@ def load_model(checkpoint: str, config: Optional[str] = None, overrides: Sequenc
     if cfg.model.name not in ("dvgt2", "dvgt2_pretrain"):
         raise ValueError(f"dvgt infer runs DVGT-2 streaming inference; the config's model is '{cfg.model.name}' "
                          f"(use a train/dvgt2/* config)")
+    if cfg.model.enable_ego_status:
+        raise ValueError("this model plans from the ego status (model.enable_ego_status), which dvgt infer does not "
+                         "read from a frames folder; use a checkpoint trained without it")
     # Everything comes from the weights: DINOv3 and the anchors are not read from their own files.
     model_cfg = OmegaConf.merge(cfg.model, {"dino_v3_weight_path": None, "anchor_path": None})
     model = build_model(model_cfg)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dvgt.config import ModelConfig
-from dvgt.models import build_model
+from dvgt.models import build_model, model_layout
 from dvgt.cli import main
 from dvgt.models.layers import KVCache
 from dvgt.models.reference_weights import fill_reference_weights
@@ -182,8 +182,9 @@ def test_anchors_load_from_the_anchor_file(tmp_path):
     np.savez(tmp_path / "bad.npz", trajectory=trajectory[:10], pose_translation=pose)
     with pytest.raises(ValueError, match=r"'trajectory' has shape \[10, 8, 2\], expected \[20, 8, 2\]"):
         tiny(anchor_path=str(tmp_path / "bad.npz"))
-    with pytest.raises(ValueError, match="need model.name=dvgt2"):
+    with pytest.raises(ValueError, match="model.anchor_path needs model.name=dvgt2"):
         tiny("dvgt2_pretrain", anchor_path=str(path))
+    assert model_layout(ModelConfig(name="dvgt2", size="tiny", anchor_path=str(tmp_path / "missing.npz")))  # no files read
 
 
 def test_ego_status_conditions_the_trajectories_only():

@@ -41,6 +41,8 @@ def _make(model_cfg: Any) -> nn.Module:
         )
     if model_cfg.size not in SIZES:
         raise ValueError(f"model.size '{model_cfg.size}' is not one of {', '.join(SIZES)}")
+    if getattr(model_cfg, "anchor_path", None) and name != "dvgt2":
+        raise ValueError(f"model.anchor_path needs model.name=dvgt2 (model '{name}' does not plan)")
     if name in ("dvgt2", "dvgt2_pretrain"):
         return DVGT2(
             SIZES[model_cfg.size],
@@ -49,7 +51,6 @@ def _make(model_cfg: Any) -> nn.Module:
             decoder_dim=DECODER_SIZES[model_cfg.size][0],
             decoder_heads=DECODER_SIZES[model_cfg.size][1],
             enable_ego_status=getattr(model_cfg, "enable_ego_status", False),
-            anchor_path=getattr(model_cfg, "anchor_path", None),
             gradient_checkpointing=getattr(model_cfg, "gradient_checkpointing", True),
             frames_chunk_size=getattr(model_cfg, "frames_chunk_size", None),
         )
@@ -62,7 +63,8 @@ def _make(model_cfg: Any) -> nn.Module:
 
 
 def build_model(model_cfg: Any) -> nn.Module:
-    """Build the model for training or inference; loads DINOv3 weights if `model.dino_v3_weight_path` is set.
+    """Build the model for training or inference; loads DINOv3 weights if `model.dino_v3_weight_path` is set
+    and DVGT-2's planning anchors if `model.anchor_path` is set.
 
     Without weights the model is initialised as upstream does for training from scratch. Building
     under `with torch.device("meta"):` allocates nothing.
@@ -79,6 +81,9 @@ def build_model(model_cfg: Any) -> nn.Module:
                 f"model.dino_v3_weight_path: '{path}' does not match the DINOv3 backbone of model.size="
                 f"{model_cfg.size}\n{error}"
             ) from None
+    anchors = getattr(model_cfg, "anchor_path", None)
+    if anchors:
+        model.ego_pose_head.traj_pose_decoder.load_anchors(anchors)
     return model
 
 

@@ -15,7 +15,6 @@ head sees the ego tokens of the last W frames.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -47,13 +46,12 @@ class DVGT2(nn.Module):
         decoder_dim: int = 256,
         decoder_heads: int = 16,
         enable_ego_status: bool = False,
-        anchor_path: Optional[str] = None,
         gt_scale_factor: float = 0.1,
         gradient_checkpointing: bool = True,
         frames_chunk_size: Optional[int] = None,
     ) -> None:
         """`planning`: DVGT-2 (9 ego tokens, causal, diffusion decoder) or the stage-1 pretrain variant.
-        `anchor_path`: the .npz written by `dvgt anchors` (see TrajectoryPoseDecoder.load_anchors)."""
+        The planning anchors start as zeros: see `TrajectoryPoseDecoder.load_anchors`."""
         super().__init__()
         self.patch_size = patch_size
         self.frames_chunk_size = frames_chunk_size
@@ -83,10 +81,8 @@ class DVGT2(nn.Module):
                 gt_scale_factor=gt_scale_factor,
                 enable_ego_status=enable_ego_status,
             )
-            if anchor_path:
-                decoder.load_anchors(anchor_path)
-        elif enable_ego_status or anchor_path:
-            raise ValueError("model.enable_ego_status and model.anchor_path need model.name=dvgt2 (the pretrain model does not plan)")
+        elif enable_ego_status:
+            raise ValueError("model.enable_ego_status needs model.name=dvgt2 (the pretrain model does not plan)")
         self.ego_pose_head = DVGT2EgoHead(
             dim_in, trunk_depth=size.ego_trunk_depth, num_heads=size.num_heads, max_frames=max_frames, decoder=decoder
         )
