@@ -73,14 +73,6 @@ def sine_embedding(x: Tensor, dim: int) -> Tensor:
     return embedding.flatten(-2)
 
 
-def timestep_embedding(t: Tensor, dim: int) -> Tensor:
-    """[B] integer diffusion steps -> [B, dim]: sin then cos at frequencies 10000^(-i/(dim/2 - 1))."""
-    half = dim // 2
-    frequencies = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
-    angles = t[:, None] * frequencies[None]
-    return torch.cat((angles.sin(), angles.cos()), dim=-1)
-
-
 def _linear_relu_ln(dim: int, in_dim: int, repeats: int) -> List[nn.Module]:
     layers: List[nn.Module] = []
     for _ in range(repeats):
@@ -90,12 +82,17 @@ def _linear_relu_ln(dim: int, in_dim: int, repeats: int) -> List[nn.Module]:
 
 
 class SinusoidalEmbedding(nn.Module):
+    """[B] integer diffusion steps -> [B, dim]: sin then cos at frequencies 10000^(-i/(dim/2 - 1))."""
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = dim
 
     def forward(self, t: Tensor) -> Tensor:
-        return timestep_embedding(t, self.dim)
+        half = self.dim // 2
+        frequencies = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
+        angles = t[:, None] * frequencies[None]
+        return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
 class Modulation(nn.Module):
@@ -128,6 +125,8 @@ class ScoreAndOffsetHead(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Trajectory and pose queries: cross-attention to the ego tokens, time modulation, scores and refined positions."""
+
     def __init__(self, dim: int, num_heads: int, future_steps: int, init_values: float, drop: float) -> None:
         super().__init__()
         self.traj_attn = CrossAttentionBlock(dim, num_heads, init_values=init_values, drop=drop)
