@@ -83,9 +83,10 @@ def future_trajectories(ego_to_world: np.ndarray, timestamps: np.ndarray,
         times = timestamps[i:] - timestamps[i]
         targets = dt * np.arange(1, steps + 1)
         trajectory[i] = np.stack([np.interp(targets, times, samples[:, k]) for k in range(3)], axis=-1)
-        after = np.searchsorted(times, targets - 1e-6)  # first annotated frame at or after each target
-        bracket_gap = times[np.minimum(after, len(times) - 1)] - times[np.maximum(after - 1, 0)]
-        valid[i] = (targets <= times[-1] + 1e-6) & (bracket_gap <= MAX_GAP_S + 1e-6)
+        after = np.minimum(np.searchsorted(times, targets - 1e-6), len(times) - 1)  # first frame at/after target
+        annotated = np.abs(times[after] - targets) <= 1e-6
+        bracket_gap = times[after] - times[np.maximum(after - 1, 0)]
+        valid[i] = (targets <= times[-1] + 1e-6) & (annotated | (bracket_gap <= MAX_GAP_S + 1e-6))
     trajectory[..., 2] = (trajectory[..., 2] + np.pi) % (2 * np.pi) - np.pi
     return trajectory * valid[..., None], valid
 
