@@ -64,7 +64,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_anchors(args: argparse.Namespace) -> int:
     from dvgt.data.anchors import PLOT_FILE, read_anchors, write_anchors
 
-    out = Path(args.out or Path(args.data) / "anchors")
+    out = Path(args.out or Path(args.data[0]) / "anchors")
     path = write_anchors(args.data, out, split=args.split, k=args.k)
     shapes = {name: list(value.shape) for name, value in read_anchors(path).items()}
     print(f"wrote {path} {shapes} and {out / PLOT_FILE}")
@@ -102,9 +102,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_data_synth)
 
     anchors = sub.add_parser("anchors", help="k-means anchors of future trajectories and past translations (DVGT-2)")
-    anchors.add_argument("--data", required=True, help="annotation root in the DVGT layout (docs/data.md)")
+    anchors.add_argument("--data", required=True, nargs="+", help="annotation root(s) in the DVGT layout "
+                         "(docs/data.md); several roots are clustered together")
     anchors.add_argument("--split", default="train")
-    anchors.add_argument("--out", default=None, help="output folder (default: <data>/anchors)")
+    anchors.add_argument("--out", default=None, help="output folder (default: <first data root>/anchors)")
     anchors.add_argument("--k", type=int, default=20, help="anchors per set")
     anchors.set_defaults(func=cmd_anchors)
 

@@ -1,7 +1,7 @@
 """DVGT-2's decoder anchors: k-means of the dataset's future trajectories and past relative translations.
 
-``dvgt anchors --data <root> [--split train] [--out DIR] [--k 20]`` clusters, over every annotated
-frame of the split (at the annotation rate, 2 Hz):
+``dvgt anchors --data <root> [<root> ...] [--split train] [--out DIR] [--k 20]`` clusters, over every
+annotated frame of the split of every root (at the annotation rate, 2 Hz):
 
 * the future trajectories of the frames whose whole 4 s future is known (8 waypoints,
   [right, forward] in metres, in the frame's ego frame; dvgt/data/ego_motion.py), into K anchors;
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -28,12 +28,15 @@ from dvgt.data.ego_motion import scene_ego_motion
 ANCHORS_FILE, PLOT_FILE = "anchors.npz", "anchors.png"
 NUM_ANCHORS = 20
 KMEANS_SEED = 0
+Roots = str | Path | Sequence[str | Path]  # one dataset root, or several clustered together
 
 
-def collect_motion(root: str | Path, split: str = "train", config_key: str = "--data") -> tuple[np.ndarray, np.ndarray]:
-    """(future trajectories [N, 8, 2] of the frames with a complete future, relative translations [M, 3])."""
+def collect_motion(roots: Roots, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """(future trajectories [N, 8, 2] of the frames with a complete future, relative translations [M, 3])
+    over the split of one dataset root or several."""
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
     trajectories, translations = [], []
-    for scene in layout.read_split(root, split, config_key):
+    for scene in (scene for root in roots for scene in layout.read_split(root, split, "--data")):
         motion = scene_ego_motion(scene.ego_to_world, scene.timestamps, scene.measured)
         trajectories.append(motion.future_trajectory[motion.future_valid.all(-1), :, :2])
         previous_to_current = np.linalg.inv(scene.ego_to_world[1:]) @ scene.ego_to_world[:-1]
@@ -53,23 +56,23 @@ def kmeans_centres(samples: np.ndarray, k: int, what: str) -> np.ndarray:
     return centres.reshape(k, *samples.shape[1:])
 
 
-def compute_anchors(root: str | Path, split: str = "train", k: int = NUM_ANCHORS) -> dict[str, np.ndarray]:
-    """The anchors of a dataset: ``trajectory`` [k, 8, 2] and ``pose_translation`` [k, 3] (metres)."""
-    trajectories, translations = collect_motion(root, split)
+def compute_anchors(roots: Roots, split: str = "train", k: int = NUM_ANCHORS) -> dict[str, np.ndarray]:
+    """The anchors of one or several datasets: ``trajectory`` [k, 8, 2] and ``pose_translation`` [k, 3] (metres)."""
+    trajectories, translations = collect_motion(roots, split)
     return {"trajectory": kmeans_centres(trajectories, k, "trajectory").astype(np.float32),
             "pose_translation": kmeans_centres(translations, k, "pose-translation").astype(np.float32)}
 
 
-def write_anchors(root: str | Path, out_dir: str | Path, split: str = "train", k: int = NUM_ANCHORS) -> Path:
+def write_anchors(roots: Roots, out_dir: str | Path, split: str = "train", k: int = NUM_ANCHORS) -> Path:
     """Compute the anchors and write ``anchors.npz`` and ``anchors.png`` into out_dir; returns the npz path.
 
     The npz is written under a temporary name and renamed into place, so processes racing to create
     it (several ranks) never read half a file.
     """
-    anchors = compute_anchors(root, split, k)
+    anchors = compute_anchors(roots, split, k)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_anchors(anchors, *collect_motion(root, split), out_dir / PLOT_FILE)
+    plot_anchors(anchors, *collect_motion(roots, split), out_dir / PLOT_FILE)
     scratch = out_dir / f".{ANCHORS_FILE}.{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
     np.savez(scratch, **anchors)
     os.replace(scratch, out_dir / ANCHORS_FILE)
@@ -98,7 +101,8 @@ def ensure_anchors(path: str | Path, entry: Any, config_key: str) -> Path:
             os.replace(written, path)
         return path
     raise FileNotFoundError(f"anchor file '{path}' ({config_key}) does not exist; create it from the training data "
-                            f"with `dvgt anchors --data <annotation root> --out {path.parent}`")
+                            f"with `dvgt anchors --data <annotation root> --out {path.parent}`, or set "
+                            f"{config_key}=null when the weights you load carry their anchors")
 
 
 def plot_anchors(anchors: dict[str, np.ndarray], trajectories: np.ndarray, translations: np.ndarray,
