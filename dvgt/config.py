@@ -39,6 +39,8 @@ class ModelConfig:
     max_frames: int = 48  # length of the learned temporal embedding (frames per clip at most)
     gradient_checkpointing: bool = True  # recompute aggregator blocks in backward (train mode only)
     frames_chunk_size: Optional[int] = None  # DPT head: frames per chunk (None = all at once)
+    anchor_path: Optional[str] = None  # DVGT-2: planning anchors .npz from `dvgt anchors` (None = zeros until a checkpoint loads them)
+    enable_ego_status: bool = False  # DVGT-2: condition planning on ego status [B,T,8] (velocity 2, acceleration 2, command one-hot 4)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Model construction from the `model` section of a training config.
 
-    model = build_model(cfg.model)          # DVGT-1 at cfg.model.size (full | small | tiny)
+    model = build_model(cfg.model)          # cfg.model.name (dvgt1 | dvgt2 | dvgt2_pretrain) at cfg.model.size
     layout = model_layout(cfg.model)        # parameter names and shapes, built on the meta device
 """
 
@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 from .dvgt1 import DVGT1, SIZES, DVGT1Size
+from .dvgt2 import DECODER_SIZES, DVGT2
 from .weights import LoadReport, WeightsMismatchError, load_weights, read_checkpoint
 
 __all__ = [
     "DVGT1",
     "DVGT1Size",
+    "DVGT2",
     "SIZES",
     "LoadReport",
     "WeightsMismatchError",
@@ -28,18 +30,29 @@ __all__ = [
 ]
 
 
-def _make(model_cfg: Any) -> DVGT1:
+def _make(model_cfg: Any) -> nn.Module:
     """The architecture named by `model_cfg` (an OmegaConf node or a `ModelConfig`), randomly initialised."""
     name = model_cfg.name
     if name not in ("dvgt1", "dvgt2", "dvgt2_pretrain", "vggt"):
         raise ValueError(f"model.name '{name}' is not one of dvgt1, dvgt2, dvgt2_pretrain, vggt")
-    if name != "dvgt1":
+    if name == "vggt":
         raise NotImplementedError(
-            f"model '{name}' is not available yet: DVGT-2 and VGGT arrive with the next release; "
-            "use a train/dvgt1/* stage"
+            f"model '{name}' is not available yet: VGGT arrives with the next release; use a train/dvgt1/* or train/dvgt2/* stage"
         )
     if model_cfg.size not in SIZES:
         raise ValueError(f"model.size '{model_cfg.size}' is not one of {', '.join(SIZES)}")
+    if name in ("dvgt2", "dvgt2_pretrain"):
+        return DVGT2(
+            SIZES[model_cfg.size],
+            planning=name == "dvgt2",
+            max_frames=getattr(model_cfg, "max_frames", 48),
+            decoder_dim=DECODER_SIZES[model_cfg.size][0],
+            decoder_heads=DECODER_SIZES[model_cfg.size][1],
+            enable_ego_status=getattr(model_cfg, "enable_ego_status", False),
+            anchor_path=getattr(model_cfg, "anchor_path", None),
+            gradient_checkpointing=getattr(model_cfg, "gradient_checkpointing", True),
+            frames_chunk_size=getattr(model_cfg, "frames_chunk_size", None),
+        )
     return DVGT1(
         SIZES[model_cfg.size],
         max_frames=getattr(model_cfg, "max_frames", 48),

@@ -1,23 +1,30 @@
-"""The DVGT-1 aggregator: DINOv3 patch tokens refined by alternating intra-view, cross-view and cross-frame attention.
+"""The DVGT aggregator: DINOv3 patch tokens refined by alternating intra-view, cross-view and cross-frame attention.
 
-Each image becomes [ego token, register tokens, patch tokens]. Every depth step runs three blocks:
+Each image becomes [ego tokens, register tokens, patch tokens]. Every depth step runs three blocks:
 - intra-view: the tokens of one image attend to each other,           [B*T*V, N, C]
 - cross-view: the tokens of the V images of one frame,                [B*T, V*N, C]
 - cross-frame: the tokens of the T frames of one camera view,         [B*V, T*N, C]
 and outputs [cross-frame, cross-view, intra-view] concatenated: [B, T, V, N, 3C].
+
+DVGT-1 and DVGT-2 differ only in parameters:
+                     DVGT-1                              DVGT-2
+  ego tokens         1, frame-0 variant + later frames   9 (pretrain: 1), shared by all frames
+  time               learned embedding on patches        t index of the 3D M-RoPE
+  RoPE               2D (row, col), base 100             interleaved M-RoPE (t, row, col), base 1000
+  cross-frame        all frames                          frame-causal; streaming with a KV cache
 """
 
 from __future__ import annotations
 
 import copy
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .dinov3 import DinoVisionTransformer
-from .layers import Block, RotaryPositionEmbedding2D
+from .layers import Block, KVCache, MultimodalRotaryEmbedding, RotaryPositionEmbedding2D
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,30 +39,49 @@ class Aggregator(nn.Module):
         backbone_depth: int = 24,
         patch_size: int = 16,
         num_register_tokens: int = 4,
+        num_ego_tokens: int = 1,
+        first_frame_tokens: bool = True,
+        temporal_embedding: bool = True,
+        rope: str = "2d",
+        causal: bool = False,
         max_frames: int = 48,
         mlp_ratio: float = 4.0,
         init_values: float = 0.01,
         rope_freq: float = 100.0,
         gradient_checkpointing: bool = True,
     ) -> None:
+        """`first_frame_tokens`: special tokens have a frame-0 variant ([1, 2, X, C]) or are shared ([1, X, C]);
+        `temporal_embedding`: add a learned per-frame embedding to the patch tokens; `rope`: "2d" or
+        "mrope" (3D, positions (t, row, col)); `causal`: cross-frame attention sees only earlier frames."""
         super().__init__()
+        if rope not in ("2d", "mrope"):
+            raise ValueError(f"rope must be '2d' or 'mrope', got '{rope}'")
         self.patch_size = patch_size
-        self.patch_start_idx = 1 + num_register_tokens  # ego token, then registers, then patches
+        self.max_frames = max_frames
+        self.num_ego_tokens = num_ego_tokens
+        self.patch_start_idx = num_ego_tokens + num_register_tokens  # ego tokens, then registers, then patches
+        self.causal = causal
         self.gradient_checkpointing = gradient_checkpointing
 
-        # Learned special tokens: variant 0 for frame 0 (all views), variant 1 for later frames.
-        self.register_token = nn.Parameter(torch.empty(1, 2, num_register_tokens, embed_dim))
-        self.ego_pose_token = nn.Parameter(torch.empty(1, 2, 1, embed_dim))
-        self.temporal_pos_embed = nn.Parameter(torch.empty(1, max_frames, embed_dim))  # by frame index
+        # Learned special tokens, [1, 2, X, C] (variant 0 for frame 0, variant 1 for later frames) or [1, X, C].
+        variants = (2,) if first_frame_tokens else ()
+        self.register_token = nn.Parameter(torch.empty(1, *variants, num_register_tokens, embed_dim))
+        self.ego_pose_token = nn.Parameter(torch.empty(1, *variants, num_ego_tokens, embed_dim))
+        # by frame index
+        self.temporal_pos_embed = nn.Parameter(torch.empty(1, max_frames, embed_dim)) if temporal_embedding else None
         for token in (self.register_token, self.ego_pose_token, self.temporal_pos_embed):
-            nn.init.normal_(token, std=1e-6)
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
 
         self.register_buffer("_resnet_mean", torch.empty(1, 1, 1, 3, 1, 1), persistent=False)
         self.register_buffer("_resnet_std", torch.empty(1, 1, 1, 3, 1, 1), persistent=False)
         self.reset_buffers()
 
         self.patch_embed = DinoVisionTransformer(embed_dim, backbone_depth, num_heads, patch_size)
-        self.rope = RotaryPositionEmbedding2D(frequency=rope_freq)
+        if rope == "2d":
+            self.rope = RotaryPositionEmbedding2D(frequency=rope_freq)
+        else:
+            self.rope = MultimodalRotaryEmbedding(embed_dim // num_heads, base=rope_freq)
         self.intra_view_blocks = nn.ModuleList(
             [
                 Block(embed_dim, num_heads, init_values=init_values, mlp_ratio=mlp_ratio, qk_norm=True, rope=self.rope)
@@ -69,10 +95,6 @@ class Aggregator(nn.Module):
         device = self._resnet_mean.device
         self._resnet_mean.copy_(torch.tensor(IMAGENET_MEAN, device=device).view(1, 1, 1, 3, 1, 1))
         self._resnet_std.copy_(torch.tensor(IMAGENET_STD, device=device).view(1, 1, 1, 3, 1, 1))
-
-    @property
-    def max_frames(self) -> int:
-        return self.temporal_pos_embed.shape[1]
 
     def _check_input(self, images: Tensor) -> None:
         if images.ndim != 6 or images.shape[3] != 3:
@@ -89,53 +111,92 @@ class Aggregator(nn.Module):
                 f"(model.max_frames); use shorter clips or raise model.max_frames"
             )
 
-    def _positions(self, rows: int, cols: int, device: torch.device) -> Tensor:
-        """RoPE positions of one image's tokens, [N, 2]: special tokens (0, 0), patches (row + 1, col + 1)."""
+    def _positions(self, rows: int, cols: int, frames: Sequence[int], device: torch.device) -> Tensor:
+        """RoPE positions of one image's tokens in each frame, [T, N, 2] (2D: row, col) or [T, N, 3] (M-RoPE:
+        t = absolute frame index, row, col). Special tokens sit at row = col = 0, patches at (row + 1, col + 1)."""
         grid = torch.cartesian_prod(torch.arange(rows, device=device), torch.arange(cols, device=device)) + 1
         special = torch.zeros(self.patch_start_idx, 2, dtype=grid.dtype, device=device)
-        return torch.cat([special, grid], dim=0)
+        spatial = torch.cat([special, grid], dim=0)[None].expand(len(frames), -1, -1)  # [T, N, 2]
+        if isinstance(self.rope, RotaryPositionEmbedding2D):
+            return spatial
+        t = torch.as_tensor(frames, device=device)[:, None, None].expand(-1, spatial.shape[1], 1)  # [T, N, 1]
+        return torch.cat([t, spatial], dim=-1)
 
     @staticmethod
     def _per_image(token: Tensor, B: int, T: int, V: int) -> Tensor:
-        """[1, 2, X, C] -> [B*T*V, X, C]: variant 0 for frame 0, variant 1 for the later frames."""
-        per_frame = torch.cat([token[:, :1], token[:, 1:].expand(-1, T - 1, -1, -1)], dim=1)  # [1, T, X, C]
-        return per_frame[:, :, None].expand(B, T, V, -1, -1).reshape(B * T * V, *token.shape[2:])
+        """[1, 2, X, C] (variant 0 for frame 0, variant 1 for the later frames) or [1, X, C] -> [B*T*V, X, C]."""
+        if token.ndim == 3:
+            per_frame = token[:, None].expand(-1, T, -1, -1)
+        else:
+            per_frame = torch.cat([token[:, :1], token[:, 1:].expand(-1, T - 1, -1, -1)], dim=1)  # [1, T, X, C]
+        return per_frame[:, :, None].expand(B, T, V, -1, -1).reshape(B * T * V, *token.shape[-2:])
 
-    def _run(self, block: nn.Module, x: Tensor, pos: Tensor) -> Tensor:
+    def _run(self, block: nn.Module, x: Tensor, pos: Tensor, **kwargs) -> Tensor:
         if self.training and self.gradient_checkpointing:
-            return checkpoint(block, x, pos, use_reentrant=False)
-        return block(x, pos=pos)
+            return checkpoint(block, x, pos, use_reentrant=False, **kwargs)
+        return block(x, pos=pos, **kwargs)
 
-    def forward(self, images: Tensor) -> Tuple[List[Tensor], int]:
-        """images [B, T, V, 3, H, W] in [0, 1] -> (depth x [B, T, V, N, 3C], patch_start_idx)."""
+    def _frame_causal_mask(self, T: int, N: int, device: torch.device) -> Optional[Tensor]:
+        """[T*N, T*N] boolean, True where a token may attend: its own frame and earlier ones (None if not causal)."""
+        if not self.causal or T == 1:
+            return None
+        frames = torch.arange(T, device=device).repeat_interleave(N)
+        return frames[:, None] >= frames[None, :]
+
+    def forward(
+        self, images: Tensor, kv_caches: Optional[List[KVCache]] = None, first_frame: int = 0
+    ) -> Tuple[List[Tensor], int]:
+        """images [B, T, V, 3, H, W] in [0, 1] -> (depth x [B, T, V, N, 3C], patch_start_idx).
+
+        Streaming (M-RoPE models): pass one frame (T = 1), its absolute index `first_frame` and one
+        `KVCache` per depth step; the cross-frame blocks attend to the cached earlier frames and add
+        this frame to the caches.
+        """
         self._check_input(images)
         B, T, V, _, H, W = images.shape
+        if kv_caches is not None and (T != 1 or len(kv_caches) != len(self.cross_frame_blocks)):
+            raise ValueError(
+                f"streaming takes one frame and one KV cache per depth step, got {T} frames and "
+                f"{len(kv_caches)} caches for {len(self.cross_frame_blocks)} steps"
+            )
         images = (images - self._resnet_mean) / self._resnet_std
 
         patches = self.patch_embed(images.reshape(B * T * V, 3, H, W))  # [B*T*V, P, C]
         P, C = patches.shape[1:]
-        patches = patches.view(B, T, V, P, C) + self.temporal_pos_embed[0, :T, None, None]
+        if self.temporal_pos_embed is not None:
+            patches = patches.view(B, T, V, P, C) + self.temporal_pos_embed[0, :T, None, None]
         x = torch.cat(
             [
                 self._per_image(self.ego_pose_token, B, T, V),
                 self._per_image(self.register_token, B, T, V),
-                patches.view(B * T * V, P, C),
+                patches.reshape(B * T * V, P, C),
             ],
             dim=1,
         )
         N = x.shape[1]
         x = x.view(B, T, V, N, C)
 
-        pos = self._positions(H // self.patch_size, W // self.patch_size, images.device)  # [N, 2]
-        pos_view, pos_frame = pos.repeat(V, 1)[None], pos.repeat(T, 1)[None]  # same grid per image
+        # RoPE positions laid out like the tokens of each attention type
+        pos = self._positions(H // self.patch_size, W // self.patch_size, range(first_frame, first_frame + T), x.device)
+        pos = pos[None, :, None].expand(B, T, V, N, -1)  # [B, T, V, N, 2 or 3]
+        pos_intra = pos.reshape(B * T * V, N, -1)
+        pos_view = pos.reshape(B * T, V * N, -1)
+        pos_frame = pos.transpose(1, 2).reshape(B * V, T * N, -1)
+        if isinstance(self.rope, RotaryPositionEmbedding2D):  # 2D positions are the same in every sequence
+            pos_intra, pos_view, pos_frame = pos_intra[:1], pos_view[:1], pos_frame[:1]
+        mask = self._frame_causal_mask(T, N, x.device)
 
         outputs = []
-        for intra_block, view_block, frame_block in zip(
-            self.intra_view_blocks, self.cross_view_blocks, self.cross_frame_blocks
+        for i, (intra_block, view_block, frame_block) in enumerate(
+            zip(self.intra_view_blocks, self.cross_view_blocks, self.cross_frame_blocks)
         ):
-            intra = self._run(intra_block, x.reshape(B * T * V, N, C), pos[None]).view(B, T, V, N, C)
+            intra = self._run(intra_block, x.reshape(B * T * V, N, C), pos_intra).view(B, T, V, N, C)
             view = self._run(view_block, intra.reshape(B * T, V * N, C), pos_view).view(B, T, V, N, C)
-            frame = self._run(frame_block, view.transpose(1, 2).reshape(B * V, T * N, C), pos_frame)
+            frame_input = view.transpose(1, 2).reshape(B * V, T * N, C)
+            if kv_caches is None:
+                frame = self._run(frame_block, frame_input, pos_frame, attn_mask=mask)
+            else:
+                frame = frame_block(frame_input, pos=pos_frame, kv_cache=kv_caches[i])
             x = frame.view(B, V, T, N, C).transpose(1, 2)
             outputs.append(torch.cat([x, view, intra], dim=-1))
         return outputs, self.patch_start_idx

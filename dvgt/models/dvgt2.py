@@ -1,0 +1,225 @@
+"""DVGT-2: streaming driving visual geometry transformer with planning (and its stage-1 pretrain variant).
+
+The aggregator is DVGT-1's with 3D M-RoPE (t, row, col) instead of a temporal embedding, 9 ego
+tokens per image (1 relative-pose token + 8 future tokens) shared by all frames, and frame-causal
+cross-frame attention. Heads: the DPT point head (points in each frame's own ego frame) and the ego
+head with the truncated-diffusion trajectory / pose decoder (see dvgt2_head.py).
+
+The pretrain variant (`planning=False`) has 1 ego token, no causal mask, and an ego head that
+regresses the relative pose ego_{t-1} -> ego_t directly.
+
+Streaming: `inference(images, infer_window=W)` consumes one frame at a time; the cross-frame blocks
+keep the keys and values of the last W - 1 frames (a KV cache with a sliding window) and the ego
+head sees the ego tokens of the last W frames.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .aggregator import Aggregator
+from .dpt_head import DPTHead
+from .dvgt1 import SIZES, DVGT1Size
+from .dvgt2_head import DVGT2EgoHead
+from .layers import KVCache
+from .trajectory_decoder import TrajectoryPoseDecoder
+
+FUTURE_TOKENS = 8  # future ego tokens per image (one per planned step)
+# The optional ego-status input, [B, T, 8] per frame, in this order (the upstream model's comment
+# "[B, T, 8], vel, acc, command"): velocity (2: forward, lateral, m/s), acceleration (2, m/s^2),
+# driving command one-hot (4: left, straight, right, unknown), NAVSIM style.
+EGO_STATUS_FIELDS = ("velocity_x", "velocity_y", "acceleration_x", "acceleration_y",
+                     "command_left", "command_straight", "command_right", "command_unknown")
+DECODER_SIZES = {"full": (256, 16), "small": (128, 8), "tiny": (64, 4)}  # decoder (width, heads) per model size
+
+
+class DVGT2(nn.Module):
+    def __init__(
+        self,
+        size: DVGT1Size = SIZES["full"],
+        planning: bool = True,
+        patch_size: int = 16,
+        max_frames: int = 48,
+        decoder_dim: int = 256,
+        decoder_heads: int = 16,
+        enable_ego_status: bool = False,
+        anchor_path: Optional[str] = None,
+        gt_scale_factor: float = 0.1,
+        gradient_checkpointing: bool = True,
+        frames_chunk_size: Optional[int] = None,
+    ) -> None:
+        """`planning`: DVGT-2 (9 ego tokens, causal, diffusion decoder) or the stage-1 pretrain variant.
+        `anchor_path`: the .npz written by `dvgt anchors` (see TrajectoryPoseDecoder.load_anchors)."""
+        super().__init__()
+        self.patch_size = patch_size
+        self.frames_chunk_size = frames_chunk_size
+        self.num_ego_tokens = 1 + (FUTURE_TOKENS if planning else 0)
+        self.aggregator = Aggregator(
+            embed_dim=size.embed_dim,
+            depth=size.depth,
+            num_heads=size.num_heads,
+            backbone_depth=size.backbone_depth,
+            patch_size=patch_size,
+            num_ego_tokens=self.num_ego_tokens,
+            first_frame_tokens=False,
+            temporal_embedding=False,
+            rope="mrope",
+            rope_freq=1000.0,
+            causal=planning,
+            max_frames=max_frames,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        dim_in = 3 * size.embed_dim
+        decoder = None
+        if planning:
+            decoder = TrajectoryPoseDecoder(
+                dim=decoder_dim,
+                num_heads=decoder_heads,
+                future_steps=FUTURE_TOKENS,
+                gt_scale_factor=gt_scale_factor,
+                enable_ego_status=enable_ego_status,
+            )
+            if anchor_path:
+                decoder.load_anchors(anchor_path)
+        elif enable_ego_status or anchor_path:
+            raise ValueError("model.enable_ego_status and model.anchor_path need model.name=dvgt2 (the pretrain model does not plan)")
+        self.ego_pose_head = DVGT2EgoHead(
+            dim_in, trunk_depth=size.ego_trunk_depth, num_heads=size.num_heads, max_frames=max_frames, decoder=decoder
+        )
+        self.point_head = DPTHead(
+            dim_in,
+            patch_size=patch_size,
+            features=size.dpt_features,
+            out_channels=size.dpt_out_channels,
+            intermediate_layer_idx=size.dpt_layers,
+        )
+
+    @property
+    def planning(self) -> bool:
+        return self.ego_pose_head.traj_pose_decoder is not None
+
+    def _heads(
+        self,
+        tokens_list: List[Tensor],
+        patch_start_idx: int,
+        image_size: Tuple[int, int],
+        ego_tokens: Tensor,
+        ego_status: Optional[Tensor],
+        noise: Optional[Tuple[Tensor, Tensor]],
+        embedded: bool = False,
+    ) -> Dict[str, object]:
+        # The heads run in float32 even under autocast.
+        with torch.autocast(device_type=ego_tokens.device.type, enabled=False):
+            predictions = dict(self.ego_pose_head(ego_tokens, ego_status, noise=noise, embedded=embedded))
+            predictions["points"], predictions["points_conf"] = self.point_head(
+                tokens_list, image_size, patch_start_idx, frames_chunk_size=self.frames_chunk_size
+            )
+        return predictions
+
+    def forward(
+        self, images: Tensor, ego_status: Optional[Tensor] = None, noise: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Dict[str, object]:
+        """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1]; ego_status [B, T, 8] (EGO_STATUS_FIELDS)
+        when the model was built with enable_ego_status.
+
+        DVGT-2: diff_traj_reg_list 2 x [B, T, 20, 8, 3] (per anchor, 8 future steps of [right, forward,
+        heading] in the current ego frame), diff_traj_cls_list 2 x [B, T, 20], diff_poses_reg_list
+        2 x [B, T, 20, 7] (ego_{t-1} -> ego_t, absT_quaR), diff_poses_cls_list 2 x [B, T, 20].
+        Pretrain: relative_ego_pose_enc [B, T, 7], relative_ego_pose_enc_list (1 entry).
+        Both: points [B, T, V, H, W, 3] in each frame's own ego frame, points_conf [B, T, V, H, W], and
+        in eval mode the input `images`. Outputs are in units of gt_scale_factor (10 m).
+        `noise`: the decoder's starting noise (see TrajectoryPoseDecoder.forward), else drawn from the
+        global generator.
+        """
+        if images.ndim == 5:
+            images = images.unsqueeze(0)
+            ego_status = None if ego_status is None else ego_status.unsqueeze(0)
+        tokens_list, patch_start_idx = self.aggregator(images)
+        ego_tokens = tokens_list[-1][:, :, :, : self.num_ego_tokens]
+        predictions = self._heads(tokens_list, patch_start_idx, images.shape[-2:], ego_tokens, ego_status, noise)
+        if not self.training:
+            predictions["images"] = images
+        return predictions
+
+    @torch.no_grad()
+    def inference(
+        self,
+        images: Tensor,
+        ego_status: Optional[Tensor] = None,
+        infer_window: int = 4,
+        noise: Optional[Sequence[Tuple[Tensor, Tensor]]] = None,
+    ) -> Dict[str, object]:
+        """Streaming inference over the frames of `images` [B, T, V, 3, H, W] (or [T, V, 3, H, W]), one at a time.
+
+        Each frame's tokens attend to the cached keys and values of at most `infer_window` - 1 earlier
+        frames; the ego head runs over the ego tokens of the current window (Tc = min(t + 1, W)
+        frames) and its outputs for the last frame of the window are kept. Returns forward()'s keys
+        with T frames each (point maps per frame).
+
+        Like the upstream model, each frame's ego tokens keep the temporal embedding added at every
+        step they took part in (the upstream head adds it in place to its cached input): at step
+        t >= 1 the head receives [cached frames with their embeddings so far, new frame] and adds
+        E[0..Tc-1] again. `noise[t]` is the decoder's noise for step t (shapes [B*Tc, ...]).
+        """
+        if images.ndim == 5:
+            images = images.unsqueeze(0)
+            ego_status = None if ego_status is None else ego_status.unsqueeze(0)
+        if infer_window < 1:
+            raise ValueError(f"infer_window must be at least 1, got {infer_window}")
+        caches = [KVCache() for _ in self.aggregator.cross_frame_blocks]
+        ego_cache: Optional[Tensor] = None  # [B, Tc, V, E, 3C]: ego tokens of the window, embeddings added
+        steps = []
+        for t in range(images.shape[1]):
+            predictions, ego_cache = self.step(
+                images[:, t], t, caches, ego_cache, infer_window,
+                None if ego_status is None else ego_status[:, max(0, t - infer_window + 1) : t + 1],
+                None if noise is None else noise[t],
+            )
+            steps.append(predictions)
+        return _merge_steps(steps)
+
+    def step(
+        self,
+        frame: Tensor,
+        t: int,
+        caches: List[KVCache],
+        ego_cache: Optional[Tensor],
+        infer_window: int,
+        ego_status: Optional[Tensor] = None,
+        noise: Optional[Tuple[Tensor, Tensor]] = None,
+    ) -> Tuple[Dict[str, object], Tensor]:
+        """One streaming step: frame [B, V, 3, H, W] with absolute index t; updates `caches` in place and
+        returns (predictions for this frame, the new ego-token cache). ego_status: [B, Tc, 8] of the window."""
+        if t >= infer_window:  # the caches hold W frames: keep the last W - 1
+            tokens_per_frame = caches[0].keys.shape[2] // infer_window
+            for cache in caches:
+                cache.keep_last((infer_window - 1) * tokens_per_frame)
+        tokens_list, patch_start_idx = self.aggregator(frame[:, None], kv_caches=caches, first_frame=t)
+        ego_tokens = tokens_list[-1][:, :, :, : self.num_ego_tokens]  # [B, 1, V, E, 3C]
+        if ego_cache is not None and infer_window > 1:
+            ego_tokens = torch.cat([ego_cache[:, -infer_window + 1 :], ego_tokens], dim=1)
+        ego_tokens = self.ego_pose_head.add_temporal_embedding(ego_tokens.float())
+        predictions = self._heads(
+            tokens_list, patch_start_idx, frame.shape[-2:], ego_tokens, ego_status, noise, embedded=True
+        )
+        predictions = {
+            k: [x[:, -1:] for x in v] if isinstance(v, list) else v[:, -1:] for k, v in predictions.items()
+        }
+        if not self.training:
+            predictions["images"] = frame[:, None]
+        return predictions, ego_tokens
+
+
+def _merge_steps(steps: List[Dict[str, object]]) -> Dict[str, object]:
+    """Concatenate per-step outputs (tensors and lists of tensors with a T dim of 1) along T."""
+    merged: Dict[str, object] = {}
+    for key, value in steps[0].items():
+        if isinstance(value, list):
+            merged[key] = [torch.cat([s[key][i] for s in steps], dim=1) for i in range(len(value))]
+        else:
+            merged[key] = torch.cat([s[key] for s in steps], dim=1)
+    return merged
