@@ -12,9 +12,10 @@ import torch
 from dvgt.data import layout
 from dvgt.data.anchors import compute_anchors, ensure_anchors, read_anchors
 from dvgt.data.dataset import ClipDataset
-from dvgt.data.ego_motion import COMMANDS, FUTURE_STEPS, scene_ego_motion
+from dvgt.data.ego_motion import COMMANDS, EGO_STATUS_FIELDS, FUTURE_STEPS, scene_ego_motion
 from dvgt.data.geometry import absT_quaR_to_pose, chain_relative_poses, transform_points
 from dvgt.data.synthetic import _rigid, _rotation_y, generate_synthetic_dataset
+from dvgt.models import dvgt2
 
 torch.set_num_threads(2)
 
@@ -38,7 +39,9 @@ def test_straight_constant_speed_gives_exact_future_status_and_validity():
     np.testing.assert_allclose(motion.acceleration, 0.0, atol=1e-9)
     status = motion.ego_status()
     assert status.shape == (12, 8)
-    assert status[0, :4].tolist() == [0, 1, 0, 0] and status[-1, :4].tolist() == [0, 0, 0, 1]  # straight; unknown
+    assert status[0, 4:].tolist() == [0, 1, 0, 0] and status[-1, 4:].tolist() == [0, 0, 0, 1]  # straight; unknown
+    np.testing.assert_allclose(status[:, :4], np.concatenate([motion.velocity, motion.acceleration], -1))
+    assert EGO_STATUS_FIELDS == dvgt2.EGO_STATUS_FIELDS  # the order the model reads
 
 
 @pytest.mark.parametrize("turn, command", [(1.0, "right"), (-1.0, "left")])
@@ -77,7 +80,7 @@ def test_measured_columns_replace_derived_status_and_bad_values_are_refused(tmp_
     layout.write_scene_table(tmp_path, "train", scene.name, rows)
     dataset = ClipDataset("synthetic", tmp_path, "train")
     clip = dataset.load_clip(0, 0, views=1, frames=3, height=16, width=32)
-    np.testing.assert_allclose(clip["ego_status"].numpy(), [[0, 0, 1, 0, f, 0.5, 0.1, 0.2] for f in range(3)],
+    np.testing.assert_allclose(clip["ego_status"].numpy(), [[f, 0.5, 0.1, 0.2, 0, 0, 1, 0] for f in range(3)],
                                atol=1e-6)
     rows[0]["driving_command"] = 7
     layout.write_scene_table(tmp_path, "train", scene.name, rows)
@@ -103,7 +106,7 @@ def test_clip_local_points_relative_poses_and_planning_targets_agree(tiny_data_r
     torch.testing.assert_close(clip["future_trajectory"][0, 1, :2], position_1, atol=1e-4, rtol=0)
     assert clip["future_valid"].shape == (3, FUTURE_STEPS) and clip["ego_status"].shape == (3, 8)
     assert clip["future_valid"][0].sum() == 5  # scenes of 6 frames: 5 future frames after frame 0
-    assert math.isclose(clip["ego_status"][:, :4].sum(), 3)  # one command per frame
+    assert math.isclose(clip["ego_status"][:, 4:].sum(), 3)  # one command per frame
 
 
 def test_anchors_command_writes_files_within_the_data_range(tmp_path):

@@ -16,7 +16,9 @@ Per annotated frame of a scene (numpy, metres and seconds):
   the lateral offset of the last valid future waypoint (beyond ``COMMAND_LATERAL_M`` to either side
   is a turn, the nuScenes planning convention), unknown when no future waypoint is valid.
 
-``ego_status`` packs them NAVSIM-style: [command one-hot (4), velocity (2), acceleration (2)].
+``ego_status`` packs them in the order of the upstream DVGT-2 model ("vel, acc, command";
+``EGO_STATUS_FIELDS``, the same as dvgt.models.dvgt2's): [velocity (2), acceleration (2),
+command one-hot (4)].
 A scene table may carry measured values instead (optional columns ``ego_velocity``,
 ``ego_acceleration``, ``driving_command``, see dvgt/data/layout.py): they replace the derived ones.
 """
@@ -33,7 +35,8 @@ FUTURE_DT = 0.5  # ... 0.5 s apart (2 Hz), 4 s in all
 MAX_GAP_S = 1.0  # no interpolation across annotation gaps longer than this
 COMMANDS = ("left", "straight", "right", "unknown")  # NAVSIM's one-hot order
 COMMAND_LATERAL_M = 2.0  # lateral offset of the last future waypoint that counts as a turn
-EGO_STATUS_DIM = len(COMMANDS) + 4
+EGO_STATUS_FIELDS = ("velocity_x", "velocity_y", "acceleration_x", "acceleration_y",  # x forward, y left
+                     "command_left", "command_straight", "command_right", "command_unknown")
 
 
 @dataclass
@@ -47,9 +50,9 @@ class EgoMotion:
     driving_command: np.ndarray  # [F] int index into COMMANDS
 
     def ego_status(self) -> np.ndarray:
-        """[F, 8] = command one-hot (left, straight, right, unknown), velocity, acceleration."""
+        """[F, 8] = velocity, acceleration, command one-hot (left, straight, right, unknown): EGO_STATUS_FIELDS."""
         one_hot = np.eye(len(COMMANDS))[self.driving_command]
-        return np.concatenate([one_hot, self.velocity, self.acceleration], axis=-1)
+        return np.concatenate([self.velocity, self.acceleration, one_hot], axis=-1)
 
 
 def scene_ego_motion(ego_to_world: np.ndarray, timestamps: np.ndarray,
