@@ -1,4 +1,4 @@
-"""The `dvgt` command line: train, model-info, data, anchors, demo."""
+"""The `dvgt` command line: train, model-info, data, anchors, demo, infer."""
 
 from __future__ import annotations
 
@@ -78,6 +78,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_infer(args: argparse.Namespace) -> int:
+    from dvgt.infer import infer
+
+    infer(args.checkpoint, args.frames, args.out, window=args.window, width=args.width, config=args.config,
+          overrides=args.overrides, seed=args.seed)
+    return 0
+
+
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog or "dvgt", description="DVGT / VGGT training")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +122,19 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="folder for data, checkpoints, log and figure")
     demo.add_argument("overrides", nargs="*", metavar="key.path=value")
     demo.set_defaults(func=cmd_demo)
+
+    infer = sub.add_parser("infer", help="DVGT-2 streaming inference over frame_k/CAM_*.jpg folders: point maps, "
+                           "poses, planned trajectory (npz + json) and a bird's-eye-view PNG")
+    infer.add_argument("--checkpoint", required=True, help="checkpoint location (latest step), a step_NNNNNNNN "
+                       "folder, or a weights file (.pt/.pth/.safetensors, then --config names the architecture)")
+    infer.add_argument("--frames", required=True, help="folder of frame_<k>/ subfolders with one image per camera")
+    infer.add_argument("--window", type=int, default=4, help="frames the model attends to (sliding window)")
+    infer.add_argument("--out", default="runs/infer", help="output folder")
+    infer.add_argument("--config", help="training config of the architecture (default: the checkpoint's own)")
+    infer.add_argument("--width", type=int, default=512, help="image width fed to the model (height keeps the aspect)")
+    infer.add_argument("--seed", type=int, default=0, help="seed of the planning decoder's starting noise")
+    infer.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. model.size=tiny")
+    infer.set_defaults(func=cmd_infer)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Result figure: training curves plus one held-out clip (depth maps and a bird's-eye view).
+"""Result figure: training curves plus one held-out clip (depth maps and a bird's-eye view); the
+bird's-eye view of a streaming inference run (`dvgt infer`).
 
 Drawn with matplotlib's object API (``Figure`` + Agg), so no display and no pyplot state are involved.
 """
@@ -166,17 +167,8 @@ def _plot_birds_eye(ax: Axes, clip: Mapping[str, torch.Tensor], predictions: Map
     ax.plot(gt_traj[:, 0], gt_traj[:, 2], "-o", color="navy", markersize=4, label="GT ego trajectory")
     ax.plot(pred_traj[:, 0], pred_traj[:, 2], "--s", color="darkred", markersize=4, label="predicted ego trajectory")
 
-    # Frame the GT (robust percentiles) in a square window, so that wild predictions cannot shrink the
-    # scene to a dot and both axes keep the same metres per inch.
-    xs = np.concatenate([gt_xyz[:, 0], gt_traj[:, 0]])
-    zs = np.concatenate([gt_xyz[:, 2], gt_traj[:, 2]])
-    (x0, x1), (z0, z1) = np.percentile(xs, [1, 99]), np.percentile(zs, [1, 99])
-    half = 0.55 * max(x1 - x0, z1 - z0, 1.0)
-    ax.set_xlim((x0 + x1) / 2 - half, (x0 + x1) / 2 + half)
-    ax.set_ylim((z0 + z1) / 2 - half, (z0 + z1) / 2 + half)
-    ax.set_aspect("equal", adjustable="box")
-    ax.set_xlabel("x (right) [m]")
-    ax.set_ylabel("z (forward) [m]")
+    # Frame the GT, so that wild predictions cannot shrink the scene to a dot.
+    _frame_birds_eye(ax, np.concatenate([gt_xyz[:, 0], gt_traj[:, 0]]), np.concatenate([gt_xyz[:, 2], gt_traj[:, 2]]))
     ax.set_title("bird's-eye view (first-frame ego frame)\n"
                  f"chamfer {metrics['chamfer']:.2f} m, depth AbsRel {metrics['depth_abs_rel']:.3f}\n"
                  f"pose AUC@30 {metrics['pose_auc_30']:.2f}, ego position error {metrics['ego_trans_error']:.2f} m")
@@ -184,6 +176,44 @@ def _plot_birds_eye(ax: Axes, clip: Mapping[str, torch.Tensor], predictions: Map
     for handle in legend.legend_handles[:2]:  # the point clouds: legend dots larger than the 1-px points
         handle.set_sizes([20])
     ax.grid(alpha=0.3)
+
+
+def _frame_birds_eye(ax: Axes, xs: np.ndarray, zs: np.ndarray) -> None:
+    """A square x-z window around robust percentiles of xs, zs (the same metres per inch on both axes)."""
+    (x0, x1), (z0, z1) = np.percentile(xs, [1, 99]), np.percentile(zs, [1, 99])
+    half = 0.55 * max(x1 - x0, z1 - z0, 1.0)
+    ax.set_xlim((x0 + x1) / 2 - half, (x0 + x1) / 2 + half)
+    ax.set_ylim((z0 + z1) / 2 - half, (z0 + z1) / 2 + half)
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xlabel("x (right) [m]")
+    ax.set_ylabel("z (forward) [m]")
+
+
+def render_streaming_bev(points: np.ndarray, frame_of_point: np.ndarray, ego_path: np.ndarray,
+                         planned: Optional[np.ndarray], out_png: str | Path, title: str = "DVGT-2 inference") -> Path:
+    """Bird's-eye view (x right, z forward, first-frame ego frame) of an inference run.
+
+    points [N, 3] metres (accumulated over frames), frame_of_point [N] (colours the points by frame),
+    ego_path [T, 3] the ego positions, planned [8, 3] the last frame's planned trajectory (or None).
+    """
+    stride = max(1, math.ceil(len(points) / (4 * BEV_MAX_POINTS)))
+    points, frame_of_point = points[::stride], frame_of_point[::stride]
+    fig = Figure(figsize=(8, 8), layout="constrained")
+    ax = fig.add_subplot()
+    cloud = ax.scatter(points[:, 0], points[:, 2], s=1, c=frame_of_point, cmap="viridis", alpha=0.5,
+                       vmin=0, vmax=max(len(ego_path) - 1, 1), rasterized=True)
+    fig.colorbar(cloud, ax=ax, shrink=0.7, label="frame", ticks=np.arange(len(ego_path)) if len(ego_path) <= 20 else None)
+    ax.plot(ego_path[:, 0], ego_path[:, 2], "-o", color="darkred", markersize=4, label="ego path")
+    xs, zs = [points[:, 0], ego_path[:, 0]], [points[:, 2], ego_path[:, 2]]
+    if planned is not None:
+        ax.plot(np.r_[ego_path[-1:, 0], planned[:, 0]], np.r_[ego_path[-1:, 2], planned[:, 2]], "--^",
+                color="tab:orange", markersize=5, label="planned trajectory (last frame)")
+        xs, zs = xs + [planned[:, 0]], zs + [planned[:, 2]]
+    _frame_birds_eye(ax, np.concatenate(xs), np.concatenate(zs))
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    return _save(fig, out_png)
 
 
 def _save(fig: Figure, out_png: str | Path) -> Path:

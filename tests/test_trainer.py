@@ -235,7 +235,7 @@ def test_model_info_cli_prints_the_layout_without_weights():
     assert info["state_dict"]["aggregator.temporal_pos_embed"] == [[1, 48, 1024], "float32"]
     small = json.loads(run_cli("model-info", "--config=train/dvgt1/default.yaml", "model.size=small", "--json").stdout)
     assert small["num_parameters"] < info["num_parameters"] / 50
-    later = run_cli("model-info", "--config=train/dvgt2/default.yaml", "--json")
+    later = run_cli("model-info", "--config=train/vggt/default.yaml", "--json")
     assert later.returncode == 2 and "not available yet" in later.stderr
 
 

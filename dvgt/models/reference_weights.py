@@ -6,7 +6,10 @@ scaled by its group (all arithmetic in float32, one rounding per operation):
   b) >=2-D `*.weight` (Linear / conv kernels): z * float32(1 / sqrt(prod(shape[1:])))
   c) other >=2-D entries (learned tokens):      z
   d) everything else (biases, LayerScale):      0.1 z
-Persistent buffers (DINOv3 RoPE periods, qkv bias masks) keep the values the constructor gives them.
+Persistent buffers (DINOv3 RoPE periods, qkv bias masks, DVGT-2's anchor ranges) keep the values the
+constructor gives them, except DVGT-2's normalised k-means anchors, which come from files that are not
+published: their stand-in is u * 2 - 1 scaled by 0.9f, u = torch.rand(shape) from the same per-key
+generator (uniform in [-0.9, 0.9)).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 from .layers import reset_buffers
 
 RULE = "refweights-v1"
+STAND_IN_BUFFERS = ("norm_traj_anchor", "norm_pose_translation_anchor")  # buffer names (last key part) with a stand-in
 
 
 def rule_group(key: str, shape: Sequence[int]) -> str:
@@ -33,9 +37,16 @@ def rule_group(key: str, shape: Sequence[int]) -> str:
     return "c" if len(shape) >= 2 else "d"
 
 
+def _is_stand_in(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in STAND_IN_BUFFERS
+
+
 def _fill_reference_(out: Tensor, key: str, seed: int) -> Tensor:
-    """Overwrite the float32 CPU tensor `out` with the rule's value for `key`."""
+    """Overwrite the float32 CPU tensor `out` with the rule's value for `key` (a parameter or a stand-in buffer)."""
     generator = torch.Generator("cpu").manual_seed(seed + zlib.crc32(key.encode("utf-8")))
+    if _is_stand_in(key):
+        torch.rand(out.shape, generator=generator, dtype=torch.float32, out=out)
+        return out.mul_(2.0).sub_(1.0).mul_(0.9)
     torch.randn(out.shape, generator=generator, dtype=torch.float32, out=out)
     group = rule_group(key, out.shape)
     if group == "a":
@@ -65,7 +76,9 @@ def reference_state_dict(
     if isinstance(layout_or_model, nn.Module):
         params = dict(layout_or_model.named_parameters())
         return {
-            key: reference_tensor(key, value.shape, seed) if key in params else value.detach().cpu().clone()
+            key: reference_tensor(key, value.shape, seed)
+            if key in params or _is_stand_in(key)
+            else value.detach().cpu().clone()
             for key, value in layout_or_model.state_dict().items()
         }
     layout = layout_or_model.get("state_dict", layout_or_model)
@@ -78,7 +91,8 @@ def reference_state_dict(
 
 @torch.no_grad()
 def fill_reference_weights(model: nn.Module, seed: int = 1234, workers: Optional[int] = None) -> nn.Module:
-    """Overwrite `model`'s parameters (float32, CPU) with the reference weights, in place, and recompute its buffers.
+    """Overwrite `model`'s parameters (float32, CPU) with the reference weights, in place, recompute its buffers
+    and set the stand-in buffers.
 
     Works on a model made with `to_empty(device="cpu")` from a meta build. Keys are drawn in
     parallel threads (each key has its own generator, so the result does not depend on the order).
@@ -90,6 +104,9 @@ def fill_reference_weights(model: nn.Module, seed: int = 1234, workers: Optional
     with ThreadPoolExecutor(max_workers=workers or torch.get_num_threads()) as pool:
         list(pool.map(lambda item: _fill_reference_(item[1].data, item[0], seed), params))
     reset_buffers(model)
+    for key, buffer in model.named_buffers():
+        if _is_stand_in(key):
+            _fill_reference_(buffer, key, seed)
     return model
 
 

@@ -47,7 +47,8 @@ class DDIM:
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2) -> None:
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+        # on the CPU even when the model is built under a meta default device
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32, device="cpu") ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # [1000]
 
     def add_noise(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -176,15 +177,14 @@ class TrajectoryPoseDecoder(nn.Module):
         self.gt_scale_factor = gt_scale_factor
         self.scheduler = DDIM()
 
-        # Normalised anchors (zeros until `load_anchors`) and the fixed physical ranges, in the checkpoint.
-        self.register_buffer("norm_traj_anchor", torch.zeros(1, NUM_ANCHORS, future_steps, 2))
+        # Normalised anchors and the fixed physical ranges, all in the checkpoint (set by reset_buffers).
+        self.register_buffer("norm_traj_anchor", torch.empty(1, NUM_ANCHORS, future_steps, 2))
         self.register_buffer("traj_max", torch.empty(2))
         self.register_buffer("traj_min", torch.empty(2))
-        self.register_buffer("norm_pose_translation_anchor", torch.zeros(1, NUM_ANCHORS, 3))
+        self.register_buffer("norm_pose_translation_anchor", torch.empty(1, NUM_ANCHORS, 3))
         self.register_buffer("pose_translation_max", torch.empty(3))
         self.register_buffer("pose_translation_min", torch.empty(3))
         self.reset_buffers()
-        self.set_anchors(torch.zeros(NUM_ANCHORS, future_steps, 2), torch.zeros(NUM_ANCHORS, 3))
 
         # Ego status (see dvgt2.EGO_STATUS_FIELDS) conditions the trajectory queries.
         self.hist_encoding = nn.Linear(EGO_STATUS_DIM, dim) if enable_ego_status else None
@@ -196,15 +196,16 @@ class TrajectoryPoseDecoder(nn.Module):
         layer = DecoderLayer(dim, num_heads, future_steps, init_values, drop)
         self.diff_decoder = nn.ModuleDict({"layers": nn.ModuleList([copy.deepcopy(layer) for _ in range(num_layers)])})
 
+    @torch.no_grad()
     def reset_buffers(self) -> None:
-        """The fixed ranges (constants x gt_scale_factor); the anchors are left as they are."""
-        s = self.gt_scale_factor
+        """The fixed ranges (constants x gt_scale_factor) and all-zero anchors (upstream's value without anchor files)."""
         for name, values in (
             ("traj_min", TRAJ_RANGE[0]), ("traj_max", TRAJ_RANGE[1]),
             ("pose_translation_min", POSE_TRANSLATION_RANGE[0]), ("pose_translation_max", POSE_TRANSLATION_RANGE[1]),
         ):
             buffer = getattr(self, name)
-            buffer.copy_(torch.tensor(values, dtype=torch.float32, device=buffer.device) * s)
+            buffer.copy_(torch.tensor(values, dtype=torch.float32, device=buffer.device) * self.gt_scale_factor)
+        self.set_anchors(torch.zeros(self.norm_traj_anchor.shape[1:]), torch.zeros(NUM_ANCHORS, 3))
 
     @staticmethod
     def normalize(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
