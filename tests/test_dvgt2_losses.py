@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+import dvgt
+
 from dvgt.config import LossConfig
 from dvgt.data.geometry import absT_quaR_to_pose, chain_relative_poses, pose_to_absT_quaR
 from dvgt.train.dvgt2_evaluation import best_mode, evaluate_dvgt2_clip, planning_metrics
@@ -181,22 +183,15 @@ def test_stage1_relative_pose_loss_and_missing_anchors():
 
 
 def test_anchors_are_read_from_the_model_buffers():
-    anchors = make_anchors()
-    decoder = nn.Module()
-    low, high = torch.tensor([-2.9, -0.7]), torch.tensor([3.4, 13.7])
-    decoder.register_buffer("traj_min", low)
-    decoder.register_buffer("traj_max", high)
-    decoder.register_buffer("norm_traj_anchor", (2 * (anchors.trajectory - low) / (high - low) - 1)[None])
-    p_low, p_high = torch.tensor([-0.13, -0.07, -1.77]), torch.tensor([0.15, 0.08, 0.1])
-    decoder.register_buffer("pose_translation_min", p_low)
-    decoder.register_buffer("pose_translation_max", p_high)
-    decoder.register_buffer("norm_pose_translation_anchor", (2 * (anchors.pose_translation - p_low) / (p_high - p_low) - 1)[None])
-    model = nn.Module()
-    model.ego_pose_head = nn.Module()
-    model.ego_pose_head.traj_pose_decoder = decoder
+    g = torch.Generator().manual_seed(0)
+    anchors = PlanningAnchors(torch.randn(20, S, 2, generator=g), 0.1 * torch.randn(20, 3, generator=g))  # 20: the model's
+    model = dvgt.build_model("train/dvgt2/demo.yaml", ["model.size=tiny", "model.anchor_path=null"])
+    model.get_submodule("ego_pose_head.traj_pose_decoder").set_anchors(anchors.trajectory / SCALE,
+                                                                       anchors.pose_translation / SCALE)
     read = anchors_from_model(model)
-    torch.testing.assert_close(read.trajectory, anchors.trajectory)
-    torch.testing.assert_close(read.pose_translation, anchors.pose_translation)
+    torch.testing.assert_close(read.trajectory, anchors.trajectory, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(read.pose_translation, anchors.pose_translation, atol=1e-6, rtol=1e-5)
+    assert anchors_from_model(dvgt.build_model("train/dvgt2/pretrain.yaml", ["model.size=tiny"])) is None
     assert anchors_from_model(nn.Linear(2, 2)) is None
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from dvgt.train.losses import ego_pose_loss, point_loss
 
-DECODER = "ego_pose_head.traj_pose_decoder"  # official state_dict names of the anchor buffers
+DECODER = "ego_pose_head.traj_pose_decoder"  # the DVGT-2 module that holds the anchors
 
 
 @dataclass
@@ -40,21 +40,18 @@ class PlanningAnchors:
 
 
 def anchors_from_model(model: nn.Module) -> Optional[PlanningAnchors]:
-    """The anchors a DVGT-2 model holds, in model units (None for models without them).
+    """The anchors a DVGT-2 model holds, in model units (None for models without a planning decoder).
 
-    The decoder stores them normalised to [-1, 1] over fixed [min, max] ranges (buffers of the
-    official layout, in model units): anchor = (norm + 1) / 2 * (max - min) + min.
+    The decoder stores them normalised to [-1, 1] over fixed ranges; its ``denormalize`` undoes that.
     """
-    buffers = dict(model.named_buffers())
-    if f"{DECODER}.norm_traj_anchor" not in buffers:
+    try:
+        decoder = model.get_submodule(DECODER)
+    except AttributeError:
         return None
-
-    def denormalise(name: str, low: str, high: str) -> Tensor:
-        low_value, high_value = buffers[f"{DECODER}.{low}"], buffers[f"{DECODER}.{high}"]
-        return (buffers[f"{DECODER}.{name}"][0] + 1) / 2 * (high_value - low_value) + low_value
-
-    return PlanningAnchors(denormalise("norm_traj_anchor", "traj_min", "traj_max"),
-                           denormalise("norm_pose_translation_anchor", "pose_translation_min", "pose_translation_max"))
+    return PlanningAnchors(
+        decoder.denormalize(decoder.norm_traj_anchor[0], decoder.traj_min, decoder.traj_max),
+        decoder.denormalize(decoder.norm_pose_translation_anchor[0], decoder.pose_translation_min,
+                            decoder.pose_translation_max))
 
 
 def dvgt2_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_cfg,
