@@ -1,4 +1,4 @@
-"""The `dvgt` command line: train, model-info, data, demo, infer."""
+"""The `dvgt` command line: train, model-info, data, anchors, demo, infer."""
 
 from __future__ import annotations
 
@@ -61,6 +61,16 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_anchors(args: argparse.Namespace) -> int:
+    from dvgt.data.anchors import PLOT_FILE, read_anchors, write_anchors
+
+    out = Path(args.out or Path(args.data[0]) / "anchors")
+    path = write_anchors(args.data, out, split=args.split, k=args.k)
+    shapes = {name: list(value.shape) for name, value in read_anchors(path).items()}
+    print(f"wrote {path} {shapes} and {out / PLOT_FILE}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dvgt.demo import run_demo
 
@@ -98,6 +108,14 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     synth.add_argument("--splits", nargs="+", default=["train", "val"])
     synth.add_argument("--scenes", type=int, default=0, help="scenes per split (default: the demo's)")
     synth.set_defaults(func=cmd_data_synth)
+
+    anchors = sub.add_parser("anchors", help="k-means anchors of future trajectories and past translations (DVGT-2)")
+    anchors.add_argument("--data", required=True, nargs="+", help="annotation root(s) in the DVGT layout "
+                         "(docs/data.md); several roots are clustered together")
+    anchors.add_argument("--split", default="train")
+    anchors.add_argument("--out", default=None, help="output folder (default: <first data root>/anchors)")
+    anchors.add_argument("--k", type=int, default=20, help="anchors per set")
+    anchors.set_defaults(func=cmd_anchors)
 
     demo = sub.add_parser("demo", help="train the DVGT-1 demo on CPU and draw the result")
     demo.add_argument("--config", default="train/dvgt1/demo.yaml")

@@ -91,10 +91,21 @@ class EgoPoseLossConfig:
 
 
 @dataclass
+class AnchorModeLossConfig:
+    weight: float = 1.0  # weight of this term in the objective (DVGT-2 stage 2)
+    cls_weight: float = 10.0  # focal classification of the anchor nearest to the ground truth
+    reg_weight: float = 8.0  # L1 regression of that anchor's mode
+    focal_alpha: float = 0.25  # focal loss: weight of the positive (nearest-anchor) class
+    focal_gamma: float = 2.0  # focal loss: down-weighting of easy scores
+
+
+@dataclass
 class LossConfig:
     gt_scale_factor: float = 0.1  # ground truth is multiplied by this (DVGT: outputs in units of 10 m)
     point: PointLossConfig = field(default_factory=PointLossConfig)
-    ego_pose: EgoPoseLossConfig = field(default_factory=EgoPoseLossConfig)
+    ego_pose: EgoPoseLossConfig = field(default_factory=EgoPoseLossConfig)  # DVGT-1, DVGT-2 stage 1
+    planning: AnchorModeLossConfig = field(default_factory=AnchorModeLossConfig)  # DVGT-2 trajectory decoder
+    past_pose: AnchorModeLossConfig = field(default_factory=AnchorModeLossConfig)  # DVGT-2 relative-pose decoder
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from dvgt.data import layout
+from dvgt.data.ego_motion import scene_ego_motion
 from dvgt.data.geometry import inverse_pose, pose_to_absT_quaR, transform_points, unproject_depth
 from dvgt.data.synthetic import ensure_synthetic_dataset
 
@@ -127,6 +128,7 @@ class ClipDataset:
         self.scenes = layout.read_split(root, split, config_key)
         self.num_cameras = min(len(scene.cameras) for scene in self.scenes)
         self.max_frames = max((scene.num_frames - 1) // frame_stride + 1 for scene in self.scenes)
+        self.motion = [scene_ego_motion(scene.ego_to_world, scene.timestamps, scene.measured) for scene in self.scenes]
 
     def clips_per_scene(self, frames: int) -> np.ndarray:
         """How many start frames each scene offers for a clip of ``frames`` frames."""
@@ -164,7 +166,8 @@ class ClipDataset:
 
     def load_clip(self, scene_index: int, start: int, views: int, frames: int, height: int, width: int,
                   seed: int | None = None) -> dict[str, Any]:
-        """One clip as tensors (see docs/data.md for the keys); geometry in the first frame's ego frame."""
+        """One clip as tensors (see docs/data.md for the keys): geometry in the first frame's ego frame,
+        plus each frame's own-frame points, relative pose and ego motion (DVGT-2)."""
         if not 0 <= scene_index < len(self.scenes):
             raise IndexError(f"scene {scene_index} out of range: {self.name} ({self.root}/{self.split}) has "
                              f"{len(self.scenes)} scenes")
@@ -188,7 +191,12 @@ class ClipDataset:
         ego_to_first = inverse_pose(ego_to_world[:1]) @ ego_to_world  # [T, 4, 4]
         cam_to_first = ego_to_first[:, None] @ cam_to_ego
         valid = depths > 0
-        points = transform_points(cam_to_first, unproject_depth(depths, intrinsics)) * valid[..., None]
+        camera_points = unproject_depth(depths, intrinsics)  # [T, V, H, W, 3] in each camera's frame
+        points = transform_points(cam_to_first, camera_points) * valid[..., None]
+        points_local = transform_points(cam_to_ego, camera_points) * valid[..., None]
+        # ego_{t-1} -> ego_t (DVGT-2's relative pose); frame 0 has no predecessor: the identity
+        previous_to_current = inverse_pose(ego_to_world) @ ego_to_world[torch.clamp(torch.arange(frames) - 1, min=0)]
+        motion = self.motion[scene_index]
         return {
             "images": images.reshape(frames, views, 3, height, width).contiguous(),
             "points": points.float(),
@@ -198,6 +206,11 @@ class ClipDataset:
             "cam_to_ego": cam_to_ego.float(),
             "ego_to_first": ego_to_first.float(),
             "ego_pose": pose_to_absT_quaR(ego_to_first).float(),
+            "points_local": points_local.float(),
+            "relative_pose": pose_to_absT_quaR(previous_to_current).float(),
+            "ego_status": torch.from_numpy(motion.ego_status()[frame_ids]).float(),
+            "future_trajectory": torch.from_numpy(motion.future_trajectory[frame_ids]).float(),
+            "future_valid": torch.from_numpy(motion.future_valid[frame_ids]),
             "scene": scene.name,
             "dataset": self.name,
         }

@@ -96,3 +96,14 @@ def project_points(points: torch.Tensor, intrinsics: torch.Tensor) -> tuple[torc
     z = points[..., 2]
     uvw = points @ intrinsics.transpose(-1, -2)
     return uvw[..., :2] / z[..., None], z
+
+
+def chain_relative_poses(relative: torch.Tensor) -> torch.Tensor:
+    """Poses ego_t -> ego_0 [..., T, 4, 4] from relative poses ego_{t-1} -> ego_t [..., T, 4, 4].
+
+    The relative pose of frame 0 is ignored (frame 0 maps to itself).
+    """
+    chained = [torch.eye(4, dtype=relative.dtype, device=relative.device).expand_as(relative[..., 0, :, :])]
+    for t in range(1, relative.shape[-3]):
+        chained.append(chained[-1] @ inverse_pose(relative[..., t, :, :]))  # ego_t -> ego_{t-1} -> ego_0
+    return torch.stack(chained, dim=-3)

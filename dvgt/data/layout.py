@@ -13,7 +13,7 @@ dataset label and the camera names differ.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -41,6 +41,13 @@ COLUMNS: dict[str, pa.DataType] = {
     "ego_to_world": pa.list_(pa.float64(), 16),  # 4x4 row-major, ego -> world; same on all rows of a frame
 }
 MATRIX_SHAPES = {"intrinsics": (3, 3), "cam_to_ego": (4, 4), "ego_to_world": (4, 4)}
+# Measured ego status (e.g. CAN bus, route command); when absent it is derived from the poses
+# (dvgt/data/ego_motion.py). One value per frame: all rows of a frame carry the same value.
+OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
+    "ego_velocity": pa.list_(pa.float64(), 2),  # m/s in the ego frame: [forward, left]
+    "ego_acceleration": pa.list_(pa.float64(), 2),  # m/s^2 in the ego frame: [forward, left]
+    "driving_command": pa.int64(),  # 0 left, 1 straight, 2 right, 3 unknown (NAVSIM order)
+}
 
 
 class DataFileError(OSError):
@@ -64,6 +71,7 @@ class SceneRecord:
     depth_paths: np.ndarray  # [F, C] str, relative to root
     depth_scales: np.ndarray  # [F, C] float64
     image_sizes: np.ndarray  # [F, C, 2] int (width, height)
+    measured: dict[str, np.ndarray] = field(default_factory=dict)  # optional columns present, per frame [F, ...]
 
     @property
     def num_frames(self) -> int:
@@ -160,6 +168,8 @@ def read_scene_table(path: str | Path, root: str | Path) -> SceneRecord:
     if not np.allclose(ego_to_world, ego_to_world[:, :1], atol=1e-5):
         raise ValueError(f"scene table '{path}': ego_to_world differs between the cameras of a frame; write one "
                          f"pose per frame and fold per-camera timing into cam_to_ego (docs/data.md)")
+    measured = {name: _optional_column(table, name, path, as_grid) for name in OPTIONAL_COLUMNS
+                if name in table.column_names}
     scene_names = set(column["scene"].tolist())
     if len(scene_names) != 1:
         raise ValueError(f"scene table '{path}' holds several scenes {sorted(scene_names)}; write one table per scene")
@@ -169,7 +179,27 @@ def read_scene_table(path: str | Path, root: str | Path) -> SceneRecord:
         intrinsics=as_grid(matrices["intrinsics"]), cam_to_ego=as_grid(matrices["cam_to_ego"]),
         image_paths=as_grid(column["image_path"]), depth_paths=as_grid(column["depth_path"]),
         depth_scales=as_grid(column["depth_scale"]),
-        image_sizes=np.stack([as_grid(column["width"]), as_grid(column["height"])], axis=-1))
+        image_sizes=np.stack([as_grid(column["width"]), as_grid(column["height"])], axis=-1), measured=measured)
+
+
+def _optional_column(table: pa.Table, name: str, path: Path, as_grid) -> np.ndarray:
+    """An optional per-frame column as [F, ...] (the frame's first row), validated."""
+    values = table.column(name).combine_chunks()
+    if values.null_count:
+        raise ValueError(f"scene table '{path}': optional column '{name}' has empty (null) values; fill every "
+                         f"row or drop the column (it is then derived from the poses)")
+    if pa.types.is_fixed_size_list(values.type) or pa.types.is_list(values.type):
+        width = OPTIONAL_COLUMNS[name].list_size
+        lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+        if not np.all(lengths == width):
+            raise ValueError(f"scene table '{path}': column '{name}' must hold {width} numbers per row")
+        per_row = values.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, width)
+    else:
+        per_row = values.to_numpy(zero_copy_only=False)
+    if name == "driving_command" and not np.isin(per_row, np.arange(4)).all():
+        raise ValueError(f"scene table '{path}': driving_command must be 0 (left), 1 (straight), 2 (right) or "
+                         f"3 (unknown), found {sorted(set(per_row.tolist()) - {0, 1, 2, 3})}")
+    return as_grid(per_row)[:, 0]
 
 
 def read_split(root: str | Path, split: str, config_key: str = "root") -> list[SceneRecord]:
@@ -219,7 +249,8 @@ def write_depth(path: str | Path, depth: np.ndarray, depth_scale: float = DEFAUL
 
 
 def write_scene_table(root: str | Path, split: str, scene: str, rows: Sequence[Mapping]) -> Path:
-    """Write one scene's table; ``rows`` are mappings with every column (matrices may be 2-D arrays)."""
+    """Write one scene's table; ``rows`` are mappings with every column (matrices may be 2-D arrays),
+    and optionally the OPTIONAL_COLUMNS (written when every row has them)."""
     missing = [c for c in COLUMNS if any(c not in row for row in rows)]
     if missing:
         raise ValueError(f"scene '{scene}': rows are missing column(s) {missing}")
@@ -229,6 +260,9 @@ def write_scene_table(root: str | Path, split: str, scene: str, rows: Sequence[M
         if name in MATRIX_SHAPES:
             values = [np.asarray(v, dtype=np.float64).reshape(-1).tolist() for v in values]
         arrays[name] = pa.array(values, type=dtype)
+    for name, dtype in OPTIONAL_COLUMNS.items():
+        if all(name in row for row in rows):
+            arrays[name] = pa.array([np.asarray(row[name]).tolist() for row in rows], type=dtype)
     path = scene_table_path(root, split, scene)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(arrays), path)

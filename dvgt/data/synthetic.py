@@ -63,8 +63,12 @@ DEFAULT_CAMERAS = ("CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT")
 
 
 def demo_spec(split: str) -> dict:
-    """Generator arguments of the demo dataset: 32 train / 4 val scenes of 8 frames, 3 cameras, 128x256."""
-    return dict(num_scenes=32 if split == "train" else 4, num_frames=8, cameras=DEFAULT_CAMERAS,
+    """Generator arguments of the demo dataset: 32 train / 4 val scenes of 16 frames, 3 cameras, 128x256.
+
+    16 frames (8 s at 2 Hz): the first 8 frames of a scene have a complete 4 s future trajectory,
+    which DVGT-2's planning anchors are clustered from.
+    """
+    return dict(num_scenes=32 if split == "train" else 4, num_frames=16, cameras=DEFAULT_CAMERAS,
                 height=128, width=256)
 
 

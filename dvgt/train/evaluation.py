@@ -50,8 +50,13 @@ def evaluate_clip(predictions: Mapping[str, Tensor], batch: Mapping[str, Tensor]
     """The metrics of the module docstring for one batch of clips, averaged over its clips.
 
     A metric that is undefined for a clip (no valid pixel, a single frame) is NaN for that clip and
-    left out of the average (NaN if undefined for all).
+    left out of the average (NaN if undefined for all). DVGT-2 predictions (local points, relative
+    poses, planning) are scored by dvgt2_evaluation.evaluate_dvgt2_clip.
     """
+    if "diff_traj_reg_list" in predictions or "relative_ego_pose_enc_list" in predictions:
+        from dvgt.train.dvgt2_evaluation import evaluate_dvgt2_clip  # it builds on this module's metrics
+
+        return evaluate_dvgt2_clip(predictions, batch, gt_scale_factor, max_points)
     pred_points = predictions["points"].float() / gt_scale_factor  # [B,T,V,H,W,3] metres
     pred_pose = predictions["absolute_ego_pose_enc"].float()  # [B,T,7]
     pred_pose = torch.cat([pred_pose[..., :3] / gt_scale_factor, pred_pose[..., 3:]], dim=-1)

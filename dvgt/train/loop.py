@@ -20,11 +20,13 @@ from tqdm import tqdm
 
 import dvgt
 from dvgt.checkpoint.manager import STEP_DIR, Checkpoint, CheckpointManager, set_rng_state
+from dvgt.data.anchors import ensure_anchors
 from dvgt.data.loader import build_dataloader
 from dvgt.models import build_model
 from dvgt.models.weights import load_weights
 from dvgt.train import distributed
 from dvgt.train.clipping import GradientClipper
+from dvgt.train.dvgt2_losses import anchors_from_model
 from dvgt.train.evaluation import EvalAccumulator, evaluate_clip
 from dvgt.train.logger import RunLogger, format_record
 from dvgt.train.losses import compute_loss
@@ -67,6 +69,8 @@ class Trainer:
         self._last_saved_step = -1
 
         seed_everything(cfg.seed_value)  # the same on every rank, so initial weights agree
+        if cfg.model.get("anchor_path"):
+            self._prepare_anchors()
         self.model = build_model(cfg.model).to(self.device)
         self.checkpoints = CheckpointManager(cfg.checkpoint.uri, self.dist.rank, self.dist.world_size,
                                              cfg.checkpoint.keep_last, dvgt.__version__)
@@ -107,6 +111,7 @@ class Trainer:
         seed_everything(cfg.seed_value + 1000 * (self.dist.rank + 1))
         if resume_from is not None:
             self._resume(resume_from)
+        self.anchors = anchors_from_model(self.model)  # DVGT-2: the planning/pose losses need them
 
     # -- start-up -------------------------------------------------------------------------------
     def _loader(self, split: str, *, rank: int, world_size: int, num_workers: int, steps: int):
@@ -117,6 +122,21 @@ class Trainer:
             pin_memory=data.pin_memory and self.device.type == "cuda", prefetch_factor=data.prefetch_factor,
             persistent_workers=data.persistent_workers and num_workers > 0, steps_per_epoch=steps,
             config_key=f"data.{split}")
+
+    def _prepare_anchors(self) -> None:
+        """DVGT-2 anchors: a synthetic training set gets them computed on first use (rank 0 first)."""
+        datasets = self.cfg.data.train.datasets
+        if not self.dist.is_main:
+            distributed.barrier()
+        ensure_anchors(self.cfg.model.anchor_path, datasets[0] if len(datasets) else None, "model.anchor_path")
+        if self.dist.is_main:
+            distributed.barrier()
+
+    def forward(self, model: torch.nn.Module, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """The model on a batch's images (and ego status, for DVGT-2 with model.enable_ego_status)."""
+        if self.cfg.model.get("enable_ego_status", False):
+            return model(batch["images"], ego_status=batch["ego_status"])
+        return model(batch["images"])
 
     def _print(self, message: str) -> None:
         if self.dist.is_main:
@@ -185,8 +205,8 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not self.dist.is_distributed else self.train_model.no_sync()
             with sync:
                 with self.autocast():
-                    predictions = self.train_model(chunk["images"])
-                losses = compute_loss(predictions, chunk, self.cfg.loss)
+                    predictions = self.forward(self.train_model, chunk)
+                losses = compute_loss(predictions, chunk, self.cfg.loss, self.anchors)
                 share = chunk["images"].shape[0] / batch_size
                 finite &= bool(torch.isfinite(losses["objective"]))
                 self.scaler.scale(losses["objective"] * share).backward()
@@ -238,9 +258,9 @@ class Trainer:
         for batch in self.val_loader:
             batch = move_to(batch, self.device)
             with self.autocast():
-                predictions = self.model(batch["images"])
+                predictions = self.forward(self.model, batch)
             accumulator.add(evaluate_clip(predictions, batch, self.cfg.loss.gt_scale_factor))
-            accumulator.add({"objective": float(compute_loss(predictions, batch, self.cfg.loss)["objective"])})
+            accumulator.add({"objective": float(compute_loss(predictions, batch, self.cfg.loss, self.anchors)["objective"])})
         self.model.train()
         distributed.barrier()
         return {f"val/{k}": v for k, v in accumulator.mean().items()}

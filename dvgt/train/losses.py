@@ -32,7 +32,8 @@ QUANTILE_MIN_ELEMENTS = 1000  # the outlier filter only acts on more elements th
 HARD_MAX = 100.0  # per-element losses are clamped here (outlier filter, translation loss)
 
 
-def compute_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_cfg) -> Dict[str, Tensor]:
+def compute_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_cfg,
+                 anchors=None) -> Dict[str, Tensor]:
     """All losses of one batch as scalar tensors; ``objective`` is the one to backpropagate.
 
     predictions: ``points`` [B,T,V,H,W,3], ``points_conf`` [B,T,V,H,W] and
@@ -43,7 +44,12 @@ def compute_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_
 
     objective = point.weight * (loss_conf_point + loss_reg_point + loss_grad_point)
               + ego_pose.weight * loss_ego_pose,  with loss_ego_pose = weight_trans * loss_T + weight_rot * loss_R.
+    DVGT-2 predictions (both stages) go to dvgt2_losses.dvgt2_loss, with the model's ``anchors``.
     """
+    if "diff_traj_reg_list" in predictions or "relative_ego_pose_enc_list" in predictions:
+        from dvgt.train.dvgt2_losses import dvgt2_loss  # it builds on this module's losses
+
+        return dvgt2_loss(predictions, batch, loss_cfg, anchors)
     scale = loss_cfg.gt_scale_factor
     pred_points = predictions["points"]
     pose_list = predictions.get("absolute_ego_pose_enc_list") or [predictions["absolute_ego_pose_enc"]]
