@@ -23,6 +23,48 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# Helpers shared with the VGGT aggregator (vggt.py).
+
+
+def normalize_images(images: Tensor) -> Tensor:
+    """[..., 3, H, W] in [0, 1] -> normalised with the ImageNet mean and std."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return (images - mean) / std
+
+
+def check_images(images: Tensor, patch_size: int) -> None:
+    """A clear error unless images is [B, T, V, 3, H, W] with H and W multiples of the patch size."""
+    if images.ndim != 6 or images.shape[3] != 3:
+        raise ValueError(f"expected images of shape [B, T, V, 3, H, W], got {list(images.shape)}")
+    (H, W), p = images.shape[-2:], patch_size
+    if H % p or W % p:
+        raise ValueError(
+            f"image height and width must be multiples of the patch size {p}, got {H}x{W} "
+            f"(input shape {list(images.shape)}); resize or crop the images, e.g. to {H // p * p}x{W // p * p}"
+        )
+
+
+def token_positions(rows: int, cols: int, num_special: int, device: torch.device) -> Tensor:
+    """2D RoPE positions of one image's tokens, [N, 2]: special tokens (0, 0), patches (row + 1, col + 1)."""
+    grid = torch.cartesian_prod(torch.arange(rows, device=device), torch.arange(cols, device=device)) + 1
+    special = torch.zeros(num_special, 2, dtype=grid.dtype, device=device)
+    return torch.cat([special, grid], dim=0)
+
+
+def per_image_tokens(token: Tensor, B: int, T: int, V: int) -> Tensor:
+    """[1, 2, X, C] -> [B*T*V, X, C]: variant 0 for frame 0, variant 1 for the later frames."""
+    per_frame = torch.cat([token[:, :1], token[:, 1:].expand(-1, T - 1, -1, -1)], dim=1)  # [1, T, X, C]
+    return per_frame[:, :, None].expand(B, T, V, -1, -1).reshape(B * T * V, *token.shape[2:])
+
+
+def run_block(block: nn.Module, x: Tensor, pos: Tensor, checkpointing: bool) -> Tensor:
+    """block(x, pos), recomputed in backward (activation checkpointing) when `checkpointing`."""
+    if checkpointing:
+        return checkpoint(block, x, pos, use_reentrant=False)
+    return block(x, pos=pos)
+
+
 class Aggregator(nn.Module):
     def __init__(
         self,
@@ -50,10 +92,6 @@ class Aggregator(nn.Module):
         for token in (self.register_token, self.ego_pose_token, self.temporal_pos_embed):
             nn.init.normal_(token, std=1e-6)
 
-        self.register_buffer("_resnet_mean", torch.empty(1, 1, 1, 3, 1, 1), persistent=False)
-        self.register_buffer("_resnet_std", torch.empty(1, 1, 1, 3, 1, 1), persistent=False)
-        self.reset_buffers()
-
         self.patch_embed = DinoVisionTransformer(embed_dim, backbone_depth, num_heads, patch_size)
         self.rope = RotaryPositionEmbedding2D(frequency=rope_freq)
         self.intra_view_blocks = nn.ModuleList(
@@ -65,60 +103,31 @@ class Aggregator(nn.Module):
         self.cross_view_blocks = copy.deepcopy(self.intra_view_blocks)
         self.cross_frame_blocks = copy.deepcopy(self.intra_view_blocks)
 
-    def reset_buffers(self) -> None:
-        device = self._resnet_mean.device
-        self._resnet_mean.copy_(torch.tensor(IMAGENET_MEAN, device=device).view(1, 1, 1, 3, 1, 1))
-        self._resnet_std.copy_(torch.tensor(IMAGENET_STD, device=device).view(1, 1, 1, 3, 1, 1))
-
     @property
     def max_frames(self) -> int:
         return self.temporal_pos_embed.shape[1]
 
     def _check_input(self, images: Tensor) -> None:
-        if images.ndim != 6 or images.shape[3] != 3:
-            raise ValueError(f"expected images of shape [B, T, V, 3, H, W], got {list(images.shape)}")
-        T, (H, W), p = images.shape[1], images.shape[-2:], self.patch_size
-        if H % p or W % p:
+        check_images(images, self.patch_size)
+        if images.shape[1] > self.max_frames:
             raise ValueError(
-                f"image height and width must be multiples of the patch size {p}, got {H}x{W} "
-                f"(input shape {list(images.shape)}); resize or crop the images, e.g. to {H // p * p}x{W // p * p}"
-            )
-        if T > self.max_frames:
-            raise ValueError(
-                f"got {T} frames but the model's temporal embedding covers at most {self.max_frames} "
+                f"got {images.shape[1]} frames but the model's temporal embedding covers at most {self.max_frames} "
                 f"(model.max_frames); use shorter clips or raise model.max_frames"
             )
-
-    def _positions(self, rows: int, cols: int, device: torch.device) -> Tensor:
-        """RoPE positions of one image's tokens, [N, 2]: special tokens (0, 0), patches (row + 1, col + 1)."""
-        grid = torch.cartesian_prod(torch.arange(rows, device=device), torch.arange(cols, device=device)) + 1
-        special = torch.zeros(self.patch_start_idx, 2, dtype=grid.dtype, device=device)
-        return torch.cat([special, grid], dim=0)
-
-    @staticmethod
-    def _per_image(token: Tensor, B: int, T: int, V: int) -> Tensor:
-        """[1, 2, X, C] -> [B*T*V, X, C]: variant 0 for frame 0, variant 1 for the later frames."""
-        per_frame = torch.cat([token[:, :1], token[:, 1:].expand(-1, T - 1, -1, -1)], dim=1)  # [1, T, X, C]
-        return per_frame[:, :, None].expand(B, T, V, -1, -1).reshape(B * T * V, *token.shape[2:])
-
-    def _run(self, block: nn.Module, x: Tensor, pos: Tensor) -> Tensor:
-        if self.training and self.gradient_checkpointing:
-            return checkpoint(block, x, pos, use_reentrant=False)
-        return block(x, pos=pos)
 
     def forward(self, images: Tensor) -> Tuple[List[Tensor], int]:
         """images [B, T, V, 3, H, W] in [0, 1] -> (depth x [B, T, V, N, 3C], patch_start_idx)."""
         self._check_input(images)
         B, T, V, _, H, W = images.shape
-        images = (images - self._resnet_mean) / self._resnet_std
+        images = normalize_images(images)
 
         patches = self.patch_embed(images.reshape(B * T * V, 3, H, W))  # [B*T*V, P, C]
         P, C = patches.shape[1:]
         patches = patches.view(B, T, V, P, C) + self.temporal_pos_embed[0, :T, None, None]
         x = torch.cat(
             [
-                self._per_image(self.ego_pose_token, B, T, V),
-                self._per_image(self.register_token, B, T, V),
+                per_image_tokens(self.ego_pose_token, B, T, V),
+                per_image_tokens(self.register_token, B, T, V),
                 patches.view(B * T * V, P, C),
             ],
             dim=1,
@@ -126,16 +135,18 @@ class Aggregator(nn.Module):
         N = x.shape[1]
         x = x.view(B, T, V, N, C)
 
-        pos = self._positions(H // self.patch_size, W // self.patch_size, images.device)  # [N, 2]
+        pos = token_positions(H // self.patch_size, W // self.patch_size, self.patch_start_idx, images.device)  # [N,2]
         pos_view, pos_frame = pos.repeat(V, 1)[None], pos.repeat(T, 1)[None]  # same grid per image
 
+        checkpointing = self.training and self.gradient_checkpointing
         outputs = []
         for intra_block, view_block, frame_block in zip(
             self.intra_view_blocks, self.cross_view_blocks, self.cross_frame_blocks
         ):
-            intra = self._run(intra_block, x.reshape(B * T * V, N, C), pos[None]).view(B, T, V, N, C)
-            view = self._run(view_block, intra.reshape(B * T, V * N, C), pos_view).view(B, T, V, N, C)
-            frame = self._run(frame_block, view.transpose(1, 2).reshape(B * V, T * N, C), pos_frame)
+            intra = run_block(intra_block, x.reshape(B * T * V, N, C), pos[None], checkpointing).view(B, T, V, N, C)
+            view = run_block(view_block, intra.reshape(B * T, V * N, C), pos_view, checkpointing).view(B, T, V, N, C)
+            frame = run_block(frame_block, view.transpose(1, 2).reshape(B * V, T * N, C), pos_frame,
+                              checkpointing)
             x = frame.view(B, V, T, N, C).transpose(1, 2)
             outputs.append(torch.cat([x, view, intra], dim=-1))
         return outputs, self.patch_start_idx
