@@ -130,7 +130,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto: continue from the newest checkpoint under uri if any | never
     resume_checkpoint_path: Optional[str] = None  # resume from this checkpoint folder (must exist)
     direct_load_pretrained_weights_path: Optional[str] = None  # same-architecture weights (.pt or .safetensors)
-    load_pretrained_weights_path: Optional[str] = None  # VGGT-1B weights mapped onto DVGT (later issue)
+    load_pretrained_weights_path: Optional[str] = None  # converted init: VGGT-1B -> DVGT-1/2, DVGT-2 stage 1 -> 2
     strict: bool = False  # strict key matching for the pretrained weights above
 
 

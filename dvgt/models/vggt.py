@@ -95,6 +95,8 @@ class VGGTAggregator(nn.Module):
 
 
 class VGGT(nn.Module):
+    disabled_heads = DISABLED_HEADS  # read by load_weights
+
     def __init__(
         self,
         size: DVGT1Size = SIZES["full"],
