@@ -89,10 +89,21 @@ class EgoPoseLossConfig:
 
 
 @dataclass
+class CameraLossConfig:
+    weight: float = 5.0  # weight of the VGGT camera loss in the objective
+    gamma: float = 0.6  # per-iteration decay: iteration i of n weighs gamma ** (n - i - 1)
+    loss_type: str = "l1"  # l1 | l2
+    weight_trans: float = 1.0  # translation term
+    weight_rot: float = 1.0  # rotation (quaternion) term
+    weight_focal: float = 0.5  # field-of-view term
+
+
+@dataclass
 class LossConfig:
     gt_scale_factor: float = 0.1  # ground truth is multiplied by this (DVGT: outputs in units of 10 m)
     point: PointLossConfig = field(default_factory=PointLossConfig)
     ego_pose: EgoPoseLossConfig = field(default_factory=EgoPoseLossConfig)
+    camera: CameraLossConfig = field(default_factory=CameraLossConfig)  # VGGT only
 
 
 @dataclass
