@@ -38,8 +38,8 @@ def test_full_layout_matches_reference_json():
 
 
 def test_model_info_cli_prints_the_reference_layout():
-    result = subprocess.run([sys.executable, "-m", "dvgt", "model-info", "--config", "train/vggt/default.yaml", "--json"],
-                            capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "dvgt", "model-info", "--config", "train/vggt/default.yaml", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert (info["model"], info["size"], info["num_parameters"]) == ("vggt", "full", 1_157_941_558)

@@ -96,7 +96,8 @@ def test_camera_metrics_of_perfect_and_rotated_predictions():
     predictions = perfect_vggt_predictions(clip)
     extrinsics = absT_quaR_to_pose(predictions["cam_pose_enc"][:, 1:, :, :7])  # frames 1.. turn by 40 degrees
     turn = torch.eye(4)
-    turn[:3, :3] = quaternion_to_rotation(torch.tensor([0.0, math.sin(math.radians(20)), 0.0, math.cos(math.radians(20))]))
+    half_angle = math.radians(20)
+    turn[:3, :3] = quaternion_to_rotation(torch.tensor([0.0, math.sin(half_angle), 0.0, math.cos(half_angle)]))
     predictions["cam_pose_enc"][:, 1:, :, :7] = pose_to_absT_quaR(turn @ extrinsics)
     predictions["cam_pose_enc"][..., 7:] += math.radians(2.0)
     rotated = evaluate_clip(predictions, clip, SCALE)

@@ -47,7 +47,8 @@ class Conversion:
     dropped: List[str] = field(default_factory=list)  # source keys the mapping does not use
 
 
-def _map_keys(state: Mapping[str, Tensor], renames: Mapping[str, Tuple[str, ...]]) -> Tuple[Dict[str, Tensor], List[str]]:
+def _map_keys(state: Mapping[str, Tensor],
+              renames: Mapping[str, Tuple[str, ...]]) -> Tuple[Dict[str, Tensor], List[str]]:
     """Copy each key that starts with a prefix of `renames` to every target prefix; the rest is dropped."""
     converted, dropped = {}, []
     for key, value in state.items():
