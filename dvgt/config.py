@@ -100,12 +100,23 @@ class AnchorModeLossConfig:
 
 
 @dataclass
+class CameraLossConfig:
+    weight: float = 5.0  # weight of the VGGT camera loss in the objective
+    gamma: float = 0.6  # per-iteration decay: iteration i of n weighs gamma ** (n - i - 1)
+    loss_type: str = "l1"  # l1 | l2
+    weight_trans: float = 1.0  # translation term
+    weight_rot: float = 1.0  # rotation (quaternion) term
+    weight_focal: float = 0.5  # field-of-view term
+
+
+@dataclass
 class LossConfig:
     gt_scale_factor: float = 0.1  # ground truth is multiplied by this (DVGT: outputs in units of 10 m)
     point: PointLossConfig = field(default_factory=PointLossConfig)
     ego_pose: EgoPoseLossConfig = field(default_factory=EgoPoseLossConfig)  # DVGT-1, DVGT-2 stage 1
     planning: AnchorModeLossConfig = field(default_factory=AnchorModeLossConfig)  # DVGT-2 trajectory decoder
     past_pose: AnchorModeLossConfig = field(default_factory=AnchorModeLossConfig)  # DVGT-2 relative-pose decoder
+    camera: CameraLossConfig = field(default_factory=CameraLossConfig)  # VGGT only
 
 
 @dataclass
@@ -143,7 +154,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto: continue from the newest checkpoint under uri if any | never
     resume_checkpoint_path: Optional[str] = None  # resume from this checkpoint folder (must exist)
     direct_load_pretrained_weights_path: Optional[str] = None  # same-architecture weights (.pt or .safetensors)
-    load_pretrained_weights_path: Optional[str] = None  # VGGT-1B weights mapped onto DVGT (later issue)
+    load_pretrained_weights_path: Optional[str] = None  # converted init: VGGT-1B -> DVGT-1/2, DVGT-2 stage 1 -> 2
     strict: bool = False  # strict key matching for the pretrained weights above
 
 

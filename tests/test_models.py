@@ -89,12 +89,6 @@ def test_build_model_accepts_dataclass_and_omegaconf(config):
     assert model.aggregator.temporal_pos_embed.shape == (1, 48, 64)
 
 
-@pytest.mark.parametrize("name", ["vggt"])
-def test_other_models_are_not_available_yet(name):
-    with pytest.raises(NotImplementedError, match=f"model '{name}' is not available yet.*train/dvgt1/\\* or train/dvgt2"):
-        build_model(ModelConfig(name=name, size="tiny"))
-
-
 def test_unknown_model_name_or_size():
     with pytest.raises(ValueError, match="model.name 'dvgt3' is not one of"):
         build_model(ModelConfig(name="dvgt3"))

@@ -164,7 +164,10 @@ def no_checkpoints(run_dir: Path) -> bool:
     (["max_epochs=many"], "'max_epochs'.*expects int"),
     (["data.train.datasets.0.name=nuscenes", "data.train.datasets.0.root=/nonexistent/nuscenes"],
      "/nonexistent/nuscenes.*data.train.datasets\\[0\\].root"),
-    (["checkpoint.direct_load_pretrained_weights_path=/nonexistent/dvgt1.pt"], "/nonexistent/dvgt1.pt"),
+    (["checkpoint.direct_load_pretrained_weights_path=/nonexistent/dvgt1.pt"],
+     "checkpoint.direct_load_pretrained_weights_path: weights file '/nonexistent/dvgt1.pt' does not exist"),
+    (["checkpoint.load_pretrained_weights_path=/nonexistent/model.safetensors"],
+     "checkpoint.load_pretrained_weights_path: weights file '/nonexistent/model.safetensors' does not exist"),
     (["checkpoint.resume_checkpoint_path=/nonexistent/step_00000010"],
      "resume_checkpoint_path '/nonexistent/step_00000010' is not a committed checkpoint"),
 ])

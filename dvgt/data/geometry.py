@@ -107,3 +107,15 @@ def chain_relative_poses(relative: torch.Tensor) -> torch.Tensor:
     for t in range(1, relative.shape[-3]):
         chained.append(chained[-1] @ inverse_pose(relative[..., t, :, :]))  # ego_t -> ego_{t-1} -> ego_0
     return torch.stack(chained, dim=-3)
+
+
+def camera_pose_encoding(extrinsics: torch.Tensor, intrinsics: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """VGGT's absT_quaR_FoV encoding [..., 9] of cameras.
+
+    extrinsics: [..., 4, 4] world -> camera (for VGGT, first camera -> camera); intrinsics: [..., 3, 3]
+    of height x width images. The encoding is [t (3), quaternion xyzw (4), fov_h, fov_w] with
+    fov_h = 2 atan(height / 2 / fy) and fov_w = 2 atan(width / 2 / fx), in radians.
+    """
+    fov_h = 2 * torch.atan(height / 2 / intrinsics[..., 1, 1])
+    fov_w = 2 * torch.atan(width / 2 / intrinsics[..., 0, 0])
+    return torch.cat([pose_to_absT_quaR(extrinsics), fov_h[..., None], fov_w[..., None]], dim=-1)

@@ -1,6 +1,6 @@
 """Model construction from the `model` section of a training config.
 
-    model = build_model(cfg.model)          # cfg.model.name (dvgt1 | dvgt2 | dvgt2_pretrain) at cfg.model.size
+    model = build_model(cfg.model)          # cfg.model.name (dvgt1 | dvgt2 | dvgt2_pretrain | vggt) at cfg.model.size
     layout = model_layout(cfg.model)        # parameter names and shapes, built on the meta device
 """
 
@@ -14,6 +14,7 @@ from torch import nn
 
 from .dvgt1 import DVGT1, SIZES, DVGT1Size
 from .dvgt2 import DECODER_SIZES, DVGT2
+from .vggt import VGGT
 from .weights import LoadReport, WeightsMismatchError, load_weights, read_checkpoint
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "DVGT1Size",
     "DVGT2",
     "SIZES",
+    "VGGT",
     "LoadReport",
     "WeightsMismatchError",
     "build_model",
@@ -35,14 +37,16 @@ def _make(model_cfg: Any) -> nn.Module:
     name = model_cfg.name
     if name not in ("dvgt1", "dvgt2", "dvgt2_pretrain", "vggt"):
         raise ValueError(f"model.name '{name}' is not one of dvgt1, dvgt2, dvgt2_pretrain, vggt")
-    if name == "vggt":
-        raise NotImplementedError(
-            f"model '{name}' is not available yet: VGGT arrives with the next release; use a train/dvgt1/* or train/dvgt2/* stage"
-        )
     if model_cfg.size not in SIZES:
         raise ValueError(f"model.size '{model_cfg.size}' is not one of {', '.join(SIZES)}")
     if getattr(model_cfg, "anchor_path", None) and name != "dvgt2":
         raise ValueError(f"model.anchor_path needs model.name=dvgt2 (model '{name}' does not plan)")
+    if name == "vggt":
+        return VGGT(
+            SIZES[model_cfg.size],
+            gradient_checkpointing=getattr(model_cfg, "gradient_checkpointing", True),
+            frames_chunk_size=getattr(model_cfg, "frames_chunk_size", None),
+        )
     if name in ("dvgt2", "dvgt2_pretrain"):
         return DVGT2(
             SIZES[model_cfg.size],
@@ -71,6 +75,9 @@ def build_model(model_cfg: Any) -> nn.Module:
     """
     model = _make(model_cfg)
     path = getattr(model_cfg, "dino_v3_weight_path", None)
+    if path and model_cfg.name == "vggt":
+        raise ValueError("model.dino_v3_weight_path is for DVGT models; VGGT's DINOv2 backbone comes with the VGGT "
+                         "weights (checkpoint.direct_load_pretrained_weights_path=.../model.safetensors)")
     if path:
         if not Path(path).is_file():
             raise FileNotFoundError(f"model.dino_v3_weight_path: DINOv3 weights file '{path}' does not exist")

@@ -30,6 +30,52 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+
+# Helpers shared with the VGGT aggregator (vggt.py).
+
+
+def normalize_images(images: Tensor) -> Tensor:
+    """[..., 3, H, W] in [0, 1] -> normalised with the ImageNet mean and std."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return (images - mean) / std
+
+
+def check_images(images: Tensor, patch_size: int) -> None:
+    """A clear error unless images is [B, T, V, 3, H, W] with H and W multiples of the patch size."""
+    if images.ndim != 6 or images.shape[3] != 3:
+        raise ValueError(f"expected images of shape [B, T, V, 3, H, W], got {list(images.shape)}")
+    (H, W), p = images.shape[-2:], patch_size
+    if H % p or W % p:
+        raise ValueError(
+            f"image height and width must be multiples of the patch size {p}, got {H}x{W} "
+            f"(input shape {list(images.shape)}); resize or crop the images, e.g. to {H // p * p}x{W // p * p}"
+        )
+
+
+def token_positions(rows: int, cols: int, num_special: int, device: torch.device) -> Tensor:
+    """2D RoPE positions of one image's tokens, [N, 2]: special tokens (0, 0), patches (row + 1, col + 1)."""
+    grid = torch.cartesian_prod(torch.arange(rows, device=device), torch.arange(cols, device=device)) + 1
+    special = torch.zeros(num_special, 2, dtype=grid.dtype, device=device)
+    return torch.cat([special, grid], dim=0)
+
+
+def per_image_tokens(token: Tensor, B: int, T: int, V: int) -> Tensor:
+    """[1, 2, X, C] (variant 0 for frame 0, variant 1 for the later frames) or [1, X, C] -> [B*T*V, X, C]."""
+    if token.ndim == 3:
+        per_frame = token[:, None].expand(-1, T, -1, -1)
+    else:
+        per_frame = torch.cat([token[:, :1], token[:, 1:].expand(-1, T - 1, -1, -1)], dim=1)  # [1, T, X, C]
+    return per_frame[:, :, None].expand(B, T, V, -1, -1).reshape(B * T * V, *token.shape[-2:])
+
+
+def run_block(block: nn.Module, x: Tensor, pos: Tensor, checkpointing: bool, **kwargs) -> Tensor:
+    """block(x, pos, **kwargs), recomputed in backward (activation checkpointing) when `checkpointing`."""
+    if checkpointing:
+        return checkpoint(block, x, pos, use_reentrant=False, **kwargs)
+    return block(x, pos=pos, **kwargs)
+
+
 class Aggregator(nn.Module):
     def __init__(
         self,
@@ -73,9 +119,6 @@ class Aggregator(nn.Module):
             if token is not None:
                 nn.init.normal_(token, std=1e-6)
 
-        self.register_buffer("_resnet_mean", torch.empty(1, 1, 1, 3, 1, 1), persistent=False)
-        self.register_buffer("_resnet_std", torch.empty(1, 1, 1, 3, 1, 1), persistent=False)
-        self.reset_buffers()
 
         self.patch_embed = DinoVisionTransformer(embed_dim, backbone_depth, num_heads, patch_size)
         if rope == "2d":
@@ -91,50 +134,22 @@ class Aggregator(nn.Module):
         self.cross_view_blocks = copy.deepcopy(self.intra_view_blocks)
         self.cross_frame_blocks = copy.deepcopy(self.intra_view_blocks)
 
-    def reset_buffers(self) -> None:
-        device = self._resnet_mean.device
-        self._resnet_mean.copy_(torch.tensor(IMAGENET_MEAN, device=device).view(1, 1, 1, 3, 1, 1))
-        self._resnet_std.copy_(torch.tensor(IMAGENET_STD, device=device).view(1, 1, 1, 3, 1, 1))
-
     def _check_input(self, images: Tensor) -> None:
-        if images.ndim != 6 or images.shape[3] != 3:
-            raise ValueError(f"expected images of shape [B, T, V, 3, H, W], got {list(images.shape)}")
-        T, (H, W), p = images.shape[1], images.shape[-2:], self.patch_size
-        if H % p or W % p:
+        check_images(images, self.patch_size)
+        if images.shape[1] > self.max_frames:
             raise ValueError(
-                f"image height and width must be multiples of the patch size {p}, got {H}x{W} "
-                f"(input shape {list(images.shape)}); resize or crop the images, e.g. to {H // p * p}x{W // p * p}"
-            )
-        if T > self.max_frames:
-            raise ValueError(
-                f"got {T} frames but the model's temporal embedding covers at most {self.max_frames} "
+                f"got {images.shape[1]} frames but the model supports at most {self.max_frames} "
                 f"(model.max_frames); use shorter clips or raise model.max_frames"
             )
 
     def _positions(self, rows: int, cols: int, frames: Sequence[int], device: torch.device) -> Tensor:
         """RoPE positions of one image's tokens in each frame, [T, N, 2] (2D: row, col) or [T, N, 3] (M-RoPE:
         t = absolute frame index, row, col). Special tokens sit at row = col = 0, patches at (row + 1, col + 1)."""
-        grid = torch.cartesian_prod(torch.arange(rows, device=device), torch.arange(cols, device=device)) + 1
-        special = torch.zeros(self.patch_start_idx, 2, dtype=grid.dtype, device=device)
-        spatial = torch.cat([special, grid], dim=0)[None].expand(len(frames), -1, -1)  # [T, N, 2]
+        spatial = token_positions(rows, cols, self.patch_start_idx, device)[None].expand(len(frames), -1, -1)
         if isinstance(self.rope, RotaryPositionEmbedding2D):
             return spatial
         t = torch.as_tensor(frames, device=device)[:, None, None].expand(-1, spatial.shape[1], 1)  # [T, N, 1]
         return torch.cat([t, spatial], dim=-1)
-
-    @staticmethod
-    def _per_image(token: Tensor, B: int, T: int, V: int) -> Tensor:
-        """[1, 2, X, C] (variant 0 for frame 0, variant 1 for the later frames) or [1, X, C] -> [B*T*V, X, C]."""
-        if token.ndim == 3:
-            per_frame = token[:, None].expand(-1, T, -1, -1)
-        else:
-            per_frame = torch.cat([token[:, :1], token[:, 1:].expand(-1, T - 1, -1, -1)], dim=1)  # [1, T, X, C]
-        return per_frame[:, :, None].expand(B, T, V, -1, -1).reshape(B * T * V, *token.shape[-2:])
-
-    def _run(self, block: nn.Module, x: Tensor, pos: Tensor, **kwargs) -> Tensor:
-        if self.training and self.gradient_checkpointing:
-            return checkpoint(block, x, pos, use_reentrant=False, **kwargs)
-        return block(x, pos=pos, **kwargs)
 
     def _frame_causal_mask(self, T: int, N: int, device: torch.device) -> Optional[Tensor]:
         """[T*N, T*N] boolean, True where a token may attend: its own frame and earlier ones (None if not causal)."""
@@ -159,7 +174,7 @@ class Aggregator(nn.Module):
                 f"streaming takes one frame and one KV cache per depth step, got {T} frames and "
                 f"{len(kv_caches)} caches for {len(self.cross_frame_blocks)} steps"
             )
-        images = (images - self._resnet_mean) / self._resnet_std
+        images = normalize_images(images)
 
         patches = self.patch_embed(images.reshape(B * T * V, 3, H, W))  # [B*T*V, P, C]
         P, C = patches.shape[1:]
@@ -167,8 +182,8 @@ class Aggregator(nn.Module):
             patches = patches.view(B, T, V, P, C) + self.temporal_pos_embed[0, :T, None, None]
         x = torch.cat(
             [
-                self._per_image(self.ego_pose_token, B, T, V),
-                self._per_image(self.register_token, B, T, V),
+                per_image_tokens(self.ego_pose_token, B, T, V),
+                per_image_tokens(self.register_token, B, T, V),
                 patches.reshape(B * T * V, P, C),
             ],
             dim=1,
@@ -186,15 +201,16 @@ class Aggregator(nn.Module):
             pos_intra, pos_view, pos_frame = pos_intra[:1], pos_view[:1], pos_frame[:1]
         mask = self._frame_causal_mask(T, N, x.device)
 
+        checkpointing = self.training and self.gradient_checkpointing
         outputs = []
         for i, (intra_block, view_block, frame_block) in enumerate(
             zip(self.intra_view_blocks, self.cross_view_blocks, self.cross_frame_blocks)
         ):
-            intra = self._run(intra_block, x.reshape(B * T * V, N, C), pos_intra).view(B, T, V, N, C)
-            view = self._run(view_block, intra.reshape(B * T, V * N, C), pos_view).view(B, T, V, N, C)
+            intra = run_block(intra_block, x.reshape(B * T * V, N, C), pos_intra, checkpointing).view(B, T, V, N, C)
+            view = run_block(view_block, intra.reshape(B * T, V * N, C), pos_view, checkpointing).view(B, T, V, N, C)
             frame_input = view.transpose(1, 2).reshape(B * V, T * N, C)
             if kv_caches is None:
-                frame = self._run(frame_block, frame_input, pos_frame, attn_mask=mask)
+                frame = run_block(frame_block, frame_input, pos_frame, checkpointing, attn_mask=mask)
             else:
                 frame = frame_block(frame_input, pos=pos_frame, kv_cache=kv_caches[i])
             x = frame.view(B, V, T, N, C).transpose(1, 2)

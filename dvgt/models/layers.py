@@ -1,4 +1,4 @@
-"""Transformer building blocks shared by the DINOv3 backbone, the aggregator and the ego-pose head.
+"""Transformer building blocks shared by the DINOv2/DINOv3 backbones, the aggregators and the pose heads.
 
 One `Attention` and one `Block` serve all three. What differs is passed in:
 - `qk_norm`: LayerNorm over the head dim of q and k (aggregator only);
@@ -209,12 +209,13 @@ class Block(nn.Module):
         qk_norm: bool = False,
         rope: Optional[RopeFn] = None,
         mask_k_bias: bool = False,
+        norm_eps: float = 1e-5,  # of norm1 and norm2 (DINOv2 uses 1e-6)
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qk_norm=qk_norm, rope=rope, mask_k_bias=mask_k_bias)
         self.ls1 = LayerScale(dim, init_values)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, init_values)
 

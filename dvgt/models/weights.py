@@ -6,7 +6,7 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import load_file
@@ -72,6 +72,7 @@ class LoadReport:
     missing: List[str] = field(default_factory=list)  # in the model, not in the file
     unexpected: List[str] = field(default_factory=list)  # in the file, not in the model
     mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)  # key, file, model
+    ignored: Dict[str, List[str]] = field(default_factory=dict)  # reason -> keys of the file left out on purpose
 
     @property
     def ok(self) -> bool:
@@ -79,12 +80,16 @@ class LoadReport:
 
     def summary(self) -> str:
         total = len(self.loaded) + len(self.missing) + len(self.mismatched)
+        ignored = sum(len(keys) for keys in self.ignored.values())
         lines = [
             f"weights {self.path}: loaded {len(self.loaded)} of {total} model entries; "
             f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatched"
+            + (f", {ignored} ignored" if ignored else "")
         ]
-        for label, keys in (("missing (in the model, not in the file)", self.missing),
-                            ("unexpected (in the file, not in the model)", self.unexpected)):
+        categories = [("missing (in the model, not in the file)", self.missing),
+                      ("unexpected (in the file, not in the model)", self.unexpected)]
+        categories += [(f"ignored ({reason})", keys) for reason, keys in self.ignored.items()]
+        for label, keys in categories:
             if keys:
                 lines.append(f"  {label}: " + ", ".join(_names(keys)))
         if self.mismatched:
@@ -100,11 +105,25 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool) -> LoadReport
 
     strict=True: any missing, unexpected or shape-mismatched key raises `WeightsMismatchError` and
     nothing is loaded. strict=False: every key whose name and shape match is loaded, the rest is
-    skipped and listed in the report.
+    skipped and listed in the report. Keys of heads the model leaves out (its `disabled_heads`
+    prefixes, e.g. VGGT-1B's depth and track heads) are ignored either way, and reported as such.
     """
     state = read_checkpoint(path)
+    disabled = tuple(getattr(model, "disabled_heads", ()))
+    skipped = [k for k in state if k.startswith(disabled)] if disabled else []
+    for key in skipped:
+        del state[key]
+    return load_state(model, state, strict, str(path), ignored={"head disabled": skipped} if skipped else None)
+
+
+def load_state(model: nn.Module, state: Mapping[str, Tensor], strict: bool, source: str,
+               ignored: Optional[Dict[str, List[str]]] = None) -> LoadReport:
+    """Load the state_dict `state` (read from `source`) into `model`; see `load_weights`.
+
+    `ignored` lists keys the caller already left out of `state` on purpose, by reason (reported only).
+    """
     model_state = model.state_dict()
-    report = LoadReport(str(path), unexpected=[k for k in state if k not in model_state])
+    report = LoadReport(source, unexpected=[k for k in state if k not in model_state], ignored=dict(ignored or {}))
     for key, target in model_state.items():
         if key not in state:
             report.missing.append(key)

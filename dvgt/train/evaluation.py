@@ -25,17 +25,25 @@ Ego poses (``absolute_ego_pose_enc``: translation and quaternion xyzw of ego_t -
                     undefined when the GT ego barely moves between the two frames (< MIN_BASELINE_M):
                     such pairs are judged by their rotation alone.
   ego_trans_error   mean ||t_pred - t_gt|| over frames 1.. (ATE-style, no alignment: poses are metric).
+
+VGGT predictions (``cam_pose_enc``: one camera per image, first camera -> camera, absT_quaR_FoV;
+points in the first camera's frame) are moved into the first frame's ego frame with the GT rig, so the
+point and depth metrics above apply unchanged. Cameras are scored like ego poses, over the T*V images:
+  pose_auc_30       the AUC@30 above, over every pair of images.
+  cam_trans_error   mean ||c_pred - c_gt|| of the camera centres in the first camera's frame, images 1...
+  fov_error_deg     mean |FoV_pred - FoV_gt| (vertical and horizontal), degrees.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import torch
 from torch import Tensor
 
-from dvgt.data.geometry import absT_quaR_to_pose, inverse_pose
+from dvgt.data.geometry import absT_quaR_to_pose, inverse_pose, pose_to_absT_quaR, transform_points
+from dvgt.train.losses import vggt_targets
 
 MAX_POINTS = 20_000  # nearest-neighbour metrics: pixels per clip at most
 NN_CHUNK = 1024  # rows of the distance matrix computed at once (1024 x 20k float64 = 160 MB)
@@ -58,15 +66,21 @@ def evaluate_clip(predictions: Mapping[str, Tensor], batch: Mapping[str, Tensor]
 
         return evaluate_dvgt2_clip(predictions, batch, gt_scale_factor, max_points)
     pred_points = predictions["points"].float() / gt_scale_factor  # [B,T,V,H,W,3] metres
-    pred_pose = predictions["absolute_ego_pose_enc"].float()  # [B,T,7]
-    pred_pose = torch.cat([pred_pose[..., :3] / gt_scale_factor, pred_pose[..., 3:]], dim=-1)
+    if "cam_pose_enc" in predictions:  # VGGT: points in the first camera's frame, one camera per image
+        first_cam_to_ego0 = batch["ego_to_first"][:, 0].double() @ batch["cam_to_ego"][:, 0, 0].double()  # [B,4,4]
+        pred_points = transform_points(first_cam_to_ego0.float(), pred_points)
+        pose_per_clip = camera_metrics(predictions["cam_pose_enc"], batch, gt_scale_factor)
+    else:
+        pred_pose = predictions["absolute_ego_pose_enc"].float()  # [B,T,7]
+        pred_pose = torch.cat([pred_pose[..., :3] / gt_scale_factor, pred_pose[..., 3:]], dim=-1)
+        pose_per_clip = [pose_metrics(pred_pose[b], batch["ego_pose"][b].float()) for b in range(len(pred_pose))]
     pred_depths = depth_in_gt_cameras(pred_points, batch["cam_to_ego"], batch["ego_to_first"])  # [B,T,V,H,W]
     masks = batch["point_masks"].bool()
     per_clip = []
     for b in range(pred_points.shape[0]):
         metrics = point_metrics(pred_points[b][masks[b]], batch["points"][b].float()[masks[b]], max_points)
         metrics.update(depth_metrics(pred_depths[b], batch["depths"][b].float(), masks[b]))
-        metrics.update(pose_metrics(pred_pose[b], batch["ego_pose"][b].float()))
+        metrics.update(pose_per_clip[b])
         per_clip.append(metrics)
     return {key: _nanmean([m[key] for m in per_clip]) for key in per_clip[0]}
 
@@ -197,6 +211,23 @@ def pose_auc(errors_deg: Tensor, max_threshold: int = AUC_MAX_THRESHOLD_DEG) -> 
     return (errors_deg[:, None] < thresholds).float().mean().item()
 
 
+def camera_metrics(pred: Tensor, batch: Mapping[str, Tensor], gt_scale_factor: float) -> List[Dict[str, float]]:
+    """pose_auc_30, cam_trans_error and fov_error_deg of each clip. pred: VGGT's cam_pose_enc [B,T,V,9]."""
+    pred = pred.float().flatten(1, 2)  # [B,T*V,9]
+    pred = torch.cat([pred[..., :3] / gt_scale_factor, pred[..., 3:]], dim=-1)
+    gt = vggt_targets(batch)[1].flatten(1, 2)
+    per_clip = []
+    for b in range(len(pred)):
+        # pose_metrics scores poses mapping each image's frame into the first one: invert the extrinsics
+        cam_to_first = [pose_to_absT_quaR(inverse_pose(absT_quaR_to_pose(p[b, :, :7].double()))) for p in (pred, gt)]
+        metrics = pose_metrics(*cam_to_first)
+        metrics["cam_trans_error"] = metrics.pop("ego_trans_error")
+        metrics["fov_error_deg"] = torch.rad2deg((pred[b, :, 7:] - gt[b, :, 7:]).abs()).mean().item()
+        per_clip.append(metrics)
+    return per_clip
+
+
 def _nanmean(values) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
+

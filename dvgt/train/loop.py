@@ -23,6 +23,7 @@ from dvgt.checkpoint.manager import STEP_DIR, Checkpoint, CheckpointManager, set
 from dvgt.data.anchors import ensure_anchors
 from dvgt.data.loader import build_dataloader
 from dvgt.models import build_model
+from dvgt.models.conversions import initialise_from_pretrained
 from dvgt.models.weights import load_weights
 from dvgt.train import distributed
 from dvgt.train.clipping import GradientClipper
@@ -161,11 +162,18 @@ class Trainer:
         return None
 
     def _load_pretrained(self) -> None:
+        """checkpoint.load_pretrained_weights_path (converted, e.g. VGGT-1B -> DVGT-1), then
+        checkpoint.direct_load_pretrained_weights_path (same architecture, honours checkpoint.strict)."""
         ck = self.cfg.checkpoint
+        for key in ("load_pretrained_weights_path", "direct_load_pretrained_weights_path"):
+            if ck[key] and not Path(ck[key]).is_file():
+                raise FileNotFoundError(f"checkpoint.{key}: weights file '{ck[key]}' does not exist; fix the path "
+                                        f"or set checkpoint.{key}=null")
         if ck.load_pretrained_weights_path:
-            raise NotImplementedError("checkpoint.load_pretrained_weights_path (initialising DVGT from VGGT-1B) "
-                                      "arrives with the DVGT-2/VGGT release; use "
-                                      "checkpoint.direct_load_pretrained_weights_path for DVGT weights")
+            report, conversion = initialise_from_pretrained(self.model, self.cfg.model.name,
+                                                            ck.load_pretrained_weights_path)
+            self._print(f"Initialised from {ck.load_pretrained_weights_path} ({conversion.description}):\n"
+                        f"{report.summary()}")
         if ck.direct_load_pretrained_weights_path:
             report = load_weights(self.model, ck.direct_load_pretrained_weights_path, strict=ck.strict)
             self._print(f"Loaded pretrained weights from {ck.direct_load_pretrained_weights_path}:\n{report.summary()}")

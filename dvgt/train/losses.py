@@ -12,6 +12,10 @@ The point loss follows VGGT's training loss (facebookresearch/vggt, training/los
 The ego-pose loss is an L1 (or L2) loss on the translation and on the quaternion of every refinement
 iteration of the pose head, later iterations weighing more.
 
+VGGT predictions (``cam_pose_enc_list``) get the point loss on points in the first camera's frame and
+VGGT's camera loss (the same per-iteration scheme on translation, quaternion and field of view);
+their targets are derived from the batch's DVGT fields (``vggt_targets``).
+
 Ground truth arrives in metres and is multiplied by ``gt_scale_factor`` here, so that it lives in the
 units of the network output. Everything is computed in float32 with autocast off. Non-finite values
 are returned as they are: the trainer skips such steps and counts them.
@@ -24,6 +28,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dvgt.data.geometry import camera_pose_encoding, inverse_pose, transform_points
 
 MIN_VALID_PIXELS = 100  # below this many valid pixels in a batch the point loss is zero
 GRADIENT_LOSS_SCALES = 3  # the gradient term is averaged over strides 1, 2, 4
@@ -50,6 +56,8 @@ def compute_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_
         from dvgt.train.dvgt2_losses import dvgt2_loss  # it builds on this module's losses
 
         return dvgt2_loss(predictions, batch, loss_cfg, anchors)
+    if "cam_pose_enc_list" in predictions:
+        return compute_vggt_loss(predictions, batch, loss_cfg)
     scale = loss_cfg.gt_scale_factor
     pred_points = predictions["points"]
     pose_list = predictions.get("absolute_ego_pose_enc_list") or [predictions["absolute_ego_pose_enc"]]
@@ -221,3 +229,81 @@ def _pose_errors(pred: Tensor, gt: Tensor, loss_type: str) -> Tuple[Tensor, Tens
     if loss_type == "l2":
         return torch.linalg.vector_norm(d_t, dim=-1), torch.linalg.vector_norm(d_r, dim=-1)
     raise ValueError(f"unknown ego_pose loss_type '{loss_type}' (expected l1 or l2)")
+
+
+# --------------------------------------------------------------------------------------------
+# VGGT: targets and camera loss
+# --------------------------------------------------------------------------------------------
+
+
+def vggt_targets(batch: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+    """VGGT's ground truth from the DVGT batch fields (metres, float32).
+
+    Returns points [B,T,V,H,W,3] in the first camera's frame (frame 0, view 0; OpenCV axes) and
+    camera encodings [B,T,V,9]: absT_quaR_FoV of first camera -> camera (VGGT's extrinsics).
+    Uses ``points`` (frame-0 ego frame), ``cam_to_ego``, ``ego_to_first``, ``intrinsics``, ``images``.
+    """
+    cam_to_ego0 = batch["ego_to_first"][:, :, None].double() @ batch["cam_to_ego"].double()  # [B,T,V,4,4]
+    ego0_to_cam0 = inverse_pose(cam_to_ego0[:, 0, 0])  # [B,4,4]
+    points = transform_points(ego0_to_cam0.float(), batch["points"].float())
+    extrinsics = inverse_pose(ego0_to_cam0[:, None, None] @ cam_to_ego0)  # first camera -> camera [B,T,V,4,4]
+    height, width = batch["images"].shape[-2:]
+    return points, camera_pose_encoding(extrinsics, batch["intrinsics"].double(), height, width).float()
+
+
+def compute_vggt_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_cfg) -> Dict[str, Tensor]:
+    """Losses of VGGT predictions (``cam_pose_enc_list``: n x [B,T,V,9], ``points``, ``points_conf``).
+
+    objective = point.weight * (loss_conf_point + loss_reg_point + loss_grad_point) + camera.weight * loss_camera.
+    Translations and points are multiplied by gt_scale_factor; fields of view are angles and are not.
+    """
+    scale = loss_cfg.gt_scale_factor
+    pred_points = predictions["points"]
+    with torch.autocast(device_type=pred_points.device.type, enabled=False):
+        gt_points, gt_pose = vggt_targets(batch)
+        gt_pose = torch.cat([gt_pose[..., :3] * scale, gt_pose[..., 3:]], dim=-1)
+        masks = batch["point_masks"].bool()
+        point_cfg, camera_cfg = loss_cfg.point, loss_cfg.camera
+        losses = point_loss(
+            pred_points.float(), predictions["points_conf"].float(), gt_points * scale, masks,
+            gamma=point_cfg.gamma, alpha=point_cfg.alpha, gradient_loss_fn=point_cfg.gradient_loss_fn,
+            valid_range=point_cfg.valid_range)
+        valid_clips = masks[:, 0, 0].sum(dim=(-1, -2)) > MIN_VALID_PIXELS  # the first image anchors the frame
+        losses.update(camera_loss(
+            [pose.float() for pose in predictions["cam_pose_enc_list"]], gt_pose, valid_clips,
+            gamma=camera_cfg.gamma, loss_type=camera_cfg.loss_type, weight_trans=camera_cfg.weight_trans,
+            weight_rot=camera_cfg.weight_rot, weight_focal=camera_cfg.weight_focal))
+        point_total = losses["loss_conf_point"] + losses["loss_reg_point"] + losses["loss_grad_point"]
+        losses["objective"] = point_cfg.weight * point_total + camera_cfg.weight * losses["loss_camera"]
+    return losses
+
+
+def camera_loss(pred_list: List[Tensor], gt: Tensor, valid_clips: Tensor, *, gamma: float = 0.6,
+                loss_type: str = "l1", weight_trans: float = 1.0, weight_rot: float = 1.0,
+                weight_focal: float = 0.5) -> Dict[str, Tensor]:
+    """VGGT's camera loss over the camera head's iterations.
+
+    pred_list: n tensors [B,T,V,9] (absT_quaR_FoV), gt: [B,T,V,9] in the same units; valid_clips:
+    bool [B], the clips that are supervised. Every image counts, the first camera (identity) too.
+    Iteration i of n weighs gamma ** (n - i - 1), and the weighted sum is divided by n. Returns
+    ``loss_T``, ``loss_R``, ``loss_FL`` and ``loss_camera`` = weight_trans * loss_T + weight_rot * loss_R
+    + weight_focal * loss_FL.
+    """
+    if not valid_clips.any():
+        zero = 0.0 * sum(pred.mean() for pred in pred_list)
+        return {"loss_T": zero, "loss_R": zero, "loss_FL": zero, "loss_camera": zero}
+    n = len(pred_list)
+    gt = gt[valid_clips]
+    loss_t = loss_r = loss_fl = 0.0
+    for i, pred in enumerate(pred_list):
+        weight = gamma ** (n - i - 1)
+        pred = pred[valid_clips]
+        err_t, err_r = _pose_errors(pred, gt, loss_type)
+        d_fl = pred[..., 7:] - gt[..., 7:]
+        err_fl = d_fl.abs() if loss_type == "l1" else torch.linalg.vector_norm(d_fl, dim=-1)
+        loss_t = loss_t + weight * err_t.clamp(max=HARD_MAX).mean()
+        loss_r = loss_r + weight * err_r.mean()
+        loss_fl = loss_fl + weight * err_fl.mean()
+    loss_t, loss_r, loss_fl = loss_t / n, loss_r / n, loss_fl / n
+    return {"loss_T": loss_t, "loss_R": loss_r, "loss_FL": loss_fl,
+            "loss_camera": weight_trans * loss_t + weight_rot * loss_r + weight_focal * loss_fl}

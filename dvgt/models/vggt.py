@@ -1,0 +1,158 @@
+"""VGGT (Wang et al., "VGGT: Visual Geometry Grounded Transformer"), as fine-tuned in DVGT.
+
+The T x V images of a clip are one sequence of S = T*V images. The aggregator turns each image into
+[camera token, register tokens, DINOv2 patch tokens] and alternates two kinds of attention:
+- frame: the tokens of one image attend to each other,       [B*S, N, C]
+- global: the tokens of all S images of a clip,               [B, S*N, C]
+and outputs [frame, global] concatenated after every step: [B, S, N, 2C].
+The camera head predicts one absT_quaR_FoV encoding per image (first camera -> that camera), the
+DPT head a point map in the first camera's frame.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .aggregator import check_images, normalize_images, per_image_tokens, run_block, token_positions
+from .dinov2 import DinoV2VisionTransformer
+from .dpt_head import DPTHead
+from .dvgt1 import SIZES, DVGT1Size
+from .ego_pose_head import CAMERA_POSE_DIM, EgoPoseHead
+from .layers import Block, RotaryPositionEmbedding2D
+
+# Heads of the published VGGT-1B that this model does not build: their checkpoint keys are ignored.
+DISABLED_HEADS = ("depth_head.", "track_head.")
+
+
+class VGGTAggregator(nn.Module):
+    def __init__(
+        self,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        backbone_depth: int = 24,
+        patch_size: int = 14,
+        img_size: int = 518,
+        num_register_tokens: int = 4,
+        mlp_ratio: float = 4.0,
+        init_values: float = 0.01,
+        rope_freq: float = 100.0,
+        gradient_checkpointing: bool = True,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.patch_start_idx = 1 + num_register_tokens  # camera token, then registers, then patches
+        self.gradient_checkpointing = gradient_checkpointing
+
+        # Learned special tokens: variant 0 for the first image of a clip, variant 1 for the others.
+        self.camera_token = nn.Parameter(torch.empty(1, 2, 1, embed_dim))
+        self.register_token = nn.Parameter(torch.empty(1, 2, num_register_tokens, embed_dim))
+        for token in (self.camera_token, self.register_token):
+            nn.init.normal_(token, std=1e-6)
+
+        self.patch_embed = DinoV2VisionTransformer(embed_dim, backbone_depth, num_heads, patch_size, img_size,
+                                                   num_register_tokens)
+        self.rope = RotaryPositionEmbedding2D(frequency=rope_freq)
+
+        def stack() -> nn.ModuleList:
+            return nn.ModuleList(
+                [Block(embed_dim, num_heads, init_values=init_values, mlp_ratio=mlp_ratio, qk_norm=True, rope=self.rope)
+                 for _ in range(depth)]
+            )
+
+        self.frame_blocks = stack()
+        self.global_blocks = stack()
+
+    def forward(self, images: Tensor) -> Tuple[List[Tensor], int]:
+        """images [B, T, V, 3, H, W] in [0, 1] -> (depth x [B, T*V, N, 2C], patch_start_idx)."""
+        check_images(images, self.patch_size)
+        B, T, V, _, H, W = images.shape
+        S = T * V
+        patches = self.patch_embed(normalize_images(images).reshape(B * S, 3, H, W))  # [B*S, P, C]
+        x = torch.cat(
+            [
+                per_image_tokens(self.camera_token, B, S, 1),  # one "frame" per image: variant 0 for image 0 only
+                per_image_tokens(self.register_token, B, S, 1),
+                patches,
+            ],
+            dim=1,
+        )
+        N, C = x.shape[1:]
+
+        pos = token_positions(H // self.patch_size, W // self.patch_size, self.patch_start_idx, images.device)  # [N,2]
+        pos_global = pos.repeat(S, 1)[None]  # same grid per image
+
+        checkpointing = self.training and self.gradient_checkpointing
+        outputs = []
+        for frame_block, global_block in zip(self.frame_blocks, self.global_blocks):
+            frame = run_block(frame_block, x.reshape(B * S, N, C), pos[None], checkpointing).view(B, S, N, C)
+            x = run_block(global_block, frame.reshape(B, S * N, C), pos_global, checkpointing).view(B, S, N, C)
+            outputs.append(torch.cat([frame, x], dim=-1))
+        return outputs, self.patch_start_idx
+
+
+class VGGT(nn.Module):
+    disabled_heads = DISABLED_HEADS  # read by load_weights
+
+    def __init__(
+        self,
+        size: DVGT1Size = SIZES["full"],
+        patch_size: int = 14,
+        gradient_checkpointing: bool = True,
+        frames_chunk_size: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size  # H and W of inputs must be multiples of this
+        self.frames_chunk_size = frames_chunk_size
+        self.aggregator = VGGTAggregator(
+            embed_dim=size.embed_dim,
+            depth=size.depth,
+            num_heads=size.num_heads,
+            backbone_depth=size.backbone_depth,
+            patch_size=patch_size,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        dim_in = 2 * size.embed_dim
+        self.camera_head = EgoPoseHead(
+            dim_in, trunk_depth=size.ego_trunk_depth, num_heads=size.num_heads, pose_dim=CAMERA_POSE_DIM, per_image=True
+        )
+        self.point_head = DPTHead(
+            dim_in,
+            patch_size=patch_size,
+            features=size.dpt_features,
+            out_channels=size.dpt_out_channels,
+            intermediate_layer_idx=size.dpt_layers,
+        )
+
+    def forward(self, images: Tensor) -> Dict[str, object]:
+        """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1], H and W multiples of 14.
+
+        Returns cam_pose_enc [B, T, V, 9] (absT_quaR_FoV of first camera -> camera, last iteration),
+        cam_pose_enc_list (one per iteration), points [B, T, V, H, W, 3] in the first camera's frame,
+        points_conf [B, T, V, H, W], and, in eval mode, the input `images`.
+        """
+        if images.ndim == 5:
+            images = images.unsqueeze(0)
+        B, T, V = images.shape[:3]
+        tokens_list, patch_start_idx = self.aggregator(images)
+        tokens_list = [tokens.view(B, T, V, *tokens.shape[2:]) for tokens in tokens_list]  # [B, T, V, N, 2C]
+
+        # The heads run in float32 even under autocast.
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            poses = self.camera_head(tokens_list)
+            points, points_conf = self.point_head(
+                tokens_list, images.shape[-2:], patch_start_idx, frames_chunk_size=self.frames_chunk_size
+            )
+
+        predictions = {
+            "cam_pose_enc": poses[-1],
+            "cam_pose_enc_list": poses,
+            "points": points,
+            "points_conf": points_conf,
+        }
+        if not self.training:
+            predictions["images"] = images
+        return predictions
