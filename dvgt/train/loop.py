@@ -70,7 +70,7 @@ class Trainer:
         self._last_saved_step = -1
 
         seed_everything(cfg.seed_value)  # the same on every rank, so initial weights agree
-        if cfg.model.get("anchor_path"):
+        if cfg.model.anchor_path:
             self._prepare_anchors()
         self.model = build_model(cfg.model).to(self.device)
         self.checkpoints = CheckpointManager(cfg.checkpoint.uri, self.dist.rank, self.dist.world_size,
@@ -135,7 +135,7 @@ class Trainer:
 
     def forward(self, model: torch.nn.Module, batch: Dict[str, Any]) -> Dict[str, Any]:
         """The model on a batch's images (and ego status, for DVGT-2 with model.enable_ego_status)."""
-        if self.cfg.model.get("enable_ego_status", False):
+        if self.cfg.model.enable_ego_status:
             return model(batch["images"], ego_status=batch["ego_status"])
         return model(batch["images"])
 
