@@ -12,7 +12,6 @@ every value comes from the record the loop already has on the host.
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -26,17 +25,17 @@ _folder: Optional[Path] = None  # the folder this process writes to; prometheus-
 
 
 def _prepare_folder(log_dir: str | Path, labels: Mapping[str, str]) -> Path:
-    """Point prometheus-client at the run's folder and remove stale files, once per process and
-    before prometheus_client is imported (it reads the folder's variable at import)."""
+    """Point prometheus-client at the run's folder and remove stale files, once per process."""
     global _folder
     if _folder is None:
-        _folder = use_folder(log_dir)
+        _folder = use_folder(log_dir)  # before prometheus_client is imported: it reads the variable then
         remove_stale_files(_folder, labels)
     from prometheus_client import values
 
     if not values.ValueClass._multiprocess:
-        warnings.warn("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set: this process's "
-                      "metrics stay in memory and are not exported; set the variable before starting the process")
+        # prometheus_client was imported before the variable was set (a notebook, a test process):
+        # switch to the value class the import would have chosen.
+        values.ValueClass = values.MultiProcessValue()
     return _folder
 
 
