@@ -18,7 +18,7 @@ from typing import Any, Dict, Mapping, Optional
 from dvgt.metrics.labels import LABEL_NAMES
 from dvgt.metrics.multiproc import remove_stale_files, use_folder
 
-STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0)  # seconds
+STEP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0, 300.0)  # seconds: tiny CPU runs to 2B-parameter GPU steps
 CHECKPOINT_OUTCOMES = ("ok", "failed", "skipped")
 
 _folder: Optional[Path] = None  # the folder this process writes to; prometheus-client fixes it once per process
