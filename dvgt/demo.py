@@ -40,15 +40,17 @@ def run_demo(config: str, out: str | Path, overrides: Sequence[str] = (), metric
         "checkpoint.resume=never", *overrides])
     started = time.perf_counter()
     trainer = Trainer(cfg)  # generates the synthetic dataset on first use
-    port = port_or_free(metrics_port)
-    exporter = start_exporter(folder_for(cfg.logging.log_dir), port, job=job_name(cfg.exp_name))
-    print(f"Metrics (Prometheus format) while the demo trains: http://127.0.0.1:{port}/metrics", flush=True)
+    exporter = None
     try:
+        port = port_or_free(metrics_port)
+        exporter = start_exporter(folder_for(cfg.logging.log_dir), port, job=job_name(cfg.exp_name))
+        print(f"Metrics (Prometheus format) while the demo trains: http://127.0.0.1:{port}/metrics", flush=True)
         result = trainer.fit()
     finally:
         trainer.close()
-        exporter.terminate()
-        exporter.wait()
+        if exporter is not None:
+            exporter.terminate()
+            exporter.wait()
     minutes = (time.perf_counter() - started) / 60
 
     history = read_log(out / "train_log.jsonl")

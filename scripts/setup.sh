@@ -20,15 +20,13 @@ fi
 # start (tests run their own server on a free loopback port): a policy-rc.d that denies service starts
 # is in place during the install, and the unit is disabled afterwards so no daemon takes :9090.
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
-  added_policy=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
     as_root chmod +x /usr/sbin/policy-rc.d
-    added_policy=1
+    trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT  # removed again however the install ends
   fi
   as_root apt-get update -qq
   as_root apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=600 prometheus >/dev/null
-  [ -n "$added_policy" ] && as_root rm -f /usr/sbin/policy-rc.d
   if command -v systemctl >/dev/null; then as_root systemctl disable prometheus >/dev/null 2>&1 || true; fi
 fi
 
