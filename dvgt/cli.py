@@ -1,4 +1,4 @@
-"""The `dvgt` command line: train, model-info, data, anchors, demo, infer."""
+"""The `dvgt` command line: train, model-info, data, anchors, demo, infer, exporter."""
 
 from __future__ import annotations
 
@@ -74,7 +74,16 @@ def cmd_anchors(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dvgt.demo import run_demo
 
-    run_demo(args.config, args.out, args.overrides)
+    run_demo(args.config, args.out, args.overrides, metrics_port=args.metrics_port)
+    return 0
+
+
+def cmd_exporter(args: argparse.Namespace) -> int:
+    from dvgt.metrics.exporter import serve  # no torch: the sidecar starts in a fraction of a second
+
+    if not args.dir:
+        raise ValueError("dvgt exporter needs the trainer's metrics folder: pass --dir or set PROMETHEUS_MULTIPROC_DIR")
+    serve(args.dir, port=args.port, host=args.host, job=args.job)
     return 0
 
 
@@ -120,6 +129,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train the DVGT-1 demo on CPU and draw the result")
     demo.add_argument("--config", default="train/dvgt1/demo.yaml")
     demo.add_argument("--out", default="runs/demo", help="folder for data, checkpoints, log and figure")
+    demo.add_argument("--metrics-port", type=int, default=9400,
+                      help="serve the run's Prometheus metrics on 127.0.0.1:PORT while it trains (0: a free port)")
     demo.add_argument("overrides", nargs="*", metavar="key.path=value")
     demo.set_defaults(func=cmd_demo)
 
@@ -135,6 +146,14 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     infer.add_argument("--seed", type=int, default=0, help="seed of the planning decoder's starting noise")
     infer.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. model.size=tiny")
     infer.set_defaults(func=cmd_infer)
+
+    exporter = sub.add_parser("exporter", help="serve the trainer's Prometheus metrics and per-GPU NVML readings")
+    exporter.add_argument("--port", type=int, default=9400)
+    exporter.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1: this machine only)")
+    exporter.add_argument("--dir", default=os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
+                          help="the trainer's metrics folder (default: $PROMETHEUS_MULTIPROC_DIR)")
+    exporter.add_argument("--job", default=None, help="dvgt_job label of the GPU series (default: $DVGT_JOB_NAME)")
+    exporter.set_defaults(func=cmd_exporter)
     return parser
 
 

@@ -164,6 +164,7 @@ class LoggingConfig:
     log_freq: int = 10  # log every N optimizer steps
     tensorboard: bool = False  # also write TensorBoard event files
     progress: bool = True  # progress bar on rank 0
+    metrics: bool = True  # Prometheus metrics of every rank into $PROMETHEUS_MULTIPROC_DIR, else <log_dir>/metrics (docs/metrics.md)
 
 
 @dataclass

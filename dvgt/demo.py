@@ -1,7 +1,9 @@
-"""`dvgt demo` (what `make demo` runs): train the DVGT-1 demo stage on CPU and draw the result."""
+"""`dvgt demo` (what `make demo` runs): train the DVGT-1 demo stage on CPU and draw the result, serving
+the run's Prometheus metrics on localhost while it trains."""
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Sequence
@@ -11,12 +13,25 @@ import torch
 from dvgt.config import load_config
 from dvgt.data.loader import load_clip
 from dvgt.data.sampler import image_height
+from dvgt.metrics.exporter import start_exporter
+from dvgt.metrics.labels import job_name
+from dvgt.metrics.multiproc import folder_for
 from dvgt.train.logger import read_log
 from dvgt.train.loop import Trainer
 from dvgt.viz import render_result_figure
 
 
-def run_demo(config: str, out: str | Path, overrides: Sequence[str] = ()) -> Path:
+def port_or_free(port: int) -> int:
+    """`port` when nothing listens on it on 127.0.0.1, else (or for 0) a free port."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_demo(config: str, out: str | Path, overrides: Sequence[str] = (), metrics_port: int = 9400) -> Path:
     out = Path(out)
     data_root = out / "data"
     cfg = load_config(config, [
@@ -25,10 +40,17 @@ def run_demo(config: str, out: str | Path, overrides: Sequence[str] = ()) -> Pat
         "checkpoint.resume=never", *overrides])
     started = time.perf_counter()
     trainer = Trainer(cfg)  # generates the synthetic dataset on first use
+    exporter = None
     try:
+        port = port_or_free(metrics_port)
+        exporter = start_exporter(folder_for(cfg.logging.log_dir), port, job=job_name(cfg.exp_name))
+        print(f"Metrics (Prometheus format) while the demo trains: http://127.0.0.1:{port}/metrics", flush=True)
         result = trainer.fit()
     finally:
         trainer.close()
+        if exporter is not None:
+            exporter.terminate()
+            exporter.wait()
     minutes = (time.perf_counter() - started) / 60
 
     history = read_log(out / "train_log.jsonl")

@@ -16,6 +16,20 @@ if ! "$PYTHON" -c "import venv, ensurepip" >/dev/null 2>&1 || ! command -v git >
   PYTHON="$(command -v python3.11 || command -v python3)"
 fi
 
+# Prometheus and promtool (Debian package) for the metrics tests. The package's own service must not
+# start (tests run their own server on a free loopback port): a policy-rc.d that denies service starts
+# is in place during the install, and the unit is disabled afterwards so no daemon takes :9090.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+    as_root chmod +x /usr/sbin/policy-rc.d
+    trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT  # removed again however the install ends
+  fi
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=600 prometheus >/dev/null
+  if command -v systemctl >/dev/null; then as_root systemctl disable prometheus >/dev/null 2>&1 || true; fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

@@ -22,6 +22,8 @@ import dvgt
 from dvgt.checkpoint.manager import STEP_DIR, Checkpoint, CheckpointManager, set_rng_state
 from dvgt.data.anchors import ensure_anchors
 from dvgt.data.loader import build_dataloader
+from dvgt.metrics.labels import rank_labels
+from dvgt.metrics.training import TrainingMetrics
 from dvgt.models import build_model
 from dvgt.models.conversions import initialise_from_pretrained
 from dvgt.models.weights import load_weights
@@ -79,6 +81,8 @@ class Trainer:
         # A resumed run continues its log; a fresh run starts a new one.
         self.log = RunLogger(cfg.logging.log_dir, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard,
                              append=resume_from is not None)
+        self.metrics = (TrainingMetrics(cfg.logging.log_dir, rank_labels(cfg.exp_name), self.device)
+                        if cfg.logging.metrics else None)
         if resume_from is None:
             self._load_pretrained()
         frozen = freeze_modules(self.model, cfg.optim.frozen_module_names)
@@ -286,9 +290,17 @@ class Trainer:
         self._last_saved_step = self.step
         state = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                  "nonfinite_total": self.nonfinite_total, "scaler": self.scaler.state_dict()}
-        self.checkpoints.save(self.step, model_state=self.model.state_dict(),
-                              optimizer_state=self.optimizer.state_dict(), trainer_state=state,
-                              config_yaml=OmegaConf.to_yaml(self.cfg), epoch=self.epoch)
+        started = time.perf_counter()
+        event = {"kind": "checkpoint", "step": self.step, "outcome": "failed"}
+        try:
+            self.checkpoints.save(self.step, model_state=self.model.state_dict(),
+                                  optimizer_state=self.optimizer.state_dict(), trainer_state=state,
+                                  config_yaml=OmegaConf.to_yaml(self.cfg), epoch=self.epoch)
+            event["outcome"] = "ok"
+        finally:  # a synchronous save: training is blocked for the whole upload
+            event["blocked_s"] = event["upload_s"] = time.perf_counter() - started
+            if self.metrics is not None:
+                self.metrics.checkpoint_event(event)
 
     def fit(self) -> Dict[str, Any]:
         cfg = self.cfg
@@ -316,9 +328,11 @@ class Trainer:
                     self.verify_replicas()
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss/objective']:.4g}", lr=f"{record['lr']:.2e}", refresh=False)
+                record.update(kind="train", step=self.step, epoch=self.epoch, step_time=step_time,
+                              data_time=data_time, images=images, images_per_sec=images * self.dist.world_size / step_time)
+                if self.metrics is not None:
+                    self.metrics.observe_step(record)
                 if self.step % cfg.logging.log_freq == 0 or self.step == 1:
-                    record.update(kind="train", step=self.step, epoch=self.epoch, step_time=step_time,
-                                  data_time=data_time, images_per_sec=images * self.dist.world_size / step_time)
                     self.log.log(record)
                 if cfg.checkpoint.save_every_steps and self.step % cfg.checkpoint.save_every_steps == 0:
                     self.save()
@@ -331,6 +345,8 @@ class Trainer:
                 self.save()
         progress.close()
         self.log.close()
+        if self.metrics is not None:
+            self.metrics.finished()
         return {"step": self.step, **last_eval}
 
     def close(self) -> None:

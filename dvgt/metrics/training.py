@@ -1,0 +1,143 @@
+"""TrainingMetrics: the trainer's Prometheus instrumentation (every metric is listed in docs/metrics.md).
+
+Each rank writes its own series, labelled with dvgt_job, stage, node_rank and local_rank, through
+prometheus-client's multiprocess mode. Gauges use the `mostrecent` mode: the series of a rank is
+identified by its labels alone, so it survives the merge of a pod's processes and carries on when a
+rank restarts (the `all`/`liveall` modes would add a `pid` label and start a new series each time).
+
+The cost per step is a few dozen writes into a memory-mapped file and no device synchronisation:
+every value comes from the record the loop already has on the host.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from dvgt.metrics.labels import LABEL_NAMES
+from dvgt.metrics.multiproc import remove_stale_files, use_folder
+
+STEP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0, 300.0)  # seconds: tiny CPU runs to 2B-parameter GPU steps
+CHECKPOINT_OUTCOMES = ("ok", "failed", "skipped")
+
+_folder: Optional[Path] = None  # the folder this process writes to; prometheus-client fixes it once per process
+
+
+def _prepare_folder(log_dir: str | Path, labels: Mapping[str, str]) -> Path:
+    """Point prometheus-client at the run's folder and remove stale files, once per process."""
+    global _folder
+    if _folder is None:
+        _folder = use_folder(log_dir)  # before prometheus_client is imported: it reads the variable then
+        remove_stale_files(_folder, labels)
+    from prometheus_client import values
+
+    if not values.ValueClass._multiprocess:
+        # prometheus_client was imported before the variable was set (a notebook, a test process):
+        # switch to the value class the import would have chosen.
+        values.ValueClass = values.MultiProcessValue()
+    return _folder
+
+
+class TrainingMetrics:
+    """The metrics of one training process. `observe_step` once per optimizer step, `checkpoint_event`
+    once per save, `finished` at the end of a run."""
+
+    def __init__(self, log_dir: str | Path, labels: Mapping[str, str], device: Any = None) -> None:
+        self.folder = _prepare_folder(log_dir, labels)
+        from prometheus_client import Counter, Gauge, Histogram
+
+        names = list(LABEL_NAMES)
+        self.labels = {name: str(labels[name]) for name in names}
+        self.device = device if device is not None and getattr(device, "type", "cpu") == "cuda" else None
+
+        def gauge(name: str, doc: str, extra=()):
+            return Gauge(name, doc, names + list(extra), registry=None, multiprocess_mode="mostrecent")
+
+        def counter(name: str, doc: str, extra=()):
+            return Counter(name, doc, names + list(extra), registry=None)
+
+        rank = self.labels
+        self.step_duration = Histogram("dvgt_step_duration_seconds", "Wall time of one optimizer step on this "
+                                       "rank, data wait included", names, registry=None,
+                                       buckets=STEP_BUCKETS).labels(**rank)
+        self.last_step_duration = gauge("dvgt_step_last_duration_seconds", "Wall time of the last step").labels(**rank)
+        self.data_wait = counter("dvgt_data_wait_seconds", "Time spent waiting for the next batch").labels(**rank)
+        self.images = counter("dvgt_images", "Images trained on by this rank").labels(**rank)
+        self.optimizer_step = gauge("dvgt_optimizer_step", "Optimizer steps done (the run's global step)").labels(**rank)
+        self.last_step_time = gauge("dvgt_last_step_timestamp_seconds",
+                                    "Unix time at which the last step completed").labels(**rank)
+        self.learning_rate = gauge("dvgt_learning_rate", "Learning rate of the last step").labels(**rank)
+        self.nonfinite = counter("dvgt_nonfinite_steps_skipped", "Steps skipped for a non-finite loss or "
+                                 "gradient").labels(**rank)
+        self.completed = gauge("dvgt_training_completed", "1 once the run finished its last step, else 0").labels(**rank)
+        self.completed.set(0)
+        self._loss = gauge("dvgt_loss", "Training loss of the last step on this rank, by component", ["component"])
+        self._grad_norm = gauge("dvgt_grad_norm", "Gradient norm before clipping, by clipping group", ["group"])
+        self._children: Dict[tuple, Any] = {}  # (label, value) -> labelled child
+
+        self.checkpoint_saves = counter("dvgt_checkpoint_saves", "Checkpoint saves by outcome (ok, failed, "
+                                        "skipped: not started while the previous one was still uploading)",
+                                        ["outcome"])
+        for outcome in CHECKPOINT_OUTCOMES:  # every outcome exists from the start, at 0
+            self.checkpoint_saves.labels(**rank, outcome=outcome)
+        self.checkpoint_blocked = gauge("dvgt_checkpoint_blocked_seconds",
+                                        "Time the last save held up training").labels(**rank)
+        self.checkpoint_upload = gauge("dvgt_checkpoint_upload_seconds",
+                                       "Time the last save took to reach storage").labels(**rank)
+        self.checkpoint_size = gauge("dvgt_checkpoint_size_bytes", "Bytes written by the last save").labels(**rank)
+
+        self._memory = None
+        if self.device is not None:
+            self._memory = {key: gauge(f"dvgt_gpu_{key}_bytes", doc, ["gpu"]).labels(**rank, gpu=str(self.device.index))
+                            for key, doc in (("allocated", "GPU memory held by tensors (PyTorch allocator)"),
+                                             ("reserved", "GPU memory reserved by the PyTorch caching allocator"),
+                                             ("peak_allocated", "Peak of dvgt_gpu_allocated_bytes since start"),
+                                             ("peak_reserved", "Peak of dvgt_gpu_reserved_bytes since start"))}
+
+    def _child(self, family, label: str, value: str):
+        """The child of a family with one label beyond the rank's (component, group), made once."""
+        key = (label, value)
+        if key not in self._children:
+            self._children[key] = family.labels(**self.labels, **{label: value})
+        return self._children[key]
+
+    def observe_step(self, record: Mapping[str, Any]) -> None:
+        """One optimizer step, from the loop's record: step, step_time, data_time, images,
+        lr, skipped, `loss/<component>` and `grad_norm/<group>`."""
+        self.step_duration.observe(record["step_time"])
+        self.last_step_duration.set(record["step_time"])
+        self.data_wait.inc(record["data_time"])
+        self.images.inc(record["images"])
+        self.optimizer_step.set(record["step"])
+        self.learning_rate.set(record["lr"])
+        if record.get("skipped"):
+            self.nonfinite.inc()
+        for key, value in record.items():
+            if key.startswith("loss/"):
+                self._child(self._loss, "component", key[5:]).set(value)
+            elif key.startswith("grad_norm/"):
+                self._child(self._grad_norm, "group", key[10:]).set(value)
+        if self._memory is not None:
+            import torch
+
+            self._memory["allocated"].set(torch.cuda.memory_allocated(self.device))
+            self._memory["reserved"].set(torch.cuda.memory_reserved(self.device))
+            self._memory["peak_allocated"].set(torch.cuda.max_memory_allocated(self.device))
+            self._memory["peak_reserved"].set(torch.cuda.max_memory_reserved(self.device))
+        self.last_step_time.set(time.time())
+
+    def checkpoint_event(self, record: Mapping[str, Any]) -> None:
+        """One save, from a record of kind "checkpoint": outcome (ok | failed | skipped), and when
+        known blocked_s, upload_s and bytes."""
+        outcome = record["outcome"]
+        if outcome not in CHECKPOINT_OUTCOMES:
+            raise ValueError(f"checkpoint outcome '{outcome}' is not one of {', '.join(CHECKPOINT_OUTCOMES)}")
+        self.checkpoint_saves.labels(**self.labels, outcome=outcome).inc()
+        for gauge, key in ((self.checkpoint_blocked, "blocked_s"), (self.checkpoint_upload, "upload_s"),
+                           (self.checkpoint_size, "bytes")):
+            if record.get(key) is not None:
+                gauge.set(record[key])
+
+    def finished(self) -> None:
+        self.completed.set(1)
