@@ -19,14 +19,18 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
 
 
+# 128 + SIGTERM: the Training Operator's ExitCode restart policy retries exit codes 128-255.
+PREEMPTED_EXIT_CODE = 143
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dvgt.train.loop import train
 
     cfg = load_config(args.config, args.overrides, debug=args.debug)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"finished": True, **result}))
-    return 0
+        print(json.dumps({"finished": not result["preempted"], **result}))
+    return PREEMPTED_EXIT_CODE if result["preempted"] else 0
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
