@@ -1,4 +1,4 @@
-"""The `dvgt` command line: train, model-info, data, demo."""
+"""The `dvgt` command line: train, model-info, data, ckpt, demo."""
 
 from __future__ import annotations
 
@@ -72,6 +72,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ckpt(args: argparse.Namespace) -> int:
+    from dvgt.checkpoint import tools
+
+    ok = True
+    if args.ckpt_command == "ls":
+        lines = tools.ls(args.uri)
+    elif args.ckpt_command == "show":
+        lines = tools.show(args.uri)
+    elif args.ckpt_command == "verify":
+        lines, ok = tools.verify_location(args.uri, all_steps=args.all)
+    elif args.ckpt_command == "export":
+        lines = tools.export(args.uri, args.out)
+    else:
+        lines = tools.prune(args.uri, args.keep, dry_run=args.dry_run)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog or "dvgt", description="DVGT / VGGT training")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +112,22 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     synth.add_argument("--splits", nargs="+", default=["train", "val"])
     synth.add_argument("--scenes", type=int, default=0, help="scenes per split (default: the demo's)")
     synth.set_defaults(func=cmd_data_synth)
+
+    ckpt = sub.add_parser("ckpt", help="list, inspect, verify, export and prune checkpoints (local or s3://)")
+    ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True)
+    where = "checkpoint location (a folder, file:// or s3://bucket/prefix), or one checkpoint: <location>/step_NNNNNNNN"
+    for name, text in (("ls", "committed checkpoints: step, size, age"),
+                       ("show", "one checkpoint (default: the newest): manifest, objects, model, config"),
+                       ("verify", "check every object's sha256 (exit code 1 names the bad objects)"),
+                       ("export", "one model.safetensors plus config.yaml, to a folder or URI"),
+                       ("prune", "keep the newest K committed checkpoints; remove uncommitted leftovers")):
+        command = ckpt_sub.add_parser(name, help=text)
+        command.add_argument("uri", help=where)
+        command.set_defaults(func=cmd_ckpt)
+    ckpt_sub.choices["verify"].add_argument("--all", action="store_true", help="every committed checkpoint")
+    ckpt_sub.choices["export"].add_argument("--out", required=True, help="destination folder or URI")
+    ckpt_sub.choices["prune"].add_argument("--keep", type=int, required=True, help="committed checkpoints to keep")
+    ckpt_sub.choices["prune"].add_argument("--dry-run", action="store_true", help="only say what would go")
 
     demo = sub.add_parser("demo", help="train the DVGT-1 demo on CPU and draw the result")
     demo.add_argument("--config", default="train/dvgt1/demo.yaml")

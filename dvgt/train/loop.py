@@ -155,7 +155,7 @@ class Trainer:
                                       "arrives with the DVGT-2/VGGT release; use "
                                       "checkpoint.direct_load_pretrained_weights_path for DVGT weights")
         if ck.direct_load_pretrained_weights_path:
-            report = load_weights(self.model, ck.direct_load_pretrained_weights_path, strict=ck.strict)
+            report = load_weights(self.model, ck.direct_load_pretrained_weights_path, strict=ck.strict, s3=ck.s3)
             self._print(f"Loaded pretrained weights from {ck.direct_load_pretrained_weights_path}:\n{report.summary()}")
 
     def _resume(self, resume_from: tuple) -> None:
