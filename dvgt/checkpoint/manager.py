@@ -327,8 +327,12 @@ class CheckpointManager:
         objects: List[Dict[str, Any]] = []
 
         def put(name: str, write: Callable[[Any], Any]) -> None:
-            with self.storage.open_write(f"{prefix}/{name}") as writer:
-                write(writer)
+            writer = self.storage.open_write(f"{prefix}/{name}")
+            try:
+                with writer:
+                    write(writer)
+            except Exception as error:  # torch.save reports a failed write as a position mismatch
+                raise (writer.error or error) from None
             objects.append({"key": name, "size": writer.size, "sha256": writer.sha256})
 
         try:

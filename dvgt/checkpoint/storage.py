@@ -40,6 +40,7 @@ class ObjectWriter(ABC):
         self.size = 0
         self._sha = hashlib.sha256()
         self._progress = progress
+        self.error: Optional[BaseException] = None  # the first write failure (a serialiser may hide it)
 
     @property
     def sha256(self) -> str:
@@ -49,7 +50,11 @@ class ObjectWriter(ABC):
         view = memoryview(data).cast("B")
         self._sha.update(view)
         self.size += len(view)
-        self._write(view)
+        try:
+            self._write(view)
+        except BaseException as error:
+            self.error = self.error or error
+            raise
         if self._progress:
             self._progress(len(view))
         return len(view)
