@@ -18,6 +18,7 @@ from safetensors.torch import save as save_safetensors
 
 from conftest import free_port, tiny_overrides
 from dvgt.checkpoint.manager import CheckpointManager
+from dvgt.cli import main as cli_main
 from dvgt.checkpoint.safetensors_stream import read_safetensors, write_safetensors
 from dvgt.checkpoint.storage import LocalStorage, StorageError, open_storage
 from dvgt.config import S3Config, load_config
@@ -191,41 +192,57 @@ def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
                           env=dict(os.environ, **(env or {})))
 
 
-def test_corrupt_object_is_named_by_verify_and_resume_falls_back(s3_env, tiny_data_root, tmp_path):
-    run = tmp_path / "run"
-    train(s3_run(tiny_data_root, run, "s3://ckpt/corrupt", max_epochs=1, **{"checkpoint.save_every_steps": 1}))
-    client = s3_env.client()
-    client.put_object(Bucket="ckpt", Key="corrupt/step_00000003/optimizer.pt", Body=b"bit rot")
+def save_small_checkpoints(uri: str, steps, tiny_data_root, tmp_path) -> CheckpointManager:
+    """Committed checkpoints of a tiny model written by the manager directly (no training: fast)."""
+    trainer = Trainer(s3_run(tiny_data_root, tmp_path, uri))
+    for step in steps:
+        trainer.step = step
+        trainer.save(final=True)
+    trainer.log.close()
+    trainer.close()
+    return CheckpointManager(uri)
+
+
+def test_corrupt_object_is_named_by_verify_and_resume_falls_back(s3_env, tiny_data_root, tmp_path, capsys):
+    save_small_checkpoints("s3://ckpt/corrupt", [1, 2, 3], tiny_data_root, tmp_path)
+    s3_env.client().put_object(Bucket="ckpt", Key="corrupt/step_00000003/optimizer.pt", Body=b"bit rot")
 
     done = run_cli("ckpt", "verify", "--all", "s3://ckpt/corrupt", env=s3_env.env())
     assert done.returncode == 1
     assert re.search(r"step 3: 5 objects, 1 BAD: optimizer.pt", done.stdout), done.stdout
     assert "step 2: 5 objects, all intact" in done.stdout
 
-    done = run_cli("train", "--config=train/dvgt1/demo.yaml",
-                   *tiny_overrides(tiny_data_root, run, max_epochs=1, **{"checkpoint.uri": "s3://ckpt/corrupt",
-                                                                        "limit_train_batches": 4}), env=s3_env.env())
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert re.search(r"warning: .*step_00000003: object 'optimizer.pt' does not match.*falling back", done.stdout)
-    assert "Resumed from s3://ckpt/corrupt/step_00000002 at step 2" in done.stdout
+    capsys.readouterr()
+    trainer = Trainer(s3_run(tiny_data_root, tmp_path, "s3://ckpt/corrupt"))  # checkpoint.resume=auto
+    out = capsys.readouterr().out
+    assert re.search(r"warning: .*step_00000003: object 'optimizer.pt' does not match.*falling back", out), out
+    assert "Resumed from s3://ckpt/corrupt/step_00000002 at step 2" in out and trainer.step == 2
+    trainer.close()
 
 
-def test_ckpt_cli_lists_shows_exports_and_prunes(s3_env, tiny_data_root, tmp_path):
-    train(s3_run(tiny_data_root, tmp_path, "s3://ckpt/cli", max_epochs=1, **{"checkpoint.save_every_steps": 1}))
-    env = s3_env.env()
-    listing = run_cli("ckpt", "ls", "s3://ckpt/cli", env=env)
-    assert listing.returncode == 0 and [line.split()[0] for line in listing.stdout.splitlines()[1:]] == ["1", "2", "3"]
-    shown = run_cli("ckpt", "show", "s3://ckpt/cli/step_00000002", env=env)
-    assert "step 2, epoch 0, world size 1" in shown.stdout and "model.safetensors" in shown.stdout
-    assert "model.name=dvgt1, model.size=tiny" in shown.stdout
-    exported = run_cli("ckpt", "export", "s3://ckpt/cli", "--out", tmp_path / "export", env=env)
-    assert exported.returncode == 0, exported.stderr
+def ckpt_cli(capsys, *args) -> tuple:
+    """`dvgt ckpt ...` in this process (the subprocess path is covered by the verify test above)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["ckpt", *map(str, args)])
+    return exit_info.value.code, capsys.readouterr().out
+
+
+def test_ckpt_cli_lists_shows_exports_and_prunes(s3_env, tiny_data_root, tmp_path, capsys):
+    manager = save_small_checkpoints("s3://ckpt/cli", [1, 2, 3], tiny_data_root, tmp_path)
+    capsys.readouterr()
+    code, out = ckpt_cli(capsys, "ls", "s3://ckpt/cli")
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[1:]] == ["1", "2", "3"]
+    code, out = ckpt_cli(capsys, "show", "s3://ckpt/cli/step_00000002")
+    assert "step 2, epoch 0, world size 1" in out and "model.safetensors" in out
+    assert "model.name=dvgt1, model.size=tiny" in out
+    code, out = ckpt_cli(capsys, "export", "s3://ckpt/cli", "--out", tmp_path / "export")
+    assert code == 0
     weights = read_checkpoint(tmp_path / "export" / "model.safetensors")
-    assert all(torch.equal(weights[k], v) for k, v in CheckpointManager("s3://ckpt/cli").open(3).model_state().items())
+    assert all(torch.equal(weights[k], v) for k, v in manager.open(3).model_state().items())
     assert (tmp_path / "export" / "config.yaml").read_text().startswith("exp_name")
-    pruned = run_cli("ckpt", "prune", "s3://ckpt/cli", "--keep", "1", env=env)
-    assert "deleted steps [1, 2]" in pruned.stdout
-    assert CheckpointManager("s3://ckpt/cli").committed_steps() == [3]
+    code, out = ckpt_cli(capsys, "prune", "s3://ckpt/cli", "--keep", "1")
+    assert "deleted steps [1, 2]" in out
+    assert manager.committed_steps() == [3]
 
 
 def test_pretrained_weights_load_from_s3(s3_env):

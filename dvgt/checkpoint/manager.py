@@ -275,10 +275,12 @@ class CheckpointManager:
         final=True: wait for any save in flight, then commit `step` unless it already is, and wait
         (at most `timeout` seconds); a failure raises StorageError. Returns the event on rank 0.
         """
-        rngs: List[Any] = [rng_state()]
+        buffer = io.BytesIO()
+        torch.save(rng_state(), buffer)  # serialised here: all_gather_object mangles tensors inside objects
+        rngs: List[bytes] = [buffer.getvalue()]
         if dist.is_initialized():
-            rngs = [None] * self.world_size
-            dist.all_gather_object(rngs, rng_state())
+            rngs = [b""] * self.world_size
+            dist.all_gather_object(rngs, buffer.getvalue())
         if self.rank != 0:
             return None
         started = time.perf_counter()
@@ -320,7 +322,7 @@ class CheckpointManager:
             self._thread.join(timeout)
         return not self.in_flight()
 
-    def _write(self, step: int, epoch: int, staged: Dict[str, Any], rngs: List[Any], config_yaml: str,
+    def _write(self, step: int, epoch: int, staged: Dict[str, Any], rngs: List[bytes], config_yaml: str,
                blocked: float) -> None:
         started = time.perf_counter()
         prefix = step_dir(step)
@@ -340,7 +342,7 @@ class CheckpointManager:
             put("optimizer.pt", lambda w: torch.save(staged["optimizer"], w))
             put("trainer_state.pt", lambda w: torch.save(staged["trainer_state"], w))
             for rank, rng in enumerate(rngs):
-                put(f"rng/rank_{rank:05d}.pt", lambda w, rng=rng: torch.save(rng, w))
+                put(f"rng/rank_{rank:05d}.pt", lambda w, rng=rng: w.write(rng))
             put("config.yaml", lambda w: w.write(config_yaml.encode()))
             manifest = {"step": step, "epoch": epoch, "created": time.time(), "world_size": self.world_size,
                         "package_version": self.package_version, "objects": sorted(objects, key=lambda o: o["key"])}
