@@ -113,13 +113,15 @@ def main() -> None:
                 for name in blobs:
                     client.download_fileobj("bench", f"raw/{name}", io.BytesIO(), Config=transfer)
 
+            reader = CheckpointManager("s3://bench/ours", s3=options)  # a client, as the trainer has at start
+
             def our_download() -> None:  # Checkpoint.read: parallel ranged GETs, then the sha256 check
-                checkpoint = CheckpointManager("s3://bench/ours", s3=options).latest()
+                checkpoint = reader.latest()
                 for name in blobs:
                     checkpoint.read(name)
 
             def our_load() -> None:
-                CheckpointManager("s3://bench/ours", s3=options).latest().load_all(0)
+                reader.latest().load_all(0)
 
             raw_dl = best(raw_download, args.repeats)
             our_dl = best(our_download, args.repeats)

@@ -87,7 +87,12 @@ class HostStaging:
         self._buffers: Dict[str, torch.Tensor] = {}
 
     def copy(self, tree: Any) -> Any:
-        staged = self._copy(tree, "")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # memory-bound: one thread copies at full speed; more fight the upload threads
+        try:
+            staged = self._copy(tree, "")
+        finally:
+            torch.set_num_threads(threads)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return staged
@@ -160,11 +165,12 @@ class Checkpoint:
     def read(self, name: str, progress: Optional[Callable[[int], None]] = None) -> bytearray:
         """The object's bytes, checked against the manifest's size and sha256."""
         entry = self.entry(name)
+        sha = hashlib.sha256()
         try:
-            data = self.storage.read(f"{self.prefix}/{name}", progress=progress)
+            data = self.storage.read(f"{self.prefix}/{name}", progress=progress, hasher=sha)
         except FileNotFoundError:
             raise CorruptCheckpointError(f"checkpoint {self.uri}: object '{name}' is missing") from None
-        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        if len(data) != entry["size"] or sha.hexdigest() != entry["sha256"]:
             raise CorruptCheckpointError(f"checkpoint {self.uri}: object '{name}' does not match its manifest "
                                          f"(size or sha256 differ): the file is corrupt; resume from an older "
                                          f"checkpoint or start fresh")

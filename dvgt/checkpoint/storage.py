@@ -88,8 +88,9 @@ class Storage(ABC):
     def open_write(self, key: str, progress: Progress = None) -> ObjectWriter: ...
 
     @abstractmethod
-    def read(self, key: str, progress: Progress = None) -> bytearray:
-        """The whole object, in a buffer the caller owns."""
+    def read(self, key: str, progress: Progress = None, hasher: Any = None) -> bytearray:
+        """The whole object, in a buffer the caller owns; `hasher` (a hashlib object) is fed the bytes
+        in order while they arrive, so verifying costs no second pass."""
 
     @abstractmethod
     def read_range(self, key: str, offset: int, length: int) -> bytes: ...
@@ -171,10 +172,12 @@ class LocalStorage(Storage):
         except (FileNotFoundError, IsADirectoryError):
             raise FileNotFoundError(f"checkpoint object '{key}' not found under {self.uri}") from None
 
-    def read(self, key: str, progress: Progress = None) -> bytearray:
+    def read(self, key: str, progress: Progress = None, hasher: Any = None) -> bytearray:
         with self._open(key) as f:
             buffer = bytearray(os.fstat(f.fileno()).st_size)
             f.readinto(buffer)
+        if hasher is not None:
+            hasher.update(buffer)
         if progress:
             progress(len(buffer))
         return buffer
@@ -346,11 +349,15 @@ class S3Writer(ObjectWriter):
 
 
 class _BufferTarget(io.RawIOBase):
-    """A seekable, writable view of a preallocated buffer: the target of parallel ranged downloads."""
+    """A seekable, writable view of a preallocated buffer: the target of parallel ranged downloads.
+    Ranges arrive out of order; `hasher` is fed the contiguous prefix as soon as it grows."""
 
-    def __init__(self, buffer: bytearray) -> None:
+    def __init__(self, buffer: bytearray, hasher: Any = None) -> None:
         self._view = memoryview(buffer)
         self._pos = 0
+        self._hasher = hasher
+        self._hashed = 0  # bytes [0, _hashed) went into the hasher
+        self._runs: Dict[int, int] = {}  # written but not yet hashed: start -> end
 
     def seekable(self) -> bool:
         return True
@@ -368,8 +375,14 @@ class _BufferTarget(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         data = memoryview(data).cast("B")
-        self._view[self._pos:self._pos + len(data)] = data
-        self._pos += len(data)
+        start, self._pos = self._pos, self._pos + len(data)
+        self._view[start:self._pos] = data
+        if self._hasher is not None:
+            self._runs[start] = self._pos
+            while self._hashed in self._runs:
+                end = self._runs.pop(self._hashed)
+                self._hasher.update(self._view[self._hashed:end])
+                self._hashed = end
         return len(data)
 
 
@@ -422,7 +435,7 @@ class S3Storage(Storage):
     def open_write(self, key: str, progress: Progress = None) -> ObjectWriter:
         return S3Writer(self, key, progress)
 
-    def read(self, key: str, progress: Progress = None) -> bytearray:
+    def read(self, key: str, progress: Progress = None, hasher: Any = None) -> bytearray:
         from boto3.s3.transfer import TransferConfig
 
         head = self.call("read", key, self.client.head_object, Bucket=self.bucket, Key=self.object_key(key))
@@ -430,7 +443,7 @@ class S3Storage(Storage):
         config = TransferConfig(multipart_threshold=self.part_size, multipart_chunksize=self.part_size,
                                 max_concurrency=self.concurrency)
         self.call("download", key, self.client.download_fileobj, Bucket=self.bucket, Key=self.object_key(key),
-                  Fileobj=_BufferTarget(buffer), Config=config, Callback=progress)
+                  Fileobj=_BufferTarget(buffer, hasher), Config=config, Callback=progress)
         return buffer
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
