@@ -367,7 +367,8 @@ class CheckpointManager:
         with self._lock:
             setattr(self.stats, event.outcome, getattr(self.stats, event.outcome) + 1)
             self.stats.last_event = event
-            self.stats.in_flight = False if event.outcome != "skipped" else self.stats.in_flight
+            if event.outcome != "skipped":  # a skipped request leaves the save in flight running
+                self.stats.in_flight = False
         for listener in self.listeners:
             listener(event)
         return event

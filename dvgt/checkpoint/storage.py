@@ -277,7 +277,7 @@ class S3Writer(ObjectWriter):
         self.s3 = storage
         self._object_key = storage.object_key(key)
         self._part_size = storage.part_size
-        self._buffer = bytearray(self._part_size)
+        self._buffer = bytearray()  # the first part grows (small objects stay small); later ones are preallocated
         self._filled = 0
         self._upload_id: Optional[str] = None
         self._parts: List[Future] = []
@@ -286,7 +286,10 @@ class S3Writer(ObjectWriter):
     def _write(self, view: memoryview) -> None:
         while len(view):
             take = min(len(view), self._part_size - self._filled)
-            self._buffer[self._filled:self._filled + take] = view[:take]
+            if len(self._buffer) == self._filled:
+                self._buffer += view[:take]
+            else:
+                self._buffer[self._filled:self._filled + take] = view[:take]
             self._filled += take
             view = view[take:]
             if self._filled == self._part_size:
