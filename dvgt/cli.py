@@ -1,4 +1,4 @@
-"""The `dvgt` command line: train, model-info, data, anchors, demo, infer, exporter."""
+"""The `dvgt` command line: train, model-info, data, anchors, ckpt, demo, infer, exporter."""
 
 from __future__ import annotations
 
@@ -19,14 +19,18 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
 
 
+# 128 + SIGTERM: the Training Operator's ExitCode restart policy retries exit codes 128-255.
+PREEMPTED_EXIT_CODE = 143
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dvgt.train.loop import train
 
     cfg = load_config(args.config, args.overrides, debug=args.debug)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"finished": True, **result}))
-    return 0
+        print(json.dumps({"finished": not result["preempted"], **result}))
+    return PREEMPTED_EXIT_CODE if result["preempted"] else 0
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
@@ -95,6 +99,24 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ckpt(args: argparse.Namespace) -> int:
+    from dvgt.checkpoint import tools
+
+    ok = True
+    if args.ckpt_command == "ls":
+        lines = tools.ls(args.uri)
+    elif args.ckpt_command == "show":
+        lines = tools.show(args.uri)
+    elif args.ckpt_command == "verify":
+        lines, ok = tools.verify_location(args.uri, all_steps=args.all)
+    elif args.ckpt_command == "export":
+        lines = tools.export(args.uri, args.out)
+    else:
+        lines = tools.prune(args.uri, args.keep, dry_run=args.dry_run)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog or "dvgt", description="DVGT / VGGT training")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +147,22 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     anchors.add_argument("--out", default=None, help="output folder (default: <first data root>/anchors)")
     anchors.add_argument("--k", type=int, default=20, help="anchors per set")
     anchors.set_defaults(func=cmd_anchors)
+
+    ckpt = sub.add_parser("ckpt", help="list, inspect, verify, export and prune checkpoints (local or s3://)")
+    ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True)
+    where = "checkpoint location (a folder, file:// or s3://bucket/prefix), or one checkpoint: <location>/step_NNNNNNNN"
+    for name, text in (("ls", "committed checkpoints: step, size, age"),
+                       ("show", "one checkpoint (default: the newest): manifest, objects, model, config"),
+                       ("verify", "check every object's sha256 (exit code 1 names the bad objects)"),
+                       ("export", "one model.safetensors plus config.yaml, to a folder or URI"),
+                       ("prune", "keep the newest K committed checkpoints; remove uncommitted leftovers")):
+        command = ckpt_sub.add_parser(name, help=text)
+        command.add_argument("uri", help=where)
+        command.set_defaults(func=cmd_ckpt)
+    ckpt_sub.choices["verify"].add_argument("--all", action="store_true", help="every committed checkpoint")
+    ckpt_sub.choices["export"].add_argument("--out", required=True, help="destination folder or URI")
+    ckpt_sub.choices["prune"].add_argument("--keep", type=int, required=True, help="committed checkpoints to keep")
+    ckpt_sub.choices["prune"].add_argument("--dry-run", action="store_true", help="only say what would go")
 
     demo = sub.add_parser("demo", help="train the DVGT-1 demo on CPU and draw the result")
     demo.add_argument("--config", default="train/dvgt1/demo.yaml")

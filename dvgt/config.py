@@ -146,8 +146,21 @@ class OptimConfig:
 
 
 @dataclass
+class S3Config:
+    endpoint_url: Optional[str] = None  # S3 endpoint; None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS
+    region: Optional[str] = None  # None: AWS_REGION / AWS_DEFAULT_REGION / the profile's region
+    addressing_style: str = "auto"  # auto (path-style when an endpoint is set, else virtual) | path | virtual
+    part_size_mb: int = 32  # multipart part size; upload memory is about part size x (concurrency + 1)
+    concurrency: int = 8  # parts uploaded / byte ranges downloaded in parallel per object
+    retry_mode: str = "adaptive"  # botocore retry mode on throttling, 5xx, timeouts: standard | adaptive
+    max_attempts: int = 8  # attempts per request, the first included
+    connect_timeout_s: float = 10.0  # TCP connect timeout per attempt
+    read_timeout_s: float = 60.0  # socket read timeout per attempt
+
+
+@dataclass
 class CheckpointConfig:
-    uri: str = "runs/${exp_name}/ckpts"  # local folder or file:// URI
+    uri: str = "runs/${exp_name}/ckpts"  # local folder, file:// or s3://bucket/prefix (credentials: AWS variables)
     save_freq: int = 1  # save every N epochs (and always at the end)
     save_every_steps: int = 0  # also save every N optimizer steps (0 = off)
     keep_last: int = 0  # keep the newest K checkpoints (0 = keep all)
@@ -156,6 +169,9 @@ class CheckpointConfig:
     direct_load_pretrained_weights_path: Optional[str] = None  # same-architecture weights (.pt or .safetensors)
     load_pretrained_weights_path: Optional[str] = None  # converted init: VGGT-1B -> DVGT-1/2, DVGT-2 stage 1 -> 2
     strict: bool = False  # strict key matching for the pretrained weights above
+    async_mode: str = "wait"  # a save requested while one uploads: wait | skip; off: every save blocks until committed
+    preemption_budget_s: float = 120.0  # on SIGTERM: seconds to commit a final checkpoint (< terminationGracePeriodSeconds)
+    s3: S3Config = field(default_factory=S3Config)
 
 
 @dataclass
@@ -365,6 +381,14 @@ def validate(cfg: DictConfig) -> None:
                    f"data.{split}.{key} must be [min, max] with 0 < min <= max, got {value}")
         for i, entry in enumerate(s.datasets):
             _check(entry.weight > 0, f"data.{split}.datasets[{i}].weight must be > 0, got {entry.weight}")
+    ck = cfg.checkpoint
+    _check(ck.async_mode in ("wait", "skip", "off"), f"checkpoint.async_mode must be wait, skip or off, got '{ck.async_mode}'")
+    _check(ck.s3.addressing_style in ("auto", "path", "virtual"),
+           f"checkpoint.s3.addressing_style must be auto, path or virtual, got '{ck.s3.addressing_style}'")
+    _check(ck.s3.retry_mode in ("standard", "adaptive"),
+           f"checkpoint.s3.retry_mode must be standard or adaptive, got '{ck.s3.retry_mode}'")
+    _check(ck.s3.part_size_mb >= 5 and ck.s3.concurrency >= 1 and ck.s3.max_attempts >= 1,
+           "checkpoint.s3 needs part_size_mb >= 5 (the S3 minimum part), concurrency >= 1, max_attempts >= 1")
     _check(cfg.optim.amp.amp_dtype in ("bfloat16", "float16"),
            f"optim.amp.amp_dtype must be bfloat16 or float16, got '{cfg.optim.amp.amp_dtype}'")
 

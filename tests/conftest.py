@@ -1,11 +1,11 @@
 """Shared fixtures: a small synthetic dataset and the overrides that make a demo run tiny and fast."""
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from dvgt.data.synthetic import generate_synthetic_dataset
+from servers import SeaweedS3, free_port  # noqa: F401 - free_port is part of the tests' toolbox
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +32,20 @@ def tiny_overrides(data_root: Path, run_dir: Path, **extra) -> list:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """A real SeaweedFS S3 server for the whole session (stopped at the end); see tests/servers.py."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(seaweedfs, monkeypatch):
+    """The AWS variables pointing at the session's SeaweedFS, and a bucket 'ckpt' in it."""
+    for key, value in seaweedfs.env().items():
+        monkeypatch.setenv(key, value)
+    seaweedfs.make_bucket("ckpt")
+    return seaweedfs

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -120,8 +120,10 @@ def convert_for(model_name: str, state: Mapping[str, Tensor]) -> Conversion:
     return convert(state)
 
 
-def initialise_from_pretrained(model: nn.Module, model_name: str, path: str | Path) -> Tuple[LoadReport, Conversion]:
-    """Convert the weights at `path` for `model` and load them non-strictly (the rest keeps its init)."""
-    conversion = convert_for(model_name, read_checkpoint(path))
+def initialise_from_pretrained(model: nn.Module, model_name: str, path: str | Path,
+                               s3: Any = None) -> Tuple[LoadReport, Conversion]:
+    """Convert the weights at `path` (local or s3://; `s3`: checkpoint.s3 options) for `model` and load them
+    non-strictly (the rest keeps its init)."""
+    conversion = convert_for(model_name, read_checkpoint(path, s3))
     ignored = {f"not used by {conversion.source} -> {model_name}": conversion.dropped} if conversion.dropped else None
     return load_state(model, conversion.state, strict=False, source=str(path), ignored=ignored), conversion

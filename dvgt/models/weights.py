@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from dvgt.checkpoint.safetensors_stream import read_safetensors
 
 MAX_NAMES = 10  # key names shown per category in a summary
 
@@ -19,25 +22,45 @@ class WeightsMismatchError(ValueError):
     """A checkpoint does not match the model's keys or shapes (the message is the load summary)."""
 
 
-def read_checkpoint(path: str | Path) -> Dict[str, Tensor]:
-    """The state_dict stored at `path`, with any DDP `module.` prefix removed.
+def _read_local(path: Path, s3: Any) -> Any:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    # Zip-format checkpoints (the torch.save default) are memory-mapped to avoid a second copy in RAM.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
+def _read_remote(uri: str, s3: Any) -> Any:
+    """An object-store URI: one parallel ranged download into memory."""
+    from dvgt.checkpoint.storage import open_storage, split_uri
+
+    parent, name = split_uri(uri)
+    data = open_storage(parent, s3).read(name)
+    if name.endswith(".safetensors"):
+        return read_safetensors(data)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def read_checkpoint(path: str | Path, s3: Any = None) -> Dict[str, Tensor]:
+    """The state_dict stored at `path` (a local path or an s3:// URI; `s3`: checkpoint.s3 options),
+    with any DDP `module.` prefix removed.
 
     Accepts a torch checkpoint holding a bare state_dict or a dict with key "model" (read with
     `weights_only=True`: tensors and plain containers only, never arbitrary pickled objects), or a
     .safetensors file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if str(path).startswith("s3://"):
+        source, state_from = str(path), _read_remote
+    else:
+        source, state_from = Path(str(path).removeprefix("file://")), _read_local
+        if not source.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {source}")
     try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            # Zip-format checkpoints (the torch.save default) are memory-mapped to avoid a second copy in RAM.
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        state = state_from(source, s3)
+    except OSError:  # missing object, unreachable storage: already one clear line
+        raise
     except Exception as error:  # torch and safetensors raise many types for damaged files
         raise ValueError(
-            f"{path} is not a valid checkpoint (expected a torch state_dict, a dict with key 'model', "
+            f"{source} is not a valid checkpoint (expected a torch state_dict, a dict with key 'model', "
             f"or a .safetensors file): {type(error).__name__}: {error}"
         ) from error
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
@@ -46,7 +69,7 @@ def read_checkpoint(path: str | Path) -> Dict[str, Tensor]:
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
     )
     if not is_state_dict:
-        raise ValueError(f"{path} is not a valid checkpoint: it holds no mapping of parameter names to tensors")
+        raise ValueError(f"{source} is not a valid checkpoint: it holds no mapping of parameter names to tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -100,7 +123,7 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def load_weights(model: nn.Module, path: str | Path, strict: bool) -> LoadReport:
+def load_weights(model: nn.Module, path: str | Path, strict: bool, s3: Any = None) -> LoadReport:
     """Load the checkpoint at `path` into `model` and report which keys matched.
 
     strict=True: any missing, unexpected or shape-mismatched key raises `WeightsMismatchError` and
@@ -108,7 +131,7 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool) -> LoadReport
     skipped and listed in the report. Keys of heads the model leaves out (its `disabled_heads`
     prefixes, e.g. VGGT-1B's depth and track heads) are ignored either way, and reported as such.
     """
-    state = read_checkpoint(path)
+    state = read_checkpoint(path, s3)
     disabled = tuple(getattr(model, "disabled_heads", ()))
     skipped = [k for k in state if k.startswith(disabled)] if disabled else []
     for key in skipped:

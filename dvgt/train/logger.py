@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -16,6 +17,7 @@ class RunLogger:
         self.path = Path(log_dir) / "train_log.jsonl"
         self._file = None
         self._tb = None
+        self._lock = threading.Lock()  # checkpoint records arrive from the background save thread
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a" if append else "w", buffering=1)
@@ -28,15 +30,19 @@ class RunLogger:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        if self._tb is not None and "step" in record:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, record["step"])
+        with self._lock:
+            if self._file.closed:
+                return
+            self._file.write(json.dumps(clean) + "\n")
+            if self._tb is not None and "step" in record:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                        self._tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with self._lock:
+                self._file.close()
         if self._tb is not None:
             self._tb.close()
 

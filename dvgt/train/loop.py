@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -19,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dvgt
-from dvgt.checkpoint.manager import STEP_DIR, Checkpoint, CheckpointManager, set_rng_state
+from dvgt.checkpoint.manager import STEP_DIR, CheckpointEvent, CheckpointManager, set_rng_state
+from dvgt.checkpoint.storage import split_uri
 from dvgt.data.anchors import ensure_anchors
 from dvgt.data.loader import build_dataloader
 from dvgt.metrics.labels import rank_labels
@@ -70,19 +73,22 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self._last_saved_step = -1
+        self._sigterm_at: Optional[float] = None  # when SIGTERM arrived (preemption)
 
+        ck = cfg.checkpoint  # storage is checked first: a wrong bucket or credentials fail within seconds
+        self.checkpoints = CheckpointManager(ck.uri, self.dist.rank, self.dist.world_size, ck.keep_last,
+                                             dvgt.__version__, ck.async_mode, ck.s3, preflight=True)
         seed_everything(cfg.seed_value)  # the same on every rank, so initial weights agree
         if cfg.model.anchor_path:
             self._prepare_anchors()
         self.model = build_model(cfg.model).to(self.device)
-        self.checkpoints = CheckpointManager(cfg.checkpoint.uri, self.dist.rank, self.dist.world_size,
-                                             cfg.checkpoint.keep_last, dvgt.__version__)
         resume_from = self._find_resume_checkpoint()
         # A resumed run continues its log; a fresh run starts a new one.
         self.log = RunLogger(cfg.logging.log_dir, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard,
                              append=resume_from is not None)
         self.metrics = (TrainingMetrics(cfg.logging.log_dir, rank_labels(cfg.exp_name), self.device)
                         if cfg.logging.metrics else None)
+        self.checkpoints.listeners.append(self._on_checkpoint_event)
         if resume_from is None:
             self._load_pretrained()
         frozen = freeze_modules(self.model, cfg.optim.frozen_module_names)
@@ -147,22 +153,25 @@ class Trainer:
         if self.dist.is_main:
             tqdm.write(message)
 
-    def _find_resume_checkpoint(self) -> Optional[Checkpoint]:
+    def _find_resume_checkpoint(self) -> Optional[tuple]:
+        """(checkpoint, its verified state) to resume from, or None to start fresh. With resume=auto a
+        corrupt newest checkpoint falls back to the previous committed one, with a warning."""
         ck = self.cfg.checkpoint
         if ck.resume_checkpoint_path:
-            path = Path(ck.resume_checkpoint_path)
-            step = STEP_DIR.match(path.name)
+            parent, name = split_uri(ck.resume_checkpoint_path)
+            step = STEP_DIR.match(name)
             try:
                 if step is None:
-                    raise FileNotFoundError(path)
-                return CheckpointManager(str(path.parent)).open(int(step.group(1)))
+                    raise FileNotFoundError(name)
+                checkpoint = CheckpointManager(parent, s3=ck.s3).open(int(step.group(1)))
             except FileNotFoundError:
                 raise FileNotFoundError(
-                    f"checkpoint.resume_checkpoint_path '{path}' is not a committed checkpoint folder "
-                    f"(expected .../step_NNNNNNNN with a manifest.json); committed checkpoints under "
+                    f"checkpoint.resume_checkpoint_path '{ck.resume_checkpoint_path}' is not a committed checkpoint "
+                    f"folder (expected .../step_NNNNNNNN with a manifest.json); committed checkpoints under "
                     f"{ck.uri}: {self.checkpoints.committed_steps() or 'none'}") from None
+            return checkpoint, checkpoint.load_all(self.dist.rank)
         if ck.resume == "auto":
-            return self.checkpoints.latest()
+            return self.checkpoints.load_newest(self.dist.rank, warn=self._print)
         return None
 
     def _load_pretrained(self) -> None:
@@ -170,30 +179,30 @@ class Trainer:
         checkpoint.direct_load_pretrained_weights_path (same architecture, honours checkpoint.strict)."""
         ck = self.cfg.checkpoint
         for key in ("load_pretrained_weights_path", "direct_load_pretrained_weights_path"):
-            if ck[key] and not Path(ck[key]).is_file():
+            if ck[key] and not str(ck[key]).startswith("s3://") and not Path(ck[key]).is_file():
                 raise FileNotFoundError(f"checkpoint.{key}: weights file '{ck[key]}' does not exist; fix the path "
                                         f"or set checkpoint.{key}=null")
         if ck.load_pretrained_weights_path:
             report, conversion = initialise_from_pretrained(self.model, self.cfg.model.name,
-                                                            ck.load_pretrained_weights_path)
+                                                            ck.load_pretrained_weights_path, s3=ck.s3)
             self._print(f"Initialised from {ck.load_pretrained_weights_path} ({conversion.description}):\n"
                         f"{report.summary()}")
         if ck.direct_load_pretrained_weights_path:
-            report = load_weights(self.model, ck.direct_load_pretrained_weights_path, strict=ck.strict)
+            report = load_weights(self.model, ck.direct_load_pretrained_weights_path, strict=ck.strict, s3=ck.s3)
             self._print(f"Loaded pretrained weights from {ck.direct_load_pretrained_weights_path}:\n{report.summary()}")
 
-    def _resume(self, checkpoint: Checkpoint) -> None:
-        self.model.load_state_dict(checkpoint.model_state(), strict=True)
-        self.optimizer.load_state_dict(checkpoint.load("optimizer.pt"))
-        state = checkpoint.load("trainer_state.pt")
+    def _resume(self, resume_from: tuple) -> None:
+        checkpoint, loaded = resume_from
+        self.model.load_state_dict(loaded["model"], strict=True)
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        state = loaded["trainer_state"]
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.nonfinite_total = state["nonfinite_total"]
         self.scaler.load_state_dict(state["scaler"])
         self._last_saved_step = self.step
-        rng = checkpoint.rng(self.dist.rank)
-        if rng is not None:
-            set_rng_state(rng)
-        self._print(f"Resumed from {checkpoint.storage.uri}/{checkpoint.prefix} at step {self.step} "
+        if loaded["rng"] is not None:
+            set_rng_state(loaded["rng"])
+        self._print(f"Resumed from {checkpoint.uri} at step {self.step} "
                     f"(epoch {self.epoch}, step {self.step_in_epoch} of the epoch)")
 
     # -- training -------------------------------------------------------------------------------
@@ -284,31 +293,53 @@ class Trainer:
             self._print(f"step {self.step} (epoch {self.epoch}): {format_record(metrics)}")
         return metrics or {}
 
-    def save(self) -> None:
-        if self.step == self._last_saved_step:
+    def save(self, final: bool = False, timeout: Optional[float] = None) -> None:
+        """Checkpoint the current step (in the background unless final; see CheckpointManager.save)."""
+        if self.step == self._last_saved_step and not final:
             return
         self._last_saved_step = self.step
         state = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                  "nonfinite_total": self.nonfinite_total, "scaler": self.scaler.state_dict()}
-        started = time.perf_counter()
-        event = {"kind": "checkpoint", "step": self.step, "outcome": "failed"}
-        try:
-            self.checkpoints.save(self.step, model_state=self.model.state_dict(),
-                                  optimizer_state=self.optimizer.state_dict(), trainer_state=state,
-                                  config_yaml=OmegaConf.to_yaml(self.cfg), epoch=self.epoch)
-            event["outcome"] = "ok"
-        finally:  # a synchronous save: training is blocked for the whole upload
-            event["blocked_s"] = event["upload_s"] = time.perf_counter() - started
-            if self.metrics is not None:
-                self.metrics.checkpoint_event(event)
+        self.checkpoints.save(self.step, model_state=self.model.state_dict(),
+                              optimizer_state=self.optimizer.state_dict(), trainer_state=state,
+                              config_yaml=OmegaConf.to_yaml(self.cfg), epoch=self.epoch, final=final, timeout=timeout)
+
+    def _on_checkpoint_event(self, event: CheckpointEvent) -> None:
+        record = {"kind": "checkpoint", "step": event.step, "outcome": event.outcome, "blocked_s": event.blocked_s,
+                  "upload_s": event.upload_s, "bytes": event.bytes, **({"error": event.error} if event.error else {})}
+        self.log.log(record)
+        if self.metrics is not None:
+            self.metrics.checkpoint_event(record)
+        if event.outcome != "ok":
+            self._print(f"warning: checkpoint of step {event.step} {event.outcome}"
+                        f"{': ' + event.error if event.error else ' (the previous save is still uploading)'}")
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self._sigterm_at is None:
+            self._sigterm_at = time.monotonic()
+
+    def _preempted(self) -> bool:
+        """True on every rank once any rank got SIGTERM (so all ranks stop after the same step)."""
+        return not distributed.all_true(self._sigterm_at is None, self.device)
 
     def fit(self) -> Dict[str, Any]:
+        """Train to the end, or until SIGTERM (then result["preempted"] is True; see _fit)."""
+        if threading.current_thread() is not threading.main_thread():
+            return self._fit()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._fit()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _fit(self) -> Dict[str, Any]:
         cfg = self.cfg
         sampler = self.train_loader.batch_sampler
         self._print(f"Training {cfg.model.name} ({cfg.model.size}) on {self.dist.world_size} process(es), "
                     f"device {self.device}; {self.total_steps} steps; checkpoints -> {cfg.checkpoint.uri}; "
                     f"log -> {self.log.path}")
         last_eval: Dict[str, Any] = {}
+        preempted = False
         if self.step == 0:
             last_eval = self._evaluate_and_log()  # the starting point of the held-out curves
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not (self.dist.is_main and cfg.logging.progress),
@@ -336,18 +367,34 @@ class Trainer:
                     self.log.log(record)
                 if cfg.checkpoint.save_every_steps and self.step % cfg.checkpoint.save_every_steps == 0:
                     self.save()
+                preempted = self._preempted()
+                if preempted:
+                    break
                 wait_start = time.perf_counter()
+            if preempted:
+                break
             self.epoch += 1
             self.step_in_epoch = 0
             if self.epoch % cfg.val_epoch_freq == 0 or self.epoch == cfg.max_epochs:
                 last_eval = self._evaluate_and_log() or last_eval
-            if self.epoch % cfg.checkpoint.save_freq == 0 or self.epoch == cfg.max_epochs:
+            if (self.epoch % cfg.checkpoint.save_freq == 0) and self.epoch < cfg.max_epochs:
                 self.save()
         progress.close()
+        if preempted:
+            # Finish within the budget (the pod's terminationGracePeriodSeconds): exit code 143 lets the
+            # Training Operator restart the pod, which resumes from this checkpoint.
+            budget = cfg.checkpoint.preemption_budget_s - (time.monotonic() - (self._sigterm_at or time.monotonic()))
+            self._print(f"SIGTERM: committing a final checkpoint at step {self.step} (budget {budget:.0f} s)")
+            try:
+                self.save(final=True, timeout=max(budget, 0.0))
+            except OSError as error:  # still exit for a restart: it resumes from the newest commit
+                self._print(f"warning: {error}")
+        else:
+            self.save(final=True)  # waits for the save in flight; commits the last step unless it is
         self.log.close()
         if self.metrics is not None:
             self.metrics.finished()
-        return {"step": self.step, **last_eval}
+        return {"step": self.step, "preempted": preempted, **last_eval}
 
     def close(self) -> None:
         distributed.cleanup()

