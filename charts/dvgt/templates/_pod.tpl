@@ -8,9 +8,9 @@ emptyDir. Arguments: dict root (the chart context), plan (dvgt.plan), replicaTyp
 {{- $v := .root.Values -}}
 {{- $plan := .plan -}}
 {{- $metricsDir := "/metrics" -}}
-{{- $devices := dict -}}
-{{- if $plan.gpus }}{{ $_ := set $devices "nvidia.com/gpu" $plan.gpus }}{{ end -}}
-{{- if $v.rdma.enabled }}{{ $devices = merge $devices $v.rdma.resources }}{{ end -}}
+{{- $devices := dict -}}  {{/* extended resources: requests = limits, quantities as strings */}}
+{{- if $plan.gpus }}{{ $_ := set $devices "nvidia.com/gpu" (toString $plan.gpus) }}{{ end -}}
+{{- if $v.rdma.enabled }}{{ range $name, $count := $v.rdma.resources }}{{ $_ := set $devices $name (toString $count) }}{{ end }}{{ end -}}
 {{- $resources := deepCopy $v.resources -}}
 {{- if $devices -}}
 {{- $_ := set $resources "limits" (merge (deepCopy $devices) ($resources.limits | default dict)) -}}
