@@ -159,12 +159,13 @@ class PodFiles:
                 place.symlink_to(target, target_is_directory=True)
 
     def rewrite(self, value: str, prefixes: List[str]) -> str:
-        """Container paths (a whole value or after '=') under a mount or the working directory -> host paths."""
+        """Container paths under a mount or the working directory -> host paths, wherever a path can start
+        in a value: at its start, or after '=', ':', a space or a quote (key=value overrides, shell scripts)."""
         def swap(match: re.Match) -> str:
             path = match.group(2)
             inside = any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
             return match.group(1) + (str(self.host_path(path)) if inside else path)
-        return re.sub(r"(^|=)(/[^\s=:,]*)", swap, value)
+        return re.sub(r"(^|[=:\s'\"])(/[^\s=:,;'\"]*)", swap, value)
 
 
 @dataclass
