@@ -67,13 +67,15 @@ spec:
       imagePullPolicy: {{ $v.exporter.image.pullPolicy }}
       restartPolicy: Always
       command: [dvgt, exporter, --port, {{ $v.exporter.port | quote }}, --dir, {{ $metricsDir }}]
-      {{- if $plan.gpus }}
       env:
+        - name: DVGT_JOB_NAME  # the dvgt_job label of the GPU series
+          value: {{ $plan.job }}
+        {{- if $plan.gpus }}
         - name: NVIDIA_VISIBLE_DEVICES  # NVML reads the memory of the node's GPUs (no GPU is requested)
           value: all
         - name: NVIDIA_DRIVER_CAPABILITIES
           value: utility
-      {{- end }}
+        {{- end }}
       ports:
         - name: metrics
           containerPort: {{ $v.exporter.port }}
