@@ -230,7 +230,7 @@ def test_exporter_sidecar_shares_the_metrics_folder_and_is_scraped():
     pod = pods_of(job)["Worker"]
     sidecar = pod["spec"]["initContainers"][0]
     assert sidecar["name"] == "exporter" and sidecar["restartPolicy"] == "Always"  # a native sidecar
-    assert sidecar["command"] == ["dvgt", "exporter", "--port", "9400", "--dir", "/metrics"]
+    assert sidecar["command"] == ["dvgt", "exporter", "--host", "0.0.0.0", "--port", "9400", "--dir", "/metrics"]
     assert sidecar["ports"] == [{"name": "metrics", "containerPort": 9400}]
     assert sidecar["readinessProbe"]["httpGet"]["path"] == sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
     env = {e["name"]: e.get("value") for e in trainer(pod)["env"]}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dvgt.k8s.local_runner import Options, apply_local_options, run_job, set_nproc
+from dvgt.k8s.local_runner import Options, apply_local_options, listen_locally, run_job, set_nproc
 from dvgt.k8s.pytorchjob import admission_errors, load_pytorchjob, operator_env
 
 PY = sys.executable
@@ -94,6 +94,9 @@ def test_local_options_change_replicas_processes_and_overrides():
     assert args == ["--nproc_per_node=2", "-m", "dvgt.train", "lr=1", "lr=2"]
     assert "Worker" not in apply_local_options(job, Options(workdir=Path("."), replicas={"Worker": 0}))["spec"]["pytorchReplicaSpecs"]
     assert set_nproc(["--nproc-per-node=8", "x"], 1) == ["--nproc-per-node=1", "x"]
+    assert listen_locally(["dvgt", "exporter", "--host", "0.0.0.0", "--port", "9400", "--dir=/m"], {"9400": "5123"}) == \
+        ["dvgt", "exporter", "--host", "127.0.0.1", "--port", "5123", "--dir=/m"]
+    assert listen_locally(["--host=::", "--port=9400", "9400"], {"9400": "7"}) == ["--host=127.0.0.1", "--port=7", "9400"]
 
 
 def test_replicas_get_the_operator_env_volumes_secrets_and_prefixed_logs(tmp_path, capsys):
@@ -189,18 +192,18 @@ def test_on_failure_restarts_in_place_until_the_backoff_limit(tmp_path, capsys):
 
 SIDECAR = textwrap.dedent("""
     import http.server, sys
-    port = int(sys.argv[sys.argv.index("--port") + 1])
+    port, host = int(sys.argv[sys.argv.index("--port") + 1]), sys.argv[sys.argv.index("--port") - 1].split("=")[1]
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200); self.end_headers(); self.wfile.write(b"ok " + sys.argv[-1].encode())
         def log_message(self, *args): pass
-    http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    http.server.HTTPServer((host, port), Handler).serve_forever()
 """)
 
 
 def test_sidecars_start_first_on_their_own_port_and_stop_with_the_pod(tmp_path, capsys):
     sidecar = {"name": "exporter", "image": "dvgt/exporter:test", "restartPolicy": "Always",
-               "command": [PY, "-c", SIDECAR, "--port", "9400", "--dir", "/metrics"],
+               "command": [PY, "-c", SIDECAR, "--host=0.0.0.0", "--port", "9400", "--dir", "/metrics"],
                "ports": [{"name": "metrics", "containerPort": 9400}],
                "readinessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}},
                "volumeMounts": [{"name": "metrics", "mountPath": "/metrics"}]}
@@ -261,3 +264,111 @@ def test_ready_demo_manifest_runs_locally_with_overrides(tiny_data_root, tmp_pat
     assert code == 0, out[-3000:]
     assert '"finished": true, "step": 2' in out
     assert (tmp_path / "run" / "ckpts" / "step_00000002" / "manifest.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: the chart's job, two pods x two CPU processes, S3 checkpoints, Prometheus, a kill
+# --------------------------------------------------------------------------------------------
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def prometheus_query(url: str, expr: str) -> list:
+    import urllib.parse
+    import urllib.request
+    with urllib.request.urlopen(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}), timeout=10) as r:
+        return json.loads(r.read())["data"]["result"]
+
+
+def trainer_process(job: str, rank: int):
+    """The pid of the training process of global rank `rank` of this job (found by its environment)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            env = dict(item.split("=", 1) for item in (entry / "environ").read_text().split("\0") if "=" in item)
+            cmdline = (entry / "cmdline").read_text()
+        except OSError:
+            continue
+        if env.get("DVGT_JOB_NAME") == job and env.get("RANK") == str(rank) and "LOCAL_RANK" in env \
+                and "dvgt.train" in cmdline and "torchrun" not in cmdline:
+            return int(entry.name)
+    return None
+
+
+def test_chart_job_runs_locally_survives_a_killed_worker_and_is_scraped(tiny_data_root, tmp_path, seaweedfs):
+    """cpu-test profile, 2 pods x 2 processes, checkpoints every 2 steps to SeaweedFS, each pod's
+    exporter scraped by Prometheus; once a checkpoint is committed, worker-0's second process is
+    SIGKILLed: both pods restart (the master's ranks lose their peer), resume from the newest
+    committed checkpoint and finish; Prometheus holds step times from both nodes."""
+    job, steps = f"e2e{os.getpid()}", 12
+    bucket = seaweedfs.make_bucket("dvgt-e2e")
+    rendered = subprocess.run(
+        [str(Path(PY).parent / "helm"), "template", job, str(Path(__file__).resolve().parent.parent / "charts" / "dvgt"),
+         "--set", "stage=dvgt1-demo,profile=cpu-test,nodes=2,gpusPerNode=2,data.pvc=,checkpoint.s3Secret=e2e-s3",
+         "--set", f"checkpoint.uri=s3://{bucket}"], capture_output=True, text=True, check=True, timeout=60)
+    manifest, secret, targets = tmp_path / "job.yaml", tmp_path / "s3.env", tmp_path / "targets.json"
+    manifest.write_text(rendered.stdout)
+    secret.write_text("".join(f"{k}={v}\n" for k, v in seaweedfs.env().items()))
+    targets.write_text("[]")
+
+    from conftest import free_port, tiny_overrides
+    prometheus_port = free_port()
+    config = {"global": {"scrape_interval": "1s"},
+              "scrape_configs": [{"job_name": "dvgt", "file_sd_configs": [{"files": [str(targets)], "refresh_interval": "1s"}]}]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    overrides = [o for o in tiny_overrides(tiny_data_root, tmp_path / "run", max_epochs=1, limit_train_batches=steps,
+                                           limit_val_batches=0, **{"checkpoint.save_every_steps": 2})
+                 if not o.startswith("checkpoint.uri=")]  # the chart's S3 location stays
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # S3 settings only from the Secret
+    processes = []
+    try:
+        processes.append(subprocess.Popen(
+            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=warn"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        runner = subprocess.Popen(
+            [PY, "-m", "dvgt", "local-run", str(manifest), "--workdir", str(tmp_path / "pods"), "--restart-delay", "1",
+             "--secret", f"e2e-s3={secret}", "--targets-file", str(targets),
+             *[item for o in overrides for item in ("--override", o)]],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        processes.append(runner)
+        client = seaweedfs.client()
+
+        def committed():
+            listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{job}/")
+            return sorted(o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith("/manifest.json"))
+        first = wait_for(committed, 240, "the first committed checkpoint in S3")
+        victim = wait_for(lambda: trainer_process(job, rank=3), 30, "worker-0's second training process")
+        os.kill(victim, signal.SIGKILL)
+        out, _ = runner.communicate(timeout=400)
+        assert runner.returncode == 0, out[-4000:]
+
+        assert "[local-run] worker-0: pytorch exited 1; restarting" in out
+        assert "[local-run] master-0: pytorch exited 1; restarting" in out  # its ranks lost their peer
+        assert f"[local-run] job {job} Succeeded" in out
+        resumed = [line for line in log_lines(out, "master-0") if line.startswith("Resumed from ")]
+        assert resumed and resumed[0].startswith(f"Resumed from s3://{bucket}/{job}/step_")
+        resumed_step = int(resumed[0].split("step_")[1][:8])
+        assert f"{job}/step_{resumed_step:08d}/manifest.json" in committed() and resumed_step >= int(first[0][-22:-14])
+        assert f"{job}/step_{steps:08d}/manifest.json" in committed()  # it reached its final step
+        assert f'"finished": true, "step": {steps}' in out
+
+        prometheus = f"http://127.0.0.1:{prometheus_port}"
+        series = wait_for(lambda: prometheus_query(prometheus, "count by (node_rank, pod) (last_over_time("
+                                                   f'dvgt_step_duration_seconds_count{{dvgt_job="{job}"}}[10m]))'),
+                          30, "step times in Prometheus")
+        assert {(s["metric"]["node_rank"], s["metric"]["pod"]) for s in series} == {
+            ("0", f"{job}-master-0"), ("1", f"{job}-worker-0")}
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()

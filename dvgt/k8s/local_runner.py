@@ -102,6 +102,21 @@ def set_nproc(args: List[str], nproc: int) -> List[str]:
     return out
 
 
+def listen_locally(command: List[str], ports: Dict[str, str]) -> List[str]:
+    """A sidecar's `--port N` (declared container ports -> their local ports) and `--host H`
+    (-> 127.0.0.1), in either form: it serves this machine only, beside the other pods' sidecars."""
+    values = {"--port": lambda v: ports.get(v, v), "--host": lambda v: "127.0.0.1"}
+    out = []
+    for i, arg in enumerate(command):
+        flag, eq, value = arg.partition("=")
+        if eq and flag in values:
+            arg = f"{flag}={values[flag](value)}"
+        elif i and command[i - 1] in values:
+            arg = values[command[i - 1]](arg)
+        out.append(arg)
+    return out
+
+
 def apply_local_options(job: Dict[str, Any], options: Options) -> Dict[str, Any]:
     """The job with the command-line changes applied (replica counts, processes per pod, overrides)."""
     job = json.loads(json.dumps(job))
@@ -297,10 +312,9 @@ class Pod:
         if not command:
             raise ValueError(f"container {container['name']} of pod {self.name} has no command: the local runner "
                              "cannot run an image's default entrypoint; give command/args in the manifest")
-        for (name, port), local in self.ports.items():  # --port N / --port=N of a sidecar -> its local port
-            if name == container["name"]:
-                command = [str(local) if a == str(port) and i and command[i - 1] == "--port" else
-                           (f"--port={local}" if a == f"--port={port}" else a) for i, a in enumerate(command)]
+        if container is not self.main_spec:
+            ports = {str(port): str(local) for (name, port), local in self.ports.items() if name == container["name"]}
+            command = listen_locally(command, ports)
         prefixes = self._prefixes(container)
         return [self.files.rewrite(a, prefixes) for a in command]
 

@@ -66,7 +66,7 @@ spec:
       image: {{ include "dvgt.image" (merge (dict "appVersion" .root.Chart.AppVersion) $v.exporter.image) }}
       imagePullPolicy: {{ $v.exporter.image.pullPolicy }}
       restartPolicy: Always
-      command: [dvgt, exporter, --port, {{ $v.exporter.port | quote }}, --dir, {{ $metricsDir }}]
+      command: [dvgt, exporter, --host, 0.0.0.0, --port, {{ $v.exporter.port | quote }}, --dir, {{ $metricsDir }}]
       env:
         - name: DVGT_JOB_NAME  # the dvgt_job label of the GPU series
           value: {{ $plan.job }}
