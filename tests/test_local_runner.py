@@ -91,7 +91,7 @@ def test_local_options_change_replicas_processes_and_overrides():
                                                overrides=["lr=2"]))
     assert changed["spec"]["nprocPerNode"] == "2" and changed["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
     args = changed["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
-    assert args == ["--nproc_per_node=2", "-m", "dvgt.train", "lr=1", "lr=2"]
+    assert args == ["--nproc_per_node", "2", "-m", "dvgt.train", "lr=1", "lr=2"]
     assert "Worker" not in apply_local_options(job, Options(workdir=Path("."), replicas={"Worker": 0}))["spec"]["pytorchReplicaSpecs"]
     assert set_nproc(["--nproc-per-node=8", "x"], 1) == ["--nproc-per-node=1", "x"]
     assert listen_locally(["dvgt", "exporter", "--host", "0.0.0.0", "--port", "9400", "--dir=/m"], {"9400": "5123"}) == \
@@ -142,7 +142,7 @@ def test_replicas_get_the_operator_env_volumes_secrets_and_prefixed_logs(tmp_pat
         assert s["POD"] == f"job-{prefix}"
         assert s["scratch"] == str(opts.workdir / f"job-{prefix}" / "volumes" / "scratch")
         assert s["marks"] == ["mark"]  # an emptyDir belongs to one pod
-        assert s["cwd"] == str(opts.workdir / f"job-{prefix}" / "rootfs" / "workspace")
+        assert s["cwd"] == str(opts.workdir / f"job-{prefix}" / "containers" / "pytorch" / "workspace")
         assert s["data"] == "from the PVC"
     assert "job job Succeeded (0 restart(s))" in out
 

@@ -35,7 +35,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from dvgt.k8s.pytorchjob import CONTAINER, REPLICA_TYPES, check_admission, load_pytorchjob, operator_env, replica_counts
 
@@ -86,26 +86,8 @@ class Options:
 # Preparing the job
 # --------------------------------------------------------------------------------------------
 
-def set_nproc(args: List[str], nproc: int) -> List[str]:
-    """torchrun's --nproc-per-node (either spelling, either form) set to nproc."""
-    out, skip = [], False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        flag = arg.split("=", 1)[0]
-        if flag in ("--nproc-per-node", "--nproc_per_node"):
-            out.append(f"{flag}={nproc}")
-            skip = "=" not in arg
-        else:
-            out.append(arg)
-    return out
-
-
-def listen_locally(command: List[str], ports: Dict[str, str]) -> List[str]:
-    """A sidecar's `--port N` (declared container ports -> their local ports) and `--host H`
-    (-> 127.0.0.1), in either form: it serves this machine only, beside the other pods' sidecars."""
-    values = {"--port": lambda v: ports.get(v, v), "--host": lambda v: "127.0.0.1"}
+def set_flags(command: List[str], values: Dict[str, Callable[[str], str]]) -> List[str]:
+    """The value V of each `--flag V` / `--flag=V` whose flag is in `values` becomes values[flag](V)."""
     out = []
     for i, arg in enumerate(command):
         flag, eq, value = arg.partition("=")
@@ -117,9 +99,20 @@ def listen_locally(command: List[str], ports: Dict[str, str]) -> List[str]:
     return out
 
 
+def set_nproc(args: List[str], nproc: int) -> List[str]:
+    """torchrun's --nproc-per-node (either spelling) set to nproc."""
+    return set_flags(args, {"--nproc-per-node": lambda _: str(nproc), "--nproc_per_node": lambda _: str(nproc)})
+
+
+def listen_locally(command: List[str], ports: Dict[str, str]) -> List[str]:
+    """A sidecar's `--port N` (declared container ports -> their local ports) and `--host H`
+    (-> 127.0.0.1): it serves this machine only, beside the other pods' sidecars."""
+    return set_flags(command, {"--port": lambda v: ports.get(v, v), "--host": lambda _: "127.0.0.1"})
+
+
 def apply_local_options(job: Dict[str, Any], options: Options) -> Dict[str, Any]:
     """The job with the command-line changes applied (replica counts, processes per pod, overrides)."""
-    job = json.loads(json.dumps(job))
+    job = json.loads(json.dumps(job))  # a copy that shares nothing (YAML anchors may alias the replicas' pods)
     specs = job["spec"]["pytorchReplicaSpecs"]
     for rtype, count in options.replicas.items():
         if rtype not in REPLICA_TYPES:
@@ -147,26 +140,25 @@ def apply_local_options(job: Dict[str, Any], options: Options) -> Dict[str, Any]
 # One pod: its folders, its volumes, its containers
 # --------------------------------------------------------------------------------------------
 
-class PodFiles:
-    """Where the pod's container paths live on this machine: each volume mount at its host folder,
-    every other path under the pod's rootfs/ folder (nested mounts become links)."""
+class ContainerFiles:
+    """Where one container's paths live on this machine: each of its volume mounts at the volume's
+    folder, every other path under its own root folder (a mount inside that root becomes a link)."""
 
     def __init__(self, root: Path, mounts: Dict[str, Path]):
-        self.root, self.mounts = root, mounts
+        self.root, self.mounts = root, mounts  # mounts: container path -> host folder
 
     def host_path(self, path: str, exclude: str = "") -> Path:
         p = PurePosixPath(path)
-        best = None
-        for mount in self.mounts:
-            if mount != exclude and (p == PurePosixPath(mount) or PurePosixPath(mount) in p.parents):
-                best = mount if best is None or len(mount) > len(best) else best
-        if best is None:
-            return self.root / "rootfs" / str(p).lstrip("/")
+        inside = [m for m in self.mounts if m != exclude and (p == PurePosixPath(m) or PurePosixPath(m) in p.parents)]
+        if not inside:
+            return self.root / str(p).lstrip("/")
+        best = max(inside, key=len)
         return self.mounts[best] / p.relative_to(best)
 
-    def link_mounts(self) -> None:
-        """Mount points inside the pod's own folders (e.g. /workspace/data in the working directory) become links."""
-        for mount, target in self.mounts.items():
+    def create(self) -> None:
+        """A fresh root (a container starts from its image) with its mount points linked in."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        for mount, target in sorted(self.mounts.items()):
             target.mkdir(parents=True, exist_ok=True)
             place = self.host_path(mount, exclude=mount)
             if self.root in place.parents and not place.exists():
@@ -201,8 +193,7 @@ class Pod:
         self.rtype, self.index, self.options = rtype, index, options
         self.label = f"{rtype.lower()}-{index}"
         self.name = f"{self.job_name}-{self.label}"
-        self.template = job["spec"]["pytorchReplicaSpecs"][rtype]["template"]
-        self.spec = self.template["spec"]
+        self.spec = job["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"]
         self.restart_policy = job["spec"]["pytorchReplicaSpecs"][rtype].get("restartPolicy", "Never")
         self.grace_s = float(self.spec.get("terminationGracePeriodSeconds", 30))
         self.base_env = operator_env(job, rtype, index, "127.0.0.1", port)
@@ -218,16 +209,17 @@ class Pod:
         self.container_restarts = 0  # in-place restarts of the pytorch container
         self.main: Optional[Process] = None
         self.sidecars: List[Process] = []
-        self.files: Optional[PodFiles] = None
+        self.root = options.workdir / self.name  # this pod's folder (a new one when the pod is recreated)
+        self.volume_folders: Dict[str, Path] = {}
         self.finished = False  # the pytorch container succeeded and stays down
 
     # -- file system ------------------------------------------------------------------------------
-    def _volume_folder(self, volume: Dict[str, Any], pod_root: Path) -> Optional[Path]:
+    def _volume_folder(self, volume: Dict[str, Any]) -> Path:
         name = volume["name"]
         if name in self.options.volumes:
             return Path(self.options.volumes[name]).resolve()
         if "emptyDir" in volume:
-            return pod_root / "volumes" / name
+            return self.root / "volumes" / name
         if "hostPath" in volume:
             path = Path(volume["hostPath"]["path"])
             if not path.is_dir():
@@ -243,25 +235,19 @@ class Pod:
         raise ValueError(f"volume '{name}' of pod {self.name} has a type the local runner cannot provide "
                          f"({', '.join(k for k in volume if k != 'name')}); give a folder with --volume {name}=PATH")
 
-    def _prepare_files(self) -> None:
-        pod_root = self.options.workdir / (self.name if self.generation == 0 else f"{self.name}.{self.generation}")
-        shutil.rmtree(pod_root, ignore_errors=True)
-        volumes = {v["name"]: v for v in self.spec.get("volumes") or []}
-        mounts: Dict[str, Path] = {}
-        for container in [self.main_spec, *self.sidecar_specs, *self.init_specs]:
-            for mount in container.get("volumeMounts") or []:
-                if mount["mountPath"] == SHM:
-                    continue
-                if mount["name"] not in volumes:
-                    raise ValueError(f"container {container['name']} mounts volume '{mount['name']}', "
-                                     f"which pod {self.name} does not declare")
-                folder = self._volume_folder(volumes[mount["name"]], pod_root)
-                mounts[mount["mountPath"]] = folder / mount.get("subPath", "")
-        self.files = PodFiles(pod_root, mounts)
-        self.files.link_mounts()
+    def _files(self, container: Dict[str, Any]) -> ContainerFiles:
+        mounts = {}
+        for mount in container.get("volumeMounts") or []:
+            if mount["mountPath"] == SHM:
+                continue
+            if mount["name"] not in self.volume_folders:
+                raise ValueError(f"container {container['name']} mounts volume '{mount['name']}', "
+                                 f"which pod {self.name} does not declare")
+            mounts[mount["mountPath"]] = self.volume_folders[mount["name"]] / mount.get("subPath", "")
+        return ContainerFiles(self.root / "containers" / container["name"], mounts)
 
     # -- containers ---------------------------------------------------------------------------------
-    def _env(self, container: Dict[str, Any]) -> Dict[str, str]:
+    def _env(self, container: Dict[str, Any], files: ContainerFiles) -> Dict[str, str]:
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this Python's tools first
         env.update(self.base_env)
@@ -276,7 +262,7 @@ class Pod:
         for item in container.get("env") or []:
             env[item["name"]] = self._env_value(container["name"], item, env)
         env.update(self.options.env)
-        return {k: self.files.rewrite(v, self._prefixes(container)) if k in self._declared(container) else v
+        return {k: files.rewrite(v, self._prefixes(container)) if k in self._declared(container) else v
                 for k, v in env.items()}
 
     def _declared(self, container: Dict[str, Any]) -> set:
@@ -307,7 +293,7 @@ class Pod:
         return [m["mountPath"] for m in container.get("volumeMounts") or [] if m["mountPath"] != SHM] + \
             ([container["workingDir"]] if container.get("workingDir") else [])
 
-    def _command(self, container: Dict[str, Any]) -> List[str]:
+    def _command(self, container: Dict[str, Any], files: ContainerFiles) -> List[str]:
         command = list(container.get("command") or []) + [str(a) for a in container.get("args") or []]
         if not command:
             raise ValueError(f"container {container['name']} of pod {self.name} has no command: the local runner "
@@ -316,14 +302,16 @@ class Pod:
             ports = {str(port): str(local) for (name, port), local in self.ports.items() if name == container["name"]}
             command = listen_locally(command, ports)
         prefixes = self._prefixes(container)
-        return [self.files.rewrite(a, prefixes) for a in command]
+        return [files.rewrite(a, prefixes) for a in command]
 
     def _start(self, container: Dict[str, Any], label: str) -> Process:
-        cwd = self.files.host_path(container.get("workingDir", "/"))
+        files = self._files(container)
+        files.create()
+        cwd = files.host_path(container.get("workingDir", "/"))
         cwd.mkdir(parents=True, exist_ok=True)
-        command = self._command(container)
+        command = self._command(container, files)
         log(label, f"$ {' '.join(command)}")
-        popen = subprocess.Popen(command, cwd=cwd, env=self._env(container), stdout=subprocess.PIPE,
+        popen = subprocess.Popen(command, cwd=cwd, env=self._env(container, files), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, start_new_session=True, text=True, errors="replace")
 
         def forward() -> None:
@@ -353,7 +341,9 @@ class Pod:
 
     def start(self) -> None:
         """Create the pod: its folders, init containers (to completion), sidecars (until ready), then pytorch."""
-        self._prepare_files()
+        self.root = self.options.workdir / (self.name if self.generation == 0 else f"{self.name}.{self.generation}")
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.volume_folders = {v["name"]: self._volume_folder(v) for v in self.spec.get("volumes") or []}
         for container in self.init_specs:
             process = self._start(container, f"{self.label} {container['name']}")
             code = process.popen.wait()
@@ -368,8 +358,6 @@ class Pod:
         self.start_main()
 
     def start_main(self) -> None:
-        shutil.rmtree(self.files.root / "rootfs", ignore_errors=True)  # a new container starts from its image
-        self.files.link_mounts()
         self.main = self._start(self.main_spec, self.label)
 
     def stop(self) -> None:
