@@ -69,8 +69,8 @@ def test_cli_refuses_a_bad_manifest_with_one_line(tmp_path):
     result = subprocess.run([PY, "-m", "dvgt", "local-run", str(manifest)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.startswith("error: the PyTorchJob would be refused by the Training Operator: metadata.name 'Bad_Name'")
-    manifest.write_text("kind: ConfigMap\n")
-    result = subprocess.run([PY, "-m", "dvgt", "local-run", str(manifest)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([PY, "-m", "dvgt", "local-run", "-"], input="kind: ConfigMap\n",  # '-': from stdin
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "must hold exactly one PyTorchJob, it holds 0 (kinds: ConfigMap)" in result.stderr
 
 
@@ -178,7 +178,7 @@ def test_exit_code_policy_recreates_the_pod_for_signals_only(tmp_path, capsys):
     assert "master-0: pytorch exited 1 (restartPolicy ExitCode: not retried)" in capsys.readouterr().out
 
 
-def test_on_failure_restarts_in_place_until_the_backoff_limit(tmp_path, capsys):
+def test_on_failure_never_and_always_policies(tmp_path, capsys):
     assert run_job(flaky_job("OnFailure", fails=2, code=1), options(tmp_path)) == 0
     out = capsys.readouterr().out
     assert "run-0" in log_lines(out, "master-0")  # the same pod: its emptyDir kept the first run's file
@@ -188,6 +188,9 @@ def test_on_failure_restarts_in_place_until_the_backoff_limit(tmp_path, capsys):
     assert "backoffLimit 1 reached" in capsys.readouterr().out
     assert run_job(flaky_job("Never", fails=1, code=143), options(tmp_path / "c")) == 1
     assert "pytorch exited 143 (restartPolicy Never: not retried)" in capsys.readouterr().out
+    assert run_job(flaky_job("Always", fails=0, code=0, backoff_limit=2), options(tmp_path / "d")) == 1
+    out = capsys.readouterr().out  # Always restarts a container that succeeded too
+    assert out.count("pytorch exited 0; restarting") == 2 and "backoffLimit 2 reached" in out
 
 
 SIDECAR = textwrap.dedent("""
