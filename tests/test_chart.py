@@ -277,3 +277,15 @@ def test_chart_ships_inside_the_package(tmp_path):
     for path in ("Chart.yaml", "values.yaml", "values.schema.json", "files/catalog.yaml", "templates/_pod.tpl",
                  "templates/pytorchjob.yaml", ".helmignore"):
         assert f"dvgt/k8s/chart/{path}" in names
+
+
+def test_notes_tell_how_to_follow_the_job():
+    result = helm("install", "nusc", str(CHART), "--dry-run=client", "--set", "stage=finetune-nuscenes", "--set", "nodes=2")
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "stage finetune-nuscenes (train/dvgt2/default_finetune_nuscenes.yaml)" in notes
+    assert "2 pod(s) x 8 process(es), accum_steps 1, checkpoints in s3://dvgt-checkpoints/nusc" in notes
+    for command in ("kubectl get pytorchjob nusc", "kubectl logs -n default -f nusc-master-0 -c pytorch",
+                    "kubectl port-forward -n default pod/nusc-master-0 9400:9400", "dvgt status nusc",
+                    "kubectl create secret generic dvgt-s3"):
+        assert command in notes
