@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import kubernetes_validate
@@ -70,11 +71,21 @@ def round_trip(job: dict) -> dict:
 MATRIX = list(itertools.product(STAGES, PROFILES))
 
 
+@pytest.fixture(scope="module")
+def linted_and_rendered():
+    """`helm lint --strict` and `helm template` of every stage x profile, once, a few helm processes at a time."""
+    def both(stage, profile):
+        return (helm("lint", "--strict", str(CHART), *set_args({"stage": stage, "profile": profile})),
+                render(stage=stage, profile=profile, nodes=2))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {combo: pool.submit(both, *combo) for combo in MATRIX}
+    return {combo: future.result() for combo, future in futures.items()}
+
+
 @pytest.mark.parametrize("stage,profile", MATRIX)
-def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile):
-    lint = helm("lint", "--strict", str(CHART), *set_args({"stage": stage, "profile": profile}))
+def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, linted_and_rendered):
+    lint, docs = linted_and_rendered[stage, profile]
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    docs = render(stage=stage, profile=profile, nodes=2)
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == ["ConfigMap", "PodMonitor", "PrometheusRule", "PyTorchJob"]
     for doc in docs:
