@@ -1,5 +1,5 @@
 # The two commands of the README. Both install what they need first (scripts/setup.sh).
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench manifests clean
 
 setup: .venv/.installed
 
@@ -15,6 +15,10 @@ test: setup
 
 bench: setup
 	.venv/bin/python benchmarks/run.py
+
+# The chart's schema enums and the ready manifests k8s/<stage>.yaml, from charts/dvgt (tests check them).
+manifests: setup
+	.venv/bin/python -m dvgt.k8s.generate
 
 clean:
 	rm -rf runs .pytest_cache

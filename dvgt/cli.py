@@ -1,4 +1,4 @@
-"""The `dvgt` command line: train, model-info, data, anchors, ckpt, demo, infer, exporter."""
+"""The `dvgt` command line: train, model-info, data, anchors, ckpt, demo, infer, exporter, local-run."""
 
 from __future__ import annotations
 
@@ -117,6 +117,24 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _key_value(text: str) -> tuple:
+    if "=" not in text or text.startswith("="):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got '{text}'")
+    return tuple(text.split("=", 1))
+
+
+def cmd_local_run(args: argparse.Namespace) -> int:
+    from dvgt.k8s.local_runner import Options, read_env_file, run_manifest
+
+    options = Options(
+        workdir=Path(args.workdir), volumes={k: Path(v) for k, v in args.volume},
+        secrets={k: read_env_file(Path(v)) for k, v in args.secret}, env=dict(args.env),
+        overrides=[f"{k}={v}" for k, v in args.override], nproc_per_node=args.nproc_per_node,
+        replicas={k: int(v) for k, v in args.replicas}, restart_delay_s=args.restart_delay,
+        targets_file=Path(args.targets_file) if args.targets_file else None)
+    return run_manifest(args.manifest, options)
+
+
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog or "dvgt", description="DVGT / VGGT training")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +210,25 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                           help="the trainer's metrics folder (default: $PROMETHEUS_MULTIPROC_DIR)")
     exporter.add_argument("--job", default=None, help="dvgt_job label of the GPU series (default: $DVGT_JOB_NAME)")
     exporter.set_defaults(func=cmd_exporter)
+
+    local = sub.add_parser("local-run", help="run a PyTorchJob manifest on this machine (each replica as local processes)")
+    local.add_argument("manifest", help="a manifest holding one PyTorchJob, e.g. k8s/dvgt1-demo.yaml ('-' = stdin)")
+    local.add_argument("--workdir", default="runs/local-run", help="folder of the pods' files (emptyDirs, working directories)")
+    local.add_argument("--volume", type=_key_value, action="append", default=[], metavar="NAME=PATH",
+                       help="a local folder for the pod volume NAME (PVC, hostPath)")
+    local.add_argument("--secret", type=_key_value, action="append", default=[], metavar="NAME=FILE",
+                       help="the keys of Secret (or ConfigMap) NAME, as KEY=VALUE lines (default: this environment)")
+    local.add_argument("--env", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                       help="set an env variable in every container")
+    local.add_argument("--override", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                       help="a trainer config override appended to the pytorch container's args")
+    local.add_argument("--nproc-per-node", type=int, help="processes per pod (replaces nprocPerNode)")
+    local.add_argument("--replicas", type=_key_value, action="append", default=[], metavar="TYPE=N",
+                       help="replica count of Master or Worker (Worker=0: the master alone)")
+    local.add_argument("--restart-delay", type=float, default=10.0,
+                       help="seconds before a container restarts in place (doubles per restart, like the kubelet)")
+    local.add_argument("--targets-file", help="write the sidecars' local ports as a Prometheus file_sd target list")
+    local.set_defaults(func=cmd_local_run)
     return parser
 
 

