@@ -103,8 +103,10 @@ def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, l
     container = trainer(pods_of(job)["Master"])
     assert container["command"] == ["torchrun"]
     args = container["args"]
-    assert args[:4] == ["--nproc-per-node=8", "-m", "dvgt.train", f"--config={CATALOG.stages[stage].config}"]
-    cfg = load_config(CATALOG.stages[stage].config, args[4:])
+    assert args[:5] == ["--nproc-per-node=8", "--shutdown-timeout=120", "-m", "dvgt.train",
+                        f"--config={CATALOG.stages[stage].config}"]  # torchrun waits the preemption budget
+    cfg = load_config(CATALOG.stages[stage].config, args[5:])
+    assert cfg.checkpoint.preemption_budget_s == 120
     expected_accum = math.ceil(CATALOG.stages[stage].images_per_step / CATALOG.profiles[profile].max_images_per_forward)
     assert cfg.accum_steps == expected_accum
     assert cfg.max_img_per_gpu == CATALOG.stages[stage].images_per_step  # images per step kept
