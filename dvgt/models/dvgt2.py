@@ -28,9 +28,9 @@ from .layers import KVCache
 from .trajectory_decoder import TrajectoryPoseDecoder
 
 FUTURE_TOKENS = 8  # future ego tokens per image (one per planned step)
-# The optional ego-status input, [B, T, 8] per frame, in this order (the upstream model's comment
-# "[B, T, 8], vel, acc, command"): velocity (2: forward, lateral, m/s), acceleration (2, m/s^2),
-# driving command one-hot (4: left, straight, right, unknown), NAVSIM style.
+# The optional ego-status input, [B, T, 8] per frame, in this order (upstream's DVGT2.inference documents
+# it as "[B, T, 8], vel, acc, command"): velocity (2, m/s) and acceleration (2, m/s^2) in NAVSIM's ego
+# frame (x forward, y left), then the driving command one-hot (4: left, straight, right, unknown).
 EGO_STATUS_FIELDS = ("velocity_x", "velocity_y", "acceleration_x", "acceleration_y",
                      "command_left", "command_straight", "command_right", "command_unknown")
 DECODER_SIZES = {"full": (256, 16), "small": (128, 8), "tiny": (64, 4)}  # decoder (width, heads) per model size
