@@ -53,6 +53,14 @@ def held_out_objective(trainer: Trainer, clip) -> float:
     return objective
 
 
+def test_planning_without_anchors_is_refused(planning_root, tmp_path):
+    cfg = load_config(STAGES["dvgt2-default"], tiny_overrides(planning_root, tmp_path, **{
+        "data.train.datasets": f"[{{name: synthetic, root: '{planning_root}', weight: 1.0, split: train}}]"}))
+    assert cfg.model.anchor_path is None
+    with pytest.raises(ValueError, match="anchors are all identical: set model.anchor_path"):
+        Trainer(cfg)
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_lowers_its_held_out_loss(stage, planning_root, tmp_path):
     anchors = planning_root / "anchors" / "anchors.npz"

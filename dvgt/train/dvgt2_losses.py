@@ -54,6 +54,15 @@ def anchors_from_model(model: nn.Module) -> Optional[PlanningAnchors]:
                             decoder.pose_translation_max))
 
 
+def require_distinct_anchors(anchors: PlanningAnchors) -> None:
+    """Planning needs distinct anchors: with identical ones (a model built without model.anchor_path
+    whose weights brought none) every target would be mode 0."""
+    if torch.allclose(anchors.trajectory, anchors.trajectory[:1]):
+        raise ValueError("DVGT-2's 20 trajectory anchors are all identical: set model.anchor_path to the anchors of "
+                         "the training data (make them with `dvgt anchors --data <annotation root>`), or load weights "
+                         "that carry anchors")
+
+
 def dvgt2_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_cfg,
                anchors: Optional[PlanningAnchors] = None) -> Dict[str, Tensor]:
     """All losses of one DVGT-2 (stage 1 or 2) batch; ``objective`` is the one to backpropagate.

@@ -32,7 +32,7 @@ from dvgt.models.conversions import initialise_from_pretrained
 from dvgt.models.weights import load_weights
 from dvgt.train import distributed
 from dvgt.train.clipping import GradientClipper
-from dvgt.train.dvgt2_losses import anchors_from_model
+from dvgt.train.dvgt2_losses import anchors_from_model, require_distinct_anchors
 from dvgt.train.evaluation import EvalAccumulator, evaluate_clip
 from dvgt.train.logger import RunLogger, format_record
 from dvgt.train.losses import compute_loss
@@ -123,6 +123,8 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
         self.anchors = anchors_from_model(self.model)  # DVGT-2: the planning/pose losses need them
+        if self.anchors is not None:
+            require_distinct_anchors(self.anchors)
 
     # -- start-up -------------------------------------------------------------------------------
     def _loader(self, split: str, *, rank: int, world_size: int, num_workers: int, steps: int):
