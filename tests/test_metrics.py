@@ -106,6 +106,10 @@ def scraped_run(tiny_data_root, tmp_path_factory):
         # The last scrape after the run finished (and so after its last step) has reached Prometheus.
         wait_for(lambda: query(prometheus, f'dvgt_training_completed{{dvgt_job="{JOB}"}} == 1')["data"]["result"],
                  30, "Prometheus to scrape the finished run")
+        # rate() and increase() need two samples of a series: wait for a second scrape of the finished run
+        # (every series of the run is in every scrape after it finished).
+        wait_for(lambda: query(prometheus, f'sum_over_time(dvgt_training_completed{{dvgt_job="{JOB}"}}[10m]) >= 2')
+                 ["data"]["result"], 30, "a second scrape of the finished run")
         yield {"prometheus": prometheus, "exporter": f"http://127.0.0.1:{exporter_port}", "run_dir": run_dir,
                "started": started, "finished": finished}
     finally:
