@@ -84,6 +84,12 @@ class FeatureFusionBlock(nn.Module):
 
 
 class DPTHead(nn.Module):
+    @classmethod
+    def of_size(cls, dim_in: int, size, patch_size: int) -> "DPTHead":
+        """The point head of a model size (a `DVGT1Size` row: dpt_features, dpt_out_channels, dpt_layers)."""
+        return cls(dim_in, patch_size=patch_size, features=size.dpt_features, out_channels=size.dpt_out_channels,
+                   intermediate_layer_idx=size.dpt_layers)
+
     def __init__(
         self,
         dim_in: int,

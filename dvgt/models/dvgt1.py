@@ -57,13 +57,7 @@ class DVGT1(nn.Module):
         )
         dim_in = 3 * size.embed_dim
         self.ego_pose_head = EgoPoseHead(dim_in, trunk_depth=size.ego_trunk_depth, num_heads=size.num_heads)
-        self.point_head = DPTHead(
-            dim_in,
-            patch_size=patch_size,
-            features=size.dpt_features,
-            out_channels=size.dpt_out_channels,
-            intermediate_layer_idx=size.dpt_layers,
-        )
+        self.point_head = DPTHead.of_size(dim_in, size, patch_size)
 
     def forward(self, images: Tensor) -> Dict[str, object]:
         """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1], H and W multiples of the patch size.

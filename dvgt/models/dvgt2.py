@@ -86,13 +86,7 @@ class DVGT2(nn.Module):
         self.ego_pose_head = DVGT2EgoHead(
             dim_in, trunk_depth=size.ego_trunk_depth, num_heads=size.num_heads, max_frames=max_frames, decoder=decoder
         )
-        self.point_head = DPTHead(
-            dim_in,
-            patch_size=patch_size,
-            features=size.dpt_features,
-            out_channels=size.dpt_out_channels,
-            intermediate_layer_idx=size.dpt_layers,
-        )
+        self.point_head = DPTHead.of_size(dim_in, size, patch_size)
 
     @property
     def planning(self) -> bool:
