@@ -29,6 +29,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(condition, timeout: float, what: str):
+    """Poll `condition` until it returns something truthy (which is returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def weed_binary() -> str:
     found = shutil.which("weed") or str(Path(os.sys.executable).parent / "weed")
     if not Path(found).is_file():

@@ -19,6 +19,7 @@ import yaml
 
 from dvgt.k8s.local_runner import Options, apply_local_options, listen_locally, run_job, set_nproc
 from dvgt.k8s.pytorchjob import admission_errors, load_pytorchjob, operator_env
+from servers import wait_for
 
 PY = sys.executable
 
@@ -272,16 +273,6 @@ def test_ready_demo_manifest_runs_locally_with_overrides(tiny_data_root, tmp_pat
 # --------------------------------------------------------------------------------------------
 # End to end: the chart's job, two pods x two CPU processes, S3 checkpoints, Prometheus, a kill
 # --------------------------------------------------------------------------------------------
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
 
 def prometheus_query(url: str, expr: str) -> list:
     import urllib.parse

@@ -23,6 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port, tiny_overrides
+from servers import wait_for
 from dvgt.metrics.exporter import start_exporter
 from dvgt.metrics.labels import rank_labels
 from dvgt.metrics.multiproc import file_pid, remove_stale_files
@@ -38,16 +39,6 @@ GRAFANA = {"$__rate_interval": "1m", "$__range": "1h", "$namespace": ".*", "$dvg
 CLEAN_ENV = {k: v for k, v in os.environ.items()
              if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "PET_NODE_RANK", "LOCAL_WORLD_SIZE",
                           "DVGT_JOB_NAME", "PROMETHEUS_MULTIPROC_DIR")}
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def http_get(url: str) -> str:
