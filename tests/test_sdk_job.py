@@ -23,8 +23,8 @@ CATALOG = load_catalog()
 
 
 def helm_job(release: str, *sets: str) -> dict:
-    """The PyTorchJob a user gets from `helm template RELEASE charts/dvgt --set ...`."""
-    command = [HELM, "template", release, str(ROOT / "charts" / "dvgt")]
+    """The PyTorchJob a user gets from `helm template RELEASE charts/dvgt --set ...` (its template only)."""
+    command = [HELM, "template", release, str(ROOT / "charts" / "dvgt"), "--show-only", "templates/pytorchjob.yaml"]
     for item in sets:
         command += ["--set", item]
     result = subprocess.run(command, capture_output=True, text=True, check=True)

@@ -35,10 +35,11 @@ def find_helm() -> str:
 
 
 def render(release: str, values: Dict[str, str], chart: Path = CHART_DIR, value_tree: Optional[Dict[str, Any]] = None,
-           namespace: Optional[str] = None) -> str:
+           namespace: Optional[str] = None, show_only: Optional[str] = None) -> str:
     """`helm template` of the chart with --set values (and a values tree, passed as a values file on
-    stdin so that types survive); errors carry helm's message."""
+    stdin so that types survive; show_only: one template's output); errors carry helm's message."""
     command = [find_helm(), "template", release, str(chart)] + (["--namespace", namespace] if namespace else [])
+    command += ["--show-only", show_only] if show_only else []
     for key, value in values.items():
         command += ["--set", f"{key}={value}"]
     if value_tree is not None:

@@ -146,7 +146,8 @@ class TrainingJob:
 
         values = self.validate()
         try:
-            job = load_pytorchjob(render(self.name, {}, value_tree=values, namespace=self.namespace))
+            job = load_pytorchjob(render(self.name, {}, value_tree=values, namespace=self.namespace,
+                                         show_only="templates/pytorchjob.yaml"))
             check_admission(job)
         except ValueError as error:
             raise InvalidJobError(f"job {self.name}: {error}") from None
