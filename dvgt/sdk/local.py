@@ -61,7 +61,10 @@ class LocalBackend:
     def _alive(self, name: str) -> bool:
         if name in self._children:
             return self._children[name].poll() is None
-        pid = int((self._folder(name) / "runner.pid").read_text())
+        pid_file = self._folder(name) / "runner.pid"
+        if not pid_file.is_file():
+            return True  # submitted a moment ago: the runner is being started
+        pid = int(pid_file.read_text())
         try:
             os.kill(pid, 0)
         except (ProcessLookupError, PermissionError):
