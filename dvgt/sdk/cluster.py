@@ -50,7 +50,7 @@ class ClusterBackend:
                                         persist_config=False)
                 contexts, active = config.list_kube_config_contexts(path)
                 chosen = next((c for c in contexts if c["name"] == context), active) if context else active
-                self.where = f"context '{chosen['name']}'"
+                self.where = f"the kubeconfig's context '{chosen['name']}'"
                 default_namespace = (chosen.get("context") or {}).get("namespace") or "default"
             elif os.environ.get("KUBERNETES_SERVICE_HOST") and (SA_FOLDER / "token").is_file():
                 config.load_incluster_config(client_configuration=configuration)
@@ -82,15 +82,17 @@ class ClusterBackend:
         while cause is not None and not isinstance(cause, (ApiException, HTTPError, ConnectionError)):
             cause = cause.__cause__ or cause.__context__
         what, namespace = f"{resource} {name}".strip(), namespace or self.namespace
-        if isinstance(error, TimeoutError) or cause is None and "Timeout" in str(error):
+        if isinstance(error, TimeoutError):  # the TrainingClient's own request timeout
             return errors.ClusterUnreachableError(
                 f"the Kubernetes API server at {self.host} did not answer within {self.timeout} s ({verb} {what}); "
                 "check the cluster and your network (kubectl cluster-info)")
+        if cause is None:  # not a request that failed
+            return errors.SdkError(f"{verb} {what}: {' '.join(str(error).split())}")
         if not isinstance(cause, ApiException):
-            reason = " ".join(str(cause or error).split())
+            reason = str(getattr(cause, "reason", None) or cause).rsplit(": ", 1)[-1]  # urllib3's innermost reason
             return errors.ClusterUnreachableError(
-                f"cannot reach the Kubernetes API server at {self.host} ({reason}); check that the cluster is up and "
-                f"that {self.where} of your kubeconfig points at it (kubectl cluster-info)")
+                f"cannot reach the Kubernetes API server at {self.host} ({' '.join(reason.split())}); check that "
+                f"the cluster is up and that {self.where} points at it (kubectl cluster-info)")
         status, body = cause.status, _json(cause.body)
         message = body.get("message") or (cause.body or cause.reason or "").strip()
         if status == 401:
