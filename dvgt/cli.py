@@ -1,4 +1,5 @@
-"""The `dvgt` command line: train, model-info, data, anchors, ckpt, demo, infer, exporter, local-run."""
+"""The `dvgt` command line: train, model-info, data, anchors, ckpt, demo, infer, exporter, local-run, and the
+SDK's submit, status, wait, logs, delete, list (dvgt/sdk/commands.py)."""
 
 from __future__ import annotations
 
@@ -229,6 +230,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                        help="seconds before a container restarts in place (doubles per restart, like the kubelet)")
     local.add_argument("--targets-file", help="write the sidecars' local ports as a Prometheus file_sd target list")
     local.set_defaults(func=cmd_local_run)
+
+    from dvgt.sdk.commands import add_commands  # submit, status, wait, logs, delete, list (no torch, no kubernetes)
+
+    add_commands(sub)
     return parser
 
 

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict, Optional
 
 from dvgt.k8s.catalog import CHART_DIR, load_catalog
 
@@ -34,12 +34,18 @@ def find_helm() -> str:
     return found
 
 
-def render(release: str, values: Dict[str, str], chart: Path = CHART_DIR) -> str:
-    """`helm template` of the chart with --set values; errors carry helm's message."""
-    command = [find_helm(), "template", release, str(chart)]
+def render(release: str, values: Dict[str, str], chart: Path = CHART_DIR, value_tree: Optional[Dict[str, Any]] = None,
+           namespace: Optional[str] = None, show_only: Optional[str] = None) -> str:
+    """`helm template` of the chart with --set values (and a values tree, passed as a values file on
+    stdin so that types survive; show_only: one template's output); errors carry helm's message."""
+    command = [find_helm(), "template", release, str(chart)] + (["--namespace", namespace] if namespace else [])
+    command += ["--show-only", show_only] if show_only else []
     for key, value in values.items():
         command += ["--set", f"{key}={value}"]
-    result = subprocess.run(command, capture_output=True, text=True)
+    if value_tree is not None:
+        command += ["--values", "-"]
+    result = subprocess.run(command, capture_output=True, text=True,
+                            input=json.dumps(value_tree) if value_tree is not None else None)
     if result.returncode != 0:
         raise ValueError(f"helm template {release} failed: {result.stderr.strip()}")
     return result.stdout

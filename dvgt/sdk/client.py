@@ -1,0 +1,93 @@
+"""Client: submit and follow training jobs on a cluster (Kubeflow Training Operator) or on this
+machine (the local runner), with the same calls:
+
+    client = Client()                      # kubeconfig or in-cluster; Client(backend="local") runs here
+    client.submit(job)                     # -> the job's name
+    client.wait(job.name, until="Running")
+    for line in client.logs(job.name, follow=True): print(line)
+    client.status(job.name)                # conditions, replicas, last step, newest committed checkpoint
+    client.delete(job.name); client.list()
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+from dvgt.sdk import errors
+from dvgt.sdk.job import TrainingJob
+from dvgt.sdk.status import JobStatus
+
+BACKENDS = ("cluster", "local")
+# What wait() can wait for: a phase, or "Finished" (Succeeded or Failed).
+WAIT_FOR = ("Created", "Running", "Succeeded", "Failed", "Finished")
+_REACHED = {"Created": ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed"),
+            "Running": ("Running", "Succeeded"), "Succeeded": ("Succeeded",), "Failed": ("Failed",),
+            "Finished": ("Succeeded", "Failed")}
+
+
+class Client:
+    def __init__(self, backend: str = "cluster", namespace: Optional[str] = None, kubeconfig: Optional[str] = None,
+                 context: Optional[str] = None, home: Optional[Path] = None):
+        """backend "cluster": kubeconfig (KUBECONFIG, ~/.kube/config or `kubeconfig`, its current context or
+        `context`) or the pod's service account; namespace: the context's unless given.
+        backend "local": jobs run on this machine, kept under `home` ($DVGT_HOME or ~/.dvgt)."""
+        if backend == "cluster":
+            from dvgt.sdk.cluster import ClusterBackend
+
+            self.backend = ClusterBackend(namespace, kubeconfig, context)
+        elif backend == "local":
+            from dvgt.sdk.local import LocalBackend
+
+            self.backend = LocalBackend(home)
+        else:
+            raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
+        self.kind = backend
+
+    @property
+    def namespace(self) -> str:
+        """The namespace jobs go to ("" on the local backend)."""
+        return self.backend.namespace
+
+    def submit(self, job: TrainingJob, replace: bool = False) -> str:
+        """Validate, render and create the job; its name. replace=True deletes a job of that name first."""
+        return self.backend.submit(job, replace=replace)
+
+    def status(self, name: str) -> JobStatus:
+        return self.backend.status(name)
+
+    def logs(self, name: str, follow: bool = False, replica: str = "master", index: int = 0) -> Iterator[str]:
+        """The trainer's output lines of one pod (the Master's by default); follow: until it ends."""
+        return self.backend.logs(name, follow=follow, replica=replica, index=index)
+
+    def delete(self, name: str) -> None:
+        self.backend.delete(name)
+
+    def list(self) -> List[JobStatus]:
+        """Every job (in the namespace), without progress or checkpoint details."""
+        return self.backend.list()
+
+    def wait(self, name: str, until: str = "Running", timeout: Optional[float] = None, poll_s: float = 2.0,
+             callback: Optional[Callable[[JobStatus], None]] = None) -> JobStatus:
+        """Poll the job until it reaches `until` (Running is reached by a job that already Succeeded);
+        callback(status) after each poll. JobFailedError when it fails while waiting for something else;
+        TimeoutError after `timeout` seconds."""
+        if until not in WAIT_FOR:
+            raise ValueError(f"wait until '{until}': choose one of {', '.join(WAIT_FOR)}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.backend.status(name, checkpoint=False)
+            if callback is not None:
+                callback(status)
+            if status.phase in _REACHED[until]:
+                return status
+            if status.finished:
+                failed = next((c for c in status.conditions if c.type == status.phase and c.status), None)
+                why = f": {failed.reason} {failed.message}".rstrip() if failed else ""
+                raise errors.JobFailedError(f"job {name} {status.phase}{why} while waiting for {until}; "
+                                            f"see its logs (dvgt logs {name})")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {name} is still {status.phase} after {timeout:.0f} s waiting for {until}; "
+                                   f"wait longer (--timeout) or look at it (dvgt status {name})")
+            time.sleep(poll_s)

@@ -1,0 +1,123 @@
+"""TrainingJob: the SDK renders the same PyTorchJob as the chart (every stage x profile against
+`helm template --set ...`, and every ready manifest in k8s/), refuses bad jobs with a line naming the
+field, and `dvgt submit --dry-run` prints exactly the SDK's object."""
+
+import itertools
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dvgt.cli import main
+from dvgt.k8s.catalog import load_catalog
+from dvgt.k8s.pytorchjob import load_pytorchjob
+from dvgt.sdk import InvalidJobError, TrainingJob
+from dvgt.sdk.job import default_name, image_values
+
+ROOT = Path(__file__).resolve().parent.parent
+HELM = str(Path(sys.executable).parent / "helm")
+CATALOG = load_catalog()
+
+
+def helm_job(release: str, *sets: str) -> dict:
+    """The PyTorchJob a user gets from `helm template RELEASE charts/dvgt --set ...` (its template only)."""
+    command = [HELM, "template", release, str(ROOT / "charts" / "dvgt"), "--show-only", "templates/pytorchjob.yaml"]
+    for item in sets:
+        command += ["--set", item]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return load_pytorchjob(result.stdout)
+
+
+def test_every_stage_and_profile_renders_what_helm_template_renders():
+    combos = list(itertools.product(CATALOG.stages, CATALOG.profiles))
+
+    def both(combo):
+        stage, profile = combo
+        sdk = TrainingJob(stage=stage, profile=profile, nodes=2, gpus_per_node=4, image="registry.example:5000/dvgt:1.0",
+                          checkpoint_uri="s3://bucket/runs", s3_secret="dvgt-s3", overrides={"optim.lr": 5e-6, "seed_value": 7},
+                          name="parity-job").render()
+        helm = helm_job("parity-job", f"stage={stage}", f"profile={profile}", "nodes=2", "gpusPerNode=4",
+                        "image.repository=registry.example:5000/dvgt", "image.tag=1.0", "checkpoint.uri=s3://bucket/runs",
+                        "checkpoint.s3Secret=dvgt-s3", "overrides[0]=optim.lr=5e-06", "overrides[1]=seed_value=7")
+        return sdk, helm
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pairs = list(pool.map(both, combos))
+    assert len(pairs) == len(CATALOG.stages) * len(CATALOG.profiles) >= 70
+    for (stage, profile), (sdk, helm) in zip(combos, pairs):
+        assert sdk == helm, f"{stage} x {profile}"
+        assert sdk["metadata"]["labels"]["dvgt.io/profile"] == profile and len(sdk["spec"]["pytorchReplicaSpecs"]) == 2
+
+
+def test_ready_manifests_are_the_sdk_jobs_with_the_chart_defaults():
+    for stage in CATALOG.stages:
+        ready = load_pytorchjob(ROOT / "k8s" / f"{stage}.yaml")
+        assert TrainingJob(stage=stage, name=stage).render() == ready, stage
+
+
+def test_fields_become_chart_values():
+    job = TrainingJob(stage="finetune-nuscenes", nodes=2, gpus_per_node=8, profile="h100-80g", image="registry.example/dvgt:1.0",
+                      checkpoint_uri="s3://bucket/runs/nusc-1", s3_secret="dvgt-s3",
+                      overrides={"optim.lr": 5e-6, "logging.progress": False, "data.train.views": [2, 2]},
+                      env={"NCCL_DEBUG": "INFO"}, kueue_queue="team-a", values={"rdma": {"enabled": True}, "image": {"pullPolicy": "Always"}})
+    assert job.to_values() == {
+        "stage": "finetune-nuscenes", "profile": "h100-80g", "nodes": 2, "gpusPerNode": 8,
+        "overrides": ["optim.lr=5e-06", "logging.progress=false", "data.train.views=[2, 2]"],
+        "image": {"repository": "registry.example/dvgt", "tag": "1.0", "pullPolicy": "Always"},
+        "checkpoint": {"uri": "s3://bucket/runs/nusc-1", "s3Secret": "dvgt-s3"}, "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+        "scheduling": {"kueueQueue": "team-a"}, "rdma": {"enabled": True}}
+    args = job.render()["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-3:] == ["optim.lr=5e-06", "logging.progress=false", "data.train.views=[2, 2]"]
+    assert f"checkpoint.uri=s3://bucket/runs/nusc-1/{job.name}" in args and "accum_steps=2" in args  # 48 images, 24 per pass
+    assert image_values("localhost:5000/dvgt", "image") == {"repository": "localhost:5000/dvgt", "tag": ""}
+    names = {default_name("dvgt2-pretrain") for _ in range(20)}
+    assert len(names) == 20 and all(n.startswith("dvgt2-pretrain-") and len(n) == 20 for n in names)
+    assert TrainingJob(stage="dvgt1-demo").name.startswith("dvgt1-demo-")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"profile": "h100"}, "invalid TrainingJob.profile: 'h100' is not one of ['h20-146g'"),
+    ({"stage": "dvgt3"}, "invalid TrainingJob.stage: 'dvgt3' is not one of"),
+    ({"gpus_per_node": 0}, "invalid TrainingJob.gpus_per_node: 0 is less than the minimum of 1"),
+    ({"nodes": 1.5}, "invalid TrainingJob.nodes: 1.5 is not of type 'integer', 'null'"),
+    ({"name": "Nusc_1"}, "TrainingJob.name 'Nusc_1' is not a valid PyTorchJob name: use at most 63 lower-case letters"),
+    ({"name": "x" * 64}, "is not a valid PyTorchJob name"),
+    ({"namespace": "Team A"}, "TrainingJob.namespace 'Team A' is not a namespace name"),
+    ({"image": "dvgt@sha256:abc"}, "TrainingJob.image 'dvgt@sha256:abc': the chart takes repository:tag, not a digest"),
+    ({"checkpoint_uri": "s3://key:secret@bucket/x"}, "invalid TrainingJob.checkpoint_uri: 's3://key:secret@bucket/x' looks like a secret"),
+    ({"env": {"HF_TOKEN": "hf_abc"}}, "invalid TrainingJob.env: "),
+    ({"restart_policy": "Sometimes"}, "invalid TrainingJob.restart_policy: 'Sometimes' is not one of"),
+    ({"values": {"replicas": 3}}, "invalid chart value '(top level)' (TrainingJob.values): Additional properties"),
+    ({"values": {"scheduling": {"minAvailable": 0}}}, "invalid chart value 'scheduling.minAvailable' (TrainingJob.values): 0 is less"),
+])
+def test_invalid_jobs_are_refused_naming_the_field(fields, message):
+    with pytest.raises(InvalidJobError) as error:
+        TrainingJob(**{"stage": "dvgt1-demo", **fields}).render()
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_chart_rules_beyond_the_schema_are_refused_too():
+    with pytest.raises(InvalidJobError, match=r"job j: helm template j failed: .*scheduling.minAvailable \(4\) is more than"):
+        TrainingJob(stage="dvgt1-demo", name="j", nodes=2, values={"scheduling": {"minAvailable": 4}}).render()
+
+
+def test_cli_dry_run_prints_the_sdk_job(capsys):
+    with pytest.raises(SystemExit) as code:
+        main(["submit", "--stage", "finetune-nuscenes", "--nodes", "2", "--gpus-per-node", "8", "--profile", "h100-80g",
+              "--image", "registry.example/dvgt:1.0", "--checkpoint-uri", "s3://bucket/runs/nusc-1", "--s3-secret", "dvgt-s3",
+              "--set", "optim.lr=5e-6", "--name", "nusc-1", "--dry-run"])
+    assert code.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == TrainingJob(stage="finetune-nuscenes", nodes=2, gpus_per_node=8, profile="h100-80g",
+                                  image="registry.example/dvgt:1.0", checkpoint_uri="s3://bucket/runs/nusc-1",
+                                  s3_secret="dvgt-s3", overrides=["optim.lr=5e-6"], name="nusc-1").render()
+
+
+def test_cli_refuses_an_invalid_job_in_one_line(capsys):
+    with pytest.raises(SystemExit) as code:
+        main(["submit", "--stage", "dvgt1-demo", "--profile", "h100", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and err.startswith("error: invalid TrainingJob.profile: 'h100' is not one of") and err.count("\n") == 1
