@@ -26,6 +26,7 @@ import json
 import threading
 import time
 import traceback
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -223,6 +224,15 @@ def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optim
             "param_groups": [{**group, "params": [name_of[i] for i in group["params"]]} for group in state["param_groups"]]}
 
 
+def load_into(flat: Dict[str, torch.Tensor], checkpoint: Checkpoint, alone: bool = False) -> None:
+    """Fill `flat` (plain tensors or DTensor shards, in place) from a sharded checkpoint; collective
+    over the process group unless `alone` or there is none."""
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(flat, storage_reader=ShardReader(checkpoint), planner=DefaultLoadPlanner(flatten_state_dict=False),
+                 no_dist=alone or not dist.is_initialized())
+
+
 def restore(checkpoint: Checkpoint, loaded: Dict[str, Any], model: torch.nn.Module,
             optimizer: torch.optim.Optimizer) -> None:
     """Load model and optimizer state from a checkpoint of either format into a model of either kind
@@ -241,8 +251,7 @@ def restore(checkpoint: Checkpoint, loaded: Dict[str, Any], model: torch.nn.Modu
     if missing:
         raise CorruptCheckpointError(f"{checkpoint.uri} has no {len(missing)} of this run's tensors (e.g. "
                                      f"{missing[:3]}); was it written by another model or frozen_module_names?")
-    dcp.load(flat, storage_reader=ShardReader(checkpoint), planner=DefaultLoadPlanner(flatten_state_dict=False),
-             no_dist=not dist.is_initialized())
+    load_into(flat, checkpoint)
     optimizer_state["param_groups"] = loaded["trainer_state"]["optimizer_param_groups"]
     set_model_state_dict(model, model_state)
     set_optimizer_state_dict(model, optimizer, optimizer_state)
@@ -253,8 +262,7 @@ def read_full_model(checkpoint: Checkpoint) -> Dict[str, torch.Tensor]:
     saved = read_metadata(checkpoint).state_dict_metadata
     full = {name: torch.empty(entry.size, dtype=entry.properties.dtype)
             for name, entry in saved.items() if name.startswith("model.")}
-    dcp.load(full, storage_reader=ShardReader(checkpoint), planner=DefaultLoadPlanner(flatten_state_dict=False),
-             no_dist=True)
+    load_into(full, checkpoint, alone=True)
     return {name[len("model."):]: tensor for name, tensor in full.items()}
 
 
