@@ -185,7 +185,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     where = "checkpoint location (a folder, file:// or s3://bucket/prefix), or one checkpoint: <location>/step_NNNNNNNN"
     for name, text in (("ls", "committed checkpoints: step, size, age"),
                        ("show", "one checkpoint (default: the newest): manifest, objects, model, config"),
-                       ("verify", "check every object's sha256 (exit code 1 names the bad objects)"),
+                       ("verify", "check every object's sha256 and xxh3_128 (exit code 1 names the bad objects)"),
                        ("export", "one model.safetensors plus config.yaml, to a folder or URI"),
                        ("prune", "keep the newest K committed checkpoints; remove uncommitted leftovers")):
         command = ckpt_sub.add_parser(name, help=text)

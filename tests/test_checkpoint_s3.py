@@ -1,7 +1,10 @@
 """Checkpoints on S3-compatible storage, against a real SeaweedFS server (tests/servers.py): the
-streamed safetensors format, both storage backends, resume exactness through S3, faults (server
-down mid-upload, corruption after commit, SIGTERM), preflight errors, `dvgt ckpt`, remote weights."""
+streamed safetensors format (tensors and state trees), both storage backends, resume exactness
+through S3, faults (server down mid-upload, corruption after commit, SIGTERM), preflight errors,
+`dvgt ckpt`, remote weights."""
 
+import hashlib
+import math
 import os
 import re
 import signal
@@ -13,13 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from conftest import free_port, tiny_overrides
-from dvgt.checkpoint.manager import CheckpointManager
+from dvgt.checkpoint.manager import CheckpointManager, rng_state
 from dvgt.cli import main as cli_main
-from dvgt.checkpoint.safetensors_stream import read_safetensors, write_safetensors
+from dvgt.checkpoint.safetensors_stream import read_safetensors, read_state, write_safetensors, write_state
 from dvgt.checkpoint.storage import LocalStorage, StorageError, open_storage
 from dvgt.config import S3Config, load_config
 from dvgt.models.weights import read_checkpoint
@@ -58,6 +62,28 @@ def test_streamed_safetensors_round_trips_through_the_library():
         read_safetensors(bytearray(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......"))
 
 
+def test_optimizer_and_rng_state_round_trip_without_pickle():
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "rng": rng_state(), "scaler": {}, "nan": float("nan")}
+    out = Collect()
+    write_state(state, out)
+    back = read_state(out)
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)  # tuples stay tuples
+    assert sorted(back["optimizer"]["state"]) == [0, 1]  # int keys stay ints, so the optimizer takes it
+    assert torch.equal(back["optimizer"]["state"][1]["exp_avg"], state["optimizer"]["state"][1]["exp_avg"])
+    assert back["rng"]["python"] == state["rng"]["python"] and math.isnan(back["nan"])
+    restored = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    restored.load_state_dict(back["optimizer"])
+    assert torch.equal(restored.state_dict()["state"][0]["exp_avg_sq"], optimizer.state_dict()["state"][0]["exp_avg_sq"])
+    with pytest.raises(TypeError, match="'opt.fn' is a builtin_function_or_method"):
+        write_state({"opt": {"fn": len}}, Collect())
+    with pytest.raises(ValueError, match="not a state file"):
+        read_state(bytearray(save_safetensors({"x": torch.zeros(2)})))
+
+
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_storage_streams_objects_and_discards_failed_writes(backend, tmp_path, request):
     if backend == "s3":
@@ -69,7 +95,8 @@ def test_storage_streams_objects_and_discards_failed_writes(backend, tmp_path, r
     with storage.open_write("a/big.bin") as writer:
         for start in range(0, len(data), 3 * 2**20):
             writer.write(data[start:start + 3 * 2**20])
-    assert writer.size == len(data)
+    assert writer.size == len(data)  # the digests cover the parts in order, hashed beside the upload
+    assert writer.digests == {"sha256": hashlib.sha256(data).hexdigest(), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
     assert storage.read("a/big.bin") == data
     assert storage.read_range("a/big.bin", 5 * 2**20 - 3, 10) == data[5 * 2**20 - 3:5 * 2**20 + 7]
     with pytest.raises(RuntimeError, match="serialiser broke"):
@@ -140,7 +167,7 @@ def test_server_down_during_upload_never_commits_and_the_next_save_succeeds(own_
     first_written, server_down = threading.Event(), threading.Event()
 
     def open_write(key, progress=None):
-        if key.endswith("optimizer.pt"):
+        if key.endswith("optimizer.safetensors"):
             first_written.set()
             server_down.wait(60)
         return real_open(key, progress)
@@ -205,17 +232,17 @@ def save_small_checkpoints(uri: str, steps, tiny_data_root, tmp_path) -> Checkpo
 
 def test_corrupt_object_is_named_by_verify_and_resume_falls_back(s3_env, tiny_data_root, tmp_path, capsys):
     save_small_checkpoints("s3://ckpt/corrupt", [1, 2, 3], tiny_data_root, tmp_path)
-    s3_env.client().put_object(Bucket="ckpt", Key="corrupt/step_00000003/optimizer.pt", Body=b"bit rot")
+    s3_env.client().put_object(Bucket="ckpt", Key="corrupt/step_00000003/optimizer.safetensors", Body=b"bit rot")
 
     done = run_cli("ckpt", "verify", "--all", "s3://ckpt/corrupt", env=s3_env.env())
     assert done.returncode == 1
-    assert re.search(r"step 3: 5 objects, 1 BAD: optimizer.pt", done.stdout), done.stdout
+    assert re.search(r"step 3: 5 objects, 1 BAD: optimizer.safetensors", done.stdout), done.stdout
     assert "step 2: 5 objects, all intact" in done.stdout
 
     capsys.readouterr()
     trainer = Trainer(s3_run(tiny_data_root, tmp_path, "s3://ckpt/corrupt"))  # checkpoint.resume=auto
     out = capsys.readouterr().out
-    assert re.search(r"warning: .*step_00000003: object 'optimizer.pt' does not match.*falling back", out), out
+    assert re.search(r"warning: .*step_00000003: object 'optimizer.safetensors' does not match.*falling back", out), out
     assert "Resumed from s3://ckpt/corrupt/step_00000002 at step 2" in out and trainer.step == 2
     trainer.close()
 

@@ -83,8 +83,8 @@ def test_sharded_checkpoints_on_s3_are_committed_per_rank_and_verify(runs, seawe
     checkpoint = manager.open(4)
     assert checkpoint.sharded and checkpoint.manifest["world_size"] == 2
     assert {o["key"] for o in checkpoint.manifest["objects"]} == {
-        "dcp/metadata.json", "dcp/rank_00000.distcp", "dcp/rank_00001.distcp", "rng/rank_00000.pt",
-        "rng/rank_00001.pt", "trainer_state.pt", "config.yaml"}
+        "dcp/metadata.json", "dcp/rank_00000.distcp", "dcp/rank_00001.distcp", "rng/rank_00000.safetensors",
+        "rng/rank_00001.safetensors", "trainer_state.safetensors", "config.yaml"}
     done = subprocess.run([sys.executable, "-m", "dvgt", "ckpt", "verify", "s3://fsdp/zero3"], capture_output=True,
                           text=True, timeout=120, env=dict(os.environ))
     assert done.returncode == 0 and "7 objects, all intact" in done.stdout, done.stdout + done.stderr
@@ -118,7 +118,7 @@ def test_two_rank_sharded_checkpoint_reshards_to_one_process(runs, tiny_data_roo
         ddp = CheckpointManager(str(runs["ddp"] / "ckpts")).open(2)
         ddp_model = ddp.model_state()
         assert all(torch.allclose(model[k], ddp_model[k], rtol=1e-3, atol=1e-5) for k in model)
-        ddp_optimizer = optimizer_state_by_name(trainer.model, trainer.optimizer, ddp.load("optimizer.pt"))["state"]
+        ddp_optimizer = optimizer_state_by_name(trainer.model, trainer.optimizer, ddp.state("optimizer.safetensors"))["state"]
         optimizer = get_optimizer_state_dict(trainer.model, trainer.optimizer)["state"]
         assert optimizer.keys() == ddp_optimizer.keys()
         for name, state in optimizer.items():
@@ -143,7 +143,7 @@ def test_a_ddp_optimizer_state_of_another_parameter_set_is_refused(runs, tiny_da
     trainer = Trainer(load_config("train/dvgt1/demo.yaml", tiny_overrides(
         tiny_data_root, tmp_path, **{"optim.frozen_module_names": "[aggregator.patch_embed.*]"})))
     try:
-        saved = CheckpointManager(str(runs["ddp"] / "ckpts")).open(2).load("optimizer.pt")
+        saved = CheckpointManager(str(runs["ddp"] / "ckpts")).open(2).state("optimizer.safetensors")
         with pytest.raises(CorruptCheckpointError, match="did optim.frozen_module_names change"):
             optimizer_state_by_name(trainer.model, trainer.optimizer, saved)
     finally:

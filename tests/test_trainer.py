@@ -39,7 +39,8 @@ def test_resumed_run_continues_exactly(tiny_data_root, tmp_path):
     assert manager.committed_steps() == [2, 3, 4, 6]  # every 2 steps, and at the end of each epoch
     manifest = manager.open(2).manifest
     assert {o["key"] for o in manifest["objects"]} == {
-        "model.safetensors", "optimizer.pt", "trainer_state.pt", "config.yaml", "rng/rank_00000.pt"}
+        "model.safetensors", "optimizer.safetensors", "trainer_state.safetensors", "config.yaml",
+        "rng/rank_00000.safetensors"}
 
     resumed = tmp_path / "resumed"  # "stopped after step 2": continue from that checkpoint elsewhere
     train(load_config("train/dvgt1/demo.yaml", tiny_overrides(
@@ -148,7 +149,7 @@ def test_two_process_torchrun_keeps_replicas_identical(tiny_data_root, tmp_path)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     manifest = CheckpointManager(str(run / "ckpts")).latest().manifest
     assert manifest["world_size"] == 2
-    assert {"rng/rank_00000.pt", "rng/rank_00001.pt"} <= {o["key"] for o in manifest["objects"]}
+    assert {"rng/rank_00000.safetensors", "rng/rank_00001.safetensors"} <= {o["key"] for o in manifest["objects"]}
 
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:

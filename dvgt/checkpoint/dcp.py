@@ -6,16 +6,16 @@ Layout of one checkpoint (next to the usual objects, see docs/checkpoints.md):
         dcp/rank_00000.distcp   this rank's slices of model and optimizer tensors, raw bytes back to back
         dcp/rank_00001.distcp   (one object per rank, written by that rank, in parallel)
         dcp/metadata.json       every tensor's global shape, dtype and chunks, and where each chunk lies
-        trainer_state.pt        as for DDP, plus the optimizer's param groups (plain values)
-        rng/rank_NNNNN.pt       each rank's RNG state, written by that rank
+        trainer_state.safetensors  as for DDP, plus the optimizer's param groups (plain values)
+        rng/rank_NNNNN.safetensors each rank's RNG state, written by that rank
         config.yaml
-        manifest.json           written last by rank 0: format "dcp", every rank's objects with size and sha256
+        manifest.json           written last by rank 0: format "dcp", every rank's objects with size and checksums
 
 DCP plans which rank writes which chunk (replicated tensors once) and, on load, which chunks each
 rank needs for its *current* sharding, so a checkpoint written by N ranks loads on M ranks, into
 FSDP shards or full tensors alike. Our writer and reader only move bytes. Nothing is unpickled:
 DCP's own file format pickles its metadata and per-tensor headers; here tensors are raw bytes
-and the metadata is JSON, and every object is checked against the manifest's sha256 as it is read.
+and the metadata is JSON, and every object is checked against the manifest's checksums as it is read.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from dvgt.checkpoint.manager import (MANIFEST, SHARDED_FORMAT, Checkpoint, CheckpointEvent, CheckpointManager,
-                                     CorruptCheckpointError, rng_state, step_dir)
-from dvgt.checkpoint.safetensors_stream import DTYPE_OF, DTYPES
+                                     CorruptCheckpointError, rng_key, rng_state, step_dir)
+from dvgt.checkpoint.safetensors_stream import DTYPE_OF, DTYPES, write_state
 from dvgt.checkpoint.storage import Storage, StorageError
 
 METADATA = "dcp/metadata.json"
@@ -89,7 +89,7 @@ def metadata_from_json(data: Dict[str, Any]) -> Metadata:
 # -- DCP storage writer and reader on a Storage ------------------------------------------------------
 class ShardWriter(StorageWriter):
     """Each rank streams its planned chunks into one object, dcp/rank_NNNNN.distcp; the coordinator
-    (rank 0) writes dcp/metadata.json. `objects` lists what this rank wrote (key, size, sha256)."""
+    (rank 0) writes dcp/metadata.json. `objects` lists what this rank wrote (key, size, checksums)."""
 
     def __init__(self, storage: Storage, prefix: str) -> None:
         super().__init__()
@@ -121,7 +121,7 @@ class ShardWriter(StorageWriter):
                     writer.write(tensor.reshape(-1).view(torch.uint8).numpy())  # the tensor's own memory, no copy
                 results.append(WriteResult(index=item.index, size_in_bytes=writer.size - start, storage_data=ShardRef(
                     key, start, writer.size - start, DTYPES[tensor.dtype], list(tensor.shape))))
-        self.objects.append({"key": key, "size": writer.size, "sha256": writer.sha256})
+        self.objects.append({"key": key, "size": writer.size, **writer.digests})
         future: Future = Future()
         future.set_result(results)
         return future
@@ -129,7 +129,7 @@ class ShardWriter(StorageWriter):
     def finish(self, metadata: Metadata, results: List[List[WriteResult]]) -> None:
         metadata.storage_data = {r.index: r.storage_data for rank_results in results for r in rank_results}
         writer = self.storage.write_bytes(f"{self.prefix}/{METADATA}", json.dumps(metadata_to_json(metadata)).encode())
-        self.objects.append({"key": METADATA, "size": writer.size, "sha256": writer.sha256})
+        self.objects.append({"key": METADATA, "size": writer.size, **writer.digests})
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:
@@ -138,7 +138,7 @@ class ShardWriter(StorageWriter):
 
 class ShardReader(StorageReader):
     """Reads the chunks each rank's load plan asks for; every object is verified against the manifest
-    (size and sha256) as it is read, so a corrupt shard stops the load with an error naming it."""
+    (size and checksums) as it is read, so a corrupt shard stops the load with an error naming it."""
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__()
@@ -282,7 +282,7 @@ class ShardedCheckpointManager(CheckpointManager):
     save() is collective (every rank calls it). Each rank copies its shards off the device into
     reused host buffers (the only time the loop is blocked), then a background thread per rank runs
     DCP's save on a process group of its own (so its collectives never interleave with training's),
-    writes its RNG state, and hands its object list to rank 0, which writes trainer_state.pt,
+    writes its RNG state, and hands its object list to rank 0, which writes trainer_state.safetensors,
     config.yaml and manifest.json last. The async rules are the DDP manager's (async_mode).
     """
 
@@ -325,7 +325,7 @@ class ShardedCheckpointManager(CheckpointManager):
         staged = self._stage(flatten(model_state, optimizer_state))
         trainer_state = {**trainer_state, "optimizer_param_groups": optimizer_state["param_groups"]}
         rng = io.BytesIO()
-        torch.save(rng_state(), rng)
+        write_state(rng_state(), rng)
         blocked = time.perf_counter() - started
         with self._lock:
             self.stats.in_flight = True
@@ -352,7 +352,7 @@ class ShardedCheckpointManager(CheckpointManager):
             writer = ShardWriter(self.storage, prefix)
             dcp.save(staged, storage_writer=writer, planner=DefaultSavePlanner(flatten_state_dict=False),
                      process_group=self.group)
-            objects = writer.objects + [self._put(prefix, f"rng/rank_{self.rank:05d}.pt", rng)]
+            objects = writer.objects + [self._put(prefix, rng_key(self.rank), rng)]
         except (Exception, CheckpointException) as failure:  # noqa: BLE001 - a failed save never commits
             error = f"{type(failure).__name__}: {' '.join(str(failure).split()) or traceback.format_exc(limit=1)}"
         gathered: List[Any] = [None] * self.world_size
@@ -362,8 +362,8 @@ class ShardedCheckpointManager(CheckpointManager):
         if self.rank == 0 and not error:
             try:
                 state = io.BytesIO()
-                torch.save(trainer_state, state)
-                objects += [self._put(prefix, "trainer_state.pt", state.getvalue()),
+                write_state(trainer_state, state)
+                objects += [self._put(prefix, "trainer_state.safetensors", state.getvalue()),
                             self._put(prefix, "config.yaml", config_yaml.encode())]
                 manifest = {"step": step, "epoch": epoch, "created": time.time(), "world_size": self.world_size,
                             "format": SHARDED_FORMAT, "package_version": self.package_version,
@@ -388,4 +388,4 @@ class ShardedCheckpointManager(CheckpointManager):
 
     def _put(self, prefix: str, name: str, data: bytes) -> Dict[str, Any]:
         writer = self.storage.write_bytes(f"{prefix}/{name}", data)
-        return {"key": name, "size": writer.size, "sha256": writer.sha256}
+        return {"key": name, "size": writer.size, **writer.digests}

@@ -4,11 +4,14 @@ Layout under the checkpoint location (see docs/checkpoints.md):
 
     step_00000120/
         model.safetensors      model weights (no DDP prefix)
-        optimizer.pt           optimizer state (tensors and plain values; loaded with weights_only=True)
-        trainer_state.pt       step, epoch, sampler position, scheduler, grad scaler, counters
-        rng/rank_00000.pt      RNG states of every rank
+        optimizer.safetensors  optimizer state (its tensors, and its structure in the metadata)
+        trainer_state.safetensors  step, epoch, sampler position, grad scaler, counters
+        rng/rank_00000.safetensors RNG states of every rank
         config.yaml            the resolved training config
-        manifest.json          written last: step, objects with size and sha256, package version
+        manifest.json          written last: step, objects with size, sha256 and xxh3_128, package version
+
+Every object but config.yaml is safetensors (safetensors_stream.write_state for the nested ones), so
+resuming unpickles nothing and the tensors are views of the downloaded bytes.
 
 A checkpoint folder without its manifest does not exist for any reader.
 
@@ -20,7 +23,6 @@ manifest. At most one save is in flight; a new request waits for it or is skippe
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import random
@@ -35,8 +37,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dvgt.checkpoint.safetensors_stream import read_safetensors, write_safetensors
-from dvgt.checkpoint.storage import Storage, StorageError, open_storage
+from dvgt.checkpoint.safetensors_stream import read_safetensors, read_state, write_safetensors, write_state
+from dvgt.checkpoint.storage import Digest, Storage, StorageError, open_storage
 
 MANIFEST = "manifest.json"
 SHARDED_FORMAT = "dcp"  # manifest "format" of FSDP checkpoints (dvgt/checkpoint/dcp.py); absent for DDP's
@@ -51,16 +53,12 @@ def step_dir(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def load_tensor_bytes(data: bytes | bytearray, what: str) -> Any:
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CorruptCheckpointError(f"{what} is not a valid checkpoint object ({error.__class__.__name__}: "
-                                     f"{str(error).splitlines()[0][:200]})") from None
+def rng_key(rank: int) -> str:
+    return f"rng/rank_{rank:05d}.safetensors"
 
 
 def rng_state() -> Dict[str, Any]:
-    """RNG states as plain values and tensors, so they load with weights_only=True."""
+    """RNG states as plain values and tensors (what write_state stores)."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -168,43 +166,48 @@ class Checkpoint:
             raise CorruptCheckpointError(f"checkpoint {self.uri} has no object '{name}' in its manifest")
         return entry
 
-    def read(self, name: str, progress: Optional[Callable[[int], None]] = None) -> bytearray:
-        """The object's bytes, checked against the manifest's size and sha256."""
+    def read(self, name: str, progress: Optional[Callable[[int], None]] = None, sha256: bool = False) -> bytearray:
+        """The object's bytes, checked against the manifest's size and xxh3_128 (and sha256 if asked:
+        `dvgt ckpt verify` does; see storage.Digest for why a resume checks xxh3_128 only)."""
         entry = self.entry(name)
-        sha = hashlib.sha256()
+        digest = Digest(sha256=sha256)
         try:
-            data = self.storage.read(f"{self.prefix}/{name}", progress=progress, hasher=sha)
+            data = self.storage.read(f"{self.prefix}/{name}", progress=progress, hasher=digest)
         except FileNotFoundError:
             raise CorruptCheckpointError(f"checkpoint {self.uri}: object '{name}' is missing") from None
-        if len(data) != entry["size"] or sha.hexdigest() != entry["sha256"]:
+        if len(data) != entry["size"] or any(entry.get(kind) != value for kind, value in digest.hexdigests().items()):
             raise CorruptCheckpointError(f"checkpoint {self.uri}: object '{name}' does not match its manifest "
-                                         f"(size or sha256 differ): the file is corrupt; resume from an older "
+                                         f"(size or checksum differ): the file is corrupt; resume from an older "
                                          f"checkpoint or start fresh")
         return data
 
     def model_state(self) -> Dict[str, torch.Tensor]:
-        try:
-            return read_safetensors(self.read("model.safetensors"))
-        except ValueError as error:
-            if isinstance(error, CorruptCheckpointError):
-                raise
-            raise CorruptCheckpointError(f"{self.uri}/model.safetensors is unreadable: {error}") from None
+        """The model's tensors (views of the verified bytes)."""
+        return self._parse("model.safetensors", read_safetensors)
 
-    def load(self, name: str) -> Any:
-        return load_tensor_bytes(self.read(name), f"{self.uri}/{name}")
+    def state(self, name: str) -> Any:
+        """A nested state object (write_state) with its tensors."""
+        return self._parse(name, read_state)
+
+    def _parse(self, name: str, parse: Callable[[bytearray], Any]) -> Any:
+        data = self.read(name)
+        try:
+            return parse(data)
+        except ValueError as error:
+            raise CorruptCheckpointError(f"{self.uri}/{name} is unreadable: {error}") from None
 
     def rng(self, rank: int) -> Optional[Dict[str, Any]]:
-        name = f"rng/rank_{rank:05d}.pt"
+        name = rng_key(rank)
         if not any(o["key"] == name for o in self.manifest["objects"]):
             return None
-        return self.load(name)
+        return self.state(name)
 
     def load_all(self, rank: int) -> Dict[str, Any]:
         """Everything a resume needs, every object verified before any of it is used."""
         if self.sharded:  # model and optimizer shards are read (and verified) by dcp.restore
-            return {"trainer_state": self.load("trainer_state.pt"), "rng": self.rng(rank)}
-        return {"model": self.model_state(), "optimizer": self.load("optimizer.pt"),
-                "trainer_state": self.load("trainer_state.pt"), "rng": self.rng(rank)}
+            return {"trainer_state": self.state("trainer_state.safetensors"), "rng": self.rng(rank)}
+        return {"model": self.model_state(), "optimizer": self.state("optimizer.safetensors"),
+                "trainer_state": self.state("trainer_state.safetensors"), "rng": self.rng(rank)}
 
 
 class CheckpointManager:
@@ -290,7 +293,7 @@ class CheckpointManager:
         (at most `timeout` seconds); a failure raises StorageError. Returns the event on rank 0.
         """
         buffer = io.BytesIO()
-        torch.save(rng_state(), buffer)  # serialised here: all_gather_object mangles tensors inside objects
+        write_state(rng_state(), buffer)  # serialised here: all_gather_object mangles tensors inside objects
         rngs: List[bytes] = [buffer.getvalue()]
         if dist.is_initialized():
             rngs = [b""] * self.world_size
@@ -349,14 +352,14 @@ class CheckpointManager:
                     write(writer)
             except Exception as error:  # torch.save reports a failed write as a position mismatch
                 raise (writer.error or error) from None
-            objects.append({"key": name, "size": writer.size, "sha256": writer.sha256})
+            objects.append({"key": name, "size": writer.size, **writer.digests})
 
         try:
             put("model.safetensors", lambda w: write_safetensors(staged["model"], w))
-            put("optimizer.pt", lambda w: torch.save(staged["optimizer"], w))
-            put("trainer_state.pt", lambda w: torch.save(staged["trainer_state"], w))
+            put("optimizer.safetensors", lambda w: write_state(staged["optimizer"], w))
+            put("trainer_state.safetensors", lambda w: write_state(staged["trainer_state"], w))
             for rank, rng in enumerate(rngs):
-                put(f"rng/rank_{rank:05d}.pt", lambda w, rng=rng: w.write(rng))
+                put(rng_key(rank), lambda w, rng=rng: w.write(rng))
             put("config.yaml", lambda w: w.write(config_yaml.encode()))
             manifest = {"step": step, "epoch": epoch, "created": time.time(), "world_size": self.world_size,
                         "package_version": self.package_version, "objects": sorted(objects, key=lambda o: o["key"])}
@@ -407,12 +410,12 @@ class VerifyReport:
 
 
 def verify(checkpoint: Checkpoint, progress: Optional[Callable[[int], None]] = None) -> VerifyReport:
-    """Read every object of a committed checkpoint and check its size and sha256."""
+    """Read every object of a committed checkpoint and check its size, sha256 and xxh3_128."""
     report = VerifyReport(checkpoint.step)
     for entry in checkpoint.manifest["objects"]:
         try:
-            checkpoint.read(entry["key"], progress=progress)
+            checkpoint.read(entry["key"], progress=progress, sha256=True)
         except CorruptCheckpointError as error:
-            report.bad.append(f"{entry['key']}: {'missing' if 'missing' in str(error) else 'size or sha256 differ'}")
+            report.bad.append(f"{entry['key']}: {'missing' if 'missing' in str(error) else 'size or checksum differ'}")
         report.checked += 1
     return report

@@ -6,12 +6,16 @@ padded with spaces to a multiple of 8), then the tensors' bytes back to back. Th
 writer needs the whole file in memory; this one writes the header and then each tensor's memory
 straight into any writer (an S3 multipart upload), so a checkpoint never exists as one big copy.
 Tensors are laid out largest element size first, as the library does, so every tensor stays aligned.
+
+Training state that is not a flat dict of tensors (an optimizer's state_dict, RNG states) is stored
+the same way: `write_state` puts its tensors in the file by path and its structure (dicts with int
+or str keys, lists, tuples, plain JSON values) in the metadata, so no checkpoint object is a pickle.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -50,10 +54,14 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], out: Any, metadata: O
 
 def read_safetensors(buffer: bytearray) -> Dict[str, torch.Tensor]:
     """The tensors of a safetensors file held in `buffer`, as views of it (no copy)."""
+    return _parse(buffer)[0]
+
+
+def _parse(buffer: bytearray) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     try:
         length = int.from_bytes(buffer[:8], "little")
         header = json.loads(bytes(buffer[8:8 + length]))
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None) or {}
         base = 8 + length
         tensors = {}
         for name, info in header.items():
@@ -66,6 +74,65 @@ def read_safetensors(buffer: bytearray) -> Dict[str, torch.Tensor]:
                 continue
             raw = torch.frombuffer(buffer, dtype=torch.uint8, count=end - begin, offset=base + begin)
             tensors[name] = raw.view(dtype).reshape(shape)
-        return tensors
+        return tensors, metadata
     except (ValueError, KeyError, TypeError, RuntimeError) as error:
         raise ValueError(f"not a valid safetensors file ({type(error).__name__}: {error})") from None
+
+
+STATE_KEY = "dvgt_state"  # the metadata entry that holds a state tree's structure
+
+
+def write_state(tree: Any, out: Any) -> int:
+    """Write a state tree (nested dicts, lists and tuples of CPU tensors and JSON values) to `out`."""
+    tensors: Dict[str, torch.Tensor] = {}
+    structure = _encode(tree, "", tensors)
+    return write_safetensors(tensors, out, metadata={STATE_KEY: json.dumps(structure)})
+
+
+def read_state(buffer: bytearray) -> Any:
+    """The state tree of a `write_state` file; its tensors are views of `buffer` (no copy)."""
+    tensors, metadata = _parse(buffer)
+    if STATE_KEY not in metadata:
+        raise ValueError("not a state file (its metadata has no structure)")
+    try:
+        return _decode(json.loads(metadata[STATE_KEY]), tensors)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"the state file's structure is invalid ({type(error).__name__}: {error})") from None
+
+
+# A tensor is {"tensor": path}; a dict is {"dict": [[key, value], ...]} (keys keep their type: an
+# optimizer's state is keyed by parameter index); a tuple is {"tuple": [...]}; a list stays a list.
+def _encode(tree: Any, path: str, tensors: Dict[str, torch.Tensor]) -> Any:
+    if torch.is_tensor(tree):
+        if path in tensors:
+            raise ValueError(f"two state entries are both named '{path}'; rename one (a key with a '.' in it?)")
+        tensors[path] = tree.detach().contiguous()
+        return {"tensor": path}
+    if isinstance(tree, dict):
+        for key in tree:
+            if not isinstance(key, (str, int)) or isinstance(key, bool):
+                raise TypeError(f"state key {key!r} at '{path}' is a {type(key).__name__}; only str and int keys are stored")
+        return {"dict": [[key, _encode(value, f"{path}.{key}" if path else str(key), tensors)]
+                         for key, value in tree.items()]}
+    if isinstance(tree, (list, tuple)):
+        items = [_encode(value, f"{path}.{i}" if path else str(i), tensors) for i, value in enumerate(tree)]
+        return {"tuple": items} if isinstance(tree, tuple) else items
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    raise TypeError(f"state value at '{path}' is a {type(tree).__name__}, which a checkpoint cannot store "
+                    f"(tensors, dicts, lists, tuples, numbers, strings, None)")
+
+
+def _decode(node: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    if isinstance(node, list):
+        return [_decode(value, tensors) for value in node]
+    if isinstance(node, dict):
+        (kind, value), = node.items()
+        if kind == "tensor":
+            return tensors[value]
+        if kind == "dict":
+            return {key: _decode(item, tensors) for key, item in value}
+        if kind == "tuple":
+            return tuple(_decode(item, tensors) for item in value)
+        raise ValueError(f"unknown node '{kind}'")
+    return node

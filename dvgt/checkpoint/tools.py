@@ -92,7 +92,7 @@ def show(uri: str) -> List[str]:
              f"dvgt {m.get('package_version') or '?'}, {sizeof(checkpoint.size)}",
              f"  model: {model_summary(checkpoint) if checkpoint.sharded else safetensors_summary(checkpoint)}",
              "  objects:"]
-    lines += [f"    {o['key']:<24} {sizeof(o['size']):>10}  sha256 {o['sha256'][:16]}..." for o in m["objects"]]
+    lines += [f"    {o['key']:<28} {sizeof(o['size']):>10}  sha256 {o['sha256'][:16]}..." for o in m["objects"]]
     config = yaml.safe_load(bytes(checkpoint.read("config.yaml"))) or {}
     lines.append("  config: " + ", ".join(f"{key}={_get(config, key)}" for key in CONFIG_SUMMARY))
     return lines
@@ -105,7 +105,7 @@ def _get(config: dict, dotted: str) -> Any:
 
 
 def verify_location(uri: str, all_steps: bool = False) -> Tuple[List[str], bool]:
-    """Check every object's sha256 (the newest checkpoint, one given, or --all). Returns (lines, ok)."""
+    """Check every object's size, sha256 and xxh3_128 (the newest checkpoint, one given, or --all). Returns (lines, ok)."""
     manager, step = locate(uri)
     steps = manager.committed_steps() if all_steps and step is None else [pick(manager, step).step]
     lines, ok = [], True
