@@ -1,5 +1,5 @@
-"""The `dvgt` command line: train, model-info, data, anchors, ckpt, demo, infer, exporter, local-run, and the
-SDK's submit, status, wait, logs, delete, list (dvgt/sdk/commands.py)."""
+"""The `dvgt` command line: train, model-info, profile-memory, data, anchors, ckpt, demo, infer, exporter,
+local-run, and the SDK's submit, status, wait, logs, delete, list (dvgt/sdk/commands.py)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,13 @@ def cmd_model_info(args: argparse.Namespace) -> int:
           f"{len(layout['state_dict'])} state_dict entries")
     for module, count in by_module.items():
         print(f"  {module:<20} {count:>15,}")
+    return 0
+
+
+def cmd_profile_memory(args: argparse.Namespace) -> int:
+    from dvgt.train.profile_memory import profile_memory
+
+    print("\n".join(profile_memory(load_config(args.config, args.overrides), margin=args.margin)))
     return 0
 
 
@@ -150,6 +157,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     _add_config_args(info)
     info.add_argument("--json", action="store_true", help="print the layout as JSON (num_parameters, state_dict)")
     info.set_defaults(func=cmd_model_info)
+
+    profile = sub.add_parser("profile-memory", help="measure peak GPU memory per image and print the largest "
+                             "images per forward pass for each VRAM profile (needs a GPU)")
+    _add_config_args(profile)
+    profile.add_argument("--margin", type=float, default=0.1, help="share of GPU memory kept free (fragmentation, "
+                         "CUDA context, other processes)")
+    profile.set_defaults(func=cmd_profile_memory)
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -184,7 +184,17 @@ class LoggingConfig:
 
 
 @dataclass
+class FSDPConfig:
+    mode: str = "zero2"  # zero2: optimizer state and gradients sharded | zero3: parameters too (gathered per block in forward and backward)
+    reshard_after_forward: Optional[bool] = None  # free gathered block parameters after forward (None: True for zero3, False for zero2)
+    cpu_offload: bool = False  # keep parameter shards, gradients and optimizer state in host memory; the optimizer step runs on the CPU
+    mixed_precision: bool = True  # with AMP on a GPU: aggregator blocks gather parameters in optim.amp.amp_dtype; gradients reduce in float32
+
+
+@dataclass
 class DistributedConfig:
+    strategy: str = "ddp"  # ddp: full replica per rank | fsdp: FSDP2 sharding (see distributed.fsdp, docs/distributed.md)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
     timeout_mins: int = 30  # collective timeout
     find_unused_parameters: bool = False  # DDP option (needed only if some outputs go unused)
@@ -215,7 +225,7 @@ class TrainConfig:
 
 
 # Renamed keys of the reference trainer, so that their error can point at our name.
-RENAMED_KEYS = {"checkpoint.save_dir": "checkpoint.uri", "optim.optimizer.lr": "optim.lr",
+RENAMED_KEYS = {"checkpoint.save_dir": "checkpoint.uri", "train.strategy": "distributed.strategy", "optim.optimizer.lr": "optim.lr",
                 "optim.optimizer.weight_decay": "optim.weight_decay"}
 
 # What --debug changes: few batches, log every step, save every epoch, no workers.
@@ -391,6 +401,15 @@ def validate(cfg: DictConfig) -> None:
            "checkpoint.s3 needs part_size_mb >= 5 (the S3 minimum part), concurrency >= 1, max_attempts >= 1")
     _check(cfg.optim.amp.amp_dtype in ("bfloat16", "float16"),
            f"optim.amp.amp_dtype must be bfloat16 or float16, got '{cfg.optim.amp.amp_dtype}'")
+    d = cfg.distributed
+    _check(d.strategy in ("ddp", "fsdp"), f"distributed.strategy must be ddp or fsdp, got '{d.strategy}'")
+    _check(d.fsdp.mode in ("zero2", "zero3"), f"distributed.fsdp.mode must be zero2 or zero3, got '{d.fsdp.mode}'")
+    if d.strategy == "fsdp":
+        _check(not d.verify_replicas, "distributed.verify_replicas compares DDP replicas; under distributed.strategy=fsdp "
+               "each rank holds a different shard: set distributed.verify_replicas=false")
+        _check(not (cfg.optim.amp.enabled and cfg.optim.amp.amp_dtype == "float16"),
+               "distributed.strategy=fsdp trains in bfloat16 or float32 (float16 would need a sharded grad scaler): "
+               "set optim.amp.amp_dtype=bfloat16")
 
 
 def to_yaml(cfg: DictConfig) -> str:

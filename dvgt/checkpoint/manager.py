@@ -41,6 +41,7 @@ from dvgt.checkpoint.safetensors_stream import read_safetensors, read_state, wri
 from dvgt.checkpoint.storage import Digest, Storage, StorageError, open_storage
 
 MANIFEST = "manifest.json"
+SHARDED_FORMAT = "dcp"  # manifest "format" of FSDP checkpoints (dvgt/checkpoint/dcp.py); absent for DDP's
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -154,6 +155,11 @@ class Checkpoint:
     def size(self) -> int:
         return sum(o["size"] for o in self.manifest["objects"])
 
+    @property
+    def sharded(self) -> bool:
+        """Written under FSDP: model and optimizer are torch.distributed.checkpoint shards (dcp.py)."""
+        return self.manifest.get("format") == SHARDED_FORMAT
+
     def entry(self, name: str) -> Dict[str, Any]:
         entry = next((o for o in self.manifest["objects"] if o["key"] == name), None)
         if entry is None:
@@ -198,6 +204,8 @@ class Checkpoint:
 
     def load_all(self, rank: int) -> Dict[str, Any]:
         """Everything a resume needs, every object verified before any of it is used."""
+        if self.sharded:  # model and optimizer shards are read (and verified) by dcp.restore
+            return {"trainer_state": self.state("trainer_state.safetensors"), "rng": self.rng(rank)}
         return {"model": self.model_state(), "optimizer": self.state("optimizer.safetensors"),
                 "trainer_state": self.state("trainer_state.safetensors"), "rng": self.rng(rank)}
 

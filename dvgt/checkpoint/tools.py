@@ -10,7 +10,9 @@ from typing import Any, Iterator, List, Optional, Tuple
 import yaml
 from tqdm import tqdm
 
+from dvgt.checkpoint.dcp import model_summary, read_full_model
 from dvgt.checkpoint.manager import MANIFEST, STEP_DIR, Checkpoint, CheckpointManager, verify
+from dvgt.checkpoint.safetensors_stream import write_safetensors
 from dvgt.checkpoint.storage import open_storage, split_uri
 
 CONFIG_SUMMARY = ["exp_name", "model.name", "model.size", "max_epochs", "optim.lr", "max_img_per_gpu", "accum_steps"]
@@ -88,7 +90,8 @@ def show(uri: str) -> List[str]:
     lines = [f"checkpoint {checkpoint.uri}",
              f"  step {m['step']}, epoch {m.get('epoch')}, world size {m.get('world_size')}, created {created}, "
              f"dvgt {m.get('package_version') or '?'}, {sizeof(checkpoint.size)}",
-             f"  model: {safetensors_summary(checkpoint)}", "  objects:"]
+             f"  model: {model_summary(checkpoint) if checkpoint.sharded else safetensors_summary(checkpoint)}",
+             "  objects:"]
     lines += [f"    {o['key']:<28} {sizeof(o['size']):>10}  sha256 {o['sha256'][:16]}..." for o in m["objects"]]
     config = yaml.safe_load(bytes(checkpoint.read("config.yaml"))) or {}
     lines.append("  config: " + ", ".join(f"{key}={_get(config, key)}" for key in CONFIG_SUMMARY))
@@ -121,6 +124,15 @@ def export(uri: str, out: str) -> List[str]:
     manager, step = locate(uri)
     checkpoint = pick(manager, step)
     target = open_storage(out)
+    if checkpoint.sharded:  # FSDP shards: gathered into full tensors here, then written as one file
+        tensors = read_full_model(checkpoint)
+        writer = target.open_write("model.safetensors")
+        with writer:
+            write_safetensors(tensors, writer)
+        target.write_bytes("config.yaml", bytes(checkpoint.read("config.yaml")))
+        return [f"exported step {checkpoint.step} of {manager.storage.uri} (sharded over "
+                f"{checkpoint.manifest.get('world_size')} ranks): {target.child('model.safetensors')} "
+                f"({sizeof(writer.size)}), {target.child('config.yaml')}"]
     entry = checkpoint.entry("model.safetensors")
     with progress_bar(entry["size"], "download") as update:
         data = checkpoint.read("model.safetensors", progress=update)

@@ -7,6 +7,7 @@ from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 @dataclass
@@ -49,6 +50,10 @@ class GradientClipper:
         norms = {}
         for group in self.groups:
             if group.params:
-                norm = torch.nn.utils.clip_grad_norm_(group.params, group.max_norm, norm_type=group.norm_type)
+                grads = [p.grad for p in group.params if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads, norm_type=group.norm_type)
+                if isinstance(norm, DTensor):  # FSDP: the norm of this rank's gradient slices, reduced over ranks
+                    norm = norm.full_tensor()
+                torch.nn.utils.clip_grads_with_norm_(group.params, group.max_norm, norm)
                 norms[group.name] = float(norm)
         return norms

@@ -35,8 +35,10 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: str = "auto", backend: str = "auto", timeout_mins: int = 30) -> DistInfo:
-    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_mins: int = 30,
+                     single_process_group: bool = False) -> DistInfo:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+    `single_process_group`: a process alone still gets a group of one (FSDP needs one)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -46,6 +48,9 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_mins: 
             backend = "nccl" if torch_device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(minutes=timeout_mins),
                                 device_id=torch_device if torch_device.type == "cuda" else None)
+    elif single_process_group and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device)
 
 

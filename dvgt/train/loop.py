@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -17,10 +18,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dvgt
+from dvgt.checkpoint.dcp import ShardedCheckpointManager, restore
 from dvgt.checkpoint.manager import STEP_DIR, CheckpointEvent, CheckpointManager, set_rng_state
 from dvgt.checkpoint.storage import split_uri
 from dvgt.data.anchors import ensure_anchors
@@ -34,6 +38,7 @@ from dvgt.train import distributed
 from dvgt.train.clipping import GradientClipper
 from dvgt.train.dvgt2_losses import anchors_from_model, require_distinct_anchors
 from dvgt.train.evaluation import EvalAccumulator, evaluate_clip
+from dvgt.train.fsdp import no_gradient_sync, shard_model
 from dvgt.train.logger import RunLogger, format_record
 from dvgt.train.losses import compute_loss
 from dvgt.train.optim import build_optimizer, freeze_modules, set_lr, warmup_cosine
@@ -65,7 +70,9 @@ def split_batch(batch: Dict[str, Any], chunks: int) -> List[Dict[str, Any]]:
 class Trainer:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        self.dist = distributed.init_distributed(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_mins)
+        self.fsdp = cfg.distributed.strategy == "fsdp"
+        self.dist = distributed.init_distributed(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_mins,
+                                                 single_process_group=self.fsdp)
         self.device = self.dist.device
         self.steps_per_epoch = cfg.limit_train_batches or cfg.data.train.steps_per_epoch
         self.total_steps = cfg.max_epochs * self.steps_per_epoch
@@ -76,8 +83,9 @@ class Trainer:
         self._sigterm_at: Optional[float] = None  # when SIGTERM arrived (preemption)
 
         ck = cfg.checkpoint  # storage is checked first: a wrong bucket or credentials fail within seconds
-        self.checkpoints = CheckpointManager(ck.uri, self.dist.rank, self.dist.world_size, ck.keep_last,
-                                             dvgt.__version__, ck.async_mode, ck.s3, preflight=True)
+        manager = partial(ShardedCheckpointManager, device=self.dist.device) if self.fsdp else CheckpointManager
+        self.checkpoints = manager(ck.uri, self.dist.rank, self.dist.world_size, ck.keep_last,
+                                   dvgt.__version__, ck.async_mode, ck.s3, preflight=True)
         seed_everything(cfg.seed_value)  # the same on every rank, so initial weights agree
         if cfg.model.anchor_path:
             self._prepare_anchors()
@@ -94,14 +102,17 @@ class Trainer:
         frozen = freeze_modules(self.model, cfg.optim.frozen_module_names)
         if frozen:
             self._print(f"Frozen: {len(frozen)} parameter tensors matching {list(cfg.optim.frozen_module_names)}")
-        self.clipper = GradientClipper(self.model, cfg.optim.gradient_clip)
-        self.optimizer = build_optimizer(self.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
-                                         fused=self.device.type == "cuda")
         self.amp_dtype = getattr(torch, cfg.optim.amp.amp_dtype)
         self.use_amp = cfg.optim.amp.enabled and self.device.type == "cuda"
+        if self.fsdp:  # parameters become DTensor shards: the clipper and the optimizer take those
+            shard_model(self.model, init_device_mesh(self.device.type, (self.dist.world_size,)), cfg.distributed.fsdp,
+                        self.amp_dtype if self.use_amp else None)
+        self.clipper = GradientClipper(self.model, cfg.optim.gradient_clip)
+        self.optimizer = build_optimizer(self.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
+                                         fused=self.device.type == "cuda" and not cfg.distributed.fsdp.cpu_offload)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.train_model = self.model
-        if self.dist.is_distributed:
+        if self.dist.is_distributed and not self.fsdp:
             d = cfg.distributed
             self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                    find_unused_parameters=d.find_unused_parameters, bucket_cap_mb=d.bucket_cap_mb,
@@ -195,8 +206,11 @@ class Trainer:
 
     def _resume(self, resume_from: tuple) -> None:
         checkpoint, loaded = resume_from
-        self.model.load_state_dict(loaded["model"], strict=True)
-        self.optimizer.load_state_dict(loaded["optimizer"])
+        if checkpoint.sharded or self.fsdp:  # either format into either strategy, resharded
+            restore(checkpoint, loaded, self.model, self.optimizer)
+        else:
+            self.model.load_state_dict(loaded["model"], strict=True)
+            self.optimizer.load_state_dict(loaded["optimizer"])
         state = loaded["trainer_state"]
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.nonfinite_total = state["nonfinite_total"]
@@ -225,8 +239,7 @@ class Trainer:
         finite = True
         for i, chunk in enumerate(chunks):
             last = i == len(chunks) - 1
-            sync = contextlib.nullcontext() if last or not self.dist.is_distributed else self.train_model.no_sync()
-            with sync:
+            with self._gradient_sync(last):
                 with self.autocast():
                     predictions = self.forward(self.train_model, chunk)
                 losses = compute_loss(predictions, chunk, self.cfg.loss, self.anchors)
@@ -257,6 +270,12 @@ class Trainer:
         record.update({f"grad_norm/{k}": v for k, v in norms.items()})
         record.update(lr=lr, nonfinite_skipped=self.nonfinite_total, skipped=not bool(finite))
         return record
+
+    def _gradient_sync(self, enabled: bool):
+        """DDP and FSDP reduce gradients only on the last micro-step of an optimizer step."""
+        if enabled or not self.dist.is_distributed:
+            return contextlib.nullcontext()
+        return no_gradient_sync(self.model) if self.fsdp else self.train_model.no_sync()
 
     def verify_replicas(self) -> None:
         """Under DDP, check that every rank holds bit-identical parameters (catches silent desync)."""
@@ -302,8 +321,11 @@ class Trainer:
         self._last_saved_step = self.step
         state = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                  "nonfinite_total": self.nonfinite_total, "scaler": self.scaler.state_dict()}
-        self.checkpoints.save(self.step, model_state=self.model.state_dict(),
-                              optimizer_state=self.optimizer.state_dict(), trainer_state=state,
+        if self.fsdp:  # sharded, keyed by parameter name (torch.distributed.checkpoint.state_dict)
+            model_state, optimizer_state = get_model_state_dict(self.model), get_optimizer_state_dict(self.model, self.optimizer)
+        else:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+        self.checkpoints.save(self.step, model_state=model_state, optimizer_state=optimizer_state, trainer_state=state,
                               config_yaml=OmegaConf.to_yaml(self.cfg), epoch=self.epoch, final=final, timeout=timeout)
 
     def _on_checkpoint_event(self, event: CheckpointEvent) -> None:

@@ -1,0 +1,104 @@
+"""`dvgt profile-memory`: how many images one GPU holds in a forward/backward pass.
+
+On the current GPU, one training step (forward, backward, optimizer step, with the config's AMP,
+activation checkpointing and frozen modules) runs at a few images-per-forward values; each step's
+peak (torch.cuda.max_memory_allocated) is fitted as fixed + per_image x images (the fixed part:
+weights, gradients, optimizer state; the per-image part: activations). For every GPU profile of
+the chart's catalog the largest images-per-forward that stays below (1 - margin) of its memory is
+printed: the value for the profile's maxImagesPerForward. Single-GPU (DDP-style) memory: under
+FSDP the fixed part shrinks with the number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    fixed_bytes: float  # weights, gradients, optimizer state, workspace
+    per_image_bytes: float  # activations per image in the forward pass
+
+
+def fit_memory(peaks: Sequence[Tuple[int, int]]) -> MemoryFit:
+    """Least-squares line through (images per forward, peak bytes); needs two distinct image counts."""
+    images = np.array([n for n, _ in peaks], dtype=float)
+    if len(set(images)) < 2:
+        raise ValueError(f"a memory fit needs peaks at two or more image counts, got {sorted(set(images))}")
+    per_image, fixed = np.polyfit(images, np.array([p for _, p in peaks], dtype=float), 1)
+    if per_image <= 0:
+        raise ValueError(f"peak memory did not grow with the image count ({peaks}); measure larger counts")
+    return MemoryFit(float(fixed), float(per_image))
+
+
+def max_images(fit: MemoryFit, memory_bytes: float, margin: float) -> int:
+    """The largest image count whose predicted peak stays below (1 - margin) x memory (0: none fits)."""
+    return max(0, math.floor(((1.0 - margin) * memory_bytes - fit.fixed_bytes) / fit.per_image_bytes))
+
+
+def profile_table(fit: MemoryFit, profiles: Dict[str, "object"], margin: float) -> List[str]:
+    """One line per GPU profile of the catalog (dvgt.k8s.catalog.Profile): its memory, the current
+    maxImagesPerForward and the measured largest images per forward."""
+    lines = [f"fixed {fit.fixed_bytes / GIB:.2f} GiB + {fit.per_image_bytes / GIB:.3f} GiB per image "
+             f"(safety margin {margin:.0%})",
+             f"{'profile':<12} {'memory':>8} {'catalog':>8} {'measured':>9}"]
+    for name, profile in profiles.items():
+        if profile.memory_gib:
+            fits = max_images(fit, profile.memory_gib * GIB, margin)
+            lines.append(f"{name:<12} {profile.memory_gib:>5g} GiB {profile.max_images_per_forward:>8} {fits:>9}")
+    return lines
+
+
+def measure_peaks(cfg, frame_counts: Sequence[int] = (2, 4, 8)) -> List[Tuple[int, int]]:
+    """(images per forward, peak bytes) of one training step at each frame count, with the config's
+    largest view count, width and narrowest aspect ratio; stops at the first out-of-memory."""
+    import torch
+
+    from dvgt.models import build_model
+    from dvgt.train.optim import build_optimizer, freeze_modules
+
+    device = torch.device("cuda")
+    model = build_model(cfg.model).to(device).train()
+    freeze_modules(model, cfg.optim.frozen_module_names)
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, fused=True)
+    split = cfg.data.train
+    views, width = int(split.views[1]), int(split.img_width)
+    height = int(width / split.aspect_ratio[0]) // model.patch_size * model.patch_size
+    peaks = []
+    for frames in [f for f in frame_counts if f <= cfg.model.max_frames]:
+        images = torch.rand(1, frames, views, 3, height, width, device=device)
+        inputs = {"ego_status": torch.zeros(1, frames, 8, device=device)} if cfg.model.enable_ego_status else {}
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            with torch.autocast("cuda", dtype=getattr(torch, cfg.optim.amp.amp_dtype), enabled=cfg.optim.amp.enabled):
+                outputs = model(images, **inputs)
+            loss = sum(v.float().mean() for v in outputs.values() if torch.is_tensor(v) and v.requires_grad)
+            loss.backward()
+            optimizer.step()  # the first step allocates the optimizer state: part of every later peak
+            optimizer.zero_grad(set_to_none=True)
+        except torch.cuda.OutOfMemoryError:
+            break
+        peaks.append((frames * views, torch.cuda.max_memory_allocated()))
+        del images, outputs, loss
+    return peaks
+
+
+def profile_memory(cfg, margin: float) -> List[str]:
+    import torch
+
+    from dvgt.k8s.catalog import load_catalog
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("dvgt profile-memory measures GPU memory and needs a CUDA GPU; none is visible here")
+    peaks = measure_peaks(cfg)
+    name = torch.cuda.get_device_name()
+    lines = [f"{cfg.model.name} ({cfg.model.size}) on {name}: "
+             + ", ".join(f"{n} images -> {p / GIB:.2f} GiB" for n, p in peaks)]
+    return lines + profile_table(fit_memory(peaks), load_catalog().profiles, margin)

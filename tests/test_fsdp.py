@@ -1,0 +1,150 @@
+"""FSDP2 (distributed.strategy=fsdp) against DDP on 2 CPU ranks (gloo, torchrun), sharded DCP
+checkpoints (local and through SeaweedFS S3), resume across strategies and world sizes, export.
+
+Four torchrun runs of the tiny DVGT-1 demo, 2 epochs x 2 steps, each batch in 2 micro-steps
+(gradient accumulation) with activation checkpointing on (the demo's default):
+  ddp        DDP from scratch (checkpoints at steps 2 and 4)
+  zero2      FSDP zero2 from scratch
+  zero3      FSDP zero3 resuming from ddp's step 2, checkpoints to S3
+  ddp_after  DDP resuming from zero2's step 2 (a sharded checkpoint)
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import free_port, tiny_overrides
+from dvgt.checkpoint.dcp import optimizer_state_by_name, read_full_model
+from dvgt.checkpoint.manager import CheckpointManager, CorruptCheckpointError
+from dvgt.checkpoint.safetensors_stream import read_safetensors
+from dvgt.config import ConfigError, load_config
+from dvgt.train.logger import read_log
+from dvgt.train.loop import Trainer
+
+# Relative tolerance of a loss under FSDP vs DDP: the same float32 math, reduced in another order
+# (reduce-scatter vs all-reduce; measured differences are ~1e-6).
+LOSS_RTOL = 1e-4
+RUN = {"max_epochs": 2, "limit_train_batches": 2, "limit_val_batches": 0, "accum_steps": 2}
+
+
+def losses(run_dir) -> dict:
+    return {r["step"]: r["loss/objective"] for r in read_log(run_dir / "train_log.jsonl") if r["kind"] == "train"}
+
+
+def torchrun(data_root, run_dir, env=None, **overrides) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "-m", "dvgt.train", "--config=train/dvgt1/demo.yaml",
+               *tiny_overrides(data_root, run_dir, **{**RUN, **overrides})]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data_root, seaweedfs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    bucket = seaweedfs.make_bucket("fsdp")
+    dirs = {name: root / name for name in ("ddp", "zero2", "zero3", "ddp_after")}
+    torchrun(tiny_data_root, dirs["ddp"])
+    torchrun(tiny_data_root, dirs["zero2"], **{"distributed.strategy": "fsdp", "distributed.fsdp.mode": "zero2"})
+    torchrun(tiny_data_root, dirs["zero3"], env=seaweedfs.env(),
+             **{"distributed.strategy": "fsdp", "distributed.fsdp.mode": "zero3", "checkpoint.uri": f"s3://{bucket}/zero3",
+                "checkpoint.resume_checkpoint_path": dirs["ddp"] / "ckpts" / "step_00000002"})
+    torchrun(tiny_data_root, dirs["ddp_after"],
+             **{"checkpoint.resume_checkpoint_path": dirs["zero2"] / "ckpts" / "step_00000002"})
+    return dirs
+
+
+def assert_close(got: dict, expected: dict, steps: list) -> None:
+    assert sorted(got) == steps
+    for step in steps:
+        assert got[step] == pytest.approx(expected[step], rel=LOSS_RTOL), f"step {step}"
+
+
+def test_zero2_and_zero3_give_the_losses_of_ddp(runs):
+    reference = losses(runs["ddp"])
+    assert sorted(reference) == [1, 2, 3, 4]
+    assert_close(losses(runs["zero2"]), reference, [1, 2, 3, 4])
+    assert_close(losses(runs["zero3"]), reference, [3, 4])  # ... after resuming DDP's checkpoint under FSDP
+
+
+def test_a_sharded_checkpoint_resumes_under_ddp(runs):
+    assert_close(losses(runs["ddp_after"]), losses(runs["ddp"]), [3, 4])
+
+
+def test_sharded_checkpoints_on_s3_are_committed_per_rank_and_verify(runs, seaweedfs, monkeypatch):
+    for key, value in seaweedfs.env().items():
+        monkeypatch.setenv(key, value)
+    manager = CheckpointManager("s3://fsdp/zero3")
+    assert manager.committed_steps() == [4]  # the resumed run saves at the end of epoch 2 only
+    checkpoint = manager.open(4)
+    assert checkpoint.sharded and checkpoint.manifest["world_size"] == 2
+    assert {o["key"] for o in checkpoint.manifest["objects"]} == {
+        "dcp/metadata.json", "dcp/rank_00000.distcp", "dcp/rank_00001.distcp", "rng/rank_00000.safetensors",
+        "rng/rank_00001.safetensors", "trainer_state.safetensors", "config.yaml"}
+    done = subprocess.run([sys.executable, "-m", "dvgt", "ckpt", "verify", "s3://fsdp/zero3"], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ))
+    assert done.returncode == 0 and "7 objects, all intact" in done.stdout, done.stdout + done.stderr
+    # The final models of FSDP (zero3, via S3) and DDP agree.
+    ddp = CheckpointManager(str(runs["ddp"] / "ckpts")).open(4).model_state()
+    fsdp = read_full_model(checkpoint)
+    assert fsdp.keys() == ddp.keys()
+    assert all(torch.allclose(fsdp[k], ddp[k], rtol=1e-3, atol=1e-5) for k in ddp)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_rank_sharded_checkpoint_reshards_to_one_process(runs, tiny_data_root, tmp_path, strategy):
+    """zero2's step-2 checkpoint (2 ranks) into one process, plain or FSDP over a group of one: the
+    model equals `dvgt ckpt export` of it, and model and optimizer match DDP's step 2."""
+    source = runs["zero2"] / "ckpts" / "step_00000002"
+    exported = tmp_path / "export"
+    done = subprocess.run([sys.executable, "-m", "dvgt", "ckpt", "export", str(source), "--out", str(exported)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "sharded over 2 ranks" in done.stdout, done.stderr
+    export = read_safetensors(bytearray((exported / "model.safetensors").read_bytes()))
+    torch.set_num_threads(2)
+    trainer = Trainer(load_config("train/dvgt1/demo.yaml", tiny_overrides(
+        tiny_data_root, tmp_path / "run", **RUN, **{"distributed.strategy": strategy,
+                                                    "checkpoint.resume_checkpoint_path": source})))
+    try:
+        assert trainer.step == 2
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        model = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in get_model_state_dict(trainer.model).items()}
+        assert model.keys() == export.keys()
+        assert all(torch.equal(model[k], export[k]) for k in model)
+        ddp = CheckpointManager(str(runs["ddp"] / "ckpts")).open(2)
+        ddp_model = ddp.model_state()
+        assert all(torch.allclose(model[k], ddp_model[k], rtol=1e-3, atol=1e-5) for k in model)
+        ddp_optimizer = optimizer_state_by_name(trainer.model, trainer.optimizer, ddp.state("optimizer.safetensors"))["state"]
+        optimizer = get_optimizer_state_dict(trainer.model, trainer.optimizer)["state"]
+        assert optimizer.keys() == ddp_optimizer.keys()
+        for name, state in optimizer.items():
+            for key, value in state.items():
+                value = value.full_tensor() if hasattr(value, "full_tensor") else value
+                assert torch.allclose(value, ddp_optimizer[name][key], rtol=1e-3, atol=1e-6), f"{name}.{key}"
+    finally:
+        trainer.close()
+
+
+def test_fsdp_configuration_errors_name_the_fix(tiny_data_root, tmp_path):
+    with pytest.raises(ConfigError, match="verify_replicas.*set distributed.verify_replicas=false"):
+        load_config("train/dvgt1/demo.yaml", ["distributed.strategy=fsdp", "distributed.verify_replicas=true"])
+    with pytest.raises(ConfigError, match="distributed.fsdp.mode must be zero2 or zero3"):
+        load_config("train/dvgt1/demo.yaml", ["distributed.strategy=fsdp", "distributed.fsdp.mode=zero1"])
+    with pytest.raises(ConfigError, match="it is called 'distributed.strategy' here"):
+        load_config("train/dvgt1/demo.yaml", ["train.strategy=fsdp"])
+
+
+def test_a_ddp_optimizer_state_of_another_parameter_set_is_refused(runs, tiny_data_root, tmp_path):
+    torch.set_num_threads(2)
+    trainer = Trainer(load_config("train/dvgt1/demo.yaml", tiny_overrides(
+        tiny_data_root, tmp_path, **{"optim.frozen_module_names": "[aggregator.patch_embed.*]"})))
+    try:
+        saved = CheckpointManager(str(runs["ddp"] / "ckpts")).open(2).state("optimizer.safetensors")
+        with pytest.raises(CorruptCheckpointError, match="did optim.frozen_module_names change"):
+            optimizer_state_by_name(trainer.model, trainer.optimizer, saved)
+    finally:
+        trainer.close()

@@ -1,0 +1,50 @@
+"""`dvgt profile-memory`: the fit and the per-profile table from injected measurements (no GPU
+here), and the one-line refusal on a machine without a GPU."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dvgt.k8s.catalog import Profile, load_catalog
+from dvgt.train.profile_memory import GIB, MemoryFit, fit_memory, max_images, profile_table
+
+
+def test_fit_recovers_fixed_and_per_image_cost():
+    fixed, per_image = 14.0 * GIB, 1.5 * GIB
+    noise = [0.01 * GIB, -0.02 * GIB, 0.01 * GIB]
+    peaks = [(n, fixed + per_image * n + e) for n, e in zip((12, 24, 48), noise)]
+    fit = fit_memory(peaks)
+    assert fit.fixed_bytes == pytest.approx(fixed, rel=0.01)
+    assert fit.per_image_bytes == pytest.approx(per_image, rel=0.01)
+
+
+def test_largest_images_per_forward_keeps_the_margin():
+    fit = MemoryFit(fixed_bytes=10 * GIB, per_image_bytes=2 * GIB)
+    assert max_images(fit, 80 * GIB, margin=0.0) == 35  # (80 - 10) / 2
+    assert max_images(fit, 80 * GIB, margin=0.1) == 31  # (72 - 10) / 2 = 31
+    assert max_images(fit, 8 * GIB, margin=0.1) == 0  # the fixed part alone does not fit
+
+
+def test_table_has_one_line_per_gpu_profile():
+    fit = MemoryFit(fixed_bytes=10 * GIB, per_image_bytes=2 * GIB)
+    profiles = {"big": Profile("big", 24, True, [], 80), "cpu": Profile("cpu", 8, False, [], None)}
+    lines = profile_table(fit, profiles, margin=0.1)
+    assert lines[0].startswith("fixed 10.00 GiB + 2.000 GiB per image")
+    assert len(lines) == 3 and lines[2].split() == ["big", "80", "GiB", "24", "31"]
+    catalog = load_catalog().profiles  # every GPU profile of the chart has its memory
+    assert all(p.memory_gib for p in catalog.values() if p.gpu)
+    assert len(profile_table(fit, catalog, 0.1)) == 2 + sum(p.gpu for p in catalog.values())
+
+
+def test_a_fit_needs_two_image_counts():
+    with pytest.raises(ValueError, match="two or more image counts"):
+        fit_memory([(12, 5 * GIB), (12, 5 * GIB)])
+
+
+def test_without_a_gpu_it_says_so_in_one_line():
+    done = subprocess.run([sys.executable, "-m", "dvgt", "profile-memory", "--config=train/dvgt1/demo.yaml"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: dvgt profile-memory measures GPU memory and needs a CUDA GPU; "
+                                   "none is visible here")
