@@ -21,6 +21,7 @@ from typing import Dict, Optional
 
 ACCESS_KEY = "dvgt-test"
 SECRET_KEY = "dvgt-test-secret"
+PROBE_BUCKET = "readiness-probe"  # written to once at every start, to know that writes work
 
 
 def free_port() -> int:
@@ -97,9 +98,13 @@ class SeaweedS3:
         return True
 
     def _bucket_api_ready(self) -> bool:
-        """The gateway answers before the filer behind it is ready: ready once a listing works."""
+        """The gateway answers before the filer and volume server behind it are ready, and after a
+        restart a listing may work while a write still fails: ready once an object can be written."""
         try:
-            self.client().list_buckets()
+            client = self.client()
+            self.make_bucket(PROBE_BUCKET)
+            client.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ready")
+            client.delete_object(Bucket=PROBE_BUCKET, Key="probe")
             return True
         except Exception:  # noqa: BLE001 - not ready yet
             return False
