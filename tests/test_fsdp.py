@@ -10,6 +10,8 @@ Four torchrun runs of the tiny DVGT-1 demo, 2 epochs x 2 steps, each batch in 2 
 """
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -148,3 +150,28 @@ def test_a_ddp_optimizer_state_of_another_parameter_set_is_refused(runs, tiny_da
             optimizer_state_by_name(trainer.model, trainer.optimizer, saved)
     finally:
         trainer.close()
+
+
+def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint(runs, tiny_data_root, tmp_path, capsys):
+    """resume=auto: a shard is verified only when DCP reads it, after the checkpoint was picked; the
+    load fails on every rank and all fall back to the previous committed checkpoint together.
+    (One process with FSDP over a group of one; the 2-rank checkpoints of zero2 reshard to it.)"""
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(runs["zero2"] / "ckpts", ckpts)
+    shard = ckpts / "step_00000004" / "dcp" / "rank_00001.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: the size still matches
+    shard.write_bytes(bytes(data))
+    torch.set_num_threads(2)
+    overrides = {**RUN, "distributed.strategy": "fsdp", "checkpoint.uri": ckpts}
+    capsys.readouterr()
+    trainer = Trainer(load_config("train/dvgt1/demo.yaml", tiny_overrides(tiny_data_root, tmp_path / "run", **overrides)))
+    try:
+        out = capsys.readouterr().out
+        assert re.search(r"warning: .*step_00000004: object 'dcp/rank_00001.distcp' does not match.*falling back", out), out
+        assert trainer.step == 2 and "Resumed from" in out and "step_00000002" in out
+    finally:
+        trainer.close()
+    explicit = {**overrides, "checkpoint.resume_checkpoint_path": ckpts / "step_00000004"}
+    with pytest.raises(CorruptCheckpointError, match="'dcp/rank_00001.distcp' does not match its manifest"):
+        Trainer(load_config("train/dvgt1/demo.yaml", tiny_overrides(tiny_data_root, tmp_path / "run2", **explicit)))

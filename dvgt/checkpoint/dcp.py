@@ -257,6 +257,14 @@ def restore(checkpoint: Checkpoint, loaded: Dict[str, Any], model: torch.nn.Modu
     set_optimizer_state_dict(model, optimizer, optimizer_state)
 
 
+def load_failure(error: BaseException) -> str:
+    """One line for a failed load: DCP hands every rank the failures of all ranks, wrapped in a
+    CheckpointException (with tracebacks); the first rank's exception says what happened."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = error.failures[min(error.failures)][0]
+    return " ".join(str(error).split())
+
+
 def read_full_model(checkpoint: Checkpoint) -> Dict[str, torch.Tensor]:
     """The model's full tensors from a sharded checkpoint, in this process alone (no process group)."""
     saved = read_metadata(checkpoint).state_dict_metadata

@@ -264,10 +264,11 @@ class CheckpointManager:
         steps = self.committed_steps()
         return self.open(steps[-1]) if steps else None
 
-    def load_newest(self, rank: int, warn: Callable[[str], None]) -> Optional[tuple]:
-        """(checkpoint, state) of the newest committed checkpoint whose objects all verify; a corrupt
-        one is skipped with a warning. None when there is no committed checkpoint at all."""
-        steps = self.committed_steps()
+    def load_newest(self, rank: int, warn: Callable[[str], None], before: Optional[int] = None) -> Optional[tuple]:
+        """(checkpoint, state) of the newest committed checkpoint (older than step `before`, if given)
+        whose objects all verify; a corrupt one is skipped with a warning. None when there is no
+        committed checkpoint at all."""
+        steps = [step for step in self.committed_steps() if before is None or step < before]
         errors = []
         for step in reversed(steps):
             try:

@@ -18,14 +18,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dvgt
-from dvgt.checkpoint.dcp import ShardedCheckpointManager, restore
-from dvgt.checkpoint.manager import STEP_DIR, CheckpointEvent, CheckpointManager, set_rng_state
+from dvgt.checkpoint.dcp import ShardedCheckpointManager, load_failure, restore
+from dvgt.checkpoint.manager import (STEP_DIR, CheckpointEvent, CheckpointManager, CorruptCheckpointError,
+                                     set_rng_state)
 from dvgt.checkpoint.storage import split_uri
 from dvgt.data.anchors import ensure_anchors
 from dvgt.data.loader import build_dataloader
@@ -74,6 +76,14 @@ class Trainer:
         self.dist = distributed.init_distributed(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_mins,
                                                  single_process_group=self.fsdp)
         self.device = self.dist.device
+        try:
+            self._set_up(cfg)
+        except BaseException:  # a refused config or checkpoint leaves no process group behind
+            self.close()
+            raise
+
+    def _set_up(self, cfg: DictConfig) -> None:
+        """Storage, model, data, optimizer and resume: everything after the process group."""
         self.steps_per_epoch = cfg.limit_train_batches or cfg.data.train.steps_per_epoch
         self.total_steps = cfg.max_epochs * self.steps_per_epoch
         self.step = 0  # optimizer steps done (skipped non-finite steps included: they consume a batch)
@@ -207,7 +217,20 @@ class Trainer:
     def _resume(self, resume_from: tuple) -> None:
         checkpoint, loaded = resume_from
         if checkpoint.sharded or self.fsdp:  # either format into either strategy, resharded
-            restore(checkpoint, loaded, self.model, self.optimizer)
+            try:
+                restore(checkpoint, loaded, self.model, self.optimizer)
+            except (CorruptCheckpointError, CheckpointException) as error:
+                # A corrupt shard shows only once read; DCP hands every rank's failure to all ranks,
+                # so with resume=auto they fall back together (restoring the older one overwrites all).
+                failure = load_failure(error)
+                if self.cfg.checkpoint.resume_checkpoint_path or self.cfg.checkpoint.resume != "auto":
+                    raise CorruptCheckpointError(failure) from None
+                self._print(f"warning: {failure}; falling back to the previous committed checkpoint")
+                older = self.checkpoints.load_newest(self.dist.rank, warn=self._print, before=checkpoint.step)
+                if older is None:
+                    raise CorruptCheckpointError(f"no intact checkpoint under {self.checkpoints.storage.uri}: {failure}; "
+                                                 f"delete it or set checkpoint.resume=never") from None
+                return self._resume(older)
         else:
             self.model.load_state_dict(loaded["model"], strict=True)
             self.optimizer.load_state_dict(loaded["optimizer"])
