@@ -150,7 +150,7 @@ class S3Config:
     endpoint_url: Optional[str] = None  # S3 endpoint; None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS
     region: Optional[str] = None  # None: AWS_REGION / AWS_DEFAULT_REGION / the profile's region
     addressing_style: str = "auto"  # auto (path-style when an endpoint is set, else virtual) | path | virtual
-    part_size_mb: int = 32  # multipart part size; upload memory is about part size x (concurrency + 1)
+    part_size_mb: int = 32  # multipart part size; upload memory is about part size x (concurrency + 2)
     concurrency: int = 8  # parts uploaded / byte ranges downloaded in parallel per object
     retry_mode: str = "adaptive"  # botocore retry mode on throttling, 5xx, timeouts: standard | adaptive
     max_attempts: int = 8  # attempts per request, the first included

@@ -30,6 +30,7 @@ import re
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -356,8 +357,11 @@ class CheckpointManager:
             objects.append({"key": name, "size": writer.size, **writer.digests})
 
         try:
-            put("model.safetensors", lambda w: write_safetensors(staged["model"], w))
-            put("optimizer.safetensors", lambda w: write_state(staged["optimizer"], w))
+            # The two big objects stream side by side, so the upload never drains between them.
+            with ThreadPoolExecutor(2, thread_name_prefix="dvgt-serialise") as pool:
+                for done in [pool.submit(put, "model.safetensors", lambda w: write_safetensors(staged["model"], w)),
+                             pool.submit(put, "optimizer.safetensors", lambda w: write_state(staged["optimizer"], w))]:
+                    done.result()
             put("trainer_state.safetensors", lambda w: write_state(staged["trainer_state"], w))
             for rank, rng in enumerate(rngs):
                 put(rng_key(rank), lambda w, rng=rng: w.write(rng))

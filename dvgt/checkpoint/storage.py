@@ -294,8 +294,8 @@ def _explain_s3_error(error: Exception, what: str) -> str:
 
 class S3Writer(ObjectWriter):
     """A multipart upload fed from memory: bytes are copied into part-size buffers, each full buffer
-    is uploaded by a thread pool, and at most `concurrency` parts are in flight, so memory stays
-    bounded by part size x (concurrency + 1). Small objects go up in one PUT. Failed uploads are
+    is uploaded by a thread pool, and at most `concurrency` parts of all the storage's writers are
+    in flight, so memory stays bounded by part size x (concurrency + writers at once). Small objects go up in one PUT. Failed uploads are
     aborted (leftovers of a killed process: see docs/checkpoints.md)."""
 
     def __init__(self, storage: "S3Storage", key: str, progress: Progress) -> None:
@@ -307,7 +307,6 @@ class S3Writer(ObjectWriter):
         self._filled = 0
         self._upload_id: Optional[str] = None
         self._parts: List[Future] = []
-        self._slots = threading.Semaphore(storage.concurrency)
         self._hashed = threading.Event()  # set once every byte before the next part is in the digest
         self._hashed.set()
 
@@ -327,17 +326,17 @@ class S3Writer(ObjectWriter):
         if self._upload_id is None:
             self._upload_id = self.s3.call("start upload", self.key, self.s3.client.create_multipart_upload,
                                            Bucket=self.s3.bucket, Key=self._object_key)["UploadId"]
-        self._slots.acquire()
+        self.s3.slots.acquire()
         for done in self._parts:  # fail fast: stop feeding an upload whose earlier part failed
             if done.done() and done.exception() is not None:
-                self._slots.release()
+                self.s3.slots.release()
                 raise done.exception()
         body = self._buffer
         del body[self._filled:]  # the last part may be short (in place, no copy)
         number = len(self._parts) + 1
         previous, self._hashed = self._hashed, threading.Event()
         future = self.s3.pool.submit(self._upload_part, number, body, previous, self._hashed)
-        future.add_done_callback(lambda _: self._slots.release())
+        future.add_done_callback(lambda _: self.s3.slots.release())
         self._parts.append(future)
         self._buffer, self._filled = bytearray(self._part_size), 0
 
@@ -442,6 +441,7 @@ class S3Storage(Storage):
         self.concurrency = options.concurrency
         self.client = s3_client(options)
         self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="dvgt-s3")
+        self.slots = threading.Semaphore(self.concurrency)  # parts in flight, over every writer at once
 
     def object_key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
