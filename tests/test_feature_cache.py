@@ -151,3 +151,23 @@ def test_cache_on_s3(tiny_data_root, cache_dir, s3_env, tmp_path):
     train(config(tiny_data_root, run, max_epochs=1, num_workers=1, **{"data.feature_cache": uri}))
     records = train_records(run)
     assert all(r["cache_misses"] == 0 and r["cache_hits"] == r["images"] for r in records.values())
+
+
+@pytest.mark.parametrize("name", ["dvgt1", "dvgt2_pretrain", "vggt"])
+def test_models_take_precomputed_backbone_tokens(name):
+    """model(images, patch_tokens=backbone(images)) gives the outputs of model(images); wrong shapes are refused."""
+    from omegaconf import OmegaConf
+
+    from dvgt.models import build_model
+    from dvgt.models.aggregator import normalize_images
+
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.create({"name": name, "size": "tiny"})).eval()
+    p = model.patch_size
+    images = torch.rand(1, 2, 2, 3, 2 * p, 4 * p)
+    with torch.no_grad():
+        tokens = model.aggregator.patch_embed(normalize_images(images.flatten(0, 2)))  # [4, 8, C]
+        live, cached = model(images), model(images, patch_tokens=tokens.view(1, 2, 2, *tokens.shape[1:]))
+    assert torch.equal(live["points"], cached["points"])
+    with pytest.raises(ValueError, match=r"patch_tokens \[1, 2, 2, 4, .*do not fit images"):
+        model(images, patch_tokens=tokens[:, :4].reshape(1, 2, 2, 4, -1))
