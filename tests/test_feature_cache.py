@@ -59,7 +59,13 @@ def test_losses_with_the_cache_equal_losses_without_it_and_misses_fall_back(tiny
               "max_epochs": 1, "limit_train_batches": 4, "limit_val_batches": 0}
     live, cached = tmp_path / "live", tmp_path / "cached"
     train(config(tiny_data_root, live, **second))
-    train(config(tiny_data_root, cached, **second, **{"data.feature_cache": cache_dir, "num_workers": 1}))
+    # the cached run in its own process, so that its metrics folder holds its counters alone
+    overrides = tiny_overrides(tiny_data_root, cached, **{"data.train.color_jitter": 0.0, **second,
+                                                          "data.feature_cache": cache_dir, "num_workers": 1})
+    done = subprocess.run([*DVGT, "train", f"--config={CONFIG}", *overrides], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2",
+                                                PROMETHEUS_MULTIPROC_DIR=str(cached / "metrics")))
+    assert done.returncode == 0, done.stderr[-3000:]
     expected, got = train_records(live), train_records(cached)
     assert sorted(got) == sorted(expected) == list(range(1, 5))
     for step in got:
@@ -71,15 +77,11 @@ def test_losses_with_the_cache_equal_losses_without_it_and_misses_fall_back(tiny
 
     from prometheus_client import CollectorRegistry, multiprocess
 
-    from dvgt.metrics import training
-
-    registry = CollectorRegistry()  # this process's metrics folder (prometheus-client fixes it once per process)
-    multiprocess.MultiProcessCollector(registry, path=str(training._folder))
-    def total(name: str) -> float:  # over every series in the folder: no run before this one used a cache
-        return sum(s.value for metric in registry.collect() for s in metric.samples if s.name == name)
-
-    assert total("dvgt_feature_cache_hits_total") == hits
-    assert total("dvgt_feature_cache_misses_total") == misses
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(cached / "metrics"))
+    samples = {s.name: s.value for metric in registry.collect() for s in metric.samples}
+    assert samples["dvgt_feature_cache_hits_total"] == hits
+    assert samples["dvgt_feature_cache_misses_total"] == misses
 
 
 def test_an_interrupted_build_resumes_and_keeps_committed_shards(tiny_data_root, cache_dir, tmp_path):
