@@ -1,5 +1,5 @@
-"""The `dvgt` command line: train, model-info, profile-memory, data, anchors, ckpt, demo, infer, exporter,
-local-run, and the SDK's submit, status, wait, logs, delete, list (dvgt/sdk/commands.py)."""
+"""The `dvgt` command line: train, model-info, profile-memory, data, anchors, ckpt, cache, demo, infer,
+exporter, local-run, and the SDK's submit, status, wait, logs, delete, list (dvgt/sdk/commands.py)."""
 
 from __future__ import annotations
 
@@ -125,6 +125,31 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    if args.cache_command == "verify":
+        from dvgt.checkpoint.storage import open_storage
+        from dvgt.train.feature_cache import verify_cache
+
+        print(f"{args.uri}: {verify_cache(open_storage(args.uri))}")
+        return 0
+    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:  # one rank per process, via torchrun
+        import subprocess
+
+        command = [sys.executable, "-m", "dvgt.train.launch", "--standalone", f"--nproc_per_node={args.nproc_per_node}",
+                   "-m", "dvgt", "cache", "build", f"--config={args.config}", "--out", args.out,
+                   f"--shard-mb={args.shard_mb}", *(["--verify"] if args.verify else []), *args.overrides]
+        return subprocess.run(command).returncode
+    from dvgt.train import distributed
+    from dvgt.train.feature_cache import build_cache
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        build_cache(cfg, args.out, shard_mb=args.shard_mb, verify=args.verify)
+    finally:
+        distributed.cleanup()
+    return 0
+
+
 def _key_value(text: str) -> tuple:
     if "=" not in text or text.startswith("="):
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got '{text}'")
@@ -196,6 +221,23 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     ckpt_sub.choices["export"].add_argument("--out", required=True, help="destination folder or URI")
     ckpt_sub.choices["prune"].add_argument("--keep", type=int, required=True, help="committed checkpoints to keep")
     ckpt_sub.choices["prune"].add_argument("--dry-run", action="store_true", help="only say what would go")
+
+    cache = sub.add_parser("cache", help="frozen-feature cache: precompute the frozen backbone's tokens "
+                           "(docs/feature-cache.md)")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    build = cache_sub.add_parser("build", help="compute the frozen backbone's tokens of every training image once "
+                                 "(resumable; under torchrun each rank builds its share of the shards)")
+    _add_config_args(build)
+    build.add_argument("--out", required=True, help="cache location: a folder, file:// or s3://bucket/prefix "
+                       "(then train with data.feature_cache=<it>)")
+    build.add_argument("--verify", action="store_true", help="then check every shard's sha256 and recompute a "
+                       "few entries against the model")
+    build.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MiB")
+    build.add_argument("--nproc-per-node", type=int, default=1, help="build with N processes (torchrun)")
+    build.set_defaults(func=cmd_cache)
+    verify = cache_sub.add_parser("verify", help="check every shard's size and sha256 against the manifest")
+    verify.add_argument("uri", help="cache location")
+    verify.set_defaults(func=cmd_cache)
 
     demo = sub.add_parser("demo", help="train the DVGT-1 demo on CPU and draw the result")
     demo.add_argument("--config", default="train/dvgt1/demo.yaml")

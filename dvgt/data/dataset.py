@@ -151,6 +151,12 @@ class ClipDataset:
         return self.load_clip(scene_index, start, request.views, request.frames, request.height, request.width,
                               request.seed)
 
+    def load_image(self, scene_index: int, frame: int, camera: int, height: int, width: int) -> np.ndarray:
+        """One image centre crop-resized to H x W exactly as in clips (no jitter): float32 [H, W, 3] in [0, 1]."""
+        scene = self.scenes[scene_index]
+        crop = CropResize.centre(*scene.image_sizes[frame, camera].tolist(), width, height)
+        return crop.image(layout.read_image(scene.root / scene.image_paths[frame, camera]))
+
     def _load_view(self, scene: layout.SceneRecord, frame: int, camera: int, crop: CropResize):
         """(image [H, W, 3], depth [H, W] metres, intrinsics [3, 3]) of one camera at one frame."""
         image_path = scene.root / scene.image_paths[frame, camera]
@@ -213,6 +219,7 @@ class ClipDataset:
             "future_valid": torch.from_numpy(motion.future_valid[frame_ids]),
             "scene": scene.name,
             "dataset": self.name,
+            "image_paths": [str(scene.image_paths[f, c]) for f in frame_ids for c in cameras],  # T*V, frame-major
         }
 
 

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dvgt.data.dataset import MixedClipDataset, collate_clips, open_entry
+from dvgt.data.feature_cache import CachedClipDataset, FeatureCache
 from dvgt.data.sampler import GroupedBatchSampler
 
 
@@ -35,15 +36,18 @@ def seed_worker(worker_id: int) -> None:
 def build_dataloader(data_cfg_split: Any, *, patch_size: int, max_img_per_gpu: int, seed: int, rank: int,
                      world_size: int, num_workers: int, pin_memory: bool, prefetch_factor: int,
                      persistent_workers: bool, steps_per_epoch: int, epoch: int = 0, start_step: int = 0,
-                     generate_synthetic: bool = True, config_key: str = "data.train") -> DataLoader:
+                     generate_synthetic: bool = True, config_key: str = "data.train",
+                     feature_cache: FeatureCache | None = None) -> DataLoader:
     """A DataLoader over the split's mixed datasets, batched by the grouped sampler.
 
     The sampler is ``loader.batch_sampler``: call ``set_epoch(e)`` before each epoch, or
     ``load_state_dict({"epoch": e, "step": k})`` to resume. ``config_key`` (data.train or data.val)
     only names the config keys in error messages. ``seed`` must be the same on every rank (the
-    sampler's shared choices); ranks differ by ``rank``. Batches are dicts (see docs/data.md).
+    sampler's shared choices); ranks differ by ``rank``. Batches are dicts (see docs/data.md); with a ``feature_cache`` they also hold
+    the cached backbone tokens (docs/feature-cache.md).
     """
     dataset = open_split_datasets(data_cfg_split, config_key=config_key, generate_synthetic=generate_synthetic)
+    served = dataset if feature_cache is None else CachedClipDataset(dataset, feature_cache, patch_size)
     sampler = GroupedBatchSampler(
         dataset.datasets, [entry.weight for entry in data_cfg_split.datasets], views=data_cfg_split.views,
         frames=data_cfg_split.frames, aspect_ratio=data_cfg_split.aspect_ratio, img_width=data_cfg_split.img_width,
@@ -52,7 +56,7 @@ def build_dataloader(data_cfg_split: Any, *, patch_size: int, max_img_per_gpu: i
     sampler.load_state_dict({"epoch": epoch, "step": start_step})
     workers = num_workers > 0
     base_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])  # per-worker seeds derive from it
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_clips, num_workers=num_workers,
+    return DataLoader(served, batch_sampler=sampler, collate_fn=collate_clips, num_workers=num_workers,
                       pin_memory=pin_memory and torch.cuda.is_available(),
                       prefetch_factor=prefetch_factor if workers else None,
                       persistent_workers=persistent_workers and workers,

@@ -64,6 +64,10 @@ class TrainingMetrics:
         self.last_step_duration = gauge("dvgt_step_last_duration_seconds", "Wall time of the last step").labels(**rank)
         self.data_wait = counter("dvgt_data_wait_seconds", "Time spent waiting for the next batch").labels(**rank)
         self.images = counter("dvgt_images", "Images trained on by this rank").labels(**rank)
+        self.cache_hits = counter("dvgt_feature_cache_hits", "Images whose backbone tokens came from the feature "
+                                  "cache").labels(**rank)
+        self.cache_misses = counter("dvgt_feature_cache_misses", "Images the feature cache did not hold, encoded "
+                                    "live").labels(**rank)
         self.optimizer_step = gauge("dvgt_optimizer_step", "Optimizer steps done (the run's global step)").labels(**rank)
         self.last_step_time = gauge("dvgt_last_step_timestamp_seconds",
                                     "Unix time at which the last step completed").labels(**rank)
@@ -104,7 +108,8 @@ class TrainingMetrics:
 
     def observe_step(self, record: Mapping[str, Any]) -> None:
         """One optimizer step, from the loop's record: step, step_time, data_time, images,
-        lr, skipped, `loss/<component>` and `grad_norm/<group>`."""
+        lr, skipped, `loss/<component>`, `grad_norm/<group>` and, with a feature cache, cache_hits and
+        cache_misses."""
         self.step_duration.observe(record["step_time"])
         self.last_step_duration.set(record["step_time"])
         self.data_wait.inc(record["data_time"])
@@ -113,6 +118,9 @@ class TrainingMetrics:
         self.learning_rate.set(record["lr"])
         if record.get("skipped"):
             self.nonfinite.inc()
+        if "cache_hits" in record:
+            self.cache_hits.inc(record["cache_hits"])
+            self.cache_misses.inc(record["cache_misses"])
         for key, value in record.items():
             if key.startswith("loss/"):
                 self._child(self._loss, "component", key[5:]).set(value)

@@ -60,6 +60,20 @@ def token_positions(rows: int, cols: int, num_special: int, device: torch.device
     return torch.cat([special, grid], dim=0)
 
 
+def embed_patches(patch_embed: nn.Module, images: Tensor, patch_tokens: Optional[Tensor] = None) -> Tensor:
+    """Patch tokens [B*T*V, P, C] of images [B, T, V, 3, H, W] in [0, 1]: the backbone's output, or
+    `patch_tokens` [B, T, V, P, C] when given (the backbone's output for these images, precomputed by the
+    feature cache, docs/feature-cache.md), which skips the backbone."""
+    B, T, V, _, H, W = images.shape
+    if patch_tokens is None:
+        return patch_embed(normalize_images(images).reshape(B * T * V, 3, H, W))
+    p = patch_embed.patch_size
+    if patch_tokens.shape[:4] != (B, T, V, (H // p) * (W // p)):
+        raise ValueError(f"patch_tokens {list(patch_tokens.shape)} do not fit images {list(images.shape)}: expected "
+                         f"[{B}, {T}, {V}, {(H // p) * (W // p)}, C] ((H/{p}) x (W/{p}) patches per image)")
+    return patch_tokens.reshape(B * T * V, *patch_tokens.shape[3:])
+
+
 def per_image_tokens(token: Tensor, B: int, T: int, V: int) -> Tensor:
     """[1, 2, X, C] (variant 0 for frame 0, variant 1 for the later frames) or [1, X, C] -> [B*T*V, X, C]."""
     if token.ndim == 3:
@@ -159,9 +173,13 @@ class Aggregator(nn.Module):
         return frames[:, None] >= frames[None, :]
 
     def forward(
-        self, images: Tensor, kv_caches: Optional[List[KVCache]] = None, first_frame: int = 0
+        self, images: Tensor, kv_caches: Optional[List[KVCache]] = None, first_frame: int = 0,
+        patch_tokens: Optional[Tensor] = None,
     ) -> Tuple[List[Tensor], int]:
         """images [B, T, V, 3, H, W] in [0, 1] -> (depth x [B, T, V, N, 3C], patch_start_idx).
+
+        `patch_tokens` [B, T, V, P, C]: the DINOv3 backbone's output for these images (from the feature
+        cache); the backbone is then skipped.
 
         Streaming (M-RoPE models): pass one frame (T = 1), its absolute index `first_frame` and one
         `KVCache` per depth step; the cross-frame blocks attend to the cached earlier frames and add
@@ -174,9 +192,7 @@ class Aggregator(nn.Module):
                 f"streaming takes one frame and one KV cache per depth step, got {T} frames and "
                 f"{len(kv_caches)} caches for {len(self.cross_frame_blocks)} steps"
             )
-        images = normalize_images(images)
-
-        patches = self.patch_embed(images.reshape(B * T * V, 3, H, W))  # [B*T*V, P, C]
+        patches = embed_patches(self.patch_embed, images, patch_tokens)  # [B*T*V, P, C]
         P, C = patches.shape[1:]
         if self.temporal_pos_embed is not None:
             patches = patches.view(B, T, V, P, C) + self.temporal_pos_embed[0, :T, None, None]

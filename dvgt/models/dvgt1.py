@@ -59,8 +59,10 @@ class DVGT1(nn.Module):
         self.ego_pose_head = EgoPoseHead(dim_in, trunk_depth=size.ego_trunk_depth, num_heads=size.num_heads)
         self.point_head = DPTHead.of_size(dim_in, size, patch_size)
 
-    def forward(self, images: Tensor) -> Dict[str, object]:
-        """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1], H and W multiples of the patch size.
+    def forward(self, images: Tensor, patch_tokens: Optional[Tensor] = None) -> Dict[str, object]:
+        """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1], H and W multiples of the patch size;
+        `patch_tokens` [B, T, V, P, C]: the DINOv3 backbone's output for these images, precomputed by the
+        feature cache (docs/feature-cache.md), which skips the backbone.
 
         Returns absolute_ego_pose_enc [B, T, 7] (last iteration), absolute_ego_pose_enc_list (one per
         iteration), points [B, T, V, H, W, 3] in the frame-0 ego frame, points_conf [B, T, V, H, W],
@@ -68,7 +70,7 @@ class DVGT1(nn.Module):
         """
         if images.ndim == 5:
             images = images.unsqueeze(0)
-        tokens_list, patch_start_idx = self.aggregator(images)
+        tokens_list, patch_start_idx = self.aggregator(images, patch_tokens=patch_tokens)
 
         # The heads run in float32 even under autocast.
         with torch.autocast(device_type=images.device.type, enabled=False):

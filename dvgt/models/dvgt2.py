@@ -111,7 +111,8 @@ class DVGT2(nn.Module):
         return predictions
 
     def forward(
-        self, images: Tensor, ego_status: Optional[Tensor] = None, noise: Optional[Tuple[Tensor, Tensor]] = None
+        self, images: Tensor, ego_status: Optional[Tensor] = None, noise: Optional[Tuple[Tensor, Tensor]] = None,
+        patch_tokens: Optional[Tensor] = None,
     ) -> Dict[str, object]:
         """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1]; ego_status [B, T, 8] (EGO_STATUS_FIELDS)
         when the model was built with enable_ego_status.
@@ -123,12 +124,13 @@ class DVGT2(nn.Module):
         Both: points [B, T, V, H, W, 3] in each frame's own ego frame, points_conf [B, T, V, H, W], and
         in eval mode the input `images`. Outputs are in units of gt_scale_factor (10 m).
         `noise`: the decoder's starting noise (see TrajectoryPoseDecoder.forward), else drawn from the
-        global generator.
+        global generator. `patch_tokens` [B, T, V, P, C]: the DINOv3 backbone's output for these images,
+        precomputed by the feature cache (docs/feature-cache.md), which skips the backbone.
         """
         if images.ndim == 5:
             images = images.unsqueeze(0)
             ego_status = None if ego_status is None else ego_status.unsqueeze(0)
-        tokens_list, patch_start_idx = self.aggregator(images)
+        tokens_list, patch_start_idx = self.aggregator(images, patch_tokens=patch_tokens)
         ego_tokens = tokens_list[-1][:, :, :, : self.num_ego_tokens]
         predictions = self._heads(tokens_list, patch_start_idx, images.shape[-2:], ego_tokens, ego_status, noise)
         if not self.training:

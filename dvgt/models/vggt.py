@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .aggregator import check_images, normalize_images, per_image_tokens, run_block, token_positions
+from .aggregator import check_images, embed_patches, per_image_tokens, run_block, token_positions
 from .dinov2 import DinoV2VisionTransformer
 from .dpt_head import DPTHead
 from .dvgt1 import SIZES, DVGT1Size
@@ -66,12 +66,13 @@ class VGGTAggregator(nn.Module):
         self.frame_blocks = stack()
         self.global_blocks = stack()
 
-    def forward(self, images: Tensor) -> Tuple[List[Tensor], int]:
-        """images [B, T, V, 3, H, W] in [0, 1] -> (depth x [B, T*V, N, 2C], patch_start_idx)."""
+    def forward(self, images: Tensor, patch_tokens: Optional[Tensor] = None) -> Tuple[List[Tensor], int]:
+        """images [B, T, V, 3, H, W] in [0, 1] -> (depth x [B, T*V, N, 2C], patch_start_idx); `patch_tokens`
+        [B, T, V, P, C]: the DINOv2 backbone's output for these images (feature cache), which skips it."""
         check_images(images, self.patch_size)
         B, T, V, _, H, W = images.shape
         S = T * V
-        patches = self.patch_embed(normalize_images(images).reshape(B * S, 3, H, W))  # [B*S, P, C]
+        patches = embed_patches(self.patch_embed, images, patch_tokens)  # [B*S, P, C]
         x = torch.cat(
             [
                 per_image_tokens(self.camera_token, B, S, 1),  # one "frame" per image: variant 0 for image 0 only
@@ -121,8 +122,9 @@ class VGGT(nn.Module):
         )
         self.point_head = DPTHead.of_size(dim_in, size, patch_size)
 
-    def forward(self, images: Tensor) -> Dict[str, object]:
-        """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1], H and W multiples of 14.
+    def forward(self, images: Tensor, patch_tokens: Optional[Tensor] = None) -> Dict[str, object]:
+        """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1], H and W multiples of 14; `patch_tokens`
+        [B, T, V, P, C]: precomputed backbone output (feature cache, docs/feature-cache.md).
 
         Returns cam_pose_enc [B, T, V, 9] (absT_quaR_FoV of first camera -> camera, last iteration),
         cam_pose_enc_list (one per iteration), points [B, T, V, H, W, 3] in the first camera's frame,
@@ -131,7 +133,7 @@ class VGGT(nn.Module):
         if images.ndim == 5:
             images = images.unsqueeze(0)
         B, T, V = images.shape[:3]
-        tokens_list, patch_start_idx = self.aggregator(images)
+        tokens_list, patch_start_idx = self.aggregator(images, patch_tokens=patch_tokens)
         tokens_list = [tokens.view(B, T, V, *tokens.shape[2:]) for tokens in tokens_list]  # [B, T, V, N, 2C]
 
         # The heads run in float32 even under autocast.

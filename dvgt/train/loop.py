@@ -36,7 +36,7 @@ from dvgt.metrics.training import TrainingMetrics
 from dvgt.models import build_model
 from dvgt.models.conversions import initialise_from_pretrained
 from dvgt.models.weights import load_weights
-from dvgt.train import distributed
+from dvgt.train import distributed, feature_cache
 from dvgt.train.clipping import GradientClipper
 from dvgt.train.dvgt2_losses import anchors_from_model, require_distinct_anchors
 from dvgt.train.evaluation import EvalAccumulator, evaluate_clip
@@ -67,6 +67,22 @@ def split_batch(batch: Dict[str, Any], chunks: int) -> List[Dict[str, Any]]:
     bounds = np.linspace(0, size, chunks + 1).round().astype(int)
     return [{k: (v[a:b] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
             for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def load_pretrained(model: torch.nn.Module, cfg: DictConfig, say=print) -> None:
+    """checkpoint.load_pretrained_weights_path (converted, e.g. VGGT-1B -> DVGT-1), then
+    checkpoint.direct_load_pretrained_weights_path (same architecture, honours checkpoint.strict)."""
+    ck = cfg.checkpoint
+    for key in ("load_pretrained_weights_path", "direct_load_pretrained_weights_path"):
+        if ck[key] and not str(ck[key]).startswith("s3://") and not Path(ck[key]).is_file():
+            raise FileNotFoundError(f"checkpoint.{key}: weights file '{ck[key]}' does not exist; fix the path "
+                                    f"or set checkpoint.{key}=null")
+    if ck.load_pretrained_weights_path:
+        report, conversion = initialise_from_pretrained(model, cfg.model.name, ck.load_pretrained_weights_path, s3=ck.s3)
+        say(f"Initialised from {ck.load_pretrained_weights_path} ({conversion.description}):\n{report.summary()}")
+    if ck.direct_load_pretrained_weights_path:
+        report = load_weights(model, ck.direct_load_pretrained_weights_path, strict=ck.strict, s3=ck.s3)
+        say(f"Loaded pretrained weights from {ck.direct_load_pretrained_weights_path}:\n{report.summary()}")
 
 
 class Trainer:
@@ -112,6 +128,9 @@ class Trainer:
         frozen = freeze_modules(self.model, cfg.optim.frozen_module_names)
         if frozen:
             self._print(f"Frozen: {len(frozen)} parameter tensors matching {list(cfg.optim.frozen_module_names)}")
+        self.frozen_prefix = feature_cache.frozen_prefix(self.model, frozen)  # a frozen backbone runs in eval mode
+        self.feature_cache = (feature_cache.open_for_training(cfg, self.model, frozen, self.model.patch_size)
+                              if cfg.data.feature_cache else None)
         self.amp_dtype = getattr(torch, cfg.optim.amp.amp_dtype)
         self.use_amp = cfg.optim.amp.enabled and self.device.type == "cuda"
         if self.fsdp:  # parameters become DTensor shards: the clipper and the optimizer take those
@@ -146,6 +165,8 @@ class Trainer:
         self.anchors = anchors_from_model(self.model)  # DVGT-2: the planning/pose losses need them
         if self.anchors is not None:
             require_distinct_anchors(self.anchors)
+        if self.feature_cache is not None:  # the weights are final now (pretrained or resumed)
+            feature_cache.check_weights(self.feature_cache, self.model, cfg, self.device)
 
     # -- start-up -------------------------------------------------------------------------------
     def _loader(self, split: str, *, rank: int, world_size: int, num_workers: int, steps: int):
@@ -155,7 +176,7 @@ class Trainer:
             seed=self.cfg.seed_value + (split == "val"), rank=rank, world_size=world_size, num_workers=num_workers,
             pin_memory=data.pin_memory and self.device.type == "cuda", prefetch_factor=data.prefetch_factor,
             persistent_workers=data.persistent_workers and num_workers > 0, steps_per_epoch=steps,
-            config_key=f"data.{split}")
+            config_key=f"data.{split}", feature_cache=self.feature_cache if split == "train" else None)
 
     def _prepare_anchors(self) -> None:
         """DVGT-2 anchors: a synthetic training set gets them computed on first use (rank 0 first)."""
@@ -167,10 +188,12 @@ class Trainer:
             distributed.barrier()
 
     def forward(self, model: torch.nn.Module, batch: Dict[str, Any]) -> Dict[str, Any]:
-        """The model on a batch's images (and ego status, for DVGT-2 with model.enable_ego_status)."""
+        """The model on a batch's images (and ego status, for DVGT-2 with model.enable_ego_status; and the
+        backbone's tokens when a feature cache provides them)."""
+        kwargs = {"patch_tokens": batch["patch_tokens"]} if "patch_tokens" in batch else {}
         if self.cfg.model.enable_ego_status:
-            return model(batch["images"], ego_status=batch["ego_status"])
-        return model(batch["images"])
+            kwargs["ego_status"] = batch["ego_status"]
+        return model(batch["images"], **kwargs)
 
     def _print(self, message: str) -> None:
         if self.dist.is_main:
@@ -198,21 +221,7 @@ class Trainer:
         return None
 
     def _load_pretrained(self) -> None:
-        """checkpoint.load_pretrained_weights_path (converted, e.g. VGGT-1B -> DVGT-1), then
-        checkpoint.direct_load_pretrained_weights_path (same architecture, honours checkpoint.strict)."""
-        ck = self.cfg.checkpoint
-        for key in ("load_pretrained_weights_path", "direct_load_pretrained_weights_path"):
-            if ck[key] and not str(ck[key]).startswith("s3://") and not Path(ck[key]).is_file():
-                raise FileNotFoundError(f"checkpoint.{key}: weights file '{ck[key]}' does not exist; fix the path "
-                                        f"or set checkpoint.{key}=null")
-        if ck.load_pretrained_weights_path:
-            report, conversion = initialise_from_pretrained(self.model, self.cfg.model.name,
-                                                            ck.load_pretrained_weights_path, s3=ck.s3)
-            self._print(f"Initialised from {ck.load_pretrained_weights_path} ({conversion.description}):\n"
-                        f"{report.summary()}")
-        if ck.direct_load_pretrained_weights_path:
-            report = load_weights(self.model, ck.direct_load_pretrained_weights_path, strict=ck.strict, s3=ck.s3)
-            self._print(f"Loaded pretrained weights from {ck.direct_load_pretrained_weights_path}:\n{report.summary()}")
+        load_pretrained(self.model, self.cfg, self._print)
 
     def _resume(self, resume_from: tuple) -> None:
         checkpoint, loaded = resume_from
@@ -253,6 +262,12 @@ class Trainer:
     def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
         """Forward/backward over accum_steps chunks, then one clipped optimizer step (or a counted skip)."""
         self.train_model.train()
+        if self.frozen_prefix is not None:
+            self.frozen_prefix.eval()
+        cache_counts = {}
+        if "patch_tokens" in batch:  # the feature cache's misses are encoded live
+            with self.autocast():
+                cache_counts = feature_cache.fill_misses(self.frozen_prefix, batch)
         lr = warmup_cosine(self.step, self.total_steps, self.cfg.optim.warmup_fraction, self.cfg.optim.lr,
                            self.cfg.optim.min_lr)
         set_lr(self.optimizer, lr)
@@ -291,7 +306,7 @@ class Trainer:
         self.step += 1
         record = {f"loss/{k}": v for k, v in totals.items()}
         record.update({f"grad_norm/{k}": v for k, v in norms.items()})
-        record.update(lr=lr, nonfinite_skipped=self.nonfinite_total, skipped=not bool(finite))
+        record.update(lr=lr, nonfinite_skipped=self.nonfinite_total, skipped=not bool(finite), **cache_counts)
         return record
 
     def _gradient_sync(self, enabled: bool):
