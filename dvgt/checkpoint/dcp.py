@@ -23,10 +23,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import threading
 import time
 import traceback
 import warnings
+from functools import partial
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -48,7 +48,7 @@ from torch.futures import Future
 from dvgt.checkpoint.manager import (MANIFEST, SHARDED_FORMAT, Checkpoint, CheckpointEvent, CheckpointManager,
                                      CorruptCheckpointError, rng_key, rng_state, step_dir)
 from dvgt.checkpoint.safetensors_stream import DTYPE_OF, DTYPES, write_state
-from dvgt.checkpoint.storage import Storage, StorageError
+from dvgt.checkpoint.storage import Storage
 
 METADATA = "dcp/metadata.json"
 
@@ -327,28 +327,14 @@ class ShardedCheckpointManager(CheckpointManager):
             self.wait(timeout)
         if final and self.stats.last_committed_step == step:
             return self.stats.last_event
-        if self.in_flight():
-            raise StorageError(f"the final checkpoint (step {step}) was not started: the previous save did not "
-                               f"finish within {timeout:.0f} s")
+        self._require_idle(step, timeout)
         staged = self._stage(flatten(model_state, optimizer_state))
         trainer_state = {**trainer_state, "optimizer_param_groups": optimizer_state["param_groups"]}
         rng = io.BytesIO()
         write_state(rng_state(), rng)
         blocked = time.perf_counter() - started
-        with self._lock:
-            self.stats.in_flight = True
-        self._thread = threading.Thread(target=self._write_sharded, name=f"dvgt-checkpoint-{step}", daemon=True,
-                                        args=(step, epoch, staged, rng.getvalue(), trainer_state, config_yaml, blocked))
-        self._thread.start()
-        if final or self.async_mode == "off":
-            if not self.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
-                raise StorageError(f"the final checkpoint (step {step}) was not committed within {timeout:.0f} s; "
-                                   f"the newest committed is step {self.stats.last_committed_step}")
-            event = self.stats.last_event
-            if final and event.outcome != "ok":
-                raise StorageError(f"the final checkpoint (step {step}) could not be committed: {event.error}")
-            return event
-        return None
+        return self._start(step, partial(self._write_sharded, step, epoch, staged, rng.getvalue(), trainer_state,
+                                         config_yaml, blocked), final, deadline, timeout)
 
     def _write_sharded(self, step: int, epoch: int, staged: Dict[str, torch.Tensor], rng: bytes,
                        trainer_state: Dict[str, Any], config_yaml: str, blocked: float) -> None:

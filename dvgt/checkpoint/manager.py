@@ -32,6 +32,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -310,27 +311,35 @@ class CheckpointManager:
             self.wait(timeout)
         if final and self.stats.last_committed_step == step:
             return self.stats.last_event
-        if self.in_flight():  # a final save whose budget ran out waiting for the previous one
-            raise StorageError(f"the final checkpoint (step {step}) was not started: the previous save did not "
-                               f"finish within {timeout:.0f} s")
+        self._require_idle(step, timeout)
         staged = self._staging.copy({"model": model_state, "optimizer": optimizer_state})
         staged["trainer_state"] = trainer_state
         blocked = time.perf_counter() - started
+        return self._start(step, partial(self._write, step, epoch, staged, rngs, config_yaml, blocked), final,
+                           deadline, timeout)
+
+    def _require_idle(self, step: int, timeout: Optional[float]) -> None:
+        if self.in_flight():  # a final save whose budget ran out waiting for the previous one
+            raise StorageError(f"the final checkpoint (step {step}) was not started: the previous save did not "
+                               f"finish within {timeout:.0f} s")
+
+    def _start(self, step: int, write: Callable[[], None], final: bool, deadline: Optional[float],
+               timeout: Optional[float]) -> Optional[CheckpointEvent]:
+        """Run `write` on the save thread. A final save (or any, with async_mode=off) is waited for
+        until `deadline` and returns its event; one that does not commit raises StorageError."""
         with self._lock:
             self.stats.in_flight = True
-        self._thread = threading.Thread(target=self._write, name=f"dvgt-checkpoint-{step}", daemon=True,
-                                        args=(step, epoch, staged, rngs, config_yaml, blocked))
+        self._thread = threading.Thread(target=write, name=f"dvgt-checkpoint-{step}", daemon=True)
         self._thread.start()
-        if final or self.async_mode == "off":
-            finished = self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if not finished:
-                raise StorageError(f"the final checkpoint (step {step}) was not committed within {timeout:.0f} s; "
-                                   f"the newest committed is step {self.stats.last_committed_step}")
-            event = self.stats.last_event
-            if final and event.outcome != "ok":
-                raise StorageError(f"the final checkpoint (step {step}) could not be committed: {event.error}")
-            return event
-        return None
+        if not (final or self.async_mode == "off"):
+            return None
+        if not self.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            raise StorageError(f"the final checkpoint (step {step}) was not committed within {timeout:.0f} s; "
+                               f"the newest committed is step {self.stats.last_committed_step}")
+        event = self.stats.last_event
+        if final and event.outcome != "ok":
+            raise StorageError(f"the final checkpoint (step {step}) could not be committed: {event.error}")
+        return event
 
     def in_flight(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

@@ -201,7 +201,7 @@ def build_cache(cfg: Any, out: str, *, shard_mb: float = 256.0, verify: bool = F
         with storage.open_write(shard_name(index)) as writer:
             write_safetensors(tensors, writer, metadata={"fingerprint": digest})
         record = {"index": index, "num_shards": num_shards, "fingerprint": digest, "size": writer.size,
-                  "sha256": writer.sha256, "images": len(members[index]), "entries": len(tensors)}
+                  "sha256": writer.digests["sha256"], "images": len(members[index]), "entries": len(tensors)}
         storage.write_bytes(commit_name(index), json.dumps(record).encode())
         built.append(index)
         say(f"shard {index + 1}/{num_shards}: {len(tensors)} entries, {writer.size / 2**20:.1f} MiB")
