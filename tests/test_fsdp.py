@@ -7,6 +7,7 @@ Four torchrun runs of the tiny DVGT-1 demo, 2 epochs x 2 steps, each batch in 2 
   zero2      FSDP zero2 from scratch
   zero3      FSDP zero3 resuming from ddp's step 2, checkpoints to S3
   ddp_after  DDP resuming from zero2's step 2 (a sharded checkpoint)
+and two of the tiny DVGT-2 demo (DDP and zero3), for its in-place ego-token update.
 """
 
 import os
@@ -23,6 +24,8 @@ from dvgt.checkpoint.dcp import optimizer_state_by_name, read_full_model
 from dvgt.checkpoint.manager import CheckpointManager, CorruptCheckpointError
 from dvgt.checkpoint.safetensors_stream import read_safetensors
 from dvgt.config import ConfigError, load_config
+from dvgt.data.anchors import write_anchors
+from dvgt.data.synthetic import generate_synthetic_dataset
 from dvgt.train.logger import read_log
 from dvgt.train.loop import Trainer
 
@@ -36,9 +39,9 @@ def losses(run_dir) -> dict:
     return {r["step"]: r["loss/objective"] for r in read_log(run_dir / "train_log.jsonl") if r["kind"] == "train"}
 
 
-def torchrun(data_root, run_dir, env=None, **overrides) -> None:
+def torchrun(data_root, run_dir, env=None, config="train/dvgt1/demo.yaml", **overrides) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "dvgt.train", "--config=train/dvgt1/demo.yaml",
+               "-m", "dvgt.train", f"--config={config}",
                *tiny_overrides(data_root, run_dir, **{**RUN, **overrides})]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
@@ -71,6 +74,21 @@ def test_zero2_and_zero3_give_the_losses_of_ddp(runs):
     assert sorted(reference) == [1, 2, 3, 4]
     assert_close(losses(runs["zero2"]), reference, [1, 2, 3, 4])
     assert_close(losses(runs["zero3"]), reference, [3, 4])  # ... after resuming DDP's checkpoint under FSDP
+
+
+def test_dvgt2_under_zero3_gives_the_losses_of_ddp(tmp_path):
+    """DVGT-2 adds the ego head's temporal embedding in place to an aggregator output; under zero3 the
+    blocks' parameters are gathered again in backward, so this checks that nothing there is lost."""
+    root = tmp_path / "data"
+    spec = dict(num_frames=12, cameras=("CAM_FRONT", "CAM_FRONT_LEFT"), height=32, width=64)  # 20 anchors need 4 s futures
+    generate_synthetic_dataset(root, "train", num_scenes=6, seed=0, **spec)
+    write_anchors(root, root / "anchors")
+    planning = {"model.anchor_path": root / "anchors" / "anchors.npz", "data.train.frames": "[2,2]",
+                "data.train.datasets": f"[{{name: synthetic, root: '{root}', weight: 1.0, split: train}}]"}
+    torchrun(root, tmp_path / "ddp", config="train/dvgt2/demo.yaml", **planning)
+    torchrun(root, tmp_path / "zero3", config="train/dvgt2/demo.yaml", **planning,
+             **{"distributed.strategy": "fsdp", "distributed.fsdp.mode": "zero3"})
+    assert_close(losses(tmp_path / "zero3"), losses(tmp_path / "ddp"), [1, 2, 3, 4])
 
 
 def test_a_sharded_checkpoint_resumes_under_ddp(runs):
