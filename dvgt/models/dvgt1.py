@@ -71,20 +71,20 @@ class DVGT1(nn.Module):
         if images.ndim == 5:
             images = images.unsqueeze(0)
         tokens_list, patch_start_idx = self.aggregator(images, patch_tokens=patch_tokens)
+        return run_heads(self, images, tokens_list, patch_start_idx, self.ego_pose_head, "absolute_ego_pose_enc")
 
-        # The heads run in float32 even under autocast.
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            poses = self.ego_pose_head(tokens_list)
-            points, points_conf = self.point_head(
-                tokens_list, images.shape[-2:], patch_start_idx, frames_chunk_size=self.frames_chunk_size
-            )
 
-        predictions = {
-            "absolute_ego_pose_enc": poses[-1],
-            "absolute_ego_pose_enc_list": poses,
-            "points": points,
-            "points_conf": points_conf,
-        }
-        if not self.training:
-            predictions["images"] = images
-        return predictions
+def run_heads(model: nn.Module, images: Tensor, tokens_list, patch_start_idx: int, pose_head: nn.Module,
+              pose_key: str) -> Dict[str, object]:
+    """The pose head and `model.point_head` on the aggregator's tokens, in float32 even under autocast
+    (DVGT-1 and VGGT). Returns `pose_key` (last iteration), `<pose_key>_list`, points, points_conf
+    and, in eval mode, the input `images`."""
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        poses = pose_head(tokens_list)
+        points, points_conf = model.point_head(
+            tokens_list, images.shape[-2:], patch_start_idx, frames_chunk_size=model.frames_chunk_size
+        )
+    predictions = {pose_key: poses[-1], f"{pose_key}_list": poses, "points": points, "points_conf": points_conf}
+    if not model.training:
+        predictions["images"] = images
+    return predictions

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .aggregator import check_images, embed_patches, per_image_tokens, run_block, token_positions
 from .dinov2 import DinoV2VisionTransformer
 from .dpt_head import DPTHead
-from .dvgt1 import SIZES, DVGT1Size
+from .dvgt1 import SIZES, DVGT1Size, run_heads
 from .ego_pose_head import CAMERA_POSE_DIM, EgoPoseHead
 from .layers import Block, RotaryPositionEmbedding2D
 
@@ -135,20 +135,4 @@ class VGGT(nn.Module):
         B, T, V = images.shape[:3]
         tokens_list, patch_start_idx = self.aggregator(images, patch_tokens=patch_tokens)
         tokens_list = [tokens.view(B, T, V, *tokens.shape[2:]) for tokens in tokens_list]  # [B, T, V, N, 2C]
-
-        # The heads run in float32 even under autocast.
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            poses = self.camera_head(tokens_list)
-            points, points_conf = self.point_head(
-                tokens_list, images.shape[-2:], patch_start_idx, frames_chunk_size=self.frames_chunk_size
-            )
-
-        predictions = {
-            "cam_pose_enc": poses[-1],
-            "cam_pose_enc_list": poses,
-            "points": points,
-            "points_conf": points_conf,
-        }
-        if not self.training:
-            predictions["images"] = images
-        return predictions
+        return run_heads(self, images, tokens_list, patch_start_idx, self.camera_head, "cam_pose_enc")
