@@ -93,20 +93,23 @@ def read_manifest(storage: Storage) -> Dict[str, Any]:
     return manifest
 
 
+def shard_problem(storage: Storage, name: str, size: int, sha256: str) -> Optional[str]:
+    """What is wrong with a shard, re-read against its recorded size and sha256 (None: intact)."""
+    hasher = hashlib.sha256()
+    try:
+        found = len(storage.read(name, hasher=hasher))
+    except FileNotFoundError:
+        return f"{name}: missing"
+    if (found, hasher.hexdigest()) != (size, sha256):
+        return (f"{name}: corrupt (size {found} vs {size}, sha256 {hasher.hexdigest()[:12]}... vs "
+                f"{sha256[:12]}...)")
+    return None
+
+
 def verify_shards(storage: Storage, manifest: Dict[str, Any]) -> List[str]:
     """Problems found by re-reading every shard against the manifest's size and sha256 (empty: intact)."""
-    problems = []
-    for shard in manifest["shards"]:
-        hasher = hashlib.sha256()
-        try:
-            size = len(storage.read(shard["name"], hasher=hasher))
-        except FileNotFoundError:
-            problems.append(f"{shard['name']}: missing")
-            continue
-        if size != shard["size"] or hasher.hexdigest() != shard["sha256"]:
-            problems.append(f"{shard['name']}: corrupt (size {size} vs {shard['size']}, sha256 "
-                            f"{hasher.hexdigest()[:12]}... vs {shard['sha256'][:12]}...)")
-    return problems
+    problems = [shard_problem(storage, shard["name"], shard["size"], shard["sha256"]) for shard in manifest["shards"]]
+    return [problem for problem in problems if problem]
 
 
 class FeatureCache:

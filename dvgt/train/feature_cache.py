@@ -26,7 +26,7 @@ from dvgt.checkpoint.safetensors_stream import write_safetensors
 from dvgt.checkpoint.storage import Storage, open_storage
 from dvgt.data.feature_cache import (FORMAT, MANIFEST, FeatureCache, FeatureCacheError, cache_sizes,
                                      check_fingerprint, commit_name, entry_key, fingerprint_digest, read_manifest,
-                                     shard_name, shard_of, source_images, verify_shards)
+                                     shard_name, shard_of, shard_problem, source_images, verify_shards)
 from dvgt.data.loader import open_split_datasets
 from dvgt.models import build_model
 from dvgt.models.aggregator import IMAGENET_MEAN, IMAGENET_STD, normalize_images
@@ -146,10 +146,8 @@ def _committed(storage: Storage, index: int, num_shards: int, digest: str, rehas
         record = json.loads(storage.read_bytes(commit_name(index)))
         if record.get("fingerprint") != digest or record.get("num_shards") != num_shards:
             return None
-        if rehash:
-            hasher = hashlib.sha256()
-            size = len(storage.read(shard_name(index), hasher=hasher))
-            return record if (size, hasher.hexdigest()) == (record["size"], record["sha256"]) else None
+        if rehash and shard_problem(storage, shard_name(index), record["size"], record["sha256"]):
+            return None
     except FileNotFoundError:
         return None
     return record
