@@ -45,7 +45,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
-from dvgt.checkpoint.manager import (MANIFEST, SHARDED_FORMAT, Checkpoint, CheckpointEvent, CheckpointManager,
+from dvgt.checkpoint.manager import (SHARDED_FORMAT, Checkpoint, CheckpointEvent, CheckpointManager,
                                      CorruptCheckpointError, rng_key, rng_state, step_dir)
 from dvgt.checkpoint.safetensors_stream import DTYPE_OF, DTYPES, write_state
 from dvgt.checkpoint.storage import Storage
@@ -346,7 +346,7 @@ class ShardedCheckpointManager(CheckpointManager):
             writer = ShardWriter(self.storage, prefix)
             dcp.save(staged, storage_writer=writer, planner=DefaultSavePlanner(flatten_state_dict=False),
                      process_group=self.group)
-            objects = writer.objects + [self._put(prefix, rng_key(self.rank), rng)]
+            objects = writer.objects + [self._put(prefix, rng_key(self.rank), lambda w: w.write(rng))]
         except (Exception, CheckpointException) as failure:  # noqa: BLE001 - a failed save never commits
             error = f"{type(failure).__name__}: {' '.join(str(failure).split()) or traceback.format_exc(limit=1)}"
         gathered: List[Any] = [None] * self.world_size
@@ -355,14 +355,9 @@ class ShardedCheckpointManager(CheckpointManager):
         error = next((e for _, e in gathered if e), "")
         if self.rank == 0 and not error:
             try:
-                state = io.BytesIO()
-                write_state(trainer_state, state)
-                objects += [self._put(prefix, "trainer_state.safetensors", state.getvalue()),
-                            self._put(prefix, "config.yaml", config_yaml.encode())]
-                manifest = {"step": step, "epoch": epoch, "created": time.time(), "world_size": self.world_size,
-                            "format": SHARDED_FORMAT, "package_version": self.package_version,
-                            "objects": sorted(objects, key=lambda o: o["key"])}
-                self.storage.write_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+                objects += [self._put(prefix, "trainer_state.safetensors", lambda w: write_state(trainer_state, w)),
+                            self._put(prefix, "config.yaml", lambda w: w.write(config_yaml.encode()))]
+                self._write_manifest(prefix, step, epoch, objects, format=SHARDED_FORMAT)
                 self.prune(self.keep_last)
             except Exception as failure:  # noqa: BLE001
                 error = f"{type(failure).__name__}: {' '.join(str(failure).split())}"
@@ -379,7 +374,3 @@ class ShardedCheckpointManager(CheckpointManager):
         else:
             with self._lock:
                 self.stats.last_event, self.stats.in_flight = event, False
-
-    def _put(self, prefix: str, name: str, data: bytes) -> Dict[str, Any]:
-        writer = self.storage.write_bytes(f"{prefix}/{name}", data)
-        return {"key": name, "size": writer.size, **writer.digests}

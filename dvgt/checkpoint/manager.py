@@ -357,13 +357,7 @@ class CheckpointManager:
         objects: List[Dict[str, Any]] = []
 
         def put(name: str, write: Callable[[Any], Any]) -> None:
-            writer = self.storage.open_write(f"{prefix}/{name}")
-            try:
-                with writer:
-                    write(writer)
-            except Exception as error:  # torch.save reports a failed write as a position mismatch
-                raise (writer.error or error) from None
-            objects.append({"key": name, "size": writer.size, **writer.digests})
+            objects.append(self._put(prefix, name, write))
 
         try:
             # The two big objects stream side by side, so the upload never drains between them.
@@ -375,9 +369,7 @@ class CheckpointManager:
             for rank, rng in enumerate(rngs):
                 put(rng_key(rank), lambda w, rng=rng: w.write(rng))
             put("config.yaml", lambda w: w.write(config_yaml.encode()))
-            manifest = {"step": step, "epoch": epoch, "created": time.time(), "world_size": self.world_size,
-                        "package_version": self.package_version, "objects": sorted(objects, key=lambda o: o["key"])}
-            self.storage.write_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+            self._write_manifest(prefix, step, epoch, objects)
             with self._lock:
                 self.stats.last_committed_step = step
             self.prune(self.keep_last)
@@ -387,6 +379,22 @@ class CheckpointManager:
             event = CheckpointEvent(step, "failed", blocked, time.perf_counter() - started,
                                     sum(o["size"] for o in objects), f"{type(error).__name__}: {message}")
         self._emit(event)
+
+    def _put(self, prefix: str, name: str, write: Callable[[Any], Any]) -> Dict[str, Any]:
+        """Stream one object of a step through `write(writer)`; returns its manifest entry."""
+        writer = self.storage.open_write(f"{prefix}/{name}")
+        try:
+            with writer:
+                write(writer)
+        except Exception as error:  # a serialiser may report a failed write as something else
+            raise (writer.error or error) from None
+        return {"key": name, "size": writer.size, **writer.digests}
+
+    def _write_manifest(self, prefix: str, step: int, epoch: int, objects: List[Dict[str, Any]], **fields: Any) -> None:
+        """The commit: written last, it makes the step's objects a checkpoint."""
+        manifest = {"step": step, "epoch": epoch, "created": time.time(), "world_size": self.world_size, **fields,
+                    "package_version": self.package_version, "objects": sorted(objects, key=lambda o: o["key"])}
+        self.storage.write_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
 
     def _emit(self, event: CheckpointEvent) -> CheckpointEvent:
         with self._lock:
