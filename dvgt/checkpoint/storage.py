@@ -4,7 +4,8 @@ A location is a URI: a local path or file://..., or s3://bucket/prefix. Keys are
 relative to it. Writes stream: `open_write(key)` returns a writer that takes chunks of bytes, hashes
 them (size, sha256 and xxh3_128: see Digest) as they pass, and makes the object visible only when
 it is closed without an error; an exception inside `with storage.open_write(key) as w:` discards
-the object (on S3 the multipart upload is aborted). Reads return a whole object (parallel ranged GETs on S3) or a range.
+the object (on S3 the multipart upload is aborted). Reads return a whole object (parallel ranged
+GETs on S3) or a range.
 
 These primitives (a write stream per file, ranged reads, listing, deletion) are what a
 torch.distributed.checkpoint StorageWriter/StorageReader needs from its file system, so FSDP's
@@ -295,8 +296,9 @@ def _explain_s3_error(error: Exception, what: str) -> str:
 class S3Writer(ObjectWriter):
     """A multipart upload fed from memory: bytes are copied into part-size buffers, each full buffer
     is uploaded by a thread pool, and at most `concurrency` parts of all the storage's writers are
-    in flight, so memory stays bounded by part size x (concurrency + writers at once). Small objects go up in one PUT. Failed uploads are
-    aborted (leftovers of a killed process: see docs/checkpoints.md)."""
+    in flight, so memory stays bounded by part size x (concurrency + writers at once). Small objects
+    go up in one PUT. Failed uploads are aborted (leftovers of a killed process: see
+    docs/checkpoints.md)."""
 
     def __init__(self, storage: "S3Storage", key: str, progress: Progress) -> None:
         super().__init__(key, progress)

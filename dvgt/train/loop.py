@@ -124,7 +124,7 @@ class Trainer:
                         if cfg.logging.metrics else None)
         self.checkpoints.listeners.append(self._on_checkpoint_event)
         if resume_from is None:
-            self._load_pretrained()
+            load_pretrained(self.model, cfg, self._print)
         frozen = freeze_modules(self.model, cfg.optim.frozen_module_names)
         if frozen:
             self._print(f"Frozen: {len(frozen)} parameter tensors matching {list(cfg.optim.frozen_module_names)}")
@@ -219,9 +219,6 @@ class Trainer:
         if ck.resume == "auto":
             return self.checkpoints.load_newest(self.dist.rank, warn=self._print)
         return None
-
-    def _load_pretrained(self) -> None:
-        load_pretrained(self.model, self.cfg, self._print)
 
     def _resume(self, resume_from: tuple) -> None:
         checkpoint, loaded = resume_from
