@@ -137,14 +137,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
         command = [sys.executable, "-m", "dvgt.train.launch", "--standalone", f"--nproc_per_node={args.nproc_per_node}",
                    "-m", "dvgt", "cache", "build", f"--config={args.config}", "--out", args.out,
-                   f"--shard-mb={args.shard_mb}", *(["--verify"] if args.verify else []), *args.overrides]
+                   f"--shard-mb={args.shard_mb}", *(["--verify"] if args.verify else []),
+                   *([f"--part={args.part}"] if args.part else []), *args.overrides]
         return subprocess.run(command).returncode
     from dvgt.train import distributed
     from dvgt.train.feature_cache import build_cache
 
     cfg = load_config(args.config, args.overrides)
     try:
-        build_cache(cfg, args.out, shard_mb=args.shard_mb, verify=args.verify)
+        build_cache(cfg, args.out, part=args.part, shard_mb=args.shard_mb, verify=args.verify)
     finally:
         distributed.cleanup()
     return 0
@@ -222,17 +223,20 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     ckpt_sub.choices["prune"].add_argument("--keep", type=int, required=True, help="committed checkpoints to keep")
     ckpt_sub.choices["prune"].add_argument("--dry-run", action="store_true", help="only say what would go")
 
-    cache = sub.add_parser("cache", help="frozen-feature cache: precompute the frozen backbone's tokens "
-                           "(docs/feature-cache.md)")
+    cache = sub.add_parser("cache", help="frozen-feature cache: precompute the outputs of the frozen backbone or "
+                           "aggregator (docs/feature-cache.md)")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
-    build = cache_sub.add_parser("build", help="compute the frozen backbone's tokens of every training image once "
-                                 "(resumable; under torchrun each rank builds its share of the shards)")
+    build = cache_sub.add_parser("build", help="compute the frozen part's outputs for every training image (backbone) "
+                                 "or clip (aggregator) once (resumable; under torchrun each rank builds its share "
+                                 "of the shards)")
     _add_config_args(build)
     build.add_argument("--out", required=True, help="cache location: a folder, file:// or s3://bucket/prefix "
                        "(then train with data.feature_cache=<it>)")
     build.add_argument("--verify", action="store_true", help="then check every shard's sha256 and recompute a "
                        "few entries against the model")
     build.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MiB")
+    build.add_argument("--part", choices=["backbone", "aggregator"], help="what to cache (default: the largest "
+                       "frozen prefix: the aggregator if optim.frozen_module_names freezes all of it, else the backbone)")
     build.add_argument("--nproc-per-node", type=int, default=1, help="build with N processes (torchrun)")
     build.set_defaults(func=cmd_cache)
     verify = cache_sub.add_parser("verify", help="check every shard's size and sha256 against the manifest")

@@ -70,7 +70,7 @@ class DataConfig:
     pin_memory: bool = True  # page-locked host batches (GPU only)
     prefetch_factor: int = 2  # batches prepared ahead per worker
     persistent_workers: bool = True  # keep workers alive across epochs
-    feature_cache: Optional[str] = None  # frozen-backbone token cache (dvgt cache build; docs/feature-cache.md): folder or s3:// URI
+    feature_cache: Optional[str] = None  # cached outputs of the frozen backbone or aggregator (dvgt cache build; docs/feature-cache.md): folder or s3:// URI
 
 
 @dataclass

@@ -11,6 +11,7 @@ STAGE_CONFIGS = {
     "dvgt1-default": "train/dvgt1/default.yaml",
     "dvgt1-demo": "train/dvgt1/demo.yaml",
     "dvgt1-finetune-demo": "train/dvgt1/finetune_demo.yaml",
+    "dvgt1-finetune-heads-demo": "train/dvgt1/finetune_heads_demo.yaml",
     "dvgt2-pretrain": "train/dvgt2/pretrain.yaml",
     "dvgt2-default": "train/dvgt2/default.yaml",
     "dvgt2-demo": "train/dvgt2/demo.yaml",

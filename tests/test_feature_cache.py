@@ -2,6 +2,7 @@
 log and the metrics), resumable and parallel builds, --verify, refusals (fingerprint, colour jitter,
 a backbone not wholly frozen), and a cache on S3 (SeaweedFS)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from conftest import tiny_overrides
 from dvgt.checkpoint.storage import open_storage
 from dvgt.config import load_config
 from dvgt.data.feature_cache import MANIFEST, FeatureCache, FeatureCacheError, commit_name, shard_name
-from dvgt.train.feature_cache import build_cache
+from dvgt.train.feature_cache import build_cache, fill_misses
 from dvgt.train.logger import read_log
 from dvgt.train.loop import Trainer, train
 
@@ -118,7 +119,7 @@ def test_two_rank_build_verify_and_a_corrupt_shard_named(tiny_data_root, cache_d
     assert shas(out) == shas(cache_dir)
     num_shards = len(shas(out))
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["entries"] == manifest["images"] == 72  # 4 scenes x 6 frames x 3 cameras, one size
+    assert manifest["entries"] == manifest["items"] == 72  # 4 scenes x 6 frames x 3 cameras, one size
     assert f"({(num_shards + 1) // 2} built by this process, 0 kept)" in done.stdout  # rank 0 built its half
 
     damaged = out / shard_name(1)
@@ -134,7 +135,7 @@ def test_two_rank_build_verify_and_a_corrupt_shard_named(tiny_data_root, cache_d
 def test_a_cache_of_other_weights_is_refused(tiny_data_root, cache_dir, tmp_path):
     with pytest.raises(FeatureCacheError, match="built for other weights .*dvgt cache build"):
         Trainer(config(tiny_data_root, tmp_path, seed_value=4, **{"data.feature_cache": cache_dir}))  # other init
-    with pytest.raises(FeatureCacheError, match=r"no tokens for image sizes \(H, W\) \[\(48, 96\)\]"):
+    with pytest.raises(FeatureCacheError, match=r"no entries for image sizes \(H, W\) \[\(48, 96\)\]"):
         Trainer(config(tiny_data_root, tmp_path, **{"data.feature_cache": cache_dir, "data.train.img_width": 96}))
 
 
@@ -159,21 +160,119 @@ def test_cache_on_s3(tiny_data_root, cache_dir, s3_env, tmp_path):
     assert all(r["cache_misses"] == 0 and r["cache_hits"] == r["images"] for r in records.values())
 
 
-@pytest.mark.parametrize("name", ["dvgt1", "dvgt2_pretrain", "vggt"])
-def test_models_take_precomputed_backbone_tokens(name):
-    """model(images, patch_tokens=backbone(images)) gives the outputs of model(images); wrong shapes are refused."""
-    from omegaconf import OmegaConf
+# ---- a cache of the whole frozen aggregator: one entry per clip ------------------------------------------
 
-    from dvgt.models import build_model
+HEADS_CONFIG = "train/dvgt1/finetune_heads_demo.yaml"  # DVGT-1 with its whole aggregator frozen
+
+
+def heads_config(data_root: Path, run_dir: Path, **extra):
+    return load_config(HEADS_CONFIG, tiny_overrides(data_root, run_dir, **{
+        "data.train.color_jitter": 0.0, "data.train.views": "[3,3]", "max_img_per_gpu": 18, **extra}))
+
+
+@pytest.fixture(scope="module")
+def clip_cache_dir(tiny_data_root, tmp_path_factory) -> Path:
+    """A clip cache of the tiny dataset: every clip of 2 or 3 frames x all 3 cameras, built with --verify."""
+    out = tmp_path_factory.mktemp("clip-cache") / "cache"
+    result = build_cache(heads_config(tiny_data_root, out.parent / "build"), str(out), shard_mb=2, verify=True)
+    assert result["num_shards"] >= 2 and "entries recomputed" in result["verified"]
+    return out
+
+
+def test_clip_cache_losses_equal_live_ones_and_misses_fall_back(tiny_data_root, clip_cache_dir, tmp_path):
+    """As with the backbone: a second, uncached dataset makes whole batches of misses, computed live by the
+    frozen aggregator. Tolerance: relative 1e-5 on each step's loss (float32 summation order only)."""
+    manifest = json.loads((clip_cache_dir / MANIFEST).read_text())
+    assert manifest["part"] == "aggregator" and manifest["layers"] == [0, 1, 2, 3]  # what the tiny model's heads read
+    assert manifest["items"] == manifest["entries"] == 4 * (5 + 4)  # 4 scenes of 6 frames: clips of 2 and 3 frames
+    second = {"data.train.datasets": f"[{{name: synthetic, root: {tiny_data_root}, weight: 1.0, split: train}}, "
+                                     f"{{name: uncached, root: {tiny_data_root}, weight: 1.0, split: train}}]",
+              "max_epochs": 1, "limit_train_batches": 5, "limit_val_batches": 0}
+    live, cached = tmp_path / "live", tmp_path / "cached"
+    train(heads_config(tiny_data_root, live, **second))
+    train(heads_config(tiny_data_root, cached, **second, **{"data.feature_cache": clip_cache_dir, "num_workers": 1}))
+    expected, got = train_records(live), train_records(cached)
+    assert sorted(got) == sorted(expected) == list(range(1, 6))
+    for step in got:
+        assert got[step]["loss/objective"] == pytest.approx(expected[step]["loss/objective"], rel=1e-5), step
+    hits, misses = sum(r["cache_hits"] for r in got.values()), sum(r["cache_misses"] for r in got.values())
+    assert hits > 0 and misses > 0
+    assert all(r["cache_hits"] + r["cache_misses"] == r["images"] for r in got.values())
+
+
+def test_clip_cache_fills_the_missing_clips_of_a_batch(tiny_data_root, clip_cache_dir, tmp_path):
+    trainer = Trainer(heads_config(tiny_data_root, tmp_path, **{"data.feature_cache": clip_cache_dir}))
+    try:
+        batch = next(iter(trainer.train_loader))
+        B, L = batch["aggregator_tokens"].shape[:2]  # [B, L, T, V, N, D]
+        assert batch["aggregator_tokens_hit"].all() and B >= 2 and L == 4
+        cached = batch["aggregator_tokens"].clone()
+        batch["aggregator_tokens"][1] = 0
+        batch["aggregator_tokens_hit"][1] = False
+        counts = fill_misses(trainer.cached_part, batch)
+        T, V = batch["images"].shape[1:3]
+        assert counts == {"cache_hits": (B - 1) * T * V, "cache_misses": T * V}
+        assert torch.allclose(batch["aggregator_tokens"], cached, rtol=1e-5, atol=1e-5 * float(cached.abs().max()))
+        assert torch.equal(batch["aggregator_tokens"][0], cached[0])
+    finally:
+        trainer.close()
+
+
+def test_clip_cache_refuses_random_camera_subsets_and_a_trainable_aggregator(tiny_data_root, clip_cache_dir,
+                                                                             tmp_path):
+    with pytest.raises(FeatureCacheError, match=r"draws 2 of the 3 cameras .*set data.train.views to \[1,1\] or to "
+                                                r"the rig's camera count \(\[3,3\]\)"):
+        build_cache(heads_config(tiny_data_root, tmp_path, **{"data.train.views": "[2,2]"}), str(tmp_path / "c"))
+    with pytest.raises(FeatureCacheError, match="draws 2 of the 3 cameras"):
+        Trainer(heads_config(tiny_data_root, tmp_path, **{"data.feature_cache": clip_cache_dir,
+                                                          "data.train.views": "[2,2]"}))
+    with pytest.raises(ValueError, match=r"cache of the aggregator stores the output of aggregator, so all of it "
+                                         r"must be frozen.*optim.frozen_module_names=\[aggregator.\*\]"):
+        Trainer(heads_config(tiny_data_root, tmp_path, **{"data.feature_cache": clip_cache_dir,
+                                                          "optim.frozen_module_names": "[aggregator.patch_embed.*]"}))
+
+
+def test_a_backbone_cache_serves_a_run_that_freezes_the_whole_aggregator(tiny_data_root, cache_dir, tmp_path):
+    """The cache's manifest says which part it holds: a backbone cache skips only the backbone."""
+    trainer = Trainer(heads_config(tiny_data_root, tmp_path, **{"data.feature_cache": cache_dir}))
+    try:
+        assert trainer.cached_part.kind == "backbone" and trainer.frozen_part.kind == "aggregator"
+        batch = next(iter(trainer.train_loader))
+        record = trainer.train_step(batch)
+        assert record["cache_hits"] == batch["images"].shape[:3].numel() and record["cache_misses"] == 0
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("name", ["dvgt1", "dvgt2_pretrain", "vggt"])
+def test_models_take_precomputed_backbone_tokens_or_aggregator_outputs(name):
+    """model(images, patch_tokens=backbone(images)) and model(images, aggregator_tokens=<the layers the heads
+    read, None elsewhere>) give the outputs of model(images); wrong shapes or layer counts are refused. The
+    model's DPT head reads layers 1-3 of 4, so the unread layer 0 is None."""
+    from dvgt.models import DVGT1, DVGT2, VGGT, SIZES
     from dvgt.models.aggregator import normalize_images
+    from dvgt.train.feature_cache import AGGREGATOR, frozen_part
 
     torch.manual_seed(0)
-    model = build_model(OmegaConf.create({"name": name, "size": "tiny"})).eval()
+    size = dataclasses.replace(SIZES["tiny"], dpt_layers=(1, 2, 2, 3))
+    model = {"dvgt1": lambda: DVGT1(size), "dvgt2_pretrain": lambda: DVGT2(size, planning=False),
+             "vggt": lambda: VGGT(size)}[name]().eval()
     p = model.patch_size
     images = torch.rand(1, 2, 2, 3, 2 * p, 4 * p)
+    part = frozen_part(model, AGGREGATOR)
+    assert part.layers == (1, 2, 3) and part.depth == 4
     with torch.no_grad():
         tokens = model.aggregator.patch_embed(normalize_images(images.flatten(0, 2)))  # [4, 8, C]
-        live, cached = model(images), model(images, patch_tokens=tokens.view(1, 2, 2, *tokens.shape[1:]))
-    assert torch.equal(live["points"], cached["points"])
+        outputs = part.outputs(images)  # [1, 3, T, V, N, D]
+        layers = [None, *outputs.unbind(1)]
+        live = model(images)
+        from_tokens = model(images, patch_tokens=tokens.view(1, 2, 2, *tokens.shape[1:]))
+        from_outputs = model(images, aggregator_tokens=layers)
+    assert torch.equal(live["points"], from_tokens["points"])
+    assert torch.equal(live["points"], from_outputs["points"])
+    pose = next(k for k in live if k.endswith("pose_enc"))
+    assert torch.equal(live[pose], from_outputs[pose])
     with pytest.raises(ValueError, match=r"patch_tokens \[1, 2, 2, 4, .*do not fit images"):
         model(images, patch_tokens=tokens[:, :4].reshape(1, 2, 2, 4, -1))
+    with pytest.raises(ValueError, match="aggregator_tokens has 3 layers but the aggregator has 4"):
+        model(images, aggregator_tokens=layers[1:])

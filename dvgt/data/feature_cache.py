@@ -1,14 +1,20 @@
 """The frozen-feature cache on storage: its layout, its manifest, and the reader the data loader uses.
 
-A cache holds, for every training image at every size the sampler can ask for, the output of the
-frozen backbone (the model's `aggregator.patch_embed`): patch tokens [P, C] with P = (H/p) x (W/p).
-It is written by `dvgt cache build` (dvgt/train/feature_cache.py) to a local folder or S3:
+A cache holds the output of the frozen part of the model (dvgt/train/feature_cache.py chooses it) for
+every training item at every size the sampler can ask for. Two parts can be cached:
 
-    <uri>/shard-00000.safetensors   tensors named "<dataset>/<split>/<image path>@<H>x<W>"
+- the backbone (`aggregator.patch_embed`, the DINO encoder): one entry per image, its patch tokens
+  [P, C] with P = (H/p) x (W/p);
+- the whole aggregator (heads-only finetunes): one entry per clip, the aggregator outputs the heads
+  read, [L, T, V, N, D] (L layers, N = special + patch tokens per image).
+
+It is written by `dvgt cache build` to a local folder or S3:
+
+    <uri>/shard-00000.safetensors   tensors named "<item id>@<H>x<W>"
     <uri>/shard-00000.json          the shard's commit record: size, sha256, fingerprint (written after it)
     <uri>/manifest.json             written last: every shard's size and sha256, the fingerprint, counts
 
-An image goes to shard sha256(image id) mod num_shards, so a reader finds any entry by reading one
+An item goes to shard sha256(item id) mod num_shards, so a reader finds any entry by reading one
 shard's header (once per process) and then the entry's bytes with one ranged read. docs/feature-cache.md
 describes the format and the rules.
 """
@@ -18,16 +24,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from dvgt.checkpoint.safetensors_stream import DTYPE_OF
 from dvgt.checkpoint.storage import Storage, open_storage
 from dvgt.data.dataset import ClipRequest, MixedClipDataset
-from dvgt.data.sampler import image_height
+from dvgt.data.sampler import capped_range, image_height
 
-FORMAT = "dvgt-feature-cache-v1"
+FORMAT = "dvgt-feature-cache-v2"
+BACKBONE, AGGREGATOR = "backbone", "aggregator"  # the parts a cache can hold
 MANIFEST = "manifest.json"
 
 
@@ -40,13 +47,20 @@ def image_id(dataset: str, split: str, image_path: str) -> str:
     return f"{dataset}/{split}/{image_path}"
 
 
-def entry_key(image: str, height: int, width: int) -> str:
-    """The tensor name of an image's tokens at one size (the centre crop-resize to H x W)."""
-    return f"{image}@{height}x{width}"
+def clip_id(dataset: str, split: str, image_paths: Sequence[str], frames: int, views: int) -> str:
+    """The name of a clip in the cache: its first image and shape, and a digest of all its image paths
+    in order (frame-major), which fixes the frames, their order and the cameras."""
+    digest = hashlib.sha256("\n".join(image_paths).encode()).hexdigest()[:16]
+    return f"{dataset}/{split}/{image_paths[0]}+{frames}x{views}-{digest}"
 
 
-def shard_of(image: str, num_shards: int) -> int:
-    return int(hashlib.sha256(image.encode()).hexdigest()[:8], 16) % num_shards
+def entry_key(item: str, height: int, width: int) -> str:
+    """The tensor name of an item's (image's or clip's) cached output at one size (centre crop-resize to H x W)."""
+    return f"{item}@{height}x{width}"
+
+
+def shard_of(item: str, num_shards: int) -> int:
+    return int(hashlib.sha256(item.encode()).hexdigest()[:8], 16) % num_shards
 
 
 def shard_name(index: int) -> str:
@@ -89,7 +103,8 @@ def read_manifest(storage: Storage) -> Dict[str, Any]:
             f"{storage.uri} is not a committed feature cache (no {MANIFEST}); build it with `dvgt cache build "
             f"--config=... --out {storage.uri}` (an interrupted build resumes where it stopped)") from None
     if manifest.get("format") != FORMAT:
-        raise FeatureCacheError(f"{storage.uri}/{MANIFEST} is not a {FORMAT} manifest (format {manifest.get('format')!r})")
+        raise FeatureCacheError(f"{storage.uri}/{MANIFEST} is not a {FORMAT} manifest (format {manifest.get('format')!r}); "
+                                f"rebuild it with this version's `dvgt cache build`")
     return manifest
 
 
@@ -155,34 +170,87 @@ class FeatureCache:
 
 
 class CachedClipDataset(torch.utils.data.Dataset):
-    """Clips with their cached backbone tokens: adds `patch_tokens` [T, V, P, C] (zeros where missing)
-    and `patch_tokens_hit` [T, V] (bool) to every sample; the trainer encodes the misses live."""
+    """Clips with their cached outputs of the frozen part (zeros where missing) and which were found:
+    a backbone cache adds `patch_tokens` [T, V, P, C] and `patch_tokens_hit` [T, V]; an aggregator cache
+    adds `aggregator_tokens` [L, T, V, N, D] and `aggregator_tokens_hit` [T, V] (the same for all images
+    of a clip). The trainer computes the misses live."""
 
-    def __init__(self, dataset: MixedClipDataset, cache: FeatureCache, patch_size: int) -> None:
+    def __init__(self, dataset: MixedClipDataset, cache: FeatureCache, patch_size: int, views: Sequence[int]) -> None:
+        """`views`: the split's camera-count bounds (data.train.views)."""
         self.dataset, self.cache, self.patch_size = dataset, cache, patch_size
-        self.token_dim = int(cache.manifest["token_dim"])
-        self.dtype = DTYPE_OF[cache.manifest["dtype"]]
+        manifest = cache.manifest
+        self.part, self.token_dim = manifest["part"], int(manifest["token_dim"])
+        self.dtype = DTYPE_OF[manifest["dtype"]]
+        if self.part == AGGREGATOR:
+            self.layers, self.special_tokens = len(manifest["layers"]), int(manifest["special_tokens"])
+        # A clip cache holds every clip the sampler can draw only if the camera choice is fixed: say so at start.
+        for source in dataset.datasets if self.part == AGGREGATOR else ():
+            for count in capped_range(views, source.num_cameras):
+                require_fixed_cameras(source, count)
 
     def __getitem__(self, request: ClipRequest) -> Dict[str, Any]:
         sample = self.dataset[request]
         source = self.dataset.datasets[request.dataset_index]
         T, V, H, W = request.frames, request.views, request.height, request.width
-        tokens = torch.zeros(T * V, (H // self.patch_size) * (W // self.patch_size), self.token_dim, dtype=self.dtype)
-        hit = torch.zeros(T * V, dtype=torch.bool)
-        for i, path in enumerate(sample["image_paths"]):
-            cached = self.cache.get(image_id(source.name, source.split, path), H, W)
-            if cached is not None and cached.shape == tokens.shape[1:]:
-                tokens[i], hit[i] = cached, True
-        return {**sample, "patch_tokens": tokens.view(T, V, *tokens.shape[1:]), "patch_tokens_hit": hit.view(T, V)}
+        P = (H // self.patch_size) * (W // self.patch_size)
+        paths = sample["image_paths"]
+        if self.part == BACKBONE:
+            tokens = torch.zeros(T * V, P, self.token_dim, dtype=self.dtype)
+            hit = torch.zeros(T * V, dtype=torch.bool)
+            for i, path in enumerate(paths):
+                cached = self.cache.get(image_id(source.name, source.split, path), H, W)
+                if cached is not None and cached.shape == tokens.shape[1:]:
+                    tokens[i], hit[i] = cached, True
+            return {**sample, "patch_tokens": tokens.view(T, V, P, -1), "patch_tokens_hit": hit.view(T, V)}
+        shape = (self.layers, T, V, self.special_tokens + P, self.token_dim)
+        cached = self.cache.get(clip_id(source.name, source.split, paths, T, V), H, W)
+        found = cached is not None and tuple(cached.shape) == shape
+        tokens = cached if found else torch.zeros(shape, dtype=self.dtype)
+        return {**sample, "aggregator_tokens": tokens, "aggregator_tokens_hit": torch.full((T, V), found)}
 
 
-def source_images(datasets: Sequence[Any]) -> List[tuple]:
-    """(image id, dataset index, scene index, frame, camera) of every image of the given ClipDatasets,
-    in a fixed order (dataset, scene, frame, camera)."""
-    images = []
+class CacheItem(NamedTuple):
+    """One cache entry's source at any size: an image (T = V = 1) or a clip of T frames x V cameras."""
+
+    id: str
+    dataset: int  # index in the split's datasets
+    scene: int
+    frames: Tuple[int, ...]  # frame indices in the scene
+    cameras: Tuple[int, ...]
+
+
+def require_fixed_cameras(dataset: Any, views: int) -> None:
+    """A clip cache enumerates clips, so the V cameras of a clip must not be a random subset: V must be
+    1 (the reference camera) or every camera of each scene (see dataset.choose_cameras)."""
+    counts = sorted({len(scene.cameras) for scene in dataset.scenes})
+    if views != 1 and counts != [views]:
+        raise FeatureCacheError(
+            f"an aggregator feature cache holds one entry per clip, but data.train.views draws {views} of the "
+            f"{'/'.join(map(str, counts))} cameras of '{dataset.name}' scenes, a random subset per clip that cannot "
+            f"be enumerated; set data.train.views to [1,1] or to the rig's camera count ([{counts[0]},{counts[0]}]), "
+            f"or cache only the backbone (freeze aggregator.patch_embed.* alone)")
+
+
+def cache_items(part: str, datasets: Sequence[Any], split_cfg: Any) -> List[CacheItem]:
+    """Every item of the given ClipDatasets in a fixed order: each image (backbone), or each clip the
+    sampler can draw (aggregator: every start frame, for every frame and camera count of the split's
+    ranges that the dataset offers)."""
+    items = []
     for d, dataset in enumerate(datasets):
-        for s, scene in enumerate(dataset.scenes):
-            for f in range(scene.num_frames):
-                for c in range(len(scene.cameras)):
-                    images.append((image_id(dataset.name, dataset.split, str(scene.image_paths[f, c])), d, s, f, c))
-    return images
+        if part == BACKBONE:
+            for s, scene in enumerate(dataset.scenes):
+                for f in range(scene.num_frames):
+                    for c in range(len(scene.cameras)):
+                        items.append(CacheItem(image_id(dataset.name, dataset.split, str(scene.image_paths[f, c])),
+                                               d, s, (f,), (c,)))
+            continue
+        for frames in capped_range(split_cfg.frames, dataset.max_frames):
+            for views in capped_range(split_cfg.views, dataset.num_cameras):
+                require_fixed_cameras(dataset, views)
+                for s, (scene, starts) in enumerate(zip(dataset.scenes, dataset.clips_per_scene(frames))):
+                    for start in range(starts):
+                        frame_ids = tuple(start + i * dataset.frame_stride for i in range(frames))
+                        paths = [str(scene.image_paths[f, c]) for f in frame_ids for c in range(views)]
+                        items.append(CacheItem(clip_id(dataset.name, dataset.split, paths, frames, views), d, s,
+                                               frame_ids, tuple(range(views))))
+    return items

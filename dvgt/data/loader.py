@@ -44,10 +44,10 @@ def build_dataloader(data_cfg_split: Any, *, patch_size: int, max_img_per_gpu: i
     ``load_state_dict({"epoch": e, "step": k})`` to resume. ``config_key`` (data.train or data.val)
     only names the config keys in error messages. ``seed`` must be the same on every rank (the
     sampler's shared choices); ranks differ by ``rank``. Batches are dicts (see docs/data.md); with a ``feature_cache`` they also hold
-    the cached backbone tokens (docs/feature-cache.md).
+    the cached outputs of the frozen part (docs/feature-cache.md).
     """
     dataset = open_split_datasets(data_cfg_split, config_key=config_key, generate_synthetic=generate_synthetic)
-    served = dataset if feature_cache is None else CachedClipDataset(dataset, feature_cache, patch_size)
+    served = dataset if feature_cache is None else CachedClipDataset(dataset, feature_cache, patch_size, data_cfg_split.views)
     sampler = GroupedBatchSampler(
         dataset.datasets, [entry.weight for entry in data_cfg_split.datasets], views=data_cfg_split.views,
         frames=data_cfg_split.frames, aspect_ratio=data_cfg_split.aspect_ratio, img_width=data_cfg_split.img_width,

@@ -109,7 +109,12 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         return self.steps_per_epoch - self._resume_step
 
 
+def capped_range(bounds: Sequence[int], cap: int) -> range:
+    """The counts (of frames or cameras) drawn from bounds [min, max], both ends capped at what the dataset offers."""
+    return range(min(bounds[0], cap), min(bounds[1], cap) + 1)
+
+
 def _draw_capped(rng: np.random.Generator, bounds: Sequence[int], cap: int) -> int:
-    """Uniform integer in [min, max] with both ends capped at what the dataset offers."""
-    low, high = min(bounds[0], cap), min(bounds[1], cap)
-    return int(rng.integers(low, high + 1))
+    """Uniform integer in capped_range(bounds, cap)."""
+    counts = capped_range(bounds, cap)
+    return int(rng.integers(counts.start, counts.stop))

@@ -64,10 +64,10 @@ class TrainingMetrics:
         self.last_step_duration = gauge("dvgt_step_last_duration_seconds", "Wall time of the last step").labels(**rank)
         self.data_wait = counter("dvgt_data_wait_seconds", "Time spent waiting for the next batch").labels(**rank)
         self.images = counter("dvgt_images", "Images trained on by this rank").labels(**rank)
-        self.cache_hits = counter("dvgt_feature_cache_hits", "Images whose backbone tokens came from the feature "
-                                  "cache").labels(**rank)
-        self.cache_misses = counter("dvgt_feature_cache_misses", "Images the feature cache did not hold, encoded "
-                                    "live").labels(**rank)
+        self.cache_hits = counter("dvgt_feature_cache_hits", "Images whose frozen-part outputs (backbone tokens "
+                                  "or aggregator outputs) came from the feature cache").labels(**rank)
+        self.cache_misses = counter("dvgt_feature_cache_misses", "Images the feature cache did not hold, computed "
+                                    "live by the frozen part").labels(**rank)
         self.optimizer_step = gauge("dvgt_optimizer_step", "Optimizer steps done (the run's global step)").labels(**rank)
         self.last_step_time = gauge("dvgt_last_step_timestamp_seconds",
                                     "Unix time at which the last step completed").labels(**rank)

@@ -74,6 +74,15 @@ def embed_patches(patch_embed: nn.Module, images: Tensor, patch_tokens: Optional
     return patch_tokens.reshape(B * T * V, *patch_tokens.shape[3:])
 
 
+def precomputed_outputs(aggregator: nn.Module, aggregator_tokens: Sequence[Optional[Tensor]]) -> Tuple[List, int]:
+    """(outputs by layer, patch_start_idx) as a frozen aggregator's cached outputs give them (feature cache,
+    docs/feature-cache.md): one entry per layer, [B, T, V, N, D] where a head reads it and None elsewhere."""
+    if len(aggregator_tokens) != aggregator.depth:
+        raise ValueError(f"aggregator_tokens has {len(aggregator_tokens)} layers but the aggregator has "
+                         f"{aggregator.depth}; pass one entry per layer (None for the layers no head reads)")
+    return list(aggregator_tokens), aggregator.patch_start_idx
+
+
 def per_image_tokens(token: Tensor, B: int, T: int, V: int) -> Tensor:
     """[1, 2, X, C] (variant 0 for frame 0, variant 1 for the later frames) or [1, X, C] -> [B*T*V, X, C]."""
     if token.ndim == 3:
@@ -117,6 +126,7 @@ class Aggregator(nn.Module):
         if rope not in ("2d", "mrope"):
             raise ValueError(f"rope must be '2d' or 'mrope', got '{rope}'")
         self.patch_size = patch_size
+        self.depth = depth
         self.max_frames = max_frames
         self.num_ego_tokens = num_ego_tokens
         self.patch_start_idx = num_ego_tokens + num_register_tokens  # ego tokens, then registers, then patches

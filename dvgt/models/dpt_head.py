@@ -142,7 +142,7 @@ class DPTHead(nn.Module):
 
         `frames_chunk_size` bounds memory by running the head on that many frames at a time.
         """
-        T = tokens_list[0].shape[1]
+        T = tokens_list[self.intermediate_layer_idx[0]].shape[1]
         chunk = frames_chunk_size or T
         results = [
             self._forward_frames(tokens_list, image_size, patch_start_idx, slice(start, start + chunk))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .aggregator import Aggregator
+from .aggregator import Aggregator, precomputed_outputs
 from .dpt_head import DPTHead
 from .ego_pose_head import EgoPoseHead
 
@@ -59,10 +59,12 @@ class DVGT1(nn.Module):
         self.ego_pose_head = EgoPoseHead(dim_in, trunk_depth=size.ego_trunk_depth, num_heads=size.num_heads)
         self.point_head = DPTHead.of_size(dim_in, size, patch_size)
 
-    def forward(self, images: Tensor, patch_tokens: Optional[Tensor] = None) -> Dict[str, object]:
-        """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1], H and W multiples of the patch size;
-        `patch_tokens` [B, T, V, P, C]: the DINOv3 backbone's output for these images, precomputed by the
-        feature cache (docs/feature-cache.md), which skips the backbone.
+    def forward(self, images: Tensor, patch_tokens: Optional[Tensor] = None,
+                aggregator_tokens: Optional[Sequence[Optional[Tensor]]] = None) -> Dict[str, object]:
+        """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1], H and W multiples of the patch size.
+        Precomputed by the feature cache (docs/feature-cache.md): `patch_tokens` [B, T, V, P, C], the DINOv3
+        backbone's output for these images, which skips the backbone; `aggregator_tokens`, a frozen
+        aggregator's outputs by layer ([B, T, V, N, 3C] where a head reads it, else None), which skips it.
 
         Returns absolute_ego_pose_enc [B, T, 7] (last iteration), absolute_ego_pose_enc_list (one per
         iteration), points [B, T, V, H, W, 3] in the frame-0 ego frame, points_conf [B, T, V, H, W],
@@ -70,7 +72,8 @@ class DVGT1(nn.Module):
         """
         if images.ndim == 5:
             images = images.unsqueeze(0)
-        tokens_list, patch_start_idx = self.aggregator(images, patch_tokens=patch_tokens)
+        tokens_list, patch_start_idx = (self.aggregator(images, patch_tokens=patch_tokens) if aggregator_tokens is None
+                                        else precomputed_outputs(self.aggregator, aggregator_tokens))
         return run_heads(self, images, tokens_list, patch_start_idx, self.ego_pose_head, "absolute_ego_pose_enc")
 
 

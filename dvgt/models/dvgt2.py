@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .aggregator import Aggregator
+from .aggregator import Aggregator, precomputed_outputs
 from .dpt_head import DPTHead
 from .dvgt1 import SIZES, DVGT1Size
 from .dvgt2_head import DVGT2EgoHead
@@ -112,7 +112,7 @@ class DVGT2(nn.Module):
 
     def forward(
         self, images: Tensor, ego_status: Optional[Tensor] = None, noise: Optional[Tuple[Tensor, Tensor]] = None,
-        patch_tokens: Optional[Tensor] = None,
+        patch_tokens: Optional[Tensor] = None, aggregator_tokens: Optional[Sequence[Optional[Tensor]]] = None,
     ) -> Dict[str, object]:
         """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1]; ego_status [B, T, 8] (EGO_STATUS_FIELDS)
         when the model was built with enable_ego_status.
@@ -124,13 +124,16 @@ class DVGT2(nn.Module):
         Both: points [B, T, V, H, W, 3] in each frame's own ego frame, points_conf [B, T, V, H, W], and
         in eval mode the input `images`. Outputs are in units of gt_scale_factor (10 m).
         `noise`: the decoder's starting noise (see TrajectoryPoseDecoder.forward), else drawn from the
-        global generator. `patch_tokens` [B, T, V, P, C]: the DINOv3 backbone's output for these images,
-        precomputed by the feature cache (docs/feature-cache.md), which skips the backbone.
+        global generator. Precomputed by the feature cache (docs/feature-cache.md): `patch_tokens`
+        [B, T, V, P, C], the DINOv3 backbone's output for these images, which skips the backbone;
+        `aggregator_tokens`, a frozen aggregator's outputs by layer ([B, T, V, N, 3C] where a head reads
+        it, else None), which skips the aggregator.
         """
         if images.ndim == 5:
             images = images.unsqueeze(0)
             ego_status = None if ego_status is None else ego_status.unsqueeze(0)
-        tokens_list, patch_start_idx = self.aggregator(images, patch_tokens=patch_tokens)
+        tokens_list, patch_start_idx = (self.aggregator(images, patch_tokens=patch_tokens) if aggregator_tokens is None
+                                        else precomputed_outputs(self.aggregator, aggregator_tokens))
         ego_tokens = tokens_list[-1][:, :, :, : self.num_ego_tokens]
         predictions = self._heads(tokens_list, patch_start_idx, images.shape[-2:], ego_tokens, ego_status, noise)
         if not self.training:

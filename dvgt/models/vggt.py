@@ -11,12 +11,13 @@ DPT head a point map in the first camera's frame.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .aggregator import check_images, embed_patches, per_image_tokens, run_block, token_positions
+from .aggregator import (check_images, embed_patches, per_image_tokens, precomputed_outputs, run_block,
+                         token_positions)
 from .dinov2 import DinoV2VisionTransformer
 from .dpt_head import DPTHead
 from .dvgt1 import SIZES, DVGT1Size, run_heads
@@ -44,6 +45,7 @@ class VGGTAggregator(nn.Module):
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
+        self.depth = depth
         self.patch_start_idx = 1 + num_register_tokens  # camera token, then registers, then patches
         self.gradient_checkpointing = gradient_checkpointing
 
@@ -122,9 +124,11 @@ class VGGT(nn.Module):
         )
         self.point_head = DPTHead.of_size(dim_in, size, patch_size)
 
-    def forward(self, images: Tensor, patch_tokens: Optional[Tensor] = None) -> Dict[str, object]:
+    def forward(self, images: Tensor, patch_tokens: Optional[Tensor] = None,
+                aggregator_tokens: Optional[Sequence[Optional[Tensor]]] = None) -> Dict[str, object]:
         """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1], H and W multiples of 14; `patch_tokens`
-        [B, T, V, P, C]: precomputed backbone output (feature cache, docs/feature-cache.md).
+        [B, T, V, P, C]: precomputed backbone output; `aggregator_tokens`: a frozen aggregator's precomputed
+        outputs by layer, [B, T, V, N, 2C] or None (feature cache, docs/feature-cache.md).
 
         Returns cam_pose_enc [B, T, V, 9] (absT_quaR_FoV of first camera -> camera, last iteration),
         cam_pose_enc_list (one per iteration), points [B, T, V, H, W, 3] in the first camera's frame,
@@ -133,6 +137,9 @@ class VGGT(nn.Module):
         if images.ndim == 5:
             images = images.unsqueeze(0)
         B, T, V = images.shape[:3]
-        tokens_list, patch_start_idx = self.aggregator(images, patch_tokens=patch_tokens)
-        tokens_list = [tokens.view(B, T, V, *tokens.shape[2:]) for tokens in tokens_list]  # [B, T, V, N, 2C]
+        if aggregator_tokens is None:
+            tokens_list, patch_start_idx = self.aggregator(images, patch_tokens=patch_tokens)
+            tokens_list = [tokens.view(B, T, V, *tokens.shape[2:]) for tokens in tokens_list]  # [B, T, V, N, 2C]
+        else:
+            tokens_list, patch_start_idx = precomputed_outputs(self.aggregator, aggregator_tokens)
         return run_heads(self, images, tokens_list, patch_start_idx, self.camera_head, "cam_pose_enc")

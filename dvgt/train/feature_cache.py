@@ -1,12 +1,15 @@
-"""The model side of the frozen-feature cache (docs/feature-cache.md): which part of the model is
+"""The model side of the frozen-feature cache (docs/feature-cache.md): which frozen part of the model is
 cached, the fingerprint that ties a cache to weights and preprocessing, `dvgt cache build` (parallel
 over torchrun ranks, resumable, with --verify), and what training does with a cache (checks at start,
-live encoding of the misses).
+live computation of the misses).
 
-The cached part is the model's `aggregator.patch_embed`, the DINO backbone (DINOv3 ViT-L/16 in DVGT,
-DINOv2 ViT-L/14 in VGGT): the first thing every image goes through, image by image, so its output is
-a function of one image and can be stored per image. A frozen backbone always runs in eval mode,
-with or without a cache (in train mode DINOv3 would randomly rescale its RoPE coordinates).
+Two frozen prefixes can be cached (FrozenPart):
+- the backbone, `aggregator.patch_embed` (DINOv3 ViT-L/16 in DVGT, DINOv2 ViT-L/14 in VGGT): its output
+  is a function of one image, so it is stored per image;
+- the whole aggregator (heads-only finetunes): it mixes the views and frames of a clip, so its outputs
+  (the layers the heads read) are stored per clip.
+A frozen prefix always runs in eval mode, with or without a cache (in train mode DINOv3 would randomly
+rescale its RoPE coordinates).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import hashlib
 import json
 import math
 from collections import defaultdict
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,16 +28,18 @@ from torch import nn
 import dvgt
 from dvgt.checkpoint.safetensors_stream import write_safetensors
 from dvgt.checkpoint.storage import Storage, open_storage
-from dvgt.data.feature_cache import (FORMAT, MANIFEST, FeatureCache, FeatureCacheError, cache_sizes,
-                                     check_fingerprint, commit_name, entry_key, fingerprint_digest, read_manifest,
-                                     shard_name, shard_of, shard_problem, source_images, verify_shards)
+from dvgt.data.feature_cache import (AGGREGATOR, BACKBONE, FORMAT, MANIFEST, CacheItem, FeatureCache,
+                                     FeatureCacheError, cache_items, cache_sizes, check_fingerprint, commit_name,
+                                     entry_key, fingerprint_digest, read_manifest, shard_name, shard_of,
+                                     shard_problem, verify_shards)
 from dvgt.data.loader import open_split_datasets
 from dvgt.models import build_model
 from dvgt.models.aggregator import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from dvgt.train import distributed
 from dvgt.train.optim import freeze_modules
 
-PREFIX = "aggregator.patch_embed"  # the cached module
+MODULES = {BACKBONE: "aggregator.patch_embed", AGGREGATOR: "aggregator"}  # the module each part is
+KEYS = {BACKBONE: "patch_tokens", AGGREGATOR: "aggregator_tokens"}  # its batch key (and <key>_hit), its model argument
 PREPROCESSING = "centre crop-resize (PIL bilinear, antialiased), RGB / 255, no pixel augmentation"
 
 
@@ -42,32 +48,98 @@ PREPROCESSING = "centre crop-resize (PIL bilinear, antialiased), RGB / 255, no p
 # ------------------------------------------------------------------------------------------------
 
 
-def frozen_prefix(model: nn.Module, frozen: Iterable[str]) -> Optional[nn.Module]:
-    """The backbone module if every one of its parameters is frozen, else None."""
+@dataclass(frozen=True)
+class FrozenPart:
+    """A frozen prefix of the model and the shape of what a cache stores of it.
+
+    backbone:   images [n, 1, 1, 3, H, W] -> patch tokens [n, P, C]
+    aggregator: images [n, T, V, 3, H, W] -> [n, L, T, V, N, D], the outputs of the L aggregator `layers`
+                (of `depth`) that the heads read; N = special_tokens + P, D = the heads' input width
+    """
+
+    kind: str
+    module: nn.Module
+    token_dim: int
+    layers: Tuple[int, ...] = ()
+    depth: int = 0
+    special_tokens: int = 0
+
+    @property
+    def name(self) -> str:
+        return MODULES[self.kind]
+
+    def outputs(self, images: torch.Tensor) -> torch.Tensor:
+        """What the cache stores for each of n items, from their images [n, T, V, 3, H, W] in [0, 1]."""
+        if self.kind == BACKBONE:
+            return self.module(normalize_images(images.flatten(0, 2)))
+        n, T, V = images.shape[:3]
+        outputs, _ = self.module(images)  # depth x [n, T, V, N, D] (VGGT: [n, T*V, N, D])
+        return torch.stack([outputs[layer].reshape(n, T, V, *outputs[layer].shape[-2:]) for layer in self.layers], 1)
+
+    def entry_numel(self, item: CacheItem, height: int, width: int) -> int:
+        patches = (height // self.module.patch_size) * (width // self.module.patch_size)
+        if self.kind == BACKBONE:
+            return patches * self.token_dim
+        return len(self.layers) * len(item.frames) * len(item.cameras) * (self.special_tokens + patches) * self.token_dim
+
+    def manifest_fields(self) -> Dict[str, Any]:
+        fields = {"part": self.kind, "module": self.name, "token_dim": self.token_dim}
+        if self.kind == AGGREGATOR:
+            fields.update(layers=list(self.layers), depth=self.depth, special_tokens=self.special_tokens)
+        return fields
+
+
+def frozen_kinds(model: nn.Module, frozen: Iterable[str]) -> List[str]:
+    """The parts (backbone, aggregator) whose parameters are all frozen, smallest first."""
     frozen = set(frozen)
-    names = [n for n, _ in model.named_parameters() if n.startswith(PREFIX + ".")]
-    return model.get_submodule(PREFIX) if names and all(n in frozen for n in names) else None
+    kinds = []
+    for kind, name in MODULES.items():
+        names = [n for n, _ in model.named_parameters() if n.startswith(name + ".")]
+        if names and all(n in frozen for n in names):
+            kinds.append(kind)
+    return kinds
 
 
-def require_cacheable(model: nn.Module, frozen: Iterable[str], cfg: Any) -> nn.Module:
-    """The frozen backbone, or a clear error: a cache needs the whole backbone frozen and no pixel augmentation."""
-    prefix = frozen_prefix(model, frozen)
-    if prefix is None:
-        trainable = [n for n, p in model.named_parameters() if n.startswith(PREFIX + ".") and n not in set(frozen)]
+def frozen_part(model: nn.Module, kind: str) -> FrozenPart:
+    if kind == BACKBONE:
+        backbone = model.get_submodule(MODULES[BACKBONE])
+        return FrozenPart(kind, backbone, int(backbone.norm.normalized_shape[0]))
+    aggregator = model.aggregator
+    layers = tuple(sorted({*model.point_head.intermediate_layer_idx, aggregator.depth - 1}))  # what the heads read
+    return FrozenPart(kind, aggregator, int(model.point_head.norm.normalized_shape[0]), layers, aggregator.depth,
+                      aggregator.patch_start_idx)
+
+
+def largest_frozen_part(model: nn.Module, frozen: Iterable[str]) -> Optional[FrozenPart]:
+    """The largest frozen prefix (the aggregator, else the backbone), or None: it runs in eval mode."""
+    kinds = frozen_kinds(model, frozen)
+    return frozen_part(model, kinds[-1]) if kinds else None
+
+
+def require_cacheable(model: nn.Module, frozen: Iterable[str], cfg: Any, kind: Optional[str] = None) -> FrozenPart:
+    """The frozen part a cache holds (`kind`, or the largest frozen one), or a clear error: the part must be
+    wholly frozen and the config must not change pixels."""
+    frozen = list(frozen)
+    kinds = frozen_kinds(model, frozen)
+    wanted = kind or (kinds[-1] if kinds else BACKBONE)
+    if wanted not in kinds:
+        name = MODULES[wanted]
+        trainable = [n for n, p in model.named_parameters() if n.startswith(name + ".") and n not in set(frozen)]
         raise ValueError(
-            f"a feature cache stores the output of {PREFIX} (the DINO backbone), so all of it must be frozen, but "
+            f"a feature cache of the {wanted} stores the output of {name}, so all of it must be frozen, but "
             f"optim.frozen_module_names={list(cfg.optim.frozen_module_names)} leaves {len(trainable)} of its "
-            f"parameters trainable (e.g. {trainable[0]}); set optim.frozen_module_names=[{PREFIX}.*]")
+            f"parameters trainable (e.g. {trainable[0]}); set optim.frozen_module_names=[{name}.*] (a cache of the "
+            f"backbone alone needs [{MODULES[BACKBONE]}.*], of the whole aggregator [{MODULES[AGGREGATOR]}.*])")
     if cfg.data.train.color_jitter > 0:
         raise ValueError(
             f"data.train.color_jitter={cfg.data.train.color_jitter} changes the pixels of every training image, so "
             f"cached features cannot match them; set data.train.color_jitter=0 to use a feature cache "
             f"(data.feature_cache / dvgt cache build)")
-    return prefix
+    return frozen_part(model, wanted)
 
 
 def precision(cfg: Any, device: torch.device) -> str:
-    """How the backbone computes: float32, or the trainer's autocast dtype on a GPU."""
+    """How the frozen part computes: float32, or the trainer's autocast dtype on a GPU."""
     return f"{cfg.optim.amp.amp_dtype}-autocast" if cfg.optim.amp.enabled and device.type == "cuda" else "float32"
 
 
@@ -85,14 +157,15 @@ def weights_digest(module: nn.Module) -> str:
     return sha.hexdigest()
 
 
-def fingerprint(prefix: nn.Module, cfg: Any, device: torch.device) -> Dict[str, Any]:
-    """What the cached tokens depend on, part by part (training names the parts that differ)."""
+def fingerprint(part: FrozenPart, cfg: Any, device: torch.device) -> Dict[str, Any]:
+    """What the cached outputs depend on, part by part (training names the parts that differ)."""
     return {
         "model": f"{cfg.model.name}/{cfg.model.size}",
-        "weights": weights_digest(prefix),
+        "part": f"{part.kind}" + (f" layers {list(part.layers)}" if part.layers else ""),
+        "weights": weights_digest(part.module),
         "preprocessing": PREPROCESSING,
         "normalisation": f"ImageNet mean {list(IMAGENET_MEAN)} std {list(IMAGENET_STD)}",
-        "patch_size": int(prefix.patch_size),
+        "patch_size": int(part.module.patch_size),
         "image_width": int(cfg.data.train.img_width),
         "precision": precision(cfg, device),
         "version": dvgt.__version__,
@@ -104,34 +177,50 @@ def fingerprint(prefix: nn.Module, cfg: Any, device: torch.device) -> Dict[str, 
 # ------------------------------------------------------------------------------------------------
 
 
-def open_for_training(cfg: Any, model: nn.Module, frozen: Iterable[str], patch_size: int) -> FeatureCache:
-    """The cache of data.feature_cache, after the checks that need no weights: backbone frozen, no pixel
-    augmentation, every image size the sampler can draw present in the cache."""
-    require_cacheable(model, frozen, cfg)
+def open_for_training(cfg: Any, model: nn.Module, frozen: Iterable[str],
+                      patch_size: int) -> Tuple[FeatureCache, FrozenPart]:
+    """The cache of data.feature_cache and the part it holds, after the checks that need no weights: that
+    part frozen, no pixel augmentation, every image size the sampler can draw present in the cache."""
     cache = FeatureCache(cfg.data.feature_cache, cfg.checkpoint.s3)
+    part = require_cacheable(model, frozen, cfg, kind=cache.manifest["part"])
     held = {tuple(size) for size in cache.manifest["sizes"]}
     missing = [size for size in cache_sizes(cfg.data.train, patch_size) if size not in held]
     if missing:
         raise FeatureCacheError(
-            f"feature cache {cache.uri} holds no tokens for image sizes (H, W) {missing} that data.train "
+            f"feature cache {cache.uri} holds no entries for image sizes (H, W) {missing} that data.train "
             f"(img_width, aspect_ratio) can draw; rebuild it with `dvgt cache build` for this config")
-    return cache
+    return cache, part
 
 
-def check_weights(cache: FeatureCache, model: nn.Module, cfg: Any, device: torch.device) -> None:
+def check_weights(cache: FeatureCache, part: FrozenPart, cfg: Any, device: torch.device) -> None:
     """Refuse a cache built from other weights or preprocessing (call once the weights are final)."""
-    check_fingerprint(cache.fingerprint["parts"], fingerprint(model.get_submodule(PREFIX), cfg, device), cache.uri)
+    check_fingerprint(cache.fingerprint["parts"], fingerprint(part, cfg, device), cache.uri)
 
 
-def fill_misses(prefix: nn.Module, batch: Dict[str, Any]) -> Dict[str, int]:
-    """Encode live, into batch["patch_tokens"], the images the cache did not hold; the counts of both."""
-    hit = batch["patch_tokens_hit"]  # [B, T, V]
-    misses = int((~hit).sum())
-    if misses:
+def fill_misses(part: FrozenPart, batch: Dict[str, Any]) -> Dict[str, int]:
+    """Compute live, into the batch, what the cache did not hold; the counts of both, in images."""
+    key = KEYS[part.kind]
+    hit = batch[f"{key}_hit"]  # [B, T, V]
+    missing = ~hit if part.kind == BACKBONE else ~hit[:, 0, 0]  # images [B, T, V], or clips [B]
+    if missing.any():
+        images = batch["images"][missing]  # [M, 3, H, W] or [M, T, V, 3, H, W]
         with torch.no_grad():
-            tokens = prefix(normalize_images(batch["images"][~hit]))  # [M, P, C]
-        batch["patch_tokens"][~hit] = tokens.to(batch["patch_tokens"].dtype)
-    return {"cache_hits": int(hit.sum()), "cache_misses": misses}
+            outputs = part.outputs(images[:, None, None] if part.kind == BACKBONE else images)
+        batch[key][missing] = outputs.to(batch[key].dtype)
+    return {"cache_hits": int(hit.sum()), "cache_misses": int((~hit).sum())}
+
+
+def model_inputs(part: Optional[FrozenPart], batch: Dict[str, Any]) -> Dict[str, Any]:
+    """The model's keyword arguments for a batch's cached outputs (none for a batch without them):
+    patch_tokens [B, T, V, P, C], or aggregator_tokens, the list by layer the heads read (None elsewhere)."""
+    if part is None or KEYS[part.kind] not in batch:
+        return {}
+    if part.kind == BACKBONE:
+        return {"patch_tokens": batch["patch_tokens"]}
+    tokens: List[Optional[torch.Tensor]] = [None] * part.depth
+    for i, layer in enumerate(part.layers):
+        tokens[layer] = batch["aggregator_tokens"][:, i]  # [B, T, V, N, D]
+    return {"aggregator_tokens": tokens}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,11 +242,12 @@ def _committed(storage: Storage, index: int, num_shards: int, digest: str, rehas
     return record
 
 
-def build_cache(cfg: Any, out: str, *, shard_mb: float = 256.0, verify: bool = False, verify_samples: int = 4,
-                say: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Compute and store the frozen backbone's tokens of every training image at every size the sampler
-    can draw. Under torchrun, rank r builds shards r, r + world, ...; rank 0 writes the manifest once all
-    exist. Shards already committed for the same fingerprint are kept, so an interrupted build resumes."""
+def build_cache(cfg: Any, out: str, *, part: Optional[str] = None, shard_mb: float = 256.0, verify: bool = False,
+                verify_samples: int = 4, say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Compute and store the frozen part's outputs for every training item (image or clip) at every size the
+    sampler can draw. `part`: "backbone" or "aggregator" (default: the largest frozen prefix of the config).
+    Under torchrun, rank r builds shards r, r + world, ...; rank 0 writes the manifest once all exist.
+    Shards already committed for the same fingerprint are kept, so an interrupted build resumes."""
     from dvgt.train.loop import load_pretrained, seed_everything
 
     info = distributed.init_distributed(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_mins)
@@ -165,7 +255,8 @@ def build_cache(cfg: Any, out: str, *, shard_mb: float = 256.0, verify: bool = F
     seed_everything(cfg.seed_value)  # the trainer's initial weights, then its pretrained ones
     model = build_model(cfg.model).to(info.device)
     load_pretrained(model, cfg, say)
-    prefix = require_cacheable(model, freeze_modules(model, cfg.optim.frozen_module_names), cfg).eval()
+    cached = require_cacheable(model, freeze_modules(model, cfg.optim.frozen_module_names), cfg, part)
+    cached.module.eval()
     if not info.is_main:
         distributed.barrier()  # rank 0 first: it generates a synthetic dataset if one is missing
     datasets = open_split_datasets(cfg.data.train).datasets
@@ -174,38 +265,40 @@ def build_cache(cfg: Any, out: str, *, shard_mb: float = 256.0, verify: bool = F
     labels = [(d.name, d.split) for d in datasets]
     if len(set(labels)) != len(labels):
         raise ValueError(f"data.train.datasets has entries with the same name and split {labels}; the cache names "
-                         f"images by dataset name, split and path, so give each entry its own name")
-    images = source_images(datasets)
-    sizes = cache_sizes(cfg.data.train, prefix.patch_size)
-    parts = fingerprint(prefix, cfg, info.device)
+                         f"items by dataset name, split and image paths, so give each entry its own name")
+    items = cache_items(cached.kind, datasets, cfg.data.train)
+    sizes = cache_sizes(cfg.data.train, cached.module.patch_size)
+    parts = fingerprint(cached, cfg, info.device)
     digest = fingerprint_digest(parts)
     storage = open_storage(out, cfg.checkpoint.s3)
     if MANIFEST in storage.list(MANIFEST):
         check_fingerprint(read_manifest(storage)["fingerprint"]["parts"], parts, storage.uri)
 
-    token_dim = int(prefix.norm.normalized_shape[0])
-    entry_bytes = sum((h // prefix.patch_size) * (w // prefix.patch_size) for h, w in sizes) * token_dim * 4
-    num_shards = max(1, math.ceil(len(images) * entry_bytes / (shard_mb * 2**20)))
+    total_bytes = sum(cached.entry_numel(item, h, w) * 4 for item in items for h, w in sizes)
+    num_shards = max(1, math.ceil(total_bytes / (shard_mb * 2**20)))
+    say(f"feature cache of the {cached.kind} ({cached.name}): {len(items)} {'images' if cached.kind == BACKBONE else 'clips'}"
+        f" x {len(sizes)} sizes, {total_bytes / 2**30:.2f} GiB in {num_shards} shards")
     members = defaultdict(list)
-    for image in images:
-        members[shard_of(image[0], num_shards)].append(image)
+    for item in items:
+        members[shard_of(item.id, num_shards)].append(item)
 
     built, kept = [], []
     for index in range(info.rank, num_shards, info.world_size):
         if _committed(storage, index, num_shards, digest):
             kept.append(index)
             continue
-        tensors = encode_images(prefix, datasets, members[index], sizes, cfg, info.device, cfg.max_img_per_gpu)
+        tensors = {key: tokens for height, width in sizes for key, tokens in
+                   encode(cached, datasets, members[index], height, width, cfg, info.device).items()}
         with storage.open_write(shard_name(index)) as writer:
             write_safetensors(tensors, writer, metadata={"fingerprint": digest})
         record = {"index": index, "num_shards": num_shards, "fingerprint": digest, "size": writer.size,
-                  "sha256": writer.digests["sha256"], "images": len(members[index]), "entries": len(tensors)}
+                  "sha256": writer.digests["sha256"], "items": len(members[index]), "entries": len(tensors)}
         storage.write_bytes(commit_name(index), json.dumps(record).encode())
         built.append(index)
         say(f"shard {index + 1}/{num_shards}: {len(tensors)} entries, {writer.size / 2**20:.1f} MiB")
     distributed.barrier()
 
-    result = {"uri": storage.uri, "built": built, "kept": kept, "num_shards": num_shards, "images": len(images)}
+    result = {"uri": storage.uri, "built": built, "kept": kept, "num_shards": num_shards, "items": len(items)}
     if info.is_main:
         records = [_committed(storage, i, num_shards, digest, rehash=False) for i in range(num_shards)]
         absent = [shard_name(i) for i, r in enumerate(records) if r is None]
@@ -213,65 +306,70 @@ def build_cache(cfg: Any, out: str, *, shard_mb: float = 256.0, verify: bool = F
             raise FeatureCacheError(f"feature cache {storage.uri}: shards {absent} are missing or corrupt after the "
                                     f"build; re-run the same `dvgt cache build` to finish them")
         manifest = {
-            "format": FORMAT, "fingerprint": {"sha256": digest, "parts": parts}, "num_shards": num_shards,
-            "shard_rule": "sha256(image id) mod num_shards", "images": len(images),
-            "entries": sum(r["entries"] for r in records), "sizes": [list(s) for s in sizes],
-            "token_dim": token_dim, "dtype": "F32",
+            "format": FORMAT, "fingerprint": {"sha256": digest, "parts": parts}, **cached.manifest_fields(),
+            "num_shards": num_shards, "shard_rule": "sha256(item id) mod num_shards", "items": len(items),
+            "entries": sum(r["entries"] for r in records), "sizes": [list(s) for s in sizes], "dtype": "F32",
             "datasets": [{"name": d.name, "split": d.split, "root": str(d.root)} for d in datasets],
-            "shards": [{"name": shard_name(i), "size": r["size"], "sha256": r["sha256"], "images": r["images"],
+            "shards": [{"name": shard_name(i), "size": r["size"], "sha256": r["sha256"], "items": r["items"],
                         "entries": r["entries"]} for i, r in enumerate(records)],
         }
         storage.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
-        say(f"feature cache {storage.uri}: {len(images)} images x {len(sizes)} sizes in {num_shards} shards "
+        say(f"feature cache {storage.uri}: {len(items)} items x {len(sizes)} sizes in {num_shards} shards "
             f"({len(built)} built by this process, {len(kept)} kept)")
         if verify:
-            result["verified"] = verify_cache(storage, prefix, datasets, cfg, info.device, verify_samples)
+            result["verified"] = verify_cache(storage, cached, datasets, cfg, info.device, verify_samples)
             say(f"verified: {result['verified']}")
     distributed.barrier()
     return result
 
 
-def encode_images(prefix: nn.Module, datasets: List[Any], images: List[tuple], sizes: List[tuple], cfg: Any,
-                  device: torch.device, batch_size: int) -> Dict[str, torch.Tensor]:
-    """{entry key: tokens [P, C] float32} of the images at every size, `batch_size` images per forward."""
+def encode(part: FrozenPart, datasets: List[Any], items: List[CacheItem], height: int, width: int, cfg: Any,
+           device: torch.device) -> Dict[str, torch.Tensor]:
+    """{entry key: the part's float32 output} of the items at H x W, max_img_per_gpu images per forward
+    (items of one shape together)."""
+    groups = defaultdict(list)
+    for item in items:
+        groups[len(item.frames), len(item.cameras)].append(item)
     tensors = {}
-    for height, width in sizes:
-        for start in range(0, len(images), max(1, batch_size)):
-            chunk = images[start:start + batch_size]
-            pixels = np.stack([datasets[d].load_image(s, f, c, height, width) for _, d, s, f, c in chunk])
-            pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device)  # [n, 3, H, W]
+    for (T, V), group in groups.items():
+        per_forward = max(1, cfg.max_img_per_gpu // (T * V))
+        for start in range(0, len(group), per_forward):
+            chunk = group[start:start + per_forward]
+            pixels = np.stack([np.stack([datasets[item.dataset].load_image(item.scene, f, c, height, width)
+                                         for f in item.frames for c in item.cameras]) for item in chunk])
+            images = torch.from_numpy(pixels).view(len(chunk), T, V, height, width, 3).permute(0, 1, 2, 5, 3, 4)
             with torch.inference_mode(), autocast(cfg, device):
-                tokens = prefix(normalize_images(pixels)).float().cpu()  # [n, P, C]
-            for (image, *_), token in zip(chunk, tokens):
-                tensors[entry_key(image, height, width)] = token
+                outputs = part.outputs(images.to(device)).float().cpu()  # [n, ...]
+            for item, output in zip(chunk, outputs):
+                tensors[entry_key(item.id, height, width)] = output
     return tensors
 
 
-def verify_cache(storage: Storage, prefix: Optional[nn.Module] = None, datasets: Optional[List[Any]] = None,
+def verify_cache(storage: Storage, part: Optional[FrozenPart] = None, datasets: Optional[List[Any]] = None,
                  cfg: Any = None, device: Optional[torch.device] = None, samples: int = 0) -> str:
-    """Check every shard's size and sha256 against the manifest and, given the model, recompute `samples`
-    entries and compare them (max |diff| <= 1e-4 x max |cached|). A one-line FeatureCacheError names what is wrong."""
+    """Check every shard's size and sha256 against the manifest and, given the model's part, recompute
+    `samples` entries and compare them (max |diff| <= 1e-4 x max |cached|). A one-line FeatureCacheError
+    names what is wrong."""
     manifest = read_manifest(storage)
     problems = verify_shards(storage, manifest)
     if problems:
         raise FeatureCacheError(f"feature cache {storage.uri}: {'; '.join(problems)}; delete the bad shard(s) and "
                                 f"re-run `dvgt cache build` with the same config and --out to rebuild them")
     text = f"{len(manifest['shards'])} shards intact"
-    if prefix is None or samples <= 0:
+    if part is None or samples <= 0:
         return text
     cache = FeatureCache(storage.uri, cfg.checkpoint.s3)
-    images = source_images(datasets)
+    items = cache_items(part.kind, datasets, cfg.data.train)
     rng = np.random.default_rng(0)
     worst = 0.0
-    for i in rng.choice(len(images), size=min(samples, len(images)), replace=False):
+    for i in rng.choice(len(items), size=min(samples, len(items)), replace=False):
         size = tuple(manifest["sizes"][int(rng.integers(len(manifest["sizes"])))])
-        live = encode_images(prefix, datasets, [images[i]], [size], cfg, device, 1)
-        (key, tokens), = live.items()
-        cached = cache.get(images[i][0], *size)
+        (key, live), = encode(part, datasets, [items[i]], *size, cfg, device).items()
+        cached = cache.get(items[i].id, *size)
         if cached is None:
             raise FeatureCacheError(f"feature cache {storage.uri} has no entry {key}; rebuild it")
-        worst = max(worst, float((cached - tokens).abs().max() / tokens.abs().max().clamp_min(1e-12)))
+        worst = max(worst, float((cached - live).abs().max() / live.abs().max().clamp_min(1e-12)))
     if worst > 1e-4:
-        raise FeatureCacheError(f"feature cache {storage.uri}: recomputed tokens differ from the cached ones by "
+        raise FeatureCacheError(f"feature cache {storage.uri}: recomputed entries differ from the cached ones by "
                                 f"{worst:.1e} (relative to their max); rebuild the cache")
-    return f"{text}; {min(samples, len(images))} entries recomputed, max relative difference {worst:.1e}"
+    return f"{text}; {min(samples, len(items))} entries recomputed, max relative difference {worst:.1e}"

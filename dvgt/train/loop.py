@@ -128,9 +128,10 @@ class Trainer:
         frozen = freeze_modules(self.model, cfg.optim.frozen_module_names)
         if frozen:
             self._print(f"Frozen: {len(frozen)} parameter tensors matching {list(cfg.optim.frozen_module_names)}")
-        self.frozen_prefix = feature_cache.frozen_prefix(self.model, frozen)  # a frozen backbone runs in eval mode
-        self.feature_cache = (feature_cache.open_for_training(cfg, self.model, frozen, self.model.patch_size)
-                              if cfg.data.feature_cache else None)
+        self.frozen_part = feature_cache.largest_frozen_part(self.model, frozen)  # it runs in eval mode
+        self.feature_cache, self.cached_part = (
+            feature_cache.open_for_training(cfg, self.model, frozen, self.model.patch_size)
+            if cfg.data.feature_cache else (None, None))
         self.amp_dtype = getattr(torch, cfg.optim.amp.amp_dtype)
         self.use_amp = cfg.optim.amp.enabled and self.device.type == "cuda"
         if self.fsdp:  # parameters become DTensor shards: the clipper and the optimizer take those
@@ -166,7 +167,7 @@ class Trainer:
         if self.anchors is not None:
             require_distinct_anchors(self.anchors)
         if self.feature_cache is not None:  # the weights are final now (pretrained or resumed)
-            feature_cache.check_weights(self.feature_cache, self.model, cfg, self.device)
+            feature_cache.check_weights(self.feature_cache, self.cached_part, cfg, self.device)
 
     # -- start-up -------------------------------------------------------------------------------
     def _loader(self, split: str, *, rank: int, world_size: int, num_workers: int, steps: int):
@@ -189,8 +190,8 @@ class Trainer:
 
     def forward(self, model: torch.nn.Module, batch: Dict[str, Any]) -> Dict[str, Any]:
         """The model on a batch's images (and ego status, for DVGT-2 with model.enable_ego_status; and the
-        backbone's tokens when a feature cache provides them)."""
-        kwargs = {"patch_tokens": batch["patch_tokens"]} if "patch_tokens" in batch else {}
+        frozen part's outputs when a feature cache provides them)."""
+        kwargs = feature_cache.model_inputs(self.cached_part, batch)
         if self.cfg.model.enable_ego_status:
             kwargs["ego_status"] = batch["ego_status"]
         return model(batch["images"], **kwargs)
@@ -259,12 +260,12 @@ class Trainer:
     def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
         """Forward/backward over accum_steps chunks, then one clipped optimizer step (or a counted skip)."""
         self.train_model.train()
-        if self.frozen_prefix is not None:
-            self.frozen_prefix.eval()
+        if self.frozen_part is not None:
+            self.frozen_part.module.eval()
         cache_counts = {}
-        if "patch_tokens" in batch:  # the feature cache's misses are encoded live
+        if self.cached_part is not None:  # the feature cache's misses are computed live
             with self.autocast():
-                cache_counts = feature_cache.fill_misses(self.frozen_prefix, batch)
+                cache_counts = feature_cache.fill_misses(self.cached_part, batch)
         lr = warmup_cosine(self.step, self.total_steps, self.cfg.optim.warmup_fraction, self.cfg.optim.lr,
                            self.cfg.optim.min_lr)
         set_lr(self.optimizer, lr)
