@@ -1,19 +1,28 @@
-"""Step time of a frozen-backbone finetune with the feature cache vs without, measured side by side.
+"""Step time of a frozen-prefix finetune with the feature cache vs without, side by side.
 
-    flock /tmp/dvgt-heavy.lock .venv/bin/python benchmarks/feature_cache.py [--size small] [--width 256] [--steps 8]
+    flock /tmp/dvgt-heavy.lock .venv/bin/python benchmarks/feature_cache.py [--part aggregator] [--size full]
+        [--views 3] [--frames 2] [--width 256] [--steps 3]
 
-The stage is train/dvgt1/finetune_demo.yaml (the DINOv3 backbone, `aggregator.patch_embed`, frozen)
-at --size (small: 4 backbone blocks and 4 aggregator steps, the 1:1 depth ratio of the full model's
-24 + 24), one clip of 3 views x 2 frames at --width x --width/2. A cache of the data is built first;
-then the same batch trains --steps steps after two warm-up steps, without and with the cache, taking turns
-(median step time). Also printed: the frozen backbone's forward time alone on that batch, and the speed-up it
-bounds (step / (step - backbone)): a cache can save the backbone's forward and nothing else, since a
-frozen prefix needs no backward.
+Two parts can be frozen and cached (docs/feature-cache.md):
+- `aggregator`: train/dvgt1/finetune_heads_demo.yaml, the whole aggregator frozen (heads-only finetune),
+  one cache entry per clip;
+- `backbone`: train/dvgt1/finetune_demo.yaml, the DINOv3 backbone frozen, one cache entry per image.
+
+First, model FLOPs per training step of the full DVGT-1, counted with torch's FlopCounterMode on the
+meta device (no memory, no time) at the nuScenes finetune shape (6 cameras x 4 frames of 288 x 512):
+with and without each cache. This is the machine-independent bound of the speed-up.
+
+Then, measured: DVGT-1 at --size, one clip of --views cameras x --frames frames at --width x --width/2
+per step (--views 6 --frames 4: a nuScenes clip), AdamW as in training. The cache of the data is built, then each trainer in turn (without,
+then with the cache: a full-size model pair does not fit side by side in this machine's memory) trains
+its first batch for one warm-up and --steps measured steps (median). The batch is loaded before the
+clock starts in both cases: reading the cache is the data loader's job (benchmarks/data_wait.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import tempfile
@@ -21,79 +30,113 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import tiny_overrides  # noqa: E402
 from dvgt.config import load_config  # noqa: E402
-from dvgt.data.synthetic import generate_synthetic_dataset  # noqa: E402
-from dvgt.models.aggregator import normalize_images  # noqa: E402
-from dvgt.train.feature_cache import build_cache  # noqa: E402
+from dvgt.data.synthetic import RIG, generate_synthetic_dataset  # noqa: E402
+from dvgt.models import build_model  # noqa: E402
+from dvgt.models.aggregator import precomputed_outputs  # noqa: E402
+from dvgt.models.dvgt1 import run_heads  # noqa: E402
+from dvgt.train.feature_cache import MODULES, build_cache, frozen_part  # noqa: E402
 from dvgt.train.loop import Trainer  # noqa: E402
 
+CONFIGS = {"aggregator": "train/dvgt1/finetune_heads_demo.yaml", "backbone": "train/dvgt1/finetune_demo.yaml"}
 
-def stage(root: Path, run: Path, args, **extra):
-    return load_config("train/dvgt1/finetune_demo.yaml", tiny_overrides(root, run, **{
-        "model.size": args.size, "max_img_per_gpu": 6, "data.train.views": "[3,3]", "data.train.frames": "[2,2]",
+
+def step_flops(kind: str, cached: bool, frames: int = 4, views: int = 6, height: int = 288, width: int = 512) -> float:
+    """Model FLOPs of one training step (forward, and backward of what trains, activation checkpointing
+    included) of the full DVGT-1 with `kind` frozen, with or without its cached outputs; meta device."""
+    with torch.device("meta"):
+        model = build_model(OmegaConf.create({"name": "dvgt1", "size": "full"})).train()
+        images = torch.rand(1, frames, views, 3, height, width)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(not name.startswith(MODULES[kind] + "."))
+    part = frozen_part(model, kind)
+    part.module.eval()
+    patch_tokens, aggregated = None, None
+    if cached:
+        with torch.no_grad():
+            outputs = part.outputs(images.flatten(0, 2)[:, None, None] if kind == "backbone" else images)
+        if kind == "backbone":
+            patch_tokens = outputs.view(1, frames, views, *outputs.shape[1:])
+        else:
+            aggregated = [outputs[:, part.layers.index(i)] if i in part.layers else None for i in range(part.depth)]
+    with FlopCounterMode(display=False) as counter:
+        # DVGT1.forward, with the heads given a CPU stand-in for the images (autocast has no meta device)
+        tokens, start = (model.aggregator(images, patch_tokens=patch_tokens) if aggregated is None
+                         else precomputed_outputs(model.aggregator, aggregated))
+        predictions = run_heads(model, torch.empty(images.shape), tokens, start, model.ego_pose_head, "pose")
+        (predictions["points"].sum() + predictions["pose"].sum()).backward()
+    return counter.get_total_flops()
+
+
+def stage(kind: str, root: Path, run: Path, args, **extra):
+    return load_config(CONFIGS[kind], tiny_overrides(root, run, **{
+        "model.size": args.size, "max_img_per_gpu": args.views * args.frames,
+        "data.train.views": f"[{args.views},{args.views}]", "data.train.frames": f"[{args.frames},{args.frames}]",
         "data.train.aspect_ratio": "[2.0,2.0]", "data.train.img_width": args.width, "data.train.color_jitter": 0.0,
         "logging.metrics": "false", **extra}))
 
 
-def step_times(trainers, steps: int):
-    """Median train_step time of each trainer on its first batch, the trainers taking turns step by step
-    (so a change in machine load affects both alike)."""
-    batches = [next(iter(t.train_loader)) for t in trainers]
-    for _ in range(2):  # warm-up
-        for trainer, batch in zip(trainers, batches):
-            trainer.train_step(batch)
-    times = [[] for _ in trainers]
-    for _ in range(steps):
-        for trainer, batch, kept in zip(trainers, batches, times):
+def step_time(cfg, steps: int) -> float:
+    """Median train_step time of a fresh trainer on its first batch, after one warm-up step."""
+    trainer = Trainer(cfg)
+    try:
+        batch = next(iter(trainer.train_loader))
+        trainer.train_step(batch)
+        times = []
+        for _ in range(steps):
             started = time.perf_counter()
             trainer.train_step(batch)
-            kept.append(time.perf_counter() - started)
-    return batches, [statistics.median(t) for t in times]
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+    finally:
+        trainer.close()
+        del trainer
+        gc.collect()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small", choices=["tiny", "small"])
+    parser.add_argument("--part", default="aggregator", choices=sorted(CONFIGS))
+    parser.add_argument("--size", default="full", choices=["tiny", "small", "full"])
+    parser.add_argument("--views", type=int, default=3, choices=range(1, len(RIG) + 1))
+    parser.add_argument("--frames", type=int, default=2)
     parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(2)
+
+    print("model FLOPs per training step, full DVGT-1, 6 cameras x 4 frames of 288x512:")
+    for kind in ("backbone", "aggregator"):
+        live, cached = step_flops(kind, cached=False), step_flops(kind, cached=True)
+        print(f"  {kind:10s} frozen: {live / 1e12:7.1f} TFLOP without cache, {cached / 1e12:7.1f} with "
+              f"({live / cached:.2f}x fewer)")
+
     with tempfile.TemporaryDirectory() as tmp:
         root, cache = Path(tmp) / "data", Path(tmp) / "cache"
-        generate_synthetic_dataset(root, split="train", num_scenes=2, num_frames=4, height=args.width // 2,
-                                   width=args.width, seed=0)
-        generate_synthetic_dataset(root, split="val", num_scenes=1, num_frames=4, height=args.width // 2,
-                                   width=args.width, seed=1)
+        for split, seed in (("train", 0), ("val", 1)):
+            generate_synthetic_dataset(root, split=split, num_scenes=1, num_frames=args.frames,
+                                       cameras=list(RIG)[:args.views], height=args.width // 2, width=args.width,
+                                       seed=seed)
         started = time.perf_counter()
-        built = build_cache(stage(root, Path(tmp) / "build", args), str(cache), say=lambda _: None)
+        built = build_cache(stage(args.part, root, Path(tmp) / "build", args), str(cache), say=lambda _: None)
         build_s = time.perf_counter() - started
+        gc.collect()
+        live = step_time(stage(args.part, root, Path(tmp) / "live", args), args.steps)
+        cached = step_time(stage(args.part, root, Path(tmp) / "cached", args, **{"data.feature_cache": cache}),
+                           args.steps)
 
-        trainer, cached_trainer = (Trainer(stage(root, Path(tmp) / "live", args)),
-                                   Trainer(stage(root, Path(tmp) / "cached", args, **{"data.feature_cache": cache})))
-        (batch, _), (live, cached) = step_times([trainer, cached_trainer], args.steps)
-        images = normalize_images(batch["images"].flatten(0, 2))  # [B*T*V, 3, H, W]
-        with torch.no_grad():
-            trainer.frozen_prefix(images)
-            backbone = []
-            for _ in range(args.steps):
-                started = time.perf_counter()
-                trainer.frozen_prefix(images)
-                backbone.append(time.perf_counter() - started)
-        backbone_s = statistics.median(backbone)
-        trainer.close()
-        cached_trainer.close()
-
-    print(f"dvgt1 {args.size} finetune (backbone frozen), {images.shape[0]} images of "
-          f"{images.shape[-2]}x{images.shape[-1]} per step, median of {args.steps} steps")
-    print(f"  cache build: {built['images']} images in {build_s:.1f} s")
-    print(f"  step without cache:      {live * 1e3:8.1f} ms  (1.00x)")
-    print(f"  step with cache:         {cached * 1e3:8.1f} ms  ({live / cached:.2f}x faster)")
-    print(f"  backbone forward alone:  {backbone_s * 1e3:8.1f} ms  ({backbone_s / live:.0%} of the step without "
-          f"cache; bound on the speed-up: {live / (live - backbone_s):.2f}x)")
+    print(f"measured: dvgt1 {args.size}, {args.part} frozen, {args.views} cameras x {args.frames} frames of "
+          f"{args.width // 2}x{args.width} per step, "
+          f"median of {args.steps} steps")
+    print(f"  cache build: {built['items']} items in {build_s:.1f} s")
+    print(f"  step without cache: {live * 1e3:9.1f} ms  (1.00x)")
+    print(f"  step with cache:    {cached * 1e3:9.1f} ms  ({live / cached:.2f}x faster)")
 
 
 if __name__ == "__main__":

@@ -138,14 +138,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
         command = [sys.executable, "-m", "dvgt.train.launch", "--standalone", f"--nproc_per_node={args.nproc_per_node}",
                    "-m", "dvgt", "cache", "build", f"--config={args.config}", "--out", args.out,
                    f"--shard-mb={args.shard_mb}", *(["--verify"] if args.verify else []),
-                   *([f"--part={args.part}"] if args.part else []), *args.overrides]
+                   *([f"--part={args.part}"] if args.part else []), f"--dtype={args.dtype}", *args.overrides]
         return subprocess.run(command).returncode
     from dvgt.train import distributed
     from dvgt.train.feature_cache import build_cache
 
     cfg = load_config(args.config, args.overrides)
     try:
-        build_cache(cfg, args.out, part=args.part, shard_mb=args.shard_mb, verify=args.verify)
+        build_cache(cfg, args.out, part=args.part, dtype=args.dtype, shard_mb=args.shard_mb, verify=args.verify)
     finally:
         distributed.cleanup()
     return 0
@@ -237,6 +237,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     build.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MiB")
     build.add_argument("--part", choices=["backbone", "aggregator"], help="what to cache (default: the largest "
                        "frozen prefix: the aggregator if optim.frozen_module_names freezes all of it, else the backbone)")
+    build.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="how outputs are "
+                       "stored: float32 (training gives the losses of live computation) or bfloat16 (half the "
+                       "storage, rounded to 8 mantissa bits)")
     build.add_argument("--nproc-per-node", type=int, default=1, help="build with N processes (torchrun)")
     build.set_defaults(func=cmd_cache)
     verify = cache_sub.add_parser("verify", help="check every shard's size and sha256 against the manifest")

@@ -19,6 +19,7 @@ from dvgt.config import load_config
 from dvgt.data.feature_cache import MANIFEST, FeatureCache, FeatureCacheError, commit_name, shard_name
 from dvgt.train.feature_cache import build_cache, fill_misses
 from dvgt.train.logger import read_log
+from dvgt.train.losses import compute_loss
 from dvgt.train.loop import Trainer, train
 
 CONFIG = "train/dvgt1/finetune_demo.yaml"  # DVGT-1 with its DINOv3 backbone frozen
@@ -214,6 +215,32 @@ def test_clip_cache_fills_the_missing_clips_of_a_batch(tiny_data_root, clip_cach
         assert counts == {"cache_hits": (B - 1) * T * V, "cache_misses": T * V}
         assert torch.allclose(batch["aggregator_tokens"], cached, rtol=1e-5, atol=1e-5 * float(cached.abs().max()))
         assert torch.equal(batch["aggregator_tokens"][0], cached[0])
+    finally:
+        trainer.close()
+
+
+def test_a_bfloat16_clip_cache_is_half_the_size_and_gives_nearly_the_live_loss(tiny_data_root, clip_cache_dir,
+                                                                               tmp_path):
+    """--dtype bfloat16: verify allows its rounding (4e-3 of the max), and the loss on cached outputs is the
+    live one within a relative 1e-2."""
+    out = tmp_path / "bf16"
+    result = build_cache(heads_config(tiny_data_root, tmp_path / "build"), str(out), dtype="bfloat16", shard_mb=1,
+                         verify=True)
+    assert "entries recomputed" in result["verified"]
+    manifest, full = (json.loads((root / MANIFEST).read_text()) for root in (out, clip_cache_dir))
+    assert manifest["dtype"] == "BF16" and manifest["entries"] == full["entries"]
+    sizes = [sum(s["size"] for s in m["shards"]) for m in (manifest, full)]
+    assert 0.45 < sizes[0] / sizes[1] < 0.55
+    trainer = Trainer(heads_config(tiny_data_root, tmp_path / "run", **{"data.feature_cache": out}))
+    try:
+        batch = next(iter(trainer.train_loader))
+        assert batch["aggregator_tokens"].dtype == torch.bfloat16 and batch["aggregator_tokens_hit"].all()
+        live = {k: v for k, v in batch.items() if not k.startswith("aggregator_tokens")}
+        with torch.no_grad():
+            losses = [compute_loss(trainer.forward(trainer.model, b), b, trainer.cfg.loss)["objective"]
+                      for b in (batch, live)]
+        assert float(losses[0]) == pytest.approx(float(losses[1]), rel=1e-2)
+        assert float(losses[0]) != float(losses[1])  # the rounding shows
     finally:
         trainer.close()
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import dvgt
-from dvgt.checkpoint.safetensors_stream import write_safetensors
+from dvgt.checkpoint.safetensors_stream import DTYPES, write_safetensors
 from dvgt.checkpoint.storage import Storage, open_storage
 from dvgt.data.feature_cache import (AGGREGATOR, BACKBONE, FORMAT, MANIFEST, CacheItem, FeatureCache,
                                      FeatureCacheError, cache_items, cache_sizes, check_fingerprint, commit_name,
@@ -40,6 +40,9 @@ from dvgt.train.optim import freeze_modules
 
 MODULES = {BACKBONE: "aggregator.patch_embed", AGGREGATOR: "aggregator"}  # the module each part is
 KEYS = {BACKBONE: "patch_tokens", AGGREGATOR: "aggregator_tokens"}  # its batch key (and <key>_hit), its model argument
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # dvgt cache build --dtype
+# --verify: max |cached - live| / max |live| (bfloat16 keeps 8 mantissa bits)
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4e-3}
 PREPROCESSING = "centre crop-resize (PIL bilinear, antialiased), RGB / 255, no pixel augmentation"
 
 
@@ -80,7 +83,8 @@ class FrozenPart:
         patches = (height // self.module.patch_size) * (width // self.module.patch_size)
         if self.kind == BACKBONE:
             return patches * self.token_dim
-        return len(self.layers) * len(item.frames) * len(item.cameras) * (self.special_tokens + patches) * self.token_dim
+        images = len(item.frames) * len(item.cameras)
+        return len(self.layers) * images * (self.special_tokens + patches) * self.token_dim
 
     def manifest_fields(self) -> Dict[str, Any]:
         fields = {"part": self.kind, "module": self.name, "token_dim": self.token_dim}
@@ -161,7 +165,7 @@ def fingerprint(part: FrozenPart, cfg: Any, device: torch.device) -> Dict[str, A
     """What the cached outputs depend on, part by part (training names the parts that differ)."""
     return {
         "model": f"{cfg.model.name}/{cfg.model.size}",
-        "part": f"{part.kind}" + (f" layers {list(part.layers)}" if part.layers else ""),
+        "part": part.kind + (f" layers {list(part.layers)}" if part.layers else ""),
         "weights": weights_digest(part.module),
         "preprocessing": PREPROCESSING,
         "normalisation": f"ImageNet mean {list(IMAGENET_MEAN)} std {list(IMAGENET_STD)}",
@@ -215,11 +219,12 @@ def model_inputs(part: Optional[FrozenPart], batch: Dict[str, Any]) -> Dict[str,
     patch_tokens [B, T, V, P, C], or aggregator_tokens, the list by layer the heads read (None elsewhere)."""
     if part is None or KEYS[part.kind] not in batch:
         return {}
+    stored = batch[KEYS[part.kind]].float()  # a bfloat16 cache is computed with in float32
     if part.kind == BACKBONE:
-        return {"patch_tokens": batch["patch_tokens"]}
+        return {"patch_tokens": stored}
     tokens: List[Optional[torch.Tensor]] = [None] * part.depth
     for i, layer in enumerate(part.layers):
-        tokens[layer] = batch["aggregator_tokens"][:, i]  # [B, T, V, N, D]
+        tokens[layer] = stored[:, i]  # [B, T, V, N, D]
     return {"aggregator_tokens": tokens}
 
 
@@ -242,10 +247,11 @@ def _committed(storage: Storage, index: int, num_shards: int, digest: str, rehas
     return record
 
 
-def build_cache(cfg: Any, out: str, *, part: Optional[str] = None, shard_mb: float = 256.0, verify: bool = False,
-                verify_samples: int = 4, say: Callable[[str], None] = print) -> Dict[str, Any]:
+def build_cache(cfg: Any, out: str, *, part: Optional[str] = None, dtype: str = "float32", shard_mb: float = 256.0,
+                verify: bool = False, verify_samples: int = 4, say: Callable[[str], None] = print) -> Dict[str, Any]:
     """Compute and store the frozen part's outputs for every training item (image or clip) at every size the
-    sampler can draw. `part`: "backbone" or "aggregator" (default: the largest frozen prefix of the config).
+    sampler can draw. `part`: "backbone" or "aggregator" (default: the largest frozen prefix of the config);
+    `dtype`: how they are stored, float32 (exact) or bfloat16 (half the bytes, ~3e-3 relative rounding).
     Under torchrun, rank r builds shards r, r + world, ...; rank 0 writes the manifest once all exist.
     Shards already committed for the same fingerprint are kept, so an interrupted build resumes."""
     from dvgt.train.loop import load_pretrained, seed_everything
@@ -269,29 +275,36 @@ def build_cache(cfg: Any, out: str, *, part: Optional[str] = None, shard_mb: flo
     items = cache_items(cached.kind, datasets, cfg.data.train)
     sizes = cache_sizes(cfg.data.train, cached.module.patch_size)
     parts = fingerprint(cached, cfg, info.device)
+    stored = STORAGE_DTYPES[dtype]
     digest = fingerprint_digest(parts)
+    shard_digest = fingerprint_digest({**parts, "dtype": DTYPES[stored]})  # what a shard to keep was built for
     storage = open_storage(out, cfg.checkpoint.s3)
     if MANIFEST in storage.list(MANIFEST):
-        check_fingerprint(read_manifest(storage)["fingerprint"]["parts"], parts, storage.uri)
+        existing = read_manifest(storage)
+        check_fingerprint(existing["fingerprint"]["parts"], parts, storage.uri)
+        if existing["dtype"] != DTYPES[stored]:
+            raise FeatureCacheError(f"feature cache {storage.uri} holds {existing['dtype']} entries, not {DTYPES[stored]}; "
+                                    f"build with the same --dtype, or choose another --out")
 
-    total_bytes = sum(cached.entry_numel(item, h, w) * 4 for item in items for h, w in sizes)
+    total_bytes = sum(cached.entry_numel(item, h, w) * stored.itemsize for item in items for h, w in sizes)
     num_shards = max(1, math.ceil(total_bytes / (shard_mb * 2**20)))
-    say(f"feature cache of the {cached.kind} ({cached.name}): {len(items)} {'images' if cached.kind == BACKBONE else 'clips'}"
-        f" x {len(sizes)} sizes, {total_bytes / 2**30:.2f} GiB in {num_shards} shards")
+    unit = "images" if cached.kind == BACKBONE else "clips"
+    say(f"feature cache of the {cached.kind} ({cached.name}): {len(items)} {unit} x {len(sizes)} sizes, "
+        f"{total_bytes / 2**30:.2f} GiB in {num_shards} shards")
     members = defaultdict(list)
     for item in items:
         members[shard_of(item.id, num_shards)].append(item)
 
     built, kept = [], []
     for index in range(info.rank, num_shards, info.world_size):
-        if _committed(storage, index, num_shards, digest):
+        if _committed(storage, index, num_shards, shard_digest):
             kept.append(index)
             continue
-        tensors = {key: tokens for height, width in sizes for key, tokens in
+        tensors = {key: tokens.to(stored) for height, width in sizes for key, tokens in
                    encode(cached, datasets, members[index], height, width, cfg, info.device).items()}
         with storage.open_write(shard_name(index)) as writer:
-            write_safetensors(tensors, writer, metadata={"fingerprint": digest})
-        record = {"index": index, "num_shards": num_shards, "fingerprint": digest, "size": writer.size,
+            write_safetensors(tensors, writer, metadata={"fingerprint": shard_digest})
+        record = {"index": index, "num_shards": num_shards, "fingerprint": shard_digest, "size": writer.size,
                   "sha256": writer.digests["sha256"], "items": len(members[index]), "entries": len(tensors)}
         storage.write_bytes(commit_name(index), json.dumps(record).encode())
         built.append(index)
@@ -300,7 +313,7 @@ def build_cache(cfg: Any, out: str, *, part: Optional[str] = None, shard_mb: flo
 
     result = {"uri": storage.uri, "built": built, "kept": kept, "num_shards": num_shards, "items": len(items)}
     if info.is_main:
-        records = [_committed(storage, i, num_shards, digest, rehash=False) for i in range(num_shards)]
+        records = [_committed(storage, i, num_shards, shard_digest, rehash=False) for i in range(num_shards)]
         absent = [shard_name(i) for i, r in enumerate(records) if r is None]
         if absent:
             raise FeatureCacheError(f"feature cache {storage.uri}: shards {absent} are missing or corrupt after the "
@@ -308,7 +321,7 @@ def build_cache(cfg: Any, out: str, *, part: Optional[str] = None, shard_mb: flo
         manifest = {
             "format": FORMAT, "fingerprint": {"sha256": digest, "parts": parts}, **cached.manifest_fields(),
             "num_shards": num_shards, "shard_rule": "sha256(item id) mod num_shards", "items": len(items),
-            "entries": sum(r["entries"] for r in records), "sizes": [list(s) for s in sizes], "dtype": "F32",
+            "entries": sum(r["entries"] for r in records), "sizes": [list(s) for s in sizes], "dtype": DTYPES[stored],
             "datasets": [{"name": d.name, "split": d.split, "root": str(d.root)} for d in datasets],
             "shards": [{"name": shard_name(i), "size": r["size"], "sha256": r["sha256"], "items": r["items"],
                         "entries": r["entries"]} for i, r in enumerate(records)],
@@ -368,8 +381,8 @@ def verify_cache(storage: Storage, part: Optional[FrozenPart] = None, datasets: 
         cached = cache.get(items[i].id, *size)
         if cached is None:
             raise FeatureCacheError(f"feature cache {storage.uri} has no entry {key}; rebuild it")
-        worst = max(worst, float((cached - live).abs().max() / live.abs().max().clamp_min(1e-12)))
-    if worst > 1e-4:
+        worst = max(worst, float((cached.float() - live).abs().max() / live.abs().max().clamp_min(1e-12)))
+    if worst > TOLERANCE[cached.dtype]:
         raise FeatureCacheError(f"feature cache {storage.uri}: recomputed entries differ from the cached ones by "
                                 f"{worst:.1e} (relative to their max); rebuild the cache")
     return f"{text}; {min(samples, len(items))} entries recomputed, max relative difference {worst:.1e}"
