@@ -233,24 +233,32 @@ def require_fixed_cameras(dataset: Any, views: int) -> None:
 
 def cache_items(part: str, datasets: Sequence[Any], split_cfg: Any) -> List[CacheItem]:
     """Every item of the given ClipDatasets in a fixed order: each image (backbone), or each clip the
-    sampler can draw (aggregator: every start frame, for every frame and camera count of the split's
-    ranges that the dataset offers)."""
+    sampler can draw (aggregator)."""
     items = []
     for d, dataset in enumerate(datasets):
-        if part == BACKBONE:
-            for s, scene in enumerate(dataset.scenes):
-                for f in range(scene.num_frames):
-                    for c in range(len(scene.cameras)):
-                        items.append(CacheItem(image_id(dataset.name, dataset.split, str(scene.image_paths[f, c])),
-                                               d, s, (f,), (c,)))
-            continue
-        for frames in capped_range(split_cfg.frames, dataset.max_frames):
-            for views in capped_range(split_cfg.views, dataset.num_cameras):
-                require_fixed_cameras(dataset, views)
-                for s, (scene, starts) in enumerate(zip(dataset.scenes, dataset.clips_per_scene(frames))):
-                    for start in range(starts):
-                        frame_ids = tuple(start + i * dataset.frame_stride for i in range(frames))
-                        paths = [str(scene.image_paths[f, c]) for f in frame_ids for c in range(views)]
-                        items.append(CacheItem(clip_id(dataset.name, dataset.split, paths, frames, views), d, s,
-                                               frame_ids, tuple(range(views))))
+        items += _images(d, dataset) if part == BACKBONE else _clips(d, dataset, split_cfg)
     return items
+
+
+def _images(d: int, dataset: Any) -> List[CacheItem]:
+    """Every image of a dataset, by scene, frame and camera."""
+    return [CacheItem(image_id(dataset.name, dataset.split, str(scene.image_paths[f, c])), d, s, (f,), (c,))
+            for s, scene in enumerate(dataset.scenes) for f in range(scene.num_frames)
+            for c in range(len(scene.cameras))]
+
+
+def _clips(d: int, dataset: Any, split_cfg: Any) -> List[CacheItem]:
+    """Every clip the sampler can draw from a dataset: every start frame, for every frame and camera count
+    of the split's ranges that the dataset offers (the cameras of a clip must be fixed)."""
+    clips = []
+    for frames in capped_range(split_cfg.frames, dataset.max_frames):
+        for views in capped_range(split_cfg.views, dataset.num_cameras):
+            require_fixed_cameras(dataset, views)
+            cameras = tuple(range(views))
+            for s, (scene, starts) in enumerate(zip(dataset.scenes, dataset.clips_per_scene(frames))):
+                for start in range(starts):
+                    frame_ids = tuple(start + i * dataset.frame_stride for i in range(frames))
+                    paths = [str(scene.image_paths[f, c]) for f in frame_ids for c in cameras]
+                    clips.append(CacheItem(clip_id(dataset.name, dataset.split, paths, frames, views), d, s,
+                                           frame_ids, cameras))
+    return clips

@@ -123,12 +123,12 @@ def largest_frozen_part(model: nn.Module, frozen: Iterable[str]) -> Optional[Fro
 def require_cacheable(model: nn.Module, frozen: Iterable[str], cfg: Any, kind: Optional[str] = None) -> FrozenPart:
     """The frozen part a cache holds (`kind`, or the largest frozen one), or a clear error: the part must be
     wholly frozen and the config must not change pixels."""
-    frozen = list(frozen)
+    frozen = set(frozen)
     kinds = frozen_kinds(model, frozen)
     wanted = kind or (kinds[-1] if kinds else BACKBONE)
     if wanted not in kinds:
         name = MODULES[wanted]
-        trainable = [n for n, p in model.named_parameters() if n.startswith(name + ".") and n not in set(frozen)]
+        trainable = [n for n, _ in model.named_parameters() if n.startswith(name + ".") and n not in frozen]
         raise ValueError(
             f"a feature cache of the {wanted} stores the output of {name}, so all of it must be frozen, but "
             f"optim.frozen_module_names={list(cfg.optim.frozen_module_names)} leaves {len(trainable)} of its "
