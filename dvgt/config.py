@@ -39,38 +39,76 @@ class ModelConfig:
     max_frames: int = 48  # length of the learned temporal embedding (frames per clip at most)
     gradient_checkpointing: bool = True  # recompute aggregator blocks in backward (train mode only)
     frames_chunk_size: Optional[int] = None  # DPT head: frames per chunk (None = all at once)
-    anchor_path: Optional[str] = None  # DVGT-2: planning anchors .npz from `dvgt anchors` (None = zeros until a checkpoint loads them)
+    anchor_dir: Optional[str] = None  # DVGT-2: folder of the official anchor files future_anchors_20_rdf.npz and past_anchors_20_rdf.npz (`dvgt anchors`; None = zeros until a checkpoint loads them)
     enable_ego_status: bool = False  # DVGT-2: condition planning on ego status [B,T,8] (velocity 2, acceleration 2, command one-hot 4)
 
 
 @dataclass
 class DatasetEntry:
-    name: str = "synthetic"  # label: nuscenes | openscene | kitti | waymo | ddad | synthetic | ...
-    root: str = MISSING  # annotation root in the DVGT preprocessed layout (docs/data.md)
-    weight: float = 1.0  # mixing weight: probability of drawing a step from this dataset
-    split: str = "train"  # the split folder under root
+    dataset: str = MISSING  # official dataset name (the parquet prefix): nuscene | openscene | kitti | waymo | ddad | argoverse | navtrain | navtest | demo
+    split: str = MISSING  # reads <dataset>_<split>.parquet, e.g. train, val, total_train, navtrain, test_sample_200
+    root: Optional[str] = None  # the tree's root (the folder holding data_annotation/); None = data.root
+    original_fps: int = 2  # stored frame rate: 2 for nuScenes and OpenScene, 10 for KITTI, Waymo, DDAD
+    dataset_len: int = -1  # sampling weight in the mix, as the official dataset_len (-1 = its number of sequences)
+    frame_num_max: int = 99999  # most frames per training clip, future frames included (official frame_num_max)
+    fixed_aspect_ratio: float = 0.0  # this dataset's evaluation aspect ratio (0 = the split's fixed_aspect_ratio)
+    filtered: bool = True  # read meta/.../moge_pred_filter_parquet/ (the filter's output, what training reads) or meta/ (unfiltered)
+    synthetic: bool = False  # generate this tree with dvgt's synthetic generator if it is missing (demo stages; dataset demo)
+
+
+@dataclass
+class ColorJitterConfig:
+    enabled: bool = True  # the official colour augmentation (training only; docs/data.md)
+    brightness: float = 0.5  # factor drawn in [1 - b, 1 + b]
+    contrast: float = 0.5  # factor drawn in [1 - c, 1 + c]
+    saturation: float = 0.5  # factor drawn in [1 - s, 1 + s]
+    hue: float = 0.1  # shift drawn in [-h, h] turns
+    p: float = 0.9  # probability that the jitter is applied
+    gray_scale: bool = True  # then grey with probability 0.05
+    cojitter: bool = True  # one draw for the whole clip ...
+    cojitter_ratio: float = 0.3  # ... except with this probability (then one per image)
 
 
 @dataclass
 class DataSplitConfig:
-    datasets: List[DatasetEntry] = field(default_factory=list)  # the mixture (see DatasetEntry below)
-    views: List[int] = field(default_factory=lambda: [2, 8])  # [min, max] cameras per frame
-    frames: List[int] = field(default_factory=lambda: [2, 8])  # [min, max] frames per clip
-    aspect_ratio: List[float] = field(default_factory=lambda: [1.6, 3.3])  # [min, max] width / height
+    datasets: List[DatasetEntry] = field(default_factory=list)  # the mix (see DatasetEntry below)
+    clip_split: str = "default_train"  # default_train | DVGT1 | DVGT2 | long | nuscenes_planning | navtrain | navtest (docs/data.md)
+    views: List[int] = field(default_factory=lambda: [2, 8])  # [min, max] cameras per clip (official view_num_range)
+    min_frames: int = 2  # fewest frames per training clip (official min_frame_num); the most: max_img_per_gpu // views
+    aspect_ratio: List[float] = field(default_factory=lambda: [1.6, 3.3])  # [min, max] width / height, drawn per step
+    fixed_num_views: int = 0  # > 0: every clip has all cameras, in the dataset's order
+    fixed_num_frames: int = 0  # > 0: frames per clip (DVGT1 / DVGT2 evaluation clips: their length)
+    fixed_aspect_ratio: float = 0.0  # > 0: this aspect ratio instead of drawing one
+    future_frames: int = 0  # frames after each clip whose poses are targets (official future_frame_num)
     img_width: int = 512  # height = width / aspect rounded down to a multiple of the patch size
-    frame_stride: int = 1  # take every k-th annotated frame (annotations are 2 Hz for DVGT)
-    color_jitter: float = 0.0  # brightness/contrast/saturation jitter strength (0 = off)
-    steps_per_epoch: int = 1000  # length of one epoch of the grouped sampler, in steps
+    target_fps: int = 2  # clips are built at this rate (every original_fps // target_fps-th stored frame)
+    inside_random: bool = True  # training: a random sequence per sample (else the sampler's index)
+    aug_pixel_aspect_range: Optional[List[float]] = field(default_factory=lambda: [0.8, 1.0])  # per-axis crop scale in training (null = off)
+    aug_safe_scales: Optional[List[float]] = field(default_factory=lambda: [0.8, 1.2])  # keep fx/fy within this after that crop
+    random_resize: bool = True  # training: a random extra resize margin (triangular(0, 0, 0.3) x image size)
+    color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
+    filter_lidar: bool = False  # rows the filter flagged (use_lidar_proj_depth) get no depth instead of projected LiDAR
+    eval_lidar_proj_depth: bool = False  # read projected LiDAR depth for every row
+    max_ray_depth: float = 100.0  # metres; farther points are not supervised or scored
+    steps_per_epoch: int = 1000  # training: steps per epoch of the grouped sampler
 
 
 @dataclass
 class DataConfig:
+    root: str = "data/dvgt"  # the official tree's root, the folder holding data_annotation/ (a local path)
     train: DataSplitConfig = field(default_factory=DataSplitConfig)
     val: DataSplitConfig = field(default_factory=DataSplitConfig)
     pin_memory: bool = True  # page-locked host batches (GPU only)
     prefetch_factor: int = 2  # batches prepared ahead per worker
     persistent_workers: bool = True  # keep workers alive across epochs
     feature_cache: Optional[str] = None  # cached outputs of the frozen backbone or aggregator (dvgt cache build; docs/feature-cache.md): folder or s3:// URI
+
+
+@dataclass
+class EvalConfig:
+    points_and_poses: bool = True  # score point maps, ray depth and poses (official eval_point_and_pose)
+    trajectory: bool = True  # score DVGT-2's planned trajectory (official eval_traj)
+    umeyama_per_scene: bool = False  # VGGT: align predicted points and camera centres to the GT by a similarity per clip
 
 
 @dataclass
@@ -112,7 +150,6 @@ class CameraLossConfig:
 
 @dataclass
 class LossConfig:
-    gt_scale_factor: float = 0.1  # ground truth is multiplied by this (DVGT: outputs in units of 10 m)
     point: PointLossConfig = field(default_factory=PointLossConfig)
     ego_pose: EgoPoseLossConfig = field(default_factory=EgoPoseLossConfig)  # DVGT-1, DVGT-2 stage 1
     planning: AnchorModeLossConfig = field(default_factory=AnchorModeLossConfig)  # DVGT-2 trajectory decoder
@@ -211,14 +248,16 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_epochs: int = 20  # epochs of data.train.steps_per_epoch (or limit_train_batches) steps
     limit_train_batches: Optional[int] = None  # cap on steps per epoch (None = data.train.steps_per_epoch)
-    limit_val_batches: int = 4  # held-out batches per evaluation (0 = no evaluation)
+    limit_val_batches: Optional[int] = 4  # evaluation clips per validation dataset, shared out between ranks (0 = no evaluation, null = all)
     val_epoch_freq: int = 1  # evaluate every N epochs (and before the first step)
     accum_steps: int = 1  # split each batch into this many chunks, one optimizer step per batch
-    max_img_per_gpu: int = 48  # images per forward pass on one GPU: batch = max(1, this // (views * frames))
+    max_img_per_gpu: int = 48  # images per GPU per optimizer step: batch = max(1, this // (views * frames)), split into accum_steps forward chunks
+    gt_scale_factor: float = 0.1  # ground truth is multiplied by this in the data (DVGT: outputs in units of 10 m; VGGT: 1)
     num_workers: int = 8  # data-loading worker processes per rank (0 = in the training process)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -226,7 +265,9 @@ class TrainConfig:
 
 
 # Renamed keys of the reference trainer, so that their error can point at our name.
-RENAMED_KEYS = {"checkpoint.save_dir": "checkpoint.uri", "train.strategy": "distributed.strategy", "optim.optimizer.lr": "optim.lr",
+RENAMED_KEYS = {"checkpoint.save_dir": "checkpoint.uri", "loss.gt_scale_factor": "gt_scale_factor",
+                "model.anchor_path": "model.anchor_dir", "eval_conf": "eval", "data.train.frames": "data.train.min_frames",
+                "data.val.frames": "data.val.fixed_num_frames", "data.train.frame_stride": "data.train.target_fps", "train.strategy": "distributed.strategy", "optim.optimizer.lr": "optim.lr",
                 "optim.optimizer.weight_decay": "optim.weight_decay"}
 
 # What --debug changes: few batches, log every step, save every epoch, no workers.
@@ -384,14 +425,16 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.max_img_per_gpu >= 1, f"max_img_per_gpu must be >= 1, got {cfg.max_img_per_gpu}")
     _check(cfg.max_epochs >= 1, f"max_epochs must be >= 1, got {cfg.max_epochs}")
     _check(cfg.checkpoint.resume in ("auto", "never"), f"checkpoint.resume must be 'auto' or 'never', got '{cfg.checkpoint.resume}'")
+    _check(cfg.gt_scale_factor > 0, f"gt_scale_factor must be > 0, got {cfg.gt_scale_factor}")
     for split in ("train", "val"):
-        s = cfg.data[split]
-        for key in ("views", "frames", "aspect_ratio"):
-            value = list(s[key])
-            _check(len(value) == 2 and value[0] <= value[1] and value[0] > 0,
-                   f"data.{split}.{key} must be [min, max] with 0 < min <= max, got {value}")
-        for i, entry in enumerate(s.datasets):
-            _check(entry.weight > 0, f"data.{split}.datasets[{i}].weight must be > 0, got {entry.weight}")
+        validate_data_split(cfg.data[split], f"data.{split}")
+    if cfg.model.enable_ego_status:
+        from dvgt.data.format import COMMAND_ORDER  # the data modules need pyarrow, which the exporter image lacks
+
+        orders = {e.dataset: COMMAND_ORDER.get(e.dataset) for e in cfg.data.train.datasets}
+        _check(len(set(orders.values())) <= 1,
+               f"model.enable_ego_status feeds each dataset's driving_command one-hot in its own order, and the "
+               f"training mix has several orders ({orders}); finetune with ego status on one command order at a time")
     ck = cfg.checkpoint
     _check(ck.async_mode in ("wait", "skip", "off"), f"checkpoint.async_mode must be wait, skip or off, got '{ck.async_mode}'")
     _check(ck.s3.addressing_style in ("auto", "path", "virtual"),
@@ -411,6 +454,27 @@ def validate(cfg: DictConfig) -> None:
         _check(not (cfg.optim.amp.enabled and cfg.optim.amp.amp_dtype == "float16"),
                "distributed.strategy=fsdp trains in bfloat16 or float32 (float16 would need a sharded grad scaler): "
                "set optim.amp.amp_dtype=bfloat16")
+
+
+def validate_data_split(s: DictConfig, key: str) -> None:
+    from dvgt.data.format import DATASETS
+    from dvgt.data.scenes import SPLIT_TYPES
+
+    for name in ("views", "aspect_ratio"):
+        value = list(s[name])
+        _check(len(value) == 2 and value[0] <= value[1] and value[0] > 0,
+               f"{key}.{name} must be [min, max] with 0 < min <= max, got {value}")
+    _check(s.clip_split in SPLIT_TYPES, f"{key}.clip_split '{s.clip_split}' is not one of {', '.join(SPLIT_TYPES)}")
+    _check(s.min_frames >= 1 and s.future_frames >= 0 and s.target_fps >= 1,
+           f"{key} needs min_frames >= 1, future_frames >= 0 and target_fps >= 1")
+    for name in ("aug_pixel_aspect_range", "aug_safe_scales"):
+        value = s[name]
+        _check(value is None or (len(value) == 2 and 0 < value[0] <= value[1]),
+               f"{key}.{name} must be null or [low, high] with 0 < low <= high, got {value}")
+    for i, entry in enumerate(s.datasets):
+        _check(entry.dataset in DATASETS, f"{key}.datasets[{i}].dataset '{entry.dataset}' is not an official dataset "
+               f"name ({', '.join(DATASETS)}); the name is the parquet's prefix (nuscene_train.parquet: nuscene)")
+        _check(entry.original_fps >= 1, f"{key}.datasets[{i}].original_fps must be >= 1, got {entry.original_fps}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -1,16 +1,15 @@
-"""DVGT-2's decoder anchors: k-means of the dataset's future trajectories and past relative translations.
+"""DVGT-2's decoder anchors, as the official files hold them and as the official tool makes them
+(tools/data_process/anchors/k_means_anchors.py of wzzheng/DVGT).
 
-``dvgt anchors --data <root> [<root> ...] [--split train] [--out DIR] [--k 20]`` clusters, over every
-annotated frame of the split of every root (at the annotation rate, 2 Hz):
+``future_anchors_20_rdf.npz``: key ``centers`` [20, 8, 2], the (right, forward) positions of the next 8
+poses (2 Hz) in the current ego frame (RDF axes), metres. ``past_anchors_20_rdf.npz``: key ``centers``
+[20, 3], the translation of ego_{t-1} -> ego_t (x right, y down, z forward), metres.
 
-* the future trajectories of the frames whose whole 4 s future is known (8 waypoints,
-  [right, forward] in metres, in the frame's ego frame; dvgt/data/ego_motion.py), into K anchors;
-* the translations of the relative poses ego_{t-1} -> ego_t (metres, ego axes x right, y down,
-  z forward) of every frame after the first, into K anchors.
-
-It writes ``anchors.npz`` (``trajectory`` [K, 8, 2], ``pose_translation`` [K, 3], float32, metres;
-the file the DVGT-2 configs point to) and ``anchors.png`` (both anchor sets over the data).
-k-means is scikit-learn's, with a fixed seed: the same data always gives the same anchors.
+``dvgt anchors --config <stage>`` clusters, over every dataset of the stage's ``data.train``: every
+window of 9 frames (at 2 Hz) for the future trajectories and every pair of consecutive frames for the
+past translations, with k-means (scikit-learn; k = 20, 50 initialisations, seed 42, as the official
+tool), and writes the two files plus a plot into the anchor folder a config names with
+``model.anchor_dir``.
 """
 
 from __future__ import annotations
@@ -22,111 +21,129 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dvgt.data import layout
-from dvgt.data.ego_motion import scene_ego_motion
+from dvgt.data import format as fmt
+from dvgt.data.scenes import build_scenes, fps_step
 
-ANCHORS_FILE, PLOT_FILE = "anchors.npz", "anchors.png"
 NUM_ANCHORS = 20
-KMEANS_SEED = 0
-Roots = str | Path | Sequence[str | Path]  # one dataset root, or several clustered together
+FUTURE_STEPS = 8  # the planning horizon: 8 poses at 2 Hz
+KMEANS = dict(random_state=42, n_init=50, max_iter=1000)  # the official tool's settings
+PLOT_FILE = "anchors.png"
 
 
-def collect_motion(roots: Roots, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """(future trajectories [N, 8, 2] of the frames with a complete future, relative translations [M, 3])
-    over the split of one dataset root or several."""
-    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
-    trajectories, translations = [], []
-    for scene in (scene for root in roots for scene in layout.read_split(root, split, "--data")):
-        motion = scene_ego_motion(scene.ego_to_world, scene.timestamps, scene.measured)
-        trajectories.append(motion.future_trajectory[motion.future_valid.all(-1), :, :2])
-        previous_to_current = np.linalg.inv(scene.ego_to_world[1:]) @ scene.ego_to_world[:-1]
-        translations.append(previous_to_current[:, :3, 3])
-    return np.concatenate(trajectories), np.concatenate(translations)
+def read_anchor_dir(anchor_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(future trajectory centers [K, 8, 2], past translation centers [K, 3]) in metres, from the two
+    official files; plain arrays only (nothing is unpickled)."""
+    arrays = []
+    for path in fmt.anchor_files(anchor_dir):
+        if not path.is_file():
+            raise FileNotFoundError(f"anchor file '{path}' does not exist; model.anchor_dir must hold the official "
+                                    f"{fmt.FUTURE_ANCHORS_FILE} and {fmt.PAST_ANCHORS_FILE} (the release's "
+                                    f"{fmt.ANCHOR_DIR}, or make them with `dvgt anchors --config <stage>`)")
+        with np.load(path, allow_pickle=False) as data:
+            if "centers" not in data.files:
+                raise ValueError(f"anchor file '{path}' has no 'centers' array (it has {data.files})")
+            arrays.append(data["centers"])
+    return arrays[0], arrays[1]
 
 
-def kmeans_centres(samples: np.ndarray, k: int, what: str) -> np.ndarray:
-    """k-means centres [k, ...] of samples [N, ...] (flattened per sample), deterministic."""
+def collect_motion(tables: Sequence[tuple[fmt.Table, str, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(future trajectories [N, 8, 2], past translations [M, 3]) over (table, dataset, original_fps) triples."""
+    futures, pasts = [], []
+    for table, dataset, original_fps in tables:
+        step = fps_step(original_fps)
+        for scene in build_scenes(table, dataset):
+            rows = scene.rows[::step, 0]  # one pose per frame (the first camera's), at 2 Hz
+            poses = np.concatenate([table.ego_to_world[rows], np.tile([[[0, 0, 0, 1.0]]], (len(rows), 1, 1))], 1)
+            inverse = np.linalg.inv(poses)
+            for start in range(len(rows) - FUTURE_STEPS):
+                relative = inverse[start] @ poses[start + 1:start + 1 + FUTURE_STEPS]  # [8, 4, 4]
+                futures.append(relative[:, [0, 2], 3])
+            if len(rows) > 1:
+                pasts.append((inverse[1:] @ poses[:-1])[:, :3, 3])
+    if not futures or not pasts:
+        raise ValueError("the training data has no window of 9 frames at 2 Hz, which the anchors are clustered from")
+    return np.stack(futures), np.concatenate(pasts)
+
+
+def kmeans_centers(samples: np.ndarray, k: int, what: str) -> np.ndarray:
     from sklearn.cluster import KMeans
 
     if len(samples) < k:
-        raise ValueError(f"{k} {what} anchors need at least {k} samples, the data has {len(samples)}; lower --k "
-                         f"or add scenes (a frame counts for trajectories when its whole 4 s future is annotated)")
+        raise ValueError(f"{k} {what} anchors need at least {k} samples, the data has {len(samples)}; add scenes")
     flat = samples.reshape(len(samples), -1)
-    centres = KMeans(n_clusters=k, n_init=10, random_state=KMEANS_SEED).fit(flat).cluster_centers_
-    return centres.reshape(k, *samples.shape[1:])
+    return KMeans(n_clusters=k, **KMEANS).fit(flat).cluster_centers_.reshape(k, *samples.shape[1:])
 
 
-def compute_anchors(roots: Roots, split: str = "train", k: int = NUM_ANCHORS) -> dict[str, np.ndarray]:
-    """The anchors of one or several datasets: ``trajectory`` [k, 8, 2] and ``pose_translation`` [k, 3] (metres)."""
-    trajectories, translations = collect_motion(roots, split)
-    return {"trajectory": kmeans_centres(trajectories, k, "trajectory").astype(np.float32),
-            "pose_translation": kmeans_centres(translations, k, "pose-translation").astype(np.float32)}
+def write_anchors(tables: Sequence[tuple[fmt.Table, str, int]], out_dir: str | Path, k: int = NUM_ANCHORS) -> Path:
+    """Cluster and write the two official anchor files and a plot into out_dir; returns out_dir.
 
-
-def write_anchors(roots: Roots, out_dir: str | Path, split: str = "train", k: int = NUM_ANCHORS) -> Path:
-    """Compute the anchors and write ``anchors.npz`` and ``anchors.png`` into out_dir; returns the npz path.
-
-    The npz is written under a temporary name and renamed into place, so processes racing to create
+    Each file is written under a temporary name and renamed into place, so processes racing to create
     it (several ranks) never read half a file.
     """
-    anchors = compute_anchors(roots, split, k)
+    futures, pasts = collect_motion(tables)
+    centers = {fmt.FUTURE_ANCHORS_FILE: kmeans_centers(futures, k, "trajectory"),
+               fmt.PAST_ANCHORS_FILE: kmeans_centers(pasts, k, "past-translation")}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_anchors(anchors, *collect_motion(roots, split), out_dir / PLOT_FILE)
-    scratch = out_dir / f".{ANCHORS_FILE}.{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
-    np.savez(scratch, **anchors)
-    os.replace(scratch, out_dir / ANCHORS_FILE)
-    return out_dir / ANCHORS_FILE
+    plot_anchors(centers[fmt.FUTURE_ANCHORS_FILE], centers[fmt.PAST_ANCHORS_FILE], futures, pasts, out_dir / PLOT_FILE)
+    for name, value in centers.items():
+        scratch = out_dir / f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
+        np.savez(scratch, centers=value)
+        os.replace(scratch, out_dir / name)
+    return out_dir
 
 
-def read_anchors(path: str | Path) -> dict[str, np.ndarray]:
-    """An anchor file's arrays (plain arrays only: nothing is unpickled)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in ("trajectory", "pose_translation")}
+def training_tables(cfg: Any) -> list[tuple[fmt.Table, str, int]]:
+    """The (table, dataset, original_fps) of every dataset of a config's data.train."""
+    from dvgt.data.loader import entry_root
+
+    tables = []
+    for i, entry in enumerate(cfg.data.train.datasets):
+        tree = fmt.Tree(entry_root(cfg.data, entry), entry.dataset)
+        tables.append((fmt.read_table(tree.parquet(entry.split, entry.filtered), f"data.train.datasets[{i}]"),
+                       entry.dataset, entry.original_fps))
+    return tables
 
 
-def ensure_anchors(path: str | Path, entry: Any, config_key: str) -> Path:
-    """The anchor file ``path``; for a synthetic dataset entry it is computed on first use from the
-    entry's (generated) data, like the synthetic data itself. Otherwise a missing file is an error
-    that says how to make it."""
+def ensure_anchors(cfg: Any) -> Path:
+    """model.anchor_dir; when its files are missing and the training data is synthetic, they are clustered
+    from it on first use (like the synthetic data itself). Otherwise a missing file is an error saying how
+    to make it."""
+    from dvgt.data.loader import entry_root
     from dvgt.data.synthetic import ensure_synthetic_dataset
 
-    path = Path(path)
-    if path.is_file():
-        return path
-    if entry is not None and entry.name == "synthetic":
-        ensure_synthetic_dataset(entry.root, entry.split)
-        written = write_anchors(entry.root, path.parent, entry.split)
-        if written != path:
-            os.replace(written, path)
-        return path
-    raise FileNotFoundError(f"anchor file '{path}' ({config_key}) does not exist; create it from the training data "
-                            f"with `dvgt anchors --data <annotation root> --out {path.parent}`, or set "
-                            f"{config_key}=null when the weights you load carry their anchors")
+    anchor_dir = Path(cfg.model.anchor_dir)
+    if all(path.is_file() for path in fmt.anchor_files(anchor_dir)):
+        return anchor_dir
+    entries = cfg.data.train.datasets
+    if len(entries) and all(entry.synthetic for entry in entries):
+        for entry in entries:
+            ensure_synthetic_dataset(entry_root(cfg.data, entry), entry.split)
+        return write_anchors(training_tables(cfg), anchor_dir)
+    read_anchor_dir(anchor_dir)  # raises the error naming the missing file
+    return anchor_dir
 
 
-def plot_anchors(anchors: dict[str, np.ndarray], trajectories: np.ndarray, translations: np.ndarray,
+def plot_anchors(futures: np.ndarray, pasts: np.ndarray, future_data: np.ndarray, past_data: np.ndarray,
                  out_png: str | Path, max_samples: int = 2000) -> Path:
-    """Bird's-eye views (x right, forward up) of the trajectory anchors and the pose-translation anchors
-    over (a subsample of) the data they were clustered from."""
+    """Bird's-eye views (x right, forward up) of both anchor sets over (a subsample of) their data."""
     from matplotlib.figure import Figure
 
     rng = np.random.default_rng(0)
     fig = Figure(figsize=(12, 6), layout="constrained")
     traj_ax, pose_ax = fig.subplots(1, 2)
-    for sample in trajectories[rng.permutation(len(trajectories))[:max_samples]]:
+    for sample in future_data[rng.permutation(len(future_data))[:max_samples]]:
         traj_ax.plot(sample[:, 0], sample[:, 1], color="0.8", linewidth=0.5)
-    for anchor in anchors["trajectory"]:
-        traj_ax.plot(anchor[:, 0], anchor[:, 1], marker=".", linewidth=1.5)
-    traj_ax.set(title=f"{len(anchors['trajectory'])} trajectory anchors (4 s, 2 Hz) over {len(trajectories)} "
-                      f"futures", xlabel="right (m)", ylabel="forward (m)")
+    for anchor in futures:
+        traj_ax.plot(np.r_[0, anchor[:, 0]], np.r_[0, anchor[:, 1]], marker=".", linewidth=1.5)
+    traj_ax.set(title=f"{len(futures)} trajectory anchors (4 s, 2 Hz) over {len(future_data)} futures",
+                xlabel="right (m)", ylabel="forward (m)")
     traj_ax.set_aspect("equal", adjustable="datalim")
-    shown = translations[rng.permutation(len(translations))[:max_samples]]
+    shown = past_data[rng.permutation(len(past_data))[:max_samples]]
     pose_ax.scatter(shown[:, 0], shown[:, 2], s=3, color="0.7", label="ego_{t-1} in ego_t")
-    pose_ax.scatter(anchors["pose_translation"][:, 0], anchors["pose_translation"][:, 2], s=40, color="tab:red",
-                    label="anchors")
-    pose_ax.set(title=f"{len(anchors['pose_translation'])} past-translation anchors over {len(translations)} "
-                      f"frames", xlabel="right (m)", ylabel="forward (m)")
+    pose_ax.scatter(pasts[:, 0], pasts[:, 2], s=40, color="tab:red", label="anchors")
+    pose_ax.set(title=f"{len(pasts)} past-translation anchors over {len(past_data)} frames", xlabel="right (m)",
+                ylabel="forward (m)")
     pose_ax.legend(loc="best")
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=100)

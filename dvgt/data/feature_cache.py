@@ -30,8 +30,7 @@ import torch
 
 from dvgt.checkpoint.safetensors_stream import DTYPE_OF
 from dvgt.checkpoint.storage import Storage, open_storage
-from dvgt.data.dataset import ClipRequest, MixedClipDataset
-from dvgt.data.sampler import capped_range, image_height
+from dvgt.data.scene_dataset import target_shape
 
 FORMAT = "dvgt-feature-cache-v2"
 BACKBONE, AGGREGATOR = "backbone", "aggregator"  # the parts a cache can hold
@@ -169,7 +168,7 @@ class FeatureCache:
         return torch.frombuffer(data, dtype=DTYPE_OF[info["dtype"]]).reshape(info["shape"])
 
 
-class CachedClipDataset(torch.utils.data.Dataset):
+class CachedDataset(torch.utils.data.Dataset):
     """Clips with their cached outputs of the frozen part (zeros where missing) and which were found:
     a backbone cache adds `patch_tokens` [T, V, P, C] and `patch_tokens_hit` [T, V]; an aggregator cache
     adds `aggregator_tokens` [L, T, V, N, D] and `aggregator_tokens_hit` [T, V] (the same for all images

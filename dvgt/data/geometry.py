@@ -119,3 +119,16 @@ def camera_pose_encoding(extrinsics: torch.Tensor, intrinsics: torch.Tensor, hei
     fov_h = 2 * torch.atan(height / 2 / intrinsics[..., 1, 1])
     fov_w = 2 * torch.atan(width / 2 / intrinsics[..., 0, 0])
     return torch.cat([pose_to_absT_quaR(extrinsics), fov_h[..., None], fov_w[..., None]], dim=-1)
+
+
+def pose_to_trajectory_rdf(pose: torch.Tensor) -> torch.Tensor:
+    """Relative poses [..., 4, 4] (future ego -> current ego, RDF axes) -> [..., 3] = (right, forward,
+    heading), heading = atan2 of the future forward axis' right and forward components (positive to the
+    right). The official targets of DVGT-2's planning head (utils/trajectory.py)."""
+    heading = torch.atan2(pose[..., 0, 2], pose[..., 2, 2])
+    return torch.stack([pose[..., 0, 3], pose[..., 2, 3], heading], dim=-1)
+
+
+def trajectory_rdf_to_flu(trajectory: torch.Tensor) -> torch.Tensor:
+    """(right, forward, heading to the right) [..., 3] -> NAVSIM's (x forward, y left, yaw to the left)."""
+    return torch.stack([trajectory[..., 1], -trajectory[..., 0], -trajectory[..., 2]], dim=-1)

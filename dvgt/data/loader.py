@@ -1,72 +1,133 @@
-"""DataLoader construction for training/validation, and one fixed clip for evaluation."""
+"""From a data config to DataLoaders: the datasets of a split (one per official parquet), the mix that
+serves them as tensors, the sampler, and the collation into batches."""
 
 from __future__ import annotations
 
 import random
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dvgt.data.dataset import MixedClipDataset, collate_clips, open_entry
-from dvgt.data.feature_cache import CachedClipDataset, FeatureCache
-from dvgt.data.sampler import GroupedBatchSampler
+from dvgt.data import format as fmt
+from dvgt.data.augment import ColorJitter, to_tensors
+from dvgt.data.sampler import EvalIndex, EvaluationSampler, GroupedBatchSampler, TrainIndex
+from dvgt.data.scene_dataset import DatasetSpec, SceneDataset
+from dvgt.data.synthetic import ensure_synthetic_dataset
 
 
-def open_split_datasets(data_cfg_split: Any, *, config_key: str = "data.train",
-                        generate_synthetic: bool = True) -> MixedClipDataset:
-    """The mixed dataset of a DataSplitConfig (entries in order; errors name data.<split>.datasets[i])."""
-    if len(data_cfg_split.datasets) == 0:
-        raise ValueError(f"{config_key}.datasets is empty; list at least one dataset (name, root, weight, split)")
-    return MixedClipDataset([
-        open_entry(entry, frame_stride=data_cfg_split.frame_stride, color_jitter=data_cfg_split.color_jitter,
-                   config_key=f"{config_key}.datasets[{i}].root", generate_synthetic=generate_synthetic)
-        for i, entry in enumerate(data_cfg_split.datasets)])
+def entry_root(data_cfg: Any, entry: Any) -> Path:
+    return Path(entry.root if entry.root is not None else data_cfg.root)
+
+
+def dataset_spec(data_cfg: Any, split: str, entry: Any, *, patch_size: int, gt_scale_factor: float,
+                 targets: frozenset) -> DatasetSpec:
+    """The DatasetSpec of one entry of data.<split> (training for split "train", evaluation otherwise)."""
+    s = data_cfg[split]
+    root = entry_root(data_cfg, entry)
+    tree = fmt.Tree(root, entry.dataset)
+    training = split == "train"
+    pair = (lambda v: None if v is None else (float(v[0]), float(v[1])))
+    return DatasetSpec(
+        root=root, parquet=tree.parquet(entry.split, entry.filtered), mode="train" if training else "val",
+        original_fps=entry.original_fps, target_fps=s.target_fps, image_width=s.img_width, patch_size=patch_size,
+        clip_split=s.clip_split, fixed_num_frames=s.fixed_num_frames, fixed_num_views=s.fixed_num_views,
+        fixed_aspect_ratio=entry.fixed_aspect_ratio or s.fixed_aspect_ratio, future_frames=s.future_frames,
+        frame_num_max=entry.frame_num_max, dataset_len=entry.dataset_len, inside_random=s.inside_random,
+        aug_pixel_aspect_range=pair(s.aug_pixel_aspect_range) if training else None,
+        aug_safe_scales=pair(s.aug_safe_scales), random_resize=s.random_resize and training,
+        filter_lidar=s.filter_lidar, eval_lidar_proj_depth=s.eval_lidar_proj_depth, gt_scale_factor=gt_scale_factor,
+        max_ray_depth=s.max_ray_depth, targets=targets,
+        scene_filter=tree.scene_filter(s.clip_split) if s.clip_split.startswith("nav") else None)
+
+
+def open_datasets(data_cfg: Any, split: str, *, patch_size: int, gt_scale_factor: float, targets: frozenset,
+                  generate_synthetic: bool = True) -> list[SceneDataset]:
+    """The datasets of data.<split>, in order; synthetic entries are generated on first use."""
+    entries = data_cfg[split].datasets
+    if len(entries) == 0:
+        raise ValueError(f"data.{split}.datasets is empty; list at least one dataset (dataset, split)")
+    datasets = []
+    for i, entry in enumerate(entries):
+        if entry.synthetic and generate_synthetic:
+            ensure_synthetic_dataset(entry_root(data_cfg, entry), entry.split)
+        spec = dataset_spec(data_cfg, split, entry, patch_size=patch_size, gt_scale_factor=gt_scale_factor,
+                            targets=targets)
+        datasets.append(SceneDataset(spec, config_key=f"data.{split}.datasets[{i}]"))
+    return datasets
+
+
+class MixedDataset(torch.utils.data.Dataset):
+    """Several SceneDatasets behind one index (TrainIndex or EvalIndex); samples come out as tensors
+    with their dataset's name, colour-jittered in training."""
+
+    def __init__(self, datasets: Sequence[SceneDataset], jitter: Optional[ColorJitter] = None):
+        self.datasets, self.jitter = list(datasets), jitter
+
+    def __getitem__(self, index: TrainIndex | EvalIndex) -> dict[str, Any]:
+        dataset = self.datasets[index.dataset]
+        if isinstance(index, TrainIndex):
+            generator = torch.Generator().manual_seed(index.request.seed)  # colour jitter; the dataset has its own
+            sample = to_tensors(dataset[index.request], self.jitter, generator)
+        else:
+            sample = to_tensors(dataset[index.sequence])
+            sample["counted"] = index.counted
+        sample["dataset"] = dataset.name
+        return sample
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors along a new leading batch dimension; other values become lists."""
+    return {key: torch.stack([s[key] for s in samples]) if isinstance(samples[0][key], torch.Tensor)
+            else [s[key] for s in samples] for key in samples[0]}
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed numpy and random in a DataLoader worker from torch's per-worker seed (itself derived
-    from the loader's seeded generator), so any stray global randomness is reproducible too."""
+    """Seed numpy and random in a DataLoader worker from torch's per-worker seed, so any stray global
+    randomness is reproducible too (every draw of ours comes from a sample's own seed)."""
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
 
 
-def build_dataloader(data_cfg_split: Any, *, patch_size: int, max_img_per_gpu: int, seed: int, rank: int,
-                     world_size: int, num_workers: int, pin_memory: bool, prefetch_factor: int,
-                     persistent_workers: bool, steps_per_epoch: int, epoch: int = 0, start_step: int = 0,
-                     generate_synthetic: bool = True, config_key: str = "data.train",
-                     feature_cache: FeatureCache | None = None) -> DataLoader:
-    """A DataLoader over the split's mixed datasets, batched by the grouped sampler.
+def color_jitter(split_cfg: Any) -> Optional[ColorJitter]:
+    c = split_cfg.color_jitter
+    if not c.enabled:
+        return None
+    return ColorJitter(brightness=c.brightness, contrast=c.contrast, saturation=c.saturation, hue=c.hue, p=c.p,
+                       gray_scale=c.gray_scale, cojitter=c.cojitter, cojitter_ratio=c.cojitter_ratio)
 
-    The sampler is ``loader.batch_sampler``: call ``set_epoch(e)`` before each epoch, or
-    ``load_state_dict({"epoch": e, "step": k})`` to resume. ``config_key`` (data.train or data.val)
-    only names the config keys in error messages. ``seed`` must be the same on every rank (the
-    sampler's shared choices); ranks differ by ``rank``. Batches are dicts (see docs/data.md); with a ``feature_cache`` they also hold
-    the cached outputs of the frozen part (docs/feature-cache.md).
-    """
-    dataset = open_split_datasets(data_cfg_split, config_key=config_key, generate_synthetic=generate_synthetic)
-    served = dataset if feature_cache is None else CachedClipDataset(dataset, feature_cache, patch_size, data_cfg_split.views)
+
+def build_train_loader(data_cfg: Any, datasets: Sequence[SceneDataset], *, max_img_per_gpu: int, seed: int,
+                       rank: int, world_size: int, num_workers: int, pin_memory: bool, prefetch_factor: int,
+                       persistent_workers: bool, steps_per_epoch: int, served: Optional[torch.utils.data.Dataset] = None
+                       ) -> DataLoader:
+    """The training DataLoader: grouped batches over the datasets of data.train (``loader.batch_sampler``
+    is the sampler: ``load_state_dict({"epoch": e, "step": k})`` resumes). ``seed`` must be the same on
+    every rank. ``served`` replaces the mix (the feature cache wraps it)."""
+    s = data_cfg.train
     sampler = GroupedBatchSampler(
-        dataset.datasets, [entry.weight for entry in data_cfg_split.datasets], views=data_cfg_split.views,
-        frames=data_cfg_split.frames, aspect_ratio=data_cfg_split.aspect_ratio, img_width=data_cfg_split.img_width,
-        patch_size=patch_size, max_img_per_gpu=max_img_per_gpu, steps_per_epoch=steps_per_epoch, seed=seed,
-        rank=rank, world_size=world_size)
-    sampler.load_state_dict({"epoch": epoch, "step": start_step})
+        datasets, views=s.views, min_frames=s.min_frames, aspect_ratio=s.aspect_ratio, max_img_per_gpu=max_img_per_gpu,
+        steps_per_epoch=steps_per_epoch, seed=seed, fixed_num_views=s.fixed_num_views,
+        fixed_num_frames=s.fixed_num_frames, fixed_aspect_ratio=s.fixed_aspect_ratio, rank=rank, world_size=world_size)
     workers = num_workers > 0
-    base_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])  # per-worker seeds derive from it
-    return DataLoader(served, batch_sampler=sampler, collate_fn=collate_clips, num_workers=num_workers,
-                      pin_memory=pin_memory and torch.cuda.is_available(),
+    base_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    return DataLoader(served or MixedDataset(datasets, color_jitter(s)), batch_sampler=sampler, collate_fn=collate,
+                      num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
                       prefetch_factor=prefetch_factor if workers else None,
-                      persistent_workers=persistent_workers and workers,
-                      worker_init_fn=seed_worker if workers else None,
+                      persistent_workers=persistent_workers and workers, worker_init_fn=seed_worker if workers else None,
                       generator=torch.Generator().manual_seed(base_seed))
 
 
-def load_clip(entry: Any, scene_index: int = 0, *, views: int, frames: int, height: int, width: int,
-              start_frame: int = 0, frame_stride: int = 1, generate_synthetic: bool = True) -> dict[str, Any]:
-    """One fixed clip (first ``views`` cameras of the rig, no augmentation) as a batch of one,
-    e.g. a held-out clip to evaluate or visualise the same scene at every epoch."""
-    dataset = open_entry(entry, frame_stride=frame_stride, generate_synthetic=generate_synthetic)
-    return collate_clips([dataset.load_clip(scene_index, start_frame, views, frames, height, width)])
+def build_eval_loader(datasets: Sequence[SceneDataset], *, limit: Optional[int], rank: int, world_size: int,
+                      num_workers: int = 0) -> DataLoader:
+    """The evaluation DataLoader: this rank's share of the sequences, one per batch."""
+    sampler = EvaluationSampler([len(d.sequences) for d in datasets], limit, rank, world_size)
+    return DataLoader(MixedDataset(datasets), batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+
+
+def load_clip(dataset: SceneDataset, index: int = 0) -> dict[str, Any]:
+    """One evaluation sequence as a batch of one (to visualise the same clip at every epoch)."""
+    return collate([MixedDataset([dataset])[EvalIndex(0, index, True)]])

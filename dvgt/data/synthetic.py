@@ -1,4 +1,4 @@
-"""Procedural driving scenes written in the DVGT preprocessed layout, with exact depth.
+"""Procedural driving scenes written as an official DVGT tree (dataset ``demo``), with exact depth.
 
 A scene is a flat world (ground plane y = 0; the world uses the same OpenCV-style axes as the ego:
 y points down, so "up" is -y) with a curved road, buildings, poles and parked cars (boxes with a
@@ -7,7 +7,14 @@ cameras (``RIG``) on its roof sees the scene. Every pixel is a ray, intersected 
 the ground and the boxes (vectorised numpy), so the stored depth is exact up to the 16-bit PNG
 quantisation (4 mm), and the image is shaded from the same ray hits: procedural textures (road
 markings, pavement tiles, grass, windows, value noise) give the images features to match. Sky and
-anything beyond ``MAX_DEPTH`` has no depth (0 = invalid) and fades into haze.
+anything beyond ``MAX_DEPTH`` has no depth (stored as infinite, as the official writer stores sky)
+and fades into haze.
+
+The tree is what the official preprocessing writes (dvgt/data/format.py): one parquet per split with
+the official columns (camera-from-world extrinsics, world-from-ego poses with RDF ego axes, ego
+velocity and acceleration as [right, forward], the NavSim driving-command order of the ``demo``
+dataset, frame tokens), JPEG images and log-encoded dense depth PNGs. The rig is the eight
+OpenScene cameras of the official ``demo`` dataset, so the official dataset class reads it too.
 
 The ego frame's origin is on the ground under the vehicle, so every surface lies at y <= 0 in
 ego coordinates; the tests use that to check the frame conventions.
@@ -26,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dvgt.data import layout
+from dvgt.data import format as fmt
 
 MAX_DEPTH = 80.0  # metres; farther hits are invalid and rendered as haze
 FRAME_RATE = 2.0  # Hz, as the DVGT annotations
@@ -51,25 +58,28 @@ class CameraMount:
     pitch_down_deg: float = 3.0
 
 
-RIG = {  # a nuScenes-like rig: neighbouring cameras overlap by about 15 degrees
-    "CAM_FRONT": CameraMount(0.0, (0.0, -1.55, 1.6), 70.0, (0.010, 0.020)),
-    "CAM_FRONT_LEFT": CameraMount(-55.0, (-0.6, -1.55, 1.3), 70.0, (-0.015, 0.010)),
-    "CAM_FRONT_RIGHT": CameraMount(55.0, (0.6, -1.55, 1.3), 70.0, (0.020, 0.015)),
-    "CAM_BACK_LEFT": CameraMount(-110.0, (-0.7, -1.55, -0.4), 70.0, (0.000, 0.020)),
-    "CAM_BACK_RIGHT": CameraMount(110.0, (0.7, -1.55, -0.4), 70.0, (-0.010, 0.015)),
-    "CAM_BACK": CameraMount(180.0, (0.0, -1.55, -1.0), 100.0, (0.005, 0.010)),
+DATASET = "demo"  # the official dataset name whose cameras (OpenScene's) the rig has
+RIG = {  # OpenScene's eight cameras, 45 degrees apart; neighbours overlap by about 20 degrees
+    "CAM_F0": CameraMount(0.0, (0.0, -1.55, 1.6), 66.0, (0.010, 0.020)),
+    "CAM_B0": CameraMount(180.0, (0.0, -1.55, -1.0), 66.0, (0.005, 0.010)),
+    "CAM_L0": CameraMount(-45.0, (-0.6, -1.55, 1.3), 66.0, (-0.015, 0.010)),
+    "CAM_L1": CameraMount(-90.0, (-0.9, -1.55, 0.3), 66.0, (0.010, -0.010)),
+    "CAM_L2": CameraMount(-135.0, (-0.7, -1.55, -0.6), 66.0, (0.000, 0.020)),
+    "CAM_R0": CameraMount(45.0, (0.6, -1.55, 1.3), 66.0, (0.020, 0.015)),
+    "CAM_R1": CameraMount(90.0, (0.9, -1.55, 0.3), 66.0, (-0.010, 0.005)),
+    "CAM_R2": CameraMount(135.0, (0.7, -1.55, -0.6), 66.0, (-0.010, 0.015)),
 }
-DEFAULT_CAMERAS = ("CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT")
+assert list(RIG) == list(fmt.CAMERAS[DATASET])  # the official dataset's cameras, in its order
+COMMANDS = fmt.COMMAND_ORDER[DATASET]  # left, forward, right, unknown
+COMMAND_LATERAL_M = 2.0  # lateral offset 4 s ahead that counts as a turn (the nuScenes planning convention)
 
 
 def demo_spec(split: str) -> dict:
-    """Generator arguments of the demo dataset: 32 train / 4 val scenes of 16 frames, 3 cameras, 128x256.
+    """Generator arguments of the demo dataset: 16 train / 4 val scenes of 12 frames (6 s at 2 Hz), 112x200.
 
-    16 frames (8 s at 2 Hz): the first 8 frames of a scene have a complete 4 s future trajectory,
-    which DVGT-2's planning anchors are clustered from.
+    12 frames hold a clip of up to 4 frames with DVGT-2's 8 future frames (its 4 s planning horizon).
     """
-    return dict(num_scenes=32 if split == "train" else 4, num_frames=16, cameras=DEFAULT_CAMERAS,
-                height=128, width=256)
+    return dict(num_scenes=16 if split == "train" else 4, num_frames=12, height=112, width=200)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,61 +428,101 @@ def scene_name(split: str, index: int) -> str:
     return f"synthetic-{split}-{index:04d}"
 
 
-def write_scene(root: Path, split: str, index: int, num_frames: int, cameras: Sequence[str], height: int,
-                width: int, seed: int) -> Path:
-    """Render one scene's frames and cameras and write its images, depths and table."""
+def ego_status(ego_to_world: np.ndarray) -> dict[str, np.ndarray]:
+    """The parquet's ego columns per frame, from the poses: velocity and acceleration in each frame's ego
+    axes as [right, forward] (finite differences at FRAME_RATE), and the driving command one-hot in the
+    demo dataset's order (left / right when the ego is more than 2 m to that side 4 s later, forward
+    otherwise, unknown when the scene ends before)."""
+    frames = len(ego_to_world)
+    dt = 1.0 / FRAME_RATE
+    velocity = np.gradient(ego_to_world[:, :3, 3], dt, axis=0) if frames > 1 else np.zeros((frames, 3))
+    acceleration = np.gradient(velocity, dt, axis=0) if frames > 1 else np.zeros((frames, 3))
+    horizon = int(4 * FRAME_RATE)
+    command = np.zeros((frames, 4))
+    for f in range(frames):
+        if f + horizon >= frames:
+            command[f, COMMANDS.index("unknown")] = 1
+            continue
+        right = (np.linalg.inv(ego_to_world[f]) @ ego_to_world[f + horizon])[0, 3]
+        turn = "right" if right > COMMAND_LATERAL_M else "left" if right < -COMMAND_LATERAL_M else "forward"
+        command[f, COMMANDS.index(turn)] = 1
+    rotation = ego_to_world[:, :3, :3]
+    right_forward = [np.einsum("fji,fj->fi", rotation, v)[:, [0, 2]] for v in (velocity, acceleration)]  # R^T v
+    return {"ego_velocity": right_forward[0], "ego_acceleration": right_forward[1], "driving_command": command}
+
+
+def render_scene(root: Path, split: str, index: int, num_frames: int, height: int, width: int,
+                 seed: int) -> dict[str, list]:
+    """Render one scene's frames and cameras, write its images and depths; returns its parquet rows."""
     scene = build_scene(scene_seed(seed, split, index), num_frames)
     name = scene_name(split, index)
-    rows = []
+    tree = fmt.Tree(root, DATASET)
+    rng = np.random.default_rng(scene_seed(seed, split, index).spawn(1)[0])
+    tokens = [rng.bytes(8).hex() for _ in range(num_frames)]
+    status = ego_status(scene.ego_to_world)
+    rows: dict[str, list] = {key: [] for key in ("scene_id", "frame_idx", "cam_type", "filename", "intrinsics",
+                                                 "extrinsics", "ego_to_world", *status, "frame_token",
+                                                 "use_lidar_proj_depth")}
     for frame in range(num_frames):
-        for camera in cameras:
-            mount = RIG[camera]
-            intrinsics, cam_to_ego = camera_intrinsics(mount, height, width), camera_to_ego(mount)
-            rgb, depth = render_view(scene, scene.ego_to_world[frame] @ cam_to_ego, intrinsics, height, width)
-            image_path = layout.image_relpath(split, name, camera, frame)
-            depth_path = layout.depth_relpath(split, name, camera, frame)
-            layout.write_image(root / image_path, rgb)
-            layout.write_depth(root / depth_path, depth)
-            rows.append(dict(scene=name, frame_index=frame, timestamp=frame / FRAME_RATE, camera=camera,
-                             image_path=image_path, depth_path=depth_path, depth_scale=layout.DEFAULT_DEPTH_SCALE,
-                             width=width, height=height, intrinsics=intrinsics, cam_to_ego=cam_to_ego,
-                             ego_to_world=scene.ego_to_world[frame]))
-    return layout.write_scene_table(root, split, name, rows)
+        for camera, mount in RIG.items():
+            intrinsics, cam_to_world = camera_intrinsics(mount, height, width), scene.ego_to_world[frame] @ camera_to_ego(mount)
+            rgb, depth = render_view(scene, cam_to_world, intrinsics, height, width)
+            filename = f"{name}/{camera}/{tokens[frame]}"
+            fmt.write_image(tree.image(filename), rgb)
+            fmt.write_depth(tree.depth(filename, projected=False), np.where(depth > 0, depth, np.inf))
+            values = dict(scene_id=name, frame_idx=frame, cam_type=camera, filename=filename, intrinsics=intrinsics,
+                          extrinsics=np.linalg.inv(cam_to_world)[:3], ego_to_world=scene.ego_to_world[frame][:3],
+                          frame_token=tokens[frame], use_lidar_proj_depth=False,
+                          **{key: value[frame] for key, value in status.items()})
+            for key, value in values.items():
+                rows[key].append(value)
+    return rows
 
 
-def generate_synthetic_dataset(root: str | Path, split: str = "train", num_scenes: int = 32, num_frames: int = 8,
-                               cameras: Sequence[str] = DEFAULT_CAMERAS, height: int = 128, width: int = 256,
-                               seed: int = 0, workers: int | None = None) -> list[Path]:
-    """Write ``num_scenes`` scenes into ``<root>/<split>``; returns their tables. Scenes are rendered
-    in ``workers`` processes (default: one per CPU core); the output depends only on the arguments."""
-    unknown = [c for c in cameras if c not in RIG]
-    if unknown:
-        raise ValueError(f"unknown synthetic camera(s) {unknown}; choose from {list(RIG)}")
-    jobs = [(Path(root), split, i, num_frames, tuple(cameras), height, width, seed) for i in range(num_scenes)]
+def generate_synthetic_dataset(root: str | Path, split: str = "train", num_scenes: int = 16, num_frames: int = 12,
+                               height: int = 112, width: int = 200, seed: int = 0, workers: int | None = None) -> Path:
+    """Write ``num_scenes`` scenes as the split ``split`` of the ``demo`` dataset of an official tree at
+    ``root``; returns the parquet. Scenes render in ``workers`` processes (default: one per CPU core); the
+    output depends only on the arguments."""
+    root = Path(root)
+    jobs = [(root, split, i, num_frames, height, width, seed) for i in range(num_scenes)]
     workers = min(workers or os.cpu_count() or 1, num_scenes)
     if workers <= 1:
-        return [write_scene(*job) for job in jobs]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(write_scene, *zip(*jobs)))
+        scenes = [render_scene(*job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            scenes = list(pool.map(render_scene, *zip(*jobs)))
+    columns = {key: [value for scene in scenes for value in scene[key]] for key in scenes[0]}
+    return fmt.write_table(fmt.Tree(root, DATASET).parquet(split), columns)
 
 
 def ensure_synthetic_dataset(root: str | Path, split: str = "train", seed: int = 0, **spec) -> Path:
-    """Generate ``<root>/<split>`` (demo defaults, overridden by ``spec``) unless it already holds scenes.
+    """Generate the ``split`` of the demo tree at ``root`` (demo defaults, overridden by ``spec``) unless
+    its parquet exists; returns the parquet.
 
-    Generation goes to a temporary folder renamed into place at the end, so an interrupted run leaves
-    no half-written split, and processes racing to generate the same split (several ranks) are safe.
+    Generation goes to a temporary tree whose files are moved into place at the end, the parquet last,
+    so an interrupted run leaves no parquet (which is what marks a split as present), and processes racing
+    to generate the same split (several ranks) are safe.
     """
     root = Path(root)
-    if layout.split_has_scenes(root, split):
-        return root / split
+    parquet = fmt.Tree(root, DATASET).parquet(split)
+    if parquet.is_file():
+        return parquet
     scratch = root / f".tmp-{split}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        generate_synthetic_dataset(scratch, split, seed=seed, **{**demo_spec(split), **spec})
-        try:
-            os.replace(scratch / split, root / split)
-        except OSError:
-            if not layout.split_has_scenes(root, split):  # not a concurrent generator that finished first
-                raise
+        written = generate_synthetic_dataset(scratch, split, seed=seed, **{**demo_spec(split), **spec})
+        for folder in (fmt.IMAGE_DIR, fmt.ALIGN_DEPTH_DIR):
+            source = scratch / folder / DATASET
+            for scene in sorted(source.iterdir()):
+                target = root / folder / DATASET / scene.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(scene, target)
+                except OSError:  # a concurrent generator placed the same scene first
+                    if not target.exists():
+                        raise
+        parquet.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(written, parquet)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return root / split
+    return parquet

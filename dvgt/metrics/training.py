@@ -78,7 +78,9 @@ class TrainingMetrics:
         self.completed.set(0)
         self._loss = gauge("dvgt_loss", "Training loss of the last step on this rank, by component", ["component"])
         self._grad_norm = gauge("dvgt_grad_norm", "Gradient norm before clipping, by clipping group", ["group"])
-        self._children: Dict[tuple, Any] = {}  # (label, value) -> labelled child
+        self._eval = gauge("dvgt_eval_metric", "Held-out metric of the last evaluation, official definition and "
+                           "name (docs/metrics.md), by validation dataset", ["dataset", "metric"])
+        self._children: Dict[tuple, Any] = {}  # (family, labels) -> labelled child
 
         self.checkpoint_saves = counter("dvgt_checkpoint_saves", "Checkpoint saves by outcome (ok, failed, "
                                         "skipped: not started while the previous one was still uploading)",
@@ -99,11 +101,11 @@ class TrainingMetrics:
                                              ("peak_allocated", "Peak of dvgt_gpu_allocated_bytes since start"),
                                              ("peak_reserved", "Peak of dvgt_gpu_reserved_bytes since start"))}
 
-    def _child(self, family, label: str, value: str):
-        """The child of a family with one label beyond the rank's (component, group), made once."""
-        key = (label, value)
+    def _child(self, family, **labels: str):
+        """The child of a family with labels beyond the rank's (component, group, ...), made once."""
+        key = (id(family), tuple(sorted(labels.items())))
         if key not in self._children:
-            self._children[key] = family.labels(**self.labels, **{label: value})
+            self._children[key] = family.labels(**self.labels, **labels)
         return self._children[key]
 
     def observe_step(self, record: Mapping[str, Any]) -> None:
@@ -123,9 +125,9 @@ class TrainingMetrics:
             self.cache_misses.inc(record["cache_misses"])
         for key, value in record.items():
             if key.startswith("loss/"):
-                self._child(self._loss, "component", key[5:]).set(value)
+                self._child(self._loss, component=key[5:]).set(value)
             elif key.startswith("grad_norm/"):
-                self._child(self._grad_norm, "group", key[10:]).set(value)
+                self._child(self._grad_norm, group=key[10:]).set(value)
         if self._memory is not None:
             import torch
 
@@ -134,6 +136,12 @@ class TrainingMetrics:
             self._memory["peak_allocated"].set(torch.cuda.max_memory_allocated(self.device))
             self._memory["peak_reserved"].set(torch.cuda.max_memory_reserved(self.device))
         self.last_step_time.set(time.time())
+
+    def observe_eval(self, metrics: Mapping[str, float]) -> None:
+        """One evaluation's reduced means, keyed ``val/<dataset>/<metric>`` (``val/loss/objective`` included)."""
+        for key, value in metrics.items():
+            dataset, metric = key.removeprefix("val/").split("/", 1)
+            self._child(self._eval, dataset=dataset, metric=metric).set(value)
 
     def checkpoint_event(self, record: Mapping[str, Any]) -> None:
         """One save, from a record of kind "checkpoint": outcome (ok | failed | skipped), and when

@@ -28,6 +28,7 @@ __all__ = [
     "build_model",
     "load_weights",
     "model_layout",
+    "sample_targets",
     "read_checkpoint",
 ]
 
@@ -39,8 +40,8 @@ def _make(model_cfg: Any) -> nn.Module:
         raise ValueError(f"model.name '{name}' is not one of dvgt1, dvgt2, dvgt2_pretrain, vggt")
     if model_cfg.size not in SIZES:
         raise ValueError(f"model.size '{model_cfg.size}' is not one of {', '.join(SIZES)}")
-    if getattr(model_cfg, "anchor_path", None) and name != "dvgt2":
-        raise ValueError(f"model.anchor_path needs model.name=dvgt2 (model '{name}' does not plan)")
+    if getattr(model_cfg, "anchor_dir", None) and name != "dvgt2":
+        raise ValueError(f"model.anchor_dir needs model.name=dvgt2 (model '{name}' does not plan)")
     if name == "vggt":
         return VGGT(
             SIZES[model_cfg.size],
@@ -66,9 +67,25 @@ def _make(model_cfg: Any) -> nn.Module:
     )
 
 
+# The optional sample keys (dvgt.data.scene_dataset.TARGETS) each family trains on; evaluation adds the
+# ray depth and z-depth maps the metrics and figures read.
+TRAINING_TARGETS = {"dvgt1": {"points_in_ego_first"}, "dvgt2": {"points_in_ego_n", "ego_past_to_ego_curr"},
+                    "dvgt2_pretrain": {"points_in_ego_n", "ego_past_to_ego_curr"},
+                    "vggt": {"points_in_ego_first", "cam"}}
+EVALUATION_TARGETS = {"ray_depth", "depths"}
+
+
+def sample_targets(model_cfg: Any, evaluation: bool) -> frozenset:
+    """The sample keys the data must produce for this model (training, or evaluation)."""
+    targets = set(TRAINING_TARGETS[model_cfg.name])
+    if getattr(model_cfg, "enable_ego_status", False):
+        targets.add("ego_status")
+    return frozenset(targets | (EVALUATION_TARGETS if evaluation else set()))
+
+
 def build_model(model_cfg: Any) -> nn.Module:
     """Build the model for training or inference; loads DINOv3 weights if `model.dino_v3_weight_path` is set
-    and DVGT-2's planning anchors if `model.anchor_path` is set.
+    and DVGT-2's planning anchors if `model.anchor_dir` is set.
 
     Without weights the model is initialised as upstream does for training from scratch. Building
     under `with torch.device("meta"):` allocates nothing.
@@ -88,9 +105,12 @@ def build_model(model_cfg: Any) -> nn.Module:
                 f"model.dino_v3_weight_path: '{path}' does not match the DINOv3 backbone of model.size="
                 f"{model_cfg.size}\n{error}"
             ) from None
-    anchors = getattr(model_cfg, "anchor_path", None)
-    if anchors:
-        model.ego_pose_head.traj_pose_decoder.load_anchors(anchors)
+    anchor_dir = getattr(model_cfg, "anchor_dir", None)
+    if anchor_dir:
+        from dvgt.data.anchors import read_anchor_dir
+
+        trajectory, pose_translation = read_anchor_dir(anchor_dir)
+        model.ego_pose_head.traj_pose_decoder.set_anchors(torch.from_numpy(trajectory), torch.from_numpy(pose_translation))
     return model
 
 

@@ -28,11 +28,12 @@ from .layers import KVCache
 from .trajectory_decoder import TrajectoryPoseDecoder
 
 FUTURE_TOKENS = 8  # future ego tokens per image (one per planned step)
-# The optional ego-status input, [B, T, 8] per frame, in this order (upstream's DVGT2.inference documents
-# it as "[B, T, 8], vel, acc, command"): velocity (2, m/s) and acceleration (2, m/s^2) in NAVSIM's ego
-# frame (x forward, y left), then the driving command one-hot (4: left, straight, right, unknown).
-EGO_STATUS_FIELDS = ("velocity_x", "velocity_y", "acceleration_x", "acceleration_y",
-                     "command_left", "command_straight", "command_right", "command_unknown")
+# The optional ego-status input, [B, T, 8] per frame, as the official trainer builds it
+# (scene_dataset.py:get_sequence_data): velocity (2) and acceleration (2) in the ego frame as
+# [right, forward], multiplied by gt_scale_factor, then the driving command one-hot (4) in the order of
+# the dataset it comes from (dvgt.data.format.COMMAND_ORDER).
+EGO_STATUS_FIELDS = ("velocity_right", "velocity_forward", "acceleration_right", "acceleration_forward",
+                     "command_0", "command_1", "command_2", "command_3")
 DECODER_SIZES = {"full": (256, 16), "small": (128, 8), "tiny": (64, 4)}  # decoder (width, heads) per model size
 
 

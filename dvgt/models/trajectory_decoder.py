@@ -14,7 +14,8 @@ from the anchors noised at t = 10 and runs two DDIM steps (t = 10, then 0); the 
 of the last step. Noise comes from the global torch generator (or is passed in), so a seed makes
 the outputs deterministic.
 
-Anchors come from k-means over a training set (`dvgt anchors`); `load_anchors` reads that file.
+Anchors come from k-means over a training set (the official anchor files, or `dvgt anchors`);
+`set_anchors` takes them (dvgt.models.build_model reads model.anchor_dir).
 Until then they are zeros (every anchor the same), as upstream builds the model without the file.
 """
 
@@ -22,10 +23,8 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -226,21 +225,6 @@ class TrajectoryPoseDecoder(nn.Module):
         pose = pose_translation.to(device, torch.float32)[None] * self.gt_scale_factor
         self.norm_traj_anchor.copy_(self.normalize(traj, self.traj_min, self.traj_max))
         self.norm_pose_translation_anchor.copy_(self.normalize(pose, self.pose_translation_min, self.pose_translation_max))
-
-    def load_anchors(self, path: str | Path) -> None:
-        """Read the anchor file written by `dvgt anchors`: an .npz with `trajectory` [20, 8, 2] and
-        `pose_translation` [20, 3], in metres."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"model.anchor_path: anchor file '{path}' does not exist; create it with "
-                f"`dvgt anchors --data <annotation root>` or unset the key"
-            )
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"trajectory", "pose_translation"} - set(data.files)
-            if missing:
-                raise ValueError(f"anchor file '{path}' lacks {sorted(missing)} (it has {data.files})")
-            self.set_anchors(torch.from_numpy(data["trajectory"]), torch.from_numpy(data["pose_translation"]))
 
     def forward(
         self, ego_tokens: Tensor, ego_status: Optional[Tensor] = None, noise: Optional[Tuple[Tensor, Tensor]] = None

@@ -1,7 +1,7 @@
 """DVGT-2 losses: local points, relative ego poses, planning and past poses.
 
-Both DVGT-2 stages predict points in each frame's own ego frame (``points_local`` targets, the same
-confidence-aware point loss as DVGT-1) and the relative pose ego_{t-1} -> ego_t (``relative_pose``
+Both DVGT-2 stages predict points in each frame's own ego frame (``points_in_ego_n`` targets, the same
+confidence-aware point loss as DVGT-1) and the relative pose ego_{t-1} -> ego_t (``ego_past_to_ego_curr``
 targets, frame 0 unsupervised):
 
 * stage 1 (``dvgt2_pretrain``) regresses it directly: ``relative_ego_pose_enc_list``, the DVGT-1
@@ -10,11 +10,12 @@ targets, frame 0 unsupervised):
   DiffusionDrive: each of its layers gives K modes and a score per mode. The target mode is the one
   whose anchor lies nearest to the ground truth; the scores learn it with a sigmoid focal loss and the
   target mode's regression an L1 loss. Summed over decoder layers, for the planned trajectory
-  (``diff_traj_*``, anchors of 8 future [right, forward] positions, ``loss.planning``) and for the
-  relative pose (``diff_poses_*``, anchors of the past translation, ``loss.past_pose``).
+  (``diff_traj_*``, anchors of 8 future [right, forward] positions, ``loss.planning``; targets from
+  ``future_ego_n_to_ego_curr``, the poses of the frames after each input frame) and for the relative
+  pose (``diff_poses_*``, anchors of the past translation, ``loss.past_pose``).
 
-Ground truth arrives in metres and is multiplied by ``gt_scale_factor`` (headings and quaternions
-are not scaled). Everything is computed in float32 with autocast off.
+Ground truth arrives scaled by gt_scale_factor (the data does it; headings and quaternions are not
+scaled). Everything is computed in float32 with autocast off.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dvgt.data.geometry import pose_to_absT_quaR, pose_to_trajectory_rdf
 from dvgt.train.losses import ego_pose_loss, point_loss
 
 DECODER = "ego_pose_head.traj_pose_decoder"  # the DVGT-2 module that holds the anchors
@@ -71,17 +73,15 @@ def dvgt2_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_cf
     Stage 2: objective = point.weight * points + planning.weight * (cls_weight * loss_traj_cls +
     reg_weight * loss_traj_reg) + past_pose.weight * (cls_weight * loss_pose_cls + reg_weight * loss_pose_reg).
     """
-    scale = loss_cfg.gt_scale_factor
     pred_points = predictions["points"]
     with torch.autocast(device_type=pred_points.device.type, enabled=False):
         point_cfg = loss_cfg.point
         losses = point_loss(
-            pred_points.float(), predictions["points_conf"].float(), batch["points_local"].float() * scale,
+            pred_points.float(), predictions["points_conf"].float(), batch["points_in_ego_n"].float(),
             batch["point_masks"].bool(), gamma=point_cfg.gamma, alpha=point_cfg.alpha,
             gradient_loss_fn=point_cfg.gradient_loss_fn, valid_range=point_cfg.valid_range)
         objective = point_cfg.weight * (losses["loss_conf_point"] + losses["loss_reg_point"] + losses["loss_grad_point"])
-        gt_pose = batch["relative_pose"].float()
-        gt_pose = torch.cat([gt_pose[..., :3] * scale, gt_pose[..., 3:]], dim=-1)  # [B,T,7]
+        gt_pose = pose_to_absT_quaR(batch["ego_past_to_ego_curr"].float())  # [B,T,7]
 
         if "relative_ego_pose_enc_list" in predictions:  # stage 1
             pose_cfg = loss_cfg.ego_pose
@@ -93,11 +93,10 @@ def dvgt2_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_cf
 
         if anchors is None:
             raise ValueError("the DVGT-2 planning and pose losses need the model's anchors (anchors_from_model)")
-        trajectory = batch["future_trajectory"].float()  # [B,T,8,3]
-        trajectory = torch.cat([trajectory[..., :2] * scale, trajectory[..., 2:]], dim=-1)
+        trajectory, valid = planning_targets(batch, anchors.trajectory.shape[1])
         traj_cls, traj_reg = anchor_mode_loss(
-            predictions["diff_traj_reg_list"], predictions["diff_traj_cls_list"], trajectory,
-            batch["future_valid"].bool(), anchors.trajectory.float(), loss_cfg.planning)
+            predictions["diff_traj_reg_list"], predictions["diff_traj_cls_list"], trajectory, valid,
+            anchors.trajectory.float(), loss_cfg.planning)
         frames = gt_pose.shape[1]
         pose_valid = (torch.arange(frames, device=gt_pose.device) > 0).expand(gt_pose.shape[0], frames)  # frame 0: none
         pose_cls, pose_reg = anchor_mode_loss(
@@ -111,6 +110,21 @@ def dvgt2_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_cf
                                + plan.weight * (plan.cls_weight * traj_cls + plan.reg_weight * losses["loss_traj_reg"])
                                + past.weight * (past.cls_weight * pose_cls + past.reg_weight * losses["loss_pose_reg"]))
     return losses
+
+
+def planning_targets(batch: Dict[str, Tensor], steps: int) -> tuple[Tensor, Tensor]:
+    """(right, forward, heading) [B,T,steps,3] of the next ``steps`` frames of every input frame and their
+    validity [B,T,steps]: a clip with fewer future frames (nuScenes planning evaluation has 6) leaves the
+    later steps invalid; without any future frame nothing is valid."""
+    future = batch.get("future_ego_n_to_ego_curr")
+    images = batch["images"]
+    trajectory = images.new_zeros(*images.shape[:2], steps, 3)
+    valid = torch.zeros(*images.shape[:2], steps, dtype=torch.bool, device=images.device)
+    if future is not None:
+        known = min(future.shape[2], steps)
+        trajectory[:, :, :known] = pose_to_trajectory_rdf(future[:, :, :known].float())
+        valid[:, :, :known] = True
+    return trajectory, valid
 
 
 def nearest_anchor(gt: Tensor, valid: Tensor, anchors: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from dvgt.data.feature_cache import (AGGREGATOR, BACKBONE, FORMAT, MANIFEST, Cac
                                      FeatureCacheError, cache_items, cache_sizes, check_fingerprint, commit_name,
                                      entry_key, fingerprint_digest, read_manifest, shard_name, shard_of,
                                      shard_problem, verify_shards)
-from dvgt.data.loader import open_split_datasets
+from dvgt.data.loader import open_datasets
 from dvgt.models import build_model
 from dvgt.models.aggregator import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from dvgt.train import distributed

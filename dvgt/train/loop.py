@@ -30,16 +30,17 @@ from dvgt.checkpoint.manager import (STEP_DIR, CheckpointEvent, CheckpointManage
                                      set_rng_state)
 from dvgt.checkpoint.storage import split_uri
 from dvgt.data.anchors import ensure_anchors
-from dvgt.data.loader import build_dataloader
+from dvgt.data.feature_cache import CachedDataset
+from dvgt.data.loader import build_eval_loader, build_train_loader, open_datasets
 from dvgt.metrics.labels import rank_labels
 from dvgt.metrics.training import TrainingMetrics
-from dvgt.models import build_model
+from dvgt.models import build_model, sample_targets
 from dvgt.models.conversions import initialise_from_pretrained
 from dvgt.models.weights import load_weights
 from dvgt.train import distributed, feature_cache
 from dvgt.train.clipping import GradientClipper
 from dvgt.train.dvgt2_losses import anchors_from_model, require_distinct_anchors
-from dvgt.train.evaluation import EvalAccumulator, evaluate_clip
+from dvgt.train.evaluation import EvalAccumulator, evaluate_batch
 from dvgt.train.fsdp import no_gradient_sync, shard_model
 from dvgt.train.logger import RunLogger, format_record
 from dvgt.train.losses import compute_loss
@@ -113,7 +114,7 @@ class Trainer:
         self.checkpoints = manager(ck.uri, self.dist.rank, self.dist.world_size, ck.keep_last,
                                    dvgt.__version__, ck.async_mode, ck.s3, preflight=True)
         seed_everything(cfg.seed_value)  # the same on every rank, so initial weights agree
-        if cfg.model.anchor_path:
+        if cfg.model.anchor_dir:
             self._prepare_anchors()
         self.model = build_model(cfg.model).to(self.device)
         resume_from = self._find_resume_checkpoint()
@@ -151,11 +152,8 @@ class Trainer:
         self.patch_size = self.model.patch_size
         if not self.dist.is_main:
             distributed.barrier()  # rank 0 first: it generates a synthetic dataset if one is missing
-        self.train_loader = self._loader("train", rank=self.dist.rank, world_size=self.dist.world_size,
-                                         num_workers=cfg.num_workers, steps=self.steps_per_epoch)
-        self.val_loader = None
-        if self.dist.is_main and cfg.data.val.datasets and cfg.limit_val_batches > 0:
-            self.val_loader = self._loader("val", rank=0, world_size=1, num_workers=0, steps=cfg.limit_val_batches)
+        self.train_loader = self._train_loader()
+        self.val_loader = self._val_loader()
         if self.dist.is_main:
             distributed.barrier()
         self.epoch, self.step_in_epoch = 0, 0
@@ -170,21 +168,32 @@ class Trainer:
             feature_cache.check_weights(self.feature_cache, self.cached_part, cfg, self.device)
 
     # -- start-up -------------------------------------------------------------------------------
-    def _loader(self, split: str, *, rank: int, world_size: int, num_workers: int, steps: int):
-        data = self.cfg.data
-        return build_dataloader(
-            data[split], patch_size=self.patch_size, max_img_per_gpu=self.cfg.max_img_per_gpu,
-            seed=self.cfg.seed_value + (split == "val"), rank=rank, world_size=world_size, num_workers=num_workers,
-            pin_memory=data.pin_memory and self.device.type == "cuda", prefetch_factor=data.prefetch_factor,
-            persistent_workers=data.persistent_workers and num_workers > 0, steps_per_epoch=steps,
-            config_key=f"data.{split}", feature_cache=self.feature_cache if split == "train" else None)
+    def _open(self, split: str):
+        return open_datasets(self.cfg.data, split, patch_size=self.patch_size, gt_scale_factor=self.cfg.gt_scale_factor,
+                             targets=sample_targets(self.cfg.model, evaluation=split != "train"))
+
+    def _train_loader(self):
+        cfg = self.cfg
+        datasets = self._open("train")
+        served = CachedDataset(datasets, self.feature_cache, cfg.data.train) if self.feature_cache is not None else None
+        return build_train_loader(
+            cfg.data, datasets, max_img_per_gpu=cfg.max_img_per_gpu, seed=cfg.seed_value, rank=self.dist.rank,
+            world_size=self.dist.world_size, num_workers=cfg.num_workers,
+            pin_memory=cfg.data.pin_memory and self.device.type == "cuda", prefetch_factor=cfg.data.prefetch_factor,
+            persistent_workers=cfg.data.persistent_workers, steps_per_epoch=self.steps_per_epoch, served=served)
+
+    def _val_loader(self):
+        """Every rank evaluates its share of the validation clips (none: no evaluation)."""
+        if not self.cfg.data.val.datasets or self.cfg.limit_val_batches == 0:
+            return None
+        return build_eval_loader(self._open("val"), limit=self.cfg.limit_val_batches, rank=self.dist.rank,
+                                 world_size=self.dist.world_size)
 
     def _prepare_anchors(self) -> None:
         """DVGT-2 anchors: a synthetic training set gets them computed on first use (rank 0 first)."""
-        datasets = self.cfg.data.train.datasets
         if not self.dist.is_main:
             distributed.barrier()
-        ensure_anchors(self.cfg.model.anchor_path, datasets[0] if len(datasets) else None, "model.anchor_path")
+        ensure_anchors(self.cfg)
         if self.dist.is_main:
             distributed.barrier()
 
@@ -324,29 +333,33 @@ class Trainer:
         if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
             raise RuntimeError(f"model replicas differ across ranks after step {self.step}")
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def evaluate(self) -> Optional[Dict[str, float]]:
-        """Held-out metrics on rank 0 (others wait); see dvgt/train/evaluation.py."""
+        """Held-out metrics (dvgt/train/evaluation.py): every rank evaluates its share of the validation
+        clips, then the per-dataset sums are reduced across ranks. Returns {val/<dataset>/<metric>: mean}."""
         if self.val_loader is None:
-            distributed.barrier()
             return None
         self.model.eval()
         accumulator = EvalAccumulator()
-        self.val_loader.batch_sampler.set_epoch(0)
         for batch in self.val_loader:
+            counted = batch.pop("counted")[0]  # a repeat that evens out the ranks runs the forward, counts nothing
             batch = move_to(batch, self.device)
             with self.autocast():
                 predictions = self.forward(self.model, batch)
-            accumulator.add(evaluate_clip(predictions, batch, self.cfg.loss.gt_scale_factor))
-            accumulator.add({"objective": float(compute_loss(predictions, batch, self.cfg.loss, self.anchors)["objective"])})
+            if counted:
+                accumulator.add(batch["dataset"][0], evaluate_batch(predictions, batch, self.cfg.gt_scale_factor,
+                                                                    self.cfg.eval))
+                objective = compute_loss(predictions, batch, self.cfg.loss, self.anchors)["objective"]
+                accumulator.add("loss", {"objective": [float(objective)]})
         self.model.train()
-        distributed.barrier()
-        return {f"val/{k}": v for k, v in accumulator.mean().items()}
+        return {f"val/{key}": value for key, value in accumulator.reduce(self.device).items()}
 
     def _evaluate_and_log(self) -> Dict[str, float]:
         metrics = self.evaluate()
         if metrics:
             self.log.log({"kind": "eval", "step": self.step, "epoch": self.epoch, **metrics})
+            if self.metrics is not None and self.dist.is_main:
+                self.metrics.observe_eval(metrics)
             self._print(f"step {self.step} (epoch {self.epoch}): {format_record(metrics)}")
         return metrics or {}
 

@@ -13,12 +13,12 @@ The ego-pose loss is an L1 (or L2) loss on the translation and on the quaternion
 iteration of the pose head, later iterations weighing more.
 
 VGGT predictions (``cam_pose_enc_list``) get the point loss on points in the first camera's frame and
-VGGT's camera loss (the same per-iteration scheme on translation, quaternion and field of view);
-their targets are derived from the batch's DVGT fields (``vggt_targets``).
+VGGT's camera loss (the same per-iteration scheme on translation, quaternion and field of view).
 
-Ground truth arrives in metres and is multiplied by ``gt_scale_factor`` here, so that it lives in the
-units of the network output. Everything is computed in float32 with autocast off. Non-finite values
-are returned as they are: the trainer skips such steps and counts them.
+Targets are the official sample's keys (docs/data.md): ``points_in_ego_first`` and ``ego_n_to_ego_first``
+(DVGT-1), ``points_in_cam_first`` and ``cam_first_to_cam_n`` (VGGT). The data already multiplied them by
+``gt_scale_factor``, so they are in the units of the network output. Everything is computed in float32
+with autocast off. Non-finite values are returned as they are: the trainer skips such steps and counts them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dvgt.data.geometry import camera_pose_encoding, inverse_pose, transform_points
+from dvgt.data.geometry import camera_pose_encoding, pose_to_absT_quaR
 
 MIN_VALID_PIXELS = 100  # below this many valid pixels in a batch the point loss is zero
 GRADIENT_LOSS_SCALES = 3  # the gradient term is averaged over strides 1, 2, 4
@@ -45,8 +45,8 @@ def compute_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_
     predictions: ``points`` [B,T,V,H,W,3], ``points_conf`` [B,T,V,H,W] and
     ``absolute_ego_pose_enc_list`` (one [B,T,7] per pose-head iteration; a lone
     ``absolute_ego_pose_enc`` counts as one iteration).
-    batch: ``points`` [B,T,V,H,W,3] (metres), ``point_masks`` [B,T,V,H,W], ``ego_pose`` [B,T,7] (metres).
-    loss_cfg: a ``LossConfig`` (dvgt/config.py).
+    batch: ``points_in_ego_first`` [B,T,V,H,W,3], ``point_masks`` [B,T,V,H,W], ``ego_n_to_ego_first``
+    [B,T,4,4] (scaled by gt_scale_factor). loss_cfg: a ``LossConfig`` (dvgt/config.py).
 
     objective = point.weight * (loss_conf_point + loss_reg_point + loss_grad_point)
               + ego_pose.weight * loss_ego_pose,  with loss_ego_pose = weight_trans * loss_T + weight_rot * loss_R.
@@ -58,15 +58,13 @@ def compute_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_
         return dvgt2_loss(predictions, batch, loss_cfg, anchors)
     if "cam_pose_enc_list" in predictions:
         return compute_vggt_loss(predictions, batch, loss_cfg)
-    scale = loss_cfg.gt_scale_factor
     pred_points = predictions["points"]
     pose_list = predictions.get("absolute_ego_pose_enc_list") or [predictions["absolute_ego_pose_enc"]]
     with torch.autocast(device_type=pred_points.device.type, enabled=False):
-        gt_pose = batch["ego_pose"].float()
-        gt_pose = torch.cat([gt_pose[..., :3] * scale, gt_pose[..., 3:]], dim=-1)
+        gt_pose = pose_to_absT_quaR(batch["ego_n_to_ego_first"].float())
         point_cfg, pose_cfg = loss_cfg.point, loss_cfg.ego_pose
         losses = point_loss(
-            pred_points.float(), predictions["points_conf"].float(), batch["points"].float() * scale,
+            pred_points.float(), predictions["points_conf"].float(), batch["points_in_ego_first"].float(),
             batch["point_masks"].bool(), gamma=point_cfg.gamma, alpha=point_cfg.alpha,
             gradient_loss_fn=point_cfg.gradient_loss_fn, valid_range=point_cfg.valid_range)
         losses.update(ego_pose_loss(
@@ -236,36 +234,26 @@ def _pose_errors(pred: Tensor, gt: Tensor, loss_type: str) -> Tuple[Tensor, Tens
 # --------------------------------------------------------------------------------------------
 
 
-def vggt_targets(batch: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
-    """VGGT's ground truth from the DVGT batch fields (metres, float32).
-
-    Returns points [B,T,V,H,W,3] in the first camera's frame (frame 0, view 0; OpenCV axes) and
-    camera encodings [B,T,V,9]: absT_quaR_FoV of first camera -> camera (VGGT's extrinsics).
-    Uses ``points`` (frame-0 ego frame), ``cam_to_ego``, ``ego_to_first``, ``intrinsics``, ``images``.
-    """
-    cam_to_ego0 = batch["ego_to_first"][:, :, None].double() @ batch["cam_to_ego"].double()  # [B,T,V,4,4]
-    ego0_to_cam0 = inverse_pose(cam_to_ego0[:, 0, 0])  # [B,4,4]
-    points = transform_points(ego0_to_cam0.float(), batch["points"].float())
-    extrinsics = inverse_pose(ego0_to_cam0[:, None, None] @ cam_to_ego0)  # first camera -> camera [B,T,V,4,4]
+def vggt_camera_targets(batch: Dict[str, Tensor]) -> Tensor:
+    """VGGT's camera targets [B,T,V,9]: absT_quaR_FoV of the first camera -> each camera
+    (``cam_first_to_cam_n``, translations scaled by gt_scale_factor) with the images' fields of view."""
     height, width = batch["images"].shape[-2:]
-    return points, camera_pose_encoding(extrinsics, batch["intrinsics"].double(), height, width).float()
+    return camera_pose_encoding(batch["cam_first_to_cam_n"].double(), batch["intrinsics"].double(), height,
+                                width).float()
 
 
 def compute_vggt_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_cfg) -> Dict[str, Tensor]:
     """Losses of VGGT predictions (``cam_pose_enc_list``: n x [B,T,V,9], ``points``, ``points_conf``).
 
     objective = point.weight * (loss_conf_point + loss_reg_point + loss_grad_point) + camera.weight * loss_camera.
-    Translations and points are multiplied by gt_scale_factor; fields of view are angles and are not.
     """
-    scale = loss_cfg.gt_scale_factor
     pred_points = predictions["points"]
     with torch.autocast(device_type=pred_points.device.type, enabled=False):
-        gt_points, gt_pose = vggt_targets(batch)
-        gt_pose = torch.cat([gt_pose[..., :3] * scale, gt_pose[..., 3:]], dim=-1)
+        gt_pose = vggt_camera_targets(batch)
         masks = batch["point_masks"].bool()
         point_cfg, camera_cfg = loss_cfg.point, loss_cfg.camera
         losses = point_loss(
-            pred_points.float(), predictions["points_conf"].float(), gt_points * scale, masks,
+            pred_points.float(), predictions["points_conf"].float(), batch["points_in_cam_first"].float(), masks,
             gamma=point_cfg.gamma, alpha=point_cfg.alpha, gradient_loss_fn=point_cfg.gradient_loss_fn,
             valid_range=point_cfg.valid_range)
         valid_clips = masks[:, 0, 0].sum(dim=(-1, -2)) > MIN_VALID_PIXELS  # the first image anchors the frame
