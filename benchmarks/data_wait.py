@@ -2,8 +2,8 @@
 
     flock /tmp/dvgt-heavy.lock .venv/bin/python benchmarks/data_wait.py [--steps 30] [--data runs/data/synthetic-demo]
 
-Trains train/dvgt1/demo.yaml as shipped (small model, the demo's synthetic data at 128x256, views
-2-3, frames 2-4, colour jitter, num_workers=2) for --steps steps, and the same with num_workers=0
+Trains train/dvgt1/demo.yaml as shipped (small model, the demo's synthetic data at 112x200, views
+2-3, frames 2-6, the official augmentation and colour jitter, num_workers=2) for --steps steps, and the same with num_workers=0
 (decoding, resizing and geometry in the training loop), side by side. From the per-step train
 records (data_time: waiting for the batch; step_time: data wait + the step): the share
 sum(data_time) / sum(step_time) over the steps after the first, whose wait includes starting the
@@ -26,7 +26,7 @@ from dvgt.train.loop import train
 def data_wait(data: str, run: Path, steps: int, workers: int) -> dict:
     train(load_config("train/dvgt1/demo.yaml", [
         f"num_workers={workers}", "max_epochs=1", f"limit_train_batches={steps}", "limit_val_batches=0",
-        f"data.train.datasets.0.root={data}", f"logging.log_dir={run}", "logging.log_freq=1",
+        f"data.root={data}", f"logging.log_dir={run}", "logging.log_freq=1",
         "logging.progress=false", "logging.metrics=false", f"checkpoint.uri={run / 'ckpts'}", "checkpoint.keep_last=0"]))
     records = [r for r in read_log(run / "train_log.jsonl") if r["kind"] == "train"]
     rest = records[1:]

@@ -44,7 +44,7 @@ def instrumentation_overhead(tmp: Path, steps: int) -> dict:
     root = tmp / "data"
     generate_synthetic_dataset(root, split="train", num_scenes=2, num_frames=4, height=64, width=128, seed=0)
     generate_synthetic_dataset(root, split="val", num_scenes=1, num_frames=4, height=64, width=128, seed=1)
-    cfg = load_config("train/dvgt1/demo.yaml", tiny_overrides(root, tmp / "run", **{"data.train.frames": "[2,2]"}))
+    cfg = load_config("train/dvgt1/demo.yaml", tiny_overrides(root, tmp / "run", **{"data.train.fixed_num_frames": 2}))
     trainer = Trainer(cfg)
     batch = next(iter(trainer.train_loader))
     images = batch["images"].shape[0] * batch["images"].shape[1] * batch["images"].shape[2]

@@ -31,7 +31,7 @@ from dvgt.train.loop import Trainer  # noqa: E402
 def median_step_time(data_root: Path, run_dir: Path, size: str, steps: int, **overrides) -> float:
     cfg = load_config("train/dvgt1/demo.yaml", tiny_overrides(
         data_root, run_dir, **{"model.size": size, "max_img_per_gpu": 8, "data.train.views": "[2,2]",
-                               "data.train.frames": "[2,2]", "data.train.img_width": 128, **overrides}))
+                               "data.train.fixed_num_frames": 2, "data.train.img_width": 128, **overrides}))
     trainer = Trainer(cfg)
     batches = iter(trainer.train_loader)
     batch = next(batches)

@@ -68,18 +68,34 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     for split in args.splits:
         started = time.perf_counter()
         spec = {**demo_spec(split), **({"num_scenes": args.scenes} if args.scenes else {})}
-        generate_synthetic_dataset(args.out, split=split, **spec)
-        print(f"wrote {split} split to {Path(args.out) / split} in {time.perf_counter() - started:.1f} s")
+        path = generate_synthetic_dataset(args.out, split=split, **spec)
+        print(f"wrote the {split} split of dataset demo: {path} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def cmd_data_dump(args: argparse.Namespace) -> int:
+    from dvgt.data.dump import dump_samples
+
+    for line in dump_samples(args.root, args.manifest, args.out):
+        print(line)
+    return 0
+
+
+def cmd_data_metrics(args: argparse.Namespace) -> int:
+    from dvgt.data.dump import score_metric_cases
+
+    for line in score_metric_cases(args.cases, args.out):
+        print(line)
     return 0
 
 
 def cmd_anchors(args: argparse.Namespace) -> int:
-    from dvgt.data.anchors import PLOT_FILE, read_anchors, write_anchors
+    from dvgt.data.anchors import PLOT_FILE, training_tables, write_anchors
 
-    out = Path(args.out or Path(args.data[0]) / "anchors")
-    path = write_anchors(args.data, out, split=args.split, k=args.k)
-    shapes = {name: list(value.shape) for name, value in read_anchors(path).items()}
-    print(f"wrote {path} {shapes} and {out / PLOT_FILE}")
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or cfg.model.anchor_dir or Path(cfg.data.root) / "data_annotation/anchors/train_total_20")
+    write_anchors(training_tables(cfg), out, k=args.k)
+    print(f"wrote {out}/future_anchors_{args.k}_rdf.npz, past_anchors_{args.k}_rdf.npz and {out / PLOT_FILE}")
     return 0
 
 
@@ -191,19 +207,30 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                          "CUDA context, other processes)")
     profile.set_defaults(func=cmd_profile_memory)
 
-    data = sub.add_parser("data", help="dataset tools")
+    data = sub.add_parser("data", help="dataset tools (the official DVGT format, docs/data.md)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    synth = data_sub.add_parser("synth", help="write the synthetic driving dataset in the DVGT layout")
-    synth.add_argument("--out", required=True, help="dataset root")
+    synth = data_sub.add_parser("synth", help="write the synthetic driving dataset (dataset demo) as an official tree")
+    synth.add_argument("--out", required=True, help="tree root (the folder that gets data_annotation/)")
     synth.add_argument("--splits", nargs="+", default=["train", "val"])
     synth.add_argument("--scenes", type=int, default=0, help="scenes per split (default: the demo's)")
     synth.set_defaults(func=cmd_data_synth)
+    dump = data_sub.add_parser("dump", help="build the samples a manifest lists (official constructor arguments) with "
+                               "our loader and write them under the official key names, to compare with the "
+                               "official code's outputs (../shared/tools/check_data.py)")
+    dump.add_argument("root", help="the official tree's root (the official working directory)")
+    dump.add_argument("--manifest", required=True, help="a samples_manifest.txt (JSON)")
+    dump.add_argument("--out", required=True, help="output folder; each sample goes to OUT/<its file in the manifest>")
+    dump.set_defaults(func=cmd_data_dump)
+    scores = data_sub.add_parser("metrics", help="score every case_*.npz (an official metric function's inputs) "
+                                 "with our metrics into case_*.json")
+    scores.add_argument("cases", help="folder of case_*.npz")
+    scores.add_argument("--out", required=True, help="output folder of case_*.json")
+    scores.set_defaults(func=cmd_data_metrics)
 
-    anchors = sub.add_parser("anchors", help="k-means anchors of future trajectories and past translations (DVGT-2)")
-    anchors.add_argument("--data", required=True, nargs="+", help="annotation root(s) in the DVGT layout "
-                         "(docs/data.md); several roots are clustered together")
-    anchors.add_argument("--split", default="train")
-    anchors.add_argument("--out", default=None, help="output folder (default: <first data root>/anchors)")
+    anchors = sub.add_parser("anchors", help="k-means anchors of future trajectories and past translations (DVGT-2), "
+                             "as the official tool makes them, from a stage's training data")
+    _add_config_args(anchors)
+    anchors.add_argument("--out", default=None, help="anchor folder (default: the config's model.anchor_dir)")
     anchors.add_argument("--k", type=int, default=20, help="anchors per set")
     anchors.set_defaults(func=cmd_anchors)
 

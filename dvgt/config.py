@@ -267,7 +267,8 @@ class TrainConfig:
 # Renamed keys of the reference trainer, so that their error can point at our name.
 RENAMED_KEYS = {"checkpoint.save_dir": "checkpoint.uri", "loss.gt_scale_factor": "gt_scale_factor",
                 "model.anchor_path": "model.anchor_dir", "eval_conf": "eval", "data.train.frames": "data.train.min_frames",
-                "data.val.frames": "data.val.fixed_num_frames", "data.train.frame_stride": "data.train.target_fps", "train.strategy": "distributed.strategy", "optim.optimizer.lr": "optim.lr",
+                "data.val.frames": "data.val.fixed_num_frames", "data.train.frame_stride": "data.train.target_fps",
+                "train.strategy": "distributed.strategy", "optim.optimizer.lr": "optim.lr",
                 "optim.optimizer.weight_decay": "optim.weight_decay"}
 
 # What --debug changes: few batches, log every step, save every epoch, no workers.

@@ -12,7 +12,6 @@ import torch
 
 from dvgt.config import load_config
 from dvgt.data.loader import load_clip
-from dvgt.data.sampler import image_height
 from dvgt.metrics.exporter import start_exporter
 from dvgt.metrics.labels import job_name
 from dvgt.metrics.multiproc import folder_for
@@ -35,8 +34,7 @@ def run_demo(config: str, out: str | Path, overrides: Sequence[str] = (), metric
     out = Path(out)
     data_root = out / "data"
     cfg = load_config(config, [
-        f"logging.log_dir={out}", f"checkpoint.uri={out / 'ckpts'}",
-        f"data.train.datasets.0.root={data_root}", f"data.val.datasets.0.root={data_root}",
+        f"logging.log_dir={out}", f"checkpoint.uri={out / 'ckpts'}", f"data.root={data_root}",
         "checkpoint.resume=never", *overrides])
     started = time.perf_counter()
     trainer = Trainer(cfg)  # generates the synthetic dataset on first use
@@ -55,21 +53,19 @@ def run_demo(config: str, out: str | Path, overrides: Sequence[str] = (), metric
 
     history = read_log(out / "train_log.jsonl")
     evals = [r for r in history if r.get("kind") == "eval"]
-    val = cfg.data.val
-    clip = load_clip(val.datasets[0], scene_index=0, views=val.views[1], frames=val.frames[1], width=val.img_width,
-                     height=image_height(val.img_width, val.aspect_ratio[0], trainer.patch_size))
+    clip = load_clip(trainer.val_loader.dataset.datasets[0], 0)  # the first held-out clip, every camera
     with torch.inference_mode():
         predictions = trainer.model.eval()(clip["images"])
     figure = out / "demo_result.png"
-    render_result_figure(history, clip, predictions, figure, gt_scale_factor=cfg.loss.gt_scale_factor,
+    render_result_figure(history, clip, predictions, figure, gt_scale_factor=cfg.gt_scale_factor,
                          title=f"DVGT-1 ({cfg.model.size}) demo: {result['step']} steps in {minutes:.1f} min")
 
     print("\nDemo finished in %.1f min" % minutes)
     if evals:
         first, last = evals[0], evals[-1]
-        for key in ("val/objective", "val/point_error", "val/chamfer", "val/depth_abs_rel", "val/pose_auc30"):
-            if key in first and key in last:
-                print(f"  {key:<20} before {first[key]:.4f}  after {last[key]:.4f}")
+        print("  held-out metrics (official definitions; metres, AUC in %)")
+        for key in sorted(k for k in last if k.startswith("val/") and k in first):
+            print(f"  {key:<38} before {first[key]:9.4f}  after {last[key]:9.4f}")
     print(f"  data         {data_root}")
     print(f"  checkpoints  {out / 'ckpts'}")
     print(f"  log          {out / 'train_log.jsonl'}")

@@ -136,7 +136,7 @@ def load_model(checkpoint: str, config: Optional[str] = None, overrides: Sequenc
         raise ValueError("this model plans from the ego status (model.enable_ego_status), which dvgt infer does not "
                          "read from a frames folder; use a checkpoint trained without it")
     # Everything comes from the weights: DINOv3 and the anchors are not read from their own files.
-    model_cfg = OmegaConf.merge(cfg.model, {"dino_v3_weight_path": None, "anchor_path": None})
+    model_cfg = OmegaConf.merge(cfg.model, {"dino_v3_weight_path": None, "anchor_dir": None})
     model = build_model(model_cfg)
     if state is None:
         load_weights(model, path, strict=True)
@@ -262,7 +262,7 @@ def infer(checkpoint: str, frames: str, out: str, window: int = 4, width: int = 
     """The whole command: load the model, stream the frames, write npz, json and png."""
     folder = list_frames(frames)
     model, cfg, source = load_model(checkpoint, config, overrides)
-    scale = float(cfg.loss.gt_scale_factor)
+    scale = float(cfg.gt_scale_factor)
     log(f"model {cfg.model.name} ({cfg.model.size}) from {source}; {len(folder.frames)} frames x "
         f"{len(folder.cameras)} cameras ({', '.join(Path(c).stem for c in folder.cameras)}), window {window}")
     raw = run_inference(model, folder, width, window, seed,

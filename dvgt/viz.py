@@ -16,11 +16,15 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from dvgt.train.evaluation import depth_in_gt_cameras, depth_metrics, evaluate_clip
+from dvgt.config import EvalConfig
+from dvgt.data.geometry import transform_points
+from dvgt.train import eval_metrics
+from dvgt.train.evaluation import evaluate_batch, post_process
 
 GT_COLOR, PRED_COLOR = "tab:blue", "tab:orange"
 LOSS_COMPONENTS = ("loss_conf_point", "loss_reg_point", "loss_grad_point", "loss_ego_pose")
-HELD_OUT_METRICS = ("point_error", "chamfer")  # logged by the trainer as val/<name>, metres
+# held-out metrics in metres, logged by the trainer as val/<dataset>/<name>
+HELD_OUT_METRICS = ("ego_first_accuracy", "ego_first_completeness", "ego_first_chamfer")
 BEV_MAX_POINTS = 4000  # points per set drawn in the bird's-eye view
 DEPTH_CMAP = matplotlib.colormaps["turbo"].with_extremes(bad="0.85")  # invalid pixels in light grey
 
@@ -40,27 +44,31 @@ def render_result_figure(history: Sequence[Mapping[str, Any]], clip: Mapping[str
     """Training curves (top row) and the first clip of ``clip`` (one row per (frame, view) pair).
 
     history: JSON-lines log records (train records: step, loss/objective, loss/loss_*, lr; eval records:
-    step, val/point_error, val/chamfer, ...). clip: a data batch (see dvgt/train/evaluation.py for the
-    keys); predictions: the model output for it, in units scaled by gt_scale_factor. views: the
-    (frame, view) pairs shown; by default the first view of the first frame and the middle view of the
-    last frame. Each row shows the input image, GT depth and predicted depth on one colour scale; the
-    right column is a bird's-eye view (x right, z forward, first-frame ego frame) of GT vs predicted
-    points and ego trajectories.
+    step, val/<dataset>/<metric>). clip: an evaluation batch (official keys, docs/data.md); predictions:
+    the model output for it, in units scaled by gt_scale_factor. views: the (frame, view) pairs shown; by
+    default the first view of the first frame and the middle view of the last frame. Each row shows the
+    input image, GT depth and predicted depth on one colour scale; the right column is a bird's-eye view
+    (x right, z forward, first-frame ego frame) of GT vs predicted points and ego trajectories.
     """
     clip, predictions = _first_clip(clip), _first_clip(predictions)
-    pred_points = predictions["points"].float() / gt_scale_factor  # [1,T,V,H,W,3] metres
-    pred_depth = depth_in_gt_cameras(pred_points, clip["cam_to_ego"], clip["ego_to_first"])[0]  # [T,V,H,W]
-    num_frames, num_views = clip["depths"].shape[1:3]
+    pred, gt = post_process(predictions, clip, gt_scale_factor, EvalConfig())  # metres, the first frame's ego
+    first_to_cam = clip["ego_first_to_cam_n"][0].double().clone()  # [T,V,4,4]
+    first_to_cam[..., :3, 3] /= gt_scale_factor
+    pred_depth = transform_points(first_to_cam[:, :, None], pred["points_in_ego_first"][0])[..., 2]  # [T,V,H,W]
+    depths = clip["depths"][0].double() / gt_scale_factor
+    num_frames, num_views = depths.shape[:2]
     views = list(views or dict.fromkeys([(0, 0), (num_frames - 1, num_views // 2)]))
 
     fig = Figure(figsize=(20, 4.2 * (1 + len(views))), layout="constrained")
     grid = fig.add_gridspec(1 + len(views), 4, width_ratios=[1, 1, 1, 1.5])
     plot_training_curves([fig.add_subplot(grid[0, i]) for i in range(4)], history)
-    depth_range = _depth_range(clip, views)
+    masks = clip["point_masks"][0].bool()
+    depth_range = _depth_range(depths, masks, views)
     for row, (t, v) in enumerate(views, start=1):
-        _plot_view(fig, [fig.add_subplot(grid[row, i]) for i in range(3)], clip, pred_depth, t, v, depth_range)
-    metrics = evaluate_clip(predictions, clip, gt_scale_factor, max_points=5000)
-    _plot_birds_eye(fig.add_subplot(grid[1:, 3]), clip, predictions, pred_points[0], gt_scale_factor, metrics)
+        _plot_view(fig, [fig.add_subplot(grid[row, i]) for i in range(3)], clip["images"][0, t, v],
+                   depths[t, v], pred_depth[t, v], masks[t, v], depth_range, f"frame {t}, view {v}")
+    metrics = {k: v[0] for k, v in evaluate_batch(predictions, clip, gt_scale_factor, EvalConfig()).items()}
+    _plot_birds_eye(fig.add_subplot(grid[1:, 3]), masks, gt, pred, metrics)
     fig.suptitle(title, fontsize=14)
     return _save(fig, out_png)
 
@@ -77,7 +85,8 @@ def plot_training_curves(axes: Sequence[Axes], history: Sequence[Mapping[str, An
                  log=True)
     _plot_series(ax_components, history, [(f"loss/{name}", name) for name in LOSS_COMPONENTS],
                  "loss components", log=True)
-    _plot_series(ax_held_out, history, [(f"val/{name}", name) for name in HELD_OUT_METRICS],
+    held_out = sorted({key for r in history for key in r if key.startswith("val/") and key.endswith(HELD_OUT_METRICS)})
+    _plot_series(ax_held_out, history, [(key, key.removeprefix("val/")) for key in held_out],
                  "held-out metrics [m]", log=False, empty_note="no held-out evaluation yet")
     _plot_series(ax_lr, history, [("lr", "learning rate")], "learning rate", log=True)
 
@@ -115,51 +124,50 @@ def _is_number(value: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _first_clip(data: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """The tensors of a batch dict, cut to its first clip, detached, on the CPU."""
-    return {k: v[:1].detach().cpu() for k, v in data.items() if torch.is_tensor(v)}
+def _first_clip(data: Mapping[str, Any]) -> Dict[str, Any]:
+    """The tensors (and lists of tensors) of a batch dict, cut to its first clip, detached, on the CPU."""
+    first = {}
+    for key, value in data.items():
+        if torch.is_tensor(value):
+            first[key] = value[:1].detach().cpu()
+        elif isinstance(value, (list, tuple)) and value and all(torch.is_tensor(v) for v in value):
+            first[key] = [v[:1].detach().cpu() for v in value]
+    return first
 
 
-def _depth_range(clip: Mapping[str, torch.Tensor], views: Sequence[Tuple[int, int]]) -> Tuple[float, float]:
+def _depth_range(depths: torch.Tensor, masks: torch.Tensor, views: Sequence[Tuple[int, int]]) -> Tuple[float, float]:
     """The 2nd..98th percentile of the valid GT depths of the shown views: one colour scale for all."""
-    depths = torch.cat([clip["depths"][0, t, v][clip["point_masks"][0, t, v].bool()] for t, v in views])
-    if depths.numel() == 0:
+    shown = torch.cat([depths[t, v][masks[t, v]] for t, v in views])
+    if shown.numel() == 0:
         return 0.0, 1.0
-    low, high = np.percentile(depths.float().numpy(), [2, 98])
+    low, high = np.percentile(shown.float().numpy(), [2, 98])
     return float(low), float(max(high, low + 1e-3))
 
 
-def _plot_view(fig: Figure, axes: Sequence[Axes], clip: Mapping[str, torch.Tensor], pred_depth: torch.Tensor,
-               t: int, v: int, depth_range: Tuple[float, float]) -> None:
-    """Input image, GT depth and predicted depth of frame t, view v (invalid GT pixels greyed out)."""
+def _plot_view(fig: Figure, axes: Sequence[Axes], image: torch.Tensor, gt: torch.Tensor, pred: torch.Tensor,
+               mask: torch.Tensor, depth_range: Tuple[float, float], name: str) -> None:
+    """Input image [3,H,W], GT and predicted z-depth [H,W] of one view (invalid GT pixels greyed out)."""
     ax_image, ax_gt, ax_pred = axes
-    image = clip["images"][0, t, v].float().permute(1, 2, 0).numpy()  # [H,W,3]
-    if image.min() < 0 or image.max() > 1:  # normalised input: stretch back to [0, 1] for display
-        image = (image - image.min()) / max(image.max() - image.min(), 1e-6)
-    ax_image.imshow(image)
-    ax_image.set_title(f"input image (frame {t}, view {v})")
-
-    mask = clip["point_masks"][0, t, v].bool()
-    gt = clip["depths"][0, t, v].float()
-    error = depth_metrics(pred_depth[t, v], gt, mask)["depth_abs_rel"]
-    for ax, depth, name in ((ax_gt, gt, "GT depth"), (ax_pred, pred_depth[t, v], f"predicted depth (AbsRel {error:.3f})")):
+    ax_image.imshow(image.float().permute(1, 2, 0).clamp(0, 1).numpy())
+    ax_image.set_title(f"input image ({name})")
+    error = eval_metrics.depth(pred[None], gt[None], mask[None])[eval_metrics.ABS_REL][0]
+    for ax, depth, title in ((ax_gt, gt, "GT depth"), (ax_pred, pred, f"predicted depth (AbsRel {error:.3f})")):
         shown = torch.where(mask, depth, torch.full_like(depth, math.nan)).numpy()
         im = ax.imshow(shown, cmap=DEPTH_CMAP, vmin=depth_range[0], vmax=depth_range[1])
-        ax.set_title(name)
+        ax.set_title(title)
     fig.colorbar(im, ax=[ax_gt, ax_pred], label="depth [m]", shrink=0.9)
     for ax in axes:
         ax.set_axis_off()
 
 
-def _plot_birds_eye(ax: Axes, clip: Mapping[str, torch.Tensor], predictions: Mapping[str, torch.Tensor],
-                    pred_points: torch.Tensor, gt_scale_factor: float, metrics: Mapping[str, float]) -> None:
+def _plot_birds_eye(ax: Axes, masks: torch.Tensor, gt: Mapping[str, torch.Tensor], pred: Mapping[str, torch.Tensor],
+                    metrics: Mapping[str, float]) -> None:
     """x-z plane of the first-frame ego frame: GT vs predicted points (valid pixels) and ego trajectories."""
-    mask = clip["point_masks"][0].bool()
-    gt_xyz, pred_xyz = clip["points"][0].float()[mask], pred_points[mask]  # [N,3] metres
+    gt_xyz, pred_xyz = gt["points_in_ego_first"][0][masks], pred["points_in_ego_first"][0][masks]  # [N,3] metres
     stride = max(1, math.ceil(len(gt_xyz) / BEV_MAX_POINTS))
     gt_xyz, pred_xyz = gt_xyz[::stride].numpy(), pred_xyz[::stride].numpy()
-    gt_traj = clip["ego_pose"][0, :, :3].float().numpy()
-    pred_traj = predictions["absolute_ego_pose_enc"][0, :, :3].float().numpy() / gt_scale_factor
+    gt_traj = gt["ego_n_to_ego_first"][0, :, :3, 3].numpy()
+    pred_traj = pred["ego_n_to_ego_first"][0, :, :3, 3].numpy()
 
     ax.scatter(gt_xyz[:, 0], gt_xyz[:, 2], s=1, color=GT_COLOR, alpha=0.4, label="GT points", rasterized=True)
     ax.scatter(pred_xyz[:, 0], pred_xyz[:, 2], s=1, color=PRED_COLOR, alpha=0.4, label="predicted points",
@@ -170,8 +178,8 @@ def _plot_birds_eye(ax: Axes, clip: Mapping[str, torch.Tensor], predictions: Map
     # Frame the GT, so that wild predictions cannot shrink the scene to a dot.
     _frame_birds_eye(ax, np.concatenate([gt_xyz[:, 0], gt_traj[:, 0]]), np.concatenate([gt_xyz[:, 2], gt_traj[:, 2]]))
     ax.set_title("bird's-eye view (first-frame ego frame)\n"
-                 f"chamfer {metrics['chamfer']:.2f} m, depth AbsRel {metrics['depth_abs_rel']:.3f}\n"
-                 f"pose AUC@30 {metrics['pose_auc_30']:.2f}, ego position error {metrics['ego_trans_error']:.2f} m")
+                 f"chamfer {metrics['ego_first_chamfer']:.2f} m, depth AbsRel {metrics[eval_metrics.ABS_REL]:.3f}\n"
+                 f"pose AUC@30 {metrics['ego_n_to_ego_first_AUC@30']:.1f}")
     legend = ax.legend(loc="upper left", fontsize=8)
     for handle in legend.legend_handles[:2]:  # the point clouds: legend dots larger than the 1-px points
         handle.set_sizes([20])

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic dataset and the overrides that make a demo run tiny and fast."""
+"""Shared fixtures: a small synthetic dataset (an official-format tree) and the overrides that make a
+demo run tiny and fast."""
 
 from pathlib import Path
 
@@ -8,12 +9,17 @@ from dvgt.data.synthetic import generate_synthetic_dataset
 from servers import SeaweedS3, free_port  # noqa: F401 - free_port is part of the tests' toolbox
 
 
+OFFICIAL = Path(__file__).parent / "data" / "official"  # the tree written by the official code, and its outputs
+OFFICIAL_TREE, OFFICIAL_OUTPUTS = OFFICIAL / "official_format", OFFICIAL / "official_outputs"
+
+
 @pytest.fixture(scope="session")
 def tiny_data_root(tmp_path_factory) -> Path:
-    """A small synthetic dataset in the DVGT layout (train and val splits)."""
+    """A small synthetic official-format tree (dataset demo, splits train and val; 12 frames per scene,
+    enough for DVGT-2's 8 future frames)."""
     root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic_dataset(root, split="train", num_scenes=4, num_frames=6, height=64, width=128, seed=0)
-    generate_synthetic_dataset(root, split="val", num_scenes=1, num_frames=6, height=64, width=128, seed=1)
+    generate_synthetic_dataset(root, split="train", num_scenes=3, num_frames=12, height=64, width=128, seed=0)
+    generate_synthetic_dataset(root, split="val", num_scenes=1, num_frames=12, height=64, width=128, seed=1)
     return root
 
 
@@ -21,12 +27,10 @@ def tiny_overrides(data_root: Path, run_dir: Path, **extra) -> list:
     """The demo stage shrunk to a tiny model, 64x32 images and a few steps, writing under run_dir."""
     values = {
         "model.size": "tiny", "max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 1,
-        "max_img_per_gpu": 8, "num_workers": 0, "seed_value": 3,
-        "data.train.datasets.0.root": data_root, "data.val.datasets.0.root": data_root,
+        "max_img_per_gpu": 8, "num_workers": 0, "seed_value": 3, "data.root": data_root,
         "data.train.img_width": 64, "data.val.img_width": 64, "data.train.views": "[2,2]",
-        "data.val.views": "[2,2]", "data.train.frames": "[2,3]", "data.val.frames": "[2,2]",
-        "logging.log_dir": run_dir, "logging.log_freq": 1, "logging.progress": "false",
-        "checkpoint.uri": run_dir / "ckpts", "checkpoint.keep_last": 0,
+        "data.val.fixed_num_frames": 2, "logging.log_dir": run_dir, "logging.log_freq": 1,
+        "logging.progress": "false", "checkpoint.uri": run_dir / "ckpts", "checkpoint.keep_last": 0,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

@@ -35,13 +35,22 @@ def test_every_stage_config_loads_with_the_recipe_values(stage):
     assert {g.module_name[0] for g in cfg.optim.gradient_clip} >= {"aggregator", "point_head"}
 
 
-def test_stage_specific_values():
-    assert list(load_config(STAGE_CONFIGS["finetune-nuscenes"]).data.train.views) == [6, 6]
-    navtrain = load_config(STAGE_CONFIGS["finetune-navtrain"]).data.train
-    assert list(navtrain.views) == [8, 8] and list(navtrain.frames) == [4, 4] and navtrain.color_jitter == 0.0
+def test_stage_specific_values_follow_the_official_configs():
+    nuscenes = load_config(STAGE_CONFIGS["finetune-nuscenes"])
+    assert (nuscenes.data.train.fixed_num_views, nuscenes.data.train.fixed_num_frames) == (6, 4)
+    assert nuscenes.data.val.clip_split == "nuscenes_planning" and nuscenes.data.val.future_frames == 6
+    assert nuscenes.optim.lr == 1e-5 and nuscenes.model.enable_ego_status and not nuscenes.eval.points_and_poses
+    navtrain = load_config(STAGE_CONFIGS["finetune-navtrain"]).data
+    assert navtrain.train.clip_split == "navtrain" and navtrain.train.fixed_num_views == 8
+    assert navtrain.train.aug_pixel_aspect_range is None and not navtrain.train.random_resize
+    assert navtrain.val.clip_split == "navtest" and navtrain.train.datasets[0].split == "navtrain"
     vggt = load_config(STAGE_CONFIGS["vggt-default"])
-    assert vggt.data.train.img_width == 518 and vggt.loss.gt_scale_factor == 1.0
+    assert vggt.data.train.img_width == 518 and vggt.gt_scale_factor == 1.0
     assert load_config(STAGE_CONFIGS["dvgt2-pretrain"]).model.name == "dvgt2_pretrain"
+    default = load_config(STAGE_CONFIGS["dvgt1-default"]).data
+    assert [(e.dataset, e.split, e.dataset_len) for e in default.train.datasets][:2] == [
+        ("openscene", "total_train", 1937600), ("nuscene", "train", 140000)]  # the official mix and weights
+    assert default.val.clip_split == "DVGT1" and default.val.fixed_num_frames == 16 and default.val.filter_lidar
 
 
 def test_configs_ship_as_package_data():
@@ -68,6 +77,9 @@ def test_working_directory_config_with_defaults(tmp_path, monkeypatch):
     ("optim.lrr=1e-4", "unknown config key 'optim.lrr'.*did you mean 'optim.lr'"),
     ("model.sise=small", "did you mean 'model.size'"),
     ("checkpoint.save_dir=/ckpt", "it is called 'checkpoint.uri' here"),
+    ("loss.gt_scale_factor=1.0", "it is called 'gt_scale_factor' here"),
+    ("data.train.clip_split=DVGT3", "data.train.clip_split 'DVGT3' is not one of"),
+    ("data.train.datasets.0.dataset=nuscenes", "'nuscenes' is not an official dataset name"),
     ("max_epochs=ten", "'max_epochs'.*expects int"),
     ("model.gradient_checkpointing=maybe", "'model.gradient_checkpointing'.*expects bool"),
     ("data.train.views=[4,2]", r"data.train.views must be \[min, max\]"),

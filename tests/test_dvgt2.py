@@ -158,33 +158,35 @@ def test_training_step_reaches_every_parameter(name):
     assert missing == []
 
 
-def test_anchors_load_from_the_anchor_file(tmp_path):
+def test_anchors_load_from_the_official_anchor_files(tmp_path):
     rng = np.random.default_rng(0)
-    trajectory = np.cumsum(rng.uniform(-1, 4, size=(20, 8, 2)), axis=1).astype(np.float32)  # metres
-    pose = rng.uniform(-1, 1, size=(20, 3)).astype(np.float32)
-    path = tmp_path / "anchors.npz"
-    np.savez(path, trajectory=trajectory, pose_translation=pose)
+    trajectory = np.cumsum(rng.uniform(-1, 4, size=(20, 8, 2)), axis=1)  # metres, float64 as the official files
+    pose = rng.uniform(-1, 1, size=(20, 3))
+    np.savez(tmp_path / "future_anchors_20_rdf.npz", centers=trajectory)
+    np.savez(tmp_path / "past_anchors_20_rdf.npz", centers=pose)
 
-    model = tiny(anchor_path=str(path))
+    model = tiny(anchor_dir=str(tmp_path))
     decoder = model.ego_pose_head.traj_pose_decoder
     fresh = tiny().ego_pose_head.traj_pose_decoder
     assert torch.unique(fresh.norm_traj_anchor[0], dim=0).shape[0] == 1  # without a file all anchors are equal
     back = decoder.denormalize(decoder.norm_traj_anchor[0], decoder.traj_min, decoder.traj_max) / 0.1
-    assert torch.allclose(back, torch.from_numpy(trajectory), atol=1e-4)
+    assert torch.allclose(back, torch.from_numpy(trajectory).float(), atol=1e-4)
     back = decoder.denormalize(
         decoder.norm_pose_translation_anchor[0], decoder.pose_translation_min, decoder.pose_translation_max
     ) / 0.1
-    assert torch.allclose(back, torch.from_numpy(pose), atol=1e-5)
+    assert torch.allclose(back, torch.from_numpy(pose).float(), atol=1e-5)
     assert "ego_pose_head.traj_pose_decoder.norm_traj_anchor" in model.state_dict()  # travels with checkpoints
 
-    with pytest.raises(FileNotFoundError, match="model.anchor_path: anchor file .*missing.npz' does not exist"):
-        tiny(anchor_path=str(tmp_path / "missing.npz"))
-    np.savez(tmp_path / "bad.npz", trajectory=trajectory[:10], pose_translation=pose)
+    with pytest.raises(FileNotFoundError, match="anchor file .*future_anchors_20_rdf.npz' does not exist"):
+        tiny(anchor_dir=str(tmp_path / "missing"))
+    (tmp_path / "bad").mkdir()
+    np.savez(tmp_path / "bad" / "future_anchors_20_rdf.npz", centers=trajectory[:10])
+    np.savez(tmp_path / "bad" / "past_anchors_20_rdf.npz", centers=pose)
     with pytest.raises(ValueError, match=r"'trajectory' has shape \[10, 8, 2\], expected \[20, 8, 2\]"):
-        tiny(anchor_path=str(tmp_path / "bad.npz"))
-    with pytest.raises(ValueError, match="model.anchor_path needs model.name=dvgt2"):
-        tiny("dvgt2_pretrain", anchor_path=str(path))
-    assert model_layout(ModelConfig(name="dvgt2", size="tiny", anchor_path=str(tmp_path / "missing.npz")))  # no files read
+        tiny(anchor_dir=str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="model.anchor_dir needs model.name=dvgt2"):
+        tiny("dvgt2_pretrain", anchor_dir=str(tmp_path))
+    assert model_layout(ModelConfig(name="dvgt2", size="tiny", anchor_dir=str(tmp_path / "missing")))  # no files read
 
 
 def test_ego_status_conditions_the_trajectories_only():

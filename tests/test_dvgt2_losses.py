@@ -1,25 +1,22 @@
-"""DVGT-2 losses and metrics on synthetic predictions: nearest-anchor targets, perfect predictions,
-masks, gradients, the best-mode metrics and the model-anchor read-out."""
+"""DVGT-2 losses on synthetic predictions: nearest-anchor targets, perfect predictions, masks,
+gradients, the best mode and the model-anchor read-out."""
 
-import math
 
 import pytest
 import torch
 from torch import nn
 
 import dvgt
-
 from dvgt.config import LossConfig
-from dvgt.data.geometry import absT_quaR_to_pose, chain_relative_poses, pose_to_absT_quaR
-from dvgt.train.dvgt2_evaluation import best_mode, evaluate_dvgt2_clip, planning_metrics
+from dvgt.data.geometry import absT_quaR_to_pose, pose_to_absT_quaR, pose_to_trajectory_rdf
 from dvgt.train.dvgt2_losses import (PlanningAnchors, anchor_mode_loss, anchors_from_model, nearest_anchor,
                                      sigmoid_focal_loss)
+from dvgt.train.evaluation import best_mode
 from dvgt.train.losses import compute_loss
-from dvgt.train.evaluation import evaluate_clip
 
 torch.set_num_threads(2)
 B, T, V, H, W, K, S = 2, 3, 2, 16, 20, 5, 8
-SCALE = LossConfig().gt_scale_factor
+SCALE = 0.1  # gt_scale_factor: the data multiplies the ground truth by it
 
 
 def make_anchors() -> PlanningAnchors:
@@ -31,35 +28,42 @@ def make_anchors() -> PlanningAnchors:
     return PlanningAnchors(trajectory * SCALE, translation * SCALE)
 
 
+def trajectory_poses(trajectory):
+    """(right, forward, heading) [..., 3] -> poses [..., 4, 4]: yaw about the down axis, the inverse of
+    pose_to_trajectory_rdf."""
+    c, s_ = torch.cos(trajectory[..., 2]), torch.sin(trajectory[..., 2])
+    pose = torch.zeros(*trajectory.shape[:-1], 4, 4)
+    pose[..., 0, 0], pose[..., 0, 2], pose[..., 1, 1], pose[..., 2, 0], pose[..., 2, 2] = c, s_, 1, -s_, c
+    pose[..., 0, 3], pose[..., 2, 3], pose[..., 3, 3] = trajectory[..., 0], trajectory[..., 1], 1
+    return pose
+
+
 def make_batch(anchors: PlanningAnchors, targets=(1, 3), seed=0):
-    """Ground truth near chosen anchors: trajectory of every frame near anchor targets[0], past
-    translation near anchor targets[1]; points: a surface in each frame's ego frame."""
+    """Ground truth (official keys, scaled as the data gives it) near chosen anchors: the future of every
+    frame near anchor targets[0], the past translation near anchor targets[1]; points: a surface in each
+    frame's ego frame."""
     g = torch.Generator().manual_seed(seed)
     ys, xs = torch.meshgrid(torch.linspace(-2, 2, H), torch.linspace(-3, 3, W), indexing="ij")
     depth = 10 + torch.rand(B, T, V, H, W, generator=g) * 0.5 + ys
-    points = torch.stack([xs.expand_as(depth) * depth / 5, ys.expand_as(depth) * depth / 5, depth], dim=-1)
+    points = torch.stack([xs.expand_as(depth) * depth / 5, ys.expand_as(depth) * depth / 5, depth], dim=-1) * SCALE
     trajectory = torch.zeros(B, T, S, 3)
-    trajectory[..., :2] = anchors.trajectory[targets[0]] / SCALE + 0.05 * torch.randn(B, T, S, 2, generator=g)
+    trajectory[..., :2] = anchors.trajectory[targets[0]] + 0.005 * torch.randn(B, T, S, 2, generator=g)
     trajectory[..., 2] = 0.01 * torch.randn(B, T, S, generator=g)
-    valid = torch.ones(B, T, S, dtype=torch.bool)
-    valid[:, -1, 5:] = False  # the end of the scene
     relative = torch.zeros(B, T, 7)
-    relative[..., :3] = anchors.pose_translation[targets[1]] / SCALE + 0.02 * torch.randn(B, T, 3, generator=g)
+    relative[..., :3] = anchors.pose_translation[targets[1]] + 0.002 * torch.randn(B, T, 3, generator=g)
     relative[..., 6] = 1.0
     relative[:, 0] = torch.tensor([0, 0, 0, 0, 0, 0, 1.0])
-    ego_to_first = chain_relative_poses(absT_quaR_to_pose(relative.double())).float()
-    return {"points_local": points, "point_masks": torch.rand(B, T, V, H, W, generator=g) < 0.9,
-            "future_trajectory": trajectory, "future_valid": valid, "relative_pose": relative,
-            "ego_pose": pose_to_absT_quaR(ego_to_first), "ego_to_first": ego_to_first,
-            "depths": depth, "cam_to_ego": torch.eye(4).expand(B, T, V, 4, 4).clone()}
+    return {"images": torch.zeros(B, T, V, 3, H, W), "points_in_ego_n": points,
+            "point_masks": torch.rand(B, T, V, H, W, generator=g) < 0.9,
+            "future_ego_n_to_ego_curr": trajectory_poses(trajectory), "ego_past_to_ego_curr": absT_quaR_to_pose(relative)}
 
 
 def perfect_predictions(batch, targets=(1, 3), layers=2, seed=1):
     """Random modes with the target mode exact and scored highest, per decoder layer."""
     g = torch.Generator().manual_seed(seed)
-    traj_gt = torch.cat([batch["future_trajectory"][..., :2] * SCALE, batch["future_trajectory"][..., 2:]], -1)
-    pose_gt = torch.cat([batch["relative_pose"][..., :3] * SCALE, batch["relative_pose"][..., 3:]], -1)
-    out = {"points": batch["points_local"] * SCALE, "points_conf": torch.full(batch["point_masks"].shape, 2.0)}
+    traj_gt = pose_to_trajectory_rdf(batch["future_ego_n_to_ego_curr"])
+    pose_gt = pose_to_absT_quaR(batch["ego_past_to_ego_curr"])
+    out = {"points": batch["points_in_ego_n"].clone(), "points_conf": torch.full(batch["point_masks"].shape, 2.0)}
     for name, gt, target in (("traj", traj_gt, targets[0]), ("poses", pose_gt, targets[1])):
         regs, scores = [], []
         for _ in range(layers):
@@ -100,24 +104,26 @@ def test_perfect_predictions_give_zero_regression_and_small_classification():
     assert set(losses) >= {"objective", "loss_conf_point", "loss_grad_point"}
 
 
-def test_masks_frame_zero_and_layers():
+def test_masks_frame_zero_and_missing_future_steps():
+    """Frame 0's relative pose is not supervised; a clip with fewer future frames than the horizon (the
+    nuScenes planning evaluation has 6 of 8) supervises the known steps only; no future: no planning loss."""
     anchors, cfg = make_anchors(), LossConfig()
     batch = make_batch(anchors)
+    short = dict(batch, future_ego_n_to_ego_curr=batch["future_ego_n_to_ego_curr"][:, :, :6])
     predictions = perfect_predictions(batch)
-    base = compute_loss(predictions, batch, cfg, anchors)
+    base = compute_loss(predictions, short, cfg, anchors)
     changed = {k: [v.clone() for v in vs] if isinstance(vs, list) else vs.clone() for k, vs in predictions.items()}
     for reg in changed["diff_traj_reg_list"]:
-        reg[:, -1, :, 5:] += 3.0  # only steps past the end of the scene
+        reg[:, :, :, 6:] += 3.0  # only the steps the short clip does not know
     for reg in changed["diff_poses_reg_list"]:
         reg[:, 0] += 3.0  # only frame 0, which has no previous frame
-    again = compute_loss(changed, batch, cfg, anchors)
+    again = compute_loss(changed, short, cfg, anchors)
     assert again["loss_traj_reg"].item() == pytest.approx(0.0, abs=1e-6)
     assert again["loss_pose_reg"].item() == pytest.approx(0.0, abs=1e-6)
-    changed["diff_traj_reg_list"][0][:, 1] += 1.0  # a valid frame of the first decoder layer counts
-    assert compute_loss(changed, batch, cfg, anchors)["loss_traj_reg"] > 0.1
     assert base["objective"].item() == pytest.approx(again["objective"].item(), rel=1e-6)
-    empty = dict(batch, future_valid=torch.zeros(B, T, S, dtype=torch.bool))
-    none = compute_loss(predictions, empty, cfg, anchors)
+    changed["diff_traj_reg_list"][0][:, 1, :, :6] += 1.0  # a known step of the first decoder layer counts
+    assert compute_loss(changed, short, cfg, anchors)["loss_traj_reg"] > 0.1
+    none = compute_loss(predictions, {k: v for k, v in batch.items() if k != "future_ego_n_to_ego_curr"}, cfg, anchors)
     assert none["loss_traj_cls"].item() == 0 and none["loss_traj_reg"].item() == 0
 
 
@@ -169,8 +175,8 @@ def test_gradients_reach_every_prediction():
 def test_stage1_relative_pose_loss_and_missing_anchors():
     anchors = make_anchors()
     batch = make_batch(anchors)
-    pose = torch.cat([batch["relative_pose"][..., :3] * SCALE, batch["relative_pose"][..., 3:]], -1)
-    predictions = {"points": batch["points_local"] * SCALE, "points_conf": torch.full(batch["point_masks"].shape, 2.0),
+    pose = pose_to_absT_quaR(batch["ego_past_to_ego_curr"])
+    predictions = {"points": batch["points_in_ego_n"], "points_conf": torch.full(batch["point_masks"].shape, 2.0),
                    "relative_ego_pose_enc": pose, "relative_ego_pose_enc_list": [pose.clone()]}
     losses = compute_loss(predictions, batch, LossConfig())
     assert losses["loss_T"].item() == pytest.approx(0, abs=1e-7) and losses["loss_R"].item() == pytest.approx(0, abs=1e-7)
@@ -185,7 +191,7 @@ def test_stage1_relative_pose_loss_and_missing_anchors():
 def test_anchors_are_read_from_the_model_buffers():
     g = torch.Generator().manual_seed(0)
     anchors = PlanningAnchors(torch.randn(20, S, 2, generator=g), 0.1 * torch.randn(20, 3, generator=g))  # 20: the model's
-    model = dvgt.build_model("train/dvgt2/demo.yaml", ["model.size=tiny", "model.anchor_path=null"])
+    model = dvgt.build_model("train/dvgt2/demo.yaml", ["model.size=tiny", "model.anchor_dir=null"])
     model.get_submodule("ego_pose_head.traj_pose_decoder").set_anchors(anchors.trajectory / SCALE,
                                                                        anchors.pose_translation / SCALE)
     read = anchors_from_model(model)
@@ -195,36 +201,11 @@ def test_anchors_are_read_from_the_model_buffers():
     assert anchors_from_model(nn.Linear(2, 2)) is None
 
 
-def test_planning_metrics_at_each_horizon():
-    gt = torch.cumsum(torch.ones(T, S, 2), dim=1)
-    pred = gt + torch.tensor([3.0, 4.0]) * torch.arange(1, S + 1)[None, :, None] / S  # error grows to 5 m
-    valid = torch.ones(T, S, dtype=torch.bool)
-    valid[2, 3:] = False
-    pred[2, 3:] += 100  # invalid steps are ignored
-    metrics = planning_metrics(pred, gt, valid)
-    assert metrics["plan_l2_1s"] == pytest.approx(5 * 2 / S)  # 1 s is waypoint 2 of 8
-    assert metrics["plan_l2_2s"] == pytest.approx(5 * 4 / S) and metrics["plan_l2_3s"] == pytest.approx(5 * 6 / S)
-    assert metrics["plan_fde"] == pytest.approx(5.0)
-    errors = [5 * (s + 1) / S for s in range(S)]
-    assert metrics["plan_ade"] == pytest.approx((2 * sum(errors) + sum(errors[:3])) / (2 * S + 3))
-    assert math.isnan(planning_metrics(pred, gt, torch.zeros(T, S, dtype=torch.bool))["plan_fde"])
-
-
-def test_dvgt2_evaluation_takes_the_best_scoring_modes():
+def test_best_mode_takes_the_top_scoring_mode_of_the_last_layer():
     anchors = make_anchors()
-    batch = make_batch(anchors)
-    predictions = perfect_predictions(batch)
-    metrics = evaluate_clip(predictions, batch, SCALE)
-    assert metrics["point_error"] == pytest.approx(0, abs=1e-5) and metrics["depth_abs_rel"] == pytest.approx(0, abs=1e-6)
-    assert metrics["pose_auc_30"] == pytest.approx(1.0) and metrics["ego_trans_error"] == pytest.approx(0, abs=1e-4)
-    for key in ("plan_l2_1s", "plan_l2_2s", "plan_l2_3s", "plan_ade", "plan_fde"):
-        assert metrics[key] == pytest.approx(0, abs=1e-5), key
-    for scores in predictions["diff_traj_cls_list"][-1:] + predictions["diff_poses_cls_list"][-1:]:
-        scores[..., 0] = 20.0  # the last layer now prefers a random mode
-    worse = evaluate_dvgt2_clip(predictions, batch, SCALE, max_points=1000)
-    assert worse["plan_ade"] > 1.0 and worse["ego_trans_error"] > 1.0 and worse["point_error"] < 1e-5
-    pretrain = {"points": predictions["points"], "points_conf": predictions["points_conf"],
-                "relative_ego_pose_enc_list": [best_mode(perfect_predictions(batch)["diff_poses_reg_list"],
-                                                         perfect_predictions(batch)["diff_poses_cls_list"])]}
-    stage1 = evaluate_clip(pretrain, batch, SCALE)
-    assert stage1["pose_auc_30"] == pytest.approx(1.0) and "plan_ade" not in stage1
+    predictions = perfect_predictions(make_batch(anchors))
+    chosen = best_mode(predictions["diff_traj_reg_list"], predictions["diff_traj_cls_list"])
+    assert torch.equal(chosen, predictions["diff_traj_reg_list"][-1][:, :, 1])
+    predictions["diff_traj_cls_list"][-1][..., 0] = 20.0
+    assert torch.equal(best_mode(predictions["diff_traj_reg_list"], predictions["diff_traj_cls_list"]),
+                       predictions["diff_traj_reg_list"][-1][:, :, 0])

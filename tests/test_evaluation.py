@@ -1,119 +1,162 @@
-"""Evaluation metrics on synthetic clips with known answers, and the result figure."""
+"""Evaluation: each model family's predictions brought into the official metrics' frames and units
+(perfect predictions score perfectly; known errors give the expected numbers; the official metric
+definitions' invariances hold), the per-dataset accumulation, and the result figure."""
 
 import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
-from dvgt.data.geometry import absT_quaR_to_pose, quaternion_to_rotation
-from dvgt.train.evaluation import (EvalAccumulator, depth_in_gt_cameras, evaluate_clip, nearest_neighbour_distances,
-                                   point_metrics)
+from dvgt.config import DataConfig, DatasetEntry, EvalConfig
+from dvgt.data.geometry import camera_pose_encoding, pose_to_absT_quaR, pose_to_trajectory_rdf, quaternion_to_rotation
+from dvgt.data.loader import load_clip, open_datasets
+from dvgt.data.scene_dataset import ALL_TARGETS
+from dvgt.train.evaluation import EvalAccumulator, evaluate_batch, umeyama
 from dvgt.viz import render_result_figure, render_training_curves
 
 SCALE = 0.1
+ALL = EvalConfig()
 
 
-def yaw_quaternion(angle):
-    """Rotation by `angle` (radians) about the ego y axis (down), as x, y, z, w."""
-    return torch.tensor([0.0, math.sin(angle / 2), 0.0, math.cos(angle / 2)])
+@pytest.fixture(scope="module")
+def clip(tiny_data_root):
+    """A real evaluation batch of one clip: 3 frames (+ 8 future) x 8 cameras of the synthetic tree, scaled by 0.1."""
+    cfg = OmegaConf.structured(DataConfig(root=str(tiny_data_root)))
+    cfg.val.datasets = [DatasetEntry(dataset="demo", split="val")]
+    cfg.val.clip_split, cfg.val.fixed_num_frames, cfg.val.future_frames = "DVGT2", 3, 8
+    cfg.val.fixed_aspect_ratio, cfg.val.img_width = 2.0, 64
+    return load_clip(open_datasets(cfg, "val", patch_size=16, gt_scale_factor=SCALE, targets=ALL_TARGETS)[0], 0)
 
 
-def make_clip(batch_size=2, frames=3, views=2, height=12, width=16, depth=None, identity=False, seed=0):
-    """A consistent synthetic batch: depths unprojected through intrinsics, camera rig and ego motion."""
-    g = torch.Generator().manual_seed(seed)
-    ego_pose = torch.zeros(batch_size, frames, 7)
-    cam_to_ego = torch.eye(4).repeat(batch_size, frames, views, 1, 1)
-    for t in range(frames):
-        ego_pose[:, t, 3:] = yaw_quaternion(0.0 if identity else 0.05 * t)
-        if not identity:
-            ego_pose[:, t, :3] = torch.tensor([0.3 * t, 0.0, 4.0 * t])
-    for v in range(views):
-        if not identity:
-            cam_to_ego[:, :, v, :3, :3] = quaternion_to_rotation(yaw_quaternion(v * math.pi / 3))
-            cam_to_ego[:, :, v, :3, 3] = torch.tensor([0.5 * v, -1.5, 1.0])
-    ego_to_first = absT_quaR_to_pose(ego_pose)
-    intrinsics = torch.tensor([[width, 0.0, width / 2], [0.0, width, height / 2], [0.0, 0.0, 1.0]])
-    shape = (batch_size, frames, views, height, width)
-    depths = torch.full(shape, float(depth)) if depth else 3 + 40 * torch.rand(shape, generator=g)
-    vs, us = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
-    rays = torch.stack([us, vs, torch.ones_like(us)], dim=-1) @ torch.linalg.inv(intrinsics).T  # [H,W,3]
-    cam_points = torch.cat([rays * depths[..., None], torch.ones(*shape, 1)], dim=-1)  # [B,T,V,H,W,4]
-    first_from_cam = ego_to_first[:, :, None] @ cam_to_ego  # [B,T,V,4,4]
-    points = (cam_points @ first_from_cam[:, :, :, None].transpose(-1, -2))[..., :3]
-    masks = torch.ones(shape, dtype=torch.bool) if depth else torch.rand(shape, generator=g) < 0.9
-    return {"images": torch.rand(batch_size, frames, views, 3, height, width, generator=g), "points": points,
-            "point_masks": masks, "depths": depths, "intrinsics": intrinsics.expand(*shape[:3], 3, 3),
-            "cam_to_ego": cam_to_ego, "ego_to_first": ego_to_first, "ego_pose": ego_pose}
-
-
-def predictions_for(clip, point_offset=(0.0, 0.0, 0.0)):
-    """Perfect predictions in network units (metres * SCALE), optionally shifted by point_offset metres."""
-    pose = clip["ego_pose"].clone()
-    pose[..., :3] *= SCALE
-    points = (clip["points"] + torch.tensor(point_offset)) * SCALE
-    return {"points": points, "points_conf": torch.ones(points.shape[:-1]) * 2, "absolute_ego_pose_enc": pose,
+def dvgt1_predictions(clip, point_offset=(0.0, 0.0, 0.0)):
+    """Perfect DVGT-1 predictions (network units), optionally shifted by point_offset metres."""
+    pose = pose_to_absT_quaR(clip["ego_n_to_ego_first"])
+    points = clip["points_in_ego_first"] + torch.tensor(point_offset) * SCALE
+    return {"points": points, "points_conf": torch.ones(points.shape[:-1]), "absolute_ego_pose_enc": pose,
             "absolute_ego_pose_enc_list": [pose]}
 
 
-def test_synthetic_clip_is_consistent_with_the_depth_projection():
-    clip = make_clip()
-    depth = depth_in_gt_cameras(clip["points"], clip["cam_to_ego"], clip["ego_to_first"])
-    assert torch.allclose(depth, clip["depths"], atol=1e-4)
+def assert_perfect(metrics):
+    for key in ("ego_first_accuracy", "ego_first_completeness", "ego_first_chamfer", "ego_n_Abs Rel"):
+        assert metrics[key][0] == pytest.approx(0.0, abs=1e-4), key
+    assert metrics["ego_n_δ < 1.25"][0] == 1.0
+    assert metrics["ego_n_to_ego_first_AUC@30"][0] == pytest.approx(100.0)
 
 
-def test_perfect_predictions_score_perfectly():
-    clip = make_clip()
-    metrics = evaluate_clip(predictions_for(clip), clip, SCALE)
-    for key in ("point_error", "accuracy", "completeness", "chamfer", "depth_abs_rel", "ego_trans_error"):
-        assert metrics[key] == pytest.approx(0.0, abs=1e-4), key
-    assert metrics["depth_delta_1_25"] == 1.0
-    assert metrics["pose_auc_30"] == 1.0
+def test_perfect_dvgt1_predictions_score_perfectly(clip):
+    assert_perfect(evaluate_batch(dvgt1_predictions(clip), clip, SCALE, ALL))
 
 
-@pytest.mark.parametrize("offset, abs_rel, delta", [(0.5, 0.05, 1.0), (5.0, 0.5, 0.0)])
-def test_known_offset_gives_the_expected_errors(offset, abs_rel, delta):
-    # One camera looking down +z at a wall 10 m away; predictions pushed `offset` metres further.
-    clip = make_clip(batch_size=1, frames=1, views=1, depth=10.0, identity=True)
-    metrics = evaluate_clip(predictions_for(clip, (0.0, 0.0, offset)), clip, SCALE)
-    for key in ("point_error", "accuracy", "completeness", "chamfer"):
-        assert metrics[key] == pytest.approx(offset, rel=1e-5), key
-    assert metrics["depth_abs_rel"] == pytest.approx(abs_rel, rel=1e-5)
-    assert metrics["depth_delta_1_25"] == delta
-    assert math.isnan(metrics["pose_auc_30"])  # one frame: no pair to judge
+def test_perfect_dvgt2_predictions_score_perfectly_after_chaining(clip):
+    """Local points and relative poses are chained to the first frame; the planned trajectory of the last
+    frame is scored against the 8 future frames (x forward, y left, yaw)."""
+    B, T = clip["images"].shape[:2]
+    relative = pose_to_absT_quaR(clip["ego_past_to_ego_curr"])
+    trajectory = pose_to_trajectory_rdf(clip["future_ego_n_to_ego_curr"])  # [B,T,8,3]
+    scores = torch.zeros(B, T, 20)
+    scores[..., 5] = 1.0  # mode 5 scores best: it holds the truth
+    traj_modes = torch.zeros(B, T, 20, 8, 3)
+    traj_modes[:, :, 5] = trajectory
+    pose_modes = torch.zeros(B, T, 20, 7)
+    pose_modes[:, :, 5] = relative
+    predictions = {"points": clip["points_in_ego_n"], "points_conf": torch.ones(clip["point_masks"].shape),
+                   "diff_traj_reg_list": [traj_modes], "diff_traj_cls_list": [scores],
+                   "diff_poses_reg_list": [pose_modes], "diff_poses_cls_list": [scores]}
+    metrics = evaluate_batch(predictions, clip, SCALE, ALL)
+    assert_perfect(metrics)
+    for t in range(8):
+        assert metrics[f"{t}_xy_l2"][0] == pytest.approx(0.0, abs=1e-5)
+        assert metrics[f"{t}_theta_l1"][0] == pytest.approx(0.0, abs=1e-5)
+    traj_modes[:, -1, 5, :, 1] += 1.0 * SCALE  # the last frame's plan: 1 m further forward at every step
+    shifted = evaluate_batch(predictions, clip, SCALE, EvalConfig(points_and_poses=False))
+    assert all(shifted[f"{t}_xy_l2"][0] == pytest.approx(1.0, rel=1e-4) for t in range(8))
+    assert "ego_first_chamfer" not in shifted  # eval.points_and_poses=false: planning only
 
 
-def test_pose_perturbation_lowers_the_auc_and_shows_in_the_translation_error():
-    clip = make_clip(batch_size=1, frames=3)
-    predictions = predictions_for(clip)
-    predictions["absolute_ego_pose_enc"][0, 2, 3:] = yaw_quaternion(0.1 + math.radians(10.5))  # frame 2: +10.5 deg
-    metrics = evaluate_clip(predictions, clip, SCALE)
-    # Pairs (0,2) and (1,2) err by 10.5 deg (below 20 of the 30 thresholds), pair (0,1) is exact.
-    assert metrics["pose_auc_30"] == pytest.approx((1 + 2 * 20 / 30) / 3, abs=1e-6)
-    predictions = predictions_for(clip)
-    predictions["absolute_ego_pose_enc"][0, 1:, 0] += 1.0 * SCALE  # 1 m sideways from frame 1 on
-    metrics = evaluate_clip(predictions, clip, SCALE)
-    assert metrics["ego_trans_error"] == pytest.approx(1.0, rel=1e-5)
-    assert metrics["pose_auc_30"] < 1.0  # the translation directions changed
+@pytest.mark.parametrize("umeyama_per_scene", [False, True])
+def test_perfect_vggt_predictions_score_perfectly_through_the_rig(clip, umeyama_per_scene):
+    """VGGT predicts cameras and points relative to the first camera; the GT rig moves them into the ego
+    frames (with the optional per-clip similarity alignment, which a scaled prediction then survives)."""
+    H, W = clip["images"].shape[-2:]
+    cameras = camera_pose_encoding(clip["cam_first_to_cam_n"].double(), clip["intrinsics"].double(), H, W).float()
+    predictions = {"points": clip["points_in_cam_first"], "points_conf": torch.ones(clip["point_masks"].shape),
+                   "cam_pose_enc": cameras, "cam_pose_enc_list": [cameras]}
+    assert_perfect(evaluate_batch(predictions, clip, SCALE, EvalConfig(umeyama_per_scene=umeyama_per_scene)))
+    if umeyama_per_scene:
+        scaled = dict(predictions, points=clip["points_in_cam_first"] * 2.0)
+        scaled["cam_pose_enc"] = cameras.clone()
+        scaled["cam_pose_enc"][..., :3] *= 2.0
+        assert_perfect(evaluate_batch(scaled, clip, SCALE, EvalConfig(umeyama_per_scene=True)))
 
 
-def test_nearest_neighbours_match_brute_force_and_subsampling_is_deterministic():
+def test_known_offset_gives_the_expected_errors():
+    """One camera at the origin looking down +z at a wall 10 m away; predictions pushed `offset` further:
+    accuracy = completeness = offset, chamfer (their sum) = 2 x offset; ray depth grows accordingly."""
+    H, W = 8, 12
+    depth = torch.full((1, 1, 1, H, W), 10.0)
+    vs, us = torch.meshgrid(torch.arange(H) - H / 2, torch.arange(W) - W / 2, indexing="ij")
+    points = torch.stack([us * 0.5, vs * 0.5, torch.full_like(us, 10.0, dtype=torch.float32)], -1)[None, None, None]
+    identity = torch.eye(4)[None, None]
+    clip = {"images": torch.zeros(1, 1, 1, 3, H, W), "points_in_ego_first": points * SCALE,
+            "ray_depth": points.norm(dim=-1) * SCALE, "point_masks": depth > 0, "ego_n_to_ego_first": identity}
+    metrics = evaluate_batch(dvgt1_predictions(clip, (0.0, 0.0, 0.5)), clip, SCALE, ALL)
+    assert metrics["ego_first_accuracy"][0] == pytest.approx(0.5, rel=1e-5)
+    assert metrics["ego_first_completeness"][0] == pytest.approx(0.5, rel=1e-5)
+    assert metrics["ego_first_chamfer"][0] == pytest.approx(1.0, rel=1e-5)
+    ray = points.norm(dim=-1)
+    shifted = (points + torch.tensor([0, 0, 0.5])).norm(dim=-1)
+    assert metrics["ego_n_Abs Rel"][0] == pytest.approx(((shifted - ray) / ray).mean().item(), rel=1e-5)
+    assert metrics["ego_n_δ < 1.25"][0] == 1.0
+    assert math.isnan(metrics["ego_n_to_ego_first_AUC@30"][0])  # one frame: no pair to judge
+
+
+def test_pose_auc_follows_the_official_definition(clip):
+    """Directions only: scaling every translation keeps AUC 100, and so does reversing them (the official
+    error is sign-ambiguous); a 10.5 degree yaw error on the last frame lowers AUC@5 and AUC@10."""
+    pose = clip["ego_n_to_ego_first"]
+
+    def auc(predicted):
+        predictions = dvgt1_predictions(clip)
+        predictions["absolute_ego_pose_enc"] = pose_to_absT_quaR(predicted)
+        return evaluate_batch(predictions, clip, SCALE, ALL)
+
+    for factor in (3.0, -1.0):
+        scaled = pose.clone()
+        scaled[..., :3, 3] *= factor
+        assert auc(scaled)["ego_n_to_ego_first_AUC@30"][0] == pytest.approx(100.0)
+    turned = pose.clone()
+    yaw = quaternion_to_rotation(torch.tensor([0.0, math.sin(math.radians(5.25)), 0.0, math.cos(math.radians(5.25))]))
+    turned[:, -1, :3, :3] = yaw @ turned[:, -1, :3, :3]
+    metrics = auc(turned)
+    assert metrics["ego_n_to_ego_first_AUC@5"][0] < 100 and metrics["ego_n_to_ego_first_AUC@10"][0] < 100
+    assert metrics["ego_n_to_ego_first_AUC@30"][0] > metrics["ego_n_to_ego_first_AUC@10"][0]
+
+
+def test_umeyama_recovers_a_similarity():
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(50, 3, generator=g), torch.randn(40, 3, generator=g)
-    a_to_b, b_to_a = nearest_neighbour_distances(a, b, chunk=7)
-    full = torch.cdist(a.double(), b.double())
-    assert torch.allclose(a_to_b, full.min(1).values) and torch.allclose(b_to_a, full.min(0).values)
-    pred, gt = torch.randn(500, 3, generator=g), torch.randn(500, 3, generator=g)
-    assert point_metrics(pred, gt, max_points=100) == point_metrics(pred, gt, max_points=100)
-    assert point_metrics(pred, gt, max_points=100) != point_metrics(pred, gt, max_points=500)
+    source = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    rotation = quaternion_to_rotation(torch.randn(4, generator=g, dtype=torch.float64))
+    target = 2.5 * source @ rotation.T + torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    scale, R, t = umeyama(source, target)
+    assert scale.item() == pytest.approx(2.5) and torch.allclose(R, rotation, atol=1e-8)
+    assert torch.allclose(t, torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64), atol=1e-8)
 
 
-def test_accumulator_weights_and_skips_undefined_values():
+def test_accumulator_averages_per_dataset_and_skips_undefined_values():
     accumulator = EvalAccumulator()
-    accumulator.add({"chamfer": 1.0, "pose_auc_30": math.nan})
-    accumulator.add({"chamfer": 4.0, "pose_auc_30": 0.5}, weight=2.0)
-    accumulator.add({"objective": 7.0})
-    assert accumulator.mean() == {"chamfer": 3.0, "pose_auc_30": 0.5, "objective": 7.0}
+    accumulator.add("nuscene", {"ego_first_chamfer": [1.0, 4.0], "ego_n_to_ego_first_AUC@30": [math.nan, 50.0]})
+    accumulator.add("kitti", {"ego_first_chamfer": [2.0]})
+    accumulator.add("loss", {"objective": [7.0]})
+    assert accumulator.reduce(torch.device("cpu")) == {
+        "kitti/ego_first_chamfer": 2.0, "loss/objective": 7.0, "nuscene/ego_first_chamfer": 2.5,
+        "nuscene/ego_n_to_ego_first_AUC@30": 50.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Result figure
+# --------------------------------------------------------------------------------------------
 
 
 def history(eval_entries=True):
@@ -122,7 +165,8 @@ def history(eval_entries=True):
         records.append({"kind": "train", "step": step, "loss/objective": 2.0 / step - 0.1, "lr": 1e-4,
                         "loss/loss_conf_point": 1.0 / step, "loss/loss_ego_pose": 0.5 / step, "loss/loss_R": None})
         if eval_entries and step % 12 == 1:
-            records.append({"kind": "eval", "step": step, "val/point_error": 3.0 / step, "val/chamfer": 1.0 / step})
+            records.append({"kind": "eval", "step": step, "val/demo/ego_first_chamfer": 3.0 / step,
+                            "val/demo/ego_first_accuracy": 1.0 / step})
     return records
 
 
@@ -135,9 +179,8 @@ def assert_png(path, min_size=(800, 300)):
 
 @pytest.mark.parametrize("records", [history(), history(eval_entries=False), history()[:1], []],
                          ids=["full", "no-eval", "one-entry", "empty"])
-def test_result_figure_is_written(tmp_path, records):
-    clip = make_clip(batch_size=1, frames=3, views=2, height=24, width=40)
-    predictions = predictions_for(clip, (0.3, 0.0, 1.0))
+def test_result_figure_is_written(tmp_path, clip, records):
+    predictions = dvgt1_predictions(clip, (0.3, 0.0, 1.0))
     predictions["absolute_ego_pose_enc"][0, 1:, 0] += 0.05
     out = render_result_figure(records, clip, predictions, tmp_path / "figs" / "result.png", gt_scale_factor=SCALE)
     assert_png(out, min_size=(1500, 1000))

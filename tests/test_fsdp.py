@@ -1,8 +1,10 @@
 """FSDP2 (distributed.strategy=fsdp) against DDP on 2 CPU ranks (gloo, torchrun), sharded DCP
-checkpoints (local and through SeaweedFS S3), resume across strategies and world sizes, export.
+checkpoints (local and through SeaweedFS S3), resume across strategies and world sizes, export, and
+evaluation on every rank.
 
 Four torchrun runs of the tiny DVGT-1 demo, 2 epochs x 2 steps, each batch in 2 micro-steps
-(gradient accumulation) with activation checkpointing on (the demo's default):
+(gradient accumulation) with activation checkpointing on (the demo's default), evaluating 3 held-out
+clips (2 on rank 0, 1 on rank 1 and a repeat that is not counted) at the start and after each epoch:
   ddp        DDP from scratch (checkpoints at steps 2 and 4)
   zero2      FSDP zero2 from scratch
   zero3      FSDP zero3 resuming from ddp's step 2, checkpoints to S3
@@ -24,6 +26,7 @@ from dvgt.checkpoint.dcp import optimizer_state_by_name, read_full_model
 from dvgt.checkpoint.manager import CheckpointManager, CorruptCheckpointError
 from dvgt.checkpoint.safetensors_stream import read_safetensors
 from dvgt.config import ConfigError, load_config
+from dvgt.data import format as fmt
 from dvgt.data.anchors import write_anchors
 from dvgt.data.synthetic import generate_synthetic_dataset
 from dvgt.train.logger import read_log
@@ -32,7 +35,7 @@ from dvgt.train.loop import Trainer
 # Relative tolerance of a loss under FSDP vs DDP: the same float32 math, reduced in another order
 # (reduce-scatter vs all-reduce; measured differences are ~1e-6).
 LOSS_RTOL = 1e-4
-RUN = {"max_epochs": 2, "limit_train_batches": 2, "limit_val_batches": 0, "accum_steps": 2}
+RUN = {"max_epochs": 2, "limit_train_batches": 2, "limit_val_batches": 3, "accum_steps": 2}
 
 
 def losses(run_dir) -> dict:
@@ -76,15 +79,38 @@ def test_zero2_and_zero3_give_the_losses_of_ddp(runs):
     assert_close(losses(runs["zero3"]), reference, [3, 4])  # ... after resuming DDP's checkpoint under FSDP
 
 
+@pytest.mark.parametrize("run", ["ddp", "zero2", "zero3"])
+def test_every_rank_evaluates_and_the_reduced_metrics_equal_one_process(runs, run, tiny_data_root, seaweedfs,
+                                                                        monkeypatch, tmp_path):
+    """The metrics each 2-rank run logged at its last step (each rank scored its share, sums all-reduced)
+    equal one process evaluating the same 3 clips with the weights of that step."""
+    for key, value in seaweedfs.env().items():
+        monkeypatch.setenv(key, value)
+    logged = [r for r in read_log(runs[run] / "train_log.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in logged] == ([0, 2, 4] if run != "zero3" else [4])
+    final = {k: v for k, v in logged[-1].items() if k.startswith("val/")}
+    assert {"val/demo/ego_first_chamfer", "val/demo/ego_n_Abs Rel", "val/loss/objective"} <= set(final)
+    checkpoint = "s3://fsdp/zero3/step_00000004" if run == "zero3" else runs[run] / "ckpts" / "step_00000004"
+    torch.set_num_threads(2)
+    trainer = Trainer(load_config("train/dvgt1/demo.yaml", tiny_overrides(
+        tiny_data_root, tmp_path, **{**RUN, "checkpoint.resume_checkpoint_path": checkpoint})))
+    try:
+        alone = trainer.evaluate()
+    finally:
+        trainer.close()
+    assert alone.keys() == final.keys()
+    for key, value in final.items():
+        assert alone[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
 def test_dvgt2_under_zero3_gives_the_losses_of_ddp(tmp_path):
     """DVGT-2 adds the ego head's temporal embedding in place to an aggregator output; under zero3 the
     blocks' parameters are gathered again in backward, so this checks that nothing there is lost."""
     root = tmp_path / "data"
-    spec = dict(num_frames=12, cameras=("CAM_FRONT", "CAM_FRONT_LEFT"), height=32, width=64)  # 20 anchors need 4 s futures
-    generate_synthetic_dataset(root, "train", num_scenes=6, seed=0, **spec)
-    write_anchors(root, root / "anchors")
-    planning = {"model.anchor_path": root / "anchors" / "anchors.npz", "data.train.frames": "[2,2]",
-                "data.train.datasets": f"[{{name: synthetic, root: '{root}', weight: 1.0, split: train}}]"}
+    generate_synthetic_dataset(root, "train", num_scenes=6, num_frames=12, height=32, width=64, seed=0)
+    write_anchors([(fmt.read_table(fmt.Tree(root, "demo").parquet("train")), "demo", 2)], root / "anchors")
+    planning = {"model.anchor_dir": root / "anchors", "limit_val_batches": 0,
+                "data.train.datasets": "[{dataset: demo, split: train}]"}
     torchrun(root, tmp_path / "ddp", config="train/dvgt2/demo.yaml", **planning)
     torchrun(root, tmp_path / "zero3", config="train/dvgt2/demo.yaml", **planning,
              **{"distributed.strategy": "fsdp", "distributed.fsdp.mode": "zero3"})

@@ -22,7 +22,7 @@ from dvgt.models.reference_weights import fill_reference_weights
 
 CAMERAS = ("CAM_B0.jpg", "CAM_F0.jpg")
 NUM_FRAMES = 3
-TINY = ["model.size=tiny", "model.anchor_path=null"]  # the weights carry the anchors
+TINY = ["model.size=tiny", "model.anchor_dir=null"]  # the weights carry the anchors
 
 
 @pytest.fixture(autouse=True)

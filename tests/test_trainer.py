@@ -3,6 +3,7 @@ modules, clipping coverage, two-process torchrun, and learning on the demo confi
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import free_port, tiny_overrides
 from dvgt.checkpoint.manager import CheckpointManager
 from dvgt.config import load_config
+from dvgt.data import format as fmt
 from dvgt.data.loader import load_clip
+from dvgt.data.scene_dataset import DatasetSpec, SceneDataset
 from dvgt.train.logger import read_log
 from dvgt.train.loop import NonFiniteLossError, Trainer, train
 
@@ -67,9 +69,11 @@ def test_auto_resume_picks_up_the_newest_checkpoint(tiny_data_root, tmp_path):
 
 
 def duplicated_batch(tiny_data_root, copies: int) -> dict:
-    entry = OmegaConf.create({"name": "synthetic", "root": str(tiny_data_root), "split": "train"})
-    clip = load_clip(entry,
-                     views=2, frames=2, height=32, width=64)
+    """`copies` copies of one 2-frame clip (every camera, 32 x 64) of the tiny training split, scaled by 0.1."""
+    spec = DatasetSpec(root=tiny_data_root, parquet=fmt.Tree(tiny_data_root, "demo").parquet("train"),
+                       clip_split="DVGT1", fixed_num_frames=2, fixed_aspect_ratio=2.0, image_width=64,
+                       gt_scale_factor=0.1)
+    clip = load_clip(SceneDataset(spec), 0)
     return {k: (torch.cat([v] * copies) if torch.is_tensor(v) else v * copies) for k, v in clip.items()}
 
 
@@ -163,8 +167,8 @@ def no_checkpoints(run_dir: Path) -> bool:
 @pytest.mark.parametrize("overrides, message", [
     (["optim.lrr=1"], "unknown config key 'optim.lrr'.*did you mean 'optim.lr'"),
     (["max_epochs=many"], "'max_epochs'.*expects int"),
-    (["data.train.datasets.0.name=nuscenes", "data.train.datasets.0.root=/nonexistent/nuscenes"],
-     "/nonexistent/nuscenes.*data.train.datasets\\[0\\].root"),
+    (["data.root=/nonexistent/dvgt", "data.train.datasets=[{dataset: nuscene, split: train}]"],
+     "parquet '/nonexistent/dvgt/data_annotation/.*/nuscene_train.parquet' does not exist; fix data.train.datasets\\[0\\]"),
     (["checkpoint.direct_load_pretrained_weights_path=/nonexistent/dvgt1.pt"],
      "checkpoint.direct_load_pretrained_weights_path: weights file '/nonexistent/dvgt1.pt' does not exist"),
     (["checkpoint.load_pretrained_weights_path=/nonexistent/model.safetensors"],
@@ -185,17 +189,14 @@ def test_bad_input_is_one_clear_line_and_writes_no_checkpoint(tiny_data_root, tm
 def test_unreadable_image_names_the_file(tiny_data_root, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data_root, data)
-    broken = sorted((data / "train").rglob("*.jpg"))[0]
-    broken.write_bytes(b"not a jpeg")
+    for image in (data / fmt.IMAGE_DIR / "demo").rglob("synthetic-train-*/**/*.jpg"):
+        image.write_bytes(b"not a jpeg")  # every training image: the first batch meets one
     run = tmp_path / "run"
-    # Every clip of the tiny set starts at frame 0 of a scene's first camera in some batch, so the
-    # broken file is met within the first epoch.
     done = run_cli("train", "--config=train/dvgt1/demo.yaml",
-                   *tiny_overrides(data, run, **{"data.train.views": "[3,3]", "limit_train_batches": 12,
-                                                 "max_epochs": 1, "limit_val_batches": 0}))
+                   *tiny_overrides(data, run, **{"max_epochs": 1, "limit_val_batches": 0}))
     assert done.returncode == 2, done.stderr[-2000:]
-    assert str(broken) in done.stderr and done.stderr.startswith("error: ")
-    assert no_checkpoints(run)
+    assert re.match(r"error: cannot decode image file '.*synthetic-train-\d+/CAM_\w+/\w+\.jpg'", done.stderr)
+    assert done.stderr.count("\n") == 1 and no_checkpoints(run)
 
 
 def test_pretrained_weights_load_and_mismatches_are_reported(tiny_data_root, tmp_path):
@@ -241,13 +242,11 @@ def test_model_info_cli_prints_the_layout_without_weights():
     assert small["num_parameters"] < info["num_parameters"] / 50
 
 
-def test_data_synth_cli_writes_the_layout(tmp_path):
-    from dvgt.data.layout import read_split
-
+def test_data_synth_cli_writes_an_official_tree(tmp_path):
     done = run_cli("data", "synth", "--out", tmp_path, "--splits", "val", "--scenes", "1")
     assert done.returncode == 0, done.stderr
-    scenes = read_split(tmp_path, "val")
-    assert len(scenes) == 1 and len(scenes[0].cameras) >= 2
+    table = fmt.read_table(fmt.Tree(tmp_path, "demo").parquet("val"))
+    assert set(table.scene_id.to_pylist()) == {"synthetic-val-0000"} and table.num_rows == 12 * 8
 
 
 def test_python_api_builds_and_runs_the_model(tmp_path):
@@ -270,16 +269,16 @@ def test_tensorboard_option_writes_event_files(tiny_data_root, tmp_path):
 
 def test_demo_config_learns(tmp_path):
     """The demo stage as shipped (small model, synthetic data), shortened to 3 of its 6 epochs:
-    the training loss and the held-out point error must both drop clearly."""
+    the training loss and the held-out chamfer distance must both drop clearly."""
     run = tmp_path / "demo"
     cfg = load_config("train/dvgt1/demo.yaml", [
         "max_epochs=3", f"logging.log_dir={run}", f"checkpoint.uri={run / 'ckpts'}", "logging.progress=false",
-        f"data.train.datasets.0.root={tmp_path / 'data'}", f"data.val.datasets.0.root={tmp_path / 'data'}"])
+        f"data.root={tmp_path / 'data'}"])
     train(cfg)
     log = read_log(run / "train_log.jsonl")
     losses = [r["loss/objective"] for r in log if r["kind"] == "train"]
     evals = [r for r in log if r["kind"] == "eval"]
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:3]) / 3
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 120
-    assert evals[-1]["val/point_error"] < 0.7 * evals[0]["val/point_error"]
-    assert evals[-1]["val/chamfer"] < evals[0]["val/chamfer"]
+    assert evals[-1]["val/demo/ego_first_chamfer"] < 0.7 * evals[0]["val/demo/ego_first_chamfer"]
+    assert evals[-1]["val/demo/ego_n_Abs Rel"] < evals[0]["val/demo/ego_n_Abs Rel"]

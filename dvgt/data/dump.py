@@ -8,7 +8,8 @@ sample passed through the evaluation-mode ComposedDataset, "only key(s) ... kept
 Each sample is built by our dataset in evaluation mode and written under the official key names.
 
 ``score_metric_cases`` scores every ``case_*.npz`` (the official metric function's inputs) and writes
-the ``case_*.json`` our metrics give, NaN as null.
+the ``case_*.json`` our metrics give, NaN as null, beside a copy of the case, so the output folder holds
+the same pairs as the official one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -90,4 +92,6 @@ def score_metric_cases(cases_dir: str | Path, out: str | Path) -> Iterator[str]:
                  for k, values in metrics.items()}
         path = Path(out) / f"{case.stem}.json"
         path.write_text(json.dumps(clean, indent=1, ensure_ascii=False))
+        if case.resolve() != (Path(out) / case.name).resolve():
+            shutil.copyfile(case, Path(out) / case.name)
         yield f"{path}: {', '.join(clean)}"

@@ -77,8 +77,9 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         self.epoch = 0
         self.step = 0  # next step to yield in this epoch
         self._resume_step = 0  # where the next iteration starts
-        for index in range(len(self.datasets)):  # fail at start-up, not at the first step of that dataset
-            self.frame_range(index, self.views_range(index)[0])
+        for index in range(len(self.datasets)):  # fail at start-up, not at the first step that draws it
+            for views in self.views_range(index):
+                self.frame_range(index, views)
 
     # ---- one step ------------------------------------------------------------------------
 

@@ -178,8 +178,9 @@ class SceneDataset:
                 raise ValueError(f"{config_key}: parquet '{spec.parquet}' has no {', '.join(absent)} column(s), which "
                                  f"the ego status needs; set model.enable_ego_status=false for dataset "
                                  f"'{spec.dataset}'")
-        # frames a training clip may have: the longest sampled sequence minus its future frames
-        self.max_frames = max(len(s.frames[::self.step]) for s in self.sequences) - spec.future_frames
+        self.lengths = np.array([len(s.frames[::self.step]) for s in self.sequences])  # frames at the target rate
+        # frames a training clip may have: the longest sequence minus its future frames
+        self.max_frames = int(self.lengths.max()) - spec.future_frames
         self.frame_num_max = spec.frame_num_max - spec.future_frames
 
     # -- sizes -----------------------------------------------------------------------------------
@@ -227,14 +228,15 @@ class SceneDataset:
         ``frames`` + future frames at the target rate (random with inside_random, else the first from
         ``index`` on) and a random start."""
         span = frames + self.spec.future_frames
-        long_enough = [i for i, s in enumerate(self.sequences) if len(s.frames[::self.step]) >= span]
-        if not long_enough:
+        long_enough = np.flatnonzero(self.lengths >= span)
+        if not len(long_enough):
             raise ValueError(f"dataset '{self.name}' ({self.spec.parquet}) has no sequence of {span} frames at "
                              f"{self.spec.target_fps} Hz; lower the frames per clip or frame_num_max")
         if self.spec.inside_random:
-            chosen = long_enough[int(rng.integers(len(long_enough)))]
-        else:
-            chosen = next((i for i in long_enough if i >= index % len(self.sequences)), long_enough[0])
+            chosen = int(long_enough[rng.integers(len(long_enough))])
+        else:  # the sampler's sequence, or the next long enough one
+            later = long_enough[long_enough >= index % len(self.sequences)]
+            chosen = int(later[0] if len(later) else long_enough[0])
         sequence = self.sequences[chosen]
         available = sequence.frames[::self.step]
         start = int(rng.integers(len(available) - span + 1))

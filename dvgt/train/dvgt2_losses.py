@@ -57,11 +57,11 @@ def anchors_from_model(model: nn.Module) -> Optional[PlanningAnchors]:
 
 
 def require_distinct_anchors(anchors: PlanningAnchors) -> None:
-    """Planning needs distinct anchors: with identical ones (a model built without model.anchor_path
+    """Planning needs distinct anchors: with identical ones (a model built without model.anchor_dir
     whose weights brought none) every target would be mode 0."""
     if torch.allclose(anchors.trajectory, anchors.trajectory[:1]):
-        raise ValueError("DVGT-2's 20 trajectory anchors are all identical: set model.anchor_path to the anchors of "
-                         "the training data (make them with `dvgt anchors --data <annotation root>`), or load weights "
+        raise ValueError("DVGT-2's 20 trajectory anchors are all identical: set model.anchor_dir to the anchors of "
+                         "the training data (the release's data_annotation/anchors/train_total_20, or `dvgt anchors --config <stage>`), or load weights "
                          "that carry anchors")
 
 
