@@ -48,7 +48,7 @@ def http_get(url: str) -> str:
 
 def train_command(data_root: Path, run_dir: Path, **extra) -> list:
     return [sys.executable, "-m", "dvgt", "train", "--config=train/dvgt1/demo.yaml",
-            *tiny_overrides(data_root, run_dir, limit_val_batches=0, **extra)]
+            *tiny_overrides(data_root, run_dir, **{"limit_val_batches": 0, **extra})]
 
 
 def train_env(folder: Path, **env) -> dict:
@@ -91,7 +91,7 @@ def scraped_run(tiny_data_root, tmp_path_factory):
         wait_for(lambda: _ready(prometheus), 60, "Prometheus to be ready")
 
         started = time.time()
-        subprocess.run(train_command(tiny_data_root, run_dir, max_epochs=2, limit_train_batches=2),
+        subprocess.run(train_command(tiny_data_root, run_dir, max_epochs=2, limit_train_batches=2, limit_val_batches=1),
                        env=train_env(folder, DVGT_JOB_NAME=JOB), check=True, timeout=300, capture_output=True)
         finished = time.time()
         # The last scrape after the run finished (and so after its last step) has reached Prometheus.
@@ -200,6 +200,11 @@ def test_exporter_serves_what_the_run_logged_and_passes_promtool(scraped_run):
     assert samples(text, "dvgt_nonfinite_steps_skipped_total", **rank) == [0]
     assert samples(text, "dvgt_training_completed", **rank) == [1]
     assert scraped_run["started"] < samples(text, "dvgt_last_step_timestamp_seconds", **rank)[0] < scraped_run["finished"]
+    evaluation = [r for r in read_log(scraped_run["run_dir"] / "train_log.jsonl") if r["kind"] == "eval"][-1]
+    for key in ("val/demo/ego_first_chamfer", "val/demo/ego_n_δ < 1.25", "val/loss/objective"):
+        dataset, metric = key[4:].split("/", 1)  # held-out metrics under their official names
+        assert samples(text, "dvgt_eval_metric", dataset=dataset, metric=metric, **rank) == [
+            pytest.approx(evaluation[key])]
 
     documented = set(re.findall(r"`(dvgt_\w+)`", (ROOT / "docs/metrics.md").read_text()))
     served = {s.name for family in text_string_to_metric_families(text) for s in family.samples}

@@ -238,7 +238,8 @@ class Table:
     extrinsics: np.ndarray  # [N, 3, 4] camera-from-world, OpenCV camera axes
     ego_to_world: np.ndarray  # [N, 3, 4] world-from-ego, ego axes RDF (x right, y down, z forward)
     use_lidar_proj_depth: np.ndarray  # [N] bool (False when the column is absent)
-    ego: dict[str, np.ndarray]  # present ego-status columns: ego_velocity, ego_acceleration [N, 2], driving_command [N, 4]
+    ego: dict[str, np.ndarray]  # the ego-status columns present: ego_velocity, ego_acceleration [N, 2],
+    #                             driving_command [N, 4]
     frame_token: pa.Array | None  # [N] string (nuScenes / NavSim only)
 
     @property

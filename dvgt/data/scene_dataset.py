@@ -171,7 +171,8 @@ class SceneDataset:
             fixed_num_frames=spec.fixed_num_frames, future_frames=spec.future_frames, scene_filter=spec.scene_filter)
         if not self.sequences:
             raise ValueError(f"{config_key}: parquet '{spec.parquet}' yields no '{spec.clip_split}' sequence (too few "
-                             f"frames for fixed_num_frames={spec.fixed_num_frames} + future_frames={spec.future_frames}?)")
+                             f"frames for fixed_num_frames={spec.fixed_num_frames} + "
+                             f"future_frames={spec.future_frames}?)")
         if "ego_status" in spec.targets:
             absent = [c for c in fmt.EGO_STATUS_COLUMNS if c not in self.table.ego]
             if absent:
@@ -294,7 +295,8 @@ class SceneDataset:
             sample["ray_depth"] = ray_depth
             sample["ray_direction"] = points_in_ego_n / (ray_depth[..., None] + 1e-6)
         if spec.future_frames > 0 and len(future):
-            future_to_world = to_homogeneous(table.ego_to_world[scene.rows[np.searchsorted(scene.frames, future), cameras[0]]])
+            future_rows = scene.rows[np.searchsorted(scene.frames, future), cameras[0]]
+            future_to_world = to_homogeneous(table.ego_to_world[future_rows])
             poses = np.concatenate([ego_to_world, future_to_world])  # [T + F, 4, 4] float64
             targets = poses[np.arange(T)[:, None] + np.arange(1, len(future) + 1)[None]]  # [T, F, 4, 4]
             sample["future_ego_n_to_ego_curr"] = (inverse_rigid(ego_to_world)[:, None] @ targets).astype(np.float32)

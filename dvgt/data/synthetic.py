@@ -464,7 +464,8 @@ def render_scene(root: Path, split: str, index: int, num_frames: int, height: in
                                                  "use_lidar_proj_depth")}
     for frame in range(num_frames):
         for camera, mount in RIG.items():
-            intrinsics, cam_to_world = camera_intrinsics(mount, height, width), scene.ego_to_world[frame] @ camera_to_ego(mount)
+            intrinsics = camera_intrinsics(mount, height, width)
+            cam_to_world = scene.ego_to_world[frame] @ camera_to_ego(mount)
             rgb, depth = render_view(scene, cam_to_world, intrinsics, height, width)
             filename = f"{name}/{camera}/{tokens[frame]}"
             fmt.write_image(tree.image(filename), rgb)
