@@ -1,7 +1,7 @@
 """Step time of a frozen-prefix finetune with the feature cache vs without, side by side.
 
     flock /tmp/dvgt-heavy.lock .venv/bin/python benchmarks/feature_cache.py [--part aggregator] [--size full]
-        [--views 6] [--frames 4] [--width 256] [--steps 3]      # about 10 minutes on 2 cores
+        [--frames 3] [--width 256] [--steps 3]      # about 10 minutes on 2 cores
 
 Two parts can be frozen and cached (docs/feature-cache.md):
 - `aggregator`: train/dvgt1/finetune_heads_demo.yaml, the whole aggregator frozen (heads-only finetune),
@@ -12,11 +12,13 @@ First, model FLOPs per training step of the full DVGT-1, counted with torch's Fl
 meta device (no memory, no time) at the nuScenes finetune shape (6 cameras x 4 frames of 288 x 512):
 with and without each cache. This is the machine-independent bound of the speed-up.
 
-Then, measured: DVGT-1 at --size, one clip of --views cameras x --frames frames at --width x --width/2
-per step (default: a nuScenes clip, 6 cameras x 4 frames, 24 images), AdamW as in training. The cache of the data is built, then each trainer in turn (without,
-then with the cache: a full-size model pair does not fit side by side in this machine's memory) trains
-its first batch for one warm-up and --steps measured steps (median). The batch is loaded before the
-clock starts in both cases: reading the cache is the data loader's job (benchmarks/data_wait.py).
+Then, measured: DVGT-1 at --size, one clip of the synthetic demo tree (an official-format tree of the
+`demo` dataset, its 8 OpenScene cameras in order, as a clip cache needs: data.train.fixed_num_views) x
+--frames frames at --width x --width/2 per step (default 3 frames, 24 images), AdamW as in training. The
+cache of the data is built, then each trainer in turn (without, then with the cache: a full-size model
+pair does not fit side by side in this machine's memory) trains its first batch for one warm-up and
+--steps measured steps (median). The batch is loaded before the clock starts in both cases: reading the
+cache is the data loader's job (benchmarks/data_wait.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,16 +34,13 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from conftest import tiny_overrides  # noqa: E402
-from dvgt.config import load_config  # noqa: E402
-from dvgt.data.synthetic import RIG, generate_synthetic_dataset  # noqa: E402
-from dvgt.models import build_model  # noqa: E402
-from dvgt.models.aggregator import precomputed_outputs  # noqa: E402
-from dvgt.models.dvgt1 import run_heads  # noqa: E402
-from dvgt.train.feature_cache import MODULES, build_cache, frozen_part  # noqa: E402
-from dvgt.train.loop import Trainer  # noqa: E402
+from dvgt.config import load_config
+from dvgt.data.synthetic import RIG, generate_synthetic_dataset
+from dvgt.models import build_model
+from dvgt.models.aggregator import precomputed_outputs
+from dvgt.models.dvgt1 import run_heads
+from dvgt.train.feature_cache import MODULES, build_cache, frozen_part
+from dvgt.train.loop import Trainer
 
 CONFIGS = {"aggregator": "train/dvgt1/finetune_heads_demo.yaml", "backbone": "train/dvgt1/finetune_demo.yaml"}
 
@@ -75,11 +73,13 @@ def step_flops(kind: str, cached: bool, frames: int = 4, views: int = 6, height:
 
 
 def stage(kind: str, root: Path, run: Path, args, **extra):
-    return load_config(CONFIGS[kind], tiny_overrides(root, run, **{
-        "model.size": args.size, "max_img_per_gpu": args.views * args.frames,
-        "data.train.views": f"[{args.views},{args.views}]", "data.train.frames": f"[{args.frames},{args.frames}]",
-        "data.train.aspect_ratio": "[2.0,2.0]", "data.train.img_width": args.width, "data.train.color_jitter": 0.0,
-        "logging.metrics": "false", **extra}))
+    """The stage config at the benchmark's shape: one clip of all cameras x --frames per step, no evaluation."""
+    values = {"model.size": args.size, "data.root": root, "max_epochs": 1, "limit_train_batches": 1,
+              "limit_val_batches": 0, "num_workers": 0, "max_img_per_gpu": len(RIG) * args.frames,
+              "data.train.fixed_num_views": len(RIG), "data.train.fixed_num_frames": args.frames,
+              "data.train.aspect_ratio": "[2.0,2.0]", "data.train.img_width": args.width, "logging.log_dir": run,
+              "logging.metrics": "false", "logging.progress": "false", "checkpoint.uri": run / "ckpts", **extra}
+    return load_config(CONFIGS[kind], [f"{key}={value}" for key, value in values.items()])
 
 
 def step_time(cfg, steps: int) -> float:
@@ -104,8 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", default="aggregator", choices=sorted(CONFIGS))
     parser.add_argument("--size", default="full", choices=["tiny", "small", "full"])
-    parser.add_argument("--views", type=int, default=6, choices=range(1, len(RIG) + 1))
-    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=3, help=f"frames per clip ({len(RIG)} cameras each)")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
@@ -119,10 +118,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root, cache = Path(tmp) / "data", Path(tmp) / "cache"
-        for split, seed in (("train", 0), ("val", 1)):
-            generate_synthetic_dataset(root, split=split, num_scenes=1, num_frames=args.frames,
-                                       cameras=list(RIG)[:args.views], height=args.width // 2, width=args.width,
-                                       seed=seed)
+        generate_synthetic_dataset(root, "train", num_scenes=1, num_frames=args.frames, height=args.width // 2,
+                                   width=args.width)
         started = time.perf_counter()
         built = build_cache(stage(args.part, root, Path(tmp) / "build", args), str(cache), say=lambda _: None)
         build_s = time.perf_counter() - started
@@ -131,7 +128,7 @@ def main() -> None:
         cached = step_time(stage(args.part, root, Path(tmp) / "cached", args, **{"data.feature_cache": cache}),
                            args.steps)
 
-    print(f"measured: dvgt1 {args.size}, {args.part} frozen, {args.views} cameras x {args.frames} frames of "
+    print(f"measured: dvgt1 {args.size}, {args.part} frozen, {len(RIG)} cameras x {args.frames} frames of "
           f"{args.width // 2}x{args.width} per step, "
           f"median of {args.steps} steps")
     print(f"  cache build: {built['items']} items in {build_s:.1f} s")

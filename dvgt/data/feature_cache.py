@@ -8,6 +8,10 @@ every training item at every size the sampler can ask for. Two parts can be cach
 - the whole aggregator (heads-only finetunes): one entry per clip, the aggregator outputs the heads
   read, [L, T, V, N, D] (L layers, N = special + patch tokens per image).
 
+Items are named by the official tree's file names (the parquet's `filename` column), so a cache
+serves any mix that contains its datasets; the images a training sample holds are named in its
+`filenames` (SceneDataset), which is how CachedDataset finds their entries.
+
 It is written by `dvgt cache build` to a local folder or S3:
 
     <uri>/shard-00000.safetensors   tensors named "<item id>@<H>x<W>"
@@ -26,13 +30,16 @@ import json
 import os
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from dvgt.checkpoint.safetensors_stream import DTYPE_OF
 from dvgt.checkpoint.storage import Storage, open_storage
-from dvgt.data.scene_dataset import target_shape
+from dvgt.data.loader import MixedDataset, color_jitter
+from dvgt.data.sampler import GroupedBatchSampler, TrainIndex
+from dvgt.data.scene_dataset import SceneDataset, target_shape
 
-FORMAT = "dvgt-feature-cache-v2"
+FORMAT = "dvgt-feature-cache-v3"
 BACKBONE, AGGREGATOR = "backbone", "aggregator"  # the parts a cache can hold
 MANIFEST = "manifest.json"
 
@@ -41,20 +48,25 @@ class FeatureCacheError(ValueError):
     """A feature cache that cannot be used: missing, built for other weights or preprocessing, or corrupt."""
 
 
-def image_id(dataset: str, split: str, image_path: str) -> str:
-    """The name of a source image in the cache: dataset label, split and the path in its scene table."""
-    return f"{dataset}/{split}/{image_path}"
+def dataset_label(dataset: SceneDataset) -> Tuple[str, str]:
+    """(official dataset name, split) of a dataset: its parquet is <name>_<split>.parquet."""
+    return dataset.name, dataset.spec.parquet.stem[len(dataset.name) + 1:]
 
 
-def clip_id(dataset: str, split: str, image_paths: Sequence[str], frames: int, views: int) -> str:
-    """The name of a clip in the cache: its first image and shape, and a digest of all its image paths
-    in order (frame-major), which fixes the frames, their order and the cameras."""
-    digest = hashlib.sha256("\n".join(image_paths).encode()).hexdigest()[:16]
-    return f"{dataset}/{split}/{image_paths[0]}+{frames}x{views}-{digest}"
+def image_id(dataset: str, split: str, filename: str) -> str:
+    """The name of a source image in the cache: dataset name, split and its `filename` in the parquet."""
+    return f"{dataset}/{split}/{filename}"
+
+
+def clip_id(dataset: str, split: str, filenames: Sequence[str], frames: int, views: int) -> str:
+    """The name of a clip in the cache: its first image and shape, and a digest of all its image file
+    names in order (frame-major), which fixes the frames, their order and the cameras."""
+    digest = hashlib.sha256("\n".join(filenames).encode()).hexdigest()[:16]
+    return f"{dataset}/{split}/{filenames[0]}+{frames}x{views}-{digest}"
 
 
 def entry_key(item: str, height: int, width: int) -> str:
-    """The tensor name of an item's (image's or clip's) cached output at one size (centre crop-resize to H x W)."""
+    """The tensor name of an item's (image's or clip's) cached output at one size (its images at H x W)."""
     return f"{item}@{height}x{width}"
 
 
@@ -70,14 +82,14 @@ def commit_name(index: int) -> str:
     return f"shard-{index:05d}.json"
 
 
-def cache_sizes(split_cfg: Any, patch_size: int) -> List[tuple]:
-    """Every (height, width) the grouped sampler can draw for a data split: the width is fixed
-    (img_width) and the height is width / aspect rounded down to the patch size, so the aspect range
-    [min, max] gives every multiple of the patch between the heights of its two ends."""
-    width = int(split_cfg.img_width)
-    low, high = (image_height(width, float(a), patch_size) for a in (max(split_cfg.aspect_ratio),
-                                                                      min(split_cfg.aspect_ratio)))
-    return [(h, width) for h in range(low, high + 1, patch_size)]
+def cache_sizes(dataset: SceneDataset, aspect_ratio: Sequence[float]) -> List[Tuple[int, int]]:
+    """Every (height, width) a training sample of the dataset can have: its fixed aspect ratio (the entry's
+    or data.train.fixed_aspect_ratio), else each aspect the sampler draws from [min, max] (rounded to two
+    decimals, GroupedBatchSampler.global_batch), through the dataset's own target_shape."""
+    spec = dataset.spec
+    aspects = ([spec.fixed_aspect_ratio] if spec.fixed_aspect_ratio else
+               [k / 100 for k in range(round(aspect_ratio[0] * 100), round(aspect_ratio[1] * 100) + 1)])
+    return sorted({target_shape(spec.image_width, aspect, spec.patch_size) for aspect in aspects})
 
 
 def fingerprint_digest(parts: Dict[str, Any]) -> str:
@@ -169,95 +181,131 @@ class FeatureCache:
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Clips with their cached outputs of the frozen part (zeros where missing) and which were found:
-    a backbone cache adds `patch_tokens` [T, V, P, C] and `patch_tokens_hit` [T, V]; an aggregator cache
-    adds `aggregator_tokens` [L, T, V, N, D] and `aggregator_tokens_hit` [T, V] (the same for all images
-    of a clip). The trainer computes the misses live."""
+    """The training mix (MixedDataset, as the live loader serves it) with the cached outputs of the frozen
+    part (zeros where missing) and which were found: a backbone cache adds `patch_tokens` [T, V, P, C] and
+    `patch_tokens_hit` [T, V]; an aggregator cache adds `aggregator_tokens` [L, T, V, N, D] and
+    `aggregator_tokens_hit` [T, V] (the same for all images of a clip). The trainer computes the misses
+    live. The config was checked by dvgt.train.feature_cache.open_for_training (no pixel augmentation,
+    fixed cameras for a clip cache); this checks at start that the cache holds every size the sampler can
+    draw for each of its datasets (a dataset the cache does not hold is served as misses)."""
 
-    def __init__(self, dataset: MixedClipDataset, cache: FeatureCache, patch_size: int, views: Sequence[int]) -> None:
-        """`views`: the split's camera-count bounds (data.train.views)."""
-        self.dataset, self.cache, self.patch_size = dataset, cache, patch_size
+    def __init__(self, datasets: Sequence[SceneDataset], cache: FeatureCache, split_cfg: Any) -> None:
+        """`split_cfg`: data.train."""
+        self.mix, self.cache = MixedDataset(datasets, color_jitter(split_cfg)), cache
         manifest = cache.manifest
         self.part, self.token_dim = manifest["part"], int(manifest["token_dim"])
         self.dtype = DTYPE_OF[manifest["dtype"]]
         if self.part == AGGREGATOR:
             self.layers, self.special_tokens = len(manifest["layers"]), int(manifest["special_tokens"])
-        # A clip cache holds every clip the sampler can draw only if the camera choice is fixed: say so at start.
-        for source in dataset.datasets if self.part == AGGREGATOR else ():
-            for count in capped_range(views, source.num_cameras):
-                require_fixed_cameras(source, count)
+        self.labels = [dataset_label(d) for d in datasets]
+        held = {(d["name"], d["split"]): {tuple(size) for size in d["sizes"]} for d in manifest["datasets"]}
+        for dataset, label in zip(datasets, self.labels):
+            if label not in held:
+                continue  # not in this cache: every sample of it is a miss
+            missing = [size for size in cache_sizes(dataset, split_cfg.aspect_ratio) if size not in held[label]]
+            if missing:
+                raise FeatureCacheError(
+                    f"feature cache {cache.uri} holds no entries of {'/'.join(label)} for image sizes (H, W) {missing} "
+                    f"that data.train (img_width, aspect_ratio, fixed_aspect_ratio) can draw; rebuild it with "
+                    f"`dvgt cache build` for this config")
 
-    def __getitem__(self, request: ClipRequest) -> Dict[str, Any]:
-        sample = self.dataset[request]
-        source = self.dataset.datasets[request.dataset_index]
-        T, V, H, W = request.frames, request.views, request.height, request.width
-        P = (H // self.patch_size) * (W // self.patch_size)
-        paths = sample["image_paths"]
+    def __getitem__(self, index: TrainIndex) -> Dict[str, Any]:
+        sample = self.mix[index]
+        name, split = self.labels[index.dataset]
+        patch = self.mix.datasets[index.dataset].spec.patch_size
+        T, V, _, H, W = sample["images"].shape
+        P = (H // patch) * (W // patch)
+        filenames = sample["filenames"]  # [T * V], frame-major
         if self.part == BACKBONE:
             tokens = torch.zeros(T * V, P, self.token_dim, dtype=self.dtype)
             hit = torch.zeros(T * V, dtype=torch.bool)
-            for i, path in enumerate(paths):
-                cached = self.cache.get(image_id(source.name, source.split, path), H, W)
+            for i, filename in enumerate(filenames):
+                cached = self.cache.get(image_id(name, split, filename), H, W)
                 if cached is not None and cached.shape == tokens.shape[1:]:
                     tokens[i], hit[i] = cached, True
             return {**sample, "patch_tokens": tokens.view(T, V, P, -1), "patch_tokens_hit": hit.view(T, V)}
         shape = (self.layers, T, V, self.special_tokens + P, self.token_dim)
-        cached = self.cache.get(clip_id(source.name, source.split, paths, T, V), H, W)
+        cached = self.cache.get(clip_id(name, split, filenames, T, V), H, W)
         found = cached is not None and tuple(cached.shape) == shape
         tokens = cached if found else torch.zeros(shape, dtype=self.dtype)
         return {**sample, "aggregator_tokens": tokens, "aggregator_tokens_hit": torch.full((T, V), found)}
 
 
 class CacheItem(NamedTuple):
-    """One cache entry's source at any size: an image (T = V = 1) or a clip of T frames x V cameras."""
+    """One cache entry's source at any size: an image (frames = views = 1) or a clip of T frames x V cameras."""
 
     id: str
     dataset: int  # index in the split's datasets
-    scene: int
-    frames: Tuple[int, ...]  # frame indices in the scene
-    cameras: Tuple[int, ...]
+    rows: Tuple[int, ...]  # the table rows of its images, frame-major (T * V)
+    frames: int
+    views: int
 
 
-def require_fixed_cameras(dataset: Any, views: int) -> None:
-    """A clip cache enumerates clips, so the V cameras of a clip must not be a random subset: V must be
-    1 (the reference camera) or every camera of each scene (see dataset.choose_cameras)."""
-    counts = sorted({len(scene.cameras) for scene in dataset.scenes})
-    if views != 1 and counts != [views]:
+def require_fixed_cameras(split_cfg: Any) -> None:
+    """A clip cache enumerates clips, so the cameras of a clip must not be a random subset: the dataset
+    takes every camera in order with data.train.fixed_num_views > 0, and one random camera with views
+    [1, 1] (each camera is then a clip); any other count is a random subset in random order."""
+    if not (split_cfg.fixed_num_views > 0 or split_cfg.views[1] == 1):
         raise FeatureCacheError(
-            f"an aggregator feature cache holds one entry per clip, but data.train.views draws {views} of the "
-            f"{'/'.join(map(str, counts))} cameras of '{dataset.name}' scenes, a random subset per clip that cannot "
-            f"be enumerated; set data.train.views to [1,1] or to the rig's camera count ([{counts[0]},{counts[0]}]), "
-            f"or cache only the backbone (freeze aggregator.patch_embed.* alone)")
+            f"an aggregator feature cache holds one entry per clip, but data.train.views={list(split_cfg.views)} "
+            f"with data.train.fixed_num_views=0 draws a random subset of the cameras, in random order, for each "
+            f"clip, which cannot be enumerated; set data.train.fixed_num_views to the rig's camera count (every "
+            f"camera in the dataset's order) or data.train.views=[1,1], or cache only the backbone (freeze "
+            f"aggregator.patch_embed.* alone)")
 
 
-def cache_items(part: str, datasets: Sequence[Any], split_cfg: Any) -> List[CacheItem]:
-    """Every item of the given ClipDatasets in a fixed order: each image (backbone), or each clip the
+def clip_cameras(dataset: SceneDataset, split_cfg: Any) -> List[Tuple[int, ...]]:
+    """The camera choices of the clips the sampler can draw from the dataset (after require_fixed_cameras):
+    all cameras in order, or each camera alone."""
+    if split_cfg.fixed_num_views > 0:
+        return [tuple(range(dataset.num_cameras))]
+    return [(camera,) for camera in range(dataset.num_cameras)]
+
+
+def cache_items(part: str, sampler: GroupedBatchSampler, split_cfg: Any) -> List[CacheItem]:
+    """Every item of the sampler's datasets in a fixed order: each image (backbone), or each clip the
     sampler can draw (aggregator)."""
     items = []
-    for d, dataset in enumerate(datasets):
-        items += _images(d, dataset) if part == BACKBONE else _clips(d, dataset, split_cfg)
+    for d, dataset in enumerate(sampler.datasets):
+        items += _images(d, dataset) if part == BACKBONE else _clips(d, sampler, split_cfg)
     return items
 
 
-def _images(d: int, dataset: Any) -> List[CacheItem]:
-    """Every image of a dataset, by scene, frame and camera."""
-    return [CacheItem(image_id(dataset.name, dataset.split, str(scene.image_paths[f, c])), d, s, (f,), (c,))
-            for s, scene in enumerate(dataset.scenes) for f in range(scene.num_frames)
-            for c in range(len(scene.cameras))]
+def _rows_at_target_rate(dataset: SceneDataset, sequence: Any) -> np.ndarray:
+    """[F, C] table rows of a sequence's frames at the target frame rate (what training draws clips from)."""
+    scene = dataset.scenes[sequence.scene]
+    return scene.rows[np.searchsorted(scene.frames, sequence.frames[::dataset.step])]
 
 
-def _clips(d: int, dataset: Any, split_cfg: Any) -> List[CacheItem]:
-    """Every clip the sampler can draw from a dataset: every start frame, for every frame and camera count
-    of the split's ranges that the dataset offers (the cameras of a clip must be fixed)."""
-    clips = []
-    for frames in capped_range(split_cfg.frames, dataset.max_frames):
-        for views in capped_range(split_cfg.views, dataset.num_cameras):
-            require_fixed_cameras(dataset, views)
-            cameras = tuple(range(views))
-            for s, (scene, starts) in enumerate(zip(dataset.scenes, dataset.clips_per_scene(frames))):
-                for start in range(starts):
-                    frame_ids = tuple(start + i * dataset.frame_stride for i in range(frames))
-                    paths = [str(scene.image_paths[f, c]) for f in frame_ids for c in cameras]
-                    clips.append(CacheItem(clip_id(dataset.name, dataset.split, paths, frames, views), d, s,
-                                           frame_ids, cameras))
-    return clips
+def _images(d: int, dataset: SceneDataset) -> List[CacheItem]:
+    """Every image a training sample can hold: each camera of every sequence's frames at the target rate."""
+    name, split = dataset_label(dataset)
+    filenames = dataset.table.filename.to_pylist()
+    items: Dict[str, CacheItem] = {}
+    for sequence in dataset.sequences:
+        for row in _rows_at_target_rate(dataset, sequence).reshape(-1).tolist():
+            item = image_id(name, split, filenames[row])
+            items.setdefault(item, CacheItem(item, d, (row,), 1, 1))
+    return list(items.values())
+
+
+def _clips(d: int, sampler: GroupedBatchSampler, split_cfg: Any) -> List[CacheItem]:
+    """Every clip the sampler can draw from dataset d, as SceneDataset._draw_clip draws it: every frame count
+    the sampler allows (frame_range for each views_range count), from every sequence with room for the
+    clip and its future frames at the target rate, every start; clips that several sequences share once."""
+    dataset = sampler.datasets[d]
+    name, split = dataset_label(dataset)
+    filenames = dataset.table.filename.to_pylist()
+    cameras = clip_cameras(dataset, split_cfg)
+    counts = sorted({frames for views in sampler.views_range(d) for frames in sampler.frame_range(d, views)})
+    items: Dict[str, CacheItem] = {}
+    for frames in counts:
+        span = frames + dataset.spec.future_frames
+        for sequence in dataset.sequences:
+            rows = _rows_at_target_rate(dataset, sequence)  # [F, C]
+            for start in range(len(rows) - span + 1):
+                for chosen in cameras:
+                    clip = rows[start:start + frames][:, chosen].reshape(-1).tolist()  # frame-major
+                    item = clip_id(name, split, [filenames[row] for row in clip], frames, len(chosen))
+                    items.setdefault(item, CacheItem(item, d, tuple(clip), frames, len(chosen)))
+    return list(items.values())

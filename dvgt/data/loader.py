@@ -100,6 +100,16 @@ def color_jitter(split_cfg: Any) -> Optional[ColorJitter]:
                        gray_scale=c.gray_scale, cojitter=c.cojitter, cojitter_ratio=c.cojitter_ratio)
 
 
+def train_sampler(split_cfg: Any, datasets: Sequence[SceneDataset], *, max_img_per_gpu: int, steps_per_epoch: int = 1,
+                  seed: int = 0, rank: int = 0, world_size: int = 1) -> GroupedBatchSampler:
+    """The grouped sampler of data.train (also what the feature cache asks which clips can be drawn)."""
+    s = split_cfg
+    return GroupedBatchSampler(
+        datasets, views=s.views, min_frames=s.min_frames, aspect_ratio=s.aspect_ratio, max_img_per_gpu=max_img_per_gpu,
+        steps_per_epoch=steps_per_epoch, seed=seed, fixed_num_views=s.fixed_num_views,
+        fixed_num_frames=s.fixed_num_frames, fixed_aspect_ratio=s.fixed_aspect_ratio, rank=rank, world_size=world_size)
+
+
 def build_train_loader(data_cfg: Any, datasets: Sequence[SceneDataset], *, max_img_per_gpu: int, seed: int,
                        rank: int, world_size: int, num_workers: int, pin_memory: bool, prefetch_factor: int,
                        persistent_workers: bool, steps_per_epoch: int, served: Optional[torch.utils.data.Dataset] = None
@@ -108,10 +118,8 @@ def build_train_loader(data_cfg: Any, datasets: Sequence[SceneDataset], *, max_i
     is the sampler: ``load_state_dict({"epoch": e, "step": k})`` resumes). ``seed`` must be the same on
     every rank. ``served`` replaces the mix (the feature cache wraps it)."""
     s = data_cfg.train
-    sampler = GroupedBatchSampler(
-        datasets, views=s.views, min_frames=s.min_frames, aspect_ratio=s.aspect_ratio, max_img_per_gpu=max_img_per_gpu,
-        steps_per_epoch=steps_per_epoch, seed=seed, fixed_num_views=s.fixed_num_views,
-        fixed_num_frames=s.fixed_num_frames, fixed_aspect_ratio=s.fixed_aspect_ratio, rank=rank, world_size=world_size)
+    sampler = train_sampler(s, datasets, max_img_per_gpu=max_img_per_gpu, steps_per_epoch=steps_per_epoch, seed=seed,
+                            rank=rank, world_size=world_size)
     workers = num_workers > 0
     base_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
     return DataLoader(served or MixedDataset(datasets, color_jitter(s)), batch_sampler=sampler, collate_fn=collate,

@@ -19,21 +19,22 @@ import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 import dvgt
-from dvgt.checkpoint.safetensors_stream import DTYPES, write_safetensors
+from dvgt.checkpoint.safetensors_stream import DTYPE_OF, DTYPES, write_safetensors
 from dvgt.checkpoint.storage import Storage, open_storage
 from dvgt.data.feature_cache import (AGGREGATOR, BACKBONE, FORMAT, MANIFEST, CacheItem, FeatureCache,
                                      FeatureCacheError, cache_items, cache_sizes, check_fingerprint, commit_name,
-                                     entry_key, fingerprint_digest, read_manifest, shard_name, shard_of,
-                                     shard_problem, verify_shards)
-from dvgt.data.loader import open_datasets
-from dvgt.models import build_model
+                                     dataset_label, entry_key, fingerprint_digest, read_manifest,
+                                     require_fixed_cameras, shard_name, shard_of, shard_problem, verify_shards)
+from dvgt.data.loader import open_datasets, train_sampler
+from dvgt.models import build_model, sample_targets
 from dvgt.models.aggregator import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from dvgt.train import distributed
 from dvgt.train.optim import freeze_modules
@@ -43,7 +44,8 @@ KEYS = {BACKBONE: "patch_tokens", AGGREGATOR: "aggregator_tokens"}  # its batch 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # dvgt cache build --dtype
 # --verify: max |cached - live| / max |live| (bfloat16 keeps 8 mantissa bits)
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4e-3}
-PREPROCESSING = "centre crop-resize (PIL bilinear, antialiased), RGB / 255, no pixel augmentation"
+PREPROCESSING = ("official view preparation: crop about the principal point, resize to cover the target + 4 px "
+                 "(PIL LANCZOS shrinking, BICUBIC enlarging), strict crop; RGB / 255; no pixel augmentation")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,8 +85,7 @@ class FrozenPart:
         patches = (height // self.module.patch_size) * (width // self.module.patch_size)
         if self.kind == BACKBONE:
             return patches * self.token_dim
-        images = len(item.frames) * len(item.cameras)
-        return len(self.layers) * images * (self.special_tokens + patches) * self.token_dim
+        return len(self.layers) * item.frames * item.views * (self.special_tokens + patches) * self.token_dim
 
     def manifest_fields(self) -> Dict[str, Any]:
         fields = {"part": self.kind, "module": self.name, "token_dim": self.token_dim}
@@ -122,7 +123,7 @@ def largest_frozen_part(model: nn.Module, frozen: Iterable[str]) -> Optional[Fro
 
 def require_cacheable(model: nn.Module, frozen: Iterable[str], cfg: Any, kind: Optional[str] = None) -> FrozenPart:
     """The frozen part a cache holds (`kind`, or the largest frozen one), or a clear error: the part must be
-    wholly frozen and the config must not change pixels."""
+    wholly frozen, the config must not change pixels, and a clip cache needs the cameras of a clip fixed."""
     frozen = set(frozen)
     kinds = frozen_kinds(model, frozen)
     wanted = kind or (kinds[-1] if kinds else BACKBONE)
@@ -134,11 +135,18 @@ def require_cacheable(model: nn.Module, frozen: Iterable[str], cfg: Any, kind: O
             f"optim.frozen_module_names={list(cfg.optim.frozen_module_names)} leaves {len(trainable)} of its "
             f"parameters trainable (e.g. {trainable[0]}); set optim.frozen_module_names=[{name}.*] (a cache of the "
             f"backbone alone needs [{MODULES[BACKBONE]}.*], of the whole aggregator [{MODULES[AGGREGATOR]}.*])")
-    if cfg.data.train.color_jitter > 0:
+    train = cfg.data.train
+    # each pixel augmentation's setting that turns it off, and whether it is on
+    fixes = {"aug_pixel_aspect_range=null": train.aug_pixel_aspect_range is not None,
+             "random_resize=false": train.random_resize, "color_jitter.enabled=false": train.color_jitter.enabled}
+    augmenting = [f"data.train.{fix}" for fix, on in fixes.items() if on]
+    if augmenting:
         raise ValueError(
-            f"data.train.color_jitter={cfg.data.train.color_jitter} changes the pixels of every training image, so "
-            f"cached features cannot match them; set data.train.color_jitter=0 to use a feature cache "
-            f"(data.feature_cache / dvgt cache build)")
+            f"pixel augmentation is on in data.train ({', '.join(a.split('=')[0] for a in augmenting)}), so cached "
+            f"features cannot match the training images; to use a feature cache (data.feature_cache / dvgt cache "
+            f"build) set {' '.join(augmenting)}")
+    if wanted == AGGREGATOR:
+        require_fixed_cameras(train)
     return frozen_part(model, wanted)
 
 
@@ -181,19 +189,11 @@ def fingerprint(part: FrozenPart, cfg: Any, device: torch.device) -> Dict[str, A
 # ------------------------------------------------------------------------------------------------
 
 
-def open_for_training(cfg: Any, model: nn.Module, frozen: Iterable[str],
-                      patch_size: int) -> Tuple[FeatureCache, FrozenPart]:
+def open_for_training(cfg: Any, model: nn.Module, frozen: Iterable[str]) -> Tuple[FeatureCache, FrozenPart]:
     """The cache of data.feature_cache and the part it holds, after the checks that need no weights: that
-    part frozen, no pixel augmentation, every image size the sampler can draw present in the cache."""
+    part frozen, no pixel augmentation, fixed cameras for a clip cache (CachedDataset checks the sizes)."""
     cache = FeatureCache(cfg.data.feature_cache, cfg.checkpoint.s3)
-    part = require_cacheable(model, frozen, cfg, kind=cache.manifest["part"])
-    held = {tuple(size) for size in cache.manifest["sizes"]}
-    missing = [size for size in cache_sizes(cfg.data.train, patch_size) if size not in held]
-    if missing:
-        raise FeatureCacheError(
-            f"feature cache {cache.uri} holds no entries for image sizes (H, W) {missing} that data.train "
-            f"(img_width, aspect_ratio) can draw; rebuild it with `dvgt cache build` for this config")
-    return cache, part
+    return cache, require_cacheable(model, frozen, cfg, kind=cache.manifest["part"])
 
 
 def check_weights(cache: FeatureCache, part: FrozenPart, cfg: Any, device: torch.device) -> None:
@@ -259,21 +259,24 @@ def build_cache(cfg: Any, out: str, *, part: Optional[str] = None, dtype: str = 
     info = distributed.init_distributed(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_mins)
     say = say if info.is_main else (lambda _: None)
     seed_everything(cfg.seed_value)  # the trainer's initial weights, then its pretrained ones
-    model = build_model(cfg.model).to(info.device)
+    # DVGT-2's planning anchors play no part in a cached prefix: not needed (nor made) to build a cache
+    model = build_model(OmegaConf.merge(cfg.model, {"anchor_dir": None})).to(info.device)
     load_pretrained(model, cfg, say)
     cached = require_cacheable(model, freeze_modules(model, cfg.optim.frozen_module_names), cfg, part)
     cached.module.eval()
     if not info.is_main:
         distributed.barrier()  # rank 0 first: it generates a synthetic dataset if one is missing
-    datasets = open_split_datasets(cfg.data.train).datasets
+    datasets = open_datasets(cfg.data, "train", patch_size=model.patch_size, gt_scale_factor=cfg.gt_scale_factor,
+                             targets=sample_targets(cfg.model, evaluation=False))  # as the trainer opens them
     if info.is_main:
         distributed.barrier()
-    labels = [(d.name, d.split) for d in datasets]
+    labels = [dataset_label(d) for d in datasets]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"data.train.datasets has entries with the same name and split {labels}; the cache names "
-                         f"items by dataset name, split and image paths, so give each entry its own name")
-    items = cache_items(cached.kind, datasets, cfg.data.train)
-    sizes = cache_sizes(cfg.data.train, cached.module.patch_size)
+        raise ValueError(f"data.train.datasets lists the same dataset and split more than once ({labels}); the cache "
+                         f"names items by dataset, split and file name, so list each parquet once")
+    sampler = train_sampler(cfg.data.train, datasets, max_img_per_gpu=cfg.max_img_per_gpu)
+    items = cache_items(cached.kind, sampler, cfg.data.train)
+    sizes = [cache_sizes(d, cfg.data.train.aspect_ratio) for d in datasets]  # per dataset
     parts = fingerprint(cached, cfg, info.device)
     stored = STORAGE_DTYPES[dtype]
     digest = fingerprint_digest(parts)
@@ -286,11 +289,13 @@ def build_cache(cfg: Any, out: str, *, part: Optional[str] = None, dtype: str = 
             raise FeatureCacheError(f"feature cache {storage.uri} holds {existing['dtype']} entries, not {DTYPES[stored]}; "
                                     f"build with the same --dtype, or choose another --out")
 
-    total_bytes = sum(cached.entry_numel(item, h, w) * stored.itemsize for item in items for h, w in sizes)
+    total_bytes = sum(cached.entry_numel(item, h, w) * stored.itemsize for item in items for h, w in sizes[item.dataset])
     num_shards = max(1, math.ceil(total_bytes / (shard_mb * 2**20)))
     unit = "images" if cached.kind == BACKBONE else "clips"
-    say(f"feature cache of the {cached.kind} ({cached.name}): {len(items)} {unit} x {len(sizes)} sizes, "
-        f"{total_bytes / 2**30:.2f} GiB in {num_shards} shards")
+    entries = sum(len(sizes[item.dataset]) for item in items)
+    per_dataset = ", ".join(f"{'/'.join(label)} {len(held)}" for label, held in zip(labels, sizes))
+    say(f"feature cache of the {cached.kind} ({cached.name}): {len(items)} {unit}, {entries} entries (sizes: "
+        f"{per_dataset}), {total_bytes / 2**30:.2f} GiB in {num_shards} shards")
     members = defaultdict(list)
     for item in items:
         members[shard_of(item.id, num_shards)].append(item)
@@ -300,8 +305,9 @@ def build_cache(cfg: Any, out: str, *, part: Optional[str] = None, dtype: str = 
         if _committed(storage, index, num_shards, shard_digest):
             kept.append(index)
             continue
-        tensors = {key: tokens.to(stored) for height, width in sizes for key, tokens in
-                   encode(cached, datasets, members[index], height, width, cfg, info.device).items()}
+        tensors = {key: tokens.to(stored) for d, dataset_sizes in enumerate(sizes) for height, width in dataset_sizes
+                   for key, tokens in encode(cached, datasets, [i for i in members[index] if i.dataset == d], height,
+                                             width, cfg, info.device).items()}
         with storage.open_write(shard_name(index)) as writer:
             write_safetensors(tensors, writer, metadata={"fingerprint": shard_digest})
         record = {"index": index, "num_shards": num_shards, "fingerprint": shard_digest, "size": writer.size,
@@ -321,16 +327,17 @@ def build_cache(cfg: Any, out: str, *, part: Optional[str] = None, dtype: str = 
         manifest = {
             "format": FORMAT, "fingerprint": {"sha256": digest, "parts": parts}, **cached.manifest_fields(),
             "num_shards": num_shards, "shard_rule": "sha256(item id) mod num_shards", "items": len(items),
-            "entries": sum(r["entries"] for r in records), "sizes": [list(s) for s in sizes], "dtype": DTYPES[stored],
-            "datasets": [{"name": d.name, "split": d.split, "root": str(d.root)} for d in datasets],
+            "entries": sum(r["entries"] for r in records), "dtype": DTYPES[stored],
+            "datasets": [{"name": name, "split": split, "root": str(d.spec.root), "sizes": [list(s) for s in held]}
+                         for (name, split), d, held in zip(labels, datasets, sizes)],
             "shards": [{"name": shard_name(i), "size": r["size"], "sha256": r["sha256"], "items": r["items"],
                         "entries": r["entries"]} for i, r in enumerate(records)],
         }
         storage.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
-        say(f"feature cache {storage.uri}: {len(items)} items x {len(sizes)} sizes in {num_shards} shards "
+        say(f"feature cache {storage.uri}: {len(items)} items, {manifest['entries']} entries in {num_shards} shards "
             f"({len(built)} built by this process, {len(kept)} kept)")
         if verify:
-            result["verified"] = verify_cache(storage, cached, datasets, cfg, info.device, verify_samples)
+            result["verified"] = verify_cache(storage, cached, datasets, items, cfg, info.device, verify_samples)
             say(f"verified: {result['verified']}")
     distributed.barrier()
     return result
@@ -339,50 +346,54 @@ def build_cache(cfg: Any, out: str, *, part: Optional[str] = None, dtype: str = 
 def encode(part: FrozenPart, datasets: List[Any], items: List[CacheItem], height: int, width: int, cfg: Any,
            device: torch.device) -> Dict[str, torch.Tensor]:
     """{entry key: the part's float32 output} of the items at H x W, max_img_per_gpu images per forward
-    (items of one shape together)."""
+    (items of one shape together). Each image is the one a training sample holds (SceneDataset.view_image),
+    as float in [0, 1] (dvgt.data.augment.to_tensors)."""
     groups = defaultdict(list)
     for item in items:
-        groups[len(item.frames), len(item.cameras)].append(item)
+        groups[item.frames, item.views].append(item)
     tensors = {}
     for (T, V), group in groups.items():
         per_forward = max(1, cfg.max_img_per_gpu // (T * V))
         for start in range(0, len(group), per_forward):
             chunk = group[start:start + per_forward]
-            pixels = np.stack([np.stack([datasets[item.dataset].load_image(item.scene, f, c, height, width)
-                                         for f in item.frames for c in item.cameras]) for item in chunk])
+            pixels = np.stack([datasets[item.dataset].view_image(row, (height, width))
+                               for item in chunk for row in item.rows])  # uint8 [n * T * V, H, W, 3]
             images = torch.from_numpy(pixels).view(len(chunk), T, V, height, width, 3).permute(0, 1, 2, 5, 3, 4)
             with torch.inference_mode(), autocast(cfg, device):
-                outputs = part.outputs(images.to(device)).float().cpu()  # [n, ...]
+                outputs = part.outputs((images.float() / 255.0).to(device)).float().cpu()  # [n, ...]
             for item, output in zip(chunk, outputs):
                 tensors[entry_key(item.id, height, width)] = output
     return tensors
 
 
 def verify_cache(storage: Storage, part: Optional[FrozenPart] = None, datasets: Optional[List[Any]] = None,
-                 cfg: Any = None, device: Optional[torch.device] = None, samples: int = 0) -> str:
-    """Check every shard's size and sha256 against the manifest and, given the model's part, recompute
-    `samples` entries and compare them (max |diff| <= 1e-4 x max |cached|). A one-line FeatureCacheError
-    names what is wrong."""
+                 items: Sequence[CacheItem] = (), cfg: Any = None, device: Optional[torch.device] = None,
+                 samples: int = 0) -> str:
+    """Check every shard's size and sha256 against the manifest and, given the model's part, the datasets
+    and their items, recompute `samples` random entries and compare them (max |diff| <= TOLERANCE x max
+    |live|). A one-line FeatureCacheError names what is wrong."""
     manifest = read_manifest(storage)
     problems = verify_shards(storage, manifest)
     if problems:
         raise FeatureCacheError(f"feature cache {storage.uri}: {'; '.join(problems)}; delete the bad shard(s) and "
                                 f"re-run `dvgt cache build` with the same config and --out to rebuild them")
     text = f"{len(manifest['shards'])} shards intact"
-    if part is None or samples <= 0:
+    if part is None or samples <= 0 or not items:
         return text
     cache = FeatureCache(storage.uri, cfg.checkpoint.s3)
-    items = cache_items(part.kind, datasets, cfg.data.train)
+    sizes = {(d["name"], d["split"]): d["sizes"] for d in manifest["datasets"]}
     rng = np.random.default_rng(0)
-    worst = 0.0
-    for i in rng.choice(len(items), size=min(samples, len(items)), replace=False):
-        size = tuple(manifest["sizes"][int(rng.integers(len(manifest["sizes"])))])
-        (key, live), = encode(part, datasets, [items[i]], *size, cfg, device).items()
-        cached = cache.get(items[i].id, *size)
+    worst, checked = 0.0, min(samples, len(items))
+    for i in rng.choice(len(items), size=checked, replace=False):
+        item = items[int(i)]
+        held = sizes[dataset_label(datasets[item.dataset])]
+        height, width = held[int(rng.integers(len(held)))]
+        (key, live), = encode(part, datasets, [item], height, width, cfg, device).items()
+        cached = cache.get(item.id, height, width)
         if cached is None:
             raise FeatureCacheError(f"feature cache {storage.uri} has no entry {key}; rebuild it")
         worst = max(worst, float((cached.float() - live).abs().max() / live.abs().max().clamp_min(1e-12)))
-    if worst > TOLERANCE[cached.dtype]:
+    if worst > TOLERANCE[DTYPE_OF[manifest["dtype"]]]:
         raise FeatureCacheError(f"feature cache {storage.uri}: recomputed entries differ from the cached ones by "
                                 f"{worst:.1e} (relative to their max); rebuild the cache")
-    return f"{text}; {min(samples, len(items))} entries recomputed, max relative difference {worst:.1e}"
+    return f"{text}; {checked} entries recomputed, max relative difference {worst:.1e}"

@@ -131,7 +131,7 @@ class Trainer:
             self._print(f"Frozen: {len(frozen)} parameter tensors matching {list(cfg.optim.frozen_module_names)}")
         self.frozen_part = feature_cache.largest_frozen_part(self.model, frozen)  # it runs in eval mode
         self.feature_cache, self.cached_part = (
-            feature_cache.open_for_training(cfg, self.model, frozen, self.model.patch_size)
+            feature_cache.open_for_training(cfg, self.model, frozen)
             if cfg.data.feature_cache else (None, None))
         self.amp_dtype = getattr(torch, cfg.optim.amp.amp_dtype)
         self.use_amp = cfg.optim.amp.enabled and self.device.type == "cuda"
