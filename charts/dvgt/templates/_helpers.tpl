@@ -1,13 +1,13 @@
 {{/*
-Names, labels and the job plan. The plan is everything the PyTorchJob derives from the values and
+Names, labels and the job plan. The plan is everything the job (PyTorchJob or TrainJob) derives from the values and
 files/catalog.yaml (stage, profile, node count, accumulation, trainer arguments), computed once here
 so that the templates only place it. dvgt/k8s (Python) documents and tests the same rule.
 */}}
 
-{{/* The job name: the release name, a DNS-1035 label (the Training Operator's admission rule). */}}
+{{/* The job name: the release name, a DNS-1035 label (the admission rule of both PyTorchJob and TrainJob). */}}
 {{- define "dvgt.jobName" -}}
 {{- if not (regexMatch "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$" .Release.Name) -}}
-{{- fail (printf "release name '%s' is not a valid PyTorchJob name: use at most 63 lower-case letters, digits and '-', starting with a letter and ending with a letter or digit" .Release.Name) -}}
+{{- fail (printf "release name '%s' is not a valid %s name: use at most 63 lower-case letters, digits and '-', starting with a letter and ending with a letter or digit" .Release.Name (ternary "TrainJob" "PyTorchJob" (eq .Values.api "trainjob"))) -}}
 {{- end -}}
 {{- .Release.Name -}}
 {{- end -}}
@@ -24,6 +24,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 dvgt.io/stage: {{ .Values.stage }}
 dvgt.io/profile: {{ .Values.profile }}
+{{- end -}}
+
+{{/* The job's labels: the chart's, and Kueue's queue and workload priority (either kind). */}}
+{{- define "dvgt.jobLabels" -}}
+{{ include "dvgt.labels" . }}
+{{- with .Values.scheduling.kueueQueue }}
+kueue.x-k8s.io/queue-name: {{ . }}
+{{- end }}
+{{- with .Values.scheduling.kueuePriorityClass }}
+kueue.x-k8s.io/priority-class: {{ . }}
+{{- end }}
 {{- end -}}
 
 {{- define "dvgt.image" -}}
