@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Union
 
 from dvgt.k8s.catalog import CHART_DIR, load_catalog
 
@@ -46,11 +46,12 @@ def find_helm() -> str:
 
 
 def render(release: str, values: Dict[str, str], chart: Path = CHART_DIR, value_tree: Optional[Dict[str, Any]] = None,
-           namespace: Optional[str] = None, show_only: Optional[str] = None) -> str:
+           namespace: Optional[str] = None, show_only: Union[str, Sequence[str]] = ()) -> str:
     """`helm template` of the chart with --set values (and a values tree, passed as a values file on
-    stdin so that types survive; show_only: one template's output); errors carry helm's message."""
+    stdin so that types survive; show_only: only these templates' output); errors carry helm's message."""
     command = [find_helm(), "template", release, str(chart)] + (["--namespace", namespace] if namespace else [])
-    command += ["--show-only", show_only] if show_only else []
+    for template in [show_only] if isinstance(show_only, str) else show_only:
+        command += ["--show-only", template]
     for key, value in values.items():
         command += ["--set", f"{key}={value}"]
     if value_tree is not None:
@@ -58,7 +59,8 @@ def render(release: str, values: Dict[str, str], chart: Path = CHART_DIR, value_
     result = subprocess.run(command, capture_output=True, text=True,
                             input=json.dumps(value_tree) if value_tree is not None else None)
     if result.returncode != 0:
-        raise ValueError(f"helm template {release} failed: {result.stderr.strip()}")
+        message = result.stderr.split("Use --debug flag")[0]  # helm's advice to itself is no help to a user
+        raise ValueError(f"helm template {release} failed: {' '.join(message.split())}")
     return result.stdout
 
 

@@ -54,6 +54,11 @@ def trainer_job(runtime: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
 def admission_errors(trainjob: Dict[str, Any], runtime: Optional[Dict[str, Any]]) -> List[str]:
     """The TrainJob and runtime webhooks (and what the controller would fail on), as a list of problems."""
+    return job_errors(trainjob) + runtime_errors(trainjob, runtime)
+
+
+def job_errors(trainjob: Dict[str, Any]) -> List[str]:
+    """The rules on the TrainJob alone."""
     errors = []
     if trainjob.get("apiVersion") != API_VERSION or trainjob.get("kind") != "TrainJob":
         errors.append(f"apiVersion/kind must be {API_VERSION} TrainJob, got {trainjob.get('apiVersion')} {trainjob.get('kind')}")
@@ -61,7 +66,7 @@ def admission_errors(trainjob: Dict[str, Any], runtime: Optional[Dict[str, Any]]
     if not DNS1035.match(name):  # the CRD's CEL rules on metadata.name
         errors.append(f"metadata.name '{name}' must be a DNS-1035 label (lower-case letters, digits and '-', "
                       "starting with a letter, at most 63 characters)")
-    kind, runtime_name = runtime_ref(trainjob)
+    kind, _ = runtime_ref(trainjob)
     if kind not in RUNTIME_KINDS:  # pkg/webhooks/trainjob_webhook.go:114-117
         errors.append(f"spec.runtimeRef.kind '{kind}' is not supported ({', '.join(RUNTIME_KINDS)})")
     trainer = (trainjob.get("spec") or {}).get("trainer") or {}
@@ -74,6 +79,13 @@ def admission_errors(trainjob: Dict[str, Any], runtime: Optional[Dict[str, Any]]
     if isinstance(nodes, int) and len(f"{name}-{NODE}-0-{max(nodes - 1, 0)}-xxxxx") > 63:  # JobSet's pod names
         errors.append(f"metadata.name '{name}' is too long: its pods are named {name}-{NODE}-0-<index>-<5 characters>, "
                       "at most 63 characters")
+    return errors
+
+
+def runtime_errors(trainjob: Dict[str, Any], runtime: Optional[Dict[str, Any]]) -> List[str]:
+    """The rules on the runtime the TrainJob references (None: it is not there)."""
+    kind, runtime_name = runtime_ref(trainjob)
+    errors = []
     if runtime is None:  # pkg/runtime/core/trainingruntime.go:305-313
         errors.append(f"the {kind} '{runtime_name}' it references is not there: a TrainJob's runtime must exist before it")
         return errors
@@ -87,8 +99,9 @@ def admission_errors(trainjob: Dict[str, Any], runtime: Optional[Dict[str, Any]]
     return errors
 
 
-def check_admission(trainjob: Dict[str, Any], runtime: Optional[Dict[str, Any]]) -> None:
-    errors = admission_errors(trainjob, runtime)
+def check_admission(trainjob: Dict[str, Any], runtime: Optional[Dict[str, Any]], runtime_known: bool = True) -> None:
+    """Raise the problems as one ValueError; runtime_known False: the runtime is checked elsewhere (a cluster's)."""
+    errors = admission_errors(trainjob, runtime) if runtime_known else job_errors(trainjob)
     if errors:
         raise ValueError("the TrainJob would be refused by Kubeflow Trainer: " + "; ".join(errors))
 

@@ -1,12 +1,13 @@
 """TrainingJob: one training run as typed fields, turned into the chart's values and rendered by
-the chart itself.
+the chart itself: a PyTorchJob (api "pytorchjob", the default) or a Kubeflow Trainer v2 TrainJob with the
+TrainingRuntime it references (api "trainjob").
 
 Rendering runs the real `helm template` on the packaged chart (dvgt/k8s/chart = charts/dvgt) with
 the job's values, so the SDK cannot drift from `helm install` or the ready manifests in k8s/: there
 is one template, and tests/test_sdk_job.py checks, for every stage x profile, that the job equals
 what a user gets from `helm template NAME charts/dvgt --set ...`. A job is checked before anything
 is rendered or sent: its name, the chart's values.schema.json, then the Training Operator's
-admission rules on the rendered PyTorchJob.
+admission rules on the rendered PyTorchJob (Trainer v2's on the TrainJob and its runtime).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import yaml
 
 from dvgt.k8s.catalog import CHART_DIR
+from dvgt.k8s import trainjob
 from dvgt.k8s.pytorchjob import DNS1035, check_admission, load_pytorchjob
 from dvgt.sdk.errors import InvalidJobError
 
@@ -28,13 +30,15 @@ DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a namespa
 
 # TrainingJob field -> the chart value it sets (dotted path in values.yaml).
 VALUE_OF_FIELD = {
-    "stage": "stage", "profile": "profile", "nodes": "nodes", "gpus_per_node": "gpusPerNode",
+    "api": "api", "stage": "stage", "profile": "profile", "nodes": "nodes", "gpus_per_node": "gpusPerNode",
     "images_per_step": "imagesPerStep", "max_images_per_forward": "maxImagesPerForward", "overrides": "overrides",
     "image": "image", "exporter_image": "exporter.image", "exporter": "exporter.enabled",
     "checkpoint_uri": "checkpoint.uri", "s3_secret": "checkpoint.s3Secret",
     "preemption_budget_s": "checkpoint.preemptionBudgetSeconds", "data_pvc": "data.pvc",
     "data_host_path": "data.hostPath", "restart_policy": "restartPolicy", "backoff_limit": "backoffLimit",
     "active_deadline_s": "activeDeadlineSeconds", "kueue_queue": "scheduling.kueueQueue",
+    "kueue_priority_class": "scheduling.kueuePriorityClass", "runtime_name": "trainJob.runtime.name",
+    "runtime_kind": "trainJob.runtime.kind", "create_runtime": "trainJob.runtime.create",
     "priority_class": "scheduling.priorityClass", "node_selector": "nodeSelector", "tolerations": "tolerations",
     "resources": "resources", "env": "env", "service_account": "serviceAccountName",
 }
@@ -76,6 +80,7 @@ class TrainingJob:
     charts/dvgt/README.md); `values` sets any other chart value (chart names, merged last)."""
 
     stage: str  # a stage of charts/dvgt/files/catalog.yaml, e.g. finetune-nuscenes
+    api: Optional[str] = None  # "pytorchjob" (Training Operator v1, the chart default) | "trainjob" (Trainer v2)
     nodes: Optional[int] = None  # pods (1 Master + nodes-1 Workers); None: the stage's recipe
     gpus_per_node: Optional[int] = None  # GPUs = torchrun processes per pod (chart default 8)
     profile: Optional[str] = None  # VRAM profile of the catalog, e.g. h100-80g (chart default h20-146g)
@@ -83,7 +88,7 @@ class TrainingJob:
     checkpoint_uri: Optional[str] = None  # checkpoints go to <uri>/<name> (s3://bucket/prefix or a path in the pod)
     s3_secret: Optional[str] = None  # existing Secret with the AWS_* variables ("" = none)
     overrides: Union[Mapping[str, Any], Sequence[str]] = field(default_factory=dict)  # trainer config overrides
-    name: Optional[str] = None  # PyTorchJob name (DNS-1035); None: <stage>-<random suffix>
+    name: Optional[str] = None  # the job's name (DNS-1035); None: <stage>-<random suffix>
     namespace: Optional[str] = None  # None: the client's namespace (the kubeconfig context's)
     images_per_step: Optional[int] = None  # images per GPU per optimizer step; None: the stage's recipe
     max_images_per_forward: Optional[int] = None  # images per GPU per forward pass; None: the profile's
@@ -96,6 +101,10 @@ class TrainingJob:
     backoff_limit: Optional[int] = None  # restarts before the job fails
     active_deadline_s: Optional[int] = None  # wall-clock limit of the job
     kueue_queue: Optional[str] = None  # Kueue LocalQueue
+    kueue_priority_class: Optional[str] = None  # Kueue WorkloadPriorityClass
+    runtime_name: Optional[str] = None  # TrainJob: the runtime it references (chart default: the job's name)
+    runtime_kind: Optional[str] = None  # TrainJob: TrainingRuntime (chart default) | ClusterTrainingRuntime
+    create_runtime: Optional[bool] = None  # TrainJob: create the runtime with the job (chart default) or reference one
     priority_class: Optional[str] = None  # PriorityClass of the pods
     node_selector: Optional[Dict[str, str]] = None  # node labels the pods must match
     tolerations: Optional[List[Dict[str, Any]]] = None  # pod tolerations (Kubernetes form)
@@ -131,7 +140,7 @@ class TrainingJob:
     def validate(self) -> Dict[str, Any]:
         """Check the name, the namespace and the values against the chart's schema; the values."""
         if not DNS1035.match(self.name or ""):
-            raise InvalidJobError(f"TrainingJob.name '{self.name}' is not a valid PyTorchJob name: use at most 63 "
+            raise InvalidJobError(f"TrainingJob.name '{self.name}' is not a valid job name: use at most 63 "
                                   "lower-case letters, digits and '-', starting with a letter and ending with a letter or digit")
         if self.namespace is not None and not DNS1123_LABEL.match(self.namespace):
             raise InvalidJobError(f"TrainingJob.namespace '{self.namespace}' is not a namespace name: use at most 63 "
@@ -140,21 +149,38 @@ class TrainingJob:
         check_values(values)
         return values
 
-    def render(self) -> Dict[str, Any]:
-        """The PyTorchJob, as `helm template <name> charts/dvgt` renders it with these values."""
+    def objects(self) -> List[Dict[str, Any]]:
+        """What `helm template <name> charts/dvgt` renders with these values for the job, in creation
+        order: the PyTorchJob; or the TrainingRuntime (when the job creates it) and the TrainJob."""
         from dvgt.k8s.generate import render
 
         values = self.validate()
+        merged = deep_merge(yaml.safe_load((CHART_DIR / "values.yaml").read_text()), values)
+        if merged["api"] == "pytorchjob":
+            templates = ["templates/pytorchjob.yaml"]
+        else:
+            templates = ["templates/trainjob.yaml"] + (["templates/trainingruntime.yaml"] if merged["trainJob"]["runtime"]["create"] else [])
         try:
-            job = load_pytorchjob(render(self.name, {}, value_tree=values, namespace=self.namespace,
-                                         show_only="templates/pytorchjob.yaml"))
-            check_admission(job)
+            text = render(self.name, {}, value_tree=values, namespace=self.namespace, show_only=templates)
+            if merged["api"] == "pytorchjob":
+                job = load_pytorchjob(text)
+                check_admission(job)
+                return [job]
+            documents = trainjob.load_documents(text)
+            job = next(d for d in documents if d["kind"] == "TrainJob")
+            runtime = trainjob.find_runtime(job, documents)
+            trainjob.check_admission(job, runtime, runtime_known=runtime is not None)  # else: the cluster's (Client)
+            return ([runtime] if runtime is not None else []) + [job]
         except ValueError as error:
             raise InvalidJobError(f"job {self.name}: {error}") from None
-        return job
+
+    def render(self) -> Dict[str, Any]:
+        """The job (PyTorchJob or TrainJob), as `helm template <name> charts/dvgt` renders it with these values."""
+        return self.objects()[-1]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.render(), sort_keys=False)
+        """The job's objects as YAML documents (`dvgt submit --dry-run`; kubectl apply -f takes it)."""
+        return yaml.safe_dump_all(self.objects(), sort_keys=False)
 
 
 def check_values(values: Dict[str, Any]) -> None:
