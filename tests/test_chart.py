@@ -302,3 +302,79 @@ def test_notes_tell_how_to_follow_the_job():
                     "kubectl port-forward -n default pod/nusc-master-0 9400:9400", "dvgt status nusc",
                     "kubectl create secret generic dvgt-s3"):
         assert command in notes
+
+
+# --------------------------------------------------------------------------------------------
+# Both APIs against the upstream CRDs (tests/k8s_crds.py): PyTorchJob, and TrainJob with its runtime
+# --------------------------------------------------------------------------------------------
+
+def test_every_render_of_both_apis_is_valid_against_the_upstream_crds(linted_and_rendered):
+    import k8s_crds
+    from dvgt.k8s import trainjob
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        trainjobs = dict(zip(MATRIX, pool.map(lambda c: render(stage=c[0], profile=c[1], nodes=2, api="trainjob"), MATRIX)))
+    for combo in MATRIX:
+        k8s_crds.check(linted_and_rendered[combo][1])  # the PyTorchJob, PodMonitor, PrometheusRule, ConfigMap
+        docs = trainjobs[combo]
+        k8s_crds.check(docs)
+        assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PodMonitor", "PrometheusRule", "TrainJob", "TrainingRuntime"]
+        job = next(d for d in docs if d["kind"] == "TrainJob")
+        runtime = trainjob.find_runtime(job, list(docs))
+        assert trainjob.admission_errors(job, runtime) == [], combo
+        pytorch = trainer(pods_of(job_of(linted_and_rendered[combo][1]))["Master"])
+        node = next(c for c in trainjob.pod_spec(trainjob.node_template(job, runtime))["containers"] if c["name"] == "node")
+        # one pod template for both kinds: the same command, arguments and resources reach the trainer
+        assert (node["command"], node["args"], node.get("resources")) == (pytorch["command"], pytorch["args"], pytorch.get("resources"))
+        assert job["spec"]["trainer"]["numNodes"] == 2 and job["spec"]["trainer"]["numProcPerNode"] == 8
+    ready = [d for path in sorted((REPO / "k8s").rglob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    k8s_crds.check(ready)
+    runtime = yaml.safe_load((REPO / "k8s" / "trainjob" / "runtime.yaml").read_text())
+    for stage in STAGES:
+        job = next(d for d in yaml.safe_load_all((REPO / "k8s" / "trainjob" / f"{stage}.yaml").read_text()) if d and d["kind"] == "TrainJob")
+        assert trainjob.admission_errors(job, runtime) == [] and job["metadata"]["name"] == stage
+        assert job["spec"]["trainer"]["numNodes"] == CATALOG.stages[stage].nodes
+
+
+def test_trainjob_options_render_valid_objects():
+    import k8s_crds
+
+    docs = render(api="trainjob", nodes=4, restartPolicy="ExitCode", **{
+        "trainJob.podGroupPolicy": "volcano", "scheduling.queue": "research", "scheduling.kueueQueue": "team-a",
+        "scheduling.kueuePriorityClass": "high", "rdma.enabled": "true", "env[0].name": "HF_HOME", "env[0].value": "/cache",
+        "nodeSelector.gpu": "h100", "activeDeadlineSeconds": 3600})
+    k8s_crds.check(docs)
+    job, runtime = (next(d for d in docs if d["kind"] == k) for k in ("TrainJob", "TrainingRuntime"))
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+    assert job["spec"]["trainer"]["env"] == [{"name": "HF_HOME", "value": "/cache"}] and job["spec"]["activeDeadlineSeconds"] == 3600
+    assert runtime["spec"]["podGroupPolicy"] == {"volcano": {}}
+    assert runtime["spec"]["template"]["metadata"]["annotations"] == {"scheduling.volcano.sh/queue-name": "research"}
+    node_job = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]
+    assert node_job["template"]["spec"]["restartPolicy"] == "Never"  # ExitCode: a failed pod is replaced ...
+    assert node_job["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == list(range(1, 128))  # ... unless 1-127
+    patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert patch["template"]["spec"]["template"]["spec"]["nodeSelector"] == {"gpu": "h100"}
+    cluster = render(api="trainjob", **{"trainJob.runtime.kind": "ClusterTrainingRuntime", "trainJob.runtime.name": "dvgt-shared",
+                                        "trainJob.podGroupPolicy": "coscheduling"})
+    k8s_crds.check(cluster)
+    shared = next(d for d in cluster if d["kind"] == "ClusterTrainingRuntime")
+    assert shared["metadata"]["name"] == "dvgt-shared" and shared["spec"]["podGroupPolicy"]["coscheduling"]["scheduleTimeoutSeconds"] == 60
+    assert "annotations" not in shared["metadata"]  # cluster runtimes sort before TrainJobs: no helm hook needed
+    assert next(d for d in cluster if d["kind"] == "TrainJob")["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "dvgt-shared"}
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"api": "tfjob"}, "at '/api': value must be one of 'pytorchjob', 'trainjob'"),
+    ({"api": "trainjob", "nodes": 0}, "at '/nodes': minimum: got 0, want 1"),
+    ({"api": "trainjob", "trainJob.runtime.kind": "Runtime"}, "at '/trainJob/runtime/kind': value must be one of"),
+    ({"api": "trainjob", "restartPolicy": "Always"}, "restartPolicy Always is not possible with api=trainjob"),
+    ({"api": "trainjob", "scheduling.minAvailable": 2}, "scheduling.minAvailable is a PyTorchJob setting"),
+    ({"api": "trainjob", "scheduling.queue": "q"}, "scheduling.queue (a Volcano queue) needs trainJob.podGroupPolicy=volcano"),
+])
+def test_trainjob_bad_values_are_refused_naming_them(values, message):
+    result = helm("template", "x", str(CHART), *set_args(values))
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    long_name = helm("template", "a" * 50, str(CHART), "--set", "api=trainjob")
+    assert long_name.returncode != 0 and f"TrainJob name '{'a' * 50}' is too long for 8 node(s)" in long_name.stderr

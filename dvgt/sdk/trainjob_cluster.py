@@ -2,8 +2,8 @@
 `kubeflow`) where it does the job, the rest by hand over the kubernetes client it holds.
 
   upstream (TrainerClient)                        by hand (it has no call for these)
-  wait_for_job_status: wait                       create a rendered TrainJob and its runtime (the typed
-  get_job: phase and node pods of status            models of kubeflow-trainer-api round-trip the objects)
+  wait_for_job_status: wait                       create a rendered TrainJob and its runtime (read by the
+  get_job: phase and node pods of status            typed models of kubeflow-trainer-api first)
   get_job_logs: logs                              check that a referenced runtime exists before submitting
   delete_job: delete                              the TrainJob's own conditions, labels and arguments
                                                   (status, list), pod restarts, the exporter's last step,
@@ -57,15 +57,22 @@ class TrainJobBackend(ClusterBackend):
         try:
             return method(*args, _request_timeout=self.timeout, **kwargs)
         except Exception as error:  # noqa: BLE001 - translated
-            raise self._translate(error, verb, f"{plural}.{GROUP}", name, namespace) from None
+            named = name or ((kwargs.get("body") or {}).get("metadata") or {}).get("name", "")
+            raise self._translate(error, verb, f"{plural}.{GROUP}", named, namespace) from None
 
     @staticmethod
     def _typed(body: Dict[str, Any]) -> Dict[str, Any]:
-        """The object through kubeflow-trainer-api's model of its kind (what the Trainer SDK sends)."""
+        """The object, read by kubeflow-trainer-api's model of its kind (the Trainer SDK's types refuse a
+        malformed object here, before the API server sees it). The chart's object is what is sent: the
+        model's own dump would add the server's defaults (e.g. a port's protocol TCP)."""
         from kubeflow_trainer_api import models
 
-        model = getattr(models, f"TrainerV1alpha1{body['kind']}")
-        return model.from_dict(body).to_dict()
+        try:
+            getattr(models, f"TrainerV1alpha1{body['kind']}").from_dict(body)
+        except ValueError as error:
+            raise errors.InvalidJobError(f"{body['kind']} {body['metadata']['name']} does not fit Kubeflow Trainer's "
+                                         f"API types: {' '.join(str(error).split())}") from None
+        return body
 
     def submit(self, job: TrainingJob, replace: bool = False) -> str:
         """Create the job's runtime (when it makes one: replaced if one of its name is there) and TrainJob."""
