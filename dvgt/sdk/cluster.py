@@ -231,7 +231,7 @@ class ClusterBackend:
         if not pods:
             self.get(name)  # a missing job is reported as such
             raise errors.SdkError(f"job {name} has no {replica}-{index} pod yet; wait for it "
-                                  f"(dvgt wait {name} --until Running) and ask again")
+                                  f"(dvgt wait {name} --for running) and ask again")
         pod = pods[0].metadata.name
         try:
             if not follow:
