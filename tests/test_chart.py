@@ -113,10 +113,11 @@ def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, l
     assert cfg.checkpoint.uri == "s3://dvgt-checkpoints/dvgt-test"
     if profile == "cpu-test":
         assert (cfg.device, cfg.distributed.backend, cfg.model.size) == ("cpu", "gloo", "tiny")
-        assert "resources" not in container
+        assert "nvidia.com/gpu" not in container["resources"]["limits"]
     else:
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
-        assert container["resources"]["requests"] == container["resources"]["limits"]
+    assert container["resources"]["requests"] == container["resources"]["limits"]  # with the exporter's: Guaranteed QoS
+    assert container["resources"]["limits"] == expected_resources(profile, processes=8)
 
 
 def test_catalog_agrees_with_the_stage_configs():
@@ -150,6 +151,22 @@ def test_ready_manifests_are_jobs_the_local_runner_reads():
         assert workers + 1 == CATALOG.stages[stage].nodes
 
 
+def expected_resources(profile: str, processes: int, **given) -> dict:
+    """The sizing rule of files/catalog.yaml (host), as charts/dvgt/README.md states it, in MiB."""
+    catalog = yaml.safe_load((CHART / "files" / "catalog.yaml").read_text())
+    host = {**catalog["host"], **catalog["profiles"][profile].get("host", {})}
+    shm = processes * CATALOG.profiles[profile].max_images_per_forward * host["shmMiBPerImage"]
+    memory = processes * host["memoryGiBPerProcess"] * 1024 + shm
+    storage = processes * host["workspaceGiBPerProcess"] * 1024 + 4 * 1024 + 1024  # /workspace + /tmp (tmpSize) + 1 GiB
+
+    def quantity(mib: int) -> str:
+        return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
+    sized = {"cpu": str(processes * host["cpuPerProcess"]), "memory": quantity(memory), "ephemeral-storage": quantity(storage)}
+    if CATALOG.profiles[profile].gpu:
+        sized["nvidia.com/gpu"] = str(processes)
+    return {**sized, **given}
+
+
 @pytest.mark.parametrize("values,message", [
     ({"stage": "pretrain-dvgt9"}, "at '/stage': value must be one of 'dvgt1-default'"),
     ({"profile": "h100-40g"}, "at '/profile': value must be one of 'h20-146g'"),
@@ -160,7 +177,15 @@ def test_ready_manifests_are_jobs_the_local_runner_reads():
     ({"exporter.image.repository": ""}, "at '/exporter/image/repository': minLength"),
     ({"checkpoint.awsSecretAccessKey": "abc"}, "invalid propertyName 'awsSecretAccessKey'"),
     ({"password": "hunter2"}, "invalid propertyName 'password'"),
-    ({"env[0].name": "AWS_SECRET_ACCESS_KEY", "env[0].value": "abc"}, "at '/env/0': missing property 'valueFrom'"),
+    ({"extraEnv[0].name": "AWS_SECRET_ACCESS_KEY", "extraEnv[0].value": "abc"}, "at '/extraEnv/0': missing property 'valueFrom'"),
+    ({"replicas": 3}, "additional properties 'replicas' not allowed"),  # an unknown value
+    ({"resources.requests.cpu": "-1"}, "at '/resources/requests/cpu'"),  # a negative request
+    ({"resources.limits.memory": "-4Gi"}, "at '/resources/limits/memory'"),
+    ({"shmSize": "64GB"}, "at '/shmSize'"),
+    ({"podSecurityContext.runAsUser": -1}, "at '/podSecurityContext/runAsUser': minimum: got -1, want 0"),
+    ({"extraVolumeMounts[0].name": "datasets"}, "at '/extraVolumeMounts/0': missing property 'mountPath'"),
+    ({"extraVolumes[0].name": "datasets"}, "at '/extraVolumes/0': minProperties"),  # a volume without a source
+    ({"extraContainers[0].name": "sidecar"}, "at '/extraContainers/0': missing property 'image'"),
     ({"nccl.env.HF_TOKEN": "abc"}, "invalid propertyName 'HF_TOKEN'"),
     ({"checkpoint.uri": "s3://key:secret@host/bucket"}, "at '/checkpoint/uri'"),
     ({"restartPolicy": "Sometimes"}, "at '/restartPolicy': value must be one of"),
@@ -172,11 +197,12 @@ def test_schema_refuses_bad_values_with_a_message_naming_them(values, message):
 
 
 def test_schema_accepts_secrets_by_reference():
-    docs = render(**{"env[0].name": "HF_TOKEN", "env[0].valueFrom.secretKeyRef.name": "hf",
-                     "env[0].valueFrom.secretKeyRef.key": "token", "checkpoint.s3Secret": "team-s3"})
+    docs = render(**{"extraEnv[0].name": "HF_TOKEN", "extraEnv[0].valueFrom.secretKeyRef.name": "hf",
+                     "extraEnv[0].valueFrom.secretKeyRef.key": "token", "checkpoint.s3Secret": "team-s3",
+                     "envFrom[0].configMapRef.name": "proxy"})
     container = trainer(pods_of(job_of(docs))["Master"])
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in container["env"]
-    assert container["envFrom"] == [{"secretRef": {"name": "team-s3"}}]
+    assert container["envFrom"] == [{"secretRef": {"name": "team-s3"}}, {"configMapRef": {"name": "proxy"}}]
 
 
 def test_release_name_must_be_a_job_name():
@@ -205,7 +231,7 @@ def test_pods_are_locked_down_and_secrets_come_from_secrets():
 def test_job_policies_and_placement_reach_the_job():
     docs = render(**{"nodes": 4, "gpusPerNode": 4, "profile": "a100-40g", "restartPolicy": "ExitCode", "backoffLimit": 3,
                      "activeDeadlineSeconds": 86400, "cleanPodPolicy": "All", "ttlSecondsAfterFinished": 60,
-                     "scheduling.minAvailable": 4, "scheduling.queue": "research", "scheduling.priorityClass": "high",
+                     "scheduling.minAvailable": 4, "scheduling.queue": "research", "priorityClassName": "high",
                      "scheduling.kueueQueue": "team-a", "nodeSelector.gpu": "a100", "tolerations[0].key": "gpu",
                      "tolerations[0].operator": "Exists", "checkpoint.preemptionBudgetSeconds": 300,
                      "checkpoint.terminationMarginSeconds": 20, "data.pvc": "", "data.hostPath": "/mnt/dvgt",
@@ -250,8 +276,8 @@ def test_exporter_sidecar_shares_the_metrics_folder_and_is_scraped():
     assert env["PROMETHEUS_MULTIPROC_DIR"] == "/metrics" and env["DVGT_JOB_NAME"] == "dvgt-test"
     mounts = {c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]} for c in [trainer(pod), sidecar]}
     assert mounts["pytorch"]["metrics"] == mounts["exporter"]["metrics"] == "/metrics"
-    assert {"name": "metrics", "emptyDir": {}} in pod["spec"]["volumes"]
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["spec"]["volumes"]
+    assert {"name": "metrics", "emptyDir": {"sizeLimit": "256Mi"}} in pod["spec"]["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "36Gi"}} in pod["spec"]["volumes"]  # 8 x 48 x 96 MiB
 
     monitor = next(d for d in docs if d["kind"] == "PodMonitor")
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
@@ -273,7 +299,8 @@ def test_every_value_is_documented_in_the_chart_readme():
 
     def leaves(node, prefix=""):
         for key, value in node.items():
-            if isinstance(value, dict) and value and key not in ("env", "resources", "requests", "limits"):
+            if isinstance(value, dict) and value and key not in ("env", "resources", "requests", "limits", "podSecurityContext",
+                                                                 "securityContext", "dns"):
                 yield from leaves(value, f"{prefix}{key}.")
             else:
                 yield f"{prefix}{key}"
@@ -341,7 +368,7 @@ def test_trainjob_options_render_valid_objects():
 
     docs = render(api="trainjob", nodes=4, restartPolicy="ExitCode", **{
         "trainJob.podGroupPolicy": "volcano", "scheduling.queue": "research", "scheduling.kueueQueue": "team-a",
-        "scheduling.kueuePriorityClass": "high", "rdma.enabled": "true", "env[0].name": "HF_HOME", "env[0].value": "/cache",
+        "scheduling.kueuePriorityClass": "high", "rdma.enabled": "true", "extraEnv[0].name": "HF_HOME", "extraEnv[0].value": "/cache",
         "nodeSelector.gpu": "h100", "activeDeadlineSeconds": 3600})
     k8s_crds.check(docs)
     job, runtime = (next(d for d in docs if d["kind"] == k) for k in ("TrainJob", "TrainingRuntime"))

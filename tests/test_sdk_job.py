@@ -71,13 +71,13 @@ def test_fields_become_chart_values():
     assert job.to_values() == {
         "stage": "finetune-nuscenes", "profile": "h100-80g", "nodes": 2, "gpusPerNode": 8,
         "overrides": ["optim.lr=5e-06", "logging.progress=false", "data.train.views=[2, 2]"],
-        "image": {"repository": "registry.example/dvgt", "tag": "1.0", "pullPolicy": "Always"},
-        "checkpoint": {"uri": "s3://bucket/runs/nusc-1", "s3Secret": "dvgt-s3"}, "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+        "image": {"registry": "", "repository": "registry.example/dvgt", "tag": "1.0", "pullPolicy": "Always"},
+        "checkpoint": {"uri": "s3://bucket/runs/nusc-1", "s3Secret": "dvgt-s3"}, "extraEnv": [{"name": "NCCL_DEBUG", "value": "INFO"}],
         "scheduling": {"kueueQueue": "team-a"}, "rdma": {"enabled": True}}
     args = job.render()["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["args"]
     assert args[-3:] == ["optim.lr=5e-06", "logging.progress=false", "data.train.views=[2, 2]"]
     assert f"checkpoint.uri=s3://bucket/runs/nusc-1/{job.name}" in args and "accum_steps=2" in args  # 48 images, 24 per pass
-    assert image_values("localhost:5000/dvgt", "image") == {"repository": "localhost:5000/dvgt", "tag": ""}
+    assert image_values("localhost:5000/dvgt", "image") == {"registry": "", "repository": "localhost:5000/dvgt", "tag": ""}
     names = {default_name("dvgt2-pretrain") for _ in range(20)}
     assert len(names) == 20 and all(n.startswith("dvgt2-pretrain-") and len(n) == 20 for n in names)
     assert TrainingJob(stage="dvgt1-demo").name.startswith("dvgt1-demo-")

@@ -242,8 +242,9 @@ class ContainerFiles:
     """Where one container's paths live on this machine: each of its volume mounts at the volume's
     folder, every other path under its own root folder (a mount inside that root becomes a link)."""
 
-    def __init__(self, root: Path, mounts: Dict[str, Path]):
+    def __init__(self, root: Path, mounts: Dict[str, Path], pod_root: Path):
         self.root, self.mounts = root, mounts  # mounts: container path -> host folder
+        self.pod_root = pod_root  # the pod's folder: its emptyDirs are under it
 
     def host_path(self, path: str, exclude: str = "") -> Path:
         p = PurePosixPath(path)
@@ -259,7 +260,8 @@ class ContainerFiles:
         for mount, target in sorted(self.mounts.items()):
             target.mkdir(parents=True, exist_ok=True)
             place = self.host_path(mount, exclude=mount)
-            if self.root in place.parents and not place.exists():
+            # a mount point in the container's own files, or in an emptyDir of its pod (/workspace/data in /workspace)
+            if (self.root in place.parents or self.pod_root in place.parents) and not place.exists():
                 place.parent.mkdir(parents=True, exist_ok=True)
                 place.symlink_to(target, target_is_directory=True)
 
@@ -337,7 +339,7 @@ class Pod:
                 raise ValueError(f"container {container['name']} mounts volume '{mount['name']}', "
                                  f"which pod {self.name} does not declare")
             mounts[mount["mountPath"]] = self.volume_folders[mount["name"]] / mount.get("subPath", "")
-        return ContainerFiles(self.root / "containers" / container["name"], mounts)
+        return ContainerFiles(self.root / "containers" / container["name"], mounts, self.root)
 
     # -- containers ---------------------------------------------------------------------------------
     def _env(self, container: Dict[str, Any], files: ContainerFiles) -> Dict[str, str]:

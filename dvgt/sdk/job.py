@@ -39,8 +39,8 @@ VALUE_OF_FIELD = {
     "active_deadline_s": "activeDeadlineSeconds", "kueue_queue": "scheduling.kueueQueue",
     "kueue_priority_class": "scheduling.kueuePriorityClass", "runtime_name": "trainJob.runtime.name",
     "runtime_kind": "trainJob.runtime.kind", "create_runtime": "trainJob.runtime.create",
-    "priority_class": "scheduling.priorityClass", "node_selector": "nodeSelector", "tolerations": "tolerations",
-    "resources": "resources", "env": "env", "service_account": "serviceAccountName",
+    "priority_class": "priorityClassName", "node_selector": "nodeSelector", "tolerations": "tolerations",
+    "resources": "resources", "env": "extraEnv", "service_account": "serviceAccount.name",
 }
 
 
@@ -51,12 +51,13 @@ def default_name(stage: str) -> str:
 
 
 def image_values(image: str, what: str) -> Dict[str, str]:
-    """'registry:5000/dvgt/trainer:1.0' -> {repository: registry:5000/dvgt/trainer, tag: '1.0'}."""
+    """'registry:5000/dvgt/trainer:1.0' -> {registry: '', repository: registry:5000/dvgt/trainer, tag: '1.0'}
+    (the reference names its registry, so the chart's default registry does not apply)."""
     if "@" in image:
         raise InvalidJobError(f"TrainingJob.{what} '{image}': the chart takes repository:tag, not a digest; "
                               "push the image with a tag and give REPOSITORY:TAG")
     repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
-    return {"repository": repository, "tag": tag}
+    return {"registry": "", "repository": repository, "tag": tag}
 
 
 def format_override(key: str, value: Any) -> str:
@@ -198,7 +199,7 @@ def check_values(values: Dict[str, Any]) -> None:
     where = f"TrainingJob.{fields_[0]}" if fields_ else f"chart value '{path or '(top level)'}' (TrainingJob.values)"
     if error.validator == "not":  # every `not` rule of the schema refuses a secret in the values
         problem = (f"{error.instance!r} looks like a secret; credentials never go into a job: pass them through "
-                   "an existing Secret (s3_secret, or env valueFrom.secretKeyRef in `values`)")
+                   "an existing Secret (s3_secret, or extraEnv valueFrom.secretKeyRef in `values`)")
     else:
         problem = f"{error.message}; see charts/dvgt/README.md for the value '{path}'"
     raise InvalidJobError(f"invalid {where}: {problem}")

@@ -6,7 +6,7 @@ renders them for both kinds, and the helpers below only adapt that one pod to Tr
     port (the plugin adds 29500);
   - the pod is a Job's pod: restartPolicy OnFailure (values OnFailure) or Never (ExitCode, Never);
   - the job's name reaches the pods through the JobSet's pod label (a runtime serves many jobs).
-Then TrainJob.spec.trainer carries what its fields are for (image, command, args, env of `env`, resources,
+Then TrainJob.spec.trainer carries what its fields are for (image, command, args, env of `extraEnv`, resources,
 numNodes, numProcPerNode) and the runtime everything else.
 */}}
 
