@@ -110,7 +110,8 @@ def errors(doc: Dict[str, Any]) -> List[str]:
     """What the API server would refuse in one object, as 'path: message' lines (empty: valid)."""
     validator = crd_validators().get((doc.get("apiVersion"), doc.get("kind")))
     if validator is None:
-        if "." in str(doc.get("apiVersion")).split("/")[0] and not str(doc.get("apiVersion")).startswith("rbac."):
+        group = str(doc.get("apiVersion")).split("/")[0]
+        if "." in group and not group.endswith(".k8s.io"):  # a custom resource (core groups: rbac, networking, ...)
             return [f"no CRD for {doc.get('apiVersion')} {doc.get('kind')} in {CRD_DIR}"]
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)

@@ -2,8 +2,9 @@
 x profile lints and renders; core objects and the pods validate against the Kubernetes schemas in
 strict mode (kubernetes-validate); the PyTorchJob round-trips through the Training Operator's Python
 models (kubeflow-training) with no field lost and passes the operator's admission rules; the
-trainer's arguments parse against the stage config; the schema refuses bad values with a message
-that names them; the catalog agrees with the configs; the ready manifests in k8s/ match the chart."""
+trainer's arguments parse against the stage config; every pod meets the Pod Security Standard
+`restricted` (tests/pss.py); the pods are sized by the catalog's rule; the schema refuses bad values with
+a message that names them; the catalog agrees with the configs; the ready manifests in k8s/ match the chart."""
 
 import functools
 import itertools
@@ -17,6 +18,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubeflow.training.api_client import ApiClient
+
+import pss
 
 from dvgt.config import CONFIG_ROOT, load_config
 from dvgt.k8s import generate
@@ -98,6 +101,7 @@ def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, l
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", **master["metadata"]},
                                   "spec": master["spec"]}, K8S_VERSION, strict=True)  # the pod is a valid Pod
     assert worker["spec"] == master["spec"]  # the replicas differ only by their component label
+    assert pss.violations(master["spec"], master["metadata"], "restricted") == []  # Pod Security Standard `restricted`
 
     # torchrun on the stage's config; its overrides parse against that config
     container = trainer(pods_of(job)["Master"])
@@ -353,11 +357,16 @@ def test_every_render_of_both_apis_is_valid_against_the_upstream_crds(linted_and
         node = next(c for c in trainjob.pod_spec(trainjob.node_template(job, runtime))["containers"] if c["name"] == "node")
         # one pod template for both kinds: the same command, arguments and resources reach the trainer
         assert (node["command"], node["args"], node.get("resources")) == (pytorch["command"], pytorch["args"], pytorch.get("resources"))
+        # the node pod as Trainer admits it (runtime, the job's patches and trainer fields): `restricted`, no workaround
+        admitted = trainjob.node_template(job, runtime)["template"]["spec"]["template"]
+        assert pss.violations(admitted["spec"], admitted["metadata"], "restricted") == [], combo
         assert job["spec"]["trainer"]["numNodes"] == 2 and job["spec"]["trainer"]["numProcPerNode"] == 8
     ready = [d for path in sorted((REPO / "k8s").rglob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
     k8s_crds.check(ready)
     runtime = yaml.safe_load((REPO / "k8s" / "trainjob" / "runtime.yaml").read_text())
     for stage in STAGES:
+        for template in pods_of(load_pytorchjob((REPO / "k8s" / f"{stage}.yaml").read_text())).values():
+            assert pss.violations(template["spec"], template["metadata"], "restricted") == [], stage
         job = next(d for d in yaml.safe_load_all((REPO / "k8s" / "trainjob" / f"{stage}.yaml").read_text()) if d and d["kind"] == "TrainJob")
         assert trainjob.admission_errors(job, runtime) == [] and job["metadata"]["name"] == stage
         assert job["spec"]["trainer"]["numNodes"] == CATALOG.stages[stage].nodes
