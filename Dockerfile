@@ -1,5 +1,5 @@
 # The trainer image: torchrun, the dvgt package and its stage configs on CUDA, with the torch the project
-# tests (2.13.0, CUDA build). Non-root (UID 1000); the chart runs it with a read-only root filesystem.
+# tests (2.13.0, CUDA build). Non-root (UID 10001); the chart runs it with a read-only root filesystem.
 #   make image            (or: docker build -t REGISTRY/dvgt/trainer:0.1.0 .)
 # The chart runs `torchrun --nproc-per-node=N -m dvgt.train --config=...` in /workspace.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
@@ -32,12 +32,12 @@ COPY charts ./charts
 COPY dvgt ./dvgt
 RUN pip install . \
     && python -c "import torch; assert torch.__version__.startswith('${TORCH_VERSION}'), 'the package replaced torch'" \
-    && groupadd --gid 1000 dvgt \
-    && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin dvgt \
+    && groupadd --gid 10001 dvgt \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin dvgt \
     && mkdir /workspace \
     && chown dvgt:dvgt /workspace
 
-USER 1000:1000
+USER 10001:10001
 ENV HOME=/tmp
 WORKDIR /workspace
 ENTRYPOINT ["torchrun"]

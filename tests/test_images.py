@@ -27,9 +27,11 @@ def test_dockerfiles_pass_hadolint():
 
 
 def test_images_run_as_the_pods_non_root_user():
+    pod = yaml.safe_load((REPO / "charts" / "dvgt" / "values.yaml").read_text())["podSecurityContext"]
+    assert pod["runAsUser"] > 10000  # above the host's users (checkov CKV_K8S_40)
     for dockerfile in DOCKERFILES:
         users = [line.split()[1] for line in dockerfile.read_text().splitlines() if line.startswith("USER ")]
-        assert users[-1] == "1000:1000", dockerfile  # the chart's runAsUser / runAsGroup
+        assert users[-1] == f"{pod['runAsUser']}:{pod['runAsGroup']}", dockerfile  # the chart's runAsUser / runAsGroup
     assert 'ENTRYPOINT ["torchrun"]' in DOCKERFILES[0].read_text()
     assert "install.sh" in DOCKERFILES[1].read_text()
 

@@ -24,10 +24,22 @@ metadata:
     {{- with $v.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- with $v.podAnnotations }}
   annotations:
+    # checkov (tests/test_security.py) passes the pods but for these, each a choice:
+    # CKV_K8S_8/9 probes: the trainer serves nothing to probe; a liveness kill in a long step or a final
+    #   checkpoint would cost a restart. DvgtTrainingStalled watches its progress, the exporter has probes.
+    checkov.io/skip1: CKV_K8S_8=the trainer serves nothing; DvgtTrainingStalled watches it
+    checkov.io/skip2: CKV_K8S_9=the trainer serves nothing; DvgtTrainingStalled watches it
+    # CKV_K8S_15 pullPolicy Always: multi-GB images under immutable release tags; image.digest pins them.
+    checkov.io/skip3: CKV_K8S_15=immutable release tags or image.digest; Always re-pulls GBs
+    # CKV_K8S_43 digest: image.digest / exporter.image.digest pin one; the default is the release tag.
+    checkov.io/skip4: CKV_K8S_43=set image.digest to pin; the default is the signed release tag
+    # CKV_K8S_35 secrets as env: boto3 reads the S3 keys from env (checkpoint.s3Secret); with IRSA /
+    #   workload identity (serviceAccount.annotations) set checkpoint.s3Secret="" and there is none.
+    checkov.io/skip5: CKV_K8S_35=boto3 reads AWS_* env; use serviceAccount.annotations for keyless S3
+    {{- with $v.podAnnotations }}
     {{- toYaml . | nindent 4 }}
-  {{- end }}
+    {{- end }}
 spec:
   terminationGracePeriodSeconds: {{ add $v.checkpoint.preemptionBudgetSeconds $v.checkpoint.terminationMarginSeconds }}
   {{- with include "dvgt.serviceAccountName" .root }}
