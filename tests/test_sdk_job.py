@@ -45,7 +45,7 @@ def test_every_stage_and_profile_renders_what_helm_template_renders():
                           checkpoint_uri="s3://bucket/runs", s3_secret="dvgt-s3", overrides={"optim.lr": 5e-6, "seed_value": 7},
                           name="parity-job").render()
         helm = helm_job("parity-job", f"stage={stage}", f"profile={profile}", "nodes=2", "gpusPerNode=4",
-                        "image.repository=registry.example:5000/dvgt", "image.tag=1.0", "checkpoint.uri=s3://bucket/runs",
+                        "image.registry=", "image.repository=registry.example:5000/dvgt", "image.tag=1.0", "checkpoint.uri=s3://bucket/runs",
                         "checkpoint.s3Secret=dvgt-s3", "overrides[0]=optim.lr=5e-06", "overrides[1]=seed_value=7")
         return sdk, helm
 
@@ -127,7 +127,7 @@ def test_every_stage_renders_the_trainjob_and_runtime_helm_template_renders():
         sdk = TrainingJob(stage=stage, api="trainjob", profile="h100-80g", nodes=2, image="registry.example:5000/dvgt:1.0",
                           kueue_queue="team-a", kueue_priority_class="high", name="parity-job").objects()
         helm = helm_objects("parity-job", f"stage={stage}", "api=trainjob", "profile=h100-80g", "nodes=2",
-                            "image.repository=registry.example:5000/dvgt", "image.tag=1.0",
+                            "image.registry=", "image.repository=registry.example:5000/dvgt", "image.tag=1.0",
                             "scheduling.kueueQueue=team-a", "scheduling.kueuePriorityClass=high")
         return sdk, helm
     with ThreadPoolExecutor(max_workers=2) as pool:

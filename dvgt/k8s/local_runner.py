@@ -45,7 +45,10 @@ from typing import Any, Callable, Dict, List, Optional
 from dvgt.k8s import pytorchjob, trainjob
 from dvgt.k8s.pytorchjob import CONTAINER, REPLICA_TYPES, operator_env, replica_counts
 
-SHM = "/dev/shm"  # a memory emptyDir there is the host's own /dev/shm
+# Mounts that are this machine's own folders: a memory emptyDir at /dev/shm is the host's /dev/shm, and
+# an emptyDir at /tmp (the chart's, for a read-only root filesystem) the host's /tmp, so that paths under
+# /tmp in a manifest or an --override (pytest's, mktemp's) keep meaning this machine's.
+HOST_DIRS = ("/dev/shm", "/tmp")
 MAX_BACKOFF_S = 300.0  # the kubelet's cap on the restart back-off
 _print_lock = threading.Lock()
 
@@ -333,7 +336,7 @@ class Pod:
     def _files(self, container: Dict[str, Any]) -> ContainerFiles:
         mounts = {}
         for mount in container.get("volumeMounts") or []:
-            if mount["mountPath"] == SHM:
+            if mount["mountPath"] in HOST_DIRS:
                 continue
             if mount["name"] not in self.volume_folders:
                 raise ValueError(f"container {container['name']} mounts volume '{mount['name']}', "
@@ -385,7 +388,7 @@ class Pod:
                          f"set it with --env {item['name']}=VALUE")
 
     def _prefixes(self, container: Dict[str, Any]) -> List[str]:
-        return [m["mountPath"] for m in container.get("volumeMounts") or [] if m["mountPath"] != SHM] + \
+        return [m["mountPath"] for m in container.get("volumeMounts") or [] if m["mountPath"] not in HOST_DIRS] + \
             ([container["workingDir"]] if container.get("workingDir") else [])
 
     def _command(self, container: Dict[str, Any], files: ContainerFiles) -> List[str]:
