@@ -1,5 +1,5 @@
 # The two commands of the README. Both install what they need first (scripts/setup.sh).
-.PHONY: setup demo test bench manifests clean
+.PHONY: setup demo test bench manifests image clean
 
 setup: .venv/.installed
 
@@ -19,6 +19,15 @@ bench: setup
 # The chart's schema enums and the ready manifests k8s/<stage>.yaml, from charts/dvgt (tests check them).
 manifests: setup
 	.venv/bin/python -m dvgt.k8s.generate
+
+# Both images, tagged with the chart's appVersion as the release workflow tags them (needs Docker):
+#   make image [REGISTRY=ghcr.io/dvgt-project/dvgt]   -> $(REGISTRY)/trainer:<appVersion>, $(REGISTRY)/exporter:<appVersion>
+REGISTRY ?= ghcr.io/dvgt-project/dvgt
+APP_VERSION = $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/dvgt/Chart.yaml)
+image:
+	@command -v docker >/dev/null || { echo "make image: docker is not installed (the images are built by .github/workflows/release.yaml)"; exit 1; }
+	docker build -t $(REGISTRY)/trainer:$(APP_VERSION) .
+	docker build -f images/exporter/Dockerfile -t $(REGISTRY)/exporter:$(APP_VERSION) .
 
 clean:
 	rm -rf runs .pytest_cache

@@ -182,7 +182,7 @@ def cmd_local_run(args: argparse.Namespace) -> int:
         overrides=[f"{k}={v}" for k, v in args.override], nproc_per_node=args.nproc_per_node,
         replicas={k: int(v) for k, v in args.replicas}, restart_delay_s=args.restart_delay,
         targets_file=Path(args.targets_file) if args.targets_file else None)
-    return run_manifest(args.manifest, options)
+    return run_manifest(args.manifest, options, [Path(f) for f in args.runtime])
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -302,8 +302,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     exporter.add_argument("--job", default=None, help="dvgt_job label of the GPU series (default: $DVGT_JOB_NAME)")
     exporter.set_defaults(func=cmd_exporter)
 
-    local = sub.add_parser("local-run", help="run a PyTorchJob manifest on this machine (each replica as local processes)")
-    local.add_argument("manifest", help="a manifest holding one PyTorchJob, e.g. k8s/dvgt1-demo.yaml ('-' = stdin)")
+    local = sub.add_parser("local-run", help="run a PyTorchJob or TrainJob manifest on this machine (each replica as "
+                           "local processes)")
+    local.add_argument("manifest", help="a manifest holding one PyTorchJob or TrainJob, e.g. k8s/dvgt1-demo.yaml or "
+                       "k8s/trainjob/dvgt1-demo.yaml ('-' = stdin)")
+    local.add_argument("--runtime", action="append", default=[], metavar="FILE",
+                       help="a manifest with the TrainJob's runtime when the job's manifest lacks it (default: the "
+                       "YAML files beside the manifest, e.g. k8s/trainjob/runtime.yaml)")
     local.add_argument("--workdir", default="runs/local-run", help="folder of the pods' files (emptyDirs, working directories)")
     local.add_argument("--volume", type=_key_value, action="append", default=[], metavar="NAME=PATH",
                        help="a local folder for the pod volume NAME (PVC, hostPath)")
@@ -315,7 +320,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                        help="a trainer config override appended to the pytorch container's args")
     local.add_argument("--nproc-per-node", type=int, help="processes per pod (replaces nprocPerNode)")
     local.add_argument("--replicas", type=_key_value, action="append", default=[], metavar="TYPE=N",
-                       help="replica count of Master or Worker (Worker=0: the master alone)")
+                       help="replica count of Master or Worker (Worker=0: the master alone); TrainJob: node=N")
     local.add_argument("--restart-delay", type=float, default=10.0,
                        help="seconds before a container restarts in place (doubles per restart, like the kubelet)")
     local.add_argument("--targets-file", help="write the sidecars' local ports as a Prometheus file_sd target list")

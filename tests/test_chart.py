@@ -2,8 +2,9 @@
 x profile lints and renders; core objects and the pods validate against the Kubernetes schemas in
 strict mode (kubernetes-validate); the PyTorchJob round-trips through the Training Operator's Python
 models (kubeflow-training) with no field lost and passes the operator's admission rules; the
-trainer's arguments parse against the stage config; the schema refuses bad values with a message
-that names them; the catalog agrees with the configs; the ready manifests in k8s/ match the chart."""
+trainer's arguments parse against the stage config; every pod meets the Pod Security Standard
+`restricted` (tests/pss.py); the pods are sized by the catalog's rule; the schema refuses bad values with
+a message that names them; the catalog agrees with the configs; the ready manifests in k8s/ match the chart."""
 
 import functools
 import itertools
@@ -17,6 +18,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubeflow.training.api_client import ApiClient
+
+import pss
 
 from dvgt.config import CONFIG_ROOT, load_config
 from dvgt.k8s import generate
@@ -98,6 +101,7 @@ def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, l
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", **master["metadata"]},
                                   "spec": master["spec"]}, K8S_VERSION, strict=True)  # the pod is a valid Pod
     assert worker["spec"] == master["spec"]  # the replicas differ only by their component label
+    assert pss.violations(master["spec"], master["metadata"], "restricted") == []  # Pod Security Standard `restricted`
 
     # torchrun on the stage's config; its overrides parse against that config
     container = trainer(pods_of(job)["Master"])
@@ -113,10 +117,11 @@ def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, l
     assert cfg.checkpoint.uri == "s3://dvgt-checkpoints/dvgt-test"
     if profile == "cpu-test":
         assert (cfg.device, cfg.distributed.backend, cfg.model.size) == ("cpu", "gloo", "tiny")
-        assert "resources" not in container
+        assert "nvidia.com/gpu" not in container["resources"]["limits"]
     else:
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
-        assert container["resources"]["requests"] == container["resources"]["limits"]
+    assert container["resources"]["requests"] == container["resources"]["limits"]  # with the exporter's: Guaranteed QoS
+    assert container["resources"]["limits"] == expected_resources(profile, processes=8)
 
 
 def test_catalog_agrees_with_the_stage_configs():
@@ -150,6 +155,22 @@ def test_ready_manifests_are_jobs_the_local_runner_reads():
         assert workers + 1 == CATALOG.stages[stage].nodes
 
 
+def expected_resources(profile: str, processes: int, **given) -> dict:
+    """The sizing rule of files/catalog.yaml (host), as charts/dvgt/README.md states it, in MiB."""
+    catalog = yaml.safe_load((CHART / "files" / "catalog.yaml").read_text())
+    host = {**catalog["host"], **catalog["profiles"][profile].get("host", {})}
+    shm = processes * CATALOG.profiles[profile].max_images_per_forward * host["shmMiBPerImage"]
+    memory = processes * host["memoryGiBPerProcess"] * 1024 + shm
+    storage = processes * host["workspaceGiBPerProcess"] * 1024 + 4 * 1024 + 1024  # /workspace + /tmp (tmpSize) + 1 GiB
+
+    def quantity(mib: int) -> str:
+        return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
+    sized = {"cpu": str(processes * host["cpuPerProcess"]), "memory": quantity(memory), "ephemeral-storage": quantity(storage)}
+    if CATALOG.profiles[profile].gpu:
+        sized["nvidia.com/gpu"] = str(processes)
+    return {**sized, **given}
+
+
 @pytest.mark.parametrize("values,message", [
     ({"stage": "pretrain-dvgt9"}, "at '/stage': value must be one of 'dvgt1-default'"),
     ({"profile": "h100-40g"}, "at '/profile': value must be one of 'h20-146g'"),
@@ -160,7 +181,15 @@ def test_ready_manifests_are_jobs_the_local_runner_reads():
     ({"exporter.image.repository": ""}, "at '/exporter/image/repository': minLength"),
     ({"checkpoint.awsSecretAccessKey": "abc"}, "invalid propertyName 'awsSecretAccessKey'"),
     ({"password": "hunter2"}, "invalid propertyName 'password'"),
-    ({"env[0].name": "AWS_SECRET_ACCESS_KEY", "env[0].value": "abc"}, "at '/env/0': missing property 'valueFrom'"),
+    ({"extraEnv[0].name": "AWS_SECRET_ACCESS_KEY", "extraEnv[0].value": "abc"}, "at '/extraEnv/0': missing property 'valueFrom'"),
+    ({"replicas": 3}, "additional properties 'replicas' not allowed"),  # an unknown value
+    ({"resources.requests.cpu": "-1"}, "at '/resources/requests/cpu'"),  # a negative request
+    ({"resources.limits.memory": "-4Gi"}, "at '/resources/limits/memory'"),
+    ({"shmSize": "64GB"}, "at '/shmSize'"),
+    ({"podSecurityContext.runAsUser": -1}, "at '/podSecurityContext/runAsUser': minimum: got -1, want 0"),
+    ({"extraVolumeMounts[0].name": "datasets"}, "at '/extraVolumeMounts/0': missing property 'mountPath'"),
+    ({"extraVolumes[0].name": "datasets"}, "at '/extraVolumes/0': minProperties"),  # a volume without a source
+    ({"extraContainers[0].name": "sidecar"}, "at '/extraContainers/0': missing property 'image'"),
     ({"nccl.env.HF_TOKEN": "abc"}, "invalid propertyName 'HF_TOKEN'"),
     ({"checkpoint.uri": "s3://key:secret@host/bucket"}, "at '/checkpoint/uri'"),
     ({"restartPolicy": "Sometimes"}, "at '/restartPolicy': value must be one of"),
@@ -172,11 +201,12 @@ def test_schema_refuses_bad_values_with_a_message_naming_them(values, message):
 
 
 def test_schema_accepts_secrets_by_reference():
-    docs = render(**{"env[0].name": "HF_TOKEN", "env[0].valueFrom.secretKeyRef.name": "hf",
-                     "env[0].valueFrom.secretKeyRef.key": "token", "checkpoint.s3Secret": "team-s3"})
+    docs = render(**{"extraEnv[0].name": "HF_TOKEN", "extraEnv[0].valueFrom.secretKeyRef.name": "hf",
+                     "extraEnv[0].valueFrom.secretKeyRef.key": "token", "checkpoint.s3Secret": "team-s3",
+                     "envFrom[0].configMapRef.name": "proxy"})
     container = trainer(pods_of(job_of(docs))["Master"])
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in container["env"]
-    assert container["envFrom"] == [{"secretRef": {"name": "team-s3"}}]
+    assert container["envFrom"] == [{"secretRef": {"name": "team-s3"}}, {"configMapRef": {"name": "proxy"}}]
 
 
 def test_release_name_must_be_a_job_name():
@@ -205,7 +235,7 @@ def test_pods_are_locked_down_and_secrets_come_from_secrets():
 def test_job_policies_and_placement_reach_the_job():
     docs = render(**{"nodes": 4, "gpusPerNode": 4, "profile": "a100-40g", "restartPolicy": "ExitCode", "backoffLimit": 3,
                      "activeDeadlineSeconds": 86400, "cleanPodPolicy": "All", "ttlSecondsAfterFinished": 60,
-                     "scheduling.minAvailable": 4, "scheduling.queue": "research", "scheduling.priorityClass": "high",
+                     "scheduling.minAvailable": 4, "scheduling.queue": "research", "priorityClassName": "high",
                      "scheduling.kueueQueue": "team-a", "nodeSelector.gpu": "a100", "tolerations[0].key": "gpu",
                      "tolerations[0].operator": "Exists", "checkpoint.preemptionBudgetSeconds": 300,
                      "checkpoint.terminationMarginSeconds": 20, "data.pvc": "", "data.hostPath": "/mnt/dvgt",
@@ -250,8 +280,8 @@ def test_exporter_sidecar_shares_the_metrics_folder_and_is_scraped():
     assert env["PROMETHEUS_MULTIPROC_DIR"] == "/metrics" and env["DVGT_JOB_NAME"] == "dvgt-test"
     mounts = {c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]} for c in [trainer(pod), sidecar]}
     assert mounts["pytorch"]["metrics"] == mounts["exporter"]["metrics"] == "/metrics"
-    assert {"name": "metrics", "emptyDir": {}} in pod["spec"]["volumes"]
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["spec"]["volumes"]
+    assert {"name": "metrics", "emptyDir": {"sizeLimit": "256Mi"}} in pod["spec"]["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "36Gi"}} in pod["spec"]["volumes"]  # 8 x 48 x 96 MiB
 
     monitor = next(d for d in docs if d["kind"] == "PodMonitor")
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
@@ -273,7 +303,8 @@ def test_every_value_is_documented_in_the_chart_readme():
 
     def leaves(node, prefix=""):
         for key, value in node.items():
-            if isinstance(value, dict) and value and key not in ("env", "resources", "requests", "limits"):
+            if isinstance(value, dict) and value and key not in ("env", "resources", "requests", "limits", "podSecurityContext",
+                                                                 "securityContext", "dns"):
                 yield from leaves(value, f"{prefix}{key}.")
             else:
                 yield f"{prefix}{key}"
@@ -302,3 +333,84 @@ def test_notes_tell_how_to_follow_the_job():
                     "kubectl port-forward -n default pod/nusc-master-0 9400:9400", "dvgt status nusc",
                     "kubectl create secret generic dvgt-s3"):
         assert command in notes
+
+
+# --------------------------------------------------------------------------------------------
+# Both APIs against the upstream CRDs (tests/k8s_crds.py): PyTorchJob, and TrainJob with its runtime
+# --------------------------------------------------------------------------------------------
+
+def test_every_render_of_both_apis_is_valid_against_the_upstream_crds(linted_and_rendered):
+    import k8s_crds
+    from dvgt.k8s import trainjob
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        trainjobs = dict(zip(MATRIX, pool.map(lambda c: render(stage=c[0], profile=c[1], nodes=2, api="trainjob"), MATRIX)))
+    for combo in MATRIX:
+        k8s_crds.check(linted_and_rendered[combo][1])  # the PyTorchJob, PodMonitor, PrometheusRule, ConfigMap
+        docs = trainjobs[combo]
+        k8s_crds.check(docs)
+        assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PodMonitor", "PrometheusRule", "TrainJob", "TrainingRuntime"]
+        job = next(d for d in docs if d["kind"] == "TrainJob")
+        runtime = trainjob.find_runtime(job, list(docs))
+        assert trainjob.admission_errors(job, runtime) == [], combo
+        pytorch = trainer(pods_of(job_of(linted_and_rendered[combo][1]))["Master"])
+        node = next(c for c in trainjob.pod_spec(trainjob.node_template(job, runtime))["containers"] if c["name"] == "node")
+        # one pod template for both kinds: the same command, arguments and resources reach the trainer
+        assert (node["command"], node["args"], node.get("resources")) == (pytorch["command"], pytorch["args"], pytorch.get("resources"))
+        # the node pod as Trainer admits it (runtime, the job's patches and trainer fields): `restricted`, no workaround
+        admitted = trainjob.node_template(job, runtime)["template"]["spec"]["template"]
+        assert pss.violations(admitted["spec"], admitted["metadata"], "restricted") == [], combo
+        assert job["spec"]["trainer"]["numNodes"] == 2 and job["spec"]["trainer"]["numProcPerNode"] == 8
+    ready = [d for path in sorted((REPO / "k8s").rglob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    k8s_crds.check(ready)
+    runtime = yaml.safe_load((REPO / "k8s" / "trainjob" / "runtime.yaml").read_text())
+    for stage in STAGES:
+        for template in pods_of(load_pytorchjob((REPO / "k8s" / f"{stage}.yaml").read_text())).values():
+            assert pss.violations(template["spec"], template["metadata"], "restricted") == [], stage
+        job = next(d for d in yaml.safe_load_all((REPO / "k8s" / "trainjob" / f"{stage}.yaml").read_text()) if d and d["kind"] == "TrainJob")
+        assert trainjob.admission_errors(job, runtime) == [] and job["metadata"]["name"] == stage
+        assert job["spec"]["trainer"]["numNodes"] == CATALOG.stages[stage].nodes
+
+
+def test_trainjob_options_render_valid_objects():
+    import k8s_crds
+
+    docs = render(api="trainjob", nodes=4, restartPolicy="ExitCode", **{
+        "trainJob.podGroupPolicy": "volcano", "scheduling.queue": "research", "scheduling.kueueQueue": "team-a",
+        "scheduling.kueuePriorityClass": "high", "rdma.enabled": "true", "extraEnv[0].name": "HF_HOME", "extraEnv[0].value": "/cache",
+        "nodeSelector.gpu": "h100", "activeDeadlineSeconds": 3600})
+    k8s_crds.check(docs)
+    job, runtime = (next(d for d in docs if d["kind"] == k) for k in ("TrainJob", "TrainingRuntime"))
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+    assert job["spec"]["trainer"]["env"] == [{"name": "HF_HOME", "value": "/cache"}] and job["spec"]["activeDeadlineSeconds"] == 3600
+    assert runtime["spec"]["podGroupPolicy"] == {"volcano": {}}
+    assert runtime["spec"]["template"]["metadata"]["annotations"] == {"scheduling.volcano.sh/queue-name": "research"}
+    node_job = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]
+    assert node_job["template"]["spec"]["restartPolicy"] == "Never"  # ExitCode: a failed pod is replaced ...
+    assert node_job["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == list(range(1, 128))  # ... unless 1-127
+    patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert patch["template"]["spec"]["template"]["spec"]["nodeSelector"] == {"gpu": "h100"}
+    cluster = render(api="trainjob", **{"trainJob.runtime.kind": "ClusterTrainingRuntime", "trainJob.runtime.name": "dvgt-shared",
+                                        "trainJob.podGroupPolicy": "coscheduling"})
+    k8s_crds.check(cluster)
+    shared = next(d for d in cluster if d["kind"] == "ClusterTrainingRuntime")
+    assert shared["metadata"]["name"] == "dvgt-shared" and shared["spec"]["podGroupPolicy"]["coscheduling"]["scheduleTimeoutSeconds"] == 60
+    assert "annotations" not in shared["metadata"]  # cluster runtimes sort before TrainJobs: no helm hook needed
+    assert next(d for d in cluster if d["kind"] == "TrainJob")["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "dvgt-shared"}
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"api": "tfjob"}, "at '/api': value must be one of 'pytorchjob', 'trainjob'"),
+    ({"api": "trainjob", "nodes": 0}, "at '/nodes': minimum: got 0, want 1"),
+    ({"api": "trainjob", "trainJob.runtime.kind": "Runtime"}, "at '/trainJob/runtime/kind': value must be one of"),
+    ({"api": "trainjob", "restartPolicy": "Always"}, "restartPolicy Always is not possible with api=trainjob"),
+    ({"api": "trainjob", "scheduling.minAvailable": 2}, "scheduling.minAvailable is a PyTorchJob setting"),
+    ({"api": "trainjob", "scheduling.queue": "q"}, "scheduling.queue (a Volcano queue) needs trainJob.podGroupPolicy=volcano"),
+])
+def test_trainjob_bad_values_are_refused_naming_them(values, message):
+    result = helm("template", "x", str(CHART), *set_args(values))
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    long_name = helm("template", "a" * 50, str(CHART), "--set", "api=trainjob")
+    assert long_name.returncode != 0 and f"TrainJob name '{'a' * 50}' is too long for 8 node(s)" in long_name.stderr

@@ -72,7 +72,7 @@ def test_cli_refuses_a_bad_manifest_with_one_line(tmp_path):
     assert result.stderr.startswith("error: the PyTorchJob would be refused by the Training Operator: metadata.name 'Bad_Name'")
     result = subprocess.run([PY, "-m", "dvgt", "local-run", "-"], input="kind: ConfigMap\n",  # '-': from stdin
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "must hold exactly one PyTorchJob, it holds 0 (kinds: ConfigMap)" in result.stderr
+    assert result.returncode == 2 and "must hold exactly one PyTorchJob or TrainJob, it holds 0 (kinds: ConfigMap)" in result.stderr
 
 
 def test_operator_env_matches_the_contract():

@@ -65,6 +65,9 @@ class FakeApiServer:
             def do_DELETE(self):
                 fake.handle(self, "DELETE")
 
+            def do_PUT(self):
+                fake.handle(self, "PUT")
+
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -312,3 +315,189 @@ def test_cli_commands_against_the_fake_server(api, capsys):
     api.crd_installed = False
     code, _, err = run("list", "-n", "other")
     assert code == 2 and err.startswith("error: this cluster has no PyTorchJob resource")
+
+
+# --------------------------------------------------------------------------------------------
+# TrainJobs (Kubeflow Trainer v2) through the Kubeflow SDK's TrainerClient
+# --------------------------------------------------------------------------------------------
+
+TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
+
+
+class FakeTrainerApi(FakeApiServer):
+    """FakeApiServer that also serves trainer.kubeflow.org/v1alpha1 (TrainJobs, TrainingRuntimes,
+    ClusterTrainingRuntimes: create, get, list, replace, delete), the Trainer's version ConfigMap that
+    TrainerClient reads, and JobSet-labelled node pods (tpods) with creation times and pod specs."""
+
+    def __init__(self):
+        super().__init__()
+        self.objects = {}  # (plural, name) -> object
+        self.tpods = []
+
+    def handle(self, handler, method):
+        path = urllib.parse.unquote(urllib.parse.urlsplit(handler.path).path)
+        if path == "/api/v1/namespaces/kubeflow-system/configmaps/kubeflow-trainer-public":
+            return self.send(handler, 200, {"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": "kubeflow-trainer-public"},
+                                            "data": {"kubeflow_trainer_version": "v2.3.0"}})
+        match = re.fullmatch(TRAINER + r"(?:/namespaces/" + self.namespace + r")?/(trainjobs|trainingruntimes|clustertrainingruntimes)(?:/([^/]+))?", path)
+        if path == f"/api/v1/namespaces/{self.namespace}/pods" and "jobset" in handler.path:
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(handler.path).query))
+            job = re.search(r"jobset.sigs.k8s.io/jobset-name=([^,]+)", query["labelSelector"]).group(1)
+            self.requests.append((method, handler.path, None, handler.headers.get("Authorization")))
+            items = [p for p in self.tpods if p["metadata"]["labels"]["jobset.sigs.k8s.io/jobset-name"] == job]
+            return self.send(handler, 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+        if not match:
+            return super().handle(handler, method)
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = json.loads(handler.rfile.read(length)) if length else None
+        self.requests.append((method, handler.path, body, handler.headers.get("Authorization")))
+        if not self.crd_installed:
+            return self.send(handler, 404, "404 page not found\n", "text/plain")
+        plural, name = match.groups()
+        if method == "POST":
+            key = (plural, body["metadata"]["name"])
+            if key in self.objects:
+                return self.status_error(handler, 409, "AlreadyExists", f'{plural}.trainer.kubeflow.org "{key[1]}" already exists', key[1], plural)
+            self.objects[key] = {**body, "metadata": {**body["metadata"], "resourceVersion": "1",
+                                                      "creationTimestamp": "2025-01-01T00:00:00Z"}}
+            return self.send(handler, 201, self.objects[key])
+        if name is None:
+            items = [self.job(n) if p == "trainjobs" else o for (p, n), o in self.objects.items() if p == plural]
+            return self.send(handler, 200, {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "List", "metadata": {}, "items": items})
+        if (plural, name) not in self.objects:
+            return self.status_error(handler, 404, "NotFound", f'{plural}.trainer.kubeflow.org "{name}" not found', name, plural)
+        if method == "DELETE":
+            del self.objects[(plural, name)]
+            return self.send(handler, 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+        if method == "PUT":
+            self.objects[(plural, name)] = body
+            return self.send(handler, 200, body)
+        return self.send(handler, 200, self.job(name) if plural == "trainjobs" else self.objects[(plural, name)])
+
+    def job(self, name):
+        job = dict(self.objects[("trainjobs", name)])
+        queue = self.statuses.get(name) or [{}]
+        job["status"] = queue.pop(0) if len(queue) > 1 else queue[0]
+        return job
+
+
+def node_pod(job: str, index: int, phase: str = "Running", restarts: int = 0) -> dict:
+    return {"metadata": {"name": f"{job}-node-0-{index}-abcde", "creationTimestamp": "2025-01-01T00:00:00Z", "labels": {
+                "jobset.sigs.k8s.io/jobset-name": job, "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                "batch.kubernetes.io/job-completion-index": str(index)}},
+            "spec": {"containers": [{"name": "node", "image": "dvgt/trainer:1"}],
+                     "initContainers": [{"name": "exporter", "image": "dvgt/exporter:1", "restartPolicy": "Always",
+                                         "ports": [{"name": "metrics", "containerPort": 9400}]}]},
+            "status": {"phase": phase, "containerStatuses": [{"name": "node", "restartCount": restarts, "ready": True,
+                                                              "image": "dvgt/trainer:1", "imageID": ""}]}}
+
+
+def node_jobs(active: int = 0, succeeded: int = 0, failed: int = 0) -> list:
+    """status.jobsStatus as Trainer writes it (every count present)."""
+    return [{"name": "node", "active": active, "ready": active, "succeeded": succeeded, "failed": failed, "suspended": 0}]
+
+
+def tj_condition(kind: str, reason: str = "", message: str = "") -> dict:
+    return {"type": kind, "status": "True", "reason": reason or kind, "message": message,
+            "lastTransitionTime": "2025-01-01T00:00:00Z"}
+
+
+@pytest.fixture
+def trainer_api(tmp_path, monkeypatch):
+    server = FakeTrainerApi()
+    server.thread.start()
+    monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig(tmp_path / "kubeconfig")))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    try:
+        yield server
+    finally:
+        server.server.shutdown()
+        server.server.server_close()
+
+
+def test_trainjob_submit_creates_the_runtime_then_the_job_and_is_followed(trainer_api):
+    api = trainer_api
+    client = Client(api="trainjob")
+    job = small_job(api="trainjob")
+    assert client.submit(job) == "nusc-1"
+    posts = [(p, b) for m, p, b, _ in api.requests if m == "POST"]
+    assert [p for p, _ in posts] == [f"{TRAINER}/namespaces/team-a/trainingruntimes", f"{TRAINER}/namespaces/team-a/trainjobs"]
+    runtime, trainjob_ = job.objects()
+    for obj in (runtime, trainjob_):
+        obj["metadata"]["namespace"] = "team-a"
+    assert [b for _, b in posts] == [runtime, trainjob_]  # the chart's objects, unchanged by the Trainer SDK's models
+    with pytest.raises(JobExistsError, match=r"^TrainJob nusc-1 already exists in namespace team-a: choose another name"):
+        client.submit(job)
+    assert [m for m, *_ in api.requests[-3:]] == ["GET", "PUT", "POST"]  # the runtime replaced, the job refused
+
+    running = {"jobsStatus": node_jobs(active=2)}
+    api.statuses["nusc-1"] = [running]
+    api.tpods = [node_pod("nusc-1", 0, restarts=2), node_pod("nusc-1", 1)]
+    api.metrics["nusc-1-node-0-0-abcde"] = 'dvgt_optimizer_step{node_rank="0",local_rank="0"} 42\n'
+    api.logs["nusc-1-node-0-0-abcde"] = ["Training dvgt2 ...", "step 40 (epoch 0): loss 1.0"]
+    status = client.status("nusc-1")
+    assert (status.phase, status.last_step, status.last_step_source) == ("Running", 42, "metrics")
+    assert [(p.name, p.phase, p.restarts) for p in status.pods] == [("nusc-1-node-0-0-abcde", "Running", 2),
+                                                                     ("nusc-1-node-0-1-abcde", "Running", 0)]
+    assert status.replicas["node"].active == 2 and status.stage == "finetune-nuscenes"
+    assert status.checkpoint_uri == "s3://bucket/runs/nusc-1/nusc-1"
+    assert "/api/v1/namespaces/team-a/pods/nusc-1-node-0-0-abcde%3A9400/proxy/metrics" in [p for _, p, _, _ in api.requests]
+    api.statuses["nusc-1"] = [running, running, {"conditions": [tj_condition("Complete", "JobsCompleted")],
+                                                 "jobsStatus": node_jobs(succeeded=2)}]
+    seen = []
+    final = client.wait("nusc-1", poll_s=0.01, callback=lambda s: seen.append(s.phase))  # until it succeeds
+    assert final.phase == "Succeeded" and seen == ["Running", "Running", "Succeeded"]
+    assert list(client.logs("nusc-1")) == api.logs["nusc-1-node-0-0-abcde"]
+    assert api.requests[-1][1] == "/api/v1/namespaces/team-a/pods/nusc-1-node-0-0-abcde/log?container=node"
+    assert [(s.name, s.phase) for s in client.list()] == [("nusc-1", "Succeeded")]
+    client.delete("nusc-1")
+    assert ("trainjobs", "nusc-1") not in api.objects and ("trainingruntimes", "nusc-1") not in api.objects
+    with pytest.raises(JobNotFoundError, match=r"^trainjobs.trainer.kubeflow.org nusc-1 not found in namespace team-a"):
+        client.status("nusc-1")
+
+
+def test_trainjob_wait_reports_failure_and_timeout(trainer_api):
+    client = Client(api="trainjob")
+    client.submit(small_job(api="trainjob"))
+    trainer_api.statuses["nusc-1"] = [{"conditions": [tj_condition("Failed", "JobFailed", "jobset failed: node-0 failed")]}]
+    with pytest.raises(JobFailedError, match=r"^job nusc-1 Failed: JobFailed jobset failed: node-0 failed while waiting for "
+                                             r"Succeeded; see its logs \(dvgt logs nusc-1 --api trainjob\)$"):
+        client.wait("nusc-1", poll_s=0.01)
+    trainer_api.statuses["nusc-1"] = [{}]
+    with pytest.raises(TimeoutError, match=r"^job nusc-1 did not reach Running within 0 s"):
+        client.wait("nusc-1", until="Running", timeout=0.05, poll_s=0.01)
+
+
+def test_trainjob_without_its_runtime_is_refused_before_it_is_sent(trainer_api):
+    client = Client(api="trainjob")
+    job = small_job(api="trainjob", create_runtime=False, runtime_name="dvgt")
+    with pytest.raises(InvalidJobError, match=r"^TrainJob nusc-1 references the TrainingRuntime 'dvgt', which does not exist "
+                                              r"in namespace team-a: create it first \(kubectl apply -n team-a -f k8s/trainjob/runtime.yaml"):
+        client.submit(job)
+    assert [m for m, *_ in trainer_api.requests if m != "GET"] == []  # nothing created
+    with pytest.raises(InvalidJobError, match=r"TrainingJob.api is 'pytorchjob' but this client follows trainjobs"):
+        client.submit(small_job())
+    trainer_api.crd_installed = False
+    with pytest.raises(OperatorMissingError, match=r'^this cluster has no TrainJob resource \(trainjobs.trainer.kubeflow.org/v1alpha1 '
+                                                   r'is not served at .*install Kubeflow Trainer v2.3'):
+        client.list()
+
+
+def test_cli_trainjob_commands(trainer_api, capsys):
+    def run(*argv):
+        with pytest.raises(SystemExit) as code:
+            main(list(argv))
+        out, err = capsys.readouterr()
+        return code.value.code, out, err
+
+    code, out, _ = run("submit", "--stage", "dvgt1-demo", "--profile", "cpu-test", "--name", "demo-1", "--api", "trainjob")
+    assert code == 0 and out.startswith("submitted TrainJob demo-1 in namespace team-a (stage dvgt1-demo)")
+    assert "dvgt wait demo-1 --api trainjob --for running" in out
+    trainer_api.statuses["demo-1"] = [{"jobsStatus": node_jobs(active=1)}]
+    trainer_api.tpods = [node_pod("demo-1", 0)]
+    code, out, _ = run("wait", "demo-1", "--api", "trainjob", "--for", "running", "--poll", "0.01")
+    assert code == 0 and out.splitlines()[-1] == "job demo-1 is Running"
+    code, out, _ = run("list", "--api", "trainjob")
+    assert out.split() == ["NAME", "PHASE", "STAGE", "PODS", "demo-1", "Running", "dvgt1-demo", "1/1"]
+    code, out, _ = run("delete", "demo-1", "--api", "trainjob")
+    assert code == 0 and ("trainjobs", "demo-1") not in trainer_api.objects

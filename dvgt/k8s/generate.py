@@ -1,6 +1,8 @@
 """Regenerate what the chart derives from its catalog: the stage and profile enums of
-values.schema.json, and the ready manifests k8s/<stage>.yaml (`helm template <stage> charts/dvgt
---set stage=<stage>`, the chart's defaults otherwise).
+values.schema.json, the ready manifests k8s/<stage>.yaml (`helm template <stage> charts/dvgt
+--set stage=<stage> --set monitoring.shared=true`, the chart's defaults otherwise), their Trainer v2 twins
+k8s/trainjob/<stage>.yaml (a TrainJob referencing the TrainingRuntime `dvgt`) with that runtime in
+k8s/trainjob/runtime.yaml, and the alert rules and dashboard that every job shares in k8s/monitoring.yaml.
 
     python -m dvgt.k8s.generate           # write them (`make manifests`)
     python -m dvgt.k8s.generate --check   # exit 1 and name the files that differ
@@ -17,12 +19,28 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Union
 
 from dvgt.k8s.catalog import CHART_DIR, load_catalog
 
-MANIFEST_HEADER = ("# Generated from charts/dvgt by `make manifests` (helm template {stage} charts/dvgt --set stage={stage});\n"
-                   "# do not edit: change the chart and regenerate. Needs the PVC, the S3 Secret and the bucket named below.\n")
+MANIFEST_HEADER = ("# Generated from charts/dvgt by `make manifests` (helm template {stage} charts/dvgt --set stage={stage} "
+                   "--set monitoring.shared=true);\n# do not edit: change the chart and regenerate. Needs the PVC, the S3 "
+                   "Secret and the bucket named below;\n# alerts and dashboard: k8s/monitoring.yaml (once per namespace).\n")
+JOB_VALUES = {"monitoring.shared": "true"}  # the rules and dashboard come once from k8s/monitoring.yaml
+MONITORING_HEADER = ("# Generated from charts/dvgt by `make manifests` (helm template dvgt-monitoring charts/dvgt --set "
+                     "monitoring.only=true);\n# do not edit: change the chart and regenerate. The alert and recording rules "
+                     "and the Grafana dashboard\n# of every dvgt job: apply once per namespace (or once for the cluster).\n")
+READY_RUNTIME = "dvgt"  # the TrainingRuntime of the ready TrainJobs (k8s/trainjob/runtime.yaml)
+TRAINJOB_VALUES = {"api": "trainjob", "trainJob.runtime.create": "false", "trainJob.runtime.name": READY_RUNTIME, **JOB_VALUES}
+TRAINJOB_HEADER = ("# Generated from charts/dvgt by `make manifests` (helm template {stage} charts/dvgt --set stage={stage} "
+                   "--set api=trainjob\n# --set trainJob.runtime.create=false --set trainJob.runtime.name=dvgt --set "
+                   "monitoring.shared=true); do not edit: "
+                   "change the chart and regenerate.\n# Needs the TrainingRuntime of runtime.yaml (kubectl apply -f "
+                   "k8s/trainjob/runtime.yaml, once per namespace).\n")
+RUNTIME_HEADER = ("# Generated from charts/dvgt by `make manifests` (helm template dvgt charts/dvgt --set api=trainjob "
+                  "--show-only templates/trainingruntime.yaml);\n# do not edit: change the chart and regenerate. The "
+                  "TrainingRuntime every k8s/trainjob/<stage>.yaml references;\n# needs the PVC, the S3 Secret and the "
+                  "bucket named below.\n")
 
 
 def find_helm() -> str:
@@ -35,11 +53,12 @@ def find_helm() -> str:
 
 
 def render(release: str, values: Dict[str, str], chart: Path = CHART_DIR, value_tree: Optional[Dict[str, Any]] = None,
-           namespace: Optional[str] = None, show_only: Optional[str] = None) -> str:
+           namespace: Optional[str] = None, show_only: Union[str, Sequence[str]] = ()) -> str:
     """`helm template` of the chart with --set values (and a values tree, passed as a values file on
-    stdin so that types survive; show_only: one template's output); errors carry helm's message."""
+    stdin so that types survive; show_only: only these templates' output); errors carry helm's message."""
     command = [find_helm(), "template", release, str(chart)] + (["--namespace", namespace] if namespace else [])
-    command += ["--show-only", show_only] if show_only else []
+    for template in [show_only] if isinstance(show_only, str) else show_only:
+        command += ["--show-only", template]
     for key, value in values.items():
         command += ["--set", f"{key}={value}"]
     if value_tree is not None:
@@ -47,7 +66,8 @@ def render(release: str, values: Dict[str, str], chart: Path = CHART_DIR, value_
     result = subprocess.run(command, capture_output=True, text=True,
                             input=json.dumps(value_tree) if value_tree is not None else None)
     if result.returncode != 0:
-        raise ValueError(f"helm template {release} failed: {result.stderr.strip()}")
+        message = result.stderr.split("Use --debug flag")[0]  # helm's advice to itself is no help to a user
+        raise ValueError(f"helm template {release} failed: {' '.join(message.split())}")
     return result.stdout
 
 
@@ -64,7 +84,13 @@ def expected_files(chart: Path = CHART_DIR) -> Dict[Path, str]:
     root = chart.resolve().parent.parent
     files = {chart / "values.schema.json": schema_text(chart)}
     for stage in load_catalog(chart / "files" / "catalog.yaml").stages:
-        files[root / "k8s" / f"{stage}.yaml"] = MANIFEST_HEADER.format(stage=stage) + render(stage, {"stage": stage}, chart)
+        files[root / "k8s" / f"{stage}.yaml"] = MANIFEST_HEADER.format(stage=stage) + render(
+            stage, {"stage": stage, **JOB_VALUES}, chart)
+        files[root / "k8s" / "trainjob" / f"{stage}.yaml"] = TRAINJOB_HEADER.format(stage=stage) + render(
+            stage, {"stage": stage, **TRAINJOB_VALUES}, chart)
+    files[root / "k8s" / "monitoring.yaml"] = MONITORING_HEADER + render("dvgt-monitoring", {"monitoring.only": "true"}, chart)
+    files[root / "k8s" / "trainjob" / "runtime.yaml"] = RUNTIME_HEADER + render(
+        READY_RUNTIME, {"api": "trainjob"}, chart, show_only="templates/trainingruntime.yaml")
     return files
 
 

@@ -1,11 +1,13 @@
-"""Run a PyTorchJob on this machine, as the Training Operator and the kubelet would on a cluster.
+"""Run a PyTorchJob, or a TrainJob with its runtime, on this machine, as the Training Operator (or
+Kubeflow Trainer v2, JobSet and the Job controller) and the kubelet would on a cluster.
 
     dvgt local-run k8s/dvgt1-demo.yaml --nproc-per-node 2 --override checkpoint.uri=ckpts
+    dvgt local-run k8s/trainjob/dvgt1-demo.yaml    # its runtime from the manifest, --runtime FILE or k8s/trainjob/
 
-Each replica (Master 0, Worker i -> node rank i + 1) is a "pod": a folder under --workdir and the
-processes of its containers. The `pytorch` container runs its command and args with the operator's
-environment (pytorchjob.operator_env, 127.0.0.1 as the master's address, a free port) plus its own
-env; sidecars (init containers with restartPolicy Always, or extra containers) run beside it, with
+Each replica (PyTorchJob: Master 0, Worker i -> node rank i + 1; TrainJob: node i, node rank i) is a
+"pod": a folder under --workdir and the processes of its containers. The trainer container (`pytorch`,
+or `node`) runs its command and args with the environment the operator adds (pytorchjob.operator_env,
+trainjob.plugin_env; 127.0.0.1 as the master's address, a free port) plus its own env; sidecars (init containers with restartPolicy Always, or extra containers) run beside it, with
 their declared ports moved to free local ports. Volumes: emptyDirs are folders of the pod,
 PVCs / hostPaths come from --volume NAME=PATH, /dev/shm is the host's; container paths in args and
 env are rewritten to those folders. Secrets come from --secret NAME=FILE (KEY=VALUE lines) or, when
@@ -15,9 +17,12 @@ Failures follow the replica's restartPolicy: OnFailure (restart on a non-zero ex
 (restart on any exit) restart the container in its pod after a back-off that doubles, like the
 kubelet; ExitCode recreates the pod (fresh emptyDirs) when the exit code is 128-255 (killed by a
 signal, e.g. 143 after SIGTERM or 137 after SIGKILL) and fails the job otherwise; Never fails the
-job. Every restart counts against runPolicy.backoffLimit. When one pod fails, its peers are left
-alone: under torchrun's static rendezvous their collectives fail and they restart by their own
-policy, as on a cluster. The job succeeds when the Master's `pytorch` container exits 0.
+job. A TrainJob's pods follow the same rules from their Job: pod restartPolicy OnFailure restarts in
+place; Never recreates the pod unless the Job's podFailurePolicy fails the job for that exit code.
+Every restart counts against runPolicy.backoffLimit (the Job's backoffLimit). When one pod fails, its
+peers are left alone: under torchrun's static rendezvous their collectives fail and they restart by
+their own policy, as on a cluster. A PyTorchJob succeeds when the Master's `pytorch` container exits
+0, a TrainJob when every node's `node` container has.
 """
 
 from __future__ import annotations
@@ -37,9 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, List, Optional
 
-from dvgt.k8s.pytorchjob import CONTAINER, REPLICA_TYPES, check_admission, load_pytorchjob, operator_env, replica_counts
+from dvgt.k8s import pytorchjob, trainjob
+from dvgt.k8s.pytorchjob import CONTAINER, REPLICA_TYPES, operator_env, replica_counts
 
-SHM = "/dev/shm"  # a memory emptyDir there is the host's own /dev/shm
+# Mounts that are this machine's own folders: a memory emptyDir at /dev/shm is the host's /dev/shm, and
+# an emptyDir at /tmp (the chart's, for a read-only root filesystem) the host's /tmp, so that paths under
+# /tmp in a manifest or an --override (pytest's, mktemp's) keep meaning this machine's.
+HOST_DIRS = ("/dev/shm", "/tmp")
 MAX_BACKOFF_S = 300.0  # the kubelet's cap on the restart back-off
 _print_lock = threading.Lock()
 
@@ -75,9 +84,9 @@ class Options:
     volumes: Dict[str, Path] = field(default_factory=dict)  # volume name -> host folder (PVC, hostPath)
     secrets: Dict[str, Dict[str, str]] = field(default_factory=dict)  # Secret (or ConfigMap) name -> its keys
     env: Dict[str, str] = field(default_factory=dict)  # extra env for every container, applied last
-    overrides: List[str] = field(default_factory=list)  # trainer config overrides appended to the pytorch args
-    nproc_per_node: Optional[int] = None  # replaces spec.nprocPerNode (and torchrun's --nproc-per-node)
-    replicas: Dict[str, int] = field(default_factory=dict)  # replica type -> count (Worker=0 drops the workers)
+    overrides: List[str] = field(default_factory=list)  # trainer config overrides appended to the trainer's args
+    nproc_per_node: Optional[int] = None  # replaces nprocPerNode / numProcPerNode (and torchrun's --nproc-per-node)
+    replicas: Dict[str, int] = field(default_factory=dict)  # Master / Worker count (Worker=0: no workers); TrainJob: node=N
     restart_delay_s: float = 10.0  # first back-off of an in-place restart (doubles per restart of a pod)
     targets_file: Optional[Path] = None  # write the sidecars' ports as a Prometheus file_sd target list
 
@@ -110,9 +119,23 @@ def listen_locally(command: List[str], ports: Dict[str, str]) -> List[str]:
     return set_flags(command, {"--port": lambda v: ports.get(v, v), "--host": lambda _: "127.0.0.1"})
 
 
+def local_args(args: List[str], options: Options) -> List[str]:
+    return (set_nproc(args, options.nproc_per_node) if options.nproc_per_node else list(args)) + list(options.overrides)
+
+
 def apply_local_options(job: Dict[str, Any], options: Options) -> Dict[str, Any]:
     """The job with the command-line changes applied (replica counts, processes per pod, overrides)."""
     job = json.loads(json.dumps(job))  # a copy that shares nothing (YAML anchors may alias the replicas' pods)
+    if job.get("kind") == "TrainJob":
+        trainer = job["spec"].setdefault("trainer", {})
+        for rtype, count in options.replicas.items():
+            if rtype.lower() != trainjob.NODE:
+                raise ValueError(f"--replicas {rtype}={count}: a TrainJob's replicas are its nodes (--replicas node=N)")
+            trainer["numNodes"] = count
+        trainer["args"] = local_args([str(a) for a in trainer.get("args") or []], options)
+        if options.nproc_per_node:
+            trainer["numProcPerNode"] = options.nproc_per_node
+        return job
     specs = job["spec"]["pytorchReplicaSpecs"]
     for rtype, count in options.replicas.items():
         if rtype not in REPLICA_TYPES:
@@ -127,13 +150,91 @@ def apply_local_options(job: Dict[str, Any], options: Options) -> Dict[str, Any]
         for container in rspec["template"]["spec"]["containers"]:
             if container.get("name") != CONTAINER:
                 continue
-            args = list(container.get("args") or [])
-            if options.nproc_per_node:
-                args = set_nproc(args, options.nproc_per_node)
-            container["args"] = args + list(options.overrides)
+            container["args"] = local_args(list(container.get("args") or []), options)
     if options.nproc_per_node:
         job["spec"]["nprocPerNode"] = str(options.nproc_per_node)
     return job
+
+
+# --------------------------------------------------------------------------------------------
+# What runs: the pods of a PyTorchJob or of a TrainJob, and when each is retried
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class PodPlan:
+    name: str  # the pod's name, e.g. job-master-0, job-node-0-1
+    label: str  # its log prefix and short name: master-0, worker-0, node-0
+    role: str  # master | worker | node (Prometheus target label replica_type)
+    index: int  # index within its replica type
+    spec: Dict[str, Any]  # the pod spec
+    main: str  # the trainer container (pytorch | node)
+    env: Dict[str, str]  # what the operator adds to every container
+    fields: Dict[str, str]  # downward-API values beyond metadata.name & co (labels, annotations)
+    policy: str  # restartPolicy as the manifest says it (messages)
+    in_place: str = ""  # "OnFailure" | "Always": the kubelet restarts the container; "": a failed pod is recreated ...
+    fail_codes: frozenset = frozenset()  # ... unless its exit code fails the job
+    recreate: bool = True  # False: a failed pod fails the job (PyTorchJob Never)
+    required: bool = True  # the job succeeds when every required pod has
+
+
+@dataclass
+class JobPlan:
+    name: str
+    pods: List[PodPlan]
+    backoff_limit: int
+    deadline_s: Optional[float]
+    summary: str  # how the job is laid out (first log line)
+
+
+def plan_pytorchjob(job: Dict[str, Any], port: int) -> JobPlan:
+    name, counts = job["metadata"]["name"], replica_counts(job)
+    pods = []
+    for rtype, count in counts.items():
+        rspec = job["spec"]["pytorchReplicaSpecs"][rtype]
+        policy = rspec.get("restartPolicy", "Never")
+        for index in range(count):
+            label = f"{rtype.lower()}-{index}"
+            pods.append(PodPlan(
+                f"{name}-{label}", label, rtype.lower(), index, rspec["template"]["spec"], CONTAINER,
+                operator_env(job, rtype, index, "127.0.0.1", port), {}, policy,
+                in_place=policy if policy in ("OnFailure", "Always") else "",
+                fail_codes=frozenset(range(1, 128)) if policy == "ExitCode" else frozenset(),
+                recreate=policy == "ExitCode", required=rtype == "Master"))
+    run_policy = job["spec"].get("runPolicy") or {}
+    return JobPlan(name, pods, int(run_policy["backoffLimit"] if run_policy.get("backoffLimit") is not None else 6),
+                   run_policy.get("activeDeadlineSeconds"),
+                   f"{', '.join(f'{n} {t}' for t, n in counts.items())} x {job['spec'].get('nprocPerNode', 'auto')} process(es)")
+
+
+def failing_exit_codes(job_spec: Dict[str, Any]) -> frozenset:
+    """The exit codes of the `node` container that the Job's podFailurePolicy answers with FailJob."""
+    codes: set = set()
+    for rule in (job_spec.get("podFailurePolicy") or {}).get("rules") or []:
+        exits = rule.get("onExitCodes") or {}
+        if rule.get("action") != "FailJob" or exits.get("containerName", trainjob.NODE) != trainjob.NODE:
+            continue
+        values = set(exits.get("values") or [])
+        codes |= values if exits.get("operator") == "In" else set(range(1, 256)) - values
+    return frozenset(codes)
+
+
+def plan_trainjob(job: Dict[str, Any], runtime: Dict[str, Any], port: int) -> JobPlan:
+    """Node i of the TrainJob: the runtime's trainer pod with the job's fields, PET_* of the torch plugin
+    (PYTHONUNBUFFERED=1 is the trainer image's own, Dockerfile; Trainer does not add it)."""
+    name, nodes = job["metadata"]["name"], trainjob.num_nodes(job, runtime)
+    replicated = trainjob.node_template(job, runtime)
+    job_spec = replicated["template"]["spec"]
+    spec = job_spec["template"]["spec"]
+    policy = spec.get("restartPolicy", "Never")
+    pods = [PodPlan(f"{name}-{trainjob.NODE}-0-{i}", f"{trainjob.NODE}-{i}", trainjob.NODE, i, spec, trainjob.NODE,
+                    {"PYTHONUNBUFFERED": "1", **trainjob.plugin_env(job, runtime, i, "127.0.0.1", port)},
+                    trainjob.pod_fields(job, i), policy if policy == "OnFailure" or not job_spec.get("podFailurePolicy")
+                    else f"{policy} with podFailurePolicy FailJob", in_place="OnFailure" if policy == "OnFailure" else "",
+                    fail_codes=failing_exit_codes(job_spec))
+            for i in range(nodes)]
+    deadline = job["spec"].get("activeDeadlineSeconds")
+    return JobPlan(name, pods, int(job_spec.get("backoffLimit", 6)), deadline,
+                   f"{nodes} node(s) x {pods[0].env['PET_NPROC_PER_NODE']} process(es)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,8 +245,9 @@ class ContainerFiles:
     """Where one container's paths live on this machine: each of its volume mounts at the volume's
     folder, every other path under its own root folder (a mount inside that root becomes a link)."""
 
-    def __init__(self, root: Path, mounts: Dict[str, Path]):
+    def __init__(self, root: Path, mounts: Dict[str, Path], pod_root: Path):
         self.root, self.mounts = root, mounts  # mounts: container path -> host folder
+        self.pod_root = pod_root  # the pod's folder: its emptyDirs are under it
 
     def host_path(self, path: str, exclude: str = "") -> Path:
         p = PurePosixPath(path)
@@ -161,7 +263,8 @@ class ContainerFiles:
         for mount, target in sorted(self.mounts.items()):
             target.mkdir(parents=True, exist_ok=True)
             place = self.host_path(mount, exclude=mount)
-            if self.root in place.parents and not place.exists():
+            # a mount point in the container's own files, or in an emptyDir of its pod (/workspace/data in /workspace)
+            if (self.root in place.parents or self.pod_root in place.parents) and not place.exists():
                 place.parent.mkdir(parents=True, exist_ok=True)
                 place.symlink_to(target, target_is_directory=True)
 
@@ -188,30 +291,25 @@ class Process:
 
 
 class Pod:
-    def __init__(self, job: Dict[str, Any], rtype: str, index: int, options: Options, port: int):
-        self.job_name = job["metadata"]["name"]
-        self.rtype, self.index, self.options = rtype, index, options
-        self.label = f"{rtype.lower()}-{index}"
-        self.name = f"{self.job_name}-{self.label}"
-        self.spec = job["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"]
-        self.restart_policy = job["spec"]["pytorchReplicaSpecs"][rtype].get("restartPolicy", "Never")
+    def __init__(self, plan: PodPlan, options: Options):
+        self.plan, self.options = plan, options
+        self.label, self.name, self.spec = plan.label, plan.name, plan.spec
         self.grace_s = float(self.spec.get("terminationGracePeriodSeconds", 30))
-        self.base_env = operator_env(job, rtype, index, "127.0.0.1", port)
-        main = [c for c in self.spec["containers"] if c["name"] == CONTAINER]
-        self.main_spec = main[0]
+        self.base_env = plan.env
+        self.main_spec = next(c for c in self.spec["containers"] if c["name"] == plan.main)
         self.sidecar_specs = [c for c in self.spec.get("initContainers") or [] if c.get("restartPolicy") == "Always"]
-        self.sidecar_specs += [c for c in self.spec["containers"] if c["name"] != CONTAINER]
+        self.sidecar_specs += [c for c in self.spec["containers"] if c["name"] != plan.main]
         self.init_specs = [c for c in self.spec.get("initContainers") or [] if c.get("restartPolicy") != "Always"]
         # Declared ports of the sidecars -> free local ports, fixed for the pod's whole life.
         self.ports = {(c["name"], int(p["containerPort"])): free_port()
                       for c in self.sidecar_specs for p in c.get("ports") or []}
         self.generation = 0  # pod re-creations (restartPolicy ExitCode)
-        self.container_restarts = 0  # in-place restarts of the pytorch container
+        self.container_restarts = 0  # in-place restarts of the trainer container
         self.main: Optional[Process] = None
         self.sidecars: List[Process] = []
         self.root = options.workdir / self.name  # this pod's folder (a new one when the pod is recreated)
         self.volume_folders: Dict[str, Path] = {}
-        self.finished = False  # the pytorch container succeeded and stays down
+        self.finished = False  # the trainer container succeeded and stays down
 
     # -- file system ------------------------------------------------------------------------------
     def _volume_folder(self, volume: Dict[str, Any]) -> Path:
@@ -238,13 +336,13 @@ class Pod:
     def _files(self, container: Dict[str, Any]) -> ContainerFiles:
         mounts = {}
         for mount in container.get("volumeMounts") or []:
-            if mount["mountPath"] == SHM:
+            if mount["mountPath"] in HOST_DIRS:
                 continue
             if mount["name"] not in self.volume_folders:
                 raise ValueError(f"container {container['name']} mounts volume '{mount['name']}', "
                                  f"which pod {self.name} does not declare")
             mounts[mount["mountPath"]] = self.volume_folders[mount["name"]] / mount.get("subPath", "")
-        return ContainerFiles(self.root / "containers" / container["name"], mounts)
+        return ContainerFiles(self.root / "containers" / container["name"], mounts, self.root)
 
     # -- containers ---------------------------------------------------------------------------------
     def _env(self, container: Dict[str, Any], files: ContainerFiles) -> Dict[str, str]:
@@ -283,14 +381,14 @@ class Pod:
                              f"'{ref['name']}': pass --secret {ref['name']}=FILE (KEY=VALUE lines) or export {item['name']}")
         field_path = (source.get("fieldRef") or {}).get("fieldPath", "")
         fields = {"metadata.name": self.name, "metadata.namespace": "default", "status.podIP": "127.0.0.1",
-                  "spec.nodeName": socket.gethostname(), "status.hostIP": "127.0.0.1"}
+                  "spec.nodeName": socket.gethostname(), "status.hostIP": "127.0.0.1", **self.plan.fields}
         if field_path in fields:
             return fields[field_path]
         raise ValueError(f"env {item['name']} of container {container}: valueFrom {source} is not supported locally; "
                          f"set it with --env {item['name']}=VALUE")
 
     def _prefixes(self, container: Dict[str, Any]) -> List[str]:
-        return [m["mountPath"] for m in container.get("volumeMounts") or [] if m["mountPath"] != SHM] + \
+        return [m["mountPath"] for m in container.get("volumeMounts") or [] if m["mountPath"] not in HOST_DIRS] + \
             ([container["workingDir"]] if container.get("workingDir") else [])
 
     def _command(self, container: Dict[str, Any], files: ContainerFiles) -> List[str]:
@@ -378,8 +476,8 @@ class Pod:
 
     def targets(self) -> List[Dict[str, Any]]:
         return [{"targets": [f"127.0.0.1:{local}"],
-                 "labels": {"pod": self.name, "container": name, "replica_type": self.rtype.lower(),
-                            "replica_index": str(self.index)}}
+                 "labels": {"pod": self.name, "container": name, "replica_type": self.plan.role,
+                            "replica_index": str(self.plan.index)}}
                 for (name, _), local in self.ports.items()]
 
 
@@ -401,14 +499,10 @@ class Interrupted(Exception):
 class JobRun:
     """The replicas' pods and the operator's bookkeeping: restarts, back-off, the job's outcome."""
 
-    def __init__(self, job: Dict[str, Any], options: Options):
-        self.job, self.options = job, options
-        run_policy = job["spec"].get("runPolicy") or {}
-        self.backoff_limit = int(run_policy.get("backoffLimit") if run_policy.get("backoffLimit") is not None else 6)
-        self.deadline_s = run_policy.get("activeDeadlineSeconds")
-        self.port = free_port()  # the master's port: a free one here, not the declared pytorchjob-port
-        self.counts = replica_counts(job)
-        self.pods = [Pod(job, rtype, i, options, self.port) for rtype, n in self.counts.items() for i in range(n)]
+    def __init__(self, plan: JobPlan, options: Options):
+        self.plan, self.options = plan, options
+        self.backoff_limit, self.deadline_s = plan.backoff_limit, plan.deadline_s
+        self.pods = [Pod(p, options) for p in plan.pods]
         self.restarts = 0
         self.due: Dict[str, float] = {}  # pod name -> when its pending restart happens
 
@@ -417,23 +511,24 @@ class JobRun:
         if pod.name in self.due:
             if time.monotonic() >= self.due[pod.name]:
                 del self.due[pod.name]
-                pod.start() if pod.restart_policy == "ExitCode" else pod.start_main()
+                pod.start_main() if pod.plan.in_place else pod.start()
             return None
         code = None if pod.finished else pod.main.poll()
         if code is None:
             return None
         pod.main.reader.join(timeout=5)
-        if code == 0 and pod.restart_policy != "Always":
+        plan, main = pod.plan, pod.plan.main
+        if code == 0 and plan.in_place != "Always":
             pod.finished = True
-            log("local-run", f"{pod.label}: pytorch exited 0")
-            return "" if pod.rtype == "Master" else None
-        retry = {"OnFailure": code != 0, "Always": True, "ExitCode": code >= 128}.get(pod.restart_policy, False)
+            log("local-run", f"{pod.label}: {main} exited 0")
+            return "" if all(p.finished for p in self.pods if p.plan.required) else None
+        retry = plan.in_place or (plan.recreate and code not in plan.fail_codes)
         if not retry:
-            return f"{pod.label}: pytorch exited {code} (restartPolicy {pod.restart_policy}: not retried)"
+            return f"{pod.label}: {main} exited {code} (restartPolicy {plan.policy}: not retried)"
         self.restarts += 1
         if self.restarts > self.backoff_limit:
-            return f"{pod.label}: pytorch exited {code}; backoffLimit {self.backoff_limit} reached"
-        if pod.restart_policy == "ExitCode":  # the operator deletes the pod and creates it anew
+            return f"{pod.label}: {main} exited {code}; backoffLimit {self.backoff_limit} reached"
+        if not plan.in_place:  # the operator (or the Job controller) deletes the pod and creates it anew
             pod.stop()
             pod.generation += 1
             delay, how = 0.0, "as a new pod"
@@ -441,17 +536,15 @@ class JobRun:
             delay = min(self.options.restart_delay_s * 2 ** pod.container_restarts, MAX_BACKOFF_S)
             pod.container_restarts += 1
             how = f"in {delay:.0f} s"
-        log("local-run", f"{pod.label}: pytorch exited {code}; restarting {how} "
+        log("local-run", f"{pod.label}: {main} exited {code}; restarting {how} "
                          f"(restart {self.restarts}, backoffLimit {self.backoff_limit})")
         self.due[pod.name] = time.monotonic() + delay
         return None
 
-    def run(self) -> int:
-        name = self.job["metadata"]["name"]
+    def run(self, port: int) -> int:
+        name = self.plan.name
         self.options.workdir.mkdir(parents=True, exist_ok=True)
-        log("local-run", f"job {name}: {', '.join(f'{n} {t}' for t, n in self.counts.items())} x "
-                         f"{self.job['spec'].get('nprocPerNode', 'auto')} process(es), master 127.0.0.1:{self.port}, "
-                         f"pods in {self.options.workdir}")
+        log("local-run", f"job {name}: {self.plan.summary}, master 127.0.0.1:{port}, pods in {self.options.workdir}")
         if self.options.targets_file:
             self.options.targets_file.write_text(json.dumps([t for pod in self.pods for t in pod.targets()], indent=1))
 
@@ -482,14 +575,42 @@ class JobRun:
         return code
 
 
-def run_job(job: Dict[str, Any], options: Options) -> int:
-    """Run every replica until the job succeeds (0) or fails (1; 128 + signal when interrupted)."""
-    check_admission(job)
+def run_job(job: Dict[str, Any], options: Options, runtime: Optional[Dict[str, Any]] = None) -> int:
+    """Run every replica until the job succeeds (0) or fails (1; 128 + signal when interrupted).
+    A TrainJob runs with `runtime`, the (Cluster)TrainingRuntime it references."""
+    check = (lambda j: trainjob.check_admission(j, runtime)) if job.get("kind") == "TrainJob" else pytorchjob.check_admission
+    check(job)
     job = apply_local_options(job, options)
-    check_admission(job)
-    return JobRun(job, options).run()
+    check(job)
+    port = free_port()  # the master's port: a free one here, not the declared one
+    plan = plan_trainjob(job, runtime, port) if job.get("kind") == "TrainJob" else plan_pytorchjob(job, port)
+    return JobRun(plan, options).run(port)
 
 
-def run_manifest(manifest: str, options: Options) -> int:
-    text = sys.stdin.read() if manifest == "-" else Path(manifest).read_text()
-    return run_job(load_pytorchjob(text), options)
+def load_job(manifest: str, runtime_files: List[Path]) -> tuple:
+    """(job, runtime) of a manifest ('-': stdin) holding one PyTorchJob or one TrainJob. A TrainJob's
+    runtime is looked for in the manifest, then in runtime_files, then in the YAML files beside the
+    manifest (k8s/trainjob/runtime.yaml for the ready TrainJobs)."""
+    documents = trainjob.load_documents(sys.stdin.read() if manifest == "-" else Path(manifest).read_text())
+    jobs = [d for d in documents if d.get("kind") in ("PyTorchJob", "TrainJob")]
+    if len(jobs) != 1:
+        kinds = ", ".join(sorted({str(d.get("kind")) for d in documents})) or "nothing"
+        raise ValueError(f"the manifest must hold exactly one PyTorchJob or TrainJob, it holds {len(jobs)} (kinds: {kinds}); "
+                         "render one stage, e.g. helm template NAME charts/dvgt --set stage=dvgt1-demo")
+    job = jobs[0]
+    if job["kind"] != "TrainJob":
+        return job, None
+    beside = sorted(Path(manifest).resolve().parent.glob("*.yaml")) if manifest != "-" else []
+    for source in [None, *runtime_files, *beside]:
+        runtime = trainjob.find_runtime(job, documents if source is None else trainjob.load_documents(Path(source)))
+        if runtime is not None:
+            return job, runtime
+    kind, name = trainjob.runtime_ref(job)
+    raise ValueError(f"TrainJob {job['metadata'].get('name')} references the {kind} '{name}', which is neither in the "
+                     f"manifest nor in {', '.join(map(str, runtime_files)) or 'the YAML files beside it'}: pass its "
+                     "manifest with --runtime FILE (the ready TrainJobs' is k8s/trainjob/runtime.yaml)")
+
+
+def run_manifest(manifest: str, options: Options, runtime_files: List[Path] = ()) -> int:
+    job, runtime = load_job(manifest, list(runtime_files))
+    return run_job(job, options, runtime)

@@ -1,9 +1,10 @@
-"""Client: submit and follow training jobs on a cluster (Kubeflow Training Operator) or on this
-machine (the local runner), with the same calls:
+"""Client: submit and follow training jobs on a cluster (PyTorchJobs of the Kubeflow Training Operator,
+or with api="trainjob" TrainJobs of Kubeflow Trainer v2) or on this machine (the local runner), with the
+same calls:
 
     client = Client()                      # kubeconfig or in-cluster; Client(backend="local") runs here
     client.submit(job)                     # -> the job's name
-    client.wait(job.name, until="Running")
+    client.wait(job.name)                  # until it succeeds (600 s at most); until="Running" to see it start
     for line in client.logs(job.name, follow=True): print(line)
     client.status(job.name)                # conditions, replicas, last step, newest committed checkpoint
     client.delete(job.name); client.list()
@@ -20,6 +21,7 @@ from dvgt.sdk.job import TrainingJob
 from dvgt.sdk.status import JobStatus
 
 BACKENDS = ("cluster", "local")
+APIS = ("pytorchjob", "trainjob")
 # What wait() can wait for: a phase, or "Finished" (Succeeded or Failed).
 WAIT_FOR = ("Created", "Running", "Succeeded", "Failed", "Finished")
 _REACHED = {"Created": ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed"),
@@ -29,11 +31,18 @@ _REACHED = {"Created": ("Created", "Running", "Restarting", "Suspended", "Succee
 
 class Client:
     def __init__(self, backend: str = "cluster", namespace: Optional[str] = None, kubeconfig: Optional[str] = None,
-                 context: Optional[str] = None, home: Optional[Path] = None):
+                 context: Optional[str] = None, home: Optional[Path] = None, api: str = "pytorchjob"):
         """backend "cluster": kubeconfig (KUBECONFIG, ~/.kube/config or `kubeconfig`, its current context or
-        `context`) or the pod's service account; namespace: the context's unless given.
+        `context`) or the pod's service account; namespace: the context's unless given; api: the kind of
+        job it submits and follows there, "pytorchjob" or "trainjob".
         backend "local": jobs run on this machine, kept under `home` ($DVGT_HOME or ~/.dvgt)."""
-        if backend == "cluster":
+        if api not in APIS:
+            raise ValueError(f"api '{api}' is not one of {', '.join(APIS)}")
+        if backend == "cluster" and api == "trainjob":
+            from dvgt.sdk.trainjob_cluster import TrainJobBackend
+
+            self.backend = TrainJobBackend(namespace, kubeconfig, context)
+        elif backend == "cluster":
             from dvgt.sdk.cluster import ClusterBackend
 
             self.backend = ClusterBackend(namespace, kubeconfig, context)
@@ -43,7 +52,7 @@ class Client:
             self.backend = LocalBackend(home)
         else:
             raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
-        self.kind = backend
+        self.kind, self.api = backend, api
 
     @property
     def namespace(self) -> str:
@@ -52,6 +61,9 @@ class Client:
 
     def submit(self, job: TrainingJob, replace: bool = False) -> str:
         """Validate, render and create the job; its name. replace=True deletes a job of that name first."""
+        if self.kind == "cluster" and (job.api or "pytorchjob") != self.api:
+            raise errors.InvalidJobError(f"TrainingJob.api is '{job.api or 'pytorchjob'}' but this client follows "
+                                         f"{self.api}s: use Client(api='{job.api or 'pytorchjob'}') (--api on the command line)")
         return self.backend.submit(job, replace=replace)
 
     def status(self, name: str) -> JobStatus:
@@ -68,13 +80,16 @@ class Client:
         """Every job (in the namespace), without progress or checkpoint details."""
         return self.backend.list()
 
-    def wait(self, name: str, until: str = "Running", timeout: Optional[float] = None, poll_s: float = 2.0,
+    def wait(self, name: str, until: str = "Succeeded", timeout: Optional[float] = 600.0, poll_s: float = 2.0,
              callback: Optional[Callable[[JobStatus], None]] = None) -> JobStatus:
-        """Poll the job until it reaches `until` (Running is reached by a job that already Succeeded);
-        callback(status) after each poll. JobFailedError when it fails while waiting for something else;
-        TimeoutError after `timeout` seconds."""
+        """Poll the job until it reaches `until` (by default until it succeeds, like the Kubeflow clients;
+        Running is reached by a job that already Succeeded); callback(status) after each poll.
+        JobFailedError when it fails while waiting for something else; TimeoutError after `timeout`
+        seconds (None: no limit). TrainJobs wait through the Kubeflow SDK's TrainerClient."""
         if until not in WAIT_FOR:
             raise ValueError(f"wait until '{until}': choose one of {', '.join(WAIT_FOR)}")
+        if hasattr(self.backend, "wait"):
+            return self.backend.wait(name, until, timeout, poll_s, callback)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             status = self.backend.status(name, checkpoint=False)

@@ -1,7 +1,8 @@
-"""The cluster backend: PyTorchJobs through the Kubeflow Training SDK's TrainingClient (create, get,
+"""The cluster backends: PyTorchJobs through the Kubeflow Training SDK's TrainingClient (create, get,
 list, delete, pods) and the kubernetes client it holds (pod logs, the exporter through the API
-server's pod proxy). Credentials: a kubeconfig (KUBECONFIG, ~/.kube/config, or the one given), else
-the pod's service account; the namespace is the kubeconfig context's.
+server's pod proxy); TrainJobs (TrainJobBackend) through the Kubeflow SDK's TrainerClient. Credentials:
+a kubeconfig (KUBECONFIG, ~/.kube/config, or the one given), else the pod's service account; the
+namespace is the kubeconfig context's.
 
 Every failure becomes one SdkError line saying what to do (see _translate)."""
 
@@ -33,6 +34,8 @@ def grant_hint(namespace: str) -> str:
 
 
 class ClusterBackend:
+    KIND, RESOURCE, VERSION, INSTALL = "PyTorchJob", RESOURCE, "v1", INSTALL_OPERATOR  # what this backend submits, and its CRD
+
     def __init__(self, namespace: Optional[str] = None, kubeconfig: Optional[str] = None,
                  context: Optional[str] = None, request_timeout_s: int = 30):
         try:
@@ -64,7 +67,7 @@ class ClusterBackend:
         except config.ConfigException as error:
             raise errors.NoClusterConfigError(f"the kubeconfig {path} cannot be used ({error}); fix it or point "
                                               "KUBECONFIG (or --kubeconfig) at a working one") from None
-        self.host = configuration.host
+        self.host, self.configuration = configuration.host, configuration
         self.namespace = namespace or default_namespace
         self.timeout = request_timeout_s
         self.training = TrainingClient(client_configuration=configuration, namespace=self.namespace)
@@ -102,13 +105,13 @@ class ClusterBackend:
             return errors.ForbiddenError(f"forbidden: you may not {verb} {resource} in namespace {namespace} "
                                          f"({message}); {grant_hint(namespace)}")
         if status == 409:
-            return errors.JobExistsError(f"PyTorchJob {name} already exists in namespace {namespace}: choose "
+            return errors.JobExistsError(f"{self.KIND} {name} already exists in namespace {namespace}: choose "
                                          "another name (--name) or replace it (--replace, submit(job, replace=True))")
         if status == 404:
             details = body.get("details") or {}
-            if resource == RESOURCE and not (body.get("kind") == "Status" and details.get("name")):
-                return errors.OperatorMissingError(f"this cluster has no PyTorchJob resource ({RESOURCE}/v1 is not "
-                                                   f"served at {self.host}): {INSTALL_OPERATOR}")
+            if resource == self.RESOURCE and not (body.get("kind") == "Status" and details.get("name")):
+                return errors.OperatorMissingError(f"this cluster has no {self.KIND} resource ({self.RESOURCE}/"
+                                                   f"{self.VERSION} is not served at {self.host}): {self.INSTALL}")
             return errors.JobNotFoundError(f"{resource} {name} not found in namespace {namespace}; "
                                            "list the jobs with `dvgt list`")
         return errors.SdkError(f"{verb} {what}: the API server answered {status} {cause.reason}: {message}")
@@ -200,9 +203,9 @@ class ClusterBackend:
 
     def _add_step(self, status: JobStatus, job: Dict[str, Any], pod: str) -> None:
         """The last step from the master's exporter (through the API server's pod proxy), else its log."""
-        master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-        ports = [p["containerPort"] for c in master.get("initContainers") or [] if c["name"] == "exporter"
-                 for p in c.get("ports") or [] if p.get("name") == "metrics"]
+        self._read_step(status, pod, exporter_ports(job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]))
+
+    def _read_step(self, status: JobStatus, pod: str, ports: List[int], container: str = "pytorch") -> None:
         if ports and status.phase in ("Running", "Restarting"):
             try:
                 text = self.core.connect_get_namespaced_pod_proxy_with_path(f"{pod}:{ports[0]}", self.namespace, "metrics",
@@ -212,7 +215,7 @@ class ClusterBackend:
                 status.notes.append(f"the exporter of {pod} could not be read ({self._translate(error, 'get', 'pods/proxy', pod)})")
         if status.last_step is None:
             try:
-                text = self.core.read_namespaced_pod_log(pod, self.namespace, container="pytorch",
+                text = self.core.read_namespaced_pod_log(pod, self.namespace, container=container,
                                                          tail_lines=LOG_TAIL_LINES, _request_timeout=self.timeout)
                 status.last_step, status.last_step_source = step_from_log(text.splitlines()), "log"
             except Exception as error:  # noqa: BLE001 - the status stands without it
@@ -228,7 +231,7 @@ class ClusterBackend:
         if not pods:
             self.get(name)  # a missing job is reported as such
             raise errors.SdkError(f"job {name} has no {replica}-{index} pod yet; wait for it "
-                                  f"(dvgt wait {name} --until Running) and ask again")
+                                  f"(dvgt wait {name} --for running) and ask again")
         pod = pods[0].metadata.name
         try:
             if not follow:
@@ -243,6 +246,12 @@ class ClusterBackend:
             raise
         except Exception as error:  # noqa: BLE001
             raise self._translate(error, "get", "pods/log", pod) from None
+
+
+def exporter_ports(pod_spec: Dict[str, Any]) -> List[int]:
+    """The metrics port of a pod spec's exporter sidecar (none without it)."""
+    return [p["containerPort"] for c in pod_spec.get("initContainers") or [] if c["name"] == "exporter"
+            for p in c.get("ports") or [] if p.get("name") == "metrics"]
 
 
 def _json(text: Any) -> Dict[str, Any]:

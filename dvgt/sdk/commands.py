@@ -20,7 +20,7 @@ def _client(args: argparse.Namespace):
     from dvgt.sdk import Client
 
     backend = "local" if args.local else args.backend
-    return Client(backend, namespace=args.namespace, kubeconfig=args.kubeconfig, context=args.context)
+    return Client(backend, namespace=args.namespace, kubeconfig=args.kubeconfig, context=args.context, api=args.api)
 
 
 def job_from_args(args: argparse.Namespace):
@@ -34,7 +34,7 @@ def job_from_args(args: argparse.Namespace):
         values = yaml.safe_load(Path(args.values).read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"--values {args.values}: expected a YAML mapping of chart values")
-    return TrainingJob(stage=args.stage, nodes=args.nodes, gpus_per_node=args.gpus_per_node, profile=args.profile,
+    return TrainingJob(stage=args.stage, api=args.api, nodes=args.nodes, gpus_per_node=args.gpus_per_node, profile=args.profile,
                        image=args.image, exporter_image=args.exporter_image, checkpoint_uri=args.checkpoint_uri,
                        s3_secret=args.s3_secret, data_pvc=args.data_pvc, data_host_path=args.data_host_path,
                        overrides=list(args.set), name=args.name, namespace=args.namespace, values=values)
@@ -49,8 +49,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     name = client.submit(job, replace=args.replace)
     where = f" in namespace {client.namespace}" if client.namespace else " on this machine"
     flags = " --local" if client.kind == "local" else (f" -n {client.namespace}" if args.namespace else "")
-    print(f"submitted job {name}{where} (stage {job.stage})\n"
-          f"follow it: dvgt wait {name}{flags} --until Running; dvgt logs {name}{flags} -f; dvgt status {name}{flags}")
+    flags += " --api trainjob" if args.api == "trainjob" else ""
+    print(f"submitted {'TrainJob' if args.api == 'trainjob' else 'job'} {name}{where} (stage {job.stage})\n"
+          f"follow it: dvgt wait {name}{flags} --for running; dvgt logs {name}{flags} -f; dvgt status {name}{flags}")
     return 0
 
 
@@ -65,13 +66,14 @@ def cmd_wait(args: argparse.Namespace) -> int:
     from dvgt.sdk import JobFailedError
 
     client, started = _client(args), time.monotonic()
+    timeout = args.timeout or None  # 0: no limit
     line = lambda status: f"{status.summary()}  [{time.monotonic() - started:.0f} s, waiting for {args.until}]"  # noqa: E731
     try:
         if sys.stdout.isatty():
             from rich.live import Live
 
             with Live("", refresh_per_second=4, transient=False) as live:
-                status = client.wait(args.name, until=args.until, timeout=args.timeout, poll_s=args.poll,
+                status = client.wait(args.name, until=args.until, timeout=timeout, poll_s=args.poll,
                                      callback=lambda s: live.update(line(s)))
         else:
             seen = []
@@ -80,7 +82,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
                 if not seen or seen[-1] != status.summary():
                     seen.append(status.summary())
                     print(line(status), flush=True)
-            status = client.wait(args.name, until=args.until, timeout=args.timeout, poll_s=args.poll, callback=show)
+            status = client.wait(args.name, until=args.until, timeout=timeout, poll_s=args.poll, callback=show)
     except JobFailedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -120,13 +122,16 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
     where.add_argument("-n", "--namespace", help="namespace (default: the kubeconfig context's)")
     where.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)")
     where.add_argument("--context", help="kubeconfig context (default: the current one)")
+    where.add_argument("--api", choices=("pytorchjob", "trainjob"), default="pytorchjob",
+                       help="the job kind: pytorchjob (Kubeflow Training Operator v1) or trainjob (Kubeflow Trainer v2)")
 
 
 def add_commands(sub) -> None:
     """Add submit / status / wait / logs / delete / list to the `dvgt` subparsers."""
     from dvgt.sdk.client import WAIT_FOR
 
-    submit = sub.add_parser("submit", help="submit a training job (a PyTorchJob rendered by the chart); --dry-run prints it")
+    submit = sub.add_parser("submit", help="submit a training job (a PyTorchJob, or with --api trainjob a TrainJob and its "
+                            "runtime, rendered by the chart); --dry-run prints it")
     submit.add_argument("--stage", required=True, help="stage of charts/dvgt/files/catalog.yaml, e.g. finetune-nuscenes")
     submit.add_argument("--nodes", type=int, help="pods (default: the stage's recipe)")
     submit.add_argument("--gpus-per-node", type=int, help="GPUs (processes) per pod (chart default 8)")
@@ -142,7 +147,7 @@ def add_commands(sub) -> None:
                         help="trainer config override, e.g. --set optim.lr=5e-6 (repeat it)")
     submit.add_argument("--values", metavar="FILE", help="YAML of any other chart values (charts/dvgt/values.yaml names)")
     submit.add_argument("--replace", action="store_true", help="delete a job of the same name first")
-    submit.add_argument("--dry-run", action="store_true", help="print the PyTorchJob YAML; nothing is sent")
+    submit.add_argument("--dry-run", action="store_true", help="print the job's YAML (a TrainJob's runtime first); nothing is sent")
     _client_args(submit)
     submit.set_defaults(func=cmd_submit)
 
@@ -152,10 +157,13 @@ def add_commands(sub) -> None:
     _client_args(status)
     status.set_defaults(func=cmd_status)
 
-    wait = sub.add_parser("wait", help="wait for a job to reach a state, with a live status line")
+    wait = sub.add_parser("wait", help="wait for a job to succeed (or --for another state), with a live status line")
     wait.add_argument("name")
-    wait.add_argument("--until", default="Running", choices=WAIT_FOR)
-    wait.add_argument("--timeout", type=float, help="give up after this many seconds (exit 2)")
+    wait.add_argument("--for", "--until", dest="until", default="Succeeded", type=str.capitalize, choices=WAIT_FOR,
+                      metavar="STATE", help=f"the state to wait for: {', '.join(s.lower() for s in WAIT_FOR)} "
+                      "(default succeeded; failing first is an error, exit 1)")
+    wait.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (exit 2; "
+                      "default 600, 0 = no limit)")
     wait.add_argument("--poll", type=float, default=2.0, help="seconds between two looks at the job")
     _client_args(wait)
     wait.set_defaults(func=cmd_wait)

@@ -1,12 +1,13 @@
 """TrainingJob: one training run as typed fields, turned into the chart's values and rendered by
-the chart itself.
+the chart itself: a PyTorchJob (api "pytorchjob", the default) or a Kubeflow Trainer v2 TrainJob with the
+TrainingRuntime it references (api "trainjob").
 
 Rendering runs the real `helm template` on the packaged chart (dvgt/k8s/chart = charts/dvgt) with
 the job's values, so the SDK cannot drift from `helm install` or the ready manifests in k8s/: there
 is one template, and tests/test_sdk_job.py checks, for every stage x profile, that the job equals
 what a user gets from `helm template NAME charts/dvgt --set ...`. A job is checked before anything
 is rendered or sent: its name, the chart's values.schema.json, then the Training Operator's
-admission rules on the rendered PyTorchJob.
+admission rules on the rendered PyTorchJob (Trainer v2's on the TrainJob and its runtime).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import yaml
 
 from dvgt.k8s.catalog import CHART_DIR
+from dvgt.k8s import trainjob
 from dvgt.k8s.pytorchjob import DNS1035, check_admission, load_pytorchjob
 from dvgt.sdk.errors import InvalidJobError
 
@@ -28,15 +30,17 @@ DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a namespa
 
 # TrainingJob field -> the chart value it sets (dotted path in values.yaml).
 VALUE_OF_FIELD = {
-    "stage": "stage", "profile": "profile", "nodes": "nodes", "gpus_per_node": "gpusPerNode",
+    "api": "api", "stage": "stage", "profile": "profile", "nodes": "nodes", "gpus_per_node": "gpusPerNode",
     "images_per_step": "imagesPerStep", "max_images_per_forward": "maxImagesPerForward", "overrides": "overrides",
     "image": "image", "exporter_image": "exporter.image", "exporter": "exporter.enabled",
     "checkpoint_uri": "checkpoint.uri", "s3_secret": "checkpoint.s3Secret",
     "preemption_budget_s": "checkpoint.preemptionBudgetSeconds", "data_pvc": "data.pvc",
     "data_host_path": "data.hostPath", "restart_policy": "restartPolicy", "backoff_limit": "backoffLimit",
     "active_deadline_s": "activeDeadlineSeconds", "kueue_queue": "scheduling.kueueQueue",
-    "priority_class": "scheduling.priorityClass", "node_selector": "nodeSelector", "tolerations": "tolerations",
-    "resources": "resources", "env": "env", "service_account": "serviceAccountName",
+    "kueue_priority_class": "scheduling.kueuePriorityClass", "runtime_name": "trainJob.runtime.name",
+    "runtime_kind": "trainJob.runtime.kind", "create_runtime": "trainJob.runtime.create",
+    "priority_class": "priorityClassName", "node_selector": "nodeSelector", "tolerations": "tolerations",
+    "resources": "resources", "env": "extraEnv", "service_account": "serviceAccount.name",
 }
 
 
@@ -47,12 +51,13 @@ def default_name(stage: str) -> str:
 
 
 def image_values(image: str, what: str) -> Dict[str, str]:
-    """'registry:5000/dvgt/trainer:1.0' -> {repository: registry:5000/dvgt/trainer, tag: '1.0'}."""
+    """'registry:5000/dvgt/trainer:1.0' -> {registry: '', repository: registry:5000/dvgt/trainer, tag: '1.0'}
+    (the reference names its registry, so the chart's default registry does not apply)."""
     if "@" in image:
         raise InvalidJobError(f"TrainingJob.{what} '{image}': the chart takes repository:tag, not a digest; "
                               "push the image with a tag and give REPOSITORY:TAG")
     repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
-    return {"repository": repository, "tag": tag}
+    return {"registry": "", "repository": repository, "tag": tag}
 
 
 def format_override(key: str, value: Any) -> str:
@@ -76,6 +81,7 @@ class TrainingJob:
     charts/dvgt/README.md); `values` sets any other chart value (chart names, merged last)."""
 
     stage: str  # a stage of charts/dvgt/files/catalog.yaml, e.g. finetune-nuscenes
+    api: Optional[str] = None  # "pytorchjob" (Training Operator v1, the chart default) | "trainjob" (Trainer v2)
     nodes: Optional[int] = None  # pods (1 Master + nodes-1 Workers); None: the stage's recipe
     gpus_per_node: Optional[int] = None  # GPUs = torchrun processes per pod (chart default 8)
     profile: Optional[str] = None  # VRAM profile of the catalog, e.g. h100-80g (chart default h20-146g)
@@ -83,7 +89,7 @@ class TrainingJob:
     checkpoint_uri: Optional[str] = None  # checkpoints go to <uri>/<name> (s3://bucket/prefix or a path in the pod)
     s3_secret: Optional[str] = None  # existing Secret with the AWS_* variables ("" = none)
     overrides: Union[Mapping[str, Any], Sequence[str]] = field(default_factory=dict)  # trainer config overrides
-    name: Optional[str] = None  # PyTorchJob name (DNS-1035); None: <stage>-<random suffix>
+    name: Optional[str] = None  # the job's name (DNS-1035); None: <stage>-<random suffix>
     namespace: Optional[str] = None  # None: the client's namespace (the kubeconfig context's)
     images_per_step: Optional[int] = None  # images per GPU per optimizer step; None: the stage's recipe
     max_images_per_forward: Optional[int] = None  # images per GPU per forward pass; None: the profile's
@@ -96,6 +102,10 @@ class TrainingJob:
     backoff_limit: Optional[int] = None  # restarts before the job fails
     active_deadline_s: Optional[int] = None  # wall-clock limit of the job
     kueue_queue: Optional[str] = None  # Kueue LocalQueue
+    kueue_priority_class: Optional[str] = None  # Kueue WorkloadPriorityClass
+    runtime_name: Optional[str] = None  # TrainJob: the runtime it references (chart default: the job's name)
+    runtime_kind: Optional[str] = None  # TrainJob: TrainingRuntime (chart default) | ClusterTrainingRuntime
+    create_runtime: Optional[bool] = None  # TrainJob: create the runtime with the job (chart default) or reference one
     priority_class: Optional[str] = None  # PriorityClass of the pods
     node_selector: Optional[Dict[str, str]] = None  # node labels the pods must match
     tolerations: Optional[List[Dict[str, Any]]] = None  # pod tolerations (Kubernetes form)
@@ -131,7 +141,7 @@ class TrainingJob:
     def validate(self) -> Dict[str, Any]:
         """Check the name, the namespace and the values against the chart's schema; the values."""
         if not DNS1035.match(self.name or ""):
-            raise InvalidJobError(f"TrainingJob.name '{self.name}' is not a valid PyTorchJob name: use at most 63 "
+            raise InvalidJobError(f"TrainingJob.name '{self.name}' is not a valid job name: use at most 63 "
                                   "lower-case letters, digits and '-', starting with a letter and ending with a letter or digit")
         if self.namespace is not None and not DNS1123_LABEL.match(self.namespace):
             raise InvalidJobError(f"TrainingJob.namespace '{self.namespace}' is not a namespace name: use at most 63 "
@@ -140,21 +150,38 @@ class TrainingJob:
         check_values(values)
         return values
 
-    def render(self) -> Dict[str, Any]:
-        """The PyTorchJob, as `helm template <name> charts/dvgt` renders it with these values."""
+    def objects(self) -> List[Dict[str, Any]]:
+        """What `helm template <name> charts/dvgt` renders with these values for the job, in creation
+        order: the PyTorchJob; or the TrainingRuntime (when the job creates it) and the TrainJob."""
         from dvgt.k8s.generate import render
 
         values = self.validate()
+        merged = deep_merge(yaml.safe_load((CHART_DIR / "values.yaml").read_text()), values)
+        if merged["api"] == "pytorchjob":
+            templates = ["templates/pytorchjob.yaml"]
+        else:
+            templates = ["templates/trainjob.yaml"] + (["templates/trainingruntime.yaml"] if merged["trainJob"]["runtime"]["create"] else [])
         try:
-            job = load_pytorchjob(render(self.name, {}, value_tree=values, namespace=self.namespace,
-                                         show_only="templates/pytorchjob.yaml"))
-            check_admission(job)
+            text = render(self.name, {}, value_tree=values, namespace=self.namespace, show_only=templates)
+            if merged["api"] == "pytorchjob":
+                job = load_pytorchjob(text)
+                check_admission(job)
+                return [job]
+            documents = trainjob.load_documents(text)
+            job = next(d for d in documents if d["kind"] == "TrainJob")
+            runtime = trainjob.find_runtime(job, documents)
+            trainjob.check_admission(job, runtime, runtime_known=runtime is not None)  # else: the cluster's (Client)
+            return ([runtime] if runtime is not None else []) + [job]
         except ValueError as error:
             raise InvalidJobError(f"job {self.name}: {error}") from None
-        return job
+
+    def render(self) -> Dict[str, Any]:
+        """The job (PyTorchJob or TrainJob), as `helm template <name> charts/dvgt` renders it with these values."""
+        return self.objects()[-1]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.render(), sort_keys=False)
+        """The job's objects as YAML documents (`dvgt submit --dry-run`; kubectl apply -f takes it)."""
+        return yaml.safe_dump_all(self.objects(), sort_keys=False)
 
 
 def check_values(values: Dict[str, Any]) -> None:
@@ -172,7 +199,7 @@ def check_values(values: Dict[str, Any]) -> None:
     where = f"TrainingJob.{fields_[0]}" if fields_ else f"chart value '{path or '(top level)'}' (TrainingJob.values)"
     if error.validator == "not":  # every `not` rule of the schema refuses a secret in the values
         problem = (f"{error.instance!r} looks like a secret; credentials never go into a job: pass them through "
-                   "an existing Secret (s3_secret, or env valueFrom.secretKeyRef in `values`)")
+                   "an existing Secret (s3_secret, or extraEnv valueFrom.secretKeyRef in `values`)")
     else:
         problem = f"{error.message}; see charts/dvgt/README.md for the value '{path}'"
     raise InvalidJobError(f"invalid {where}: {problem}")

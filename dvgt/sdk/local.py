@@ -74,6 +74,9 @@ class LocalBackend:
 
     # -- jobs -----------------------------------------------------------------------------------------
     def submit(self, job: TrainingJob, replace: bool = False) -> str:
+        if job.api == "trainjob":
+            raise errors.InvalidJobError("the local backend runs PyTorchJobs; run a TrainJob on this machine with the local "
+                                         "runner: dvgt submit --api trainjob --dry-run ... > job.yaml; dvgt local-run job.yaml")
         manifest = job.render()
         folder = self._folder(job.name, must_exist=False)
         if (folder / "job.yaml").exists():

@@ -106,13 +106,15 @@ def phase_of(conditions: List[Condition]) -> str:
 
 
 def checkpoint_uri_of(job: Dict[str, Any]) -> str:
-    """The trainer's checkpoint.uri: the last `checkpoint.uri=` argument of the Master's pytorch container."""
-    master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-    for container in master.get("containers") or []:
-        if container.get("name") == "pytorch":
-            values = [a.split("=", 1)[1] for a in container.get("args") or [] if str(a).startswith("checkpoint.uri=")]
-            return values[-1] if values else ""
-    return ""
+    """The trainer's checkpoint.uri: the last `checkpoint.uri=` argument of the Master's pytorch container
+    (a TrainJob: of spec.trainer.args)."""
+    if job.get("kind") == "TrainJob":
+        args = (job["spec"].get("trainer") or {}).get("args") or []
+    else:
+        master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        args = next((c.get("args") or [] for c in master.get("containers") or [] if c.get("name") == "pytorch"), [])
+    values = [str(a).split("=", 1)[1] for a in args if str(a).startswith("checkpoint.uri=")]
+    return values[-1] if values else ""
 
 
 def step_from_metrics(text: str) -> Optional[int]:

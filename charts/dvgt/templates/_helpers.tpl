@@ -1,13 +1,13 @@
 {{/*
-Names, labels and the job plan. The plan is everything the PyTorchJob derives from the values and
+Names, labels and the job plan. The plan is everything the job (PyTorchJob or TrainJob) derives from the values and
 files/catalog.yaml (stage, profile, node count, accumulation, trainer arguments), computed once here
 so that the templates only place it. dvgt/k8s (Python) documents and tests the same rule.
 */}}
 
-{{/* The job name: the release name, a DNS-1035 label (the Training Operator's admission rule). */}}
+{{/* The job name: the release name, a DNS-1035 label (the admission rule of both PyTorchJob and TrainJob). */}}
 {{- define "dvgt.jobName" -}}
 {{- if not (regexMatch "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$" .Release.Name) -}}
-{{- fail (printf "release name '%s' is not a valid PyTorchJob name: use at most 63 lower-case letters, digits and '-', starting with a letter and ending with a letter or digit" .Release.Name) -}}
+{{- fail (printf "release name '%s' is not a valid %s name: use at most 63 lower-case letters, digits and '-', starting with a letter and ending with a letter or digit" .Release.Name (ternary "TrainJob" "PyTorchJob" (eq .Values.api "trainjob"))) -}}
 {{- end -}}
 {{- .Release.Name -}}
 {{- end -}}
@@ -26,14 +26,81 @@ dvgt.io/stage: {{ .Values.stage }}
 dvgt.io/profile: {{ .Values.profile }}
 {{- end -}}
 
+{{/* The job's labels: the chart's, Kueue's queue and workload priority (either kind), and jobLabels. */}}
+{{- define "dvgt.jobLabels" -}}
+{{ include "dvgt.labels" . }}
+{{- with .Values.jobLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- with .Values.scheduling.kueueQueue }}
+kueue.x-k8s.io/queue-name: {{ . }}
+{{- end }}
+{{- with .Values.scheduling.kueuePriorityClass }}
+kueue.x-k8s.io/priority-class: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* An image reference: [registry/]repository, then @digest or :tag (default the chart's appVersion). */}}
 {{- define "dvgt.image" -}}
-{{- printf "%s:%s" .repository (.tag | default $.appVersion) -}}
+{{- $name := ternary (printf "%s/%s" .registry .repository) .repository (ne (.registry | default "") "") -}}
+{{- if .digest -}}
+{{- printf "%s@%s" $name .digest -}}
+{{- else -}}
+{{- printf "%s:%s" $name (.tag | default $.appVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The pods' ServiceAccount: the one the chart creates, else the named one ("" = the namespace's default). */}}
+{{- define "dvgt.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "dvgt.jobName" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Quantities the sizing rule adds up, in MiB: "64Gi" -> 65536, "512Mi" -> 512 (the schema allows only these units). */}}
+{{- define "dvgt.mebibytes" -}}
+{{- if hasSuffix "Gi" . }}{{ mul (trimSuffix "Gi" .) 1024 }}{{ else }}{{ trimSuffix "Mi" . }}{{ end -}}
+{{- end -}}
+
+{{/* MiB -> a quantity: "64Gi" when whole GiB, else "600Mi". */}}
+{{- define "dvgt.quantity" -}}
+{{- if eq (mod . 1024) 0 }}{{ div . 1024 }}Gi{{ else }}{{ . }}Mi{{ end -}}
+{{- end -}}
+
+{{/*
+Volumes: every extra mount names a volume the pod has, and extraVolumes reuse no name of the chart's.
+(JSON Schema cannot compare two values, so this check runs first, before anything is rendered.)
+*/}}
+{{- define "dvgt.volumeChecks" -}}
+{{- $chart := list "dshm" "workspace" "tmp" -}}
+{{- if or .Values.data.pvc .Values.data.hostPath }}{{ $chart = append $chart "data" }}{{ end -}}
+{{- if .Values.exporter.enabled }}{{ $chart = append $chart "metrics" }}{{ end -}}
+{{- $volumes := $chart -}}
+{{- range $i, $volume := .Values.extraVolumes -}}
+{{- if has $volume.name $volumes -}}
+{{- fail (printf "extraVolumes[%d]: the volume name '%s' is taken (the chart's volumes: %s); choose another name" $i $volume.name (join ", " $chart)) -}}
+{{- end -}}
+{{- $volumes = append $volumes $volume.name -}}
+{{- end -}}
+{{- range $field := list "extraVolumeMounts" "extraContainers" "extraInitContainers" -}}
+{{- range $i, $item := get $.Values $field -}}
+{{- range $j, $mount := (eq $field "extraVolumeMounts" | ternary (list $item) ($item.volumeMounts | default list)) -}}
+{{- if not (has $mount.name $volumes) -}}
+{{- $where := eq $field "extraVolumeMounts" | ternary (printf "%s[%d]" $field $i) (printf "%s[%d].volumeMounts[%d]" $field $i $j) -}}
+{{- fail (printf "%s mounts the volume '%s', which the pod does not have: add it to extraVolumes (the pod's volumes: %s)" $where $mount.name (join ", " $volumes)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
 The plan as JSON (use: include "dvgt.plan" . | fromJson).
   accumSteps = ceil(imagesPerStep / maxImagesPerForward): the trainer splits each optimizer step's
   imagesPerStep images per GPU (config max_img_per_gpu) into accum_steps forward passes.
+  resources, shmSize, workspaceSize: the sizing rule of files/catalog.yaml (host), under the values that override it.
 */}}
 {{- define "dvgt.plan" -}}
 {{- $catalog := .Files.Get "files/catalog.yaml" | fromYaml -}}
@@ -48,6 +115,7 @@ The plan as JSON (use: include "dvgt.plan" . | fromJson).
 {{- if gt $minAvailable $nodes -}}
 {{- fail (printf "scheduling.minAvailable (%d) is more than the job's %d pod(s) (nodes): lower it or leave it null" $minAvailable $nodes) -}}
 {{- end -}}
+{{- include "dvgt.volumeChecks" . -}}
 {{- $uri := printf "%s/%s" (trimSuffix "/" .Values.checkpoint.uri) $job -}}
 {{- /* torchrun waits --shutdown-timeout for its workers after SIGTERM (default 30 s): give them the checkpoint budget */ -}}
 {{- $args := list (printf "--nproc-per-node=%d" (int .Values.gpusPerNode))
@@ -58,6 +126,42 @@ The plan as JSON (use: include "dvgt.plan" . | fromJson).
 {{- $args = append $args (printf "max_img_per_gpu=%d" $perStep) -}}
 {{- end -}}
 {{- $args = concat $args $profile.overrides .Values.overrides -}}
+{{- /* the sizing rule (files/catalog.yaml host): per pod, P processes of I images per forward pass */ -}}
+{{- $host := merge (deepCopy ($profile.host | default dict)) $catalog.host -}}
+{{- $processes := int .Values.gpusPerNode -}}
+{{- $shmMi := ternary (include "dvgt.mebibytes" (toString .Values.shmSize) | int) (mul $processes $perForward $host.shmMiBPerImage) (not (empty .Values.shmSize)) -}}
+{{- $workspaceMi := ternary (include "dvgt.mebibytes" (toString .Values.workspaceSize) | int) (mul $processes $host.workspaceGiBPerProcess 1024) (not (empty .Values.workspaceSize)) -}}
+{{- $tmpMi := include "dvgt.mebibytes" .Values.tmpSize | int -}}
+{{- $sized := dict "cpu" (toString (mul $processes $host.cpuPerProcess))
+      "memory" (include "dvgt.quantity" (add (mul $processes $host.memoryGiBPerProcess 1024) $shmMi | int))
+      "ephemeral-storage" (include "dvgt.quantity" (add $workspaceMi $tmpMi 1024 | int)) -}}
+{{- $devices := dict -}}  {{- /* extended resources: requests = limits, quantities as strings */ -}}
+{{- if $profile.gpu }}{{ $_ := set $devices "nvidia.com/gpu" (toString $processes) }}{{ end -}}
+{{- if .Values.rdma.enabled }}{{ range $name, $count := .Values.rdma.resources }}{{ $_ := set $devices $name (toString $count) }}{{ end }}{{ end -}}
+{{- $resources := dict -}}
+{{- range $kind := list "requests" "limits" -}}
+{{- $given := get $.Values.resources $kind | default dict -}}
+{{- $_ := set $resources $kind (merge (deepCopy $devices) (deepCopy $given) (deepCopy $sized)) -}}
+{{- end -}}
 {{- dict "job" $job "stage" $stage "profile" $profile "nodes" $nodes "accumSteps" $accum "minAvailable" $minAvailable
-      "gpus" (ternary (int .Values.gpusPerNode) 0 $profile.gpu) "checkpointUri" $uri "args" $args | toJson -}}
+      "gpus" (ternary $processes 0 $profile.gpu) "checkpointUri" $uri "args" $args "resources" $resources
+      "shmSize" (include "dvgt.quantity" $shmMi) "workspaceSize" (include "dvgt.quantity" $workspaceMi)
+      "tmpSize" (include "dvgt.quantity" $tmpMi) | toJson -}}
+{{- end -}}
+
+{{/* The rules and dashboard: named after the release, or `dvgt` when installed once for all jobs (monitoring.only). */}}
+{{- define "dvgt.monitoringName" -}}
+{{- if .Values.monitoring.only }}dvgt{{ else }}{{ include "dvgt.jobName" . }}{{ end -}}
+{{- end -}}
+
+{{- define "dvgt.monitoringLabels" -}}
+{{- if .Values.monitoring.only -}}
+{{ include "dvgt.selectorLabels" . }}
+app.kubernetes.io/component: monitoring
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- else -}}
+{{ include "dvgt.labels" . }}
+{{- end -}}
 {{- end -}}
