@@ -55,7 +55,8 @@ def overrides(data_root: Path, run_dir: Path, **extra) -> list:
     values = {"model.size": "tiny", "data.root": data_root, "max_epochs": 1, "limit_train_batches": 3,
               "limit_val_batches": 0, "max_img_per_gpu": 8, "num_workers": 0, "seed_value": 3,
               "data.train.img_width": 64, "logging.log_dir": run_dir, "logging.log_freq": 1,
-              "logging.progress": "false", "checkpoint.uri": run_dir / "ckpts", **extra}
+              "logging.progress": "false", "checkpoint.uri": run_dir / "ckpts", "data.persistent_workers": "false",
+              **extra}
     return [f"{k}={v}" for k, v in values.items()]
 
 

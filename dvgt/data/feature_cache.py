@@ -168,11 +168,11 @@ class FeatureCache:
             self._headers[shard] = (8 + length, header)
         return self._headers[shard]
 
-    def get(self, image: str, height: int, width: int) -> Optional[torch.Tensor]:
-        """The tokens [P, C] of an image at H x W, or None when the cache does not hold them."""
-        shard = shard_of(image, self.num_shards)
+    def get(self, item: str, height: int, width: int) -> Optional[torch.Tensor]:
+        """The cached output of an item (image or clip id) at H x W, or None when the cache does not hold it."""
+        shard = shard_of(item, self.num_shards)
         base, header = self._header(shard)
-        info = header.get(entry_key(image, height, width))
+        info = header.get(entry_key(item, height, width))
         if info is None:
             return None
         begin, end = info["data_offsets"]
