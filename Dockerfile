@@ -1,6 +1,6 @@
-# The trainer image: torchrun, the dvgt package and its stage configs on a CUDA PyTorch base.
+# The trainer image: torchrun (through dvgt.train.launch), the dvgt package and its stage configs on a CUDA PyTorch base.
 #   docker build -t REGISTRY/dvgt/trainer:0.1.0 .
-# The chart runs `torchrun --nproc-per-node=N -m dvgt.train --config=...` in /workspace as user 1000.
+# The chart runs `python -m dvgt.train.launch --nproc-per-node=N -m dvgt.train --config=...` (torchrun with honest exit codes) in /workspace as user 1000.
 FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 
 ENV PYTHONUNBUFFERED=1 \
@@ -19,5 +19,5 @@ RUN pip install --no-cache-dir . \
 
 USER 1000:1000
 WORKDIR /workspace
-ENTRYPOINT ["torchrun"]
+ENTRYPOINT ["python", "-m", "dvgt.train.launch"]
 CMD ["--nproc-per-node=1", "-m", "dvgt.train", "--config=train/dvgt1/demo.yaml"]

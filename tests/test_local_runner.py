@@ -7,6 +7,7 @@ The small tests run real processes (python / sh one-liners) in place of the trai
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -268,6 +269,65 @@ def test_ready_demo_manifest_runs_locally_with_overrides(tiny_data_root, tmp_pat
     assert code == 0, out[-3000:]
     assert '"finished": true, "step": 2' in out
     assert (tmp_path / "run" / "ckpts" / "step_00000002" / "manifest.json").is_file()
+
+
+def launcher_process(job: str):
+    """The pid of the pytorch container's main process (python -m dvgt.train.launch) of this job."""
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = (entry / "environ").read_text()
+            cmdline = (entry / "cmdline").read_text().split("\0")
+        except OSError:
+            continue
+        if f"DVGT_JOB_NAME={job}\0" in environ and cmdline[1:3] == ["-m", "dvgt.train.launch"]:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.parametrize("policy, nproc", [("OnFailure", 2), ("ExitCode", 1), ("Never", 1)])
+def test_sigterm_under_each_restart_policy(policy, nproc, tiny_data_root, tmp_path):
+    """Preemption as the kubelet does it: SIGTERM to the main process of the chart's pytorch container
+    (`python -m dvgt.train.launch`, torchrun underneath). Every rank stops after the same step, a
+    final checkpoint is committed and the container exits 143: OnFailure restarts it in its pod and
+    ExitCode as a new pod, each restart resumes from that checkpoint and the job succeeds; Never
+    fails the job, leaving the checkpoint for a resubmitted job to resume from. (Only the signal is
+    simulated; the chart, the launcher, the trainer and the restart policies are the real ones.)"""
+    job, steps = f"preempt-{policy.lower()}", 6
+    rendered = subprocess.run(
+        [str(Path(PY).parent / "helm"), "template", job, str(Path(__file__).resolve().parent.parent / "charts" / "dvgt"),
+         "--set", f"stage=dvgt1-demo,profile=cpu-test,nodes=1,gpusPerNode={nproc},data.pvc=,checkpoint.s3Secret=",
+         "--set", f"restartPolicy={policy},exporter.enabled=false"], capture_output=True, text=True, check=True, timeout=60)
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(rendered.stdout)
+    from conftest import tiny_overrides
+    overrides = tiny_overrides(tiny_data_root, tmp_path / "run", max_epochs=1, limit_train_batches=steps,
+                               limit_val_batches=0)
+    runner = subprocess.Popen(
+        [PY, "-m", "dvgt", "local-run", str(manifest), "--workdir", str(tmp_path / "pods"), "--restart-delay", "0",
+         "--env", "OMP_NUM_THREADS=1", *[item for o in overrides for item in ("--override", o)]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log = tmp_path / "run" / "train_log.jsonl"
+        wait_for(lambda: log.exists() and '"step": 2,' in log.read_text(), 240, "step 2 in the run's log")
+        os.kill(wait_for(lambda: launcher_process(job), 30, "the launcher"), signal.SIGTERM)
+        out, _ = runner.communicate(timeout=400)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    committing = re.findall(r"\[master-0\] SIGTERM: committing a final checkpoint at step (\d+)", out)
+    assert len(committing) == 1, out[-4000:]
+    at = int(committing[0])
+    assert at >= 2 and f'"finished": false, "step": {at}' in out  # rank 0; with 2 ranks both stopped there
+    assert f"master-0: pytorch exited 143" in out
+    assert (tmp_path / "run" / "ckpts" / f"step_{at:08d}" / "manifest.json").is_file()
+    if policy == "Never":
+        assert runner.returncode == 1 and "(restartPolicy Never: not retried)" in out
+        return
+    assert runner.returncode == 0, out[-4000:]
+    assert ("restarting as a new pod" if policy == "ExitCode" else "restarting in 0 s") in out
+    assert f"Resumed from {tmp_path / 'run' / 'ckpts' / f'step_{at:08d}'} at step {at}" in out
+    assert f'"finished": true, "step": {steps}' in out and f"job {job} Succeeded (1 restart(s))" in out
 
 
 # --------------------------------------------------------------------------------------------

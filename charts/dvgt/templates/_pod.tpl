@@ -101,7 +101,7 @@ spec:
     - name: pytorch
       image: {{ include "dvgt.image" (merge (dict "appVersion" .root.Chart.AppVersion) $v.image) }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
-      command: [torchrun]
+      command: [python, -m, dvgt.train.launch]  # torchrun that exits with what the trainer said (143 on SIGTERM): docs/kubernetes.md
       args:
         {{- toYaml $plan.args | nindent 8 }}
       workingDir: /workspace
@@ -156,6 +156,8 @@ spec:
         - name: metrics
           mountPath: {{ $metricsDir }}
         {{- end }}
+        - name: spill  # checkpoint.spill_dir: a final checkpoint the store could not take, uploaded at the next start
+          mountPath: /spill
   volumes:
     - name: dshm
       emptyDir:
@@ -176,4 +178,11 @@ spec:
     - name: metrics
       emptyDir: {}
     {{- end }}
+    - name: spill
+      {{- if $v.checkpoint.spillPvc }}
+      persistentVolumeClaim:
+        claimName: {{ $v.checkpoint.spillPvc }}
+      {{- else }}
+      emptyDir: {}
+      {{- end }}
 {{- end -}}
