@@ -46,7 +46,7 @@ import torch.distributed as dist
 from dvgt.checkpoint.safetensors_stream import (read_safetensors, read_state, safetensors_header, state_tensors,
                                                 write_state)
 from dvgt.checkpoint.storage import (CHECKSUM, HASHERS, InvalidKeyError, LocalStorage, Storage, StorageError,
-                                     check_key, open_storage, with_retries)
+                                     background_priority, check_key, open_storage, with_retries)
 
 MANIFEST = "manifest.json"
 SHARDED_FORMAT = "dcp"  # manifest "format" of FSDP checkpoints (dvgt/checkpoint/dcp.py); absent for DDP's
@@ -461,7 +461,8 @@ class CheckpointManager:
             self.stats.in_flight = True
         self._retrying.clear()
         self._cancel.clear()
-        self._thread = threading.Thread(target=write, name=f"dvgt-checkpoint-{step}", daemon=True)
+        self._thread = threading.Thread(target=lambda: (background_priority(), write()), name=f"dvgt-checkpoint-{step}",
+                                        daemon=True)
         self._thread.start()
         if not (final or self.async_mode == "off"):
             return None

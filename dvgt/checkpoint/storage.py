@@ -20,6 +20,7 @@ import hashlib
 import os
 import random
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -41,6 +42,20 @@ T = TypeVar("T")
 CHECKSUM = "xxh3_128"
 HASHERS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 HASH_CHUNK = 8 * 2**20  # a write is hashed and passed on in chunks, so hashing overlaps the transfer
+
+
+BACKGROUND_NICE = 10  # the niceness of the threads that move checkpoint bytes
+
+
+def background_priority() -> None:
+    """Let the calling thread yield the CPU to the training threads when both want it (Linux: this
+    thread alone gets niceness 10; threads it starts inherit it). A checkpoint's upload then costs
+    the training what it cannot take from idle cycles, not a fair share of every core."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        except OSError:  # not permitted (never for lowering one's own priority): leave it
+            pass
 
 
 class StorageError(OSError):
@@ -482,7 +497,8 @@ class S3Storage(Storage):
         self.part_size = int(options.part_size_mb * 2**20)
         self.concurrency = options.concurrency
         self.client = s3_client(options)
-        self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="dvgt-s3")
+        self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="dvgt-s3",
+                                       initializer=background_priority)
         self.slots = threading.Semaphore(self.concurrency)  # parts in flight, over every writer at once
         self._buffers: List[bytearray] = []  # part buffers of gathered parts, reused
         self._buffers_lock = threading.Lock()
