@@ -7,7 +7,9 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -315,6 +317,19 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in lines)
 
 
+def exit_process(code: int) -> None:
+    """sys.exit(code), unless a background thread of ours (a checkpoint upload that outlived the
+    trainer's wait for it) still runs: a daemon thread caught inside native code while the interpreter
+    shuts down aborts the process ("terminate called without an active exception", exit 134: a
+    needless restart) instead of exiting with `code`. Then the output is flushed and the process ends
+    at once (os._exit), the upload abandoned uncommitted as a killed one would be."""
+    if any(thread.daemon and thread.is_alive() and thread.name.startswith("dvgt-") for thread in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if prog is not None:  # `python -m dvgt.train ...` passes ["train"] and reads the rest from sys.argv
@@ -329,5 +344,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
             raise
         print(f"error: {one_line(error)}", file=sys.stderr)
         code = for_error(error)  # 2, or 203 where a restart can help (dvgt/train/exit_codes.py)
-    sys.exit(code)
+    except Exception:  # a crash: the traceback, then exit 1 the same way as every other outcome
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
 

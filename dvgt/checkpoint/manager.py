@@ -45,8 +45,8 @@ import torch.distributed as dist
 
 from dvgt.checkpoint.safetensors_stream import (read_safetensors, read_state, safetensors_header, state_tensors,
                                                 write_state)
-from dvgt.checkpoint.storage import (CHECKSUM, HASHERS, InvalidKeyError, LocalStorage, Storage, StorageError,
-                                     background_priority, check_key, open_storage, with_retries)
+from dvgt.checkpoint.storage import (CHECKSUM, HASHERS, InvalidKeyError, LocalStorage, ObjectSizeError, Storage,
+                                     StorageError, background_priority, check_key, open_storage, with_retries)
 
 MANIFEST = "manifest.json"
 SHARDED_FORMAT = "dcp"  # manifest "format" of FSDP checkpoints (dvgt/checkpoint/dcp.py); absent for DDP's
@@ -222,7 +222,9 @@ class Checkpoint:
             data = self.storage.read(f"{self.prefix}/{name}", progress=progress, hasher=hasher, size=entry["size"])
         except FileNotFoundError:
             raise CorruptCheckpointError(f"checkpoint {self.uri}: object '{name}' is missing") from None
-        if len(data) != entry["size"] or hasher.hexdigest() != entry[CHECKSUM]:
+        except ObjectSizeError:
+            data = None
+        if data is None or len(data) != entry["size"] or hasher.hexdigest() != entry[CHECKSUM]:
             raise CorruptCheckpointError(f"checkpoint {self.uri}: object '{name}' does not match its manifest "
                                          f"(size or checksum differ): the file is corrupt; resume from an older "
                                          f"checkpoint or start fresh")

@@ -67,6 +67,10 @@ class StorageError(OSError):
         self.retryable = retryable
 
 
+class ObjectSizeError(StorageError):
+    """An object is not of the size its reader was told (a manifest's): truncated or overwritten."""
+
+
 class InvalidKeyError(ValueError):
     """An object key that would reach outside its location."""
 
@@ -171,7 +175,8 @@ class Storage(ABC):
     def read(self, key: str, progress: Progress = None, hasher: Any = None, size: Optional[int] = None) -> bytearray:
         """The whole object, in a buffer the caller owns; `hasher` (an xxhash or hashlib object) is
         fed the bytes in order while they arrive, so verifying costs no second pass. `size`, when the
-        caller knows it (a manifest), saves asking the store."""
+        caller knows it (a manifest), saves asking the store; an object of another size is then an
+        ObjectSizeError (on S3; a local read returns the object as it is)."""
 
     @abstractmethod
     def read_range(self, key: str, offset: int, length: int) -> bytes: ...
@@ -547,9 +552,20 @@ class S3Storage(Storage):
     def open_write(self, key: str, progress: Progress = None, checksum: str = CHECKSUM) -> ObjectWriter:
         return S3Writer(self, key, progress, checksum)
 
-    def _get(self, key: str, start: int, length: int) -> Any:
-        return self.call("read", key, self.client.get_object, Bucket=self.bucket, Key=self.object_key(key),
-                         Range=f"bytes={start}-{start + length - 1}")
+    def _get(self, key: str, start: int, length: int, size: Optional[int] = None) -> Any:
+        """A ranged GET; with `size`, one that shows the object is of another size is an ObjectSizeError."""
+        try:
+            response = self.call("read", key, self.client.get_object, Bucket=self.bucket, Key=self.object_key(key),
+                                 Range=f"bytes={start}-{start + length - 1}")
+        except StorageError as error:
+            if size is not None and "InvalidRange" in str(error):  # the range starts past the object's end
+                raise ObjectSizeError(f"{self.child(key)} is shorter than the {size} bytes expected") from None
+            raise
+        total = response.get("ContentRange", "").rpartition("/")[2]
+        if size is not None and total.isdigit() and int(total) != size:
+            response["Body"].close()
+            raise ObjectSizeError(f"{self.child(key)} is {total} bytes, not the {size} bytes expected")
+        return response
 
     def _read_into(self, key: str, response: Any, view: memoryview) -> None:
         """A GET's body straight into `view` (no intermediate copy of the whole range)."""
@@ -595,7 +611,7 @@ class S3Storage(Storage):
 
         def read_range(offset: int) -> None:
             end = min(offset + part, size)
-            self._read_into(key, self._get(key, offset, end - offset), view[offset:end])
+            self._read_into(key, self._get(key, offset, end - offset, size), view[offset:end])
             hashing.completed(offset, end)
             if progress:
                 progress(end - offset)

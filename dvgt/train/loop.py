@@ -360,9 +360,8 @@ class Trainer:
 
     def read_steps(self) -> List[Dict[str, Any]]:
         """The records of the steps since the last read, with their device values read in one transfer
-        (the only host-device synchronisation of the training loop). Counts skipped steps; a run of
-        optim.max_consecutive_nonfinite of them stops the run with NonFiniteLossError, once each of
-        them is counted in the metrics and the last is logged."""
+        (the only host-device synchronisation of the training loop), and the skipped steps counted
+        (_record_steps then reports them and applies the stop rule)."""
         pending, self._pending = self._pending, []
         if not pending:
             return []
@@ -528,7 +527,7 @@ class Trainer:
                               disable=not (self.dist.is_main and cfg.logging.progress), desc=cfg.exp_name, unit="step",
                               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
         try:
-            while self.epoch < cfg.max_epochs and not preempted:
+            while self.epoch < cfg.max_epochs:
                 sampler.load_state_dict({"epoch": self.epoch, "step": self.step_in_epoch})
                 preempted = self._train_epoch()
                 if preempted:
