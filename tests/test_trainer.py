@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import traceback
@@ -18,6 +19,7 @@ from conftest import free_port, tiny_overrides
 from dvgt.checkpoint.manager import CheckpointManager
 from dvgt.config import load_config
 from dvgt.data.loader import load_clip
+from dvgt.train.checkpoint_cost import CheckpointCost
 from dvgt.train.logger import read_log
 from dvgt.train.loop import CheckpointMismatchError, NonFiniteLossError, Trainer, train
 
@@ -181,6 +183,45 @@ def test_the_training_step_does_not_synchronise_with_the_device(tiny_data_root, 
     assert trainer.step == 9
     assert len(counted) == 4 and all(call.startswith("tolist at train/loop.py") and "(read_steps)" in call
                                      for call in counted), counted
+
+
+EXIT_WITH_A_SAVE_RUNNING = """
+import sys, threading, time, torch
+from dvgt.cli import exit_process
+def upload():  # a checkpoint thread still inside native code (torch) when the process ends
+    a = torch.randn(1000, 1000)
+    while True:
+        a = (a @ a).tanh_()
+threading.Thread(target=upload, name="dvgt-checkpoint-7", daemon=True).start()
+time.sleep(0.3)
+exit_process(143) if sys.argv[1] == "dvgt" else sys.exit(143)
+"""
+
+
+def test_an_exit_with_a_checkpoint_thread_still_running_is_not_an_abort():
+    """The exit-time abort ("terminate called without an active exception", exit 134: a needless
+    restart) comes from a daemon thread caught inside native code while the interpreter shuts down,
+    as a checkpoint thread is when a run ends before its upload does (preempted past its budget, or
+    stopped by an error): plain sys.exit aborts, the CLI's exit keeps the exit code."""
+    def run(how: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", EXIT_WITH_A_SAVE_RUNNING, how], capture_output=True, text=True,
+                              timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    plain = run("plain")
+    assert plain.returncode == -signal.SIGABRT and "terminate called without an active exception" in plain.stderr
+    ours = run("dvgt")
+    assert ours.returncode == 143 and "terminate" not in ours.stderr
+
+
+def test_checkpoint_cost_is_the_extra_time_of_the_steps_a_save_overlaps():
+    cost = CheckpointCost(window=4)
+    for step_time in (1.0, 1.2, 0.8, 1.0, 9.0):  # the median of the last 4 quiet steps is 1.0 (9.0 is not one of them)
+        cost.observe(step_time, saving=step_time == 9.0)
+    cost.observe(1.5, saving=True)
+    assert cost.finish() == pytest.approx(8.0 + 0.5) and cost.finish() == 0.0  # then it starts over
+    cost.observe(0.9, saving=True)  # a save that overlapped only a step faster than usual costs nothing
+    assert cost.finish() == 0.0
+    cost.add(0.25)  # saved between epochs, outside any step
+    assert cost.finish() == 0.25
 
 
 def test_frozen_modules_stay_unchanged(tiny_data_root, tmp_path):

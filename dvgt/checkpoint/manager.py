@@ -105,11 +105,11 @@ class HostStaging:
     def __init__(self) -> None:
         self._buffers: Dict[str, torch.Tensor] = {}
 
-    def _buffer(self, key: str, like: torch.Tensor, shape: Any, dtype: torch.dtype, spare: int = 0) -> torch.Tensor:
+    def _buffer(self, key: str, pinned: bool, shape: Any, dtype: torch.dtype, spare: int = 0) -> torch.Tensor:
         buffer = self._buffers.get(key)
         numel = int(np.prod(shape)) if len(shape) else 1
         if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
-            buffer = torch.empty(numel + spare, dtype=dtype, pin_memory=like.is_cuda)
+            buffer = torch.empty(numel + spare, dtype=dtype, pin_memory=pinned)
             self._buffers[key] = buffer
         return buffer[:numel].view(shape)
 
@@ -117,9 +117,9 @@ class HostStaging:
         """The safetensors file of `tensors` in a host buffer; call `synchronize` before reading it."""
         prefix, spans = safetensors_header(tensors, metadata)
         size = spans[-1][2] if spans else len(prefix)
-        source = next(iter(tensors.values()), torch.empty(0))
+        pinned = any(tensor.is_cuda for tensor in tensors.values())
         # Spare room: the header's JSON (an optimizer's plain values) may grow a little between saves.
-        buffer = self._buffer(name, source, (size,), torch.uint8, spare=2**16)
+        buffer = self._buffer(name, pinned, (size,), torch.uint8, spare=2**16)
         buffer[:len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
         for key, begin, end in spans:
             tensor = tensors[key].detach()
@@ -130,7 +130,7 @@ class HostStaging:
     def copy(self, tree: Any, path: str = "") -> Any:
         """The tree with every tensor replaced by its host copy; call `synchronize` before reading them."""
         if torch.is_tensor(tree):
-            buffer = self._buffer(path, tree, tuple(tree.shape), tree.dtype)
+            buffer = self._buffer(path, tree.is_cuda, tuple(tree.shape), tree.dtype)
             buffer.copy_(tree.detach(), non_blocking=tree.is_cuda)
             return buffer
         if isinstance(tree, dict):

@@ -41,7 +41,7 @@ T = TypeVar("T")
 # objects neither helps (they can rewrite the manifest beside them): that is the bucket policy's job.
 CHECKSUM = "xxh3_128"
 HASHERS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
-HASH_CHUNK = 8 * 2**20  # a write is hashed and passed on in chunks, so hashing overlaps the transfer
+HASH_CHUNK = 8 * 2**20  # a local write is hashed and passed on in chunks of this size (S3: in parts)
 
 
 BACKGROUND_NICE = 10  # the niceness of the threads that move checkpoint bytes
@@ -129,17 +129,14 @@ class ObjectWriter(ABC):
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        for start in range(0, len(view), HASH_CHUNK):
-            chunk = view[start:start + HASH_CHUNK]
-            self._hasher.update(chunk)
-            self.size += len(chunk)
-            try:
-                self._write(chunk)
-            except BaseException as error:
-                self.error = self.error or error
-                raise
-            if self._progress:
-                self._progress(len(chunk))
+        try:
+            self._write(view)
+        except BaseException as error:
+            self.error = self.error or error
+            raise
+        self.size += len(view)
+        if self._progress:
+            self._progress(len(view))
         return len(view)
 
     def flush(self) -> None:  # file-like
@@ -147,7 +144,8 @@ class ObjectWriter(ABC):
 
     @abstractmethod
     def _write(self, view: memoryview) -> None:
-        """Store the bytes (already hashed)."""
+        """Store the bytes, passing each piece to self._hasher (in order) just before it goes on, so
+        that hashing overlaps the transfer."""
 
     @abstractmethod
     def commit(self) -> None: ...
@@ -228,7 +226,10 @@ class LocalWriter(ObjectWriter):
         self._file = open(self._tmp, "wb")
 
     def _write(self, view: memoryview) -> None:
-        self._file.write(view)
+        for start in range(0, len(view), HASH_CHUNK):
+            chunk = view[start:start + HASH_CHUNK]
+            self._hasher.update(chunk)
+            self._file.write(chunk)
 
     def commit(self) -> None:
         self._file.flush()
@@ -390,6 +391,7 @@ class S3Writer(ObjectWriter):
     def _write(self, view: memoryview) -> None:
         while len(view):
             take = min(len(view), self.s3.part_size - self._gathered)
+            self._hasher.update(view[:take])
             self._pieces.append(view[:take])
             self._gathered += take
             view = view[take:]
