@@ -42,6 +42,7 @@ T = TypeVar("T")
 CHECKSUM = "xxh3_128"
 HASHERS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 HASH_CHUNK = 8 * 2**20  # a local write is hashed and passed on in chunks of this size (S3: in parts)
+READ_CHUNK = 4 * 2**20  # an S3 range is read into its place in chunks of this size
 
 
 BACKGROUND_NICE = 10  # the niceness of the threads that move checkpoint bytes
@@ -570,15 +571,17 @@ class S3Storage(Storage):
         return response
 
     def _read_into(self, key: str, response: Any, view: memoryview) -> None:
-        """A GET's body straight into `view` (no intermediate copy of the whole range)."""
+        """A GET's body into `view`, READ_CHUNK at a time (no copy of the whole range in between), and
+        on to its end, so that the connection goes back to the pool for the next request."""
         body, filled = response["Body"], 0
         try:
             while filled < len(view):
-                count = body.readinto(view[filled:])
+                count = body.readinto(view[filled:filled + READ_CHUNK])
                 if not count:
                     raise StorageError(f"read {self.child(key)}: the server sent {filled} of {len(view)} bytes",
                                        retryable=True)
                 filled += count
+            body.readinto(bytearray(1))  # the end of the body: the connection is released for reuse
         except StorageError:
             raise
         except Exception as error:  # noqa: BLE001 - a connection broken mid-body

@@ -45,7 +45,6 @@ class Series:
     help: str
     text: str  # 'name{labels}' of a counter or gauge sample; 'name{labels' (no le, no brace) of a histogram's
     bucket: Optional[float]  # a histogram bucket's upper bound (None: not a bucket)
-    sample: str  # the sample name (dvgt_images_total, dvgt_step_duration_seconds_sum, ...)
 
 
 def parse_series(key: str, kind: str) -> Series:
@@ -55,9 +54,9 @@ def parse_series(key: str, kind: str) -> Series:
         bucket = next((float(value) for name, value in labels if name == "le"), None)
         rest = _labels_text([(n, v) for n, v in labels if n != "le"])
         return Series(family, kind, help_text, f"{family}{{{rest}" if sample.endswith("_bucket") else
-                      f"{sample}{{{rest}}}" if rest else sample, bucket, sample)
+                      f"{sample}{{{rest}}}" if rest else sample, bucket)
     text = _labels_text(labels)
-    return Series(family, kind, help_text, f"{sample}{{{text}}}" if text else sample, None, sample)
+    return Series(family, kind, help_text, f"{sample}{{{text}}}" if text else sample, None)
 
 
 class MetricFiles:
