@@ -71,11 +71,11 @@ def ls(uri: str, spill: Optional[str] = None) -> List[str]:
         manager.spill = LocalStorage(spill)
         lines += [row(checkpoint, f"{checkpoint.uri} (spilled: uploaded at the next start)")
                   for checkpoint in manager.spilled()]
+    if len(lines) == 1:
+        lines.append("no committed checkpoints")
     leftovers = sorted(set(manager.step_dirs()) - set(committed))
     if leftovers:
         lines.append(f"uncommitted (no manifest, not checkpoints): steps {leftovers}")
-    if len(lines) == 1:
-        lines.append("no committed checkpoints")
     return lines
 
 
