@@ -317,13 +317,15 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in lines)
 
 
-def exit_process(code: int) -> None:
-    """sys.exit(code), unless a background thread of ours (a checkpoint upload that outlived the
-    trainer's wait for it) still runs: a daemon thread caught inside native code while the interpreter
-    shuts down aborts the process ("terminate called without an active exception", exit 134: a
-    needless restart) instead of exiting with `code`. Then the output is flushed and the process ends
-    at once (os._exit), the upload abandoned uncommitted as a killed one would be."""
-    if any(thread.daemon and thread.is_alive() and thread.name.startswith("dvgt-") for thread in threading.enumerate()):
+def exit_process(code: int, program: bool = True) -> None:
+    """sys.exit(code), unless this is the program (not a caller of main() such as a test) and a
+    background thread of ours (a checkpoint upload that outlived the trainer's wait for it) still
+    runs: a daemon thread caught inside native code while the interpreter shuts down aborts the
+    process ("terminate called without an active exception", exit 134: a needless restart) instead of
+    exiting with `code`. Then the output is flushed and the process ends at once (os._exit), the
+    upload abandoned uncommitted as a killed one would be."""
+    if program and any(thread.daemon and thread.is_alive() and thread.name.startswith("dvgt-")
+                       for thread in threading.enumerate()):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -331,6 +333,7 @@ def exit_process(code: int) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    program = argv is None or prog is not None  # the `dvgt` command or `python -m dvgt.train`, not a caller
     argv = list(sys.argv[1:] if argv is None else argv)
     if prog is not None:  # `python -m dvgt.train ...` passes ["train"] and reads the rest from sys.argv
         argv = argv + sys.argv[1:]
@@ -347,5 +350,5 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     except Exception:  # a crash: the traceback, then exit 1 the same way as every other outcome
         traceback.print_exc()
         code = 1
-    exit_process(code)
+    exit_process(code, program)
 
