@@ -47,7 +47,6 @@ from torch.futures import Future
 from dvgt.checkpoint.manager import (SHARDED_FORMAT, Checkpoint, CheckpointEvent, CheckpointManager,
                                      CorruptCheckpointError, one_thread, rng_key, rng_state, serialised_state, step_dir)
 from dvgt.checkpoint.safetensors_stream import DTYPE_OF, DTYPES
-from dvgt.checkpoint.storage import Storage, with_retries
 
 METADATA = "dcp/metadata.json"
 
