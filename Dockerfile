@@ -1,7 +1,8 @@
 # The trainer image: torchrun, the dvgt package and its stage configs on CUDA, with the torch the project
 # tests (2.13.0, CUDA build). Non-root (UID 10001); the chart runs it with a read-only root filesystem.
 #   make image            (or: docker build -t REGISTRY/dvgt/trainer:0.1.0 .)
-# The chart runs `torchrun --nproc-per-node=N -m dvgt.train --config=...` in /workspace.
+# The chart runs `python -m dvgt.train.launch --nproc-per-node=N -m dvgt.train --config=...` (torchrun whose exit
+# code tells a restart policy the truth: 143 on SIGTERM) in /workspace.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
@@ -40,5 +41,5 @@ RUN pip install . \
 USER 10001:10001
 ENV HOME=/tmp
 WORKDIR /workspace
-ENTRYPOINT ["torchrun"]
+ENTRYPOINT ["python", "-m", "dvgt.train.launch"]
 CMD ["--nproc-per-node=1", "-m", "dvgt.train", "--config=train/dvgt1/demo.yaml"]

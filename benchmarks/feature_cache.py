@@ -92,6 +92,7 @@ def step_time(cfg, steps: int) -> float:
         for _ in range(steps):
             started = time.perf_counter()
             trainer.train_step(batch)
+            trainer.read_steps()  # waits for the device (the step itself does not)
             times.append(time.perf_counter() - started)
         return statistics.median(times)
     finally:

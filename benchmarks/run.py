@@ -40,6 +40,7 @@ def median_step_time(data_root: Path, run_dir: Path, size: str, steps: int, **ov
     for _ in range(steps):
         started = time.perf_counter()
         trainer.train_step(batch)
+        trainer.read_steps()  # waits for the device (the step itself does not)
         times.append(time.perf_counter() - started)
     trainer.close()
     return statistics.median(times)

@@ -7,7 +7,9 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,18 +22,17 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
 
 
-# 128 + SIGTERM: the Training Operator's ExitCode restart policy retries exit codes 128-255.
-PREEMPTED_EXIT_CODE = 143
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from dvgt.train import exit_codes
     from dvgt.train.loop import train
 
     cfg = load_config(args.config, args.overrides, debug=args.debug)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"finished": not result["preempted"], **result}))
-    return PREEMPTED_EXIT_CODE if result["preempted"] else 0
+    if result["preempted"]:
+        return exit_codes.PREEMPTED
+    return exit_codes.TEMPORARY if result["spilled"] else exit_codes.FINISHED
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
@@ -128,7 +129,7 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
 
     ok = True
     if args.ckpt_command == "ls":
-        lines = tools.ls(args.uri)
+        lines = tools.ls(args.uri, spill=args.spill)
     elif args.ckpt_command == "show":
         lines = tools.show(args.uri)
     elif args.ckpt_command == "verify":
@@ -237,14 +238,16 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     ckpt = sub.add_parser("ckpt", help="list, inspect, verify, export and prune checkpoints (local or s3://)")
     ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True)
     where = "checkpoint location (a folder, file:// or s3://bucket/prefix), or one checkpoint: <location>/step_NNNNNNNN"
-    for name, text in (("ls", "committed checkpoints: step, size, age"),
+    for name, text in (("ls", "committed checkpoints: step, size, age, where (unreadable ones marked)"),
                        ("show", "one checkpoint (default: the newest): manifest, objects, model, config"),
-                       ("verify", "check every object's sha256 and xxh3_128 (exit code 1 names the bad objects)"),
+                       ("verify", "check every object's size and xxh3_128 (exit code 1 names the bad objects)"),
                        ("export", "one model.safetensors plus config.yaml, to a folder or URI"),
                        ("prune", "keep the newest K committed checkpoints; remove uncommitted leftovers")):
         command = ckpt_sub.add_parser(name, help=text)
         command.add_argument("uri", help=where)
         command.set_defaults(func=cmd_ckpt)
+    ckpt_sub.choices["ls"].add_argument("--spill", metavar="DIR", help="also list checkpoints spilled to this local "
+                                         "folder (the trainer's checkpoint.spill_dir) for this location")
     ckpt_sub.choices["verify"].add_argument("--all", action="store_true", help="every committed checkpoint")
     ckpt_sub.choices["export"].add_argument("--out", required=True, help="destination folder or URI")
     ckpt_sub.choices["prune"].add_argument("--keep", type=int, required=True, help="committed checkpoints to keep")
@@ -296,7 +299,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
     exporter = sub.add_parser("exporter", help="serve the trainer's Prometheus metrics and per-GPU NVML readings")
     exporter.add_argument("--port", type=int, default=9400)
-    exporter.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1: this machine only)")
+    exporter.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only; "
+                          "the chart's sidecar listens on the pod's interfaces)")
     exporter.add_argument("--dir", default=os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
                           help="the trainer's metrics folder (default: $PROMETHEUS_MULTIPROC_DIR)")
     exporter.add_argument("--job", default=None, help="dvgt_job label of the GPU series (default: $DVGT_JOB_NAME)")
@@ -332,7 +336,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
-# Errors a user can fix: reported as one line, without a traceback (DVGT_TRACEBACK=1 shows it).
+# Errors reported as one line, without a traceback (DVGT_TRACEBACK=1 shows it); any other is a crash (exit 1).
 USER_ERRORS = (ConfigError, OSError, NotImplementedError, ValueError, RuntimeError)
 
 
@@ -345,7 +349,23 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in lines)
 
 
+def exit_process(code: int, program: bool = True) -> None:
+    """sys.exit(code), unless this is the program (not a caller of main() such as a test) and a
+    background thread of ours (a checkpoint upload that outlived the trainer's wait for it) still
+    runs: a daemon thread caught inside native code while the interpreter shuts down aborts the
+    process ("terminate called without an active exception", exit 134: a needless restart) instead of
+    exiting with `code`. Then the output is flushed and the process ends at once (os._exit), the
+    upload abandoned uncommitted as a killed one would be."""
+    if program and any(thread.daemon and thread.is_alive() and thread.name.startswith("dvgt-")
+                       for thread in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    program = argv is None or prog is not None  # the `dvgt` command or `python -m dvgt.train`, not a caller
     argv = list(sys.argv[1:] if argv is None else argv)
     if prog is not None:  # `python -m dvgt.train ...` passes ["train"] and reads the rest from sys.argv
         argv = argv + sys.argv[1:]
@@ -353,9 +373,14 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     try:
         code = args.func(args)
     except USER_ERRORS as error:
+        from dvgt.train.exit_codes import for_error
+
         if os.environ.get("DVGT_TRACEBACK"):
             raise
         print(f"error: {one_line(error)}", file=sys.stderr)
-        code = 2
-    sys.exit(code)
+        code = for_error(error)  # 2, or 203 where a restart can help (dvgt/train/exit_codes.py)
+    except Exception:  # a crash: the traceback, then exit 1 the same way as every other outcome
+        traceback.print_exc()
+        code = 1
+    exit_process(code, program)
 

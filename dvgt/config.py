@@ -209,13 +209,15 @@ class CheckpointConfig:
     strict: bool = False  # strict key matching for the pretrained weights above
     async_mode: str = "wait"  # a save requested while one uploads: wait | skip; off: every save blocks until committed
     preemption_budget_s: float = 120.0  # on SIGTERM: seconds to commit a final checkpoint (< terminationGracePeriodSeconds)
+    retry_budget_s: float = 300.0  # a save retries a transient storage failure this long (the final one, then it spills)
+    spill_dir: Optional[str] = "${logging.log_dir}/spill"  # a final checkpoint the store cannot take goes here, uploaded at the next start (S3 only; null = none)
     s3: S3Config = field(default_factory=S3Config)
 
 
 @dataclass
 class LoggingConfig:
     log_dir: str = "runs/${exp_name}"  # train_log.jsonl (and tensorboard/) go here
-    log_freq: int = 10  # log every N optimizer steps
+    log_freq: int = 10  # log every N optimizer steps (the host reads losses off the device then, not every step)
     tensorboard: bool = False  # also write TensorBoard event files
     progress: bool = True  # progress bar on rank 0
     metrics: bool = True  # Prometheus metrics of every rank into $PROMETHEUS_MULTIPROC_DIR, else <log_dir>/metrics (docs/metrics.md)
@@ -438,6 +440,8 @@ def validate(cfg: DictConfig) -> None:
                f"training mix has several orders ({orders}); finetune with ego status on one command order at a time")
     ck = cfg.checkpoint
     _check(ck.async_mode in ("wait", "skip", "off"), f"checkpoint.async_mode must be wait, skip or off, got '{ck.async_mode}'")
+    _check(ck.retry_budget_s >= 0 and ck.preemption_budget_s >= 0,
+           "checkpoint.retry_budget_s and checkpoint.preemption_budget_s must be >= 0 seconds")
     _check(ck.s3.addressing_style in ("auto", "path", "virtual"),
            f"checkpoint.s3.addressing_style must be auto, path or virtual, got '{ck.s3.addressing_style}'")
     _check(ck.s3.retry_mode in ("standard", "adaptive"),

@@ -137,6 +137,13 @@ class SeaweedS3:
                 self.process.wait()
         self.process = None
 
+    def kill(self) -> None:
+        """An outage: the server dies at once (SIGKILL), its data stays for the next start()."""
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+
     def restart(self) -> None:
         self.stop()
         self.start()

@@ -103,9 +103,10 @@ def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, l
     assert worker["spec"] == master["spec"]  # the replicas differ only by their component label
     assert pss.violations(master["spec"], master["metadata"], "restricted") == []  # Pod Security Standard `restricted`
 
-    # torchrun on the stage's config; its overrides parse against that config
+    # torchrun (through the launcher that keeps the trainer's exit code) on the stage's config; its
+    # overrides parse against that config
     container = trainer(pods_of(job)["Master"])
-    assert container["command"] == ["torchrun"]
+    assert container["command"] == ["python", "-m", "dvgt.train.launch"]
     args = container["args"]
     assert args[:5] == ["--nproc-per-node=8", "--shutdown-timeout=120", "-m", "dvgt.train",
                         f"--config={CATALOG.stages[stage].config}"]  # torchrun waits the preemption budget
@@ -115,6 +116,9 @@ def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, l
     assert cfg.accum_steps == expected_accum
     assert cfg.max_img_per_gpu == CATALOG.stages[stage].images_per_step  # images per step kept
     assert cfg.checkpoint.uri == "s3://dvgt-checkpoints/dvgt-test"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pods_of(job)["Master"]["spec"]["volumes"]}
+    assert cfg.checkpoint.spill_dir == mounts["spill"] == "/spill" and volumes["spill"] == {"name": "spill", "emptyDir": {}}
     if profile == "cpu-test":
         assert (cfg.device, cfg.distributed.backend, cfg.model.size) == ("cpu", "gloo", "tiny")
         assert "nvidia.com/gpu" not in container["resources"]["limits"]
@@ -193,6 +197,7 @@ def expected_resources(profile: str, processes: int, **given) -> dict:
     ({"nccl.env.HF_TOKEN": "abc"}, "invalid propertyName 'HF_TOKEN'"),
     ({"checkpoint.uri": "s3://key:secret@host/bucket"}, "at '/checkpoint/uri'"),
     ({"restartPolicy": "Sometimes"}, "at '/restartPolicy': value must be one of"),
+    ({"restartPolicy": "Always"}, "at '/restartPolicy': value must be one of"),  # a finished pod would restart forever
 ])
 def test_schema_refuses_bad_values_with_a_message_naming_them(values, message):
     result = helm("template", "x", str(CHART), *set_args(values))
@@ -238,7 +243,8 @@ def test_job_policies_and_placement_reach_the_job():
                      "scheduling.minAvailable": 4, "scheduling.queue": "research", "priorityClassName": "high",
                      "scheduling.kueueQueue": "team-a", "nodeSelector.gpu": "a100", "tolerations[0].key": "gpu",
                      "tolerations[0].operator": "Exists", "checkpoint.preemptionBudgetSeconds": 300,
-                     "checkpoint.terminationMarginSeconds": 20, "data.pvc": "", "data.hostPath": "/mnt/dvgt",
+                     "checkpoint.terminationMarginSeconds": 20, "checkpoint.spillPvc": "spill-claim",
+                     "data.pvc": "", "data.hostPath": "/mnt/dvgt",
                      "imagesPerStep": 24, "overrides[0]": "optim.lr=1e-5", "rbac.create": "true"})
     job = job_of(docs)
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
@@ -253,6 +259,7 @@ def test_job_policies_and_placement_reach_the_job():
     assert pod["terminationGracePeriodSeconds"] == 320 and pod["priorityClassName"] == "high"
     assert pod["nodeSelector"] == {"gpu": "a100"} and pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
     assert {"name": "data", "hostPath": {"path": "/mnt/dvgt", "type": "Directory"}} in pod["volumes"]
+    assert {"name": "spill", "persistentVolumeClaim": {"claimName": "spill-claim"}} in pod["volumes"]  # kept by a new pod
     args = trainer(replicas["Worker"]["template"])["args"]
     assert args[0] == "--nproc-per-node=4"
     assert "checkpoint.preemption_budget_s=300" in args and args[-1] == "optim.lr=1e-5"

@@ -32,7 +32,7 @@ def test_images_run_as_the_pods_non_root_user():
     for dockerfile in DOCKERFILES:
         users = [line.split()[1] for line in dockerfile.read_text().splitlines() if line.startswith("USER ")]
         assert users[-1] == f"{pod['runAsUser']}:{pod['runAsGroup']}", dockerfile  # the chart's runAsUser / runAsGroup
-    assert 'ENTRYPOINT ["torchrun"]' in DOCKERFILES[0].read_text()
+    assert 'ENTRYPOINT ["python", "-m", "dvgt.train.launch"]' in DOCKERFILES[0].read_text()  # the chart's command too
     assert "install.sh" in DOCKERFILES[1].read_text()
 
 

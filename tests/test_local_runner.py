@@ -7,6 +7,7 @@ The small tests run real processes (python / sh one-liners) in place of the trai
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -270,6 +271,65 @@ def test_ready_demo_manifest_runs_locally_with_overrides(tiny_data_root, tmp_pat
     assert (tmp_path / "run" / "ckpts" / "step_00000002" / "manifest.json").is_file()
 
 
+def launcher_process(job: str):
+    """The pid of the pytorch container's main process (python -m dvgt.train.launch) of this job."""
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = (entry / "environ").read_text()
+            cmdline = (entry / "cmdline").read_text().split("\0")
+        except OSError:
+            continue
+        if f"DVGT_JOB_NAME={job}\0" in environ and cmdline[1:3] == ["-m", "dvgt.train.launch"]:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.parametrize("policy, nproc", [("OnFailure", 2), ("ExitCode", 1), ("Never", 1)])
+def test_sigterm_under_each_restart_policy(policy, nproc, tiny_data_root, tmp_path):
+    """Preemption as the kubelet does it: SIGTERM to the main process of the chart's pytorch container
+    (`python -m dvgt.train.launch`, torchrun underneath). Every rank stops after the same step, a
+    final checkpoint is committed and the container exits 143: OnFailure restarts it in its pod and
+    ExitCode as a new pod, each restart resumes from that checkpoint and the job succeeds; Never
+    fails the job, leaving the checkpoint for a resubmitted job to resume from. (Only the signal is
+    simulated; the chart, the launcher, the trainer and the restart policies are the real ones.)"""
+    job, steps = f"preempt-{policy.lower()}", 6
+    rendered = subprocess.run(
+        [str(Path(PY).parent / "helm"), "template", job, str(Path(__file__).resolve().parent.parent / "charts" / "dvgt"),
+         "--set", f"stage=dvgt1-demo,profile=cpu-test,nodes=1,gpusPerNode={nproc},data.pvc=,checkpoint.s3Secret=",
+         "--set", f"restartPolicy={policy},exporter.enabled=false"], capture_output=True, text=True, check=True, timeout=60)
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(rendered.stdout)
+    from conftest import tiny_overrides
+    overrides = tiny_overrides(tiny_data_root, tmp_path / "run", max_epochs=1, limit_train_batches=steps,
+                               limit_val_batches=0)
+    runner = subprocess.Popen(
+        [PY, "-m", "dvgt", "local-run", str(manifest), "--workdir", str(tmp_path / "pods"), "--restart-delay", "0",
+         "--env", "OMP_NUM_THREADS=1", *[item for o in overrides for item in ("--override", o)]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log = tmp_path / "run" / "train_log.jsonl"
+        wait_for(lambda: log.exists() and '"step": 2,' in log.read_text(), 240, "step 2 in the run's log")
+        os.kill(wait_for(lambda: launcher_process(job), 30, "the launcher"), signal.SIGTERM)
+        out, _ = runner.communicate(timeout=400)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    committing = re.findall(r"\[master-0\] SIGTERM: committing a final checkpoint at step (\d+)", out)
+    assert len(committing) == 1, out[-4000:]
+    at = int(committing[0])
+    assert at >= 2 and f'"finished": false, "step": {at}' in out  # rank 0; with 2 ranks both stopped there
+    assert f"master-0: pytorch exited 143" in out
+    assert (tmp_path / "run" / "ckpts" / f"step_{at:08d}" / "manifest.json").is_file()
+    if policy == "Never":
+        assert runner.returncode == 1 and "(restartPolicy Never: not retried)" in out
+        return
+    assert runner.returncode == 0, out[-4000:]
+    assert ("restarting as a new pod" if policy == "ExitCode" else "restarting in 0 s") in out
+    assert f"Resumed from {tmp_path / 'run' / 'ckpts' / f'step_{at:08d}'} at step {at}" in out
+    assert f'"finished": true, "step": {steps}' in out and f"job {job} Succeeded (1 restart(s))" in out
+
+
 # --------------------------------------------------------------------------------------------
 # End to end: the chart's job, two pods x two CPU processes, S3 checkpoints, Prometheus, a kill
 # --------------------------------------------------------------------------------------------
@@ -298,8 +358,9 @@ def trainer_process(job: str, rank: int):
 def test_chart_job_runs_locally_survives_a_killed_worker_and_is_scraped(tiny_data_root, tmp_path, seaweedfs):
     """cpu-test profile, 2 pods x 2 processes, checkpoints every 2 steps to SeaweedFS, each pod's
     exporter scraped by Prometheus; once a checkpoint is committed, worker-0's second process is
-    SIGKILLed: both pods restart (the master's ranks lose their peer), resume from the newest
-    committed checkpoint and finish; Prometheus holds step times from both nodes."""
+    SIGKILLed: both pods restart (worker-0's launcher passes on 137, the master's ranks lose their peer
+    and exit 203), resume from the newest committed checkpoint and finish; Prometheus holds step times
+    from both nodes."""
     job, steps = f"e2e{os.getpid()}", 12
     bucket = seaweedfs.make_bucket("dvgt-e2e")
     rendered = subprocess.run(
@@ -343,8 +404,8 @@ def test_chart_job_runs_locally_survives_a_killed_worker_and_is_scraped(tiny_dat
         out, _ = runner.communicate(timeout=400)
         assert runner.returncode == 0, out[-4000:]
 
-        assert "[local-run] worker-0: pytorch exited 1; restarting" in out
-        assert "[local-run] master-0: pytorch exited 1; restarting" in out  # its ranks lost their peer
+        assert "[local-run] worker-0: pytorch exited 137; restarting" in out  # its killed rank's SIGKILL
+        assert "[local-run] master-0: pytorch exited 203; restarting" in out  # its ranks lost their peer: temporary
         assert f"[local-run] job {job} Succeeded" in out
         resumed = [line for line in log_lines(out, "master-0") if line.startswith("Resumed from ")]
         assert resumed and resumed[0].startswith(f"Resumed from s3://{bucket}/{job}/step_")

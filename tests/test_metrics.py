@@ -6,14 +6,17 @@ demo serving its metrics while it trains."""
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -325,6 +328,7 @@ m = TrainingMetrics(sys.argv[1], {"dvgt_job": "j", "stage": "s", "node_rank": "0
 m.checkpoint_event({"kind": "checkpoint", "step": 10, "outcome": "ok", "blocked_s": 0.5, "upload_s": 12.0, "bytes": 4096})
 m.checkpoint_event({"kind": "checkpoint", "step": 20, "outcome": "skipped"})
 m.checkpoint_event({"kind": "checkpoint", "step": 30, "outcome": "failed", "blocked_s": 0.25, "upload_s": None})
+m.checkpoint_event({"kind": "checkpoint", "step": 40, "outcome": "spilled", "blocked_s": 0.25, "cost_s": 1.5})
 try:
     m.checkpoint_event({"step": 40, "outcome": "lost"})
 except ValueError as error:
@@ -332,16 +336,86 @@ except ValueError as error:
 """
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=CLEAN_ENV, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "checkpoint outcome 'lost' is not one of ok, failed, skipped" in out.stdout
+    assert "checkpoint outcome 'lost' is not one of ok, failed, skipped, spilled" in out.stdout
     values = {(s.name, s.labels.get("outcome")): s.value
               for m in MultiProcessCollector.merge([str(p) for p in (tmp_path / "metrics").glob("*.db")])
               for s in m.samples}
     assert values[("dvgt_checkpoint_saves_total", "ok")] == 1
     assert values[("dvgt_checkpoint_saves_total", "skipped")] == 1
     assert values[("dvgt_checkpoint_saves_total", "failed")] == 1
+    assert values[("dvgt_checkpoint_saves_total", "spilled")] == 1
+    assert values[("dvgt_checkpoint_cost_seconds", None)] == 1.5
     assert values[("dvgt_checkpoint_blocked_seconds", None)] == 0.25  # the last save's
     assert values[("dvgt_checkpoint_upload_seconds", None)] == 12.0  # the failed save reported none
     assert values[("dvgt_checkpoint_size_bytes", None)] == 4096
+
+
+WRITER = """
+import sys, time
+from dvgt.metrics.training import TrainingMetrics
+node, local, step = sys.argv[2], sys.argv[3], int(sys.argv[4])
+m = TrainingMetrics(sys.argv[1], {"dvgt_job": "j", "stage": "s", "node_rank": node, "local_rank": local})
+for k in range(step):
+    m.observe_step({"step": k + 1, "step_time": 0.3 * (k + 1), "data_time": 0.01, "images": 8, "lr": 1e-4 * k,
+                    "skipped": k == 2, "loss/objective": 1.0 / (k + 1), "grad_norm/aggregator": 2.0 + k})
+m.checkpoint_event({"outcome": "ok", "blocked_s": 0.5, "upload_s": 3.0, "cost_s": 0.7, "bytes": 2 ** 33})
+"""
+
+
+def test_fast_exposition_gives_the_librarys_samples_and_shares_renders_between_concurrent_scrapes(tmp_path):
+    """The exporter's merge (dvgt/metrics/exposition.py) against prometheus-client's own on the same
+    files: three ranks' writers, and the files of one of them once more under another pid (two processes
+    with the same labels: counters and histograms add up, one gauge value wins), then a file of a kind
+    only the library merges. Then 16 scrapes at once: every answer
+    is complete and current, and they cost far fewer renders than scrapes."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+    from prometheus_client.exposition import ThreadingWSGIServer
+    from dvgt.metrics.exposition import MetricFiles, wsgi_metrics
+
+    folder = tmp_path / "metrics"
+    env = {**CLEAN_ENV, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), node, local, str(steps)], env=env)
+               for node, local, steps in (("0", "0", 4), ("0", "1", 2), ("1", "0", 5))]
+    assert [writer.wait(timeout=60) for writer in writers] == [0, 0, 0]
+    for path in folder.glob(f"*_{writers[2].pid}.db"):
+        shutil.copy(path, path.with_name(path.name.replace(str(writers[2].pid), "999999")))
+
+    def library() -> str:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(folder))
+        return generate_latest(registry).decode()
+
+    def parsed(text: str) -> tuple:
+        families = list(text_string_to_metric_families(text))
+        return (sorted((f.name, f.type, f.documentation) for f in families),
+                sorted((s.name, tuple(sorted(s.labels.items())), s.value) for f in families for s in f.samples))
+
+    files = MetricFiles(str(folder))
+    ours = files.render().decode()
+    assert parsed(ours) == parsed(library())
+    assert samples(ours, "dvgt_images_total", node_rank="1") == [80]  # 2 x 5 steps of 8 images, one series
+    assert samples(ours, "dvgt_step_duration_seconds_count", node_rank="1") == [10]
+    assert subprocess.run(["promtool", "check", "metrics"], input=ours, capture_output=True, text=True).returncode == 0
+    MmapedDict(str(folder / "gauge_all_4242.db")).write_value(mmap_key("other_gauge", "other_gauge", ["a"], ["b"], "o"),
+                                                             2.5, 1.0)
+    assert parsed(files.render().decode()) == parsed(library())  # a kind it does not merge: the library's way
+
+    renders = []
+    render = files.render
+    files.render = lambda: (renders.append(1), time.sleep(0.05), render())[-1]  # a slow render, to overlap scrapes
+    port = free_port()
+    server = make_server("127.0.0.1", port, wsgi_metrics(files), ThreadingWSGIServer, handler_class=type(
+        "Quiet", (WSGIRequestHandler,), {"log_message": lambda *a: None}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            bodies = list(pool.map(lambda _: http_get(f"http://127.0.0.1:{port}/metrics"), range(16)))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert all(parsed(body) == parsed(library()) for body in bodies)
+    assert len(renders) <= 8, f"{len(renders)} renders for 16 concurrent scrapes"
 
 
 def test_exporter_starts_without_torch_and_answers_health_and_errors(tmp_path):
@@ -368,6 +442,8 @@ def test_exporter_starts_without_torch_and_answers_health_and_errors(tmp_path):
     assert taken.returncode == 2 and f"error: cannot listen on 127.0.0.1:{busy}" in taken.stderr
     no_dir = subprocess.run([sys.executable, "-m", "dvgt", "exporter"], env=CLEAN_ENV, capture_output=True, text=True)
     assert no_dir.returncode == 2 and "pass --dir or set PROMETHEUS_MULTIPROC_DIR" in no_dir.stderr
+    from dvgt.cli import build_parser
+    assert build_parser().parse_args(["exporter", "--dir", "x"]).host == "127.0.0.1"  # this machine only, unless asked
 
 
 class socket_bound:

@@ -49,7 +49,7 @@ def test_local_backend_runs_a_tiny_job_end_to_end(tiny_data_root, tmp_path, monk
     running = client.wait("tiny-local", until="Running", timeout=60, poll_s=0.2, callback=lambda s: seen.append(s.phase))
     assert running.phase in ("Running", "Succeeded") and seen[-1] == running.phase
     lines = list(client.logs("tiny-local", follow=True))  # until the trainer's container ends
-    assert lines[0].startswith("$ ") and "torchrun --nproc-per-node=1" in lines[0]
+    assert lines[0].startswith("$ ") and "dvgt.train.launch --nproc-per-node=1" in lines[0]
     assert any(line.startswith("Training dvgt1 (tiny) on 1 process(es)") for line in lines)
     assert lines[-1].startswith('{"finished": true, "step": 3')
     final = client.wait("tiny-local", until="Succeeded", timeout=60, poll_s=0.2)

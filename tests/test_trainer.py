@@ -5,8 +5,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,9 @@ from dvgt.config import load_config
 from dvgt.data import format as fmt
 from dvgt.data.loader import load_clip
 from dvgt.data.scene_dataset import DatasetSpec, SceneDataset
+from dvgt.train.checkpoint_cost import CheckpointCost
 from dvgt.train.logger import read_log
-from dvgt.train.loop import NonFiniteLossError, Trainer, train
+from dvgt.train.loop import CheckpointMismatchError, NonFiniteLossError, Trainer, train
 
 DVGT = [sys.executable, "-m", "dvgt"]
 
@@ -101,22 +104,127 @@ def test_gradient_accumulation_matches_one_pass(tiny_data_root, tmp_path, accum_
     assert worst < 1e-5  # float32 summation order; a wrong chunk weighting would be off by ~50%
 
 
-def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_data_root, tmp_path):
-    trainer = make_trainer(tiny_data_root, tmp_path, **{"optim.max_consecutive_nonfinite": 3})
+def test_nonfinite_steps_are_skipped_counted_commit_nothing_and_stop_the_run(tiny_data_root, tmp_path):
+    """A step with a non-finite loss is skipped on the device (the weights stay as they were) and
+    counted when the steps are read; no checkpoint is committed while the last step was skipped; a
+    run of max_consecutive_nonfinite of them stops the run naming the steps, after counting them all."""
+    trainer = make_trainer(tiny_data_root, tmp_path, **{"optim.max_consecutive_nonfinite": 3, "logging.metrics": "false"})
     batch = duplicated_batch(tiny_data_root, 1)
     bad = dict(batch, images=batch["images"].clone().fill_(float("nan")))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    for expected in (1, 2):
-        record = trainer.train_step(bad)
-        assert record["skipped"] and record["nonfinite_skipped"] == expected
-    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
-    assert not trainer.train_step(batch)["skipped"]  # a good step resets the run of skips ...
-    assert trainer.nonfinite_in_a_row == 0
     for _ in range(2):
         trainer.train_step(bad)
-    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row.*optim.max_consecutive_nonfinite"):
-        trainer.train_step(bad)  # ... and three in a row stop it
+    assert [(r["step"], r["skipped"], r["nonfinite_skipped"]) for r in trainer.read_steps()] == [(1, True, 1), (2, True, 2)]
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    state = trainer.optimizer.state_dict()["state"].values()  # AdamW's state stays as created: step 0, no moments
+    assert state and all(int(s["step"]) == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in state)
+    trainer.save()
+    assert trainer.checkpoints.committed_steps() == []  # the last step was skipped: nothing committed
+    trainer.train_step(batch)  # a good step resets the run of skips ...
+    assert not trainer.read_steps()[-1]["skipped"] and trainer.nonfinite_in_a_row == 0
+    trainer.save()
+    assert trainer.checkpoints.wait(60) and trainer.checkpoints.committed_steps() == [3]
+    for _ in range(3):
+        trainer.train_step(bad)
+    with pytest.raises(NonFiniteLossError, match=r"steps 4-6 \(3 in a row\) had a non-finite loss.*"
+                                                 r"optim.max_consecutive_nonfinite \(now 3\)"):
+        trainer._record_steps()  # ... and three in a row stop it
+    assert trainer.nonfinite_total == 5 and trainer.checkpoints.committed_steps() == [3]
+    trainer.log.close()
+    log = read_log(tmp_path / "train_log.jsonl")
+    assert [r["nonfinite_skipped"] for r in log if "nonfinite_skipped" in r][-1] == 5  # the last one counted too
+    skipped = [r for r in log if r.get("kind") == "checkpoint"]
+    assert [(r["step"], r["outcome"]) for r in skipped] == [(2, "skipped")] and "was skipped as non-finite" in skipped[0]["error"]
     trainer.close()
+
+
+def test_the_training_step_does_not_synchronise_with_the_device(tiny_data_root, tmp_path):
+    """Counted on CPU: every call that would make the host wait for the device (.item(), .tolist(),
+    bool/float/int of a tensor, .numpy(), .cpu()) made by the training loop's code (the loop, its
+    ranks' agreement, clipping, the optimizer step, checkpoints, metrics) over 9 steps of the loop
+    with logging.log_freq=3: only the reads at the logging interval (steps 1, 3, 6, 9), one each.
+    Not counted: the data pipeline, and the model's and losses' own code (printed when they sync)."""
+    trainer = make_trainer(tiny_data_root, tmp_path, limit_val_batches=0, max_epochs=1, limit_train_batches=9,
+                           **{"logging.log_freq": 3})
+    loop_code = ("/dvgt/train/loop.py", "/dvgt/train/distributed.py", "/dvgt/train/clipping.py", "/dvgt/train/optim.py",
+                 "/dvgt/train/checkpoint_cost.py", "/dvgt/checkpoint/", "/dvgt/metrics/")
+    counted, elsewhere, counting = [], set(), [False]
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__",
+                                                                 "__int__", "numpy", "cpu")}
+
+    def counter(name, original):
+        def call(self, *args, **kwargs):
+            if counting[0]:  # the innermost frame of dvgt's own code made (or led to) the call
+                frame = next((f for f in traceback.extract_stack()[-2::-1] if "/dvgt/" in f.filename), None)
+                where = f"{name} at {frame.filename.split('/dvgt/')[-1]}:{frame.lineno} ({frame.name})" if frame else name
+                (counted.append if frame and any(part in frame.filename for part in loop_code) else elsewhere.add)(where)
+            return original(self, *args, **kwargs)
+        return call
+
+    loader = trainer.train_loader
+
+    class Uncounted:  # the data pipeline is not the training loop
+        batch_sampler = loader.batch_sampler
+
+        def __iter__(self):
+            for batch in loader:
+                counting[0] = True
+                yield batch
+                counting[0] = False
+
+    trainer.train_loader = Uncounted()
+    trainer._final_save = lambda preempted: False  # (a save copies the state off the device: not a step)
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counter(name, original))
+        trainer.fit()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        trainer.close()
+    print("not the loop's:", sorted(elsewhere))
+    assert trainer.step == 9
+    assert len(counted) == 4 and all(call.startswith("tolist at train/loop.py") and "(read_steps)" in call
+                                     for call in counted), counted
+
+
+EXIT_WITH_A_SAVE_RUNNING = """
+import sys, threading, time, torch
+from dvgt.cli import exit_process
+def upload():  # a checkpoint thread still inside native code (torch) when the process ends
+    a = torch.randn(1000, 1000)
+    while True:
+        a = (a @ a).tanh_()
+threading.Thread(target=upload, name="dvgt-checkpoint-7", daemon=True).start()
+time.sleep(0.3)
+exit_process(143) if sys.argv[1] == "dvgt" else sys.exit(143)
+"""
+
+
+def test_an_exit_with_a_checkpoint_thread_still_running_is_not_an_abort():
+    """The exit-time abort ("terminate called without an active exception", exit 134: a needless
+    restart) comes from a daemon thread caught inside native code while the interpreter shuts down,
+    as a checkpoint thread is when a run ends before its upload does (preempted past its budget, or
+    stopped by an error): plain sys.exit aborts, the CLI's exit keeps the exit code."""
+    def run(how: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", EXIT_WITH_A_SAVE_RUNNING, how], capture_output=True, text=True,
+                              timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    plain = run("plain")
+    assert plain.returncode == -signal.SIGABRT and "terminate called without an active exception" in plain.stderr
+    ours = run("dvgt")
+    assert ours.returncode == 143 and "terminate" not in ours.stderr
+
+
+def test_checkpoint_cost_is_the_extra_time_of_the_steps_a_save_overlaps():
+    cost = CheckpointCost(window=4)
+    for step_time in (1.0, 1.2, 0.8, 1.0, 9.0):  # the median of the last 4 quiet steps is 1.0 (9.0 is not one of them)
+        cost.observe(step_time, saving=step_time == 9.0)
+    cost.observe(1.5, saving=True)
+    assert cost.finish() == pytest.approx(8.0 + 0.5) and cost.finish() == 0.0  # then it starts over
+    cost.observe(0.9, saving=True)  # a save that overlapped only a step faster than usual costs nothing
+    assert cost.finish() == 0.0
+    cost.add(0.25)  # saved between epochs, outside any step
+    assert cost.finish() == 0.25
 
 
 def test_frozen_modules_stay_unchanged(tiny_data_root, tmp_path):
@@ -182,7 +290,7 @@ def test_bad_input_is_one_clear_line_and_writes_no_checkpoint(tiny_data_root, tm
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    assert __import__("re").search(message, lines[0]), lines[0]
+    assert re.search(message, lines[0]), lines[0]
     assert no_checkpoints(run)
 
 
@@ -220,6 +328,22 @@ def test_pretrained_weights_load_and_mismatches_are_reported(tiny_data_root, tmp
     assert done.returncode == 2
     assert "point_head.scratch.output_conv2" in done.stderr and "extra_head.weight" in done.stderr
     assert no_checkpoints(run)
+
+
+def test_resuming_another_models_checkpoint_is_one_readable_summary(tiny_data_root, tmp_path):
+    """A checkpoint of the tiny model resumed by a small one: counts, a few keys of each kind and
+    the likely cause (model.size differs), in one screen; not hundreds of keys on one line."""
+    trainer = make_trainer(tiny_data_root, tmp_path / "tiny")
+    trainer.save(final=True)
+    trainer.close()
+    with pytest.raises(CheckpointMismatchError) as error:
+        make_trainer(tiny_data_root, tmp_path / "small", **{
+            "model.size": "small", "checkpoint.resume_checkpoint_path": tmp_path / "tiny" / "ckpts" / "step_00000000"})
+    message = str(error.value)
+    print(message)
+    assert len(message) < 2500 and len(message.splitlines()) <= 25
+    assert re.search(r"loaded \d+ of \d+ model entries; \d+ missing, \d+ unexpected, \d+ shape mismatched", message)
+    assert "Likely cause: the checkpoint was written with model.size=tiny (this run: small)" in message
 
 
 def test_corrupt_checkpoint_is_refused_on_resume(tiny_data_root, tmp_path):

@@ -21,13 +21,12 @@ and the metadata is JSON, and every object is checked against the manifest's che
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 import traceback
 import warnings
 from functools import partial
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,9 +45,8 @@ from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from dvgt.checkpoint.manager import (SHARDED_FORMAT, Checkpoint, CheckpointEvent, CheckpointManager,
-                                     CorruptCheckpointError, rng_key, rng_state, step_dir)
-from dvgt.checkpoint.safetensors_stream import DTYPE_OF, DTYPES, write_state
-from dvgt.checkpoint.storage import Storage
+                                     CorruptCheckpointError, one_thread, rng_key, rng_state, serialised_state, step_dir)
+from dvgt.checkpoint.safetensors_stream import DTYPE_OF, DTYPES
 
 METADATA = "dcp/metadata.json"
 
@@ -89,11 +87,12 @@ def metadata_from_json(data: Dict[str, Any]) -> Metadata:
 # -- DCP storage writer and reader on a Storage ------------------------------------------------------
 class ShardWriter(StorageWriter):
     """Each rank streams its planned chunks into one object, dcp/rank_NNNNN.distcp; the coordinator
-    (rank 0) writes dcp/metadata.json. `objects` lists what this rank wrote (key, size, checksums)."""
+    (rank 0) writes dcp/metadata.json. `objects` lists what this rank wrote (key, size, checksum).
+    `put(key, write)` stores one object through `write(writer)` (the manager's, with its retries)."""
 
-    def __init__(self, storage: Storage, prefix: str) -> None:
+    def __init__(self, put: Callable[[str, Callable[[Any], None]], Dict[str, Any]]) -> None:
         super().__init__()
-        self.storage, self.prefix = storage, prefix
+        self.put = put
         self.objects: List[Dict[str, Any]] = []
 
     def reset(self, checkpoint_id=None) -> None:
@@ -110,8 +109,10 @@ class ShardWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
         key: str = plan.storage_data
-        results = []
-        with self.storage.open_write(f"{self.prefix}/{key}") as writer:
+        results: List[WriteResult] = []
+
+        def write(writer: Any) -> None:
+            results.clear()  # (a retried write starts over)
             for item in plan.items:
                 if item.type == WriteItemType.BYTE_IO:
                     raise TypeError(f"sharded checkpoints hold tensors only; '{item.index.fqn}' is not a tensor")
@@ -121,15 +122,16 @@ class ShardWriter(StorageWriter):
                     writer.write(tensor.reshape(-1).view(torch.uint8).numpy())  # the tensor's own memory, no copy
                 results.append(WriteResult(index=item.index, size_in_bytes=writer.size - start, storage_data=ShardRef(
                     key, start, writer.size - start, DTYPES[tensor.dtype], list(tensor.shape))))
-        self.objects.append({"key": key, "size": writer.size, **writer.digests})
+
+        self.objects.append(self.put(key, write))
         future: Future = Future()
         future.set_result(results)
         return future
 
     def finish(self, metadata: Metadata, results: List[List[WriteResult]]) -> None:
         metadata.storage_data = {r.index: r.storage_data for rank_results in results for r in rank_results}
-        writer = self.storage.write_bytes(f"{self.prefix}/{METADATA}", json.dumps(metadata_to_json(metadata)).encode())
-        self.objects.append({"key": METADATA, "size": writer.size, **writer.digests})
+        data = json.dumps(metadata_to_json(metadata)).encode()
+        self.objects.append(self.put(METADATA, lambda writer: writer.write(data)))
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:
@@ -295,9 +297,10 @@ class ShardedCheckpointManager(CheckpointManager):
     """
 
     def __init__(self, uri: str, rank: int = 0, world_size: int = 1, keep_last: int = 0, package_version: str = "",
-                 async_mode: str = "off", s3: Any = None, preflight: bool = False,
-                 device: torch.device = torch.device("cpu")) -> None:
-        super().__init__(uri, rank, world_size, keep_last, package_version, async_mode, s3, preflight)
+                 async_mode: str = "off", s3: Any = None, preflight: bool = False, retry_budget_s: float = 0.0,
+                 spill_dir: Optional[str] = None, device: torch.device = torch.device("cpu")) -> None:
+        # No spill: a sharded checkpoint's objects lie on every pod; its final save retries until its deadline.
+        super().__init__(uri, rank, world_size, keep_last, package_version, async_mode, s3, preflight, retry_budget_s)
         self.device = device
         self.group = dist.new_group(backend="gloo")  # the checkpoint threads' own collectives
         self.mesh = DeviceMesh.from_group(self.group, "cpu")  # host copies of DTensor shards live on it
@@ -310,6 +313,7 @@ class ShardedCheckpointManager(CheckpointManager):
     def _stage(self, flat: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Host copies of this rank's slices; DTensors keep their global shape and placement."""
         local = self._staging.copy({name: t.to_local() if isinstance(t, DTensor) else t for name, t in flat.items()})
+        self._staging.synchronize()
         return {name: DTensor.from_local(local[name], self.mesh, t.placements, run_check=False, shape=t.shape,
                                          stride=t.stride()) if isinstance(t, DTensor) else local[name]
                 for name, t in flat.items()}
@@ -319,45 +323,50 @@ class ShardedCheckpointManager(CheckpointManager):
              timeout: Optional[float] = None) -> Optional[CheckpointEvent]:
         """model_state / optimizer_state: torch.distributed.checkpoint.state_dict's (sharded) state dicts."""
         started = time.perf_counter()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = time.monotonic() + (self.retry_budget_s if timeout is None else timeout)
         if not self._all_idle():
             if self.async_mode == "skip" and not final:
-                event = CheckpointEvent(step, "skipped", time.perf_counter() - started)
+                event = CheckpointEvent(step, "skipped", time.perf_counter() - started,
+                                        error="the previous save is still uploading")
                 return self._emit(event) if self.rank == 0 else None
-            self.wait(timeout)
+            self.wait(max(0.0, deadline - time.monotonic()) if final else None)
         if final and self.stats.last_committed_step == step:
             return self.stats.last_event
-        self._require_idle(step, timeout)
-        staged = self._stage(flatten(model_state, optimizer_state))
+        self._require_idle(step, deadline)
+        staged = one_thread(lambda: self._stage(flatten(model_state, optimizer_state)))
         trainer_state = {**trainer_state, "optimizer_param_groups": optimizer_state["param_groups"]}
-        rng = io.BytesIO()
-        write_state(rng_state(), rng)
+        rng = serialised_state(rng_state())
         blocked = time.perf_counter() - started
-        return self._start(step, partial(self._write_sharded, step, epoch, staged, rng.getvalue(), trainer_state,
-                                         config_yaml, blocked), final, deadline, timeout)
+        return self._start(step, partial(self._write_sharded, step, epoch, staged, rng, trainer_state,
+                                         config_yaml, blocked, deadline), final, deadline)
 
     def _write_sharded(self, step: int, epoch: int, staged: Dict[str, torch.Tensor], rng: bytes,
-                       trainer_state: Dict[str, Any], config_yaml: str, blocked: float) -> None:
+                       trainer_state: Dict[str, Any], config_yaml: str, blocked: float, deadline: float) -> None:
         started = time.perf_counter()
         prefix = step_dir(step)
         objects: List[Dict[str, Any]] = []
         error = ""
+        with self._lock:
+            self._retries = 0
         try:
-            writer = ShardWriter(self.storage, prefix)
+            writer = ShardWriter(lambda key, write: self._put(self.storage, prefix, key, write, deadline))
             dcp.save(staged, storage_writer=writer, planner=DefaultSavePlanner(flatten_state_dict=False),
                      process_group=self.group)
-            objects = writer.objects + [self._put(prefix, rng_key(self.rank), lambda w: w.write(rng))]
+            objects = writer.objects + [self._put(self.storage, prefix, rng_key(self.rank), rng, deadline)]
         except (Exception, CheckpointException) as failure:  # noqa: BLE001 - a failed save never commits
             error = f"{type(failure).__name__}: {' '.join(str(failure).split()) or traceback.format_exc(limit=1)}"
         gathered: List[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, (objects, error), group=self.group)
         objects = [o for rank_objects, _ in gathered for o in rank_objects]
         error = next((e for _, e in gathered if e), "")
+        uploaded = time.perf_counter()
         if self.rank == 0 and not error:
             try:
-                objects += [self._put(prefix, "trainer_state.safetensors", lambda w: write_state(trainer_state, w)),
-                            self._put(prefix, "config.yaml", lambda w: w.write(config_yaml.encode()))]
-                self._write_manifest(prefix, step, epoch, objects, format=SHARDED_FORMAT)
+                objects += [self._put(self.storage, prefix, "trainer_state.safetensors", serialised_state(trainer_state),
+                                      deadline),
+                            self._put(self.storage, prefix, "config.yaml", config_yaml.encode(), deadline)]
+                self._write_manifest(self.storage, prefix, step, epoch, objects, deadline, format=SHARDED_FORMAT)
+                uploaded = time.perf_counter()
                 self.prune(self.keep_last)
             except Exception as failure:  # noqa: BLE001
                 error = f"{type(failure).__name__}: {' '.join(str(failure).split())}"
@@ -367,8 +376,9 @@ class ShardedCheckpointManager(CheckpointManager):
         if not error:
             with self._lock:
                 self.stats.last_committed_step = step
-        size = sum(o["size"] for o in objects)
-        event = CheckpointEvent(step, "failed" if error else "ok", blocked, time.perf_counter() - started, size, error)
+        event = CheckpointEvent(step, "failed" if error else "ok", blocked, uploaded - started,
+                                time.perf_counter() - uploaded, sum(o["size"] for o in objects), self._retries,
+                                "" if error else self.storage.child(prefix), error)
         if self.rank == 0:
             self._emit(event)
         else:

@@ -15,7 +15,7 @@ or str keys, lists, tuples, plain JSON values) in the metadata, so no checkpoint
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -28,28 +28,37 @@ DTYPES = {
 DTYPE_OF = {name: dtype for dtype, name in DTYPES.items()}
 
 
-def write_safetensors(tensors: Mapping[str, torch.Tensor], out: Any, metadata: Optional[Dict[str, str]] = None) -> int:
-    """Write `tensors` (contiguous CPU tensors) to `out` (anything with write); returns the byte count."""
+def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None
+                       ) -> Tuple[bytes, List[Tuple[str, int, int]]]:
+    """The file's first bytes (header length and JSON header) and where each tensor's bytes go:
+    (name, begin, end) offsets in the file, largest element size first."""
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
     header: Dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
+    spans = []
     for name in order:
         tensor = tensors[name]
         if tensor.dtype not in DTYPES:
             raise ValueError(f"tensor '{name}' has dtype {tensor.dtype}, which safetensors cannot store")
         size = tensor.numel() * tensor.element_size()
         header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        spans.append((name, offset, offset + size))
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    out.write(len(encoded).to_bytes(8, "little"))
-    out.write(encoded)
-    for name in order:
-        tensor = tensors[name]
-        if tensor.numel():
+    prefix = len(encoded).to_bytes(8, "little") + encoded
+    return prefix, [(name, len(prefix) + begin, len(prefix) + end) for name, begin, end in spans]
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], out: Any, metadata: Optional[Dict[str, str]] = None) -> int:
+    """Write `tensors` (contiguous CPU tensors) to `out` (anything with write); returns the byte count."""
+    prefix, spans = safetensors_header(tensors, metadata)
+    out.write(prefix)
+    for name, begin, end in spans:
+        if end > begin:
             # [numel * element_size] uint8 view of the tensor's own memory: no copy
-            out.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return 8 + len(encoded) + offset
+            out.write(tensors[name].detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return spans[-1][2] if spans else len(prefix)
 
 
 def read_safetensors(buffer: bytearray) -> Dict[str, torch.Tensor]:
@@ -82,11 +91,17 @@ def _parse(buffer: bytearray) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
 STATE_KEY = "dvgt_state"  # the metadata entry that holds a state tree's structure
 
 
-def write_state(tree: Any, out: Any) -> int:
-    """Write a state tree (nested dicts, lists and tuples of CPU tensors and JSON values) to `out`."""
+def state_tensors(tree: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """A state tree as what its safetensors file holds: its tensors by path, and its structure as metadata."""
     tensors: Dict[str, torch.Tensor] = {}
     structure = _encode(tree, "", tensors)
-    return write_safetensors(tensors, out, metadata={STATE_KEY: json.dumps(structure)})
+    return tensors, {STATE_KEY: json.dumps(structure)}
+
+
+def write_state(tree: Any, out: Any) -> int:
+    """Write a state tree (nested dicts, lists and tuples of CPU tensors and JSON values) to `out`."""
+    tensors, metadata = state_tensors(tree)
+    return write_safetensors(tensors, out, metadata=metadata)
 
 
 def read_state(buffer: bytearray) -> Any:

@@ -1,95 +1,152 @@
 """Where checkpoint objects live: one interface, two backends (a local folder, S3-compatible storage).
 
 A location is a URI: a local path or file://..., or s3://bucket/prefix. Keys are '/'-separated paths
-relative to it. Writes stream: `open_write(key)` returns a writer that takes chunks of bytes, hashes
-them (size, sha256 and xxh3_128: see Digest) as they pass, and makes the object visible only when
+relative to it, checked by `check_key` before any read or write (no absolute path, no '.' or '..'
+part, no backslash), so no key, wherever it comes from (a manifest), reaches outside the location.
+Writes stream: `open_write(key)` returns a writer that takes chunks of bytes, hashes them (one
+checksum, xxh3_128 by default: see CHECKSUM) as they pass, and makes the object visible only when
 it is closed without an error; an exception inside `with storage.open_write(key) as w:` discards
 the object (on S3 the multipart upload is aborted). Reads return a whole object (parallel ranged
-GETs on S3) or a range.
+GETs straight into one buffer on S3) or a range.
 
 These primitives (a write stream per file, ranged reads, listing, deletion) are what a
 torch.distributed.checkpoint StorageWriter/StorageReader needs from its file system, so FSDP's
-sharded checkpoints can sit on the same layer later.
+sharded checkpoints sit on the same layer (dvgt/checkpoint/dcp.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
+import random
 import shutil
+import sys
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 from urllib.parse import urlparse
 
 import xxhash
 
 Progress = Optional[Callable[[int], None]]  # called with the number of bytes just transferred
+T = TypeVar("T")
+
+# The checksum of every checkpoint object: xxh3_128 runs at memory speed (~20 GB/s a core), where
+# sha256 (~1.5 GB/s) would cost a training node seconds of CPU per checkpoint. Against bit rot,
+# truncation and a half-overwritten object it is as sure as sha256; against someone who can rewrite
+# objects neither helps (they can rewrite the manifest beside them): that is the bucket policy's job.
+CHECKSUM = "xxh3_128"
+HASHERS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+HASH_CHUNK = 8 * 2**20  # a local write is hashed and passed on in chunks of this size (S3: in parts)
+READ_CHUNK = 4 * 2**20  # an S3 range is read into its place in chunks of this size
+
+
+BACKGROUND_NICE = 10  # the niceness of the threads that move checkpoint bytes
+
+
+def background_priority() -> None:
+    """Let the calling thread yield the CPU to the training threads when both want it (Linux: this
+    thread alone gets niceness 10; threads it starts inherit it). A checkpoint's upload then costs
+    the training what it cannot take from idle cycles, not a fair share of every core."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        except OSError:  # not permitted (never for lowering one's own priority): leave it
+            pass
 
 
 class StorageError(OSError):
-    """Checkpoint storage cannot be used (unreachable, no permission, missing bucket, failed upload)."""
+    """Checkpoint storage cannot be used (unreachable, no permission, missing bucket, failed upload).
+    `retryable`: a transient failure (unreachable, timeout, throttled, 5xx) worth trying again."""
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
-class Digest:
-    """Checksums of an object's bytes, fed in order. Every object's manifest entry holds two:
-    - sha256, the cryptographic digest, checked by `dvgt ckpt verify` and comparable with sha256sum;
-    - xxh3_128, checked on every resume: it runs at memory speed (~20 GB/s a core), where sha256
-      (~1.5 GB/s) would make a resume's download a third slower. Against bit rot and truncation the
-      two are equally sure; against someone who can rewrite objects neither helps, because they can
-      rewrite the manifest beside them.
-    """
+class ObjectSizeError(StorageError):
+    """An object is not of the size its reader was told (a manifest's): truncated or overwritten."""
 
-    def __init__(self, sha256: bool = True) -> None:
-        self._hashers = {"xxh3_128": xxhash.xxh3_128()}
-        if sha256:
-            self._hashers["sha256"] = hashlib.sha256()
 
-    def update(self, data: Any) -> None:
-        for hasher in self._hashers.values():
-            hasher.update(data)
+class InvalidKeyError(ValueError):
+    """An object key that would reach outside its location."""
 
-    def hexdigests(self) -> Dict[str, str]:
-        return {name: hasher.hexdigest() for name, hasher in self._hashers.items()}
+
+def check_key(key: str, prefix: bool = False) -> str:
+    """`key` if it is a relative '/'-separated path inside the location, else InvalidKeyError naming
+    it. `prefix=True` also accepts "" and a trailing '/' (a folder to list or delete)."""
+    body = key[:-1] if prefix and key.endswith("/") else key
+    if prefix and body == "":
+        return key
+    parts = body.split("/")
+    if not body or body.startswith("/") or "\\" in body or "\0" in body or any(p in ("", ".", "..") for p in parts):
+        raise InvalidKeyError(f"object key '{key}' is not a relative path inside the checkpoint location (absolute, "
+                              f"empty, '.' or '..' parts, or a backslash); refusing to read or write it")
+    return key
+
+
+def with_retries(what: str, attempt: Callable[[], T], deadline: Optional[float],
+                 cancelled: Optional[threading.Event] = None, on_retry: Optional[Callable[[str], None]] = None) -> T:
+    """`attempt()`, tried again after a retryable StorageError with exponential backoff (1 s doubling
+    to 30 s, jittered) until time.monotonic() passes `deadline` (None: one try) or `cancelled` is set."""
+    delay = 1.0
+    while True:
+        try:
+            return attempt()
+        except StorageError as error:
+            wait = delay * random.uniform(0.5, 1.0)
+            if not error.retryable or deadline is None or time.monotonic() + wait > deadline:
+                raise
+            if on_retry:
+                on_retry(f"{what}: {error}; retrying in {wait:.1f} s")
+            if cancelled is not None and cancelled.wait(wait):
+                raise
+            if cancelled is None:
+                time.sleep(wait)
+            delay = min(2 * delay, 30.0)
 
 
 class ObjectWriter(ABC):
-    """A stream into one object: `write` chunks, then the context exit commits (or discards on error)."""
+    """A stream into one object: `write` chunks, then the context exit commits (or discards on error).
+    The bytes given to `write` must stay unchanged until the writer is closed: on S3 they are uploaded
+    from where they lie (a checkpoint's staged host buffers), not copied."""
 
-    def __init__(self, key: str, progress: Progress = None) -> None:
+    def __init__(self, key: str, progress: Progress = None, checksum: str = CHECKSUM) -> None:
         self.key = key
         self.size = 0
-        self._digest = Digest()
+        self._checksum = checksum
+        self._hasher = HASHERS[checksum]()
         self._progress = progress
         self.error: Optional[BaseException] = None  # the first write failure (a serialiser may hide it)
 
     @property
     def digests(self) -> Dict[str, str]:
-        """sha256 and xxh3_128 of everything written (see Digest)."""
-        return self._digest.hexdigests()
+        """{checksum name: hex digest} of everything written."""
+        return {self._checksum: self._hasher.hexdigest()}
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self.size += len(view)
         try:
             self._write(view)
         except BaseException as error:
             self.error = self.error or error
             raise
+        self.size += len(view)
         if self._progress:
             self._progress(len(view))
         return len(view)
 
-    def flush(self) -> None:  # file-like: torch.save may call it
+    def flush(self) -> None:  # file-like
         pass
 
     @abstractmethod
     def _write(self, view: memoryview) -> None:
-        """Store the bytes and feed them to self._digest, in order, by the time commit returns."""
+        """Store the bytes, passing each piece to self._hasher (in order) just before it goes on, so
+        that hashing overlaps the transfer."""
 
     @abstractmethod
     def commit(self) -> None: ...
@@ -111,12 +168,14 @@ class Storage(ABC):
     uri: str
 
     @abstractmethod
-    def open_write(self, key: str, progress: Progress = None) -> ObjectWriter: ...
+    def open_write(self, key: str, progress: Progress = None, checksum: str = CHECKSUM) -> ObjectWriter: ...
 
     @abstractmethod
-    def read(self, key: str, progress: Progress = None, hasher: Any = None) -> bytearray:
-        """The whole object, in a buffer the caller owns; `hasher` (a Digest or hashlib object) is fed
-        the bytes in order while they arrive, so verifying costs no second pass."""
+    def read(self, key: str, progress: Progress = None, hasher: Any = None, size: Optional[int] = None) -> bytearray:
+        """The whole object, in a buffer the caller owns; `hasher` (an xxhash or hashlib object) is
+        fed the bytes in order while they arrive, so verifying costs no second pass. `size`, when the
+        caller knows it (a manifest), saves asking the store; an object of another size is then an
+        ObjectSizeError (on S3; a local read returns the object as it is)."""
 
     @abstractmethod
     def read_range(self, key: str, offset: int, length: int) -> bytes: ...
@@ -132,14 +191,16 @@ class Storage(ABC):
     def unfinished(self, prefix: str = "") -> List[str]:
         """Keys of writes that never finished (a killed process): temporary files, open multipart uploads."""
 
+    remote = False  # True where the objects live on another machine (a local spill location helps then)
+
     def preflight(self, write: bool) -> None:
         """Raise a one-line StorageError now if the location cannot be read (or written)."""
 
     def exists(self, key: str) -> bool:
         return key in self.list(key)
 
-    def write_bytes(self, key: str, data: bytes) -> ObjectWriter:
-        with self.open_write(key) as writer:
+    def write_bytes(self, key: str, data: Any, checksum: str = CHECKSUM) -> ObjectWriter:
+        with self.open_write(key, checksum=checksum) as writer:
             writer.write(data)
         return writer
 
@@ -158,16 +219,18 @@ class Storage(ABC):
 class LocalWriter(ObjectWriter):
     """Writes to a temporary name next to the target, fsyncs, and renames it into place on commit."""
 
-    def __init__(self, path: Path, key: str, progress: Progress) -> None:
-        super().__init__(key, progress)
+    def __init__(self, path: Path, key: str, progress: Progress, checksum: str) -> None:
+        super().__init__(key, progress, checksum)
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
         self._file = open(self._tmp, "wb")
 
     def _write(self, view: memoryview) -> None:
-        self._digest.update(view)
-        self._file.write(view)
+        for start in range(0, len(view), HASH_CHUNK):
+            chunk = view[start:start + HASH_CHUNK]
+            self._hasher.update(chunk)
+            self._file.write(chunk)
 
     def commit(self) -> None:
         self._file.flush()
@@ -187,11 +250,15 @@ class LocalStorage(Storage):
         self.root = Path(root)
         self.uri = str(self.root)
 
-    def _path(self, key: str) -> Path:
-        return self.root / key
+    def _path(self, key: str, prefix: bool = False) -> Path:
+        path = self.root / check_key(key, prefix)
+        root = self.root.resolve()
+        if path.exists() and root != path.resolve() and root not in path.resolve().parents:  # a link out
+            raise InvalidKeyError(f"object key '{key}' leads outside {self.uri} (a symbolic link); refusing it")
+        return path
 
-    def open_write(self, key: str, progress: Progress = None) -> ObjectWriter:
-        return LocalWriter(self._path(key), key, progress)
+    def open_write(self, key: str, progress: Progress = None, checksum: str = CHECKSUM) -> ObjectWriter:
+        return LocalWriter(self._path(key), key, progress, checksum)
 
     def _open(self, key: str):
         try:
@@ -199,7 +266,7 @@ class LocalStorage(Storage):
         except (FileNotFoundError, IsADirectoryError):
             raise FileNotFoundError(f"checkpoint object '{key}' not found under {self.uri}") from None
 
-    def read(self, key: str, progress: Progress = None, hasher: Any = None) -> bytearray:
+    def read(self, key: str, progress: Progress = None, hasher: Any = None, size: Optional[int] = None) -> bytearray:
         with self._open(key) as f:
             buffer = bytearray(os.fstat(f.fileno()).st_size)
             f.readinto(buffer)
@@ -215,7 +282,7 @@ class LocalStorage(Storage):
             return f.read(length)
 
     def list(self, prefix: str = "") -> List[str]:
-        base = self._path(prefix)
+        base = self._path(prefix, prefix=True)
         if base.is_file():
             return [prefix]
         if not base.is_dir():
@@ -224,11 +291,11 @@ class LocalStorage(Storage):
                       if p.is_file() and ".tmp-" not in p.name)
 
     def unfinished(self, prefix: str = "") -> List[str]:
-        base = self._path(prefix)
+        base = self._path(prefix, prefix=True)
         return sorted(str(p.relative_to(self.root)) for p in base.rglob("*.tmp-*")) if base.is_dir() else []
 
     def delete_prefix(self, prefix: str) -> None:
-        path = self._path(prefix)
+        path = self._path(prefix, prefix=True)
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -246,7 +313,9 @@ def s3_client(options: Any, *, preflight: bool = False):
 
     Checksums: botocore >= 1.36 adds CRC32 checksums to every upload by default, which several
     S3-compatible stores reject or mishandle; they are sent only where an operation requires them
-    (integrity is checked end to end by the manifest's checksums instead: see Digest).
+    (integrity is checked end to end by the manifest's checksums instead). Parameter validation is
+    off because upload bodies are memoryviews of the staged state (sent as they lie, not copied),
+    a bytes-like type that botocore sends but its validator does not list.
     """
     import boto3
     from botocore.config import Config
@@ -264,65 +333,83 @@ def s3_client(options: Any, *, preflight: bool = False):
         max_pool_connections=max(10, 2 * options.concurrency),
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
+        parameter_validation=False,
     )
     return boto3.session.Session().client("s3", endpoint_url=options.endpoint_url or None,
                                           region_name=options.region or None, config=config)
 
 
-def _explain_s3_error(error: Exception, what: str) -> str:
-    """One line naming the problem and the fix."""
+PERMANENT_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "NoSuchBucket",
+                   "AccessDenied", "AllAccessDisabled", "InvalidBucketName", "403", "404"}
+
+
+def _s3_error(error: Exception, what: str) -> StorageError:
+    """A StorageError with one line naming the problem and the fix, retryable unless the store said
+    no for good (credentials, bucket, permission) or the request itself is wrong."""
     from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError,
                                      NoCredentialsError, PartialCredentialsError)
 
     if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
-        return (f"{what}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                f"(or AWS_PROFILE)")
+        return StorageError(f"{what}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                            f"(or AWS_PROFILE)")
     if isinstance(error, (EndpointConnectionError, ConnectTimeoutError)):
-        return (f"{what}: cannot reach the S3 endpoint ({error}); check AWS_ENDPOINT_URL_S3 / "
-                f"checkpoint.s3.endpoint_url and that the server is up")
+        return StorageError(f"{what}: cannot reach the S3 endpoint ({error}); check AWS_ENDPOINT_URL_S3 / "
+                            f"checkpoint.s3.endpoint_url and that the server is up", retryable=True)
     if isinstance(error, ClientError):
         code = error.response.get("Error", {}).get("Code", "")
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        retryable = code not in PERMANENT_CODES and (status >= 500 or status in (408, 429) or "Slow" in code
+                                                     or "Throttl" in code or "Timeout" in code)
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
-            return (f"{what}: the S3 credentials were rejected ({code}); check AWS_ACCESS_KEY_ID, "
-                    f"AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or AWS_PROFILE)")
+            return StorageError(f"{what}: the S3 credentials were rejected ({code}); check AWS_ACCESS_KEY_ID, "
+                                f"AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or AWS_PROFILE)")
         if code in ("NoSuchBucket", "404"):
-            return f"{what}: the bucket does not exist; create it or fix checkpoint.uri"
+            return StorageError(f"{what}: the bucket does not exist; create it or fix checkpoint.uri")
         if code in ("AccessDenied", "403", "AllAccessDisabled"):
-            return f"{what}: access denied; grant these credentials read/write on the bucket and prefix"
-        return f"{what}: S3 error {code}: {error.response.get('Error', {}).get('Message', '')}"
-    return f"{what}: {type(error).__name__}: {error}"
+            return StorageError(f"{what}: access denied; grant these credentials read/write on the bucket and prefix")
+        return StorageError(f"{what}: S3 error {code}: {error.response.get('Error', {}).get('Message', '')}", retryable)
+    return StorageError(f"{what}: {type(error).__name__}: {error}", retryable=True)  # connection closed, read timeout
 
 
 class S3Writer(ObjectWriter):
-    """A multipart upload fed from memory: bytes are copied into part-size buffers, each full buffer
-    is uploaded by a thread pool, and at most `concurrency` parts of all the storage's writers are
-    in flight, so memory stays bounded by part size x (concurrency + writers at once). Small objects
-    go up in one PUT. Failed uploads are aborted (leftovers of a killed process: see
+    """A multipart upload fed from memory: written bytes are gathered by reference into parts of
+    `part_size`; a part that lies in one buffer (the usual case: a staged checkpoint object is one
+    buffer) is uploaded from there, one gathered from several pieces is copied into a part buffer
+    that is reused from part to part. A thread pool uploads the parts, at most `concurrency` of all
+    the storage's writers at once, so memory stays bounded by part size x (concurrency + writers).
+    Small objects go up in one PUT. Failed uploads are aborted (leftovers of a killed process: see
     docs/checkpoints.md)."""
 
-    def __init__(self, storage: "S3Storage", key: str, progress: Progress) -> None:
-        super().__init__(key, progress)
+    def __init__(self, storage: "S3Storage", key: str, progress: Progress, checksum: str) -> None:
+        super().__init__(key, progress, checksum)
         self.s3 = storage
         self._object_key = storage.object_key(key)
-        self._part_size = storage.part_size
-        self._buffer = bytearray()  # the first part grows (small objects stay small); later ones are preallocated
-        self._filled = 0
+        self._pieces: List[memoryview] = []  # the part being gathered, by reference
+        self._gathered = 0
         self._upload_id: Optional[str] = None
         self._parts: List[Future] = []
-        self._hashed = threading.Event()  # set once every byte before the next part is in the digest
-        self._hashed.set()
 
     def _write(self, view: memoryview) -> None:
         while len(view):
-            take = min(len(view), self._part_size - self._filled)
-            if len(self._buffer) == self._filled:
-                self._buffer += view[:take]
-            else:
-                self._buffer[self._filled:self._filled + take] = view[:take]
-            self._filled += take
+            take = min(len(view), self.s3.part_size - self._gathered)
+            self._hasher.update(view[:take])
+            self._pieces.append(view[:take])
+            self._gathered += take
             view = view[take:]
-            if self._filled == self._part_size:
+            if self._gathered == self.s3.part_size:
                 self._submit_part()
+
+    def _take_part(self) -> Tuple[memoryview, Optional[bytearray]]:
+        """The gathered bytes as one body: the piece itself when there is one, else a reused buffer."""
+        pieces, self._pieces, self._gathered = self._pieces, [], 0
+        if len(pieces) == 1:
+            return pieces[0], None
+        buffer = self.s3.take_buffer()
+        end = 0
+        for piece in pieces:
+            buffer[end:end + len(piece)] = piece
+            end += len(piece)
+        return memoryview(buffer)[:end], buffer
 
     def _submit_part(self) -> None:
         if self._upload_id is None:
@@ -333,25 +420,18 @@ class S3Writer(ObjectWriter):
             if done.done() and done.exception() is not None:
                 self.s3.slots.release()
                 raise done.exception()
-        body = self._buffer
-        del body[self._filled:]  # the last part may be short (in place, no copy)
-        number = len(self._parts) + 1
-        previous, self._hashed = self._hashed, threading.Event()
-        future = self.s3.pool.submit(self._upload_part, number, body, previous, self._hashed)
-        future.add_done_callback(lambda _: self.s3.slots.release())
-        self._parts.append(future)
-        self._buffer, self._filled = bytearray(self._part_size), 0
+        body, buffer = self._take_part()
+        future = self.s3.pool.submit(self._upload_part, len(self._parts) + 1, body)
 
-    def _upload_part(self, number: int, body: bytearray, previous: threading.Event,
-                     hashed: threading.Event) -> Dict[str, Any]:
-        """Hash the part once the parts before it are hashed (the digest covers the object in
-        order), then upload it: the digests are computed beside the serialiser, not inside it. The
-        pool runs parts in submission order, so the part waited for always holds a thread."""
-        previous.wait()
-        try:
-            self._digest.update(body)
-        finally:
-            hashed.set()
+        def finished(_: Future) -> None:
+            if buffer is not None:
+                self.s3.give_buffer(buffer)
+            self.s3.slots.release()
+
+        future.add_done_callback(finished)
+        self._parts.append(future)
+
+    def _upload_part(self, number: int, body: memoryview) -> Dict[str, Any]:
         response = self.s3.call("upload part", self.key, self.s3.client.upload_part, Bucket=self.s3.bucket,
                                 Key=self._object_key, UploadId=self._upload_id, PartNumber=number, Body=body)
         return {"PartNumber": number, "ETag": response["ETag"]}
@@ -359,12 +439,11 @@ class S3Writer(ObjectWriter):
     def commit(self) -> None:
         try:
             if self._upload_id is None:
-                body = bytes(self._buffer[:self._filled])
-                self._digest.update(body)
+                body = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
                 self.s3.call("upload", self.key, self.s3.client.put_object, Bucket=self.s3.bucket,
                              Key=self._object_key, Body=body)
                 return
-            if self._filled:
+            if self._gathered:
                 self._submit_part()
             parts = [future.result() for future in self._parts]
             self.s3.call("finish upload", self.key, self.s3.client.complete_multipart_upload,
@@ -374,7 +453,7 @@ class S3Writer(ObjectWriter):
             self.abort()
             raise
         finally:
-            self._buffer = bytearray()
+            self._pieces = []
 
     def abort(self) -> None:
         for future in self._parts:
@@ -389,48 +468,32 @@ class S3Writer(ObjectWriter):
             except Exception:  # noqa: BLE001 - the server may be down; prune or a lifecycle rule cleans up
                 pass
             self._upload_id = None
-        self._buffer = bytearray()
+        self._pieces = []
 
 
-class _BufferTarget(io.RawIOBase):
-    """A seekable, writable view of a preallocated buffer: the target of parallel ranged downloads.
-    Ranges arrive out of order; `hasher` is fed the contiguous prefix as soon as it grows."""
+class _InOrderHasher:
+    """Feeds `hasher` the contiguous prefix of a buffer whose ranges complete out of order."""
 
-    def __init__(self, buffer: bytearray, hasher: Any = None) -> None:
-        self._view = memoryview(buffer)
-        self._pos = 0
-        self._hasher = hasher
-        self._hashed = 0  # bytes [0, _hashed) went into the hasher
-        self._runs: Dict[int, int] = {}  # written but not yet hashed: start -> end
+    def __init__(self, buffer: bytearray, hasher: Any, start: int = 0) -> None:
+        self._view, self._hasher = memoryview(buffer), hasher
+        self._hashed = start  # bytes [0, _hashed) went into the hasher
+        self._runs: Dict[int, int] = {}  # completed but not yet hashed: start -> end
+        self._lock = threading.Lock()
 
-    def seekable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._pos = offset if whence == io.SEEK_SET else self._pos + offset if whence == io.SEEK_CUR \
-            else len(self._view) + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def write(self, data: Any) -> int:
-        data = memoryview(data).cast("B")
-        start, self._pos = self._pos, self._pos + len(data)
-        self._view[start:self._pos] = data
-        if self._hasher is not None:
-            self._runs[start] = self._pos
+    def completed(self, start: int, end: int) -> None:
+        if self._hasher is None:
+            return
+        with self._lock:
+            self._runs[start] = end
             while self._hashed in self._runs:
                 end = self._runs.pop(self._hashed)
                 self._hasher.update(self._view[self._hashed:end])
                 self._hashed = end
-        return len(data)
 
 
 class S3Storage(Storage):
+    remote = True
+
     def __init__(self, uri: str, options: Any) -> None:
         parsed = urlparse(uri)
         if not parsed.netloc:
@@ -442,10 +505,22 @@ class S3Storage(Storage):
         self.part_size = int(options.part_size_mb * 2**20)
         self.concurrency = options.concurrency
         self.client = s3_client(options)
-        self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="dvgt-s3")
+        self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="dvgt-s3",
+                                       initializer=background_priority)
         self.slots = threading.Semaphore(self.concurrency)  # parts in flight, over every writer at once
+        self._buffers: List[bytearray] = []  # part buffers of gathered parts, reused
+        self._buffers_lock = threading.Lock()
 
-    def object_key(self, key: str) -> str:
+    def take_buffer(self) -> bytearray:
+        with self._buffers_lock:
+            return self._buffers.pop() if self._buffers else bytearray(self.part_size)
+
+    def give_buffer(self, buffer: bytearray) -> None:
+        with self._buffers_lock:
+            self._buffers.append(buffer)
+
+    def object_key(self, key: str, prefix: bool = False) -> str:
+        check_key(key, prefix)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def call(self, what: str, key: str, method: Callable, **kwargs) -> Any:
@@ -457,9 +532,9 @@ class S3Storage(Storage):
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise FileNotFoundError(f"checkpoint object '{key}' not found under {self.uri}") from None
-            raise StorageError(_explain_s3_error(error, f"{what} {self.child(key)}")) from None
+            raise _s3_error(error, f"{what} {self.child(key)}") from None
         except BotoCoreError as error:
-            raise StorageError(_explain_s3_error(error, f"{what} {self.child(key)}")) from None
+            raise _s3_error(error, f"{what} {self.child(key)}") from None
 
     def preflight(self, write: bool) -> None:
         """Fail fast, before training, when the bucket cannot be read (or written): a client with a
@@ -469,45 +544,102 @@ class S3Storage(Storage):
         client = s3_client(self.options, preflight=True)
         what = f"checkpoint storage {self.uri}"
         try:
-            client.list_objects_v2(Bucket=self.bucket, Prefix=self.object_key(""), MaxKeys=1)
+            client.list_objects_v2(Bucket=self.bucket, Prefix=self.object_key("", prefix=True), MaxKeys=1)
             if write:
                 probe = self.object_key(f".dvgt-write-check-{uuid.uuid4().hex[:8]}")
                 client.put_object(Bucket=self.bucket, Key=probe, Body=b"")
                 client.delete_object(Bucket=self.bucket, Key=probe)
         except (BotoCoreError, ClientError) as error:
-            raise StorageError(_explain_s3_error(error, what)) from None
+            raise _s3_error(error, what) from None
 
-    def open_write(self, key: str, progress: Progress = None) -> ObjectWriter:
-        return S3Writer(self, key, progress)
+    def open_write(self, key: str, progress: Progress = None, checksum: str = CHECKSUM) -> ObjectWriter:
+        return S3Writer(self, key, progress, checksum)
 
-    def read(self, key: str, progress: Progress = None, hasher: Any = None) -> bytearray:
-        from boto3.s3.transfer import TransferConfig
+    def _get(self, key: str, start: int, length: int, size: Optional[int] = None) -> Any:
+        """A ranged GET; with `size`, one that shows the object is of another size is an ObjectSizeError."""
+        try:
+            response = self.call("read", key, self.client.get_object, Bucket=self.bucket, Key=self.object_key(key),
+                                 Range=f"bytes={start}-{start + length - 1}")
+        except StorageError as error:
+            if size is not None and "InvalidRange" in str(error):  # the range starts past the object's end
+                raise ObjectSizeError(f"{self.child(key)} is shorter than the {size} bytes expected") from None
+            raise
+        total = response.get("ContentRange", "").rpartition("/")[2]
+        if size is not None and total.isdigit() and int(total) != size:
+            response["Body"].close()
+            raise ObjectSizeError(f"{self.child(key)} is {total} bytes, not the {size} bytes expected")
+        return response
 
-        head = self.call("read", key, self.client.head_object, Bucket=self.bucket, Key=self.object_key(key))
-        buffer = bytearray(head["ContentLength"])
-        config = TransferConfig(multipart_threshold=self.part_size, multipart_chunksize=self.part_size,
-                                max_concurrency=self.concurrency)
-        self.call("download", key, self.client.download_fileobj, Bucket=self.bucket, Key=self.object_key(key),
-                  Fileobj=_BufferTarget(buffer, hasher), Config=config, Callback=progress)
+    def _read_into(self, key: str, response: Any, view: memoryview) -> None:
+        """A GET's body into `view`, READ_CHUNK at a time (no copy of the whole range in between), and
+        on to its end, so that the connection goes back to the pool for the next request."""
+        body, filled = response["Body"], 0
+        try:
+            while filled < len(view):
+                count = body.readinto(view[filled:filled + READ_CHUNK])
+                if not count:
+                    raise StorageError(f"read {self.child(key)}: the server sent {filled} of {len(view)} bytes",
+                                       retryable=True)
+                filled += count
+            body.readinto(bytearray(1))  # the end of the body: the connection is released for reuse
+        except StorageError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a connection broken mid-body
+            raise _s3_error(error, f"read {self.child(key)}") from None
+        finally:
+            body.close()
+
+    def read(self, key: str, progress: Progress = None, hasher: Any = None, size: Optional[int] = None) -> bytearray:
+        """Parallel ranged GETs of part size, each read straight into one buffer of the object's
+        size. With `size` known (from a manifest) every range starts at once; otherwise the first
+        range's answer tells the size (no HEAD request either way)."""
+        part, start = self.part_size, 0
+        if size is None:
+            try:
+                first = self._get(key, 0, part)
+            except StorageError as error:
+                if "InvalidRange" not in str(error):
+                    raise
+                return bytearray()  # the range of an empty object is not satisfiable
+            total = first.get("ContentRange", "").rpartition("/")[2]
+            size = int(total) if total.isdigit() else first["ContentLength"]
+            buffer = bytearray(size)
+            start = first["ContentLength"]
+            self._read_into(key, first, memoryview(buffer)[:start])
+        else:
+            buffer = bytearray(size)
+        hashing = _InOrderHasher(buffer, hasher)
+        hashing.completed(0, start)
+        if progress and start:
+            progress(start)
+        view = memoryview(buffer)
+
+        def read_range(offset: int) -> None:
+            end = min(offset + part, size)
+            self._read_into(key, self._get(key, offset, end - offset, size), view[offset:end])
+            hashing.completed(offset, end)
+            if progress:
+                progress(end - offset)
+
+        for future in [self.pool.submit(read_range, offset) for offset in range(start, size, part)]:
+            future.result()
         return buffer
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
-        response = self.call("read", key, self.client.get_object, Bucket=self.bucket, Key=self.object_key(key),
-                             Range=f"bytes={offset}-{offset + length - 1}")
-        return response["Body"].read()
+        return self._get(key, offset, length)["Body"].read()
 
     def _list_objects(self, prefix: str) -> List[Tuple[str, int]]:
         paginator = self.client.get_paginator("list_objects_v2")
-        full = self.object_key(prefix)
+        full = self.object_key(prefix, prefix=True)
         keys = []
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 keys += [(o["Key"], o["Size"]) for o in page.get("Contents", [])]
         except Exception as error:  # noqa: BLE001
-            raise StorageError(_explain_s3_error(error, f"list {self.child(prefix)}")) from None
-        start = len(self.object_key(""))
+            raise _s3_error(error, f"list {self.child(prefix)}") from None
+        start = len(self.object_key("", prefix=True))
         return [(k[start:], size) for k, size in keys]
 
     def list(self, prefix: str = "") -> List[str]:
@@ -517,14 +649,14 @@ class S3Storage(Storage):
         paginator = self.client.get_paginator("list_multipart_uploads")
         uploads = []
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.object_key(prefix)):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.object_key(prefix, prefix=True)):
                 uploads += page.get("Uploads", [])
         except Exception as error:  # noqa: BLE001
-            raise StorageError(_explain_s3_error(error, f"list uploads {self.child(prefix)}")) from None
+            raise _s3_error(error, f"list uploads {self.child(prefix)}") from None
         return uploads
 
     def unfinished(self, prefix: str = "") -> List[str]:
-        start = len(self.object_key(""))
+        start = len(self.object_key("", prefix=True))
         return sorted(u["Key"][start:] for u in self._uploads(prefix))
 
     def delete_prefix(self, prefix: str) -> None:

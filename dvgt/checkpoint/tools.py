@@ -11,9 +11,10 @@ import yaml
 from tqdm import tqdm
 
 from dvgt.checkpoint.dcp import model_summary, read_full_model
-from dvgt.checkpoint.manager import MANIFEST, STEP_DIR, Checkpoint, CheckpointManager, verify
+from dvgt.checkpoint.manager import (MANIFEST, STEP_DIR, Checkpoint, CheckpointManager, CorruptCheckpointError,
+                                     step_dir, verify)
 from dvgt.checkpoint.safetensors_stream import write_safetensors
-from dvgt.checkpoint.storage import open_storage, split_uri
+from dvgt.checkpoint.storage import CHECKSUM, LocalStorage, open_storage, split_uri
 
 CONFIG_SUMMARY = ["exp_name", "model.name", "model.size", "max_epochs", "optim.lr", "max_img_per_gpu", "accum_steps"]
 
@@ -47,20 +48,34 @@ def progress_bar(total: int, desc: str) -> Iterator[Any]:
         yield bar.update
 
 
-def ls(uri: str) -> List[str]:
+def ls(uri: str, spill: Optional[str] = None) -> List[str]:
+    """Committed checkpoints and where each is: in the store, or (with `spill`, the trainer's
+    checkpoint.spill_dir) spilled locally and waiting for the next start to upload it. A checkpoint
+    whose manifest cannot be read is listed as UNREADABLE with the reason; the others still show."""
     manager, _ = locate(uri)
     committed = manager.committed_steps()
-    lines = [f"{'step':>10}  {'size':>10}  {'age':>10}  objects   {manager.storage.uri}"]
+    lines = [f"{'step':>10}  {'size':>10}  {'age':>10}  objects  where"]
     now = time.time()
-    for step in committed:
-        checkpoint = manager.open(step)
+
+    def row(checkpoint: Checkpoint, where: str) -> str:
         age = now - checkpoint.manifest.get("created", now)
-        lines.append(f"{step:>10}  {sizeof(checkpoint.size):>10}  {age / 3600:>9.1f}h  {len(checkpoint.manifest['objects']):>7}")
+        return (f"{checkpoint.step:>10}  {sizeof(checkpoint.size):>10}  {age / 3600:>9.1f}h  "
+                f"{len(checkpoint.manifest['objects']):>7}  {where}")
+
+    for step in committed:
+        try:
+            lines.append(row(manager.open(step), manager.storage.child(step_dir(step))))
+        except (CorruptCheckpointError, OSError) as error:
+            lines.append(f"{step:>10}  UNREADABLE: {' '.join(str(error).split())}")
+    if spill:
+        manager.spill = LocalStorage(spill)
+        lines += [row(checkpoint, f"{checkpoint.uri} (spilled: uploaded at the next start)")
+                  for checkpoint in manager.spilled()]
+    if len(lines) == 1:
+        lines.append("no committed checkpoints")
     leftovers = sorted(set(manager.step_dirs()) - set(committed))
     if leftovers:
         lines.append(f"uncommitted (no manifest, not checkpoints): steps {leftovers}")
-    if not committed:
-        lines.append("no committed checkpoints")
     return lines
 
 
@@ -92,7 +107,7 @@ def show(uri: str) -> List[str]:
              f"dvgt {m.get('package_version') or '?'}, {sizeof(checkpoint.size)}",
              f"  model: {model_summary(checkpoint) if checkpoint.sharded else safetensors_summary(checkpoint)}",
              "  objects:"]
-    lines += [f"    {o['key']:<28} {sizeof(o['size']):>10}  sha256 {o['sha256'][:16]}..." for o in m["objects"]]
+    lines += [f"    {o['key']:<28} {sizeof(o['size']):>10}  {CHECKSUM} {o[CHECKSUM][:16]}..." for o in m["objects"]]
     config = yaml.safe_load(bytes(checkpoint.read("config.yaml"))) or {}
     lines.append("  config: " + ", ".join(f"{key}={_get(config, key)}" for key in CONFIG_SUMMARY))
     return lines
@@ -105,12 +120,17 @@ def _get(config: dict, dotted: str) -> Any:
 
 
 def verify_location(uri: str, all_steps: bool = False) -> Tuple[List[str], bool]:
-    """Check every object's size, sha256 and xxh3_128 (the newest checkpoint, one given, or --all). Returns (lines, ok)."""
+    """Check every object's size and xxh3_128 (the newest checkpoint, one given, or --all). Returns (lines, ok)."""
     manager, step = locate(uri)
     steps = manager.committed_steps() if all_steps and step is None else [pick(manager, step).step]
     lines, ok = [], True
     for s in steps:
-        checkpoint = manager.open(s)
+        try:
+            checkpoint = manager.open(s)
+        except CorruptCheckpointError as error:
+            ok = False
+            lines.append(f"step {s}: BAD manifest: {error}")
+            continue
         with progress_bar(checkpoint.size, f"verify step {s}") as update:
             report = verify(checkpoint, progress=update)
         ok &= not report.bad

@@ -1,6 +1,8 @@
 """`dvgt exporter --port 9400 --dir <folder>`: the metrics sidecar. It serves /metrics (every file the
-trainer's processes wrote into the folder, merged by prometheus-client's multiprocess collector, plus
-NVML's per-GPU readings) and /healthz. It never imports torch, so it starts in a fraction of a second."""
+trainer's processes wrote into the folder, merged as prometheus-client's multiprocess collector
+would, but faster: exposition.py; plus NVML's per-GPU readings) and /healthz. It never imports
+torch, so it starts in a fraction of a second. It listens on 127.0.0.1 unless told otherwise (the
+chart's sidecar listens on all the pod's interfaces, for Prometheus and the kubelet's probes)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer
-from prometheus_client.multiprocess import MultiProcessCollector
 
+from dvgt.metrics.exposition import MetricFiles, wsgi_metrics
 from dvgt.metrics.labels import job_name, node_rank
 from dvgt.metrics.nvml import NvmlCollector
 
@@ -25,10 +27,9 @@ def build_app(folder: str | Path, job: str = "") -> Callable:
     """The WSGI app: /metrics (trainer files + NVML), /healthz (200 while the folder exists)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)  # the exporter may start before the first rank writes
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(folder))
-    registry.register(NvmlCollector({"dvgt_job": job, "node_rank": node_rank()}))
-    metrics = make_wsgi_app(registry)
+    gpus = CollectorRegistry()
+    gpus.register(NvmlCollector({"dvgt_job": job, "node_rank": node_rank()}))
+    metrics = wsgi_metrics(MetricFiles(str(folder), extra=gpus))
 
     def app(environ, start_response) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
@@ -49,7 +50,7 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def serve(folder: str | Path, port: int = 9400, host: str = "0.0.0.0", job: Optional[str] = None) -> None:
+def serve(folder: str | Path, port: int = 9400, host: str = "127.0.0.1", job: Optional[str] = None) -> None:
     """Serve until SIGTERM or Ctrl-C."""
     job = job_name() if job is None else job
     app = build_app(folder, job)

@@ -19,7 +19,7 @@ from dvgt.metrics.labels import LABEL_NAMES
 from dvgt.metrics.multiproc import remove_stale_files, use_folder
 
 STEP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0, 300.0)  # seconds: tiny CPU runs to 2B-parameter GPU steps
-CHECKPOINT_OUTCOMES = ("ok", "failed", "skipped")
+CHECKPOINT_OUTCOMES = ("ok", "failed", "skipped", "spilled")
 
 _folder: Optional[Path] = None  # the folder this process writes to; prometheus-client fixes it once per process
 
@@ -83,14 +83,18 @@ class TrainingMetrics:
         self._children: Dict[tuple, Any] = {}  # (family, labels) -> labelled child
 
         self.checkpoint_saves = counter("dvgt_checkpoint_saves", "Checkpoint saves by outcome (ok, failed, "
-                                        "skipped: not started while the previous one was still uploading)",
+                                        "skipped: not started while the previous one was still uploading or the last "
+                                        "step was non-finite, spilled: committed to the local spill folder only)",
                                         ["outcome"])
         for outcome in CHECKPOINT_OUTCOMES:  # every outcome exists from the start, at 0
             self.checkpoint_saves.labels(**rank, outcome=outcome)
         self.checkpoint_blocked = gauge("dvgt_checkpoint_blocked_seconds",
                                         "Time the last save held up training").labels(**rank)
         self.checkpoint_upload = gauge("dvgt_checkpoint_upload_seconds",
-                                       "Time the last save took to reach storage").labels(**rank)
+                                       "Time the last save took to reach storage (pruning not included)").labels(**rank)
+        self.checkpoint_cost = gauge("dvgt_checkpoint_cost_seconds", "Training time the last save cost: the extra "
+                                     "wall time of the steps it overlapped (blocked time included), or the wait for a "
+                                     "final save").labels(**rank)
         self.checkpoint_size = gauge("dvgt_checkpoint_size_bytes", "Bytes written by the last save").labels(**rank)
 
         self._memory = None
@@ -144,14 +148,14 @@ class TrainingMetrics:
             self._child(self._eval, dataset=dataset, metric=metric).set(value)
 
     def checkpoint_event(self, record: Mapping[str, Any]) -> None:
-        """One save, from a record of kind "checkpoint": outcome (ok | failed | skipped), and when
-        known blocked_s, upload_s and bytes."""
+        """One save, from a record of kind "checkpoint": outcome (ok | failed | skipped | spilled), and
+        when known blocked_s, upload_s, cost_s and bytes."""
         outcome = record["outcome"]
         if outcome not in CHECKPOINT_OUTCOMES:
             raise ValueError(f"checkpoint outcome '{outcome}' is not one of {', '.join(CHECKPOINT_OUTCOMES)}")
         self.checkpoint_saves.labels(**self.labels, outcome=outcome).inc()
         for gauge, key in ((self.checkpoint_blocked, "blocked_s"), (self.checkpoint_upload, "upload_s"),
-                           (self.checkpoint_size, "bytes")):
+                           (self.checkpoint_cost, "cost_s"), (self.checkpoint_size, "bytes")):
             if record.get(key) is not None:
                 gauge.set(record[key])
 

@@ -98,7 +98,7 @@ class TrainingJob:
     preemption_budget_s: Optional[int] = None  # seconds to commit a final checkpoint after SIGTERM
     data_pvc: Optional[str] = None  # PVC with the datasets ("" = none; chart default dvgt-data)
     data_host_path: Optional[str] = None  # or a folder on every node (used when data_pvc is "")
-    restart_policy: Optional[str] = None  # OnFailure | ExitCode | Never | Always
+    restart_policy: Optional[str] = None  # OnFailure | ExitCode | Never
     backoff_limit: Optional[int] = None  # restarts before the job fails
     active_deadline_s: Optional[int] = None  # wall-clock limit of the job
     kueue_queue: Optional[str] = None  # Kueue LocalQueue

@@ -46,7 +46,9 @@ class GradientClipper:
             raise ValueError(f"optim.gradient_clip does not cover {len(uncovered)} trainable parameter(s): {shown}; "
                              f"add their module to a group's module_name or freeze them")
 
-    def clip(self) -> Dict[str, float]:
+    def clip(self) -> Dict[str, torch.Tensor]:
+        """Clip every group in place; returns each group's pre-clip norm as a device tensor (not read:
+        the training loop reads it with the step's other values at the logging interval)."""
         norms = {}
         for group in self.groups:
             if group.params:
@@ -55,5 +57,5 @@ class GradientClipper:
                 if isinstance(norm, DTensor):  # FSDP: the norm of this rank's gradient slices, reduced over ranks
                     norm = norm.full_tensor()
                 torch.nn.utils.clip_grads_with_norm_(group.params, group.max_norm, norm)
-                norms[group.name] = float(norm)
+                norms[group.name] = norm.detach()
         return norms

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -59,13 +60,44 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_true(flag: bool, device: torch.device) -> bool:
-    """True on every rank only if flag is true on every rank (keeps ranks in lockstep on skips)."""
+def all_true(flag: torch.Tensor) -> torch.Tensor:
+    """`flag` (a bool tensor on the device) AND-ed over every rank, still on the device: the ranks stay
+    in lockstep on skipped steps without the host reading anything."""
     if not dist.is_initialized():
         return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    value = flag.to(torch.float32)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item() > 0.5)
+    return value > 0.5
+
+
+class StopVote:
+    """Whether any rank asked to stop (SIGTERM), agreed by every rank after the same step without
+    involving the device or waiting: each step's flag travels in an asynchronous all-reduce on a CPU
+    (gloo) group of its own, started at the end of one step and read at the end of the next, by which
+    time it has long arrived. So every rank stops after the same step, at most two steps after the
+    signal. Collective: every rank creates it and calls `cast` once per step, in step."""
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._flag = torch.zeros(1, dtype=torch.int32)  # a host tensor: reading it involves no device
+        self._pending: Optional[dist.Work] = None
+
+    def cast(self, stop: bool) -> bool:
+        """Vote `stop` for this step; returns the outcome of the previous step's vote (False at first)."""
+        if self.group is None:
+            return stop
+        decided = self.result()
+        self._flag = torch.tensor([int(stop)], dtype=torch.int32)
+        self._pending = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return decided
+
+    def result(self) -> bool:
+        """The outcome of the vote in flight (waits for it; False when none is)."""
+        if self._pending is None:
+            return False
+        self._pending.wait()
+        self._pending = None
+        return bool(self._flag.numpy()[0])  # host memory, through numpy: no tensor is synchronised
 
 
 def cleanup() -> None:

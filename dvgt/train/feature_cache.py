@@ -308,7 +308,7 @@ def build_cache(cfg: Any, out: str, *, part: Optional[str] = None, dtype: str = 
         tensors = {key: tokens.to(stored) for d, dataset_sizes in enumerate(sizes) for height, width in dataset_sizes
                    for key, tokens in encode(cached, datasets, [i for i in members[index] if i.dataset == d], height,
                                              width, cfg, info.device).items()}
-        with storage.open_write(shard_name(index)) as writer:
+        with storage.open_write(shard_name(index), checksum="sha256") as writer:  # the cache's manifest keeps sha256
             write_safetensors(tensors, writer, metadata={"fingerprint": shard_digest})
         record = {"index": index, "num_shards": num_shards, "fingerprint": shard_digest, "size": writer.size,
                   "sha256": writer.digests["sha256"], "items": len(members[index]), "entries": len(tensors)}

@@ -4,7 +4,7 @@ each come from their own component."""
 from __future__ import annotations
 
 import contextlib
-import math
+import queue
 import random
 import signal
 import sys
@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+import yaml
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
@@ -26,8 +27,8 @@ from tqdm import tqdm
 
 import dvgt
 from dvgt.checkpoint.dcp import ShardedCheckpointManager, load_failure, restore
-from dvgt.checkpoint.manager import (STEP_DIR, CheckpointEvent, CheckpointManager, CorruptCheckpointError,
-                                     set_rng_state)
+from dvgt.checkpoint.manager import (STEP_DIR, Checkpoint, CheckpointEvent, CheckpointManager,
+                                     CorruptCheckpointError, set_rng_state)
 from dvgt.checkpoint.storage import split_uri
 from dvgt.data.anchors import ensure_anchors
 from dvgt.data.feature_cache import CachedDataset
@@ -36,8 +37,9 @@ from dvgt.metrics.labels import rank_labels
 from dvgt.metrics.training import TrainingMetrics
 from dvgt.models import build_model, sample_targets
 from dvgt.models.conversions import initialise_from_pretrained
-from dvgt.models.weights import load_weights
+from dvgt.models.weights import WeightsMismatchError, load_state, load_weights
 from dvgt.train import distributed, feature_cache
+from dvgt.train.checkpoint_cost import CheckpointCost
 from dvgt.train.clipping import GradientClipper
 from dvgt.train.dvgt2_losses import anchors_from_model, require_distinct_anchors
 from dvgt.train.evaluation import EvalAccumulator, evaluate_batch
@@ -86,6 +88,31 @@ def load_pretrained(model: torch.nn.Module, cfg: DictConfig, say=print) -> None:
         say(f"Loaded pretrained weights from {ck.direct_load_pretrained_weights_path}:\n{report.summary()}")
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint to resume from holds weights of another model."""
+
+
+def load_checkpoint_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], checkpoint: Checkpoint,
+                            cfg: DictConfig) -> None:
+    """A checkpoint's weights into the model, strictly; a mismatch is one summary (counts, the first
+    keys of each kind) with its likely cause, read from the config saved beside the weights."""
+    try:
+        load_state(model, state, strict=True, source=checkpoint.uri)
+    except WeightsMismatchError as error:
+        try:
+            saved = OmegaConf.create(yaml.safe_load(bytes(checkpoint.read("config.yaml"))) or {})
+        except (CorruptCheckpointError, yaml.YAMLError):
+            saved = OmegaConf.create({})
+        differ = [f"{key}={OmegaConf.select(saved, key)} (this run: {OmegaConf.select(cfg, key)})"
+                  for key in ("model.name", "model.size") if OmegaConf.select(saved, key) != OmegaConf.select(cfg, key)]
+        cause = (f"the checkpoint was written with {', '.join(differ)}" if differ else
+                 "the model code or its options changed since the checkpoint was written")
+        raise CheckpointMismatchError(
+            f"cannot resume from {checkpoint.uri}: it holds another model's weights. {error}\nLikely cause: {cause}. "
+            f"Resume with the same model settings, or start fresh with checkpoint.resume=never or another "
+            f"checkpoint.uri") from None
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -106,13 +133,25 @@ class Trainer:
         self.step = 0  # optimizer steps done (skipped non-finite steps included: they consume a batch)
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self._nonfinite_since = 0  # the first step of the current run of skipped steps
+        self._pending: List[Dict[str, Any]] = []  # records of steps whose device values are not read yet
+        self._unrecorded: List[Dict[str, Any]] = []  # read, not yet in the metrics and log
+        self._progress: Optional[tqdm] = None
         self._last_saved_step = -1
         self._sigterm_at: Optional[float] = None  # when SIGTERM arrived (preemption)
+        self._checkpoint_events: "queue.SimpleQueue[CheckpointEvent]" = queue.SimpleQueue()
+        self._checkpoint_cost = CheckpointCost()
 
         ck = cfg.checkpoint  # storage is checked first: a wrong bucket or credentials fail within seconds
         manager = partial(ShardedCheckpointManager, device=self.dist.device) if self.fsdp else CheckpointManager
-        self.checkpoints = manager(ck.uri, self.dist.rank, self.dist.world_size, ck.keep_last,
-                                   dvgt.__version__, ck.async_mode, ck.s3, preflight=True)
+        self.checkpoints = manager(ck.uri, self.dist.rank, self.dist.world_size, ck.keep_last, dvgt.__version__,
+                                   ck.async_mode, ck.s3, preflight=True, retry_budget_s=ck.retry_budget_s,
+                                   spill_dir=ck.spill_dir)
+        self.checkpoints.say = self._print
+        if self.dist.is_main:  # a final checkpoint spilled locally by the previous start goes up first
+            self.checkpoints.upload_spilled(self._print)
+        distributed.barrier()
+        self.stop_vote = distributed.StopVote()
         seed_everything(cfg.seed_value)  # the same on every rank, so initial weights agree
         if cfg.model.anchor_dir:
             self._prepare_anchors()
@@ -123,7 +162,7 @@ class Trainer:
                              append=resume_from is not None)
         self.metrics = (TrainingMetrics(cfg.logging.log_dir, rank_labels(cfg.exp_name), self.device)
                         if cfg.logging.metrics else None)
-        self.checkpoints.listeners.append(self._on_checkpoint_event)
+        self.checkpoints.listeners.append(self._checkpoint_events.put)  # from the save thread; logged by the loop
         if resume_from is None:
             load_pretrained(self.model, cfg, self._print)
         frozen = freeze_modules(self.model, cfg.optim.frozen_module_names)
@@ -139,8 +178,9 @@ class Trainer:
             shard_model(self.model, init_device_mesh(self.device.type, (self.dist.world_size,)), cfg.distributed.fsdp,
                         self.amp_dtype if self.use_amp else None)
         self.clipper = GradientClipper(self.model, cfg.optim.gradient_clip)
+        # Fused AdamW skips a non-finite step on the device (found_inf); with cpu_offload it runs unfused.
         self.optimizer = build_optimizer(self.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
-                                         fused=self.device.type == "cuda" and not cfg.distributed.fsdp.cpu_offload)
+                                         fused=not cfg.distributed.fsdp.cpu_offload)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.train_model = self.model
         if self.dist.is_distributed and not self.fsdp:
@@ -248,7 +288,7 @@ class Trainer:
                                                  f"delete it or set checkpoint.resume=never") from None
                 return self._resume(older)
         else:
-            self.model.load_state_dict(loaded["model"], strict=True)
+            load_checkpoint_weights(self.model, loaded["model"], checkpoint, self.cfg)
             self.optimizer.load_state_dict(loaded["optimizer"])
         state = loaded["trainer_state"]
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
@@ -266,8 +306,11 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
-    def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
-        """Forward/backward over accum_steps chunks, then one clipped optimizer step (or a counted skip)."""
+    def train_step(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """Forward/backward over accum_steps chunks, then one clipped optimizer step, skipped on the
+        device when a loss or gradient is non-finite. Nothing here waits for the device: the record's
+        losses, gradient norms and `skipped` flag stay device tensors until `read_steps` reads them
+        (at the logging interval, before a save, at the end)."""
         self.train_model.train()
         if self.frozen_part is not None:
             self.frozen_part.module.eval()
@@ -280,8 +323,8 @@ class Trainer:
         set_lr(self.optimizer, lr)
         chunks = split_batch(batch, self.cfg.accum_steps)
         batch_size = batch["images"].shape[0]
-        totals: Dict[str, float] = {}
-        finite = True
+        totals: Dict[str, torch.Tensor] = {}
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         for i, chunk in enumerate(chunks):
             last = i == len(chunks) - 1
             with self._gradient_sync(last):
@@ -289,32 +332,75 @@ class Trainer:
                     predictions = self.forward(self.train_model, chunk)
                 losses = compute_loss(predictions, chunk, self.cfg.loss, self.anchors)
                 share = chunk["images"].shape[0] / batch_size
-                finite &= bool(torch.isfinite(losses["objective"]))
+                finite = finite & torch.isfinite(losses["objective"].detach())
                 self.scaler.scale(losses["objective"] * share).backward()
             for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach()) * share
+                totals[key] = totals.get(key, 0.0) + value.detach().float() * share
         self.scaler.unscale_(self.optimizer)
         norms = self.clipper.clip()
-        finite &= self.scaler.is_enabled() or all(math.isfinite(n) for n in norms.values())
-        if distributed.all_true(finite, self.device):
-            self.scaler.step(self.optimizer)
-            self.nonfinite_in_a_row = 0
-        else:
-            self.nonfinite_in_a_row += 1
-            self.nonfinite_total += 1
-            limit = self.cfg.optim.max_consecutive_nonfinite
-            if self.nonfinite_in_a_row >= limit:
-                raise NonFiniteLossError(
-                    f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                    f"(last at step {self.step}); lower optim.lr, check the data, or raise "
-                    f"optim.max_consecutive_nonfinite (now {limit})")
-        self.scaler.update()
+        if not self.scaler.is_enabled() and norms:  # (the fp16 grad scaler skips overflowing steps itself)
+            finite = finite & torch.isfinite(torch.stack(list(norms.values()))).all()
+        finite = distributed.all_true(finite)
+        self._optimizer_step(finite)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         record = {f"loss/{k}": v for k, v in totals.items()}
         record.update({f"grad_norm/{k}": v for k, v in norms.items()})
-        record.update(lr=lr, nonfinite_skipped=self.nonfinite_total, skipped=not bool(finite), **cache_counts)
+        record.update(step=self.step, lr=lr, skipped=~finite, **cache_counts)
+        self._pending.append(record)
         return record
+
+    def _optimizer_step(self, finite: torch.Tensor) -> None:
+        """The optimizer step, applied only where `finite` (a device flag) holds: fused AdamW takes the
+        flag as its found_inf and skips on the device; the fp16 grad scaler and unfused AdamW (FSDP's
+        cpu_offload) need the flag on the host, one read per step."""
+        if self.scaler.is_enabled():
+            if bool(finite):
+                self.scaler.step(self.optimizer)
+        elif self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = (~finite).to(torch.float32)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif bool(finite):
+            self.optimizer.step()
+        self.scaler.update()
+
+    def read_steps(self) -> List[Dict[str, Any]]:
+        """The records of the steps since the last read, with their device values read in one transfer
+        (the only host-device synchronisation of the training loop), and the skipped steps counted
+        (_record_steps then reports them and applies the stop rule)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
+        keys = [[k for k, v in record.items() if torch.is_tensor(v)] for record in pending]
+        values = torch.stack([record[k].detach().float().reshape(()) for record, ks in zip(pending, keys)
+                              for k in ks]).tolist()
+        at = 0
+        for record, ks in zip(pending, keys):
+            for k in ks:
+                record[k] = values[at]
+                at += 1
+            record["skipped"] = bool(record["skipped"])
+            if record["skipped"]:
+                self._nonfinite_since = self._nonfinite_since if self.nonfinite_in_a_row else record["step"]
+                self.nonfinite_in_a_row += 1
+                self.nonfinite_total += 1
+            else:
+                self.nonfinite_in_a_row = 0
+            record["nonfinite_skipped"] = self.nonfinite_total
+        self._unrecorded += pending
+        return pending
+
+    def _check_nonfinite_streak(self) -> None:
+        limit = self.cfg.optim.max_consecutive_nonfinite
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"steps {self._nonfinite_since}-{self._nonfinite_since + self.nonfinite_in_a_row - 1} "
+                f"({self.nonfinite_in_a_row} in a row) had a non-finite loss or gradient and were skipped; the newest "
+                f"checkpoint predates them. Lower optim.lr, check the data, or raise optim.max_consecutive_nonfinite "
+                f"(now {limit})")
 
     def _gradient_sync(self, enabled: bool):
         """DDP and FSDP reduce gradients only on the last micro-step of an optimizer step."""
@@ -363,10 +449,18 @@ class Trainer:
             self._print(f"step {self.step} (epoch {self.epoch}): {format_record(metrics)}")
         return metrics or {}
 
-    def save(self, final: bool = False, timeout: Optional[float] = None) -> None:
-        """Checkpoint the current step (in the background unless final; see CheckpointManager.save)."""
+    def save(self, final: bool = False, timeout: Optional[float] = None) -> Optional[CheckpointEvent]:
+        """Checkpoint the current step (in the background unless final; see CheckpointManager.save),
+        unless the last step was skipped as non-finite: its weights may have blown up in the steps
+        before, and resume=auto would pick them."""
+        self.read_steps()
         if self.step == self._last_saved_step and not final:
-            return
+            return None
+        if self.nonfinite_in_a_row:
+            self._log_checkpoint(CheckpointEvent(
+                self.step, "skipped", 0.0, error=f"step {self.step} was skipped as non-finite ({self.nonfinite_in_a_row} "
+                f"in a row); a checkpoint is committed once a step is finite again"))
+            return None
         self._last_saved_step = self.step
         state = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                  "nonfinite_total": self.nonfinite_total, "scaler": self.scaler.state_dict()}
@@ -374,26 +468,53 @@ class Trainer:
             model_state, optimizer_state = get_model_state_dict(self.model), get_optimizer_state_dict(self.model, self.optimizer)
         else:
             model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
-        self.checkpoints.save(self.step, model_state=model_state, optimizer_state=optimizer_state, trainer_state=state,
-                              config_yaml=OmegaConf.to_yaml(self.cfg), epoch=self.epoch, final=final, timeout=timeout)
+        return self.checkpoints.save(self.step, model_state=model_state, optimizer_state=optimizer_state,
+                                     trainer_state=state, config_yaml=OmegaConf.to_yaml(self.cfg), epoch=self.epoch,
+                                     final=final, timeout=timeout)
 
-    def _on_checkpoint_event(self, event: CheckpointEvent) -> None:
+    def _log_checkpoint(self, event: CheckpointEvent, cost_s: Optional[float] = None) -> None:
+        """One record of kind "checkpoint" (log and metrics). cost_s: the training time it cost."""
         record = {"kind": "checkpoint", "step": event.step, "outcome": event.outcome, "blocked_s": event.blocked_s,
-                  "upload_s": event.upload_s, "bytes": event.bytes, **({"error": event.error} if event.error else {})}
+                  "upload_s": event.upload_s, "prune_s": event.prune_s, "cost_s": cost_s, "bytes": event.bytes,
+                  "retries": event.retries, **({"where": event.where} if event.where else {}),
+                  **({"error": event.error} if event.error else {})}
         self.log.log(record)
         if self.metrics is not None:
             self.metrics.checkpoint_event(record)
-        if event.outcome != "ok":
-            self._print(f"warning: checkpoint of step {event.step} {event.outcome}"
-                        f"{': ' + event.error if event.error else ' (the previous save is still uploading)'}")
+        if event.outcome in ("failed", "skipped"):
+            self._print(f"warning: checkpoint of step {event.step} {event.outcome}: {event.error}")
+
+    def _checkpoints_done(self, waited_s: Optional[float] = None) -> None:
+        """Log the saves that finished since the last call, with what each cost: the extra time of the
+        steps it overlapped, or for a save the loop waited for (the final one), that wait."""
+        while not self._checkpoint_events.empty():
+            event = self._checkpoint_events.get()
+            if event.outcome == "skipped":
+                cost = event.blocked_s
+            elif waited_s is not None:
+                cost = waited_s
+            else:
+                cost = self._checkpoint_cost.finish()
+            self._log_checkpoint(event, cost)
 
     def _on_sigterm(self, signum, frame) -> None:
         if self._sigterm_at is None:
             self._sigterm_at = time.monotonic()
 
-    def _preempted(self) -> bool:
-        """True on every rank once any rank got SIGTERM (so all ranks stop after the same step)."""
-        return not distributed.all_true(self._sigterm_at is None, self.device)
+    def _record_steps(self) -> None:
+        """Read the steps' device values, then metrics for every step, the log and progress bar at the
+        logging interval, and the non-finite stop rule (after the skipped steps are counted)."""
+        self.read_steps()
+        records, self._unrecorded = self._unrecorded, []
+        for record in records:
+            if self.metrics is not None:
+                self.metrics.observe_step(record)
+            if record["step"] % self.cfg.logging.log_freq == 0 or record["step"] == 1:
+                self.log.log(record)
+        if records and self._progress is not None:
+            self._progress.set_postfix(loss=f"{records[-1]['loss/objective']:.4g}", lr=f"{records[-1]['lr']:.2e}",
+                                       refresh=False)
+        self._check_nonfinite_streak()
 
     def fit(self) -> Dict[str, Any]:
         """Train to the end, or until SIGTERM (then result["preempted"] is True; see _fit)."""
@@ -415,61 +536,89 @@ class Trainer:
         preempted = False
         if self.step == 0:
             last_eval = self._evaluate_and_log()  # the starting point of the held-out curves
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=not (self.dist.is_main and cfg.logging.progress),
-                        desc=cfg.exp_name, unit="step", dynamic_ncols=True,
-                        mininterval=0.1 if sys.stderr.isatty() else 10.0)
-        while self.epoch < cfg.max_epochs:
-            sampler.load_state_dict({"epoch": self.epoch, "step": self.step_in_epoch})
-            wait_start = time.perf_counter()
-            for batch in self.train_loader:
-                data_time = time.perf_counter() - wait_start
-                batch = move_to(batch, self.device)
-                images = batch["images"].shape[0] * batch["images"].shape[1] * batch["images"].shape[2]
-                record = self.train_step(batch)
-                step_time = time.perf_counter() - wait_start
-                self.step_in_epoch += 1
-                if cfg.distributed.verify_replicas:
-                    self.verify_replicas()
-                progress.update(1)
-                progress.set_postfix(loss=f"{record['loss/objective']:.4g}", lr=f"{record['lr']:.2e}", refresh=False)
-                record.update(kind="train", step=self.step, epoch=self.epoch, step_time=step_time,
-                              data_time=data_time, images=images, images_per_sec=images * self.dist.world_size / step_time)
-                if self.metrics is not None:
-                    self.metrics.observe_step(record)
-                if self.step % cfg.logging.log_freq == 0 or self.step == 1:
-                    self.log.log(record)
-                if cfg.checkpoint.save_every_steps and self.step % cfg.checkpoint.save_every_steps == 0:
-                    self.save()
-                preempted = self._preempted()
+        self._progress = tqdm(total=self.total_steps, initial=self.step,
+                              disable=not (self.dist.is_main and cfg.logging.progress), desc=cfg.exp_name, unit="step",
+                              dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
+        try:
+            while self.epoch < cfg.max_epochs:
+                sampler.load_state_dict({"epoch": self.epoch, "step": self.step_in_epoch})
+                preempted = self._train_epoch()
                 if preempted:
                     break
-                wait_start = time.perf_counter()
-            if preempted:
-                break
-            self.epoch += 1
-            self.step_in_epoch = 0
-            if self.epoch % cfg.val_epoch_freq == 0 or self.epoch == cfg.max_epochs:
-                last_eval = self._evaluate_and_log() or last_eval
-            if (self.epoch % cfg.checkpoint.save_freq == 0) and self.epoch < cfg.max_epochs:
-                self.save()
-        progress.close()
-        if preempted:
-            # Finish within the budget (the pod's terminationGracePeriodSeconds): exit code 143 lets the
-            # Training Operator restart the pod, which resumes from this checkpoint.
-            budget = cfg.checkpoint.preemption_budget_s - (time.monotonic() - (self._sigterm_at or time.monotonic()))
-            self._print(f"SIGTERM: committing a final checkpoint at step {self.step} (budget {budget:.0f} s)")
-            try:
-                self.save(final=True, timeout=max(budget, 0.0))
-            except OSError as error:  # still exit for a restart: it resumes from the newest commit
-                self._print(f"warning: {error}")
-        else:
-            self.save(final=True)  # waits for the save in flight; commits the last step unless it is
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self._record_steps()
+                if self.epoch % cfg.val_epoch_freq == 0 or self.epoch == cfg.max_epochs:
+                    last_eval = self._evaluate_and_log() or last_eval
+                if (self.epoch % cfg.checkpoint.save_freq == 0) and self.epoch < cfg.max_epochs:
+                    started = time.perf_counter()
+                    self.save()  # between epochs, so its blocked time is in no step's: counted here
+                    self._checkpoint_cost.add(time.perf_counter() - started)
+        finally:
+            self.stop_vote.result()  # no vote left in flight on the process group
+            self._progress.close()
+        spilled = self._final_save(preempted)
         self.log.close()
         if self.metrics is not None:
             self.metrics.finished()
-        return {"step": self.step, "preempted": preempted, **last_eval}
+        return {"step": self.step, "preempted": preempted, "spilled": spilled, **last_eval}
+
+    def _train_epoch(self) -> bool:
+        """The steps of one epoch; True when the ranks agreed to stop for SIGTERM."""
+        cfg = self.cfg
+        started = time.perf_counter()  # each step's time runs from here to the end of its bookkeeping
+        for batch in self.train_loader:
+            data_time = time.perf_counter() - started
+            saving = self.checkpoints.in_flight()  # a save overlapping this step makes it cost more
+            batch = move_to(batch, self.device)
+            images = batch["images"].shape[0] * batch["images"].shape[1] * batch["images"].shape[2]
+            record = self.train_step(batch)
+            self.step_in_epoch += 1
+            if cfg.distributed.verify_replicas:
+                self.verify_replicas()
+            self._progress.update(1)
+            if cfg.checkpoint.save_every_steps and self.step % cfg.checkpoint.save_every_steps == 0:
+                self.save()
+                saving |= self._last_saved_step == self.step
+            preempted = self.stop_vote.cast(self._sigterm_at is not None)
+            ended = time.perf_counter()
+            step_time = ended - started  # data wait, step, save and bookkeeping: the step's whole wall time
+            record.update(kind="train", epoch=self.epoch, step_time=step_time, data_time=data_time, images=images,
+                          images_per_sec=images * self.dist.world_size / step_time)
+            if self.step % cfg.logging.log_freq == 0 or self.step == 1 or preempted:
+                self._record_steps()
+            self._checkpoint_cost.observe(step_time, saving or self.checkpoints.in_flight())
+            self._checkpoints_done()
+            started = time.perf_counter()
+            if preempted:
+                return True
+        return False
+
+    def _final_save(self, preempted: bool) -> bool:
+        """Commit the last step (waiting for the save in flight); True when it only reached the local
+        spill folder. On preemption, within the budget (the pod's terminationGracePeriodSeconds)."""
+        self._record_steps()
+        timeout = None
+        if preempted:
+            timeout = max(0.0, self.cfg.checkpoint.preemption_budget_s - (time.monotonic() - self._sigterm_at))
+            self._print(f"SIGTERM: committing a final checkpoint at step {self.step} (budget {timeout:.0f} s)")
+        started = time.perf_counter()
+        try:
+            event = self.save(final=True, timeout=timeout)
+        except OSError as error:
+            if not preempted:
+                raise
+            self._print(f"warning: {error}")  # exit for a restart all the same: it resumes from the newest commit
+            event = None
+        self._checkpoints_done(waited_s=time.perf_counter() - started)
+        return event is not None and event.outcome == "spilled"
 
     def close(self) -> None:
+        """Let a save still uploading finish (up to a minute, without further retries), then leave the
+        process group."""
+        if getattr(self, "checkpoints", None) is not None:
+            self.checkpoints.stop_retrying()
+            self.checkpoints.wait(60.0)
         distributed.cleanup()
 
 

@@ -121,7 +121,7 @@ The plan as JSON (use: include "dvgt.plan" . | fromJson).
 {{- $args := list (printf "--nproc-per-node=%d" (int .Values.gpusPerNode))
       (printf "--shutdown-timeout=%d" (int .Values.checkpoint.preemptionBudgetSeconds)) "-m" "dvgt.train" (printf "--config=%s" $stage.config)
       (printf "accum_steps=%d" $accum) (printf "checkpoint.uri=%s" $uri)
-      (printf "checkpoint.preemption_budget_s=%d" (int .Values.checkpoint.preemptionBudgetSeconds)) -}}
+      (printf "checkpoint.preemption_budget_s=%d" (int .Values.checkpoint.preemptionBudgetSeconds)) "checkpoint.spill_dir=/spill" -}}
 {{- if .Values.imagesPerStep -}}
 {{- $args = append $args (printf "max_img_per_gpu=%d" $perStep) -}}
 {{- end -}}

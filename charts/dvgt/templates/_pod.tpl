@@ -1,6 +1,6 @@
 {{/*
-The pod of one replica (Master or Worker): the `pytorch` container runs torchrun on the stage's
-config; the exporter runs beside it as a native sidecar (an init container with restartPolicy
+The pod of one replica (Master or Worker): the `pytorch` container runs torchrun (through
+dvgt.train.launch, whose exit code tells the restart policy the truth) on the stage's config; the exporter runs beside it as a native sidecar (an init container with restartPolicy
 Always, so the pod completes when training ends) and reads the metric files through the shared
 emptyDir. The root filesystem is read-only: the trainer writes into emptyDirs at /workspace (its
 working directory: logs, TensorBoard), /tmp (HOME, torch's caches) and /dev/shm (data-loader workers).
@@ -119,7 +119,7 @@ spec:
     - name: pytorch
       image: {{ include "dvgt.image" (merge (dict "appVersion" .root.Chart.AppVersion) $v.image) }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
-      command: [torchrun]
+      command: [python, -m, dvgt.train.launch]  # torchrun that exits with what the trainer said (143 on SIGTERM): docs/kubernetes.md
       args:
         {{- toYaml $plan.args | nindent 8 }}
       workingDir: /workspace
@@ -178,6 +178,8 @@ spec:
         - name: metrics
           mountPath: {{ $metricsDir }}
         {{- end }}
+        - name: spill  # checkpoint.spill_dir: a final checkpoint the store could not take, uploaded at the next start
+          mountPath: /spill
         {{- with $v.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -211,6 +213,13 @@ spec:
       emptyDir:
         sizeLimit: 256Mi
     {{- end }}
+    - name: spill
+      {{- if $v.checkpoint.spillPvc }}
+      persistentVolumeClaim:
+        claimName: {{ $v.checkpoint.spillPvc }}
+      {{- else }}
+      emptyDir: {}  # counts against the pod's ephemeral-storage: full-size runs set checkpoint.spillPvc
+      {{- end }}
     {{- with $v.extraVolumes }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
