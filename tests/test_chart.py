@@ -412,7 +412,7 @@ def test_trainjob_options_render_valid_objects():
     ({"api": "tfjob"}, "at '/api': value must be one of 'pytorchjob', 'trainjob'"),
     ({"api": "trainjob", "nodes": 0}, "at '/nodes': minimum: got 0, want 1"),
     ({"api": "trainjob", "trainJob.runtime.kind": "Runtime"}, "at '/trainJob/runtime/kind': value must be one of"),
-    ({"api": "trainjob", "restartPolicy": "Always"}, "restartPolicy Always is not possible with api=trainjob"),
+    ({"api": "trainjob", "restartPolicy": "Always"}, "at '/restartPolicy': value must be one of 'ExitCode', 'OnFailure', 'Never'"),
     ({"api": "trainjob", "scheduling.minAvailable": 2}, "scheduling.minAvailable is a PyTorchJob setting"),
     ({"api": "trainjob", "scheduling.queue": "q"}, "scheduling.queue (a Volcano queue) needs trainJob.podGroupPolicy=volcano"),
 ])

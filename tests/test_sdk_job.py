@@ -110,9 +110,9 @@ def test_invalid_jobs_are_refused_naming_the_field(fields, message):
 def test_chart_rules_beyond_the_schema_are_refused_too():
     with pytest.raises(InvalidJobError, match=r"job j: helm template j failed: .*scheduling.minAvailable \(4\) is more than"):
         TrainingJob(stage="dvgt1-demo", name="j", nodes=2, values={"scheduling": {"minAvailable": 4}}).render()
-    with pytest.raises(InvalidJobError, match=r"job j: helm template j failed: .*restartPolicy Always is not possible "
-                                              r"with api=trainjob .*; use OnFailure$"):
-        TrainingJob(stage="dvgt1-demo", name="j", api="trainjob", restart_policy="Always").render()
+    with pytest.raises(InvalidJobError, match=r"job j: helm template j failed: .*scheduling.minAvailable is a PyTorchJob "
+                                              r"setting"):
+        TrainingJob(stage="dvgt1-demo", name="j", api="trainjob", values={"scheduling": {"minAvailable": 2}}).render()
 
 
 def helm_objects(release: str, *sets: str) -> dict:

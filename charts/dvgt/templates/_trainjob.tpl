@@ -28,9 +28,6 @@ trainer.kubeflow.org/framework: torch
 {{/* What a PyTorchJob value cannot mean for a TrainJob: refused with the fix, before anything is rendered. */}}
 {{- define "dvgt.trainJobChecks" -}}
 {{- $v := .root.Values -}}
-{{- if eq $v.restartPolicy "Always" -}}
-{{- fail "restartPolicy Always is not possible with api=trainjob (the pods are a Job's: OnFailure or Never); use OnFailure" -}}
-{{- end -}}
 {{- if $v.scheduling.minAvailable -}}
 {{- fail "scheduling.minAvailable is a PyTorchJob setting; with api=trainjob the gang is every pod: set trainJob.podGroupPolicy (coscheduling or volcano) and leave minAvailable null" -}}
 {{- end -}}
