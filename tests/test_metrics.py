@@ -142,7 +142,7 @@ def test_dashboard_has_the_variables_and_a_panel_for_every_item():
                    "dvgt:gpu_memory_used_bytes", "dvgt:gpu_memory_total_bytes", "dvgt:gpu_utilization_ratio",
                    "dvgt_data_wait_seconds_total",
                    "dvgt_checkpoint_blocked_seconds", "dvgt_checkpoint_upload_seconds", "dvgt_checkpoint_saves_total",
-                   "dvgt_nonfinite_steps_skipped_total", "dvgt_last_step_timestamp_seconds"):
+                   "dvgt_nonfinite_steps_skipped_total", "dvgt_last_step_timestamp_seconds", "dvgt_eval_metric"):
         assert metric in exprs, f"no dashboard panel shows {metric}"
     for _, expr in dashboard_targets():
         assert "$" not in expr, f"unsubstituted Grafana variable in {expr}"
