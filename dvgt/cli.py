@@ -350,14 +350,17 @@ def one_line(error: BaseException) -> str:
 
 
 def exit_process(code: int, program: bool = True) -> None:
-    """sys.exit(code), unless this is the program (not a caller of main() such as a test) and a
-    background thread of ours (a checkpoint upload that outlived the trainer's wait for it) still
-    runs: a daemon thread caught inside native code while the interpreter shuts down aborts the
-    process ("terminate called without an active exception", exit 134: a needless restart) instead of
-    exiting with `code`. Then the output is flushed and the process ends at once (os._exit), the
-    upload abandoned uncommitted as a killed one would be."""
-    if program and any(thread.daemon and thread.is_alive() and thread.name.startswith("dvgt-")
-                       for thread in threading.enumerate()):
+    """sys.exit(code), unless this is the program (not a caller of main() such as a test) and native
+    threads may still run: a background thread of ours (a checkpoint upload that outlived the
+    trainer's wait for it), or the threads of a torch.distributed process group (a rank of a torchrun
+    job). Caught inside native code while the interpreter shuts down, they abort the process
+    ("terminate called without an active exception", exit 134: a needless restart, seen on a rank
+    of a finished 2-rank job) instead of exiting with `code`. Then the output is flushed and the
+    process ends at once (os._exit); everything it wrote is closed already, and an upload still
+    running is abandoned uncommitted, as a killed one would be."""
+    ranked = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "torch.distributed" in sys.modules
+    if program and (ranked or any(thread.daemon and thread.is_alive() and thread.name.startswith("dvgt-")
+                                  for thread in threading.enumerate())):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -327,7 +327,7 @@ def test_sigterm_under_each_restart_policy(policy, nproc, tiny_data_root, tmp_pa
     assert runner.returncode == 0, out[-4000:]
     assert ("restarting as a new pod" if policy == "ExitCode" else "restarting in 0 s") in out
     assert f"Resumed from {tmp_path / 'run' / 'ckpts' / f'step_{at:08d}'} at step {at}" in out
-    assert f'"finished": true, "step": {steps}' in out and f"job {job} Succeeded (1 restart(s))" in out
+    assert f'"finished": true, "step": {steps}' in out and f"job {job} Succeeded (1 restart(s))" in out, out[-6000:]
 
 
 # --------------------------------------------------------------------------------------------

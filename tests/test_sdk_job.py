@@ -112,7 +112,7 @@ def test_chart_rules_beyond_the_schema_are_refused_too():
         TrainingJob(stage="dvgt1-demo", name="j", nodes=2, values={"scheduling": {"minAvailable": 4}}).render()
     with pytest.raises(InvalidJobError, match=r"job j: helm template j failed: .*scheduling.minAvailable is a PyTorchJob "
                                               r"setting"):
-        TrainingJob(stage="dvgt1-demo", name="j", api="trainjob", values={"scheduling": {"minAvailable": 2}}).render()
+        TrainingJob(stage="dvgt1-demo", name="j", api="trainjob", nodes=2, values={"scheduling": {"minAvailable": 2}}).render()
 
 
 def helm_objects(release: str, *sets: str) -> dict:
