@@ -1,7 +1,7 @@
 """JPEG decode + resize throughput per core: the official path against ours (DCT-scaled decoding), side by side.
 
     flock /tmp/dvgt-heavy.lock .venv/bin/python benchmarks/data_decode.py [--root ROOT --dataset D --split S]
-        [--widths 512 518] [--aspect 1.77] [--repeats 3] [--limit N]
+        [--widths 512] [--aspect 1.77] [--repeats 3] [--limit N]
 
 Without --root it writes a temporary official tree: the nuScenes rows of the official fixture
 (tests/data/official/official_format) with their JPEGs upscaled to nuScenes' stored 1600x900 (BICUBIC)
@@ -9,10 +9,11 @@ and re-encoded at quality 95 (the official writer's), intrinsics scaled to match
 that tree as it is, through the project's reader (format.read_table, format.open_image via
 SceneDataset.view_image), so any root the reader accepts can be measured.
 
-For each image width (512: DVGT-1/DVGT-2 stages; 518: VGGT), each view is prepared as an unaugmented
+For each image width (512: the DVGT-1/DVGT-2 stage configs), each view is prepared as an unaugmented
 view of that width and --aspect (SceneDataset.view_image) once with exact decoding (the official
 path: full decode, crop, LANCZOS resize) and once with data.train.fast_decode (libjpeg decodes at
-1/2, 1/4 or 1/8 scale, then the same crop and LANCZOS resize), alternating which goes first, in one
+1/2, 1/4 or 1/8 scale when the crop keeps 1.5 times the resized size, then the same crop and LANCZOS
+resize), alternating which goes first, in one
 process: images/s of one process is images/s per core (PIL decodes and resizes on one thread). A
 first untimed pass warms the page cache and gives the outputs to compare: shapes must be identical
 (and the intrinsics are by construction: both paths share one ViewPlan); pixel values are compared
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("--root", help="an official tree to read (default: the fixture upscaled to 1600x900)")
     parser.add_argument("--dataset", default="nuscene")
     parser.add_argument("--split", default="val")
-    parser.add_argument("--widths", type=int, nargs="+", default=[512, 518], help="image widths (512 DVGT, 518 VGGT)")
+    parser.add_argument("--widths", type=int, nargs="+", default=[512], help="image widths (data.train.img_width)")
     parser.add_argument("--aspect", type=float, default=1.77, help="width / height of the view (nuScenes evaluation)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the images")
     parser.add_argument("--limit", type=int, default=sys.maxsize, help="at most this many images")
