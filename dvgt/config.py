@@ -86,6 +86,7 @@ class DataSplitConfig:
     aug_pixel_aspect_range: Optional[List[float]] = field(default_factory=lambda: [0.8, 1.0])  # per-axis crop scale in training (null = off)
     aug_safe_scales: Optional[List[float]] = field(default_factory=lambda: [0.8, 1.2])  # keep fx/fy within this after that crop
     random_resize: bool = True  # training: a random extra resize margin (triangular(0, 0, 0.3) x image size)
+    fast_decode: bool = True  # training: decode JPEGs at 1/2, 1/4 or 1/8 scale when the view is at most that size (pixels within JPEG tolerance; evaluation always decodes exactly; docs/data.md)
     color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
     filter_lidar: bool = False  # rows the filter flagged (use_lidar_proj_depth) get no depth instead of projected LiDAR
     eval_lidar_proj_depth: bool = False  # read projected LiDAR depth for every row

@@ -17,9 +17,10 @@ convention with its source in the official code.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -136,16 +137,31 @@ def check_dataset_name(dataset: str, where: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """uint8 RGB [H, W, 3] of a JPEG; a missing or broken file is a DataFileError naming it."""
+@contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """A JPEG opened lazily: its header (size, mode) is read, its pixels are decoded when the block asks
+    for them. A missing or broken file, also when it fails to decode inside the block, is a
+    DataFileError naming it."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+        image = Image.open(path)
     except FileNotFoundError:
         raise DataFileError(f"image file '{path}' is missing; restore it from the preprocessed release "
                             f"(or re-run the official preprocessing for this dataset)") from None
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataFileError(f"cannot decode image file '{path}' ({error}); re-copy it from the release") from None
+    with image:
+        try:
+            yield image
+        except DataFileError:
+            raise
+        except OSError as error:  # a truncated or corrupt JPEG fails when its pixels are decoded
+            raise DataFileError(f"cannot decode image file '{path}' ({error}); re-copy it from the release") from None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """uint8 RGB [H, W, 3] of a JPEG; a missing or broken file is a DataFileError naming it."""
+    with open_image(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def write_image(path: str | Path, rgb: np.ndarray, quality: int = 95) -> None:

@@ -38,6 +38,7 @@ def dataset_spec(data_cfg: Any, split: str, entry: Any, *, patch_size: int, gt_s
         frame_num_max=entry.frame_num_max, dataset_len=entry.dataset_len, inside_random=s.inside_random,
         aug_pixel_aspect_range=pair(s.aug_pixel_aspect_range) if training else None,
         aug_safe_scales=pair(s.aug_safe_scales), random_resize=s.random_resize and training,
+        fast_decode=s.fast_decode and training,
         filter_lidar=s.filter_lidar, eval_lidar_proj_depth=s.eval_lidar_proj_depth, gt_scale_factor=gt_scale_factor,
         max_ray_depth=s.max_ray_depth, targets=targets,
         scene_filter=tree.scene_filter(s.clip_split) if s.clip_split.startswith("nav") else None)

@@ -24,7 +24,7 @@ import numpy as np
 
 from dvgt.data import format as fmt
 from dvgt.data.scenes import Scene, Sequence, build_scenes, fps_step, split_sequences
-from dvgt.data.transforms import RANDOM_RESIZE_MODE, prepare_view
+from dvgt.data.transforms import RANDOM_RESIZE_MODE, ViewPlan, plan_view, resize_depth, resize_image, resize_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class DatasetSpec:
     max_ray_depth: float = 100.0  # max_ray_depth (metres, before scaling)
     targets: frozenset = ALL_TARGETS  # the enable_* switches that are on (TARGETS)
     scene_filter: Optional[Path] = None  # NavSim scene filter yaml (navtrain / navtest)
+    fast_decode: bool = False  # not official: JPEG DCT-scaled decoding (transforms.resize_jpeg); pixels within JPEG tolerance
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -308,38 +309,56 @@ class SceneDataset:
     def view_image(self, row: int, target: tuple[int, int]) -> np.ndarray:
         """One table row's image at the target (height, width) as a sample without augmentation holds it:
         uint8 [H, W, 3] (what a feature cache encodes)."""
-        return self._load_view(row, target, None)[0]
+        return self._load_image(row, target, None)[0]
+
+    def _load_image(self, row: int, target: tuple[int, int], rng: Optional[np.random.Generator]
+                    ) -> tuple[np.ndarray, ViewPlan, tuple[int, int]]:
+        """(image [H, W, 3] uint8 at the target size, its ViewPlan, the stored (height, width)) of one row;
+        ``rng`` draws the training augmentation (None: none)."""
+        intrinsics = self.table.intrinsics[row]
+        with fmt.open_image(self.tree.image(self.table.filename[row].as_py())) as jpeg:  # header read, pixels not yet
+            stored = (jpeg.height, jpeg.width)
+            plan = plan_view(stored, intrinsics, target, *self._augmentation(stored, intrinsics, target, rng))
+            if self.spec.fast_decode:
+                return resize_jpeg(jpeg, plan), plan, stored
+            return resize_image(np.asarray(jpeg.convert("RGB")), plan), plan, stored
 
     def _load_view(self, row: int, target: tuple[int, int], rng: Optional[np.random.Generator]):
         """(image, depth, intrinsics, world points, valid mask) of one table row at the target size."""
         spec, table = self.spec, self.table
         filename = table.filename[row].as_py()
-        image = fmt.read_image(self.tree.image(filename))
+        image, plan, stored = self._load_image(row, target, rng)
         lidar_row = bool(table.use_lidar_proj_depth[row])
         if lidar_row and spec.filter_lidar:
-            depth = np.zeros(image.shape[:2], dtype=np.float32)
+            depth = np.zeros(stored, dtype=np.float32)
         else:
             depth = fmt.read_depth(self.tree.depth(filename, projected=lidar_row or spec.eval_lidar_proj_depth))
-            if depth.shape != image.shape[:2]:
+            if depth.shape != stored:
                 raise fmt.DataFileError(f"depth of '{filename}' is {depth.shape[1]}x{depth.shape[0]} but its image "
-                                        f"is {image.shape[1]}x{image.shape[0]}; re-copy both from the release")
+                                        f"is {stored[1]}x{stored[0]}; re-copy both from the release")
         depth = np.nan_to_num(depth, nan=0, posinf=0, neginf=0)
         depth[depth < fmt.MIN_DEPTH_M] = 0
-        intrinsics = table.intrinsics[row]
+        depth, intrinsics = resize_depth(depth, plan), plan.intrinsics
+        points_camera, valid = unproject(depth, intrinsics)
+        camera_to_world = inverse_rigid(table.extrinsics[row])
+        world = points_camera @ camera_to_world[:3, :3].T + camera_to_world[:3, 3]  # float64
+        return image, depth, intrinsics, world, valid
+
+    def _augmentation(self, stored: tuple[int, int], intrinsics: np.ndarray, target: tuple[int, int],
+                      rng: Optional[np.random.Generator]) -> tuple[Optional[tuple[int, int]], float]:
+        """(first crop size, extra resize margin) of a training view: the pixel-aspect crop and the random
+        resize, drawn from ``rng`` in the official order (None: no augmentation)."""
+        spec = self.spec
         aug_size, margin = None, 0.0
         if rng is not None and spec.aug_pixel_aspect_range is not None:
             rand_h, rand_w = rng.uniform(*spec.aug_pixel_aspect_range, 2)
             ratio = (rand_w / rand_h) * (intrinsics[0, 0] / intrinsics[1, 1])
             if spec.aug_safe_scales and not spec.aug_safe_scales[0] <= ratio <= spec.aug_safe_scales[1]:
                 rand_h, rand_w = 1.0, 1.0
-            aug_size = tuple((np.array(image.shape[:2]) * np.array([rand_h, rand_w])).astype(np.int32))
+            aug_size = tuple((np.array(stored) * np.array([rand_h, rand_w])).astype(np.int32))
         if rng is not None and spec.random_resize:
             margin = rng.triangular(0, 0, RANDOM_RESIZE_MODE) * max(target)
-        image, depth, intrinsics = prepare_view(image, depth, intrinsics, target, aug_size, margin)
-        points_camera, valid = unproject(depth, intrinsics)
-        camera_to_world = inverse_rigid(table.extrinsics[row])
-        world = points_camera @ camera_to_world[:3, :3].T + camera_to_world[:3, 3]  # float64
-        return image, depth, intrinsics, world, valid
+        return aug_size, margin
 
 
 def unproject(depth: np.ndarray, intrinsics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
