@@ -88,6 +88,11 @@ class DatasetSpec:
     def dataset(self) -> str:
         return fmt.dataset_of(self.parquet)
 
+    @property
+    def location(self) -> str:
+        """The tree's root as configured: a local folder, or the s3:// URI the cache mirrors."""
+        return self.remote.uri if self.remote is not None else str(self.root)
+
     @staticmethod
     def from_official(args: Mapping[str, Any], root: str | Path, remote: Optional[S3Root] = None) -> "DatasetSpec":
         """The spec of an official DVGTSceneDataset constructor call (paths relative to ``root``, the
