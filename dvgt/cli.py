@@ -218,7 +218,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     dump = data_sub.add_parser("dump", help="build the samples a manifest lists (official constructor arguments) with "
                                "our loader and write them under the official key names, to compare with the "
                                "official code's outputs (../shared/tools/check_data.py)")
-    dump.add_argument("root", help="the official tree's root (the official working directory)")
+    dump.add_argument("root", help="the official tree's root (the official working directory): a folder or "
+                      "s3://bucket/prefix")
     dump.add_argument("--manifest", required=True, help="a samples_manifest.txt (JSON)")
     dump.add_argument("--out", required=True, help="output folder; each sample goes to OUT/<its file in the manifest>")
     dump.set_defaults(func=cmd_data_dump)

@@ -47,7 +47,7 @@ class ModelConfig:
 class DatasetEntry:
     dataset: str = MISSING  # official dataset name (the parquet prefix): nuscene | openscene | kitti | waymo | ddad | argoverse | navtrain | navtest | demo
     split: str = MISSING  # reads <dataset>_<split>.parquet, e.g. train, val, total_train, navtrain, test_sample_200
-    root: Optional[str] = None  # the tree's root (the folder holding data_annotation/); None = data.root
+    root: Optional[str] = None  # the tree's root (the folder holding data_annotation/): a local path or s3://bucket/prefix; None = data.root
     original_fps: int = 2  # stored frame rate: 2 for nuScenes and OpenScene, 10 for KITTI, Waymo, DDAD
     dataset_len: int = -1  # sampling weight in the mix, as the official dataset_len (-1 = its number of sequences)
     frame_num_max: int = 99999  # most frames per training clip, future frames included (official frame_num_max)
@@ -95,14 +95,35 @@ class DataSplitConfig:
 
 
 @dataclass
+class S3Config:
+    endpoint_url: Optional[str] = None  # S3 endpoint; None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS
+    region: Optional[str] = None  # None: AWS_REGION / AWS_DEFAULT_REGION / the profile's region
+    addressing_style: str = "auto"  # auto (path-style when an endpoint is set, else virtual) | path | virtual
+    part_size_mb: int = 32  # multipart part size; upload memory is about part size x (concurrency + 2)
+    concurrency: int = 8  # parts uploaded / byte ranges downloaded in parallel per object
+    retry_mode: str = "adaptive"  # botocore retry mode on throttling, 5xx, timeouts: standard | adaptive
+    max_attempts: int = 8  # attempts per request, the first included
+    connect_timeout_s: float = 10.0  # TCP connect timeout per attempt
+    read_timeout_s: float = 60.0  # socket read timeout per attempt
+
+
+@dataclass
+class S3CacheConfig:
+    dir: str = "~/.cache/dvgt/data"  # node-local folder holding the files of s3:// data roots as they are read (the chart: an emptyDir); shared by every process of the node
+    max_gib: float = 20.0  # bound on the folder's size: past it the least recently read files are evicted (the chart: 90% of data.s3CacheSize)
+
+
+@dataclass
 class DataConfig:
-    root: str = "data/dvgt"  # the official tree's root, the folder holding data_annotation/ (a local path)
+    root: str = "data/dvgt"  # the official tree's root, the folder holding data_annotation/: a local path (a PVC in the chart) or s3://bucket/prefix (read through s3_cache; docs/data.md)
     train: DataSplitConfig = field(default_factory=DataSplitConfig)
     val: DataSplitConfig = field(default_factory=DataSplitConfig)
     pin_memory: bool = True  # page-locked host batches (GPU only)
     prefetch_factor: int = 2  # batches prepared ahead per worker
     persistent_workers: bool = True  # keep workers alive across epochs
     feature_cache: Optional[str] = None  # cached outputs of the frozen backbone or aggregator (dvgt cache build; docs/feature-cache.md): folder or s3:// URI
+    s3_cache: S3CacheConfig = field(default_factory=S3CacheConfig)
+    s3: S3Config = field(default_factory=S3Config)  # S3 options of s3:// data roots (the keys of checkpoint.s3; endpoint and credentials: the same AWS variables)
 
 
 @dataclass
@@ -182,19 +203,6 @@ class OptimConfig:
     gradient_clip: List[ClipGroupConfig] = field(default_factory=list)  # clipping groups (see ClipGroupConfig)
     amp: AmpConfig = field(default_factory=AmpConfig)
     max_consecutive_nonfinite: int = 10  # stop with an error after this many skipped steps in a row
-
-
-@dataclass
-class S3Config:
-    endpoint_url: Optional[str] = None  # S3 endpoint; None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS
-    region: Optional[str] = None  # None: AWS_REGION / AWS_DEFAULT_REGION / the profile's region
-    addressing_style: str = "auto"  # auto (path-style when an endpoint is set, else virtual) | path | virtual
-    part_size_mb: int = 32  # multipart part size; upload memory is about part size x (concurrency + 2)
-    concurrency: int = 8  # parts uploaded / byte ranges downloaded in parallel per object
-    retry_mode: str = "adaptive"  # botocore retry mode on throttling, 5xx, timeouts: standard | adaptive
-    max_attempts: int = 8  # attempts per request, the first included
-    connect_timeout_s: float = 10.0  # TCP connect timeout per attempt
-    read_timeout_s: float = 60.0  # socket read timeout per attempt
 
 
 @dataclass
@@ -443,12 +451,13 @@ def validate(cfg: DictConfig) -> None:
     _check(ck.async_mode in ("wait", "skip", "off"), f"checkpoint.async_mode must be wait, skip or off, got '{ck.async_mode}'")
     _check(ck.retry_budget_s >= 0 and ck.preemption_budget_s >= 0,
            "checkpoint.retry_budget_s and checkpoint.preemption_budget_s must be >= 0 seconds")
-    _check(ck.s3.addressing_style in ("auto", "path", "virtual"),
-           f"checkpoint.s3.addressing_style must be auto, path or virtual, got '{ck.s3.addressing_style}'")
-    _check(ck.s3.retry_mode in ("standard", "adaptive"),
-           f"checkpoint.s3.retry_mode must be standard or adaptive, got '{ck.s3.retry_mode}'")
-    _check(ck.s3.part_size_mb >= 5 and ck.s3.concurrency >= 1 and ck.s3.max_attempts >= 1,
-           "checkpoint.s3 needs part_size_mb >= 5 (the S3 minimum part), concurrency >= 1, max_attempts >= 1")
+    for key, s3 in (("checkpoint.s3", ck.s3), ("data.s3", cfg.data.s3)):
+        _check(s3.addressing_style in ("auto", "path", "virtual"),
+               f"{key}.addressing_style must be auto, path or virtual, got '{s3.addressing_style}'")
+        _check(s3.retry_mode in ("standard", "adaptive"), f"{key}.retry_mode must be standard or adaptive, got '{s3.retry_mode}'")
+        _check(s3.part_size_mb >= 5 and s3.concurrency >= 1 and s3.max_attempts >= 1,
+               f"{key} needs part_size_mb >= 5 (the S3 minimum part), concurrency >= 1, max_attempts >= 1")
+    _check(cfg.data.s3_cache.max_gib > 0, f"data.s3_cache.max_gib must be > 0, got {cfg.data.s3_cache.max_gib}")
     _check(cfg.optim.amp.amp_dtype in ("bfloat16", "float16"),
            f"optim.amp.amp_dtype must be bfloat16 or float16, got '{cfg.optim.amp.amp_dtype}'")
     d = cfg.distributed

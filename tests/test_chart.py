@@ -196,6 +196,8 @@ def expected_resources(profile: str, processes: int, **given) -> dict:
     ({"extraContainers[0].name": "sidecar"}, "at '/extraContainers/0': missing property 'image'"),
     ({"nccl.env.HF_TOKEN": "abc"}, "invalid propertyName 'HF_TOKEN'"),
     ({"checkpoint.uri": "s3://key:secret@host/bucket"}, "at '/checkpoint/uri'"),
+    ({"data.root": "s3://key:secret@host/bucket"}, "at '/data/root'"),
+    ({"data.s3CacheSize": "20GB"}, "at '/data/s3CacheSize'"),
     ({"restartPolicy": "Sometimes"}, "at '/restartPolicy': value must be one of"),
     ({"restartPolicy": "Always"}, "at '/restartPolicy': value must be one of"),  # a finished pod would restart forever
 ])
@@ -272,6 +274,29 @@ def test_job_policies_and_placement_reach_the_job():
         if doc["apiVersion"] in CORE_GROUPS:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     assert round_trip(job) == job and admission_errors(job) == []
+
+
+def test_data_root_on_s3_gets_a_bounded_cache_and_a_pvc_root_is_mounted_read_only():
+    """data.root=s3://...: the trainer reads it through an emptyDir cache of data.s3CacheSize, keeping
+    90% of it (data.s3_cache.max_gib), and the pod's ephemeral storage grows by it; the default reads the
+    stage config's root on the read-only dataset PVC and renders no cache."""
+    pod = pods_of(job_of(render(**{"data.root": "s3://team-data/dvgt", "data.pvc": "", "data.s3CacheSize": "40Gi",
+                                    "profile": "cpu-test"})))["Master"]
+    container = trainer(pod)
+    data_args = [a for a in container["args"] if a.startswith("data.")]
+    assert data_args == ["data.root=s3://team-data/dvgt", "data.s3_cache.dir=/data-cache", "data.s3_cache.max_gib=36.00"]
+    assert {"name": "data-cache", "mountPath": "/data-cache"} in container["volumeMounts"]
+    assert {"name": "data-cache", "emptyDir": {"sizeLimit": "40Gi"}} in pod["spec"]["volumes"]
+    assert not any(v["name"] == "data" for v in pod["spec"]["volumes"])
+    plain = expected_resources("cpu-test", 8)["ephemeral-storage"]
+    assert container["resources"]["requests"]["ephemeral-storage"] == f"{int(plain[:-2]) + 40}Gi"
+    assert pss.violations(pod["spec"], pod["metadata"], "restricted") == []
+    assert load_config(CONFIG_ROOT / "train/dvgt1/demo.yaml", data_args).data.s3_cache.max_gib == 36.0
+
+    default = pods_of(job_of(render()))["Master"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "dvgt-data", "readOnly": True}} in default["spec"]["volumes"]
+    assert not any("data-cache" in str(v) or a.startswith("data.") for v in default["spec"]["volumes"]
+                   for a in trainer(default)["args"])
 
 
 def test_exporter_sidecar_shares_the_metrics_folder_and_is_scraped():

@@ -81,6 +81,11 @@ def test_fields_become_chart_values():
     names = {default_name("dvgt2-pretrain") for _ in range(20)}
     assert len(names) == 20 and all(n.startswith("dvgt2-pretrain-") and len(n) == 20 for n in names)
     assert TrainingJob(stage="dvgt1-demo").name.startswith("dvgt1-demo-")
+    on_s3 = TrainingJob(stage="dvgt1-demo", data_root="s3://team-data/dvgt", data_pvc="")
+    assert on_s3.to_values()["data"] == {"root": "s3://team-data/dvgt", "pvc": ""}
+    pod = on_s3.render()["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "data.root=s3://team-data/dvgt" in pod["containers"][0]["args"]
+    assert {"name": "data-cache", "emptyDir": {"sizeLimit": "20Gi"}} in pod["volumes"]
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -96,6 +101,7 @@ def test_fields_become_chart_values():
     ({"namespace": "Team A"}, "TrainingJob.namespace 'Team A' is not a namespace name"),
     ({"image": "dvgt@sha256:abc"}, "TrainingJob.image 'dvgt@sha256:abc': the chart takes repository:tag, not a digest"),
     ({"checkpoint_uri": "s3://key:secret@bucket/x"}, "invalid TrainingJob.checkpoint_uri: 's3://key:secret@bucket/x' looks like a secret"),
+    ({"data_root": "s3://key:secret@bucket/x"}, "invalid TrainingJob.data_root: 's3://key:secret@bucket/x'"),
     ({"env": {"HF_TOKEN": "hf_abc"}}, "invalid TrainingJob.env: "),
     ({"restart_policy": "Sometimes"}, "invalid TrainingJob.restart_policy: 'Sometimes' is not one of"),
     ({"values": {"replicas": 3}}, "invalid chart value '(top level)' (TrainingJob.values): Additional properties"),

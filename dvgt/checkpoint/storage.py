@@ -343,9 +343,11 @@ PERMANENT_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"
                    "AccessDenied", "AllAccessDisabled", "InvalidBucketName", "403", "404"}
 
 
-def _s3_error(error: Exception, what: str) -> StorageError:
+def s3_error(error: Exception, what: str, settings: str = "checkpoint") -> StorageError:
     """A StorageError with one line naming the problem and the fix, retryable unless the store said
-    no for good (credentials, bucket, permission) or the request itself is wrong."""
+    no for good (credentials, bucket, permission) or the request itself is wrong. `settings`: the
+    config section whose location and S3 options the fix names (checkpoint: checkpoint.uri and
+    checkpoint.s3.*; data: data.root and data.s3.*)."""
     from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError,
                                      NoCredentialsError, PartialCredentialsError)
 
@@ -354,7 +356,7 @@ def _s3_error(error: Exception, what: str) -> StorageError:
                             f"(or AWS_PROFILE)")
     if isinstance(error, (EndpointConnectionError, ConnectTimeoutError)):
         return StorageError(f"{what}: cannot reach the S3 endpoint ({error}); check AWS_ENDPOINT_URL_S3 / "
-                            f"checkpoint.s3.endpoint_url and that the server is up", retryable=True)
+                            f"{settings}.s3.endpoint_url and that the server is up", retryable=True)
     if isinstance(error, ClientError):
         code = error.response.get("Error", {}).get("Code", "")
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -364,9 +366,11 @@ def _s3_error(error: Exception, what: str) -> StorageError:
             return StorageError(f"{what}: the S3 credentials were rejected ({code}); check AWS_ACCESS_KEY_ID, "
                                 f"AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or AWS_PROFILE)")
         if code in ("NoSuchBucket", "404"):
-            return StorageError(f"{what}: the bucket does not exist; create it or fix checkpoint.uri")
+            location = "checkpoint.uri" if settings == "checkpoint" else f"{settings}.root"
+            return StorageError(f"{what}: the bucket does not exist; create it or fix {location}")
         if code in ("AccessDenied", "403", "AllAccessDisabled"):
-            return StorageError(f"{what}: access denied; grant these credentials read/write on the bucket and prefix")
+            access = "read/write" if settings == "checkpoint" else "read"
+            return StorageError(f"{what}: access denied; grant these credentials {access} on the bucket and prefix")
         return StorageError(f"{what}: S3 error {code}: {error.response.get('Error', {}).get('Message', '')}", retryable)
     return StorageError(f"{what}: {type(error).__name__}: {error}", retryable=True)  # connection closed, read timeout
 
@@ -532,9 +536,9 @@ class S3Storage(Storage):
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise FileNotFoundError(f"checkpoint object '{key}' not found under {self.uri}") from None
-            raise _s3_error(error, f"{what} {self.child(key)}") from None
+            raise s3_error(error, f"{what} {self.child(key)}") from None
         except BotoCoreError as error:
-            raise _s3_error(error, f"{what} {self.child(key)}") from None
+            raise s3_error(error, f"{what} {self.child(key)}") from None
 
     def preflight(self, write: bool) -> None:
         """Fail fast, before training, when the bucket cannot be read (or written): a client with a
@@ -550,7 +554,7 @@ class S3Storage(Storage):
                 client.put_object(Bucket=self.bucket, Key=probe, Body=b"")
                 client.delete_object(Bucket=self.bucket, Key=probe)
         except (BotoCoreError, ClientError) as error:
-            raise _s3_error(error, what) from None
+            raise s3_error(error, what) from None
 
     def open_write(self, key: str, progress: Progress = None, checksum: str = CHECKSUM) -> ObjectWriter:
         return S3Writer(self, key, progress, checksum)
@@ -585,7 +589,7 @@ class S3Storage(Storage):
         except StorageError:
             raise
         except Exception as error:  # noqa: BLE001 - a connection broken mid-body
-            raise _s3_error(error, f"read {self.child(key)}") from None
+            raise s3_error(error, f"read {self.child(key)}") from None
         finally:
             body.close()
 
@@ -638,7 +642,7 @@ class S3Storage(Storage):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 keys += [(o["Key"], o["Size"]) for o in page.get("Contents", [])]
         except Exception as error:  # noqa: BLE001
-            raise _s3_error(error, f"list {self.child(prefix)}") from None
+            raise s3_error(error, f"list {self.child(prefix)}") from None
         start = len(self.object_key("", prefix=True))
         return [(k[start:], size) for k, size in keys]
 
@@ -652,7 +656,7 @@ class S3Storage(Storage):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.object_key(prefix, prefix=True)):
                 uploads += page.get("Uploads", [])
         except Exception as error:  # noqa: BLE001
-            raise _s3_error(error, f"list uploads {self.child(prefix)}") from None
+            raise s3_error(error, f"list uploads {self.child(prefix)}") from None
         return uploads
 
     def unfinished(self, prefix: str = "") -> List[str]:

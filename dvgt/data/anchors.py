@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -95,12 +96,14 @@ def write_anchors(tables: Sequence[tuple[fmt.Table, str, int]], out_dir: str | P
 
 def training_tables(cfg: Any) -> list[tuple[fmt.Table, str, int]]:
     """The (table, dataset, original_fps) of every dataset of a config's data.train."""
-    from dvgt.data.loader import entry_root
+    from dvgt.data.loader import open_entry_root
+    from dvgt.data.remote import read_file
 
     tables = []
     for i, entry in enumerate(cfg.data.train.datasets):
-        tree = fmt.Tree(entry_root(cfg.data, entry), entry.dataset)
-        tables.append((fmt.read_table(tree.parquet(entry.split, entry.filtered), f"data.train.datasets[{i}]"),
+        root, remote = open_entry_root(cfg.data, entry)
+        parquet = fmt.Tree(root, entry.dataset).parquet(entry.split, entry.filtered)
+        tables.append((read_file(partial(fmt.read_table, config_key=f"data.train.datasets[{i}]"), parquet, remote),
                        entry.dataset, entry.original_fps))
     return tables
 
@@ -110,13 +113,14 @@ def ensure_anchors(cfg: Any) -> Path:
     from it on first use (like the synthetic data itself). Otherwise a missing file is an error saying how
     to make it."""
     from dvgt.data.loader import entry_root
+    from dvgt.data.remote import is_s3
     from dvgt.data.synthetic import ensure_synthetic_dataset
 
     anchor_dir = Path(cfg.model.anchor_dir)
     if all(path.is_file() for path in fmt.anchor_files(anchor_dir)):
         return anchor_dir
     entries = cfg.data.train.datasets
-    if len(entries) and all(entry.synthetic for entry in entries):
+    if len(entries) and all(entry.synthetic and not is_s3(entry_root(cfg.data, entry)) for entry in entries):
         for entry in entries:
             ensure_synthetic_dataset(entry_root(cfg.data, entry), entry.split)
         return write_anchors(training_tables(cfg), anchor_dir)

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from dvgt.data.augment import to_tensors
+from dvgt.data.remote import open_root
 from dvgt.data.scene_dataset import DatasetSpec, SceneDataset
 from dvgt.train.eval_metrics import score_case
 
@@ -46,15 +47,18 @@ def _kept_keys(entry: dict[str, Any]) -> list[str] | None:
     return [k.strip() for k in match.group(1).replace(" and ", ",").split(",") if k.strip()] if match else None
 
 
-def dump_samples(root: str | Path, manifest: str | Path, out: str | Path) -> Iterator[str]:
-    """Write every manifest sample under ``out`` (same relative file names); yields one line per file."""
+def dump_samples(root: str | Path, manifest: str | Path, out: str | Path, s3_cache: Any = None) -> Iterator[str]:
+    """Write every manifest sample under ``out`` (same relative file names); yields one line per file.
+    ``root`` is a local folder or an s3:// URI, read through ``s3_cache`` (data.s3_cache; None: its defaults)."""
     manifest_data = json.loads(Path(manifest).read_text())
+    folder, remote = open_root(root, s3_cache)
     datasets: dict[str, SceneDataset] = {}
     for entry in manifest_data["samples"]:
         name = entry["config"]
         if name not in datasets:
             args = manifest_data["constructor_args"][name]
-            dataset = SceneDataset(DatasetSpec.from_official(args, root), config_key=f"manifest config '{name}'")
+            dataset = SceneDataset(DatasetSpec.from_official(args, folder, remote),
+                                   config_key=f"manifest config '{name}'")
             ours = [s.name for s in dataset.sequences]
             if "sequence_list" in args and ours != list(args["sequence_list"]):
                 raise ValueError(f"manifest config '{name}': our sequences {ours} differ from the manifest's "

@@ -13,20 +13,27 @@ from torch.utils.data import DataLoader
 
 from dvgt.data import format as fmt
 from dvgt.data.augment import ColorJitter, to_tensors
+from dvgt.data.remote import S3Root, is_s3, open_root
 from dvgt.data.sampler import EvalIndex, EvaluationSampler, GroupedBatchSampler, TrainIndex
 from dvgt.data.scene_dataset import DatasetSpec, SceneDataset
 from dvgt.data.synthetic import ensure_synthetic_dataset
 
 
-def entry_root(data_cfg: Any, entry: Any) -> Path:
-    return Path(entry.root if entry.root is not None else data_cfg.root)
+def entry_root(data_cfg: Any, entry: Any) -> str:
+    """The tree root of an entry of data.<split>.datasets as configured: a local path or s3:// URI."""
+    return str(entry.root if entry.root is not None else data_cfg.root)
+
+
+def open_entry_root(data_cfg: Any, entry: Any) -> tuple[Path, Optional[S3Root]]:
+    """(the folder the entry's tree is read from, the S3Root that fills it or None): dvgt/data/remote.py."""
+    return open_root(entry_root(data_cfg, entry), data_cfg.s3_cache, data_cfg.s3)
 
 
 def dataset_spec(data_cfg: Any, split: str, entry: Any, *, patch_size: int, gt_scale_factor: float,
                  targets: frozenset) -> DatasetSpec:
     """The DatasetSpec of one entry of data.<split> (training for split "train", evaluation otherwise)."""
     s = data_cfg[split]
-    root = entry_root(data_cfg, entry)
+    root, remote = open_entry_root(data_cfg, entry)
     tree = fmt.Tree(root, entry.dataset)
     training = split == "train"
     pair = (lambda v: None if v is None else (float(v[0]), float(v[1])))
@@ -41,18 +48,19 @@ def dataset_spec(data_cfg: Any, split: str, entry: Any, *, patch_size: int, gt_s
         fast_decode=s.fast_decode and training,
         filter_lidar=s.filter_lidar, eval_lidar_proj_depth=s.eval_lidar_proj_depth, gt_scale_factor=gt_scale_factor,
         max_ray_depth=s.max_ray_depth, targets=targets,
-        scene_filter=tree.scene_filter(s.clip_split) if s.clip_split.startswith("nav") else None)
+        scene_filter=tree.scene_filter(s.clip_split) if s.clip_split.startswith("nav") else None, remote=remote)
 
 
 def open_datasets(data_cfg: Any, split: str, *, patch_size: int, gt_scale_factor: float, targets: frozenset,
                   generate_synthetic: bool = True) -> list[SceneDataset]:
-    """The datasets of data.<split>, in order; synthetic entries are generated on first use."""
+    """The datasets of data.<split>, in order; synthetic entries on a local root are generated on first
+    use (on an s3:// root they are read as they are: generate and upload them beforehand)."""
     entries = data_cfg[split].datasets
     if len(entries) == 0:
         raise ValueError(f"data.{split}.datasets is empty; list at least one dataset (dataset, split)")
     datasets = []
     for i, entry in enumerate(entries):
-        if entry.synthetic and generate_synthetic:
+        if entry.synthetic and generate_synthetic and not is_s3(entry_root(data_cfg, entry)):
             ensure_synthetic_dataset(entry_root(data_cfg, entry), entry.split)
         spec = dataset_spec(data_cfg, split, entry, patch_size=patch_size, gt_scale_factor=gt_scale_factor,
                             targets=targets)

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional
 
 import numpy as np
 
 from dvgt.data import format as fmt
+from dvgt.data.remote import S3Root, read_file
 from dvgt.data.scenes import Scene, Sequence, build_scenes, fps_step, split_sequences
 from dvgt.data.transforms import RANDOM_RESIZE_MODE, ViewPlan, plan_view, resize_depth, resize_image, resize_jpeg
 
@@ -52,7 +54,7 @@ class SampleRequest(NamedTuple):
 class DatasetSpec:
     """Everything that defines one dataset of a mix. Field comments give the official argument name."""
 
-    root: Path  # the tree's root: the folder holding data_annotation/
+    root: Path  # the tree's root: the folder holding data_annotation/ (of an s3:// root: its mirror in the node's cache)
     parquet: Path  # parquet_path (absolute)
     mode: str = "val"  # mode: train | val
     original_fps: int = 2  # original_fps: stored frame rate (nuScenes, OpenScene 2; KITTI, Waymo, DDAD 10)
@@ -77,6 +79,7 @@ class DatasetSpec:
     targets: frozenset = ALL_TARGETS  # the enable_* switches that are on (TARGETS)
     scene_filter: Optional[Path] = None  # NavSim scene filter yaml (navtrain / navtest)
     fast_decode: bool = False  # not official: JPEG DCT-scaled decoding (transforms.resize_jpeg); pixels within JPEG tolerance
+    remote: Optional[S3Root] = None  # the s3:// root whose files fill ``root`` (dvgt/data/remote.py); None: a local tree
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -86,10 +89,16 @@ class DatasetSpec:
     def dataset(self) -> str:
         return fmt.dataset_of(self.parquet)
 
+    @property
+    def location(self) -> str:
+        """The tree's root as configured: a local folder, or the s3:// URI the cache mirrors."""
+        return self.remote.uri if self.remote is not None else str(self.root)
+
     @staticmethod
-    def from_official(args: Mapping[str, Any], root: str | Path) -> "DatasetSpec":
+    def from_official(args: Mapping[str, Any], root: str | Path, remote: Optional[S3Root] = None) -> "DatasetSpec":
         """The spec of an official DVGTSceneDataset constructor call (paths relative to ``root``, the
-        official working directory). Arguments left out take the official defaults."""
+        official working directory; ``remote``: the s3:// root it mirrors). Arguments left out take the
+        official defaults."""
         root = Path(root)
         enabled = {"depths": "enable_depth", "ego_status": "enable_ego_status", "points_in_ego_n":
                    "enable_point_in_ego_n", "points_in_ego_first": "enable_point_in_ego_first",
@@ -111,7 +120,8 @@ class DatasetSpec:
             filter_lidar=a["filter_lidar"], eval_lidar_proj_depth=a["eval_lidar_proj_depth"],
             gt_scale_factor=a["gt_scale_factor"], max_ray_depth=a["max_ray_depth"],
             targets=frozenset(t for t, name in enabled.items() if args.get(name, False)),
-            scene_filter=fmt.Tree(root, dataset).scene_filter(split_type) if split_type.startswith("nav") else None)
+            scene_filter=fmt.Tree(root, dataset).scene_filter(split_type) if split_type.startswith("nav") else None,
+            remote=remote)
 
 
 # The official constructor's defaults (scene_dataset.py:DVGTSceneDataset.__init__), for from_official.
@@ -164,12 +174,15 @@ class SceneDataset:
         self.spec = spec
         self.tree = fmt.Tree(spec.root, spec.dataset)
         self.cameras = list(fmt.CAMERAS[spec.dataset])  # raw names, official order
-        self.table = fmt.read_table(spec.parquet, config_key)
+        self.table = self._read(partial(fmt.read_table, config_key=config_key), spec.parquet)
         self.scenes: list[Scene] = build_scenes(self.table, spec.dataset)
         self.step = fps_step(spec.original_fps, spec.target_fps)
+        scene_filter = spec.scene_filter  # NavSim's token list, read once here (of an s3:// root: fetched first)
+        if scene_filter is not None and spec.remote is not None:
+            scene_filter = spec.remote.fetch(scene_filter)
         self.sequences: list[Sequence] = split_sequences(
             self.scenes, self.table, spec.dataset, spec.clip_split, step=self.step,
-            fixed_num_frames=spec.fixed_num_frames, future_frames=spec.future_frames, scene_filter=spec.scene_filter)
+            fixed_num_frames=spec.fixed_num_frames, future_frames=spec.future_frames, scene_filter=scene_filter)
         if not self.sequences:
             raise ValueError(f"{config_key}: parquet '{spec.parquet}' yields no '{spec.clip_split}' sequence (too few "
                              f"frames for fixed_num_frames={spec.fixed_num_frames} + "
@@ -306,6 +319,10 @@ class SceneDataset:
             sample["ego_past_to_ego_curr"] = np.concatenate([np.eye(4, dtype=np.float32)[None], past])
         return scale_sample(sample, spec.gt_scale_factor)
 
+    def _read(self, reader, path: Path):
+        """``reader(path)`` of one file of the tree (of an s3:// root: once it is in the node's cache)."""
+        return read_file(reader, path, self.spec.remote)
+
     def view_image(self, row: int, target: tuple[int, int]) -> np.ndarray:
         """One table row's image at the target (height, width) as a sample without augmentation holds it:
         uint8 [H, W, 3] (what a feature cache encodes)."""
@@ -316,12 +333,16 @@ class SceneDataset:
         """(image [H, W, 3] uint8 at the target size, its ViewPlan, the stored (height, width)) of one row;
         ``rng`` draws the training augmentation (None: none)."""
         intrinsics = self.table.intrinsics[row]
-        with fmt.open_image(self.tree.image(self.table.filename[row].as_py())) as jpeg:  # header read, pixels not yet
-            stored = (jpeg.height, jpeg.width)
-            plan = plan_view(stored, intrinsics, target, *self._augmentation(stored, intrinsics, target, rng))
-            if self.spec.fast_decode:
-                return resize_jpeg(jpeg, plan), plan, stored
-            return resize_image(np.asarray(jpeg.convert("RGB")), plan), plan, stored
+
+        def decode(path: Path) -> tuple[np.ndarray, ViewPlan, tuple[int, int]]:
+            with fmt.open_image(path) as jpeg:  # header read, pixels not yet
+                stored = (jpeg.height, jpeg.width)
+                plan = plan_view(stored, intrinsics, target, *self._augmentation(stored, intrinsics, target, rng))
+                if self.spec.fast_decode:
+                    return resize_jpeg(jpeg, plan), plan, stored
+                return resize_image(np.asarray(jpeg.convert("RGB")), plan), plan, stored
+
+        return self._read(decode, self.tree.image(self.table.filename[row].as_py()))
 
     def _load_view(self, row: int, target: tuple[int, int], rng: Optional[np.random.Generator]):
         """(image, depth, intrinsics, world points, valid mask) of one table row at the target size."""
@@ -332,7 +353,7 @@ class SceneDataset:
         if lidar_row and spec.filter_lidar:
             depth = np.zeros(stored, dtype=np.float32)
         else:
-            depth = fmt.read_depth(self.tree.depth(filename, projected=lidar_row or spec.eval_lidar_proj_depth))
+            depth = self._read(fmt.read_depth, self.tree.depth(filename, projected=lidar_row or spec.eval_lidar_proj_depth))
             if depth.shape != stored:
                 raise fmt.DataFileError(f"depth of '{filename}' is {depth.shape[1]}x{depth.shape[0]} but its image "
                                         f"is {stored[1]}x{stored[0]}; re-copy both from the release")

@@ -37,6 +37,7 @@ def job_from_args(args: argparse.Namespace):
     return TrainingJob(stage=args.stage, api=args.api, nodes=args.nodes, gpus_per_node=args.gpus_per_node, profile=args.profile,
                        image=args.image, exporter_image=args.exporter_image, checkpoint_uri=args.checkpoint_uri,
                        s3_secret=args.s3_secret, data_pvc=args.data_pvc, data_host_path=args.data_host_path,
+                       data_root=args.data_root,
                        overrides=list(args.set), name=args.name, namespace=args.namespace, values=values)
 
 
@@ -142,6 +143,8 @@ def add_commands(sub) -> None:
     submit.add_argument("--s3-secret", help="existing Secret with the AWS_* variables ('' = none)")
     submit.add_argument("--data-pvc", help="PVC with the datasets ('' = none)")
     submit.add_argument("--data-host-path", help="or a folder on every node (with --data-pvc '')")
+    submit.add_argument("--data-root", help="the trainer's data.root: a path in the pod or s3://bucket/prefix "
+                        "(read through a node-local cache; with --data-pvc '' when no claim is needed)")
     submit.add_argument("--name", help="job name (default: <stage>-<random suffix>)")
     submit.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="trainer config override, e.g. --set optim.lr=5e-6 (repeat it)")

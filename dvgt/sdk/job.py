@@ -35,7 +35,7 @@ VALUE_OF_FIELD = {
     "image": "image", "exporter_image": "exporter.image", "exporter": "exporter.enabled",
     "checkpoint_uri": "checkpoint.uri", "s3_secret": "checkpoint.s3Secret",
     "preemption_budget_s": "checkpoint.preemptionBudgetSeconds", "data_pvc": "data.pvc",
-    "data_host_path": "data.hostPath", "restart_policy": "restartPolicy", "backoff_limit": "backoffLimit",
+    "data_host_path": "data.hostPath", "data_root": "data.root", "restart_policy": "restartPolicy", "backoff_limit": "backoffLimit",
     "active_deadline_s": "activeDeadlineSeconds", "kueue_queue": "scheduling.kueueQueue",
     "kueue_priority_class": "scheduling.kueuePriorityClass", "runtime_name": "trainJob.runtime.name",
     "runtime_kind": "trainJob.runtime.kind", "create_runtime": "trainJob.runtime.create",
@@ -98,6 +98,7 @@ class TrainingJob:
     preemption_budget_s: Optional[int] = None  # seconds to commit a final checkpoint after SIGTERM
     data_pvc: Optional[str] = None  # PVC with the datasets ("" = none; chart default dvgt-data)
     data_host_path: Optional[str] = None  # or a folder on every node (used when data_pvc is "")
+    data_root: Optional[str] = None  # the trainer's data.root: a path in the pod or s3://bucket/prefix (cached on the node); None: the stage's
     restart_policy: Optional[str] = None  # OnFailure | ExitCode | Never
     backoff_limit: Optional[int] = None  # restarts before the job fails
     active_deadline_s: Optional[int] = None  # wall-clock limit of the job

@@ -328,7 +328,7 @@ def build_cache(cfg: Any, out: str, *, part: Optional[str] = None, dtype: str = 
             "format": FORMAT, "fingerprint": {"sha256": digest, "parts": parts}, **cached.manifest_fields(),
             "num_shards": num_shards, "shard_rule": "sha256(item id) mod num_shards", "items": len(items),
             "entries": sum(r["entries"] for r in records), "dtype": DTYPES[stored],
-            "datasets": [{"name": name, "split": split, "root": str(d.spec.root), "sizes": [list(s) for s in held]}
+            "datasets": [{"name": name, "split": split, "root": d.spec.location, "sizes": [list(s) for s in held]}
                          for (name, split), d, held in zip(labels, datasets, sizes)],
             "shards": [{"name": shard_name(i), "size": r["size"], "sha256": r["sha256"], "items": r["items"],
                         "entries": r["entries"]} for i, r in enumerate(records)],

@@ -76,6 +76,7 @@ Volumes: every extra mount names a volume the pod has, and extraVolumes reuse no
 {{- define "dvgt.volumeChecks" -}}
 {{- $chart := list "dshm" "workspace" "tmp" -}}
 {{- if or .Values.data.pvc .Values.data.hostPath }}{{ $chart = append $chart "data" }}{{ end -}}
+{{- if hasPrefix "s3://" .Values.data.root }}{{ $chart = append $chart "data-cache" }}{{ end -}}
 {{- if .Values.exporter.enabled }}{{ $chart = append $chart "metrics" }}{{ end -}}
 {{- $volumes := $chart -}}
 {{- range $i, $volume := .Values.extraVolumes -}}
@@ -125,6 +126,15 @@ The plan as JSON (use: include "dvgt.plan" . | fromJson).
 {{- if .Values.imagesPerStep -}}
 {{- $args = append $args (printf "max_img_per_gpu=%d" $perStep) -}}
 {{- end -}}
+{{- /* an s3:// data root: its files are cached in the data-cache emptyDir, the trainer keeping them within 90% of it */ -}}
+{{- $dataCacheMi := 0 -}}
+{{- if .Values.data.root -}}
+{{- $args = append $args (printf "data.root=%s" .Values.data.root) -}}
+{{- end -}}
+{{- if hasPrefix "s3://" .Values.data.root -}}
+{{- $dataCacheMi = include "dvgt.mebibytes" .Values.data.s3CacheSize | int -}}
+{{- $args = concat $args (list "data.s3_cache.dir=/data-cache" (printf "data.s3_cache.max_gib=%.2f" (divf (mulf $dataCacheMi 0.9) 1024))) -}}
+{{- end -}}
 {{- $args = concat $args $profile.overrides .Values.overrides -}}
 {{- /* the sizing rule (files/catalog.yaml host): per pod, P processes of I images per forward pass */ -}}
 {{- $host := merge (deepCopy ($profile.host | default dict)) $catalog.host -}}
@@ -134,7 +144,7 @@ The plan as JSON (use: include "dvgt.plan" . | fromJson).
 {{- $tmpMi := include "dvgt.mebibytes" .Values.tmpSize | int -}}
 {{- $sized := dict "cpu" (toString (mul $processes $host.cpuPerProcess))
       "memory" (include "dvgt.quantity" (add (mul $processes $host.memoryGiBPerProcess 1024) $shmMi | int))
-      "ephemeral-storage" (include "dvgt.quantity" (add $workspaceMi $tmpMi 1024 | int)) -}}
+      "ephemeral-storage" (include "dvgt.quantity" (add $workspaceMi $tmpMi $dataCacheMi 1024 | int)) -}}
 {{- $devices := dict -}}  {{- /* extended resources: requests = limits, quantities as strings */ -}}
 {{- if $profile.gpu }}{{ $_ := set $devices "nvidia.com/gpu" (toString $processes) }}{{ end -}}
 {{- if .Values.rdma.enabled }}{{ range $name, $count := .Values.rdma.resources }}{{ $_ := set $devices $name (toString $count) }}{{ end }}{{ end -}}
@@ -146,7 +156,7 @@ The plan as JSON (use: include "dvgt.plan" . | fromJson).
 {{- dict "job" $job "stage" $stage "profile" $profile "nodes" $nodes "accumSteps" $accum "minAvailable" $minAvailable
       "gpus" (ternary $processes 0 $profile.gpu) "checkpointUri" $uri "args" $args "resources" $resources
       "shmSize" (include "dvgt.quantity" $shmMi) "workspaceSize" (include "dvgt.quantity" $workspaceMi)
-      "tmpSize" (include "dvgt.quantity" $tmpMi) | toJson -}}
+      "tmpSize" (include "dvgt.quantity" $tmpMi) "dataCacheSize" (ternary (include "dvgt.quantity" $dataCacheMi) "" (gt $dataCacheMi 0)) | toJson -}}
 {{- end -}}
 
 {{/* The rules and dashboard: named after the release, or `dvgt` when installed once for all jobs (monitoring.only). */}}

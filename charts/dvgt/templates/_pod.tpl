@@ -174,6 +174,10 @@ spec:
           mountPath: {{ $v.data.mountPath }}
           readOnly: {{ $v.data.readOnly }}
         {{- end }}
+        {{- if $plan.dataCacheSize }}
+        - name: data-cache  # data.s3_cache.dir: the files of the s3:// data root, shared by the pod's ranks and loader workers
+          mountPath: /data-cache
+        {{- end }}
         {{- if $v.exporter.enabled }}
         - name: metrics
           mountPath: {{ $metricsDir }}
@@ -207,6 +211,11 @@ spec:
       hostPath:
         path: {{ $v.data.hostPath }}
         type: Directory
+    {{- end }}
+    {{- if $plan.dataCacheSize }}
+    - name: data-cache
+      emptyDir:
+        sizeLimit: {{ $plan.dataCacheSize }}
     {{- end }}
     {{- if $v.exporter.enabled }}
     - name: metrics
