@@ -1,7 +1,7 @@
 """JPEG decode + resize throughput per core: the official path against ours (DCT-scaled decoding), side by side.
 
     flock /tmp/dvgt-heavy.lock .venv/bin/python benchmarks/data_decode.py [--root ROOT --dataset D --split S]
-        [--widths 512] [--aspect 1.77] [--repeats 3] [--limit N]
+        [--widths 512] [--aspect 1.77] [--repeats 3] [--limit N] [--s3]
 
 Without --root it writes a temporary official tree: the nuScenes rows of the official fixture
 (tests/data/official/official_format) with their JPEGs upscaled to nuScenes' stored 1600x900 (BICUBIC)
@@ -20,6 +20,11 @@ first untimed pass warms the page cache and gives the outputs to compare: shapes
 as mean and max |difference| in uint8 and as PSNR of ours against the exact output, next to the PSNR
 of a quality-95 JPEG round trip of the exact output (the official writer's quality): "within JPEG
 tolerance" means ours is at least as close to the exact output as that round trip.
+
+With --s3 the same tree is also read from a SeaweedFS server started on 127.0.0.1 (s3://bench/tree,
+through dvgt/data/remote.py as `data.root=s3://...` does): each path reads through a node cache of
+its own, interleaved as above; the first pass is the cold cache (every file downloaded), the
+following passes the warm one.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import dataclasses
 import io
 import math
+import os
 import sys
 import tempfile
 import time
@@ -38,8 +44,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from dvgt.data import format as fmt
-from dvgt.data.scene_dataset import DatasetSpec, SceneDataset, target_shape
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from servers import SeaweedS3  # noqa: E402
+from dvgt.config import S3CacheConfig  # noqa: E402
+from dvgt.data import format as fmt  # noqa: E402
+from dvgt.data.remote import open_root  # noqa: E402
+from dvgt.data.scene_dataset import DatasetSpec, SceneDataset, target_shape  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests/data/official/official_format"
 NUSCENES_STORED = (1600, 900)  # (width, height) of a stored nuScenes JPEG
@@ -86,14 +97,8 @@ def compare(root: str | Path, dataset: str, split: str, width: int, aspect: floa
     rows = range(min(limit, exact.table.num_rows))
     pairs = [(exact.view_image(row, target), fast.view_image(row, target)) for row in rows]  # warm-up + outputs
     stored = exact._load_image(0, target, None)
-    seconds = {"exact": 0.0, "fast": 0.0}
-    for repeat in range(repeats):
-        for row in rows:
-            order = (("exact", exact), ("fast", fast)) if (row + repeat) % 2 == 0 else (("fast", fast), ("exact", exact))
-            for name, reader in order:
-                started = time.perf_counter()
-                reader.view_image(row, target)
-                seconds[name] += time.perf_counter() - started
+    passes = timed_passes({"exact": exact, "fast": fast}, rows, target, repeats)
+    seconds = {name: sum(p[name] for p in passes) for name in ("exact", "fast")}
     differences = np.concatenate([np.abs(a.astype(np.int16) - b.astype(np.int16)).ravel() for a, b in pairs])
     count = len(rows) * repeats
     return {"target": target, "stored": stored[2], "draft": stored[1].draft_scale(), "images": len(rows),
@@ -105,6 +110,51 @@ def compare(root: str | Path, dataset: str, split: str, width: int, aspect: floa
                              np.concatenate([reencoded(a).ravel() for a, _ in pairs]))}
 
 
+def timed_passes(readers: dict, rows: range, target: tuple[int, int], repeats: int) -> list[dict]:
+    """Seconds per reader for each pass over ``rows``, the readers' order alternating per row."""
+    passes = []
+    for repeat in range(repeats):
+        seconds = dict.fromkeys(readers, 0.0)
+        for row in rows:
+            names = list(readers) if (row + repeat) % 2 == 0 else list(readers)[::-1]
+            for name in names:
+                started = time.perf_counter()
+                readers[name].view_image(row, target)
+                seconds[name] += time.perf_counter() - started
+        passes.append(seconds)
+    return passes
+
+
+def compare_s3(tree: Path, dataset: str, split: str, width: int, aspect: float, repeats: int, limit: int,
+               tmp: Path) -> dict:
+    """Images/s per core of both paths reading ``tree`` from SeaweedFS: cold cache (the first pass),
+    warm cache (the passes after it)."""
+    import boto3
+
+    server = SeaweedS3(tmp / "seaweedfs").start()
+    try:
+        os.environ.update(server.env())
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="bench")
+        for path in sorted(p for p in tree.rglob("*") if p.is_file()):
+            client.upload_file(str(path), "bench", f"tree/{path.relative_to(tree).as_posix()}")
+        readers = {}
+        for name, fast in (("exact", False), ("fast", True)):
+            cache = S3CacheConfig(dir=str(tmp / f"cache-{name}"), max_gib=4.0)
+            root, remote = open_root("s3://bench/tree", cache)
+            spec = DatasetSpec(root=root, parquet=fmt.Tree(root, dataset).parquet(split), remote=remote,
+                               fast_decode=fast)
+            readers[name] = SceneDataset(spec)  # fetches the parquet: not timed
+        target = target_shape(width, aspect, readers["exact"].spec.patch_size)
+        rows = range(min(limit, readers["exact"].table.num_rows))
+        cold, *warm = timed_passes(readers, rows, target, 1 + repeats)
+        count = len(rows)
+        return {name: {"cold_ips": count / cold[name], "warm_ips": count * len(warm) / sum(p[name] for p in warm)}
+                for name in readers}
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="an official tree to read (default: the fixture upscaled to 1600x900)")
@@ -114,6 +164,7 @@ def main() -> None:
     parser.add_argument("--aspect", type=float, default=1.77, help="width / height of the view (nuScenes evaluation)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the images")
     parser.add_argument("--limit", type=int, default=sys.maxsize, help="at most this many images")
+    parser.add_argument("--s3", action="store_true", help="also read the tree from a local SeaweedFS, cold and warm")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or upscaled_tree(Path(tmp), args.dataset, args.split)
@@ -129,6 +180,13 @@ def main() -> None:
             print(f"    output shapes identical: {r['same_shapes']}; |ours - exact| uint8 mean {r['mean_abs']:.3f}, "
                   f"max {r['max_abs']}; PSNR {r['psnr']:.1f} dB (a quality-95 JPEG round trip of the exact output: "
                   f"{r['psnr_q95']:.1f} dB)")
+            if args.s3:
+                r = compare_s3(Path(root), args.dataset, args.split, width, args.aspect, args.repeats, args.limit,
+                               Path(tmp))
+                for cache in ("cold", "warm"):
+                    exact, fast = r["exact"][f"{cache}_ips"], r["fast"][f"{cache}_ips"]
+                    print(f"    from SeaweedFS, {cache} cache: official {exact:7.1f}, ours {fast:7.1f} images/s per core   "
+                          f"ratio {fast / exact:.2f}x")
 
 
 if __name__ == "__main__":
