@@ -93,7 +93,12 @@ def cmd_data_metrics(args: argparse.Namespace) -> int:
 def cmd_anchors(args: argparse.Namespace) -> int:
     from dvgt.data.anchors import PLOT_FILE, training_tables, write_anchors
 
+    from dvgt.data.remote import is_s3
+
     cfg = load_config(args.config, args.overrides)
+    if not (args.out or cfg.model.anchor_dir) and is_s3(cfg.data.root):
+        raise ValueError(f"data.root is {cfg.data.root}: the anchors are written to a local folder; name it with "
+                         f"--out DIR (or model.anchor_dir) and upload it beside the tree if the runs read it there")
     out = Path(args.out or cfg.model.anchor_dir or Path(cfg.data.root) / "data_annotation/anchors/train_total_20")
     write_anchors(training_tables(cfg), out, k=args.k)
     print(f"wrote {out}/future_anchors_{args.k}_rdf.npz, past_anchors_{args.k}_rdf.npz and {out / PLOT_FILE}")
