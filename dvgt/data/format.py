@@ -256,7 +256,8 @@ def _list_column(table: pa.Table, name: str, width: int, path: Path) -> np.ndarr
     if not np.all(lengths == width):
         raise ValueError(f"parquet '{path}': column '{name}' must hold {width} numbers per row, found rows with "
                          f"{sorted(set(lengths.tolist()) - {width})}")
-    return values.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, width)
+    # no copy for doubles: a read-only view of the combined arrow buffer (shared, never written)
+    return values.flatten().to_numpy(zero_copy_only=False).astype(np.float64, copy=False).reshape(-1, width)
 
 
 def read_table(path: str | Path, config_key: str = "data") -> Table:
@@ -316,7 +317,8 @@ def write_table(path: str | Path, columns: Mapping[str, object]) -> Path:
         width = {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}.get(name, 0)
         if width:
             values = np.asarray(values, dtype=np.float64).reshape(-1, width)
-            arrays[name] = pa.array(list(values), type=pa.list_(pa.float64()))
+            offsets = np.arange(0, values.size + 1, width, dtype=np.int32)  # [N + 1]: row i is values[i]
+            arrays[name] = pa.ListArray.from_arrays(offsets, values.reshape(-1))  # list<double>, no object per row
         else:
             arrays[name] = pa.array(values)
     path = Path(path)

@@ -71,6 +71,10 @@ class SceneIndex:
     frames: np.ndarray  # [P] int64 frame_idx values, sorted within each scene
     rows: np.ndarray  # [P, C] int64 table rows, cameras in the dataset's official order
 
+    def __post_init__(self) -> None:
+        for array in (self.offsets, self.frames, self.rows):
+            array.flags.writeable = False  # shared by forked workers: a write would copy its pages
+
     def __len__(self) -> int:
         return len(self.names)
 
@@ -107,6 +111,10 @@ class SequenceIndex:
     count: np.ndarray  # [N] int64 frames
     stride: int  # the same for every sequence of a split type
     scenes: SceneIndex
+
+    def __post_init__(self) -> None:
+        for array in (self.scene, self.start, self.count):
+            array.flags.writeable = False
 
     def __len__(self) -> int:
         return len(self.names)
