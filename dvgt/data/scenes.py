@@ -18,6 +18,11 @@ Split types (``clip_split``):
   ``fixed_num_frames`` and F = ``future_frames``.
 
 Sequences are sorted by name, as the official ``sequence_list``.
+
+Both lists are flat columnar arrays (``SceneIndex``, ``SequenceIndex``: offsets into numpy arrays,
+names as arrow string arrays), built with vectorised numpy / arrow operations: a few objects whatever
+the number of rows, which forked DataLoader workers read without copying (docs/data.md, "Indexes that
+scale"). Indexing one returns a ``Scene`` / ``Sequence`` of views.
 """
 
 from __future__ import annotations
