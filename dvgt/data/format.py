@@ -297,7 +297,7 @@ def read_table(path: str | Path, config_key: str = "data") -> Table:
            for name in EGO_STATUS_COLUMNS if name in names}
     lidar = (table.column("use_lidar_proj_depth").to_numpy(zero_copy_only=False).astype(bool)
              if "use_lidar_proj_depth" in names else np.zeros(table.num_rows, dtype=bool))
-    return Table(
+    result = Table(
         path=path,
         scene_id=pc.cast(table.column("scene_id").combine_chunks(), pa.string()),  # the filter casts it to str
         frame_idx=table.column("frame_idx").to_numpy(zero_copy_only=False).astype(np.int64),
@@ -308,6 +308,9 @@ def read_table(path: str | Path, config_key: str = "data") -> Table:
         ego_to_world=matrices["ego_to_world"].reshape(-1, 3, 4),
         use_lidar_proj_depth=lidar, ego=ego,
         frame_token=table.column("frame_token").combine_chunks() if "frame_token" in names else None)
+    del table
+    pa.default_memory_pool().release_unused()  # the freed decode buffers (GBs for millions of rows) back to the OS
+    return result
 
 
 def write_table(path: str | Path, columns: Mapping[str, object]) -> Path:
