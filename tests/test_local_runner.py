@@ -319,7 +319,7 @@ def test_sigterm_under_each_restart_policy(policy, nproc, tiny_data_root, tmp_pa
     assert len(committing) == 1, out[-4000:]
     at = int(committing[0])
     assert at >= 2 and f'"finished": false, "step": {at}' in out  # rank 0; with 2 ranks both stopped there
-    assert f"master-0: pytorch exited 143" in out
+    assert "master-0: pytorch exited 143" in out
     assert (tmp_path / "run" / "ckpts" / f"step_{at:08d}" / "manifest.json").is_file()
     if policy == "Never":
         assert runner.returncode == 1 and "(restartPolicy Never: not retried)" in out

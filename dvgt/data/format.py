@@ -272,7 +272,8 @@ def _list_column(table: pa.Table, name: str, width: int, path: Path) -> np.ndarr
     if not np.all(lengths == width):
         raise ValueError(f"parquet '{path}': column '{name}' must hold {width} numbers per row, found rows with "
                          f"{sorted(set(lengths.tolist()) - {width})}")
-    return values.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, width)
+    # no copy for doubles: a read-only view of the combined arrow buffer (shared, never written)
+    return values.flatten().to_numpy(zero_copy_only=False).astype(np.float64, copy=False).reshape(-1, width)
 
 
 def read_table(path: str | Path, config_key: str = "data") -> Table:
@@ -312,7 +313,7 @@ def read_table(path: str | Path, config_key: str = "data") -> Table:
            for name in EGO_STATUS_COLUMNS if name in names}
     lidar = (table.column("use_lidar_proj_depth").to_numpy(zero_copy_only=False).astype(bool)
              if "use_lidar_proj_depth" in names else np.zeros(table.num_rows, dtype=bool))
-    return Table(
+    result = Table(
         path=path,
         scene_id=pc.cast(table.column("scene_id").combine_chunks(), pa.string()),  # the filter casts it to str
         frame_idx=table.column("frame_idx").to_numpy(zero_copy_only=False).astype(np.int64),
@@ -323,6 +324,9 @@ def read_table(path: str | Path, config_key: str = "data") -> Table:
         ego_to_world=matrices["ego_to_world"].reshape(-1, 3, 4),
         use_lidar_proj_depth=lidar, ego=ego,
         frame_token=table.column("frame_token").combine_chunks() if "frame_token" in names else None)
+    del table
+    pa.default_memory_pool().release_unused()  # the freed decode buffers (GBs for millions of rows) back to the OS
+    return result
 
 
 def write_table(path: str | Path, columns: Mapping[str, object]) -> Path:
@@ -332,7 +336,8 @@ def write_table(path: str | Path, columns: Mapping[str, object]) -> Path:
         width = {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}.get(name, 0)
         if width:
             values = np.asarray(values, dtype=np.float64).reshape(-1, width)
-            arrays[name] = pa.array(list(values), type=pa.list_(pa.float64()))
+            offsets = np.arange(0, values.size + 1, width, dtype=np.int32)  # [N + 1]: row i is values[i]
+            arrays[name] = pa.ListArray.from_arrays(offsets, values.reshape(-1))  # list<double>, no object per row
         else:
             arrays[name] = pa.array(values)
     path = Path(path)

@@ -25,7 +25,7 @@ import numpy as np
 
 from dvgt.data import format as fmt
 from dvgt.data.remote import S3Root, read_file
-from dvgt.data.scenes import Scene, Sequence, build_scenes, fps_step, split_sequences
+from dvgt.data.scenes import SceneIndex, Sequence, SequenceIndex, build_scenes, fps_step, split_sequences
 from dvgt.data.transforms import RANDOM_RESIZE_MODE, ViewPlan, plan_view, resize_depth, resize_image, resize_jpeg
 
 log = logging.getLogger(__name__)
@@ -175,12 +175,12 @@ class SceneDataset:
         self.tree = fmt.Tree(spec.root, spec.dataset)
         self.cameras = list(fmt.CAMERAS[spec.dataset])  # raw names, official order
         self.table = self._read(partial(fmt.read_table, config_key=config_key), spec.parquet)
-        self.scenes: list[Scene] = build_scenes(self.table, spec.dataset)
+        self.scenes: SceneIndex = build_scenes(self.table, spec.dataset)  # flat arrays, no object per scene
         self.step = fps_step(spec.original_fps, spec.target_fps)
         scene_filter = spec.scene_filter  # NavSim's token list, read once here (of an s3:// root: fetched first)
         if scene_filter is not None and spec.remote is not None:
             scene_filter = spec.remote.fetch(scene_filter)
-        self.sequences: list[Sequence] = split_sequences(
+        self.sequences: SequenceIndex = split_sequences(
             self.scenes, self.table, spec.dataset, spec.clip_split, step=self.step,
             fixed_num_frames=spec.fixed_num_frames, future_frames=spec.future_frames, scene_filter=scene_filter)
         if not self.sequences:
@@ -193,7 +193,7 @@ class SceneDataset:
                 raise ValueError(f"{config_key}: parquet '{spec.parquet}' has no {', '.join(absent)} column(s), which "
                                  f"the ego status needs; set model.enable_ego_status=false for dataset "
                                  f"'{spec.dataset}'")
-        self.lengths = np.array([len(s.frames[::self.step]) for s in self.sequences])  # frames at the target rate
+        self.lengths = -(-self.sequences.count // self.step)  # len(sequence.frames[::step]): frames at the target rate
         # frames a training clip may have: the longest sequence minus its future frames
         self.max_frames = int(self.lengths.max()) - spec.future_frames
         self.frame_num_max = spec.frame_num_max - spec.future_frames

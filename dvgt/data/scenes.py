@@ -18,6 +18,11 @@ Split types (``clip_split``):
   ``fixed_num_frames`` and F = ``future_frames``.
 
 Sequences are sorted by name, as the official ``sequence_list``.
+
+Both lists are flat columnar arrays (``SceneIndex``, ``SequenceIndex``: offsets into numpy arrays,
+names as arrow string arrays), built with vectorised numpy / arrow operations: a few objects whatever
+the number of rows, which forked DataLoader workers read without copying (docs/data.md, "Indexes that
+scale"). Indexing one returns a ``Scene`` / ``Sequence`` of views.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -40,10 +46,10 @@ NAVTRAIN_HISTORY, NAVTRAIN_FUTURE = 4, 8  # navtrain clips (get_navtest_logs def
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Scene:
     """One scene of a table: its frames (sorted frame_idx values) and the table row of every
-    (frame, camera) cell, cameras in the dataset's official order."""
+    (frame, camera) cell, cameras in the dataset's official order (views into a SceneIndex)."""
 
     name: str  # the parquet's scene_id
     frames: np.ndarray  # [F] int64 frame_idx values, sorted
@@ -59,7 +65,78 @@ class Sequence:
     frames: np.ndarray  # [n] frame_idx values, sorted
 
 
-def build_scenes(table: Table, dataset: str) -> list[Scene]:
+@dataclass(frozen=True)
+class SceneIndex:
+    """All scenes of a table as flat arrays: scene ``s`` owns positions ``offsets[s]:offsets[s + 1]``
+    of ``frames`` and ``rows``. A handful of arrays instead of an object per scene, so that forked
+    DataLoader workers read the index without writing to (reference counting) its memory."""
+
+    names: pa.StringArray  # [S] scene_id, sorted
+    offsets: np.ndarray  # [S + 1] int64 start of each scene's frames
+    frames: np.ndarray  # [P] int64 frame_idx values, sorted within each scene
+    rows: np.ndarray  # [P, C] int64 table rows, cameras in the dataset's official order
+
+    def __post_init__(self) -> None:
+        for array in (self.offsets, self.frames, self.rows):
+            array.flags.writeable = False  # shared by forked workers: a write would copy its pages
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, scene: int) -> Scene:
+        if not -len(self) <= scene < len(self):
+            raise IndexError(f"scene {scene} of {len(self)}")
+        scene %= len(self)
+        span = slice(self.offsets[scene], self.offsets[scene + 1])
+        return Scene(self.names[scene].as_py(), self.frames[span], self.rows[span])
+
+    def __iter__(self) -> Iterator[Scene]:
+        return (self[s] for s in range(len(self)))
+
+    def scene_of(self, positions: np.ndarray) -> np.ndarray:
+        """The scene of each position into ``frames``."""
+        return np.searchsorted(self.offsets, positions, side="right") - 1
+
+    def find(self, scenes: np.ndarray, frames: np.ndarray, side: str = "left") -> np.ndarray:
+        """np.searchsorted of each frame value within its scene's frames, as a position into ``frames``."""
+        low, high = int(self.frames.min()) - 1, int(self.frames.max()) + 1
+        span = high - low + 1  # frame values clipped to [low, high] keep their order against every stored frame
+        keys = np.repeat(np.arange(len(self)), np.diff(self.offsets)) * span + (self.frames - low)
+        return np.searchsorted(keys, scenes * span + (np.clip(frames, low, high) - low), side=side)
+
+
+@dataclass(frozen=True)
+class SequenceIndex:
+    """All sequences as flat arrays, sorted by name: sequence ``i`` is scene ``scene[i]``'s frames at
+    positions ``start[i], start[i] + stride, ...`` (``count[i]`` of them) of ``scenes.frames``."""
+
+    names: pa.StringArray  # [N] sorted
+    scene: np.ndarray  # [N] int64
+    start: np.ndarray  # [N] int64 position of the first frame in scenes.frames
+    count: np.ndarray  # [N] int64 frames
+    stride: int  # the same for every sequence of a split type
+    scenes: SceneIndex
+
+    def __post_init__(self) -> None:
+        for array in (self.scene, self.start, self.count):
+            array.flags.writeable = False
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> Sequence:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sequence {index} of {len(self)}")
+        index %= len(self)
+        start = self.start[index]
+        frames = self.scenes.frames[start:start + self.stride * self.count[index]:self.stride]
+        return Sequence(self.names[index].as_py(), int(self.scene[index]), frames)
+
+    def __iter__(self) -> Iterator[Sequence]:
+        return (self[i] for i in range(len(self)))
+
+
+def build_scenes(table: Table, dataset: str) -> SceneIndex:
     """Group the rows by scene; every frame must have one row per camera of the dataset, as the official
     dataset reads each (frame, camera) cell it may sample. Scenes are sorted by name."""
     cameras = list(CAMERAS[dataset])
@@ -71,26 +148,41 @@ def build_scenes(table: Table, dataset: str) -> list[Scene]:
                          f"dataset '{dataset}' ({', '.join(cameras)}); the dataset name comes from the parquet "
                          f"name's prefix")
     camera_ids = camera_ids.astype(np.int64)
-    scene_names, scene_ids = np.unique(table.scene_id.to_numpy(zero_copy_only=False), return_inverse=True)
+    encoded = table.scene_id.dictionary_encode()  # [N] indices into the distinct names, in order of appearance
+    by_name = pc.sort_indices(encoded.dictionary).to_numpy()
+    rank = np.empty(len(by_name), dtype=np.int64)
+    rank[by_name] = np.arange(len(by_name))
+    scene_ids = rank[encoded.indices.to_numpy(zero_copy_only=False)]  # [N] position of the row's scene by name
     order = np.lexsort((camera_ids, table.frame_idx, scene_ids))  # by scene, frame, camera
-    scenes = []
-    bounds = np.searchsorted(scene_ids[order], np.arange(len(scene_names) + 1))
-    for s, name in enumerate(scene_names):
-        rows = order[bounds[s]:bounds[s + 1]]
-        frames, frame_pos = np.unique(table.frame_idx[rows], return_inverse=True)
-        grid = np.full((len(frames), len(cameras)), -1, dtype=np.int64)
-        cells = frame_pos * len(cameras) + camera_ids[rows]
-        counts = np.bincount(cells, minlength=grid.size)
-        if (counts != 1).any():
-            cell = int(np.flatnonzero(counts != 1)[0])
-            frame, camera = frames[cell // len(cameras)], cameras[cell % len(cameras)]
-            problem = "no row" if counts[cell] == 0 else f"{counts[cell]} rows"
-            raise ValueError(f"parquet '{table.path}': scene '{name}' frame {frame} has {problem} for camera "
-                             f"'{camera}'; every frame needs exactly one row per camera of '{dataset}' "
-                             f"({', '.join(cameras)})")
-        grid.reshape(-1)[cells] = rows
-        scenes.append(Scene(str(name), frames, grid))
-    return scenes
+    scene_ids, frame_idx, camera_ids = scene_ids[order], table.frame_idx[order], camera_ids[order]
+    # (scene, frame) cells: each must hold the dataset's cameras exactly once, i.e. cameras 0..C-1 in order
+    new_frame = np.flatnonzero(np.diff(scene_ids) | np.diff(frame_idx)) + 1
+    first = np.concatenate([[0], new_frame])
+    sizes = np.diff(np.concatenate([first, [len(order)]]))
+    misplaced = camera_ids != np.arange(len(order)) - np.repeat(first, sizes)  # camera != position in its cell
+    bad = (sizes != len(cameras)) | np.logical_or.reduceat(misplaced, first)
+    if bad.any():
+        scene = int(scene_ids[first[np.flatnonzero(bad)[0]]])
+        _raise_incomplete_frame(table, dataset, encoded.dictionary[int(by_name[scene])].as_py(),
+                                frame_idx[scene_ids == scene], camera_ids[scene_ids == scene])
+    frame_scenes = scene_ids[first]
+    return SceneIndex(names=encoded.dictionary.take(by_name), frames=frame_idx[first],
+                      offsets=np.searchsorted(frame_scenes, np.arange(len(by_name) + 1)).astype(np.int64),
+                      rows=order.reshape(-1, len(cameras)))
+
+
+def _raise_incomplete_frame(table: Table, dataset: str, name: str, frame_idx: np.ndarray,
+                            camera_ids: np.ndarray) -> None:
+    """The error for the first (frame, camera) cell of a scene without exactly one row."""
+    cameras = list(CAMERAS[dataset])
+    frames, frame_pos = np.unique(frame_idx, return_inverse=True)
+    counts = np.bincount(frame_pos * len(cameras) + camera_ids, minlength=len(frames) * len(cameras))
+    cell = int(np.flatnonzero(counts != 1)[0])
+    frame, camera = frames[cell // len(cameras)], cameras[cell % len(cameras)]
+    problem = "no row" if counts[cell] == 0 else f"{counts[cell]} rows"
+    raise ValueError(f"parquet '{table.path}': scene '{name}' frame {frame} has {problem} for camera "
+                     f"'{camera}'; every frame needs exactly one row per camera of '{dataset}' "
+                     f"({', '.join(cameras)})")
 
 
 def fps_step(original_fps: int, target_fps: int = 2) -> int:
@@ -98,52 +190,72 @@ def fps_step(original_fps: int, target_fps: int = 2) -> int:
     return max(1, original_fps // target_fps)
 
 
-def split_sequences(scenes: list[Scene], table: Table, dataset: str, split_type: str, *, step: int,
-                    fixed_num_frames: int, future_frames: int, scene_filter: Path | None = None) -> list[Sequence]:
+def split_sequences(scenes: SceneIndex, table: Table, dataset: str, split_type: str, *, step: int,
+                    fixed_num_frames: int, future_frames: int, scene_filter: Path | None = None) -> SequenceIndex:
     """The sequences of a split type (module docstring), sorted by name."""
     if split_type not in SPLIT_TYPES:
         raise ValueError(f"unknown clip split '{split_type}'; choose one of {', '.join(SPLIT_TYPES)}")
-    sequences: list[Sequence] = []
-    for index, scene in enumerate(scenes):
-        sampled = scene.frames[::step]
-        if split_type == "default_train":
-            sequences.append(Sequence(scene.name, index, scene.frames))
-        elif split_type in ("DVGT1", "long"):
-            length = fixed_num_frames + (future_frames if split_type == "long" else 0)
-            if length < 1:
-                raise ValueError(f"clip split '{split_type}' needs fixed_num_frames >= 1 (the clip length)")
-            starts = range(0, len(sampled), length)[:1 if split_type == "long" else None]
-            for k, start in enumerate(starts):
-                clip = sampled[start:start + length]
-                sequences.append(Sequence(f"{dataset}#{scene.name}#{k}#cliplen#{len(clip)}", index, clip))
-        elif split_type in ("DVGT2", "nuscenes_planning"):
-            window = fixed_num_frames + future_frames if split_type == "DVGT2" else PLANNING_HISTORY + PLANNING_FUTURE
-            for i in range(len(sampled) - window + 1):
-                clip = sampled[i:i + window]
-                if split_type == "DVGT2":
-                    name = f"{dataset}#{scene.name}#{i}#window#{window}"
-                else:
-                    name = _frame_token(table, scene, clip[PLANNING_HISTORY - 1])
-                sequences.append(Sequence(name, index, clip))
     if split_type in ("navtrain", "navtest"):
         history, future = ((NAVTRAIN_HISTORY, NAVTRAIN_FUTURE) if split_type == "navtrain"
                            else (fixed_num_frames, future_frames))
-        sequences = _navsim_clips(scenes, table, scene_filter, history, future)
-    return sorted(sequences, key=lambda s: s.name)
+        return _navsim_clips(scenes, table, scene_filter, history, future)
+    lengths = np.diff(scenes.offsets)  # [S] stored frames
+    sampled = -(-lengths // step)  # [S] frames after subsampling
+    if split_type == "default_train":
+        return _sorted(scenes.names, np.arange(len(scenes)), scenes.offsets[:-1], lengths, 1, scenes)
+    if split_type in ("DVGT1", "long"):
+        length = fixed_num_frames + (future_frames if split_type == "long" else 0)
+        if length < 1:
+            raise ValueError(f"clip split '{split_type}' needs fixed_num_frames >= 1 (the clip length)")
+        clips = np.minimum(-(-sampled // length), 1) if split_type == "long" else -(-sampled // length)
+        scene, k = _enumerate(clips)
+        count = np.minimum(length, sampled[scene] - k * length)
+        names = _join(dataset, scenes.names.take(scene), k, "cliplen", count)
+        return _sorted(names, scene, scenes.offsets[scene] + k * length * step, count, step, scenes)
+    window = fixed_num_frames + future_frames if split_type == "DVGT2" else PLANNING_HISTORY + PLANNING_FUTURE
+    scene, i = _enumerate(np.maximum(sampled - window + 1, 0))
+    start = scenes.offsets[scene] + i * step
+    if split_type == "DVGT2":
+        names = _join(dataset, scenes.names.take(scene), i, "window", np.full(len(i), window))
+    else:
+        names = _frame_tokens(table, dataset, scenes, start + (PLANNING_HISTORY - 1) * step)
+    return _sorted(names, scene, start, np.full(len(i), window), step, scenes)
 
 
-def _frame_token(table: Table, scene: Scene, frame: int) -> str:
+def _enumerate(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(owner, k) for k in range(counts[owner]) for every owner, in that order."""
+    owner = np.repeat(np.arange(len(counts)), counts)
+    return owner, np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def _join(dataset: str, scene_names: pa.Array, number: np.ndarray, kind: str, size: np.ndarray) -> pa.Array:
+    """{dataset}#{scene}#{number}#{kind}#{size} for every element."""
+    text = lambda values: pc.cast(pa.array(values, type=pa.int64()), pa.string())  # noqa: E731
+    return pc.binary_join_element_wise(dataset, scene_names, text(number), kind, text(size), "#")
+
+
+def _sorted(names: pa.Array, scene: np.ndarray, start: np.ndarray, count: np.ndarray, stride: int,
+            scenes: SceneIndex) -> SequenceIndex:
+    order = pc.sort_indices(names).to_numpy()  # stable, by code point as Python sorts strings
+    return SequenceIndex(names=names.take(order), scene=np.asarray(scene, np.int64)[order],
+                         start=np.asarray(start, np.int64)[order], count=np.asarray(count, np.int64)[order],
+                         stride=stride, scenes=scenes)
+
+
+def _frame_tokens(table: Table, dataset: str, scenes: SceneIndex, positions: np.ndarray) -> pa.Array:
+    """The frame token of frames (positions into scenes.frames), from the frame's first row in
+    (frame_idx, cam_type) order as the official code names a clip (the camera with the smallest name)."""
+    if not len(positions):
+        return pa.array([], pa.string())
     if table.frame_token is None:
         raise ValueError(f"parquet '{table.path}' has no frame_token column, which clip split 'nuscenes_planning' "
                          f"names its clips by")
-    rows = scene.rows[np.searchsorted(scene.frames, frame)]
-    # the official code names the clip by the frame's first row in (frame_idx, cam_type) order
-    first = min(rows, key=lambda row: table.cam_type[int(row)].as_py())
-    return table.frame_token[int(first)].as_py()
+    cameras = list(CAMERAS[dataset])
+    return table.frame_token.take(scenes.rows[positions, cameras.index(min(cameras))])
 
 
-def _navsim_clips(scenes: list[Scene], table: Table, scene_filter: Path | None, history: int,
-                  future: int) -> list[Sequence]:
+def _navsim_clips(scenes: SceneIndex, table: Table, scene_filter: Path | None, history: int,
+                  future: int) -> SequenceIndex:
     """One clip per token of the NavSim scene filter yaml (its ``tokens:`` list)."""
     if scene_filter is None or not Path(scene_filter).is_file():
         raise FileNotFoundError(f"NavSim scene filter '{scene_filter}' does not exist; the navtrain/navtest clip "
@@ -153,26 +265,26 @@ def _navsim_clips(scenes: list[Scene], table: Table, scene_filter: Path | None, 
         raise ValueError(f"parquet '{table.path}' has no frame_token column, which NavSim clips are selected by")
     with open(scene_filter, encoding="utf-8") as file:
         tokens = set((yaml.safe_load(file) or {}).get("tokens") or [])
-    location = {}  # token -> (scene index, frame_idx)
-    for index, scene in enumerate(scenes):
-        for f, frame in enumerate(scene.frames):
-            for row in scene.rows[f]:
-                token = table.frame_token[int(row)].as_py()
-                if token in tokens and token not in location:
-                    location[token] = (index, int(frame))
-    absent = sorted(tokens - set(location))
+    # every token's first cell in (scene, frame, camera) order
+    cell_tokens = pc.cast(table.frame_token, pa.string()).take(scenes.rows.reshape(-1))
+    wanted = pc.is_in(cell_tokens, value_set=pa.array(sorted(tokens), pa.string()))
+    cells = pa.table({"token": cell_tokens.filter(wanted),
+                      "cell": np.flatnonzero(wanted.to_numpy(zero_copy_only=False))})
+    found = cells.group_by("token").aggregate([("cell", "min")])
+    absent = sorted(tokens - set(found.column("token").to_pylist()))
     if absent:
         raise ValueError(f"{len(absent)} token(s) of the scene filter '{scene_filter}' are not in parquet "
                          f"'{table.path}' (first: {absent[0]}); use a scene filter reduced to the parquet's logs")
-    sequences = []
-    for token in tokens:
-        index, centre = location[token]
-        scene = scenes[index]
-        wanted = np.arange(centre - (history - 1), centre + future + 1)
-        present = scene.frames[np.isin(scene.frames, wanted)]
-        if len(present) != len(wanted):
-            log.warning("NavSim token %s of scene %s lacks frame(s) %s: dropped", token, scene.name,
-                        sorted(set(wanted.tolist()) - set(present.tolist())))
-            continue
-        sequences.append(Sequence(token, index, present))
-    return sequences
+    names = found.column("token").combine_chunks()
+    position = found.column("cell_min").to_numpy() // scenes.rows.shape[1]  # [T] the token's frame
+    scene, centre = scenes.scene_of(position), scenes.frames[position]
+    start = scenes.find(scene, centre - (history - 1))
+    count = scenes.find(scene, centre + future, side="right") - start
+    complete = count == max(history + future, 0)  # frames are distinct integers: all present iff all counted
+    for t in np.flatnonzero(~complete):
+        present = set(scenes[int(scene[t])].frames.tolist())
+        log.warning("NavSim token %s of scene %s lacks frame(s) %s: dropped", names[t].as_py(),
+                    scenes.names[int(scene[t])].as_py(),
+                    sorted(set(range(centre[t] - (history - 1), centre[t] + future + 1)) - present))
+    keep = np.flatnonzero(complete)
+    return _sorted(names.take(keep), scene[keep], start[keep], count[keep], 1, scenes)
