@@ -20,6 +20,7 @@ else ``align_depth``; none where ``filter_lidar`` drops the row's depth.
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,9 +247,10 @@ def check(targets: list[Target], deep: bool = False, jobs: Optional[int] = None,
     return [check_target(t, deep=deep, jobs=jobs, progress=progress) for t in targets]
 
 
-def require_clean(data_cfg: Any) -> None:
-    """The trainer's pre-flight: the quick check of every non-synthetic parquet of the config; raises
-    DataCheckError naming the first problem (and how many there are) if any fails."""
+def require_clean(data_cfg: Any) -> str:
+    """The trainer's pre-flight: the quick check of every non-synthetic parquet a config reads. Returns a
+    one-line summary; raises DataCheckError naming the root, the first problem and their number."""
+    started = time.perf_counter()
     reports = check(targets_of_config(data_cfg))
     bad = [r for r in reports if not r.ok]
     if bad:
@@ -258,6 +260,9 @@ def require_clean(data_cfg: Any) -> None:
             f"data root '{first.target.root}' fails the data check ({total} problem(s) in "
             f"{', '.join(f'{r.target.dataset}_{r.target.split}' for r in bad)}), first: {first.problems[0]}; "
             f"`dvgt data check {first.target.root}` lists them (data.check=false skips this check)")
+    files = sum(r.images.present + r.depths.present for r in reports)
+    return (f"Data check: {len(reports)} parquet(s), {sum(r.rows for r in reports):,} rows, {files:,} files present "
+            f"({time.perf_counter() - started:.1f} s)")
 
 
 # --------------------------------------------------------------------------------------------
