@@ -118,14 +118,15 @@ The plan as JSON (use: include "dvgt.plan" . | fromJson).
 {{- include "dvgt.volumeChecks" . -}}
 {{- $uri := printf "%s/%s" (trimSuffix "/" .Values.checkpoint.uri) $job -}}
 {{- /* torchrun waits --shutdown-timeout for its workers after SIGTERM (default 30 s): give them the checkpoint budget */ -}}
-{{- $args := list (printf "--nproc-per-node=%d" (int .Values.gpusPerNode))
-      (printf "--shutdown-timeout=%d" (int .Values.checkpoint.preemptionBudgetSeconds)) "-m" "dvgt.train" (printf "--config=%s" $stage.config)
+{{- $trainerArgs := list (printf "--config=%s" $stage.config)
       (printf "accum_steps=%d" $accum) (printf "checkpoint.uri=%s" $uri)
       (printf "checkpoint.preemption_budget_s=%d" (int .Values.checkpoint.preemptionBudgetSeconds)) "checkpoint.spill_dir=/spill" -}}
 {{- if .Values.imagesPerStep -}}
-{{- $args = append $args (printf "max_img_per_gpu=%d" $perStep) -}}
+{{- $trainerArgs = append $trainerArgs (printf "max_img_per_gpu=%d" $perStep) -}}
 {{- end -}}
-{{- $args = concat $args $profile.overrides .Values.overrides -}}
+{{- $trainerArgs = concat $trainerArgs $profile.overrides .Values.overrides -}}
+{{- $args := concat (list (printf "--nproc-per-node=%d" (int .Values.gpusPerNode))
+      (printf "--shutdown-timeout=%d" (int .Values.checkpoint.preemptionBudgetSeconds)) "-m" "dvgt.train") $trainerArgs -}}
 {{- /* the sizing rule (files/catalog.yaml host): per pod, P processes of I images per forward pass */ -}}
 {{- $host := merge (deepCopy ($profile.host | default dict)) $catalog.host -}}
 {{- $processes := int .Values.gpusPerNode -}}
@@ -144,7 +145,7 @@ The plan as JSON (use: include "dvgt.plan" . | fromJson).
 {{- $_ := set $resources $kind (merge (deepCopy $devices) (deepCopy $given) (deepCopy $sized)) -}}
 {{- end -}}
 {{- dict "job" $job "stage" $stage "profile" $profile "nodes" $nodes "accumSteps" $accum "minAvailable" $minAvailable
-      "gpus" (ternary $processes 0 $profile.gpu) "checkpointUri" $uri "args" $args "resources" $resources
+      "gpus" (ternary $processes 0 $profile.gpu) "checkpointUri" $uri "args" $args "trainerArgs" $trainerArgs "resources" $resources
       "shmSize" (include "dvgt.quantity" $shmMi) "workspaceSize" (include "dvgt.quantity" $workspaceMi)
       "tmpSize" (include "dvgt.quantity" $tmpMi) | toJson -}}
 {{- end -}}
