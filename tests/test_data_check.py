@@ -14,6 +14,7 @@ from dvgt.cli import main
 from dvgt.config import load_config
 from dvgt.data import format as fmt
 from dvgt.data.check import DataCheckError, Target, check_target, present, targets_of_tree
+from dvgt.train.exit_codes import REFUSED, for_error
 from test_official_data import official_tree_overrides
 
 
@@ -163,6 +164,7 @@ def test_the_trainer_refuses_a_broken_root_before_building_the_model(tree, tmp_p
     with pytest.raises(DataCheckError, match=rf"data root '{tree}' fails the data check \(1 problem\(s\) in "
                                              rf"nuscene_val\), first: image file '.*{filename}.jpg' is missing"):
         loop.train(cfg)
+    assert for_error(DataCheckError("x")) == REFUSED  # exit code 2: a restart cannot fix the tree
     code, out = run_check(capsys, "--config", "train/dvgt1/default.yaml", *overrides, f"data.root={tree}",
                           "data.train.datasets=[{dataset: nuscene, split: train}]")
     assert code == 1 and "nuscene_val" not in out and f"{filename}.jpg' is missing" in out
