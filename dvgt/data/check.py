@@ -114,13 +114,13 @@ def targets_of_tree(root: str | Path, dataset: Optional[str] = None, split: Opti
     return found
 
 
-def targets_of_config(data_cfg: Any) -> list[Target]:
+def targets_of_config(data_cfg: Any, splits: Iterable[str] = ("train", "val")) -> list[Target]:
     """The parquets a training config reads (data.train and data.val), with each split's depth settings.
     Synthetic entries are skipped: the trainer generates them itself."""
     from dvgt.data.loader import entry_root
 
     targets: dict[Target, None] = {}  # ordered, without repeats
-    for split in ("train", "val"):
+    for split in splits:
         s = data_cfg[split]
         for entry in s.datasets:
             if not entry.synthetic:
@@ -247,11 +247,11 @@ def check(targets: list[Target], deep: bool = False, jobs: Optional[int] = None,
     return [check_target(t, deep=deep, jobs=jobs, progress=progress) for t in targets]
 
 
-def require_clean(data_cfg: Any) -> str:
-    """The trainer's pre-flight: the quick check of every non-synthetic parquet a config reads. Returns a
-    one-line summary; raises DataCheckError naming the root, the first problem and their number."""
+def require_clean(data_cfg: Any, splits: Iterable[str] = ("train", "val")) -> str:
+    """The trainer's pre-flight: the quick check of every non-synthetic parquet of the config's ``splits``.
+    Returns a one-line summary; raises DataCheckError naming the root, the first problem and their number."""
     started = time.perf_counter()
-    reports = check(targets_of_config(data_cfg))
+    reports = check(targets_of_config(data_cfg, splits))
     bad = [r for r in reports if not r.ok]
     if bad:
         total = sum(r.num_problems for r in bad)

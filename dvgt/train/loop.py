@@ -212,11 +212,12 @@ class Trainer:
 
     # -- start-up -------------------------------------------------------------------------------
     def _check_data(self) -> None:
-        """Rank 0 runs the quick data check of the trees the config reads; all ranks refuse together."""
+        """Rank 0 runs the quick data check of the parquets this run reads; all ranks refuse together."""
         failure = None
         if self.dist.is_main:
             try:
-                self._print(require_clean(self.cfg.data))
+                evaluates = self.cfg.limit_val_batches != 0  # as _val_loader: no evaluation reads no val parquet
+                self._print(require_clean(self.cfg.data, ("train", "val") if evaluates else ("train",)))
             except DataCheckError as error:
                 failure = str(error)
         failure = distributed.broadcast_from_main(failure)
