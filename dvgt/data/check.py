@@ -138,17 +138,15 @@ def present(folder: Path, names: pa.Array) -> np.ndarray:
     """Which of ``names`` (relative paths under ``folder``) exist: one listing per sub-folder that the
     names use, compared against the expected names, instead of one stat per file."""
     parents = pc.replace_substring_regex(names, r"(^|/)[^/]*$", "")  # "a/b/c.jpg" -> "a/b"; "c.jpg" -> ""
-    listed = []
+    listed: list[str] = []  # every entry of those folders, as a path relative to ``folder``
     for parent in pc.unique(parents).to_pylist():
         try:
             entries = os.listdir(folder / parent)
         except (FileNotFoundError, NotADirectoryError):
             continue
         prefix = f"{parent}/" if parent else ""
-        listed.append(pc.binary_join_element_wise(prefix, pa.array(entries, pa.string()), ""))
-    if not listed:
-        return np.zeros(len(names), dtype=bool)
-    return pc.is_in(names, value_set=pa.concat_arrays(listed)).to_numpy(zero_copy_only=False)
+        listed += [prefix + entry for entry in entries]
+    return pc.is_in(names, value_set=pa.array(listed, pa.string())).to_numpy(zero_copy_only=False)
 
 
 def _missing_problems(kind: str, folder: Path, names: pa.Array, found: np.ndarray) -> Iterator[str]:
