@@ -74,6 +74,34 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from tqdm import tqdm
+
+    from dvgt.data import check
+
+    if args.config:
+        targets = check.targets_of_config(load_config(args.config, args.positional).data)
+        if args.dataset or args.split:
+            targets = [t for t in targets if args.dataset in (None, t.dataset) and args.split in (None, t.split)]
+    elif len(args.positional) == 1:
+        targets = check.targets_of_tree(args.positional[0], args.dataset, args.split)
+    else:
+        raise ValueError("dvgt data check: give one tree root (the folder holding data_annotation/), or --config "
+                         "STAGE [key=value ...] to check the trees a stage reads")
+    with tqdm(desc="decoding", unit="file", disable=not args.deep or not sys.stderr.isatty()) as bar:
+        reports = check.check(targets, deep=args.deep, jobs=args.jobs, progress=bar.update)
+    console = Console() if sys.stdout.isatty() else Console(width=160)  # logs: the whole table
+    console.print(check.summary_table(reports, args.deep))
+    problems = check.first_problems(reports, args.show)
+    total = sum(r.num_problems for r in reports)
+    if total:
+        console.print(f"[red]{total:,} problem(s)[/red]; the first {len(problems)}:", highlight=False)
+        for problem in problems:
+            console.print(f"  {problem}", highlight=False, markup=False, soft_wrap=True)
+    return 1 if total else 0
+
+
 def cmd_data_dump(args: argparse.Namespace) -> int:
     from dvgt.data.dump import dump_samples
 
@@ -220,6 +248,20 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     synth.add_argument("--splits", nargs="+", default=["train", "val"])
     synth.add_argument("--scenes", type=int, default=0, help="scenes per split (default: the demo's)")
     synth.set_defaults(func=cmd_data_synth)
+    data_check = data_sub.add_parser("check", help="scan an official tree: per dataset and split, scenes, frames, "
+                                     "cameras, rows, image and depth files present / missing (/ unreadable with "
+                                     "--deep); exit code 1 on any problem (docs/data.md, \"Checking a tree\")")
+    data_check.add_argument("positional", nargs="*", metavar="ROOT | key.path=value",
+                            help="the tree's root (the folder holding data_annotation/); with --config: overrides")
+    data_check.add_argument("--config", help="check the trees a stage config reads (data.train and data.val), as the "
+                            "trainer reads them, instead of every parquet of one ROOT")
+    data_check.add_argument("--dataset", help="only this dataset (the parquet's prefix, e.g. nuscene)")
+    data_check.add_argument("--split", help="only this split (e.g. val)")
+    data_check.add_argument("--deep", action="store_true", help="also decode every image and depth PNG (near/far "
+                            "present, sizes agree) and check every rotation is orthonormal")
+    data_check.add_argument("--jobs", type=int, default=None, help="decoding threads with --deep (default: CPUs)")
+    data_check.add_argument("--show", type=int, default=20, help="offending files listed (all are counted)")
+    data_check.set_defaults(func=cmd_data_check)
     dump = data_sub.add_parser("dump", help="build the samples a manifest lists (official constructor arguments) with "
                                "our loader and write them under the official key names, to compare with the "
                                "official code's outputs (../shared/tools/check_data.py)")

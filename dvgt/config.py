@@ -121,6 +121,7 @@ class DataConfig:
     pin_memory: bool = True  # page-locked host batches (GPU only)
     prefetch_factor: int = 2  # batches prepared ahead per worker
     persistent_workers: bool = True  # keep workers alive across epochs
+    check: bool = True  # at start, refuse a tree that fails the quick `dvgt data check` (docs/data.md "Checking a tree")
     feature_cache: Optional[str] = None  # cached outputs of the frozen backbone or aggregator (dvgt cache build; docs/feature-cache.md): folder or s3:// URI
     s3_cache: S3CacheConfig = field(default_factory=S3CacheConfig)
     s3: S3Config = field(default_factory=S3Config)  # S3 options of s3:// data roots (the keys of checkpoint.s3; endpoint and credentials: the same AWS variables)

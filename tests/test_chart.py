@@ -446,3 +446,40 @@ def test_trainjob_bad_values_are_refused_naming_them(values, message):
     assert result.returncode != 0 and message in result.stderr, result.stderr
     long_name = helm("template", "a" * 50, str(CHART), "--set", "api=trainjob")
     assert long_name.returncode != 0 and f"TrainJob name '{'a' * 50}' is too long for 8 node(s)" in long_name.stderr
+
+
+def test_the_optional_data_check_runs_the_trainers_config_before_it(tmp_path, capsys):
+    """data.check.enabled: every pod's first init container runs `dvgt data check` with the trainer's own
+    config and overrides (here run for real, in this process, against the official fixture tree)."""
+    import k8s_crds
+    from conftest import OFFICIAL_TREE
+    from dvgt.cli import main
+
+    overrides = [f"data.root={OFFICIAL_TREE}", "data.train.datasets=[{dataset: nuscene, split: train}]",
+                 "data.val.datasets=[{dataset: nuscene, split: val}]"]
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"nodes": 2, "overrides": overrides, "data": {"check": {"enabled": True, "deep": True}}}))
+    result = helm("template", "dvgt-test", str(CHART), "-f", str(values))
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    k8s_crds.check(docs)
+    for pod in pods_of(job_of(docs)).values():
+        check = pod["spec"]["initContainers"][0]
+        args = trainer(pod)["args"]
+        assert check["name"] == "data-check" and check["command"] == ["dvgt", "data", "check"]
+        assert check["args"] == args[args.index("dvgt.train") + 1:] + ["--deep"]
+        assert {"name": "data", "mountPath": "/workspace/data", "readOnly": True} in check["volumeMounts"]
+        assert pss.violations(pod["spec"], pod["metadata"], "restricted") == []
+    with pytest.raises(SystemExit) as done:
+        main(["data", "check", *check["args"]])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "(deep)" in out and out.count("│ nuscene ") == 2, out
+    assert all(c["name"] != "data-check" for pod in pods_of(job_of(render())).values()
+               for c in pod["spec"].get("initContainers", []))  # off by default
+    runtime_docs = render(api="trainjob", **{"data.check.enabled": "true"})
+    k8s_crds.check(runtime_docs)
+    runtime = next(d for d in runtime_docs if d["kind"] == "TrainingRuntime")
+    assert "data-check" in json.dumps(runtime["spec"]["template"])
+    shared = helm("template", "x", str(CHART), *set_args({"api": "trainjob", "trainJob.runtime.name": "shared",
+                                                          "data.check.enabled": "true"}))
+    assert shared.returncode != 0 and "trainJob.runtime.name shares the runtime between stages" in shared.stderr

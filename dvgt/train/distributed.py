@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -58,6 +58,15 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_mins: 
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_true(flag: torch.Tensor) -> torch.Tensor:

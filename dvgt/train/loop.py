@@ -32,6 +32,7 @@ from dvgt.checkpoint.manager import (STEP_DIR, Checkpoint, CheckpointEvent, Chec
 from dvgt.checkpoint.storage import split_uri
 from dvgt.data.anchors import ensure_anchors
 from dvgt.data.feature_cache import CachedDataset
+from dvgt.data.check import DataCheckError, require_clean
 from dvgt.data.loader import build_eval_loader, build_train_loader, open_datasets
 from dvgt.metrics.labels import rank_labels
 from dvgt.metrics.training import TrainingMetrics
@@ -152,6 +153,8 @@ class Trainer:
             self.checkpoints.upload_spilled(self._print)
         distributed.barrier()
         self.stop_vote = distributed.StopVote()
+        if cfg.data.check:  # a missing file found now, not hours into the run
+            self._check_data()
         seed_everything(cfg.seed_value)  # the same on every rank, so initial weights agree
         if cfg.model.anchor_dir:
             self._prepare_anchors()
@@ -208,6 +211,19 @@ class Trainer:
             feature_cache.check_weights(self.feature_cache, self.cached_part, cfg, self.device)
 
     # -- start-up -------------------------------------------------------------------------------
+    def _check_data(self) -> None:
+        """Rank 0 runs the quick data check of the parquets this run reads; all ranks refuse together."""
+        failure = None
+        if self.dist.is_main:
+            try:
+                evaluates = self.cfg.limit_val_batches != 0  # as _val_loader: no evaluation reads no val parquet
+                self._print(require_clean(self.cfg.data, ("train", "val") if evaluates else ("train",)))
+            except DataCheckError as error:
+                failure = str(error)
+        failure = distributed.broadcast_from_main(failure)
+        if failure is not None:
+            raise DataCheckError(failure)
+
     def _open(self, split: str):
         return open_datasets(self.cfg.data, split, patch_size=self.patch_size, gt_scale_factor=self.cfg.gt_scale_factor,
                              targets=sample_targets(self.cfg.model, evaluation=split != "train"))

@@ -119,23 +119,24 @@ The plan as JSON (use: include "dvgt.plan" . | fromJson).
 {{- include "dvgt.volumeChecks" . -}}
 {{- $uri := printf "%s/%s" (trimSuffix "/" .Values.checkpoint.uri) $job -}}
 {{- /* torchrun waits --shutdown-timeout for its workers after SIGTERM (default 30 s): give them the checkpoint budget */ -}}
-{{- $args := list (printf "--nproc-per-node=%d" (int .Values.gpusPerNode))
-      (printf "--shutdown-timeout=%d" (int .Values.checkpoint.preemptionBudgetSeconds)) "-m" "dvgt.train" (printf "--config=%s" $stage.config)
+{{- $trainerArgs := list (printf "--config=%s" $stage.config)
       (printf "accum_steps=%d" $accum) (printf "checkpoint.uri=%s" $uri)
       (printf "checkpoint.preemption_budget_s=%d" (int .Values.checkpoint.preemptionBudgetSeconds)) "checkpoint.spill_dir=/spill" -}}
 {{- if .Values.imagesPerStep -}}
-{{- $args = append $args (printf "max_img_per_gpu=%d" $perStep) -}}
+{{- $trainerArgs = append $trainerArgs (printf "max_img_per_gpu=%d" $perStep) -}}
 {{- end -}}
 {{- /* an s3:// data root: its files are cached in the data-cache emptyDir, the trainer keeping them within 90% of it */ -}}
 {{- $dataCacheMi := 0 -}}
 {{- if .Values.data.root -}}
-{{- $args = append $args (printf "data.root=%s" .Values.data.root) -}}
+{{- $trainerArgs = append $trainerArgs (printf "data.root=%s" .Values.data.root) -}}
 {{- end -}}
 {{- if hasPrefix "s3://" .Values.data.root -}}
 {{- $dataCacheMi = include "dvgt.mebibytes" .Values.data.s3CacheSize | int -}}
-{{- $args = concat $args (list "data.s3_cache.dir=/data-cache" (printf "data.s3_cache.max_gib=%.2f" (divf (mulf $dataCacheMi 0.9) 1024))) -}}
+{{- $trainerArgs = concat $trainerArgs (list "data.s3_cache.dir=/data-cache" (printf "data.s3_cache.max_gib=%.2f" (divf (mulf $dataCacheMi 0.9) 1024))) -}}
 {{- end -}}
-{{- $args = concat $args $profile.overrides .Values.overrides -}}
+{{- $trainerArgs = concat $trainerArgs $profile.overrides .Values.overrides -}}
+{{- $args := concat (list (printf "--nproc-per-node=%d" (int .Values.gpusPerNode))
+      (printf "--shutdown-timeout=%d" (int .Values.checkpoint.preemptionBudgetSeconds)) "-m" "dvgt.train") $trainerArgs -}}
 {{- /* the sizing rule (files/catalog.yaml host): per pod, P processes of I images per forward pass */ -}}
 {{- $host := merge (deepCopy ($profile.host | default dict)) $catalog.host -}}
 {{- $processes := int .Values.gpusPerNode -}}
@@ -154,7 +155,7 @@ The plan as JSON (use: include "dvgt.plan" . | fromJson).
 {{- $_ := set $resources $kind (merge (deepCopy $devices) (deepCopy $given) (deepCopy $sized)) -}}
 {{- end -}}
 {{- dict "job" $job "stage" $stage "profile" $profile "nodes" $nodes "accumSteps" $accum "minAvailable" $minAvailable
-      "gpus" (ternary $processes 0 $profile.gpu) "checkpointUri" $uri "args" $args "resources" $resources
+      "gpus" (ternary $processes 0 $profile.gpu) "checkpointUri" $uri "args" $args "trainerArgs" $trainerArgs "resources" $resources
       "shmSize" (include "dvgt.quantity" $shmMi) "workspaceSize" (include "dvgt.quantity" $workspaceMi)
       "tmpSize" (include "dvgt.quantity" $tmpMi) "dataCacheSize" (ternary (include "dvgt.quantity" $dataCacheMi) "" (gt $dataCacheMi 0)) | toJson -}}
 {{- end -}}

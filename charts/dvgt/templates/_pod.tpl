@@ -76,8 +76,50 @@ spec:
   topologySpreadConstraints:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- if or $v.exporter.enabled $v.extraInitContainers }}
+  {{- if or $v.data.check.enabled $v.exporter.enabled $v.extraInitContainers }}
   initContainers:
+    {{- if $v.data.check.enabled }}
+    - name: data-check  # `dvgt data check` of the trees the stage reads, before the trainer starts (docs/data.md)
+      image: {{ include "dvgt.image" (merge (dict "appVersion" .root.Chart.AppVersion) $v.image) }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      command: [dvgt, data, check]
+      args:
+        {{- toYaml (concat $plan.trainerArgs (ternary (list "--deep") list $v.data.check.deep)) | nindent 8 }}
+      workingDir: /workspace
+      env:
+        - name: HOME
+          value: /tmp
+        {{- with $v.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- if or $v.checkpoint.s3Secret $v.envFrom }}
+      envFrom:
+        {{- with $v.checkpoint.s3Secret }}
+        - secretRef:
+            name: {{ . }}
+        {{- end }}
+        {{- with $v.envFrom }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- end }}
+      resources:
+        {{- toYaml $v.data.check.resources | nindent 8 }}
+      securityContext:
+        {{- toYaml $v.securityContext | nindent 8 }}
+      volumeMounts:
+        - name: workspace
+          mountPath: /workspace
+        - name: tmp
+          mountPath: /tmp
+        {{- if or $v.data.pvc $v.data.hostPath }}
+        - name: data
+          mountPath: {{ $v.data.mountPath }}
+          readOnly: {{ $v.data.readOnly }}
+        {{- end }}
+        {{- with $v.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+    {{- end }}
     {{- if $v.exporter.enabled }}
     - name: exporter
       image: {{ include "dvgt.image" (merge (dict "appVersion" .root.Chart.AppVersion) $v.exporter.image) }}

@@ -34,6 +34,9 @@ trainer.kubeflow.org/framework: torch
 {{- if and $v.scheduling.queue (ne $v.trainJob.podGroupPolicy "volcano") -}}
 {{- fail "scheduling.queue (a Volcano queue) needs trainJob.podGroupPolicy=volcano with api=trainjob; for Kueue use scheduling.kueueQueue" -}}
 {{- end -}}
+{{- if and $v.data.check.enabled $v.trainJob.runtime.name -}}
+{{- fail "data.check.enabled puts this stage's `dvgt data check` into the runtime, but trainJob.runtime.name shares the runtime between stages: leave trainJob.runtime.name empty (a runtime per job) or data.check.enabled false (the trainer runs the quick check itself)" -}}
+{{- end -}}
 {{- /* JobSet names the pods <job>-node-0-<index>-<5 characters>, a DNS label of at most 63 [jobset webhook] */ -}}
 {{- $longest := add (len .plan.job) (len "-node-0-") (len (toString (sub .plan.nodes 1))) 6 -}}
 {{- if gt $longest 63 -}}
