@@ -476,6 +476,11 @@ def test_the_optional_data_check_runs_the_trainers_config_before_it(tmp_path, ca
     assert done.value.code == 0 and "(deep)" in out and out.count("│ nuscene ") == 2, out
     assert all(c["name"] != "data-check" for pod in pods_of(job_of(render())).values()
                for c in pod["spec"].get("initContainers", []))  # off by default
+    on_s3 = render(**{"data.check.enabled": "true", "data.root": "s3://team-data/dvgt", "data.pvc": ""})
+    for pod in pods_of(job_of(on_s3)).values():  # an s3:// root: the check reads through the trainer's node cache
+        check = pod["spec"]["initContainers"][0]
+        assert "data.s3_cache.dir=/data-cache" in check["args"]
+        assert {"name": "data-cache", "mountPath": "/data-cache"} in check["volumeMounts"]
     runtime_docs = render(api="trainjob", **{"data.check.enabled": "true"})
     k8s_crds.check(runtime_docs)
     runtime = next(d for d in runtime_docs if d["kind"] == "TrainingRuntime")

@@ -17,6 +17,7 @@ from conftest import OFFICIAL_OUTPUTS, OFFICIAL_TREE
 from dvgt.checkpoint.storage import StorageError
 from dvgt.cli import main as cli_main
 from dvgt.config import S3CacheConfig, load_config
+from dvgt.data import format as fmt
 from dvgt.data.dump import dump_samples
 from dvgt.data.remote import NodeCache, open_root
 from dvgt.train.logger import read_log
@@ -167,3 +168,32 @@ def test_a_missing_object_names_its_uri(s3_tree, tmp_path):
     folder, remote = open_root(ROOT, OmegaConf.structured(S3CacheConfig(dir=str(tmp_path / "cache"))))
     with pytest.raises(OSError, match=rf"^{ROOT}/data_annotation/image/x.jpg does not exist; check data.root"):
         remote.fetch(folder / "data_annotation/image/x.jpg")
+
+
+def test_data_check_of_an_s3_root_lists_it_and_names_a_missing_object(s3_tree, tmp_path, monkeypatch, capsys):
+    """`dvgt data check s3://...` counts what the local check counts (one listing per folder, no
+    download of the images); with an image deleted from a copy of the tree it fails naming the
+    object's s3:// address; `--deep` decodes through the node cache."""
+    from dvgt.data import check
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the default node cache: ~/.cache/dvgt/data
+    local = [(r.target.dataset, r.target.split, r.scenes, r.frames, r.rows, r.images, r.depths)
+             for r in check.check(check.targets_of_tree(OFFICIAL_TREE))]
+    remote = check.check(check.targets_of_tree(ROOT))
+    assert all(r.ok for r in remote), [r.problems for r in remote]
+    assert [(r.target.dataset, r.target.split, r.scenes, r.frames, r.rows, r.images, r.depths) for r in remote] == local
+    cached = {p.name for p in (tmp_path / ".cache/dvgt/data").rglob("*") if p.is_file()}
+    assert not any(name.endswith(".jpg") for name in cached)  # presence came from listings
+
+    copy = f"{PREFIX}-broken"
+    client = s3_tree.client()
+    for path in [p for p in OFFICIAL_TREE.rglob("*") if p.is_file() and "nuscene" in p.as_posix()]:
+        client.upload_file(str(path), BUCKET, f"{copy}/{path.relative_to(OFFICIAL_TREE)}")
+    tree = fmt.Tree(OFFICIAL_TREE, "nuscene")
+    image = tree.image(fmt.read_table(tree.parquet("val")).filename[0].as_py())  # an image the val split reads
+    client.delete_object(Bucket=BUCKET, Key=f"{copy}/{image.relative_to(OFFICIAL_TREE)}")
+    with pytest.raises(SystemExit) as done:
+        cli_main(["data", "check", f"s3://{BUCKET}/{copy}", "--dataset", "nuscene", "--split", "val", "--deep"])
+    out = capsys.readouterr().out
+    assert done.value.code != 0
+    assert f"s3://{BUCKET}/{copy}/{image.relative_to(OFFICIAL_TREE)}" in out.replace("\n", ""), out

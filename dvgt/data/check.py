@@ -23,6 +23,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -31,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dvgt.data import format as fmt
+from dvgt.data.remote import S3Root, open_root, read_file
 from dvgt.data.scenes import build_scenes
 
 ROTATION_TOLERANCE = 1e-3  # |R R^T - I| and |det R - 1|: float32-stored rotations pass, a scaled or sheared one does not
@@ -45,11 +47,21 @@ class DataCheckError(ValueError):
 class Target:
     """One parquet to check and how the reader will read its depth."""
 
-    root: Path
+    root: Path  # the tree's folder (of an s3:// root: its mirror in the node cache)
     dataset: str
     split: str
     filter_lidar: bool = False  # rows flagged use_lidar_proj_depth get no depth (data.<split>.filter_lidar)
     projected: bool = False  # every row reads proj_depth (data.<split>.eval_lidar_proj_depth)
+    remote: Optional[S3Root] = field(default=None, compare=False)  # the s3:// root the files come from
+
+    @property
+    def location(self) -> str:
+        """The root as the user named it (a path or s3://bucket/prefix)."""
+        return self.remote.uri if self.remote is not None else str(self.root)
+
+    def name(self, path: Path) -> str:
+        """A file of the tree as the user can find it (its s3:// address for an s3:// root)."""
+        return self.remote.object_uri(path) if self.remote is not None else str(path)
 
     @property
     def parquet(self) -> Path:
@@ -97,19 +109,22 @@ class Report:
 
 def targets_of_tree(root: str | Path, dataset: Optional[str] = None, split: Optional[str] = None) -> list[Target]:
     """Every filtered parquet of a tree (the ones training and evaluation read), optionally one dataset
-    and/or split; a tree with none of them is an error naming where they were looked for."""
-    root = Path(root)
-    folder = root / fmt.FILTERED_META_DIR
+    and/or split; a tree with none of them is an error naming where they were looked for. An s3://
+    root is listed in S3 (its files are fetched into the node cache, data.s3_cache's defaults)."""
     if dataset is not None:
         fmt.check_dataset_name(dataset, "--dataset")
+    local, remote = open_root(root)
+    folder = local / fmt.FILTERED_META_DIR
+    names = remote.listing(folder) if remote is not None else [p.name for p in folder.glob("*_*.parquet")]
     found = []
-    for path in sorted(folder.glob("*_*.parquet")):
-        name, _, its_split = path.stem.partition("_")
+    for parquet in sorted(n for n in names if "/" not in n and n.endswith(".parquet") and "_" in n):
+        name, _, its_split = parquet.removesuffix(".parquet").partition("_")
         if (dataset is None or name == dataset) and (split is None or its_split == split):
-            found.append(Target(root, name, its_split))
+            found.append(Target(local, name, its_split, remote=remote))
     if not found:
         wanted = f"{dataset or '<dataset>'}_{split or '<split>'}.parquet"
-        raise FileNotFoundError(f"no {wanted} under '{folder}'; pass the folder that holds data_annotation/ (an "
+        where = f"{remote.uri}/{fmt.FILTERED_META_DIR}" if remote is not None else str(folder)
+        raise FileNotFoundError(f"no {wanted} under '{where}'; pass the folder that holds data_annotation/ (an "
                                 f"official DVGT tree, docs/data.md){' or another --dataset/--split' if dataset or split else ''}")
     return found
 
@@ -117,15 +132,16 @@ def targets_of_tree(root: str | Path, dataset: Optional[str] = None, split: Opti
 def targets_of_config(data_cfg: Any, splits: Iterable[str] = ("train", "val")) -> list[Target]:
     """The parquets a training config reads (data.train and data.val), with each split's depth settings.
     Synthetic entries are skipped: the trainer generates them itself."""
-    from dvgt.data.loader import entry_root
+    from dvgt.data.loader import open_entry_root
 
     targets: dict[Target, None] = {}  # ordered, without repeats
     for split in splits:
         s = data_cfg[split]
         for entry in s.datasets:
             if not entry.synthetic:
-                targets[Target(entry_root(data_cfg, entry), entry.dataset, entry.split,
-                               filter_lidar=bool(s.filter_lidar), projected=bool(s.eval_lidar_proj_depth))] = None
+                root, remote = open_entry_root(data_cfg, entry)
+                targets[Target(root, entry.dataset, entry.split, filter_lidar=bool(s.filter_lidar),
+                               projected=bool(s.eval_lidar_proj_depth), remote=remote)] = None
     return list(targets)
 
 
@@ -134,9 +150,12 @@ def targets_of_config(data_cfg: Any, splits: Iterable[str] = ("train", "val")) -
 # --------------------------------------------------------------------------------------------
 
 
-def present(folder: Path, names: pa.Array) -> np.ndarray:
+def present(folder: Path, names: pa.Array, remote: Optional[S3Root] = None) -> np.ndarray:
     """Which of ``names`` (relative paths under ``folder``) exist: one listing per sub-folder that the
-    names use, compared against the expected names, instead of one stat per file."""
+    names use (of an s3:// root: one paginated listing of ``folder``), compared against the expected
+    names, instead of one stat or request per file."""
+    if remote is not None:
+        return pc.is_in(names, value_set=pa.array(remote.listing(folder), pa.string())).to_numpy(zero_copy_only=False)
     parents = pc.replace_substring_regex(names, r"(^|/)[^/]*$", "")  # "a/b/c.jpg" -> "a/b"; "c.jpg" -> ""
     listed: list[str] = []  # every entry of those folders, as a path relative to ``folder``
     for parent in pc.unique(parents).to_pylist():
@@ -149,9 +168,10 @@ def present(folder: Path, names: pa.Array) -> np.ndarray:
     return pc.is_in(names, value_set=pa.array(listed, pa.string())).to_numpy(zero_copy_only=False)
 
 
-def _missing_problems(kind: str, folder: Path, names: pa.Array, found: np.ndarray) -> Iterator[str]:
+def _missing_problems(target: Target, kind: str, folder: Path, names: pa.Array, found: np.ndarray
+                      ) -> Iterator[str]:
     for i in np.flatnonzero(~found):
-        yield f"{kind} file '{folder / names[int(i)].as_py()}' is missing"
+        yield f"{kind} file '{target.name(folder / names[int(i)].as_py())}' is missing"
 
 
 def _rotation_problems(table: fmt.Table) -> Iterator[str]:
@@ -165,17 +185,18 @@ def _rotation_problems(table: fmt.Table) -> Iterator[str]:
                    f"(off by {off[row]:.2g}); fix or drop that row")
 
 
-def _decode(image: Optional[Path], depth: Optional[Path]) -> tuple[Optional[str], Optional[str]]:
+def _decode(image: Optional[Path], depth: Optional[Path], remote: Optional[S3Root]
+            ) -> tuple[Optional[str], Optional[str]]:
     """(image problem, depth problem) of one row, decoded by the reader's own functions (None: not read)."""
     image_problem = depth_problem = shape = None
     if image is not None:
         try:
-            shape = fmt.read_image(image).shape[:2]
+            shape = read_file(fmt.read_image, image, remote).shape[:2]
         except fmt.DataFileError as error:
             image_problem = str(error)
     if depth is not None:
         try:
-            depth_shape = fmt.read_depth(depth).shape
+            depth_shape = read_file(fmt.read_depth, depth, remote).shape
         except fmt.DataFileError as error:
             depth_problem = str(error)
         else:
@@ -189,7 +210,8 @@ def check_target(target: Target, deep: bool = False, jobs: Optional[int] = None,
     """Check one parquet (module docstring). ``progress(advance)`` is called as deep decoding goes."""
     report = Report(target)
     try:
-        table = fmt.read_table(target.parquet, config_key=f"the tree '{target.root}'")
+        table = read_file(partial(fmt.read_table, config_key=f"the tree '{target.location}'"), target.parquet,
+                          target.remote)
         build_scenes(table, target.dataset)
     except (OSError, ValueError) as error:  # the reader's one-line errors name the file and the fix
         report.add([str(error)])
@@ -203,7 +225,7 @@ def check_target(target: Target, deep: bool = False, jobs: Optional[int] = None,
     tree = fmt.Tree(Path(target.root), target.dataset)
     image_folder = tree.image("x").parent
     image_names = pc.binary_join_element_wise(table.filename, ".jpg", "")
-    images = present(image_folder, image_names)
+    images = present(image_folder, image_names, target.remote)
     needs_depth = ~(table.use_lidar_proj_depth & target.filter_lidar)
     projected = table.use_lidar_proj_depth | target.projected
     depth_names = pc.binary_join_element_wise(table.filename, ".png", "")
@@ -213,11 +235,11 @@ def check_target(target: Target, deep: bool = False, jobs: Optional[int] = None,
         if len(rows):
             folder = tree.depth("x", projected=is_projected).parent
             names = depth_names.take(pa.array(rows))
-            depths[rows] = present(folder, names)
-            report.add(_missing_problems("depth", folder, names, depths[rows]))
+            depths[rows] = present(folder, names, target.remote)
+            report.add(_missing_problems(target, "depth", folder, names, depths[rows]))
     report.images = Files(int(images.sum()), int((~images).sum()))
     report.depths = Files(int(depths[needs_depth].sum()), int((~depths[needs_depth]).sum()))
-    report.add(_missing_problems("image", image_folder, image_names, images))
+    report.add(_missing_problems(target, "image", image_folder, image_names, images))
     if not deep:
         return report
 
@@ -228,7 +250,7 @@ def check_target(target: Target, deep: bool = False, jobs: Optional[int] = None,
     def decode(row: int) -> tuple[Optional[str], Optional[str]]:
         image = tree.image(filenames[row]) if images[row] else None
         depth = tree.depth(filenames[row], projected=bool(projected[row])) if depths[row] else None
-        return _decode(image, depth)
+        return _decode(image, depth, target.remote)
 
     rows = np.flatnonzero(images | depths)  # every row with a file to decode
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:  # PIL decodes without the GIL
@@ -255,9 +277,9 @@ def require_clean(data_cfg: Any, splits: Iterable[str] = ("train", "val")) -> st
         total = sum(r.num_problems for r in bad)
         first = bad[0]
         raise DataCheckError(
-            f"data root '{first.target.root}' fails the data check ({total} problem(s) in "
+            f"data root '{first.target.location}' fails the data check ({total} problem(s) in "
             f"{', '.join(f'{r.target.dataset}_{r.target.split}' for r in bad)}), first: {first.problems[0]}; "
-            f"`dvgt data check {first.target.root}` lists them (data.check=false skips this check)")
+            f"`dvgt data check {first.target.location}` lists them (data.check=false skips this check)")
     files = sum(r.images.present + r.depths.present for r in reports)
     return (f"Data check: {len(reports)} parquet(s), {sum(r.rows for r in reports):,} rows, {files:,} files present "
             f"({time.perf_counter() - started:.1f} s)")

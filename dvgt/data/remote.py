@@ -174,6 +174,19 @@ class S3Root:
             raise StorageError(f"{what} holds no object; upload the tree there (e.g. `aws s3 sync <tree> {self.uri}`) "
                                f"or fix {self.settings}.root")
 
+    def listing(self, folder: Path) -> list[str]:
+        """Every object under ``folder`` (a folder of the mirror), as paths relative to it: one paginated
+        listing (1000 keys a request) instead of a request per file."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        relative = Path(folder).relative_to(self.mirror).as_posix()
+        prefix = "".join(f"{part}/" for part in (self.prefix, relative) if part and part != ".")
+        try:
+            pages = s3_client(self.options).get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            return [item["Key"][len(prefix):] for page in pages for item in page.get("Contents", [])]
+        except (BotoCoreError, ClientError) as error:
+            raise s3_error(error, f"list s3://{self.bucket}/{prefix}", self.settings) from None
+
     def object_uri(self, path: Path) -> str:
         return f"s3://{self.bucket}/{self.key(path)}"
 

@@ -116,6 +116,10 @@ spec:
           mountPath: {{ $v.data.mountPath }}
           readOnly: {{ $v.data.readOnly }}
         {{- end }}
+        {{- if $plan.dataCacheSize }}
+        - name: data-cache  # the check reads the parquets of an s3:// root through the node cache the trainer then reuses
+          mountPath: /data-cache
+        {{- end }}
         {{- with $v.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
