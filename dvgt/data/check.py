@@ -50,6 +50,7 @@ class Target:
     split: str
     filter_lidar: bool = False  # rows flagged use_lidar_proj_depth get no depth (data.<split>.filter_lidar)
     projected: bool = False  # every row reads proj_depth (data.<split>.eval_lidar_proj_depth)
+    config_key: Optional[str] = field(default=None, compare=False)  # the config entry it comes from, for errors
 
     @property
     def parquet(self) -> Path:
@@ -122,10 +123,11 @@ def targets_of_config(data_cfg: Any, splits: Iterable[str] = ("train", "val")) -
     targets: dict[Target, None] = {}  # ordered, without repeats
     for split in splits:
         s = data_cfg[split]
-        for entry in s.datasets:
+        for i, entry in enumerate(s.datasets):
             if not entry.synthetic:
                 targets[Target(entry_root(data_cfg, entry), entry.dataset, entry.split,
-                               filter_lidar=bool(s.filter_lidar), projected=bool(s.eval_lidar_proj_depth))] = None
+                               filter_lidar=bool(s.filter_lidar), projected=bool(s.eval_lidar_proj_depth),
+                               config_key=f"data.{split}.datasets[{i}]")] = None
     return list(targets)
 
 
@@ -189,7 +191,7 @@ def check_target(target: Target, deep: bool = False, jobs: Optional[int] = None,
     """Check one parquet (module docstring). ``progress(advance)`` is called as deep decoding goes."""
     report = Report(target)
     try:
-        table = fmt.read_table(target.parquet, config_key=f"the tree '{target.root}'")
+        table = fmt.read_table(target.parquet, config_key=target.config_key or f"the tree '{target.root}'")
         build_scenes(table, target.dataset)
     except (OSError, ValueError) as error:  # the reader's one-line errors name the file and the fix
         report.add([str(error)])
