@@ -53,6 +53,7 @@ class Target:
     filter_lidar: bool = False  # rows flagged use_lidar_proj_depth get no depth (data.<split>.filter_lidar)
     projected: bool = False  # every row reads proj_depth (data.<split>.eval_lidar_proj_depth)
     remote: Optional[S3Root] = field(default=None, compare=False)  # the s3:// root the files come from
+    config_key: Optional[str] = field(default=None, compare=False)  # the config entry it comes from, for errors
 
     @property
     def location(self) -> str:
@@ -137,11 +138,12 @@ def targets_of_config(data_cfg: Any, splits: Iterable[str] = ("train", "val")) -
     targets: dict[Target, None] = {}  # ordered, without repeats
     for split in splits:
         s = data_cfg[split]
-        for entry in s.datasets:
+        for i, entry in enumerate(s.datasets):
             if not entry.synthetic:
                 root, remote = open_entry_root(data_cfg, entry)
                 targets[Target(root, entry.dataset, entry.split, filter_lidar=bool(s.filter_lidar),
-                               projected=bool(s.eval_lidar_proj_depth), remote=remote)] = None
+                               projected=bool(s.eval_lidar_proj_depth), remote=remote,
+                               config_key=f"data.{split}.datasets[{i}]")] = None
     return list(targets)
 
 
@@ -210,8 +212,8 @@ def check_target(target: Target, deep: bool = False, jobs: Optional[int] = None,
     """Check one parquet (module docstring). ``progress(advance)`` is called as deep decoding goes."""
     report = Report(target)
     try:
-        table = read_file(partial(fmt.read_table, config_key=f"the tree '{target.location}'"), target.parquet,
-                          target.remote)
+        table = read_file(partial(fmt.read_table, config_key=target.config_key or f"the tree '{target.location}'"),
+                          target.parquet, target.remote)
         build_scenes(table, target.dataset)
     except (OSError, ValueError) as error:  # the reader's one-line errors name the file and the fix
         report.add([str(error)])
