@@ -151,15 +151,20 @@ class ClusterBackend:
             self.training.delete_job(name, namespace=namespace or self.namespace)
         except Exception as error:  # noqa: BLE001
             raise self._translate(error, "delete", RESOURCE, name, namespace) from None
+        if wait:
+            self._wait_gone("PyTorchJob", name, namespace, timeout_s)
+
+    def _wait_gone(self, kind: str, name: str, namespace: Optional[str], timeout_s: float) -> None:
+        """Poll until the deleted job of ``kind`` is gone, or say after ``timeout_s`` what holds it."""
         deadline = time.monotonic() + timeout_s
-        while wait:
+        while True:
             try:
                 self.get(name, namespace)
             except errors.JobNotFoundError:
                 return
             if time.monotonic() > deadline:
-                raise errors.SdkError(f"PyTorchJob {name} was still there {timeout_s:.0f} s after its deletion; "
-                                      f"look at its finalizers (kubectl get pytorchjob {name} -o yaml)")
+                raise errors.SdkError(f"{kind} {name} was still there {timeout_s:.0f} s after its deletion; "
+                                      f"look at its finalizers (kubectl get {kind.lower()} {name} -o yaml)")
             time.sleep(1.0)
 
     def list(self) -> List[JobStatus]:

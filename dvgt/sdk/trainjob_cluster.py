@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from dvgt.k8s import trainjob
@@ -129,16 +128,8 @@ class TrainJobBackend(ClusterBackend):
                     self._call("delete", kind, runtime_name, namespace)
             except errors.JobNotFoundError:
                 pass
-        deadline = time.monotonic() + timeout_s
-        while wait:
-            try:
-                self.get(name, namespace)
-            except errors.JobNotFoundError:
-                return
-            if time.monotonic() > deadline:
-                raise errors.SdkError(f"TrainJob {name} was still there {timeout_s:.0f} s after its deletion; "
-                                      f"look at its finalizers (kubectl get trainjob {name} -o yaml)")
-            time.sleep(1.0)
+        if wait:
+            self._wait_gone("TrainJob", name, namespace, timeout_s)
 
     def list(self) -> List[JobStatus]:
         items = self._call("list", "TrainJob").get("items") or []
