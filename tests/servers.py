@@ -41,6 +41,20 @@ def wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def training_process(job: str, rank: int) -> Optional[int]:
+    """The pid of the training process of global rank `rank` of this job (found by its environment)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            env = dict(item.split("=", 1) for item in (entry / "environ").read_text().split("\0") if "=" in item)
+            cmdline = (entry / "cmdline").read_text()
+        except OSError:
+            continue
+        if env.get("DVGT_JOB_NAME") == job and env.get("RANK") == str(rank) and "LOCAL_RANK" in env \
+                and "dvgt.train" in cmdline and "torchrun" not in cmdline:
+            return int(entry.name)
+    return None
+
+
 def weed_binary() -> str:
     found = shutil.which("weed") or str(Path(os.sys.executable).parent / "weed")
     if not Path(found).is_file():

@@ -20,7 +20,7 @@ import yaml
 
 from dvgt.k8s.local_runner import Options, apply_local_options, listen_locally, run_job, set_nproc
 from dvgt.k8s.pytorchjob import admission_errors, load_pytorchjob, operator_env
-from servers import wait_for
+from servers import training_process, wait_for
 
 PY = sys.executable
 
@@ -341,20 +341,6 @@ def prometheus_query(url: str, expr: str) -> list:
         return json.loads(r.read())["data"]["result"]
 
 
-def trainer_process(job: str, rank: int):
-    """The pid of the training process of global rank `rank` of this job (found by its environment)."""
-    for entry in Path("/proc").iterdir():
-        try:
-            env = dict(item.split("=", 1) for item in (entry / "environ").read_text().split("\0") if "=" in item)
-            cmdline = (entry / "cmdline").read_text()
-        except OSError:
-            continue
-        if env.get("DVGT_JOB_NAME") == job and env.get("RANK") == str(rank) and "LOCAL_RANK" in env \
-                and "dvgt.train" in cmdline and "torchrun" not in cmdline:
-            return int(entry.name)
-    return None
-
-
 def test_chart_job_runs_locally_survives_a_killed_worker_and_is_scraped(tiny_data_root, tmp_path, seaweedfs):
     """cpu-test profile, 2 pods x 2 processes, checkpoints every 2 steps to SeaweedFS, each pod's
     exporter scraped by Prometheus; once a checkpoint is committed, worker-0's second process is
@@ -399,7 +385,7 @@ def test_chart_job_runs_locally_survives_a_killed_worker_and_is_scraped(tiny_dat
             listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{job}/")
             return sorted(o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith("/manifest.json"))
         first = wait_for(committed, 240, "the first committed checkpoint in S3")
-        victim = wait_for(lambda: trainer_process(job, rank=3), 30, "worker-0's second training process")
+        victim = wait_for(lambda: training_process(job, rank=3), 30, "worker-0's second training process")
         os.kill(victim, signal.SIGKILL)
         out, _ = runner.communicate(timeout=400)
         assert runner.returncode == 0, out[-4000:]

@@ -148,9 +148,8 @@ class FakeApiServer:
         return job
 
 
-@pytest.fixture
-def api(tmp_path, monkeypatch):
-    server = FakeApiServer()
+def serving(server: FakeApiServer, tmp_path, monkeypatch):
+    """Start ``server``, point the kubeconfig at it for the test, yield it, stop it."""
     server.thread.start()
     monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig(tmp_path / "kubeconfig")))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
@@ -159,6 +158,11 @@ def api(tmp_path, monkeypatch):
     finally:
         server.server.shutdown()
         server.server.server_close()
+
+
+@pytest.fixture
+def api(tmp_path, monkeypatch):
+    yield from serving(FakeApiServer(), tmp_path, monkeypatch)
 
 
 def small_job(**fields) -> TrainingJob:
@@ -404,15 +408,7 @@ def tj_condition(kind: str, reason: str = "", message: str = "") -> dict:
 
 @pytest.fixture
 def trainer_api(tmp_path, monkeypatch):
-    server = FakeTrainerApi()
-    server.thread.start()
-    monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig(tmp_path / "kubeconfig")))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    try:
-        yield server
-    finally:
-        server.server.shutdown()
-        server.server.server_close()
+    yield from serving(FakeTrainerApi(), tmp_path, monkeypatch)
 
 
 def test_trainjob_submit_creates_the_runtime_then_the_job_and_is_followed(trainer_api):

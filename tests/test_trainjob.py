@@ -17,7 +17,7 @@ import yaml
 from conftest import tiny_overrides
 from dvgt.k8s import trainjob
 from dvgt.k8s.local_runner import load_job, plan_trainjob
-from servers import wait_for
+from servers import training_process, wait_for
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,20 +80,6 @@ def test_local_run_without_the_runtime_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: TrainJob dvgt1-demo references the TrainingRuntime 'dvgt', which is neither "
                                     "in the manifest nor in the YAML files beside it: pass its manifest with --runtime FILE")
-
-
-def training_process(job: str, rank: int):
-    """The pid of the training process of global rank `rank` of this job (found by its environment)."""
-    for entry in Path("/proc").iterdir():
-        try:
-            env = dict(item.split("=", 1) for item in (entry / "environ").read_text().split("\0") if "=" in item)
-            cmdline = (entry / "cmdline").read_text()
-        except OSError:
-            continue
-        if env.get("DVGT_JOB_NAME") == job and env.get("RANK") == str(rank) and "LOCAL_RANK" in env \
-                and "dvgt.train" in cmdline and "torchrun" not in cmdline:
-            return int(entry.name)
-    return None
 
 
 def test_two_node_trainjob_survives_a_killed_node_and_resumes_exactly(tiny_data_root, tmp_path):
