@@ -406,7 +406,7 @@ def exit_process(code: int, program: bool = True) -> None:
     of a finished 2-rank job) instead of exiting with `code`. Then the output is flushed and the
     process ends at once (os._exit); everything it wrote is closed already, and an upload still
     running is abandoned uncommitted, as a killed one would be."""
-    ranked = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "torch.distributed" in sys.modules
+    ranked = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by torchrun for each rank
     if program and (ranked or any(thread.daemon and thread.is_alive() and thread.name.startswith("dvgt-")
                                   for thread in threading.enumerate())):
         sys.stdout.flush()
