@@ -1,5 +1,5 @@
 # The two commands of the README. Both install what they need first (scripts/setup.sh).
-.PHONY: setup demo test bench manifests image clean
+.PHONY: setup demo test lint format bench manifests image clean
 
 setup: .venv/.installed
 
@@ -10,8 +10,17 @@ setup: .venv/.installed
 demo: setup
 	.venv/bin/dvgt demo --out runs/demo
 
-test: setup
+test: setup lint
 	.venv/bin/pytest -q
+
+# Style: ruff's lint rules and formatter (pyproject.toml [tool.ruff]); `make format` applies them.
+lint: setup
+	.venv/bin/ruff check dvgt tests benchmarks scripts
+	.venv/bin/ruff format --check dvgt tests benchmarks scripts
+
+format: setup
+	.venv/bin/ruff check --fix dvgt tests benchmarks scripts
+	.venv/bin/ruff format dvgt tests benchmarks scripts
 
 bench: setup
 	.venv/bin/python benchmarks/run.py

@@ -30,10 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from servers import SeaweedS3  # noqa: E402
-from dvgt.config import load_config  # noqa: E402
-from dvgt.train.logger import read_log  # noqa: E402
-from dvgt.train.loop import Trainer  # noqa: E402
+from servers import SeaweedS3
+
+from dvgt.config import load_config
+from dvgt.train.logger import read_log
+from dvgt.train.loop import Trainer
 
 
 class TimedLoader:
@@ -70,19 +71,33 @@ def main() -> None:
         server = SeaweedS3(tmp / "weed").start()
         try:
             if args.server_nice:
-                subprocess.run(["renice", "-n", str(args.server_nice), "-g", str(server.process.pid)], check=True,
-                               capture_output=True)
+                subprocess.run(
+                    ["renice", "-n", str(args.server_nice), "-g", str(server.process.pid)],
+                    check=True,
+                    capture_output=True,
+                )
             if args.pin:
                 for task in Path(f"/proc/{server.process.pid}/task").iterdir():  # every thread of the server
                     os.sched_setaffinity(int(task.name), cores[-1:])
             os.environ.update(server.env())
             server.make_bucket("bench")
             data = tmp / "data"
-            cfg = load_config("train/dvgt1/demo.yaml", [
-                f"data.train.datasets.0.root={data}", f"data.val.datasets.0.root={data}", "limit_val_batches=0",
-                "max_epochs=1", f"limit_train_batches={steps}", f"checkpoint.save_every_steps={period}",
-                "checkpoint.uri=s3://bench/cost", f"logging.log_dir={tmp / 'run'}", "logging.progress=false",
-                "logging.log_freq=1", "logging.metrics=false"])
+            cfg = load_config(
+                "train/dvgt1/demo.yaml",
+                [
+                    f"data.train.datasets.0.root={data}",
+                    f"data.val.datasets.0.root={data}",
+                    "limit_val_batches=0",
+                    "max_epochs=1",
+                    f"limit_train_batches={steps}",
+                    f"checkpoint.save_every_steps={period}",
+                    "checkpoint.uri=s3://bench/cost",
+                    f"logging.log_dir={tmp / 'run'}",
+                    "logging.progress=false",
+                    "logging.log_freq=1",
+                    "logging.metrics=false",
+                ],
+            )
             trainer = Trainer(cfg)
             loader = TimedLoader(trainer.train_loader)
             trainer.train_loader = loader
@@ -94,25 +109,35 @@ def main() -> None:
             server.stop()
         records = read_log(tmp / "run" / "train_log.jsonl")
     wall = [b - a for a, b in zip(loader.asked, loader.asked[1:])]  # wall[k]: step k + 1
-    saves = {r["step"]: r for r in records if r.get("kind") == "checkpoint" and r["outcome"] == "ok"
-             and r["step"] % period == 0 and r["step"] <= period * args.pairs}
+    saves = {
+        r["step"]: r
+        for r in records
+        if r.get("kind") == "checkpoint"
+        and r["outcome"] == "ok"
+        and r["step"] % period == 0
+        and r["step"] <= period * args.pairs
+    }
     lost, quiet = [], []
     for step in sorted(saves):  # the save starts inside step `step`: that step opens the window with it
-        with_save = sum(wall[step - 1:step - 1 + args.window])
-        without = sum(wall[step - 1 + args.window:step - 1 + period])
+        with_save = sum(wall[step - 1 : step - 1 + args.window])
+        without = sum(wall[step - 1 + args.window : step - 1 + period])
         lost.append(with_save - without)
         quiet.append(without / args.window)
     upload = statistics.median(r["upload_s"] for r in saves.values())
     reported = [r["cost_s"] for r in saves.values() if r.get("cost_s") is not None]
     size = statistics.median(r["bytes"] for r in saves.values())
     median_lost = statistics.median(lost)
-    print(f"demo config (DVGT-1 {cfg.model.size}), {len(saves)} checkpoints of {size / 2**20:.0f} MB to SeaweedFS on "
-          f"127.0.0.1 (nice {args.server_nice}{', on a core of its own' if args.pin else ''}); {os.cpu_count()} cores, "
-          f"training on {len(os.sched_getaffinity(0))}, torch threads {torch.get_num_threads()}")
+    print(
+        f"demo config (DVGT-1 {cfg.model.size}), {len(saves)} checkpoints of {size / 2**20:.0f} MB to SeaweedFS on "
+        f"127.0.0.1 (nice {args.server_nice}{', on a core of its own' if args.pin else ''}); {os.cpu_count()} cores, "
+        f"training on {len(os.sched_getaffinity(0))}, torch threads {torch.get_num_threads()}"
+    )
     print(f"  step without a save beside it (median): {statistics.median(quiet):.3f} s")
     print(f"  upload time per checkpoint (median):    {upload:.2f} s")
-    print(f"  training time lost per checkpoint:      {median_lost:.3f} s (median of {len(lost)} window pairs of "
-          f"{args.window} steps; each: {', '.join(f'{x:.2f}' for x in lost)})")
+    print(
+        f"  training time lost per checkpoint:      {median_lost:.3f} s (median of {len(lost)} window pairs of "
+        f"{args.window} steps; each: {', '.join(f'{x:.2f}' for x in lost)})"
+    )
     print(f"    = {100 * median_lost / upload:.1f}% of the upload time (goal <= 2%)")
     if reported:
         print(f"  cost the trainer reported (cost_s, median): {statistics.median(reported):.3f} s")

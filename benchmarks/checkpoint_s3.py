@@ -30,10 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from servers import SeaweedS3  # noqa: E402
-from dvgt.checkpoint.manager import CheckpointManager  # noqa: E402
-from dvgt.checkpoint.safetensors_stream import write_safetensors, write_state  # noqa: E402
-from dvgt.config import S3Config  # noqa: E402
+from servers import SeaweedS3
+
+from dvgt.checkpoint.manager import CheckpointManager
+from dvgt.checkpoint.safetensors_stream import write_safetensors, write_state
+from dvgt.config import S3Config
 
 RAW_PART_MB, RAW_THREADS = 16, 16
 
@@ -42,9 +43,13 @@ def training_state(total_mb: int):
     """A model of 4 MB fp32 tensors and its AdamW state (two moments each): total_mb in all."""
     tensors = max(1, total_mb // 12)
     model = {f"layer{i}.weight": torch.randn(1024, 1024) for i in range(tensors)}
-    optimizer = {"state": {i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(1024, 1024),
-                               "exp_avg_sq": torch.rand(1024, 1024)} for i in range(tensors)},
-                 "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95), "params": list(range(tensors))}]}
+    optimizer = {
+        "state": {
+            i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(1024, 1024), "exp_avg_sq": torch.rand(1024, 1024)}
+            for i in range(tensors)
+        },
+        "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95), "params": list(range(tensors))}],
+    }
     return model, optimizer
 
 
@@ -62,11 +67,19 @@ def raw_client(server: SeaweedS3):
     from botocore.config import Config
 
     env = server.env()
-    return boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_REGION"],
-                        config=Config(s3={"addressing_style": "path"}, max_pool_connections=RAW_THREADS,
-                                      request_checksum_calculation="when_required",
-                                      response_checksum_validation="when_required"))
+    return boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_REGION"],
+        config=Config(
+            s3={"addressing_style": "path"},
+            max_pool_connections=RAW_THREADS,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
 
 
 def rounds(fns, repeats: int) -> list:
@@ -88,8 +101,9 @@ def main() -> None:
     from boto3.s3.transfer import TransferConfig
 
     options = S3Config()
-    tuned = TransferConfig(multipart_threshold=RAW_PART_MB * 2**20, multipart_chunksize=RAW_PART_MB * 2**20,
-                           max_concurrency=RAW_THREADS)
+    tuned = TransferConfig(
+        multipart_threshold=RAW_PART_MB * 2**20, multipart_chunksize=RAW_PART_MB * 2**20, max_concurrency=RAW_THREADS
+    )
     model, optimizer = training_state(args.state_mb)
     blobs = serialised(model, optimizer)
     total = sum(len(b) for b in blobs.values())
@@ -109,8 +123,16 @@ def main() -> None:
 
             def our_save() -> None:
                 step = len(events) + 1
-                events.append(manager.save(step, model_state=model, optimizer_state=optimizer,
-                                           trainer_state={"step": step}, config_yaml="exp_name: bench\n", epoch=0))
+                events.append(
+                    manager.save(
+                        step,
+                        model_state=model,
+                        optimizer_state=optimizer,
+                        trainer_state={"step": step},
+                        config_yaml="exp_name: bench\n",
+                        epoch=0,
+                    )
+                )
                 assert events[-1].outcome == "ok", events[-1].error
 
             raw_save_t, our_save_t = rounds([raw_save, our_save], args.repeats)
@@ -131,17 +153,27 @@ def main() -> None:
 
     mb = 2**20
     blocked = statistics.median(e.blocked_s for e in events[1:] or events)  # the host buffers exist after the first
-    print(f"training state {total / mb:.0f} MB (model {len(blobs['model.safetensors']) / mb:.0f} MB + optimizer); "
-          f"SeaweedFS on 127.0.0.1 (sharing this machine's {os.cpu_count()} cores); median of {args.repeats} rounds")
-    print(f"  save, raw boto3 upload_fileobj ({RAW_PART_MB} MB x {RAW_THREADS}):  {raw_save_t:6.2f} s "
-          f"{total / mb / raw_save_t:7.1f} MB/s   1.00")
-    print(f"  save, ours ({options.part_size_mb} MB x {options.concurrency}, until committed): {our_save_t:6.2f} s "
-          f"{total / mb / our_save_t:7.1f} MB/s   {our_save_t / raw_save_t:.2f}x raw   (goal <= 1.02)")
+    print(
+        f"training state {total / mb:.0f} MB (model {len(blobs['model.safetensors']) / mb:.0f} MB + optimizer); "
+        f"SeaweedFS on 127.0.0.1 (sharing this machine's {os.cpu_count()} cores); median of {args.repeats} rounds"
+    )
+    print(
+        f"  save, raw boto3 upload_fileobj ({RAW_PART_MB} MB x {RAW_THREADS}):  {raw_save_t:6.2f} s "
+        f"{total / mb / raw_save_t:7.1f} MB/s   1.00"
+    )
+    print(
+        f"  save, ours ({options.part_size_mb} MB x {options.concurrency}, until committed): {our_save_t:6.2f} s "
+        f"{total / mb / our_save_t:7.1f} MB/s   {our_save_t / raw_save_t:.2f}x raw   (goal <= 1.02)"
+    )
     print(f"        of which the loop is blocked (copy into the staged images): {blocked:.3f} s")
-    print(f"  load, raw boto3 download_fileobj ({RAW_PART_MB} MB x {RAW_THREADS}): {raw_load_t:6.2f} s "
-          f"{total / mb / raw_load_t:7.1f} MB/s   1.00")
-    print(f"  load, ours (verified and parsed, as a resume): {our_load_t:6.2f} s {total / mb / our_load_t:7.1f} MB/s   "
-          f"{our_load_t / raw_load_t:.2f}x raw   (goal <= 0.80)")
+    print(
+        f"  load, raw boto3 download_fileobj ({RAW_PART_MB} MB x {RAW_THREADS}): {raw_load_t:6.2f} s "
+        f"{total / mb / raw_load_t:7.1f} MB/s   1.00"
+    )
+    print(
+        f"  load, ours (verified and parsed, as a resume): {our_load_t:6.2f} s {total / mb / our_load_t:7.1f} MB/s   "
+        f"{our_load_t / raw_load_t:.2f}x raw   (goal <= 0.80)"
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ from dvgt.data.check import Target, check_target, present
 def matrices(rows: int, template: np.ndarray) -> pa.Array:
     """A list<double> column (the official writer's type) of one matrix repeated on every row."""
     values = np.tile(template.reshape(-1), rows)
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * template.size + 1, template.size, dtype=np.int32)),
-                                    pa.array(values))
+    return pa.ListArray.from_arrays(
+        pa.array(np.arange(0, rows * template.size + 1, template.size, dtype=np.int32)), pa.array(values)
+    )
 
 
 def write_tree(root: Path, rows: int, frames_per_scene: int) -> Target:
@@ -49,10 +50,17 @@ def write_tree(root: Path, rows: int, frames_per_scene: int) -> Target:
     filenames = [f"{scene_names[s]}/{camera_names[c]}/{f:06d}" for s, c, f in zip(scene, camera, frame)]
     intrinsics = np.array([[500.0, 0, 480], [0, 500, 270], [0, 0, 1]])
     pose = np.hstack([np.eye(3), np.zeros((3, 1))])
-    table = pa.table({"scene_id": pa.array(scene_names[scene]), "frame_idx": pa.array(frame),
-                      "cam_type": pa.array(camera_names[camera]), "filename": pa.array(filenames),
-                      "intrinsics": matrices(rows, intrinsics), "extrinsics": matrices(rows, pose),
-                      "ego_to_world": matrices(rows, pose)})
+    table = pa.table(
+        {
+            "scene_id": pa.array(scene_names[scene]),
+            "frame_idx": pa.array(frame),
+            "cam_type": pa.array(camera_names[camera]),
+            "filename": pa.array(filenames),
+            "intrinsics": matrices(rows, intrinsics),
+            "extrinsics": matrices(rows, pose),
+            "ego_to_world": matrices(rows, pose),
+        }
+    )
     target = Target(root, "openscene", "bench")
     target.parquet.parent.mkdir(parents=True)
     pq.write_table(table, target.parquet, compression="zstd")
@@ -89,19 +97,24 @@ def main() -> None:
         print(f"tree: {args.rows:,} rows, {2 * args.rows:,} files, written in {seconds:.1f} s ({root})")
         report, quick = timed(lambda: check_target(target), repeats=3)
         assert report.ok and report.images.present == args.rows, report.problems[:3]
-        print(f"quick check: {quick:.2f} s ({report.scenes:,} scenes, {report.frames:,} frames, "
-              f"{report.rows:,} rows)")
+        print(f"quick check: {quick:.2f} s ({report.scenes:,} scenes, {report.frames:,} frames, {report.rows:,} rows)")
 
         tree = fmt.Tree(root, "openscene")
         folders = [str(tree.image("x").parent), str(tree.depth("x", projected=False).parent)]
         filenames = fmt.read_table(target.parquet).filename
         names = {suffix: pa.array([f"{n}{suffix}" for n in filenames.to_pylist()]) for suffix in (".jpg", ".png")}
         _, listing = timed(lambda: [present(Path(folder), names[s]) for folder, s in zip(folders, names)], repeats=3)
-        by_stat, stat = timed(lambda: [[os.path.isfile(f"{folder}/{n}") for n in names[s].to_pylist()]
-                                       for folder, s in zip(folders, names)], repeats=3)
+        by_stat, stat = timed(
+            lambda: [
+                [os.path.isfile(f"{folder}/{n}") for n in names[s].to_pylist()] for folder, s in zip(folders, names)
+            ],
+            repeats=3,
+        )
         assert all(all(found) for found in by_stat)
-        print(f"presence of {2 * args.rows:,} files: listing {listing:.2f} s, stat per file {stat:.2f} s "
-              f"(listing is {stat / listing:.1f}x faster)")
+        print(
+            f"presence of {2 * args.rows:,} files: listing {listing:.2f} s, stat per file {stat:.2f} s "
+            f"(listing is {stat / listing:.1f}x faster)"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -46,18 +46,20 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from servers import SeaweedS3  # noqa: E402
-from dvgt.config import S3CacheConfig  # noqa: E402
-from dvgt.data import format as fmt  # noqa: E402
-from dvgt.data.remote import open_root  # noqa: E402
-from dvgt.data.scene_dataset import DatasetSpec, SceneDataset, target_shape  # noqa: E402
+from servers import SeaweedS3
+
+from dvgt.config import S3CacheConfig
+from dvgt.data import format as fmt
+from dvgt.data.remote import open_root
+from dvgt.data.scene_dataset import DatasetSpec, SceneDataset, target_shape
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests/data/official/official_format"
 NUSCENES_STORED = (1600, 900)  # (width, height) of a stored nuScenes JPEG
 
 
-def upscaled_tree(out: Path, dataset: str = "nuscene", split: str = "val", size: tuple[int, int] = NUSCENES_STORED
-                  ) -> Path:
+def upscaled_tree(
+    out: Path, dataset: str = "nuscene", split: str = "val", size: tuple[int, int] = NUSCENES_STORED
+) -> Path:
     """An official tree at ``out`` holding the fixture's ``dataset``/``split`` rows with their JPEGs
     upscaled to ``size`` (width, height) and re-encoded at quality 95, intrinsics scaled to match."""
     source, target = fmt.Tree(FIXTURE, dataset), fmt.Tree(out, dataset)
@@ -66,7 +68,9 @@ def upscaled_tree(out: Path, dataset: str = "nuscene", split: str = "val", size:
     for row, filename in enumerate(table.filename.to_pylist()):
         with Image.open(source.image(filename)) as image:
             sx, sy = size[0] / image.width, size[1] / image.height
-            fmt.write_image(target.image(filename), np.asarray(image.convert("RGB").resize(size, Image.Resampling.BICUBIC)))
+            fmt.write_image(
+                target.image(filename), np.asarray(image.convert("RGB").resize(size, Image.Resampling.BICUBIC))
+            )
         k = intrinsics[row]  # pixel centres at +0.5 while scaling
         k[0, 0], k[1, 1] = k[0, 0] * sx, k[1, 1] * sy
         k[0, 2], k[1, 2] = (k[0, 2] + 0.5) * sx - 0.5, (k[1, 2] + 0.5) * sy - 0.5
@@ -80,7 +84,7 @@ def upscaled_tree(out: Path, dataset: str = "nuscene", split: str = "val", size:
 
 def psnr(reference: np.ndarray, other: np.ndarray) -> float:
     mse = float(np.mean((reference.astype(np.float64) - other.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def reencoded(rgb: np.ndarray, quality: int = 95) -> np.ndarray:
@@ -101,13 +105,21 @@ def compare(root: str | Path, dataset: str, split: str, width: int, aspect: floa
     seconds = {name: sum(p[name] for p in passes) for name in ("exact", "fast")}
     differences = np.concatenate([np.abs(a.astype(np.int16) - b.astype(np.int16)).ravel() for a, b in pairs])
     count = len(rows) * repeats
-    return {"target": target, "stored": stored[2], "draft": stored[1].draft_scale(), "images": len(rows),
-            "same_shapes": all(a.shape == b.shape == (*target, 3) for a, b in pairs),
-            "exact_ips": count / seconds["exact"], "fast_ips": count / seconds["fast"],
-            "mean_abs": float(differences.mean()), "max_abs": int(differences.max()),
-            "psnr": psnr(np.concatenate([a.ravel() for a, _ in pairs]), np.concatenate([b.ravel() for _, b in pairs])),
-            "psnr_q95": psnr(np.concatenate([a.ravel() for a, _ in pairs]),
-                             np.concatenate([reencoded(a).ravel() for a, _ in pairs]))}
+    return {
+        "target": target,
+        "stored": stored[2],
+        "draft": stored[1].draft_scale(),
+        "images": len(rows),
+        "same_shapes": all(a.shape == b.shape == (*target, 3) for a, b in pairs),
+        "exact_ips": count / seconds["exact"],
+        "fast_ips": count / seconds["fast"],
+        "mean_abs": float(differences.mean()),
+        "max_abs": int(differences.max()),
+        "psnr": psnr(np.concatenate([a.ravel() for a, _ in pairs]), np.concatenate([b.ravel() for _, b in pairs])),
+        "psnr_q95": psnr(
+            np.concatenate([a.ravel() for a, _ in pairs]), np.concatenate([reencoded(a).ravel() for a, _ in pairs])
+        ),
+    }
 
 
 def timed_passes(readers: dict, rows: range, target: tuple[int, int], repeats: int) -> list[dict]:
@@ -125,8 +137,9 @@ def timed_passes(readers: dict, rows: range, target: tuple[int, int], repeats: i
     return passes
 
 
-def compare_s3(tree: Path, dataset: str, split: str, width: int, aspect: float, repeats: int, limit: int,
-               tmp: Path) -> dict:
+def compare_s3(
+    tree: Path, dataset: str, split: str, width: int, aspect: float, repeats: int, limit: int, tmp: Path
+) -> dict:
     """Images/s per core of both paths reading ``tree`` from SeaweedFS: cold cache (the first pass),
     warm cache (the passes after it)."""
     import boto3
@@ -142,15 +155,18 @@ def compare_s3(tree: Path, dataset: str, split: str, width: int, aspect: float, 
         for name, fast in (("exact", False), ("fast", True)):
             cache = S3CacheConfig(dir=str(tmp / f"cache-{name}"), max_gib=4.0)
             root, remote = open_root("s3://bench/tree", cache)
-            spec = DatasetSpec(root=root, parquet=fmt.Tree(root, dataset).parquet(split), remote=remote,
-                               fast_decode=fast)
+            spec = DatasetSpec(
+                root=root, parquet=fmt.Tree(root, dataset).parquet(split), remote=remote, fast_decode=fast
+            )
             readers[name] = SceneDataset(spec)  # fetches the parquet: not timed
         target = target_shape(width, aspect, readers["exact"].spec.patch_size)
         rows = range(min(limit, readers["exact"].table.num_rows))
         cold, *warm = timed_passes(readers, rows, target, 1 + repeats)
         count = len(rows)
-        return {name: {"cold_ips": count / cold[name], "warm_ips": count * len(warm) / sum(p[name] for p in warm)}
-                for name in readers}
+        return {
+            name: {"cold_ips": count / cold[name], "warm_ips": count * len(warm) / sum(p[name] for p in warm)}
+            for name in readers
+        }
     finally:
         server.stop()
 
@@ -168,25 +184,36 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or upscaled_tree(Path(tmp), args.dataset, args.split)
-        print(f"{args.dataset}_{args.split} of {args.root or 'the fixture upscaled to 1600x900, quality 95'}; "
-              f"one process, {args.repeats} interleaved passes")
+        print(
+            f"{args.dataset}_{args.split} of {args.root or 'the fixture upscaled to 1600x900, quality 95'}; "
+            f"one process, {args.repeats} interleaved passes"
+        )
         for width in args.widths:
             r = compare(root, args.dataset, args.split, width, args.aspect, args.repeats, args.limit)
-            print(f"  width {width}: {r['images']} images {r['stored'][1]}x{r['stored'][0]} -> "
-                  f"{r['target'][1]}x{r['target'][0]} (DCT scale 1/{r['draft']})")
+            print(
+                f"  width {width}: {r['images']} images {r['stored'][1]}x{r['stored'][0]} -> "
+                f"{r['target'][1]}x{r['target'][0]} (DCT scale 1/{r['draft']})"
+            )
             print(f"    official (full decode + resize): {r['exact_ips']:7.1f} images/s per core")
-            print(f"    ours (DCT-scaled decode + resize): {r['fast_ips']:7.1f} images/s per core   "
-                  f"ratio {r['fast_ips'] / r['exact_ips']:.2f}x")
-            print(f"    output shapes identical: {r['same_shapes']}; |ours - exact| uint8 mean {r['mean_abs']:.3f}, "
-                  f"max {r['max_abs']}; PSNR {r['psnr']:.1f} dB (a quality-95 JPEG round trip of the exact output: "
-                  f"{r['psnr_q95']:.1f} dB)")
+            print(
+                f"    ours (DCT-scaled decode + resize): {r['fast_ips']:7.1f} images/s per core   "
+                f"ratio {r['fast_ips'] / r['exact_ips']:.2f}x"
+            )
+            print(
+                f"    output shapes identical: {r['same_shapes']}; |ours - exact| uint8 mean {r['mean_abs']:.3f}, "
+                f"max {r['max_abs']}; PSNR {r['psnr']:.1f} dB (a quality-95 JPEG round trip of the exact output: "
+                f"{r['psnr_q95']:.1f} dB)"
+            )
             if args.s3:
-                r = compare_s3(Path(root), args.dataset, args.split, width, args.aspect, args.repeats, args.limit,
-                               Path(tmp))
+                r = compare_s3(
+                    Path(root), args.dataset, args.split, width, args.aspect, args.repeats, args.limit, Path(tmp)
+                )
                 for cache in ("cold", "warm"):
                     exact, fast = r["exact"][f"{cache}_ips"], r["fast"][f"{cache}_ips"]
-                    print(f"    from SeaweedFS, {cache} cache: official {exact:7.1f}, ours {fast:7.1f} images/s per core   "
-                          f"ratio {fast / exact:.2f}x")
+                    print(
+                        f"    from SeaweedFS, {cache} cache: official {exact:7.1f}, ours {fast:7.1f} images/s per core   "
+                        f"ratio {fast / exact:.2f}x"
+                    )
 
 
 if __name__ == "__main__":

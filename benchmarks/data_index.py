@@ -62,12 +62,19 @@ def write_parquet(root: Path, rows: int, frames_per_scene: int, seed: int = 0) -
     frame_text = text(np.repeat(frame_idx, len(cameras)))
     n = frames * len(cameras)
     columns = {
-        "scene_id": scene_names, "frame_idx": np.repeat(frame_idx, len(cameras)), "cam_type": cam_type,
+        "scene_id": scene_names,
+        "frame_idx": np.repeat(frame_idx, len(cameras)),
+        "cam_type": cam_type,
         "filename": pc.binary_join_element_wise(scene_names, cam_type, frame_text, "/"),
         "frame_token": pc.binary_join_element_wise("token", text(np.repeat(frame, len(cameras))), "-"),
-        "intrinsics": rng.random((n, 9)), "extrinsics": rng.random((n, 12)), "ego_to_world": rng.random((n, 12)),
-        "ego_velocity": rng.random((n, 2)), "ego_acceleration": rng.random((n, 2)),
-        "driving_command": rng.random((n, 4)), "use_lidar_proj_depth": rng.random(n) < 0.1}
+        "intrinsics": rng.random((n, 9)),
+        "extrinsics": rng.random((n, 12)),
+        "ego_to_world": rng.random((n, 12)),
+        "ego_velocity": rng.random((n, 2)),
+        "ego_acceleration": rng.random((n, 2)),
+        "driving_command": rng.random((n, 4)),
+        "use_lidar_proj_depth": rng.random(n) < 0.1,
+    }
     return fmt.write_table(fmt.Tree(root, DATASET).parquet(SPLIT), columns)
 
 
@@ -121,6 +128,7 @@ def measure(args: argparse.Namespace) -> dict:
             result = function(*a, **k)
             timings[name] = time.perf_counter() - started
             return result
+
         return run
 
     fmt.read_table = timed("read_table", fmt.read_table)
@@ -128,24 +136,46 @@ def measure(args: argparse.Namespace) -> dict:
     scene_dataset.split_sequences = timed("split_sequences", scene_dataset.split_sequences)
     root = Path(args.root)
     started = time.perf_counter()
-    dataset = scene_dataset.SceneDataset(scene_dataset.DatasetSpec(
-        root=root, parquet=fmt.Tree(root, DATASET).parquet(SPLIT), clip_split=args.clip_split,
-        fixed_num_frames=args.frames, future_frames=args.future, fixed_aspect_ratio=1.77))
+    dataset = scene_dataset.SceneDataset(
+        scene_dataset.DatasetSpec(
+            root=root,
+            parquet=fmt.Tree(root, DATASET).parquet(SPLIT),
+            clip_split=args.clip_split,
+            fixed_num_frames=args.frames,
+            future_frames=args.future,
+            fixed_aspect_ratio=1.77,
+        )
+    )
     timings["dataset"] = time.perf_counter() - started
     gc.collect()
-    result = {"module": dvgt.__file__, "rows": dataset.table.num_rows, "scenes": len(dataset.scenes),
-              "sequences": len(dataset.sequences), "timings": timings, "main": smaps(), "passes": []}
+    result = {
+        "module": dvgt.__file__,
+        "rows": dataset.table.num_rows,
+        "scenes": len(dataset.scenes),
+        "sequences": len(dataset.sequences),
+        "timings": timings,
+        "main": smaps(),
+        "passes": [],
+    }
     with tempfile.TemporaryDirectory() as reports:
         served = IndexPass(dataset, reports)
-        loader = DataLoader(served, batch_size=args.batch, shuffle=True, generator=torch.Generator().manual_seed(0),
-                            num_workers=args.workers, persistent_workers=True, multiprocessing_context="fork",
-                            worker_init_fn=served.worker_started)
+        loader = DataLoader(
+            served,
+            batch_size=args.batch,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+            num_workers=args.workers,
+            persistent_workers=True,
+            multiprocessing_context="fork",
+            worker_init_fn=served.worker_started,
+        )
         for _ in range(args.passes):
             started = time.perf_counter()
             total = sum(float(batch.sum()) for batch in loader)
             workers = [smaps(int(p.stem)) for p in Path(reports).glob("*.json")]
-            result["passes"].append({"seconds": time.perf_counter() - started, "checksum": total,
-                                     "workers": workers, "main": smaps()})
+            result["passes"].append(
+                {"seconds": time.perf_counter() - started, "checksum": total, "workers": workers, "main": smaps()}
+            )
         result["forked"] = [json.loads(p.read_text()) for p in Path(reports).glob("*.json")]
         del loader
     return result
@@ -153,12 +183,34 @@ def measure(args: argparse.Namespace) -> dict:
 
 def run_implementation(code_root: Path, args: argparse.Namespace) -> dict:
     """``measure`` in a fresh interpreter that imports dvgt from ``code_root``."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--measure", "--root", str(args.root),
-               "--workers", str(args.workers), "--passes", str(args.passes), "--batch", str(args.batch),
-               "--clip-split", args.clip_split, "--frames", str(args.frames), "--future", str(args.future)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--measure",
+        "--root",
+        str(args.root),
+        "--workers",
+        str(args.workers),
+        "--passes",
+        str(args.passes),
+        "--batch",
+        str(args.batch),
+        "--clip-split",
+        args.clip_split,
+        "--frames",
+        str(args.frames),
+        "--future",
+        str(args.future),
+    ]
     with tempfile.TemporaryDirectory() as cwd:  # not the repository: its dvgt/ would shadow code_root's
-        done = subprocess.run(command, cwd=cwd, env={**os.environ, "PYTHONPATH": str(code_root)},
-                              stdout=subprocess.PIPE, check=True, text=True)
+        done = subprocess.run(
+            command,
+            cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(code_root)},
+            stdout=subprocess.PIPE,
+            check=True,
+            text=True,
+        )
     result = json.loads(done.stdout.splitlines()[-1])
     if not result["module"].startswith(str(code_root)):
         raise RuntimeError(f"the measurement imported {result['module']}, not dvgt from {code_root}")
@@ -169,11 +221,17 @@ def baseline_tree(revision: str, into: Path) -> Path:
     """The dvgt package of a git revision, extracted under ``into``."""
     archive = into / "dvgt.tar"
     try:
-        subprocess.run(["git", "-C", str(REPO), "archive", "-o", str(archive), revision, "dvgt"], check=True,
-                       capture_output=True, text=True)
+        subprocess.run(
+            ["git", "-C", str(REPO), "archive", "-o", str(archive), revision, "dvgt"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     except subprocess.CalledProcessError as error:
-        raise SystemExit(f"--baseline {revision}: git archive failed ({error.stderr.strip()}); pass a revision of "
-                         f"this repository or --baseline none") from None
+        raise SystemExit(
+            f"--baseline {revision}: git archive failed ({error.stderr.strip()}); pass a revision of "
+            f"this repository or --baseline none"
+        ) from None
     with tarfile.open(archive) as tar:
         tar.extractall(into, filter="data")
     return into
@@ -189,9 +247,11 @@ def summary(workers: list[dict], key: str) -> str:
 
 def report(results: dict[str, dict], args: argparse.Namespace) -> None:
     first = next(iter(results.values()))
-    print(f"{first['rows']:,} rows ({DATASET}, 8 cameras, {first['scenes']:,} scenes of {args.frames_per_scene} "
-          f"frames), clip split {args.clip_split} (frames {args.frames}, future {args.future}): "
-          f"{first['sequences']:,} sequences; {args.workers} forked workers, {args.passes} passes")
+    print(
+        f"{first['rows']:,} rows ({DATASET}, 8 cameras, {first['scenes']:,} scenes of {args.frames_per_scene} "
+        f"frames), clip split {args.clip_split} (frames {args.frames}, future {args.future}): "
+        f"{first['sequences']:,} sequences; {args.workers} forked workers, {args.passes} passes"
+    )
     names = list(results)
     print(f"{'':44}" + "".join(f"{n:>22}" for n in names) + ("   ratio" if len(names) == 2 else ""))
 
@@ -199,11 +259,16 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
         ratio = f"   {values[1] / values[0]:5.2f}" if len(values) == 2 and values[0] else ""
         print(f"{label:44}" + "".join(fmt.format(v) for v in values) + ratio)
 
-    for key, label in (("read_table", "read_table (s)"), ("build_scenes", "build_scenes (s)"),
-                       ("split_sequences", "split_sequences (s)")):
+    for key, label in (
+        ("read_table", "read_table (s)"),
+        ("build_scenes", "build_scenes (s)"),
+        ("split_sequences", "split_sequences (s)"),
+    ):
         line(label, [r["timings"][key] for r in results.values()])
-    line("index build: build_scenes + split_sequences (s)",
-         [r["timings"]["build_scenes"] + r["timings"]["split_sequences"] for r in results.values()])
+    line(
+        "index build: build_scenes + split_sequences (s)",
+        [r["timings"]["build_scenes"] + r["timings"]["split_sequences"] for r in results.values()],
+    )
     line("SceneDataset total (s)", [r["timings"]["dataset"] for r in results.values()])
     line("main RSS after build (MiB)", [r["main"]["rss"] for r in results.values()], "{:22.1f}")
     line("main USS after build (MiB)", [r["main"]["uss"] for r in results.values()], "{:22.1f}")
@@ -211,7 +276,8 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
         line(f"pass {p + 1} time (s)", [r["passes"][p]["seconds"] for r in results.values()])
     print("workers, mean (max) MiB:")
     stages = [("forked", lambda r: r["forked"])] + [
-        (f"after pass {p + 1}", lambda r, p=p: r["passes"][p]["workers"]) for p in range(args.passes)]
+        (f"after pass {p + 1}", lambda r, p=p: r["passes"][p]["workers"]) for p in range(args.passes)
+    ]
     for key in ("uss", "rss"):
         for stage, workers in stages:
             print(f"  {key.upper()} {stage:39}" + "".join(f"{summary(workers(r), key):>22}" for r in results.values()))
@@ -245,8 +311,20 @@ def main() -> None:
         return
     args.root = Path(args.work) / f"{args.rows}-rows-{args.frames_per_scene}-frames"
     if not (args.root / "done").is_file():  # written in its own process, whose memory is gone before measuring
-        subprocess.run([sys.executable, __file__, "--write", "--root", str(args.root), "--rows", str(args.rows),
-                        "--frames-per-scene", str(args.frames_per_scene)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--write",
+                "--root",
+                str(args.root),
+                "--rows",
+                str(args.rows),
+                "--frames-per-scene",
+                str(args.frames_per_scene),
+            ],
+            check=True,
+        )
         (args.root / "done").touch()
     with tempfile.TemporaryDirectory() as tmp:
         results = {}

@@ -24,14 +24,32 @@ from dvgt.train.loop import train
 
 
 def data_wait(data: str, run: Path, steps: int, workers: int) -> dict:
-    train(load_config("train/dvgt1/demo.yaml", [
-        f"num_workers={workers}", "max_epochs=1", f"limit_train_batches={steps}", "limit_val_batches=0",
-        f"data.root={data}", f"logging.log_dir={run}", "logging.log_freq=1",
-        "logging.progress=false", "logging.metrics=false", f"checkpoint.uri={run / 'ckpts'}", "checkpoint.keep_last=0"]))
+    train(
+        load_config(
+            "train/dvgt1/demo.yaml",
+            [
+                f"num_workers={workers}",
+                "max_epochs=1",
+                f"limit_train_batches={steps}",
+                "limit_val_batches=0",
+                f"data.root={data}",
+                f"logging.log_dir={run}",
+                "logging.log_freq=1",
+                "logging.progress=false",
+                "logging.metrics=false",
+                f"checkpoint.uri={run / 'ckpts'}",
+                "checkpoint.keep_last=0",
+            ],
+        )
+    )
     records = [r for r in read_log(run / "train_log.jsonl") if r["kind"] == "train"]
     rest = records[1:]
-    return {"first_wait": records[0]["data_time"], "share": sum(r["data_time"] for r in rest) / sum(r["step_time"] for r in rest),
-            "wait": sum(r["data_time"] for r in rest) / len(rest), "step": sum(r["step_time"] for r in rest) / len(rest)}
+    return {
+        "first_wait": records[0]["data_time"],
+        "share": sum(r["data_time"] for r in rest) / sum(r["step_time"] for r in rest),
+        "wait": sum(r["data_time"] for r in rest) / len(rest),
+        "step": sum(r["step_time"] for r in rest) / len(rest),
+    }
 
 
 def main() -> None:
@@ -45,8 +63,10 @@ def main() -> None:
     print(f"dvgt1 demo stage, {args.steps} steps (shares over steps 2..{args.steps})")
     for workers, r in results.items():
         label = "2 workers (demo)" if workers else "in the loop     "
-        print(f"  {label}: data wait {r['wait'] * 1e3:7.1f} ms of a {r['step'] * 1e3:7.1f} ms step = "
-              f"{r['share']:6.1%}   (first step's wait {r['first_wait']:.2f} s)")
+        print(
+            f"  {label}: data wait {r['wait'] * 1e3:7.1f} ms of a {r['step'] * 1e3:7.1f} ms step = "
+            f"{r['share']:6.1%}   (first step's wait {r['first_wait']:.2f} s)"
+        )
     print(f"  wait with workers / wait in the loop: {results[2]['wait'] / results[0]['wait']:.3f}")
 
 

@@ -65,8 +65,11 @@ def step_flops(kind: str, cached: bool, frames: int = 4, views: int = 6, height:
             aggregated = [outputs[:, part.layers.index(i)] if i in part.layers else None for i in range(part.depth)]
     with FlopCounterMode(display=False) as counter:
         # DVGT1.forward, with the heads given a CPU stand-in for the images (autocast has no meta device)
-        tokens, start = (model.aggregator(images, patch_tokens=patch_tokens) if aggregated is None
-                         else precomputed_outputs(model.aggregator, aggregated))
+        tokens, start = (
+            model.aggregator(images, patch_tokens=patch_tokens)
+            if aggregated is None
+            else precomputed_outputs(model.aggregator, aggregated)
+        )
         predictions = run_heads(model, torch.empty(images.shape), tokens, start, model.ego_pose_head, "pose")
         (predictions["points"].sum() + predictions["pose"].sum()).backward()
     return counter.get_total_flops()
@@ -74,11 +77,24 @@ def step_flops(kind: str, cached: bool, frames: int = 4, views: int = 6, height:
 
 def stage(kind: str, root: Path, run: Path, args, **extra):
     """The stage config at the benchmark's shape: one clip of all cameras x --frames per step, no evaluation."""
-    values = {"model.size": args.size, "data.root": root, "max_epochs": 1, "limit_train_batches": 1,
-              "limit_val_batches": 0, "num_workers": 0, "max_img_per_gpu": len(RIG) * args.frames,
-              "data.train.fixed_num_views": len(RIG), "data.train.fixed_num_frames": args.frames,
-              "data.train.aspect_ratio": "[2.0,2.0]", "data.train.img_width": args.width, "logging.log_dir": run,
-              "logging.metrics": "false", "logging.progress": "false", "checkpoint.uri": run / "ckpts", **extra}
+    values = {
+        "model.size": args.size,
+        "data.root": root,
+        "max_epochs": 1,
+        "limit_train_batches": 1,
+        "limit_val_batches": 0,
+        "num_workers": 0,
+        "max_img_per_gpu": len(RIG) * args.frames,
+        "data.train.fixed_num_views": len(RIG),
+        "data.train.fixed_num_frames": args.frames,
+        "data.train.aspect_ratio": "[2.0,2.0]",
+        "data.train.img_width": args.width,
+        "logging.log_dir": run,
+        "logging.metrics": "false",
+        "logging.progress": "false",
+        "checkpoint.uri": run / "ckpts",
+        **extra,
+    }
     return load_config(CONFIGS[kind], [f"{key}={value}" for key, value in values.items()])
 
 
@@ -114,24 +130,30 @@ def main() -> None:
     print("model FLOPs per training step, full DVGT-1, 6 cameras x 4 frames of 288x512:")
     for kind in ("backbone", "aggregator"):
         live, cached = step_flops(kind, cached=False), step_flops(kind, cached=True)
-        print(f"  {kind:10s} frozen: {live / 1e12:7.1f} TFLOP without cache, {cached / 1e12:7.1f} with "
-              f"({live / cached:.2f}x fewer)")
+        print(
+            f"  {kind:10s} frozen: {live / 1e12:7.1f} TFLOP without cache, {cached / 1e12:7.1f} with "
+            f"({live / cached:.2f}x fewer)"
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         root, cache = Path(tmp) / "data", Path(tmp) / "cache"
-        generate_synthetic_dataset(root, "train", num_scenes=1, num_frames=args.frames, height=args.width // 2,
-                                   width=args.width)
+        generate_synthetic_dataset(
+            root, "train", num_scenes=1, num_frames=args.frames, height=args.width // 2, width=args.width
+        )
         started = time.perf_counter()
         built = build_cache(stage(args.part, root, Path(tmp) / "build", args), str(cache), say=lambda _: None)
         build_s = time.perf_counter() - started
         gc.collect()
         live = step_time(stage(args.part, root, Path(tmp) / "live", args), args.steps)
-        cached = step_time(stage(args.part, root, Path(tmp) / "cached", args, **{"data.feature_cache": cache}),
-                           args.steps)
+        cached = step_time(
+            stage(args.part, root, Path(tmp) / "cached", args, **{"data.feature_cache": cache}), args.steps
+        )
 
-    print(f"measured: dvgt1 {args.size}, {args.part} frozen, {len(RIG)} cameras x {args.frames} frames of "
-          f"{args.width // 2}x{args.width} per step, "
-          f"median of {args.steps} steps")
+    print(
+        f"measured: dvgt1 {args.size}, {args.part} frozen, {len(RIG)} cameras x {args.frames} frames of "
+        f"{args.width // 2}x{args.width} per step, "
+        f"median of {args.steps} steps"
+    )
     print(f"  cache build: {built['items']} items in {build_s:.1f} s")
     print(f"  step without cache: {live * 1e3:9.1f} ms  (1.00x)")
     print(f"  step with cache:    {cached * 1e3:9.1f} ms  ({live / cached:.2f}x faster)")

@@ -89,8 +89,10 @@ def main() -> None:
     base = results["ddp"]["grads"] + results["ddp"]["optimizer"]
     for name, r in results.items():
         total = r["grads"] + r["optimizer"]
-        print(f"{name:<9} {r['grads'] / mib:>10.1f} {r['optimizer'] / mib:>10.1f} {total / mib:>9.1f} "
-              f"{total / base:>7.3f} {r['params'] / mib:>11.1f}")
+        print(
+            f"{name:<9} {r['grads'] / mib:>10.1f} {r['optimizer'] / mib:>10.1f} {total / mib:>9.1f} "
+            f"{total / base:>7.3f} {r['params'] / mib:>11.1f}"
+        )
 
 
 if __name__ == "__main__":

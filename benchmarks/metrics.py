@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import free_port, tiny_overrides  # noqa: E402
+from conftest import free_port, tiny_overrides
 
 
 def instrumentation_overhead(tmp: Path, steps: int) -> dict:
@@ -57,8 +57,15 @@ def instrumentation_overhead(tmp: Path, steps: int) -> dict:
         trainer.train_step(batch)
         record = trainer.read_steps()[-1]  # the host values, as the loop has them (here every step)
         step_time = time.perf_counter() - started
-        record.update(kind="train", step=trainer.step, epoch=0, step_time=step_time, data_time=0.0, images=images,
-                      images_per_sec=images / step_time)
+        record.update(
+            kind="train",
+            step=trainer.step,
+            epoch=0,
+            step_time=step_time,
+            data_time=0.0,
+            images=images,
+            images_per_sec=images / step_time,
+        )
         if observe:
             trainer.metrics.observe_step(record)
         return time.perf_counter() - started, time.process_time() - cpu, record
@@ -79,8 +86,14 @@ def instrumentation_overhead(tmp: Path, steps: int) -> dict:
         trainer.metrics.observe_step(record)
     per_call = (time.perf_counter() - started) / calls
     trainer.close()
-    return {"threads": torch.get_num_threads(), "on": statistics.median(on), "off": statistics.median(off),
-            "ratio": statistics.median(ratios), "cpu_ratio": statistics.median(cpu_ratios), "observe": per_call}
+    return {
+        "threads": torch.get_num_threads(),
+        "on": statistics.median(on),
+        "off": statistics.median(off),
+        "ratio": statistics.median(ratios),
+        "cpu_ratio": statistics.median(cpu_ratios),
+        "observe": per_call,
+    }
 
 
 def rank_files(tmp: Path, ranks: int) -> Path:
@@ -165,9 +178,17 @@ def scrape_time(tmp: Path, ranks: int, scrapes: int, rate: float) -> dict:
             render()
             own.append(time.perf_counter() - started)
     series = sum(1 for line in body.decode().splitlines() if line and not line.startswith("#"))
-    return {"median": statistics.median(times), "max": max(times), "cpu": cpu, "series": series, "bytes": len(body),
-            "files": len(list(folder.glob("*.db"))), "library": statistics.median(library),
-            "ours": statistics.median(ours), **loaded}
+    return {
+        "median": statistics.median(times),
+        "max": max(times),
+        "cpu": cpu,
+        "series": series,
+        "bytes": len(body),
+        "files": len(list(folder.glob("*.db"))),
+        "library": statistics.median(library),
+        "ours": statistics.median(ours),
+        **loaded,
+    }
 
 
 def under_load(url: str, rate: float, seconds: float = 5.0, clients: int = 16) -> dict:
@@ -183,8 +204,12 @@ def under_load(url: str, rate: float, seconds: float = 5.0, clients: int = 16) -
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         times = sorted(pool.map(timed, [start + i / rate for i in range(int(rate * seconds))]))
-    return {"load_median": statistics.median(times), "load_p99": times[int(0.99 * (len(times) - 1))],
-            "load_count": len(times), "load_rate": len(times) / (time.perf_counter() - start)}
+    return {
+        "load_median": statistics.median(times),
+        "load_p99": times[int(0.99 * (len(times) - 1))],
+        "load_count": len(times),
+        "load_rate": len(times) / (time.perf_counter() - start),
+    }
 
 
 def start_up(tmp: Path, repeats: int = 5) -> dict:
@@ -203,9 +228,11 @@ def start_up(tmp: Path, repeats: int = 5) -> dict:
         process.terminate()
         process.wait()
 
-    return {"exporter": timed(exporter),
-            "python": timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)),
-            "torch": timed(lambda: subprocess.run([sys.executable, "-c", "import torch"], check=True))}
+    return {
+        "exporter": timed(exporter),
+        "python": timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)),
+        "torch": timed(lambda: subprocess.run([sys.executable, "-c", "import torch"], check=True)),
+    }
 
 
 def main() -> None:
@@ -217,29 +244,49 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        overhead = instrumentation_overhead(tmp, args.steps)  # first: it sets PROMETHEUS_MULTIPROC_DIR before the import
+        overhead = instrumentation_overhead(
+            tmp, args.steps
+        )  # first: it sets PROMETHEUS_MULTIPROC_DIR before the import
         scrape = scrape_time(tmp, args.ranks, args.scrapes, args.rate)
         start = start_up(tmp)
 
-    print(f"1. Instrumentation overhead, DVGT-1 tiny on CPU ({overhead['threads']} threads), {args.steps} interleaved pairs")
+    print(
+        f"1. Instrumentation overhead, DVGT-1 tiny on CPU ({overhead['threads']} threads), {args.steps} interleaved pairs"
+    )
     print(f"   step without metrics (median):  {overhead['off'] * 1000:9.1f} ms   ratio 1.000")
-    print(f"   step with metrics (median):     {overhead['on'] * 1000:9.1f} ms   median per-pair ratio {overhead['ratio']:.3f}"
-          f"   (goal <= 1.010)")
+    print(
+        f"   step with metrics (median):     {overhead['on'] * 1000:9.1f} ms   median per-pair ratio {overhead['ratio']:.3f}"
+        f"   (goal <= 1.010)"
+    )
     print(f"   same pairs, CPU time of the process: median per-pair ratio {overhead['cpu_ratio']:.3f}")
-    print(f"   one observe_step call:          {overhead['observe'] * 1e6:9.1f} us   "
-          f"= {overhead['observe'] / overhead['off']:.5f} of a step")
-    print(f"2. Exporter scrape, {args.ranks} ranks ({scrape['files']} files, {scrape['series']} samples, "
-          f"{scrape['bytes'] / 1024:.0f} KiB), {args.scrapes} scrapes")
-    print(f"   wall time: median {scrape['median'] * 1000:6.1f} ms   max {scrape['max'] * 1000:6.1f} ms   (goal < 50 ms median)")
+    print(
+        f"   one observe_step call:          {overhead['observe'] * 1e6:9.1f} us   "
+        f"= {overhead['observe'] / overhead['off']:.5f} of a step"
+    )
+    print(
+        f"2. Exporter scrape, {args.ranks} ranks ({scrape['files']} files, {scrape['series']} samples, "
+        f"{scrape['bytes'] / 1024:.0f} KiB), {args.scrapes} scrapes"
+    )
+    print(
+        f"   wall time: median {scrape['median'] * 1000:6.1f} ms   max {scrape['max'] * 1000:6.1f} ms   (goal < 50 ms median)"
+    )
     print(f"   exporter CPU time per scrape: {scrape['cpu'] * 1000:6.1f} ms (the wall time on an idle core)")
-    print(f"   render alone, in one process: prometheus-client's merge + writer {scrape['library'] * 1000:6.1f} ms, "
-          f"ours {scrape['ours'] * 1000:6.1f} ms (median; ratio {scrape['ours'] / scrape['library']:.2f})")
-    print(f"   under load ({scrape['load_count']} scrapes from 16 clients at {scrape['load_rate']:.0f}/s): median "
-          f"{scrape['load_median'] * 1000:6.1f} ms   p99 {scrape['load_p99'] * 1000:6.1f} ms")
+    print(
+        f"   render alone, in one process: prometheus-client's merge + writer {scrape['library'] * 1000:6.1f} ms, "
+        f"ours {scrape['ours'] * 1000:6.1f} ms (median; ratio {scrape['ours'] / scrape['library']:.2f})"
+    )
+    print(
+        f"   under load ({scrape['load_count']} scrapes from 16 clients at {scrape['load_rate']:.0f}/s): median "
+        f"{scrape['load_median'] * 1000:6.1f} ms   p99 {scrape['load_p99'] * 1000:6.1f} ms"
+    )
     print("3. Start-up until the first answer (median of 5)")
     print(f"   python -c pass:           {start['python'] * 1000:7.0f} ms   ratio 1.00")
-    print(f"   dvgt exporter (/healthz): {start['exporter'] * 1000:7.0f} ms   ratio {start['exporter'] / start['python']:.2f}")
-    print(f"   python -c 'import torch': {start['torch'] * 1000:7.0f} ms   ratio {start['torch'] / start['python']:.2f}")
+    print(
+        f"   dvgt exporter (/healthz): {start['exporter'] * 1000:7.0f} ms   ratio {start['exporter'] / start['python']:.2f}"
+    )
+    print(
+        f"   python -c 'import torch': {start['torch'] * 1000:7.0f} ms   ratio {start['torch'] / start['python']:.2f}"
+    )
 
 
 if __name__ == "__main__":

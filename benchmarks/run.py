@@ -22,16 +22,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import tiny_overrides  # noqa: E402
-from dvgt.config import load_config  # noqa: E402
-from dvgt.data.synthetic import generate_synthetic_dataset  # noqa: E402
-from dvgt.train.loop import Trainer  # noqa: E402
+from conftest import tiny_overrides
+
+from dvgt.config import load_config
+from dvgt.data.synthetic import generate_synthetic_dataset
+from dvgt.train.loop import Trainer
 
 
 def median_step_time(data_root: Path, run_dir: Path, size: str, steps: int, **overrides) -> float:
-    cfg = load_config("train/dvgt1/demo.yaml", tiny_overrides(
-        data_root, run_dir, **{"model.size": size, "max_img_per_gpu": 8, "data.train.views": "[2,2]",
-                               "data.train.fixed_num_frames": 2, "data.train.img_width": 128, **overrides}))
+    cfg = load_config(
+        "train/dvgt1/demo.yaml",
+        tiny_overrides(
+            data_root,
+            run_dir,
+            **{
+                "model.size": size,
+                "max_img_per_gpu": 8,
+                "data.train.views": "[2,2]",
+                "data.train.fixed_num_frames": 2,
+                "data.train.img_width": 128,
+                **overrides,
+            },
+        ),
+    )
     trainer = Trainer(cfg)
     batches = iter(trainer.train_loader)
     batch = next(batches)
@@ -59,8 +72,9 @@ def main() -> None:
         run = Path(tmp) / "run"
         base = median_step_time(root, run / "base", args.size, args.steps, **{"model.gradient_checkpointing": "false"})
         ckpt = median_step_time(root, run / "ckpt", args.size, args.steps, **{"model.gradient_checkpointing": "true"})
-        accum = median_step_time(root, run / "accum", args.size, args.steps,
-                                 **{"model.gradient_checkpointing": "false", "accum_steps": 2})
+        accum = median_step_time(
+            root, run / "accum", args.size, args.steps, **{"model.gradient_checkpointing": "false", "accum_steps": 2}
+        )
     print(f"DVGT-1 {args.size}, 2 views x 2 frames x 64x128, batch 2, CPU threads {torch.get_num_threads()}")
     print(f"  baseline step (no checkpointing, 1 chunk): {base * 1000:8.1f} ms   ratio 1.00")
     print(f"  gradient checkpointing:                    {ckpt * 1000:8.1f} ms   ratio {ckpt / base:.2f}")

@@ -1,13 +1,13 @@
 """dvgt: DVGT-1 / DVGT-2 / VGGT training, Kubernetes-native.
 
-    model = dvgt.build_model("train/dvgt1/default.yaml", overrides=["model.size=small"], weights=None)
-    outputs = model(images)  # images [B, T, V, 3, H, W] in [0, 1]
+model = dvgt.build_model("train/dvgt1/default.yaml", overrides=["model.size=small"], weights=None)
+outputs = model(images)  # images [B, T, V, 3, H, W] in [0, 1]
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Optional, Sequence
 
 try:
     __version__ = version("dvgt")
@@ -15,8 +15,9 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+source"
 
 
-def build_model(config: str, overrides: Sequence[str] = (), weights: Optional[str] = None,
-                device: str = "cpu", strict: bool = True):
+def build_model(
+    config: str, overrides: Sequence[str] = (), weights: str | None = None, device: str = "cpu", strict: bool = True
+):
     """Build the model of a stage config, optionally load weights, and return it in eval mode.
 
     `weights` is a .pt/.pth (a bare state_dict or a dict with key "model", read with

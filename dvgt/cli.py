@@ -10,15 +10,18 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from dvgt.config import ConfigError, load_config
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="stage config, e.g. train/dvgt1/demo.yaml "
-                        "(packaged configs first, then the working directory)")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="stage config, e.g. train/dvgt1/demo.yaml (packaged configs first, then the working directory)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
 
 
@@ -49,8 +52,10 @@ def cmd_model_info(args: argparse.Namespace) -> int:
         for dim in shape:
             count *= dim
         by_module[key.split(".")[0]] = by_module.get(key.split(".")[0], 0) + count
-    print(f"{cfg.model.name} ({cfg.model.size}): {layout['num_parameters']:,} parameters, "
-          f"{len(layout['state_dict'])} state_dict entries")
+    print(
+        f"{cfg.model.name} ({cfg.model.size}): {layout['num_parameters']:,} parameters, "
+        f"{len(layout['state_dict'])} state_dict entries"
+    )
     for module, count in by_module.items():
         print(f"  {module:<20} {count:>15,}")
     return 0
@@ -87,8 +92,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     elif len(args.positional) == 1:
         targets = check.targets_of_tree(args.positional[0], args.dataset, args.split)
     else:
-        raise ValueError("dvgt data check: give one tree root (the folder holding data_annotation/), or --config "
-                         "STAGE [key=value ...] to check the trees a stage reads")
+        raise ValueError(
+            "dvgt data check: give one tree root (the folder holding data_annotation/), or --config "
+            "STAGE [key=value ...] to check the trees a stage reads"
+        )
     with tqdm(desc="decoding", unit="file", disable=not args.deep or not sys.stderr.isatty()) as bar:
         reports = check.check(targets, deep=args.deep, jobs=args.jobs, progress=bar.update)
     console = Console() if sys.stdout.isatty() else Console(width=160)  # logs: the whole table
@@ -120,13 +127,14 @@ def cmd_data_metrics(args: argparse.Namespace) -> int:
 
 def cmd_anchors(args: argparse.Namespace) -> int:
     from dvgt.data.anchors import PLOT_FILE, training_tables, write_anchors
-
     from dvgt.data.remote import is_s3
 
     cfg = load_config(args.config, args.overrides)
     if not (args.out or cfg.model.anchor_dir) and is_s3(cfg.data.root):
-        raise ValueError(f"data.root is {cfg.data.root}: the anchors are written to a local folder; name it with "
-                         f"--out DIR (or model.anchor_dir) and upload it beside the tree if the runs read it there")
+        raise ValueError(
+            f"data.root is {cfg.data.root}: the anchors are written to a local folder; name it with "
+            f"--out DIR (or model.anchor_dir) and upload it beside the tree if the runs read it there"
+        )
     out = Path(args.out or cfg.model.anchor_dir or Path(cfg.data.root) / "data_annotation/anchors/train_total_20")
     write_anchors(training_tables(cfg), out, k=args.k)
     print(f"wrote {out}/future_anchors_{args.k}_rdf.npz, past_anchors_{args.k}_rdf.npz and {out / PLOT_FILE}")
@@ -152,8 +160,16 @@ def cmd_exporter(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from dvgt.infer import infer
 
-    infer(args.checkpoint, args.frames, args.out, window=args.window, width=args.width, config=args.config,
-          overrides=args.overrides, seed=args.seed)
+    infer(
+        args.checkpoint,
+        args.frames,
+        args.out,
+        window=args.window,
+        width=args.width,
+        config=args.config,
+        overrides=args.overrides,
+        seed=args.seed,
+    )
     return 0
 
 
@@ -185,10 +201,25 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:  # one rank per process, via torchrun
         import subprocess
 
-        command = [sys.executable, "-m", "dvgt.train.launch", "--standalone", f"--nproc_per_node={args.nproc_per_node}",
-                   "-m", "dvgt", "cache", "build", f"--config={args.config}", "--out", args.out,
-                   f"--shard-mb={args.shard_mb}", *(["--verify"] if args.verify else []),
-                   *([f"--part={args.part}"] if args.part else []), f"--dtype={args.dtype}", *args.overrides]
+        command = [
+            sys.executable,
+            "-m",
+            "dvgt.train.launch",
+            "--standalone",
+            f"--nproc_per_node={args.nproc_per_node}",
+            "-m",
+            "dvgt",
+            "cache",
+            "build",
+            f"--config={args.config}",
+            "--out",
+            args.out,
+            f"--shard-mb={args.shard_mb}",
+            *(["--verify"] if args.verify else []),
+            *([f"--part={args.part}"] if args.part else []),
+            f"--dtype={args.dtype}",
+            *args.overrides,
+        ]
         return subprocess.run(command).returncode
     from dvgt.train import distributed
     from dvgt.train.feature_cache import build_cache
@@ -211,22 +242,28 @@ def cmd_local_run(args: argparse.Namespace) -> int:
     from dvgt.k8s.local_runner import Options, read_env_file, run_manifest
 
     options = Options(
-        workdir=Path(args.workdir), volumes={k: Path(v) for k, v in args.volume},
-        secrets={k: read_env_file(Path(v)) for k, v in args.secret}, env=dict(args.env),
-        overrides=[f"{k}={v}" for k, v in args.override], nproc_per_node=args.nproc_per_node,
-        replicas={k: int(v) for k, v in args.replicas}, restart_delay_s=args.restart_delay,
-        targets_file=Path(args.targets_file) if args.targets_file else None)
+        workdir=Path(args.workdir),
+        volumes={k: Path(v) for k, v in args.volume},
+        secrets={k: read_env_file(Path(v)) for k, v in args.secret},
+        env=dict(args.env),
+        overrides=[f"{k}={v}" for k, v in args.override],
+        nproc_per_node=args.nproc_per_node,
+        replicas={k: int(v) for k, v in args.replicas},
+        restart_delay_s=args.restart_delay,
+        targets_file=Path(args.targets_file) if args.targets_file else None,
+    )
     return run_manifest(args.manifest, options, [Path(f) for f in args.runtime])
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog or "dvgt", description="DVGT / VGGT training")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a stage (single process, or one rank under torchrun)")
     _add_config_args(train)
-    train.add_argument("--debug", action="store_true",
-                       help="few batches, log every step, save every epoch, no data workers")
+    train.add_argument(
+        "--debug", action="store_true", help="few batches, log every step, save every epoch, no data workers"
+    )
     train.set_defaults(func=cmd_train)
 
     info = sub.add_parser("model-info", help="parameter count and state_dict layout (no weights allocated)")
@@ -234,11 +271,18 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the layout as JSON (num_parameters, state_dict)")
     info.set_defaults(func=cmd_model_info)
 
-    profile = sub.add_parser("profile-memory", help="measure peak GPU memory per image and print the largest "
-                             "images per forward pass for each VRAM profile (needs a GPU)")
+    profile = sub.add_parser(
+        "profile-memory",
+        help="measure peak GPU memory per image and print the largest "
+        "images per forward pass for each VRAM profile (needs a GPU)",
+    )
     _add_config_args(profile)
-    profile.add_argument("--margin", type=float, default=0.1, help="share of GPU memory kept free (fragmentation, "
-                         "CUDA context, other processes)")
+    profile.add_argument(
+        "--margin",
+        type=float,
+        default=0.1,
+        help="share of GPU memory kept free (fragmentation, CUDA context, other processes)",
+    )
     profile.set_defaults(func=cmd_profile_memory)
 
     data = sub.add_parser("data", help="dataset tools (the official DVGT format, docs/data.md)")
@@ -248,36 +292,59 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     synth.add_argument("--splits", nargs="+", default=["train", "val"])
     synth.add_argument("--scenes", type=int, default=0, help="scenes per split (default: the demo's)")
     synth.set_defaults(func=cmd_data_synth)
-    data_check = data_sub.add_parser("check", help="scan an official tree: per dataset and split, scenes, frames, "
-                                     "cameras, rows, image and depth files present / missing (/ unreadable with "
-                                     "--deep); exit code 1 on any problem (docs/data.md, \"Checking a tree\")")
-    data_check.add_argument("positional", nargs="*", metavar="ROOT | key.path=value",
-                            help="the tree's root (the folder holding data_annotation/); with --config: overrides")
-    data_check.add_argument("--config", help="check the trees a stage config reads (data.train and data.val), as the "
-                            "trainer reads them, instead of every parquet of one ROOT")
+    data_check = data_sub.add_parser(
+        "check",
+        help="scan an official tree: per dataset and split, scenes, frames, "
+        "cameras, rows, image and depth files present / missing (/ unreadable with "
+        '--deep); exit code 1 on any problem (docs/data.md, "Checking a tree")',
+    )
+    data_check.add_argument(
+        "positional",
+        nargs="*",
+        metavar="ROOT | key.path=value",
+        help="the tree's root (the folder holding data_annotation/); with --config: overrides",
+    )
+    data_check.add_argument(
+        "--config",
+        help="check the trees a stage config reads (data.train and data.val), as the "
+        "trainer reads them, instead of every parquet of one ROOT",
+    )
     data_check.add_argument("--dataset", help="only this dataset (the parquet's prefix, e.g. nuscene)")
     data_check.add_argument("--split", help="only this split (e.g. val)")
-    data_check.add_argument("--deep", action="store_true", help="also decode every image and depth PNG (near/far "
-                            "present, sizes agree) and check every rotation is orthonormal")
+    data_check.add_argument(
+        "--deep",
+        action="store_true",
+        help="also decode every image and depth PNG (near/far "
+        "present, sizes agree) and check every rotation is orthonormal",
+    )
     data_check.add_argument("--jobs", type=int, default=None, help="decoding threads with --deep (default: CPUs)")
     data_check.add_argument("--show", type=int, default=20, help="offending files listed (all are counted)")
     data_check.set_defaults(func=cmd_data_check)
-    dump = data_sub.add_parser("dump", help="build the samples a manifest lists (official constructor arguments) with "
-                               "our loader and write them under the official key names, to compare with the "
-                               "official code's outputs (../shared/tools/check_data.py)")
-    dump.add_argument("root", help="the official tree's root (the official working directory): a folder or "
-                      "s3://bucket/prefix")
+    dump = data_sub.add_parser(
+        "dump",
+        help="build the samples a manifest lists (official constructor arguments) with "
+        "our loader and write them under the official key names, to compare with the "
+        "official code's outputs (../shared/tools/check_data.py)",
+    )
+    dump.add_argument(
+        "root", help="the official tree's root (the official working directory): a folder or s3://bucket/prefix"
+    )
     dump.add_argument("--manifest", required=True, help="a samples_manifest.txt (JSON)")
     dump.add_argument("--out", required=True, help="output folder; each sample goes to OUT/<its file in the manifest>")
     dump.set_defaults(func=cmd_data_dump)
-    scores = data_sub.add_parser("metrics", help="score every case_*.npz (an official metric function's inputs) "
-                                 "with our metrics into case_*.json")
+    scores = data_sub.add_parser(
+        "metrics",
+        help="score every case_*.npz (an official metric function's inputs) with our metrics into case_*.json",
+    )
     scores.add_argument("cases", help="folder of case_*.npz")
     scores.add_argument("--out", required=True, help="output folder of case_*.json")
     scores.set_defaults(func=cmd_data_metrics)
 
-    anchors = sub.add_parser("anchors", help="k-means anchors of future trajectories and past translations (DVGT-2), "
-                             "as the official tool makes them, from a stage's training data")
+    anchors = sub.add_parser(
+        "anchors",
+        help="k-means anchors of future trajectories and past translations (DVGT-2), "
+        "as the official tool makes them, from a stage's training data",
+    )
     _add_config_args(anchors)
     anchors.add_argument("--out", default=None, help="anchor folder (default: the config's model.anchor_dir)")
     anchors.add_argument("--k", type=int, default=20, help="anchors per set")
@@ -286,38 +353,65 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     ckpt = sub.add_parser("ckpt", help="list, inspect, verify, export and prune checkpoints (local or s3://)")
     ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True)
     where = "checkpoint location (a folder, file:// or s3://bucket/prefix), or one checkpoint: <location>/step_NNNNNNNN"
-    for name, text in (("ls", "committed checkpoints: step, size, age, where (unreadable ones marked)"),
-                       ("show", "one checkpoint (default: the newest): manifest, objects, model, config"),
-                       ("verify", "check every object's size and xxh3_128 (exit code 1 names the bad objects)"),
-                       ("export", "one model.safetensors plus config.yaml, to a folder or URI"),
-                       ("prune", "keep the newest K committed checkpoints; remove uncommitted leftovers")):
+    for name, text in (
+        ("ls", "committed checkpoints: step, size, age, where (unreadable ones marked)"),
+        ("show", "one checkpoint (default: the newest): manifest, objects, model, config"),
+        ("verify", "check every object's size and xxh3_128 (exit code 1 names the bad objects)"),
+        ("export", "one model.safetensors plus config.yaml, to a folder or URI"),
+        ("prune", "keep the newest K committed checkpoints; remove uncommitted leftovers"),
+    ):
         command = ckpt_sub.add_parser(name, help=text)
         command.add_argument("uri", help=where)
         command.set_defaults(func=cmd_ckpt)
-    ckpt_sub.choices["ls"].add_argument("--spill", metavar="DIR", help="also list checkpoints spilled to this local "
-                                         "folder (the trainer's checkpoint.spill_dir) for this location")
+    ckpt_sub.choices["ls"].add_argument(
+        "--spill",
+        metavar="DIR",
+        help="also list checkpoints spilled to this local "
+        "folder (the trainer's checkpoint.spill_dir) for this location",
+    )
     ckpt_sub.choices["verify"].add_argument("--all", action="store_true", help="every committed checkpoint")
     ckpt_sub.choices["export"].add_argument("--out", required=True, help="destination folder or URI")
     ckpt_sub.choices["prune"].add_argument("--keep", type=int, required=True, help="committed checkpoints to keep")
     ckpt_sub.choices["prune"].add_argument("--dry-run", action="store_true", help="only say what would go")
 
-    cache = sub.add_parser("cache", help="frozen-feature cache: precompute the outputs of the frozen backbone or "
-                           "aggregator (docs/feature-cache.md)")
+    cache = sub.add_parser(
+        "cache",
+        help="frozen-feature cache: precompute the outputs of the frozen backbone or "
+        "aggregator (docs/feature-cache.md)",
+    )
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
-    build = cache_sub.add_parser("build", help="compute the frozen part's outputs for every training image (backbone) "
-                                 "or clip (aggregator) once (resumable; under torchrun each rank builds its share "
-                                 "of the shards)")
+    build = cache_sub.add_parser(
+        "build",
+        help="compute the frozen part's outputs for every training image (backbone) "
+        "or clip (aggregator) once (resumable; under torchrun each rank builds its share "
+        "of the shards)",
+    )
     _add_config_args(build)
-    build.add_argument("--out", required=True, help="cache location: a folder, file:// or s3://bucket/prefix "
-                       "(then train with data.feature_cache=<it>)")
-    build.add_argument("--verify", action="store_true", help="then check every shard's sha256 and recompute a "
-                       "few entries against the model")
+    build.add_argument(
+        "--out",
+        required=True,
+        help="cache location: a folder, file:// or s3://bucket/prefix (then train with data.feature_cache=<it>)",
+    )
+    build.add_argument(
+        "--verify",
+        action="store_true",
+        help="then check every shard's sha256 and recompute a few entries against the model",
+    )
     build.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MiB")
-    build.add_argument("--part", choices=["backbone", "aggregator"], help="what to cache (default: the largest "
-                       "frozen prefix: the aggregator if optim.frozen_module_names freezes all of it, else the backbone)")
-    build.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="how outputs are "
-                       "stored: float32 (training gives the losses of live computation) or bfloat16 (half the "
-                       "storage, rounded to 8 mantissa bits)")
+    build.add_argument(
+        "--part",
+        choices=["backbone", "aggregator"],
+        help="what to cache (default: the largest "
+        "frozen prefix: the aggregator if optim.frozen_module_names freezes all of it, else the backbone)",
+    )
+    build.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="how outputs are "
+        "stored: float32 (training gives the losses of live computation) or bfloat16 (half the "
+        "storage, rounded to 8 mantissa bits)",
+    )
     build.add_argument("--nproc-per-node", type=int, default=1, help="build with N processes (torchrun)")
     build.set_defaults(func=cmd_cache)
     verify = cache_sub.add_parser("verify", help="check every shard's size and sha256 against the manifest")
@@ -327,15 +421,26 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train the DVGT-1 demo on CPU and draw the result")
     demo.add_argument("--config", default="train/dvgt1/demo.yaml")
     demo.add_argument("--out", default="runs/demo", help="folder for data, checkpoints, log and figure")
-    demo.add_argument("--metrics-port", type=int, default=9400,
-                      help="serve the run's Prometheus metrics on 127.0.0.1:PORT while it trains (0: a free port)")
+    demo.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9400,
+        help="serve the run's Prometheus metrics on 127.0.0.1:PORT while it trains (0: a free port)",
+    )
     demo.add_argument("overrides", nargs="*", metavar="key.path=value")
     demo.set_defaults(func=cmd_demo)
 
-    infer = sub.add_parser("infer", help="DVGT-2 streaming inference over frame_k/CAM_*.jpg folders: point maps, "
-                           "poses, planned trajectory (npz + json) and a bird's-eye-view PNG")
-    infer.add_argument("--checkpoint", required=True, help="checkpoint location (latest step), a step_NNNNNNNN "
-                       "folder, or a weights file (.pt/.pth/.safetensors, then --config names the architecture)")
+    infer = sub.add_parser(
+        "infer",
+        help="DVGT-2 streaming inference over frame_k/CAM_*.jpg folders: point maps, "
+        "poses, planned trajectory (npz + json) and a bird's-eye-view PNG",
+    )
+    infer.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint location (latest step), a step_NNNNNNNN "
+        "folder, or a weights file (.pt/.pth/.safetensors, then --config names the architecture)",
+    )
     infer.add_argument("--frames", required=True, help="folder of frame_<k>/ subfolders with one image per camera")
     infer.add_argument("--window", type=int, default=4, help="frames the model attends to (sliding window)")
     infer.add_argument("--out", default="runs/infer", help="output folder")
@@ -347,34 +452,85 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
     exporter = sub.add_parser("exporter", help="serve the trainer's Prometheus metrics and per-GPU NVML readings")
     exporter.add_argument("--port", type=int, default=9400)
-    exporter.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only; "
-                          "the chart's sidecar listens on the pod's interfaces)")
-    exporter.add_argument("--dir", default=os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
-                          help="the trainer's metrics folder (default: $PROMETHEUS_MULTIPROC_DIR)")
+    exporter.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: this machine only; the chart's sidecar listens on the pod's interfaces)",
+    )
+    exporter.add_argument(
+        "--dir",
+        default=os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
+        help="the trainer's metrics folder (default: $PROMETHEUS_MULTIPROC_DIR)",
+    )
     exporter.add_argument("--job", default=None, help="dvgt_job label of the GPU series (default: $DVGT_JOB_NAME)")
     exporter.set_defaults(func=cmd_exporter)
 
-    local = sub.add_parser("local-run", help="run a PyTorchJob or TrainJob manifest on this machine (each replica as "
-                           "local processes)")
-    local.add_argument("manifest", help="a manifest holding one PyTorchJob or TrainJob, e.g. k8s/dvgt1-demo.yaml or "
-                       "k8s/trainjob/dvgt1-demo.yaml ('-' = stdin)")
-    local.add_argument("--runtime", action="append", default=[], metavar="FILE",
-                       help="a manifest with the TrainJob's runtime when the job's manifest lacks it (default: the "
-                       "YAML files beside the manifest, e.g. k8s/trainjob/runtime.yaml)")
-    local.add_argument("--workdir", default="runs/local-run", help="folder of the pods' files (emptyDirs, working directories)")
-    local.add_argument("--volume", type=_key_value, action="append", default=[], metavar="NAME=PATH",
-                       help="a local folder for the pod volume NAME (PVC, hostPath)")
-    local.add_argument("--secret", type=_key_value, action="append", default=[], metavar="NAME=FILE",
-                       help="the keys of Secret (or ConfigMap) NAME, as KEY=VALUE lines (default: this environment)")
-    local.add_argument("--env", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                       help="set an env variable in every container")
-    local.add_argument("--override", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                       help="a trainer config override appended to the pytorch container's args")
+    local = sub.add_parser(
+        "local-run", help="run a PyTorchJob or TrainJob manifest on this machine (each replica as local processes)"
+    )
+    local.add_argument(
+        "manifest",
+        help="a manifest holding one PyTorchJob or TrainJob, e.g. k8s/dvgt1-demo.yaml or "
+        "k8s/trainjob/dvgt1-demo.yaml ('-' = stdin)",
+    )
+    local.add_argument(
+        "--runtime",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a manifest with the TrainJob's runtime when the job's manifest lacks it (default: the "
+        "YAML files beside the manifest, e.g. k8s/trainjob/runtime.yaml)",
+    )
+    local.add_argument(
+        "--workdir", default="runs/local-run", help="folder of the pods' files (emptyDirs, working directories)"
+    )
+    local.add_argument(
+        "--volume",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a local folder for the pod volume NAME (PVC, hostPath)",
+    )
+    local.add_argument(
+        "--secret",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="the keys of Secret (or ConfigMap) NAME, as KEY=VALUE lines (default: this environment)",
+    )
+    local.add_argument(
+        "--env",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set an env variable in every container",
+    )
+    local.add_argument(
+        "--override",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a trainer config override appended to the pytorch container's args",
+    )
     local.add_argument("--nproc-per-node", type=int, help="processes per pod (replaces nprocPerNode)")
-    local.add_argument("--replicas", type=_key_value, action="append", default=[], metavar="TYPE=N",
-                       help="replica count of Master or Worker (Worker=0: the master alone); TrainJob: node=N")
-    local.add_argument("--restart-delay", type=float, default=10.0,
-                       help="seconds before a container restarts in place (doubles per restart, like the kubelet)")
+    local.add_argument(
+        "--replicas",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="TYPE=N",
+        help="replica count of Master or Worker (Worker=0: the master alone); TrainJob: node=N",
+    )
+    local.add_argument(
+        "--restart-delay",
+        type=float,
+        default=10.0,
+        help="seconds before a container restarts in place (doubles per restart, like the kubelet)",
+    )
     local.add_argument("--targets-file", help="write the sidecars' local ports as a Prometheus file_sd target list")
     local.set_defaults(func=cmd_local_run)
 
@@ -407,15 +563,19 @@ def exit_process(code: int, program: bool = True) -> None:
     process ends at once (os._exit); everything it wrote is closed already, and an upload still
     running is abandoned uncommitted, as a killed one would be."""
     ranked = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by torchrun for each rank
-    if program and (ranked or any(thread.daemon and thread.is_alive() and thread.name.startswith("dvgt-")
-                                  for thread in threading.enumerate())):
+    if program and (
+        ranked
+        or any(
+            thread.daemon and thread.is_alive() and thread.name.startswith("dvgt-") for thread in threading.enumerate()
+        )
+    ):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     program = argv is None or prog is not None  # the `dvgt` command or `python -m dvgt.train`, not a caller
     argv = list(sys.argv[1:] if argv is None else argv)
     if prog is not None:  # `python -m dvgt.train ...` passes ["train"] and reads the rest from sys.argv
@@ -434,4 +594,3 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         traceback.print_exc()
         code = 1
     exit_process(code, program)
-

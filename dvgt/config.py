@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -35,25 +36,35 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "dvgt1"  # dvgt1 | dvgt2 | dvgt2_pretrain | vggt
     size: str = "full"  # full (the published architecture) | small | tiny (same code, fewer/narrower layers)
-    dino_v3_weight_path: Optional[str] = None  # DINOv3 ViT-L/16 weights (.pth state_dict or .safetensors)
+    dino_v3_weight_path: str | None = None  # DINOv3 ViT-L/16 weights (.pth state_dict or .safetensors)
     max_frames: int = 48  # length of the learned temporal embedding (frames per clip at most)
     gradient_checkpointing: bool = True  # recompute aggregator blocks in backward (train mode only)
-    frames_chunk_size: Optional[int] = None  # DPT head: frames per chunk (None = all at once)
-    anchor_dir: Optional[str] = None  # DVGT-2: folder of the official anchor files future_anchors_20_rdf.npz and past_anchors_20_rdf.npz (`dvgt anchors`; None = zeros until a checkpoint loads them)
-    enable_ego_status: bool = False  # DVGT-2: condition planning on ego status [B,T,8] (velocity 2, acceleration 2, command one-hot 4)
+    frames_chunk_size: int | None = None  # DPT head: frames per chunk (None = all at once)
+    anchor_dir: str | None = (
+        None  # DVGT-2: folder of the official anchor files future_anchors_20_rdf.npz and past_anchors_20_rdf.npz (`dvgt anchors`; None = zeros until a checkpoint loads them)
+    )
+    enable_ego_status: bool = (
+        False  # DVGT-2: condition planning on ego status [B,T,8] (velocity 2, acceleration 2, command one-hot 4)
+    )
 
 
 @dataclass
 class DatasetEntry:
     dataset: str = MISSING  # official dataset name (the parquet prefix): nuscene | openscene | kitti | waymo | ddad | argoverse | navtrain | navtest | demo
     split: str = MISSING  # reads <dataset>_<split>.parquet, e.g. train, val, total_train, navtrain, test_sample_200
-    root: Optional[str] = None  # the tree's root (the folder holding data_annotation/): a local path or s3://bucket/prefix; None = data.root
+    root: str | None = (
+        None  # the tree's root (the folder holding data_annotation/): a local path or s3://bucket/prefix; None = data.root
+    )
     original_fps: int = 2  # stored frame rate: 2 for nuScenes and OpenScene, 10 for KITTI, Waymo, DDAD
     dataset_len: int = -1  # sampling weight in the mix, as the official dataset_len (-1 = its number of sequences)
     frame_num_max: int = 99999  # most frames per training clip, future frames included (official frame_num_max)
     fixed_aspect_ratio: float = 0.0  # this dataset's evaluation aspect ratio (0 = the split's fixed_aspect_ratio)
-    filtered: bool = True  # read meta/.../moge_pred_filter_parquet/ (the filter's output, what training reads) or meta/ (unfiltered)
-    synthetic: bool = False  # generate this tree with dvgt's synthetic generator if it is missing (demo stages; dataset demo)
+    filtered: bool = (
+        True  # read meta/.../moge_pred_filter_parquet/ (the filter's output, what training reads) or meta/ (unfiltered)
+    )
+    synthetic: bool = (
+        False  # generate this tree with dvgt's synthetic generator if it is missing (demo stages; dataset demo)
+    )
 
 
 @dataclass
@@ -71,11 +82,13 @@ class ColorJitterConfig:
 
 @dataclass
 class DataSplitConfig:
-    datasets: List[DatasetEntry] = field(default_factory=list)  # the mix (see DatasetEntry below)
-    clip_split: str = "default_train"  # default_train | DVGT1 | DVGT2 | long | nuscenes_planning | navtrain | navtest (docs/data.md)
-    views: List[int] = field(default_factory=lambda: [2, 8])  # [min, max] cameras per clip (official view_num_range)
+    datasets: list[DatasetEntry] = field(default_factory=list)  # the mix (see DatasetEntry below)
+    clip_split: str = (
+        "default_train"  # default_train | DVGT1 | DVGT2 | long | nuscenes_planning | navtrain | navtest (docs/data.md)
+    )
+    views: list[int] = field(default_factory=lambda: [2, 8])  # [min, max] cameras per clip (official view_num_range)
     min_frames: int = 2  # fewest frames per training clip (official min_frame_num); the most: max_img_per_gpu // views
-    aspect_ratio: List[float] = field(default_factory=lambda: [1.6, 3.3])  # [min, max] width / height, drawn per step
+    aspect_ratio: list[float] = field(default_factory=lambda: [1.6, 3.3])  # [min, max] width / height, drawn per step
     fixed_num_views: int = 0  # > 0: every clip has all cameras, in the dataset's order
     fixed_num_frames: int = 0  # > 0: frames per clip (DVGT1 / DVGT2 evaluation clips: their length)
     fixed_aspect_ratio: float = 0.0  # > 0: this aspect ratio instead of drawing one
@@ -83,8 +96,12 @@ class DataSplitConfig:
     img_width: int = 512  # height = width / aspect rounded down to a multiple of the patch size
     target_fps: int = 2  # clips are built at this rate (every original_fps // target_fps-th stored frame)
     inside_random: bool = True  # training: a random sequence per sample (else the sampler's index)
-    aug_pixel_aspect_range: Optional[List[float]] = field(default_factory=lambda: [0.8, 1.0])  # per-axis crop scale in training (null = off)
-    aug_safe_scales: Optional[List[float]] = field(default_factory=lambda: [0.8, 1.2])  # keep fx/fy within this after that crop
+    aug_pixel_aspect_range: list[float] | None = field(
+        default_factory=lambda: [0.8, 1.0]
+    )  # per-axis crop scale in training (null = off)
+    aug_safe_scales: list[float] | None = field(
+        default_factory=lambda: [0.8, 1.2]
+    )  # keep fx/fy within this after that crop
     random_resize: bool = True  # training: a random extra resize margin (triangular(0, 0, 0.3) x image size)
     fast_decode: bool = True  # training: decode JPEGs at 1/2, 1/4 or 1/8 scale when the view is at most that size (pixels within JPEG tolerance; evaluation always decodes exactly; docs/data.md)
     color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
@@ -96,8 +113,8 @@ class DataSplitConfig:
 
 @dataclass
 class S3Config:
-    endpoint_url: Optional[str] = None  # S3 endpoint; None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS
-    region: Optional[str] = None  # None: AWS_REGION / AWS_DEFAULT_REGION / the profile's region
+    endpoint_url: str | None = None  # S3 endpoint; None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS
+    region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION / the profile's region
     addressing_style: str = "auto"  # auto (path-style when an endpoint is set, else virtual) | path | virtual
     part_size_mb: int = 32  # multipart part size; upload memory is about part size x (concurrency + 2)
     concurrency: int = 8  # parts uploaded / byte ranges downloaded in parallel per object
@@ -121,23 +138,31 @@ class DataConfig:
     pin_memory: bool = True  # page-locked host batches (GPU only)
     prefetch_factor: int = 2  # batches prepared ahead per worker
     persistent_workers: bool = True  # keep workers alive across epochs
-    check: bool = True  # at start, refuse a tree that fails the quick `dvgt data check` (docs/data.md "Checking a tree")
-    feature_cache: Optional[str] = None  # cached outputs of the frozen backbone or aggregator (dvgt cache build; docs/feature-cache.md): folder or s3:// URI
+    check: bool = (
+        True  # at start, refuse a tree that fails the quick `dvgt data check` (docs/data.md "Checking a tree")
+    )
+    feature_cache: str | None = (
+        None  # cached outputs of the frozen backbone or aggregator (dvgt cache build; docs/feature-cache.md): folder or s3:// URI
+    )
     s3_cache: S3CacheConfig = field(default_factory=S3CacheConfig)
-    s3: S3Config = field(default_factory=S3Config)  # S3 options of s3:// data roots (the keys of checkpoint.s3; endpoint and credentials: the same AWS variables)
+    s3: S3Config = field(
+        default_factory=S3Config
+    )  # S3 options of s3:// data roots (the keys of checkpoint.s3; endpoint and credentials: the same AWS variables)
 
 
 @dataclass
 class EvalConfig:
     points_and_poses: bool = True  # score point maps, ray depth and poses (official eval_point_and_pose)
     trajectory: bool = True  # score DVGT-2's planned trajectory (official eval_traj)
-    umeyama_per_scene: bool = False  # VGGT: align predicted points and camera centres to the GT by a similarity per clip
+    umeyama_per_scene: bool = (
+        False  # VGGT: align predicted points and camera centres to the GT by a similarity per clip
+    )
 
 
 @dataclass
 class PointLossConfig:
     weight: float = 1.0  # weight of the point loss in the objective
-    gradient_loss_fn: Optional[str] = "normal"  # normal | grad | None
+    gradient_loss_fn: str | None = "normal"  # normal | grad | None
     valid_range: float = 0.98  # quantile of per-pixel losses kept (outlier filter); <= 0 disables
     gamma: float = 1.0  # weight of the confidence-weighted term
     alpha: float = 0.2  # weight of the -log(conf) regulariser
@@ -182,7 +207,7 @@ class LossConfig:
 
 @dataclass
 class ClipGroupConfig:
-    module_name: List[str] = field(default_factory=list)  # parameter-name substrings of this group
+    module_name: list[str] = field(default_factory=list)  # parameter-name substrings of this group
     max_norm: float = 1.0  # clip this group's gradient norm to this value
     norm_type: float = 2.0  # p of the p-norm
 
@@ -198,10 +223,10 @@ class OptimConfig:
     lr: float = 2e-4  # peak learning rate
     min_lr: float = 1e-8  # start of warm-up and end of the cosine
     weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms, biases, tokens)
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     warmup_fraction: float = 0.05  # share of all optimizer steps spent warming up (linear)
-    frozen_module_names: List[str] = field(default_factory=list)  # fnmatch globs on parameter names
-    gradient_clip: List[ClipGroupConfig] = field(default_factory=list)  # clipping groups (see ClipGroupConfig)
+    frozen_module_names: list[str] = field(default_factory=list)  # fnmatch globs on parameter names
+    gradient_clip: list[ClipGroupConfig] = field(default_factory=list)  # clipping groups (see ClipGroupConfig)
     amp: AmpConfig = field(default_factory=AmpConfig)
     max_consecutive_nonfinite: int = 10  # stop with an error after this many skipped steps in a row
 
@@ -213,14 +238,20 @@ class CheckpointConfig:
     save_every_steps: int = 0  # also save every N optimizer steps (0 = off)
     keep_last: int = 0  # keep the newest K checkpoints (0 = keep all)
     resume: str = "auto"  # auto: continue from the newest checkpoint under uri if any | never
-    resume_checkpoint_path: Optional[str] = None  # resume from this checkpoint folder (must exist)
-    direct_load_pretrained_weights_path: Optional[str] = None  # same-architecture weights (.pt or .safetensors)
-    load_pretrained_weights_path: Optional[str] = None  # converted init: VGGT-1B -> DVGT-1/2, DVGT-2 stage 1 -> 2
+    resume_checkpoint_path: str | None = None  # resume from this checkpoint folder (must exist)
+    direct_load_pretrained_weights_path: str | None = None  # same-architecture weights (.pt or .safetensors)
+    load_pretrained_weights_path: str | None = None  # converted init: VGGT-1B -> DVGT-1/2, DVGT-2 stage 1 -> 2
     strict: bool = False  # strict key matching for the pretrained weights above
     async_mode: str = "wait"  # a save requested while one uploads: wait | skip; off: every save blocks until committed
-    preemption_budget_s: float = 120.0  # on SIGTERM: seconds to commit a final checkpoint (< terminationGracePeriodSeconds)
-    retry_budget_s: float = 300.0  # a save retries a transient storage failure this long (the final one, then it spills)
-    spill_dir: Optional[str] = "${logging.log_dir}/spill"  # a final checkpoint the store cannot take goes here, uploaded at the next start (S3 only; null = none)
+    preemption_budget_s: float = (
+        120.0  # on SIGTERM: seconds to commit a final checkpoint (< terminationGracePeriodSeconds)
+    )
+    retry_budget_s: float = (
+        300.0  # a save retries a transient storage failure this long (the final one, then it spills)
+    )
+    spill_dir: str | None = (
+        "${logging.log_dir}/spill"  # a final checkpoint the store cannot take goes here, uploaded at the next start (S3 only; null = none)
+    )
     s3: S3Config = field(default_factory=S3Config)
 
 
@@ -236,14 +267,20 @@ class LoggingConfig:
 @dataclass
 class FSDPConfig:
     mode: str = "zero2"  # zero2: optimizer state and gradients sharded | zero3: parameters too (gathered per block in forward and backward)
-    reshard_after_forward: Optional[bool] = None  # free gathered block parameters after forward (None: True for zero3, False for zero2)
-    cpu_offload: bool = False  # keep parameter shards, gradients and optimizer state in host memory; the optimizer step runs on the CPU
+    reshard_after_forward: bool | None = (
+        None  # free gathered block parameters after forward (None: True for zero3, False for zero2)
+    )
+    cpu_offload: bool = (
+        False  # keep parameter shards, gradients and optimizer state in host memory; the optimizer step runs on the CPU
+    )
     mixed_precision: bool = True  # with AMP on a GPU: aggregator blocks gather parameters in optim.amp.amp_dtype; gradients reduce in float32
 
 
 @dataclass
 class DistributedConfig:
-    strategy: str = "ddp"  # ddp: full replica per rank | fsdp: FSDP2 sharding (see distributed.fsdp, docs/distributed.md)
+    strategy: str = (
+        "ddp"  # ddp: full replica per rank | fsdp: FSDP2 sharding (see distributed.fsdp, docs/distributed.md)
+    )
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
     timeout_mins: int = 30  # collective timeout
@@ -259,12 +296,16 @@ class TrainConfig:
     seed_value: int = 42  # seeds weights init (same on all ranks) and per-rank RNGs
     device: str = "auto"  # auto | cpu | cuda
     max_epochs: int = 20  # epochs of data.train.steps_per_epoch (or limit_train_batches) steps
-    limit_train_batches: Optional[int] = None  # cap on steps per epoch (None = data.train.steps_per_epoch)
-    limit_val_batches: Optional[int] = 4  # evaluation clips per validation dataset, shared out between ranks (0 = no evaluation, null = all)
+    limit_train_batches: int | None = None  # cap on steps per epoch (None = data.train.steps_per_epoch)
+    limit_val_batches: int | None = (
+        4  # evaluation clips per validation dataset, shared out between ranks (0 = no evaluation, null = all)
+    )
     val_epoch_freq: int = 1  # evaluate every N epochs (and before the first step)
     accum_steps: int = 1  # split each batch into this many chunks, one optimizer step per batch
     max_img_per_gpu: int = 48  # images per GPU per optimizer step: batch = max(1, this // (views * frames)), split into accum_steps forward chunks
-    gt_scale_factor: float = 0.1  # ground truth is multiplied by this in the data (DVGT: outputs in units of 10 m; VGGT: 1)
+    gt_scale_factor: float = (
+        0.1  # ground truth is multiplied by this in the data (DVGT: outputs in units of 10 m; VGGT: 1)
+    )
     num_workers: int = 8  # data-loading worker processes per rank (0 = in the training process)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -277,15 +318,27 @@ class TrainConfig:
 
 
 # Renamed keys of the reference trainer, so that their error can point at our name.
-RENAMED_KEYS = {"checkpoint.save_dir": "checkpoint.uri", "loss.gt_scale_factor": "gt_scale_factor",
-                "model.anchor_path": "model.anchor_dir", "eval_conf": "eval", "data.train.frames": "data.train.min_frames",
-                "data.val.frames": "data.val.fixed_num_frames", "data.train.frame_stride": "data.train.target_fps",
-                "train.strategy": "distributed.strategy", "optim.optimizer.lr": "optim.lr",
-                "optim.optimizer.weight_decay": "optim.weight_decay"}
+RENAMED_KEYS = {
+    "checkpoint.save_dir": "checkpoint.uri",
+    "loss.gt_scale_factor": "gt_scale_factor",
+    "model.anchor_path": "model.anchor_dir",
+    "eval_conf": "eval",
+    "data.train.frames": "data.train.min_frames",
+    "data.val.frames": "data.val.fixed_num_frames",
+    "data.train.frame_stride": "data.train.target_fps",
+    "train.strategy": "distributed.strategy",
+    "optim.optimizer.lr": "optim.lr",
+    "optim.optimizer.weight_decay": "optim.weight_decay",
+}
 
 # What --debug changes: few batches, log every step, save every epoch, no workers.
-DEBUG_OVERRIDES = ["limit_train_batches=4", "limit_val_batches=1", "logging.log_freq=1",
-                   "checkpoint.save_freq=1", "num_workers=0"]
+DEBUG_OVERRIDES = [
+    "limit_train_batches=4",
+    "limit_val_batches=1",
+    "logging.log_freq=1",
+    "checkpoint.save_freq=1",
+    "num_workers=0",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,20 +354,27 @@ def resolve_config_path(path: str | Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    stages = ", ".join(sorted(str(p.relative_to(Path(str(CONFIG_ROOT)))) for p in Path(str(CONFIG_ROOT)).rglob("*.yaml")
-                              if "base" not in p.parts))
-    raise ConfigError(f"config file '{path}' not found (looked in the packaged configs and the working "
-                      f"directory); packaged stage configs: {stages}")
+    stages = ", ".join(
+        sorted(
+            str(p.relative_to(Path(str(CONFIG_ROOT))))
+            for p in Path(str(CONFIG_ROOT)).rglob("*.yaml")
+            if "base" not in p.parts
+        )
+    )
+    raise ConfigError(
+        f"config file '{path}' not found (looked in the packaged configs and the working "
+        f"directory); packaged stage configs: {stages}"
+    )
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> List[DictConfig]:
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
     """The file's defaults (depth first, in order), then the file itself."""
     if path in seen:
         raise ConfigError(f"config '{path}' includes itself through its defaults")
     node = OmegaConf.load(path)
     if not isinstance(node, DictConfig):
         raise ConfigError(f"config '{path}' must be a mapping of keys to values")
-    layers: List[DictConfig] = []
+    layers: list[DictConfig] = []
     defaults = node.pop("defaults", [])
     for item in defaults or []:
         layers += _read_yaml((path.parent / str(item)).resolve(), seen + (path,))
@@ -322,7 +382,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> List[DictConfig]:
     return layers
 
 
-def valid_keys(schema: Any = TrainConfig, prefix: str = "") -> List[str]:
+def valid_keys(schema: Any = TrainConfig, prefix: str = "") -> list[str]:
     """Every dotted key of the schema (list items are described by their element type)."""
     keys = []
     for f in dataclasses.fields(schema):
@@ -353,8 +413,11 @@ def _schema_type(key: str) -> str:
         if part not in fields:
             return annotation
         annotation = fields[part].type if isinstance(fields[part].type, str) else str(fields[part].type)
-        default = fields[part].default_factory() if fields[part].default_factory is not dataclasses.MISSING \
+        default = (
+            fields[part].default_factory()
+            if fields[part].default_factory is not dataclasses.MISSING
             else fields[part].default
+        )
         schema = type(default) if dataclasses.is_dataclass(default) else None
     return annotation.replace("typing.", "")
 
@@ -376,7 +439,7 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
         raise _explain(error, source) from None
 
 
-def parse_overrides(overrides: Sequence[str]) -> List[tuple]:
+def parse_overrides(overrides: Sequence[str]) -> list[tuple]:
     """`key.path=value` pairs; values are YAML (numbers, booleans, null, [lists], {maps})."""
     pairs = []
     for item in overrides:
@@ -395,7 +458,9 @@ def _apply_override(cfg: DictConfig, key: str, value: Any) -> None:
         if parent is None or not isinstance(parent, (DictConfig, ListConfig)):
             raise ConfigKeyError(f"Key '{key}' is not in the config")
         if isinstance(parent, ListConfig) and not (leaf.isdigit() and int(leaf) < len(parent)):
-            raise ConfigError(f"override '{key}': '{parent_key}' has {len(parent)} item(s); index {leaf} does not exist")
+            raise ConfigError(
+                f"override '{key}': '{parent_key}' has {len(parent)} item(s); index {leaf} does not exist"
+            )
         if isinstance(parent, DictConfig) and leaf not in parent:
             raise ConfigKeyError(f"Key '{leaf}' is not in the config")
         OmegaConf.update(cfg, key, value, merge=True)
@@ -431,13 +496,20 @@ def _check(condition: bool, message: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Checks across keys that types alone cannot express."""
-    _check(cfg.model.name in ("dvgt1", "dvgt2", "dvgt2_pretrain", "vggt"),
-           f"model.name '{cfg.model.name}' is not one of dvgt1, dvgt2, dvgt2_pretrain, vggt")
-    _check(cfg.model.size in ("full", "small", "tiny"), f"model.size '{cfg.model.size}' is not one of full, small, tiny")
+    _check(
+        cfg.model.name in ("dvgt1", "dvgt2", "dvgt2_pretrain", "vggt"),
+        f"model.name '{cfg.model.name}' is not one of dvgt1, dvgt2, dvgt2_pretrain, vggt",
+    )
+    _check(
+        cfg.model.size in ("full", "small", "tiny"), f"model.size '{cfg.model.size}' is not one of full, small, tiny"
+    )
     _check(cfg.accum_steps >= 1, f"accum_steps must be >= 1, got {cfg.accum_steps}")
     _check(cfg.max_img_per_gpu >= 1, f"max_img_per_gpu must be >= 1, got {cfg.max_img_per_gpu}")
     _check(cfg.max_epochs >= 1, f"max_epochs must be >= 1, got {cfg.max_epochs}")
-    _check(cfg.checkpoint.resume in ("auto", "never"), f"checkpoint.resume must be 'auto' or 'never', got '{cfg.checkpoint.resume}'")
+    _check(
+        cfg.checkpoint.resume in ("auto", "never"),
+        f"checkpoint.resume must be 'auto' or 'never', got '{cfg.checkpoint.resume}'",
+    )
     _check(cfg.gt_scale_factor > 0, f"gt_scale_factor must be > 0, got {cfg.gt_scale_factor}")
     for split in ("train", "val"):
         validate_data_split(cfg.data[split], f"data.{split}")
@@ -445,31 +517,52 @@ def validate(cfg: DictConfig) -> None:
         from dvgt.data.format import COMMAND_ORDER  # the data modules need pyarrow, which the exporter image lacks
 
         orders = {e.dataset: COMMAND_ORDER.get(e.dataset) for e in cfg.data.train.datasets}
-        _check(len(set(orders.values())) <= 1,
-               f"model.enable_ego_status feeds each dataset's driving_command one-hot in its own order, and the "
-               f"training mix has several orders ({orders}); finetune with ego status on one command order at a time")
+        _check(
+            len(set(orders.values())) <= 1,
+            f"model.enable_ego_status feeds each dataset's driving_command one-hot in its own order, and the "
+            f"training mix has several orders ({orders}); finetune with ego status on one command order at a time",
+        )
     ck = cfg.checkpoint
-    _check(ck.async_mode in ("wait", "skip", "off"), f"checkpoint.async_mode must be wait, skip or off, got '{ck.async_mode}'")
-    _check(ck.retry_budget_s >= 0 and ck.preemption_budget_s >= 0,
-           "checkpoint.retry_budget_s and checkpoint.preemption_budget_s must be >= 0 seconds")
+    _check(
+        ck.async_mode in ("wait", "skip", "off"),
+        f"checkpoint.async_mode must be wait, skip or off, got '{ck.async_mode}'",
+    )
+    _check(
+        ck.retry_budget_s >= 0 and ck.preemption_budget_s >= 0,
+        "checkpoint.retry_budget_s and checkpoint.preemption_budget_s must be >= 0 seconds",
+    )
     for key, s3 in (("checkpoint.s3", ck.s3), ("data.s3", cfg.data.s3)):
-        _check(s3.addressing_style in ("auto", "path", "virtual"),
-               f"{key}.addressing_style must be auto, path or virtual, got '{s3.addressing_style}'")
-        _check(s3.retry_mode in ("standard", "adaptive"), f"{key}.retry_mode must be standard or adaptive, got '{s3.retry_mode}'")
-        _check(s3.part_size_mb >= 5 and s3.concurrency >= 1 and s3.max_attempts >= 1,
-               f"{key} needs part_size_mb >= 5 (the S3 minimum part), concurrency >= 1, max_attempts >= 1")
+        _check(
+            s3.addressing_style in ("auto", "path", "virtual"),
+            f"{key}.addressing_style must be auto, path or virtual, got '{s3.addressing_style}'",
+        )
+        _check(
+            s3.retry_mode in ("standard", "adaptive"),
+            f"{key}.retry_mode must be standard or adaptive, got '{s3.retry_mode}'",
+        )
+        _check(
+            s3.part_size_mb >= 5 and s3.concurrency >= 1 and s3.max_attempts >= 1,
+            f"{key} needs part_size_mb >= 5 (the S3 minimum part), concurrency >= 1, max_attempts >= 1",
+        )
     _check(cfg.data.s3_cache.max_gib > 0, f"data.s3_cache.max_gib must be > 0, got {cfg.data.s3_cache.max_gib}")
-    _check(cfg.optim.amp.amp_dtype in ("bfloat16", "float16"),
-           f"optim.amp.amp_dtype must be bfloat16 or float16, got '{cfg.optim.amp.amp_dtype}'")
+    _check(
+        cfg.optim.amp.amp_dtype in ("bfloat16", "float16"),
+        f"optim.amp.amp_dtype must be bfloat16 or float16, got '{cfg.optim.amp.amp_dtype}'",
+    )
     d = cfg.distributed
     _check(d.strategy in ("ddp", "fsdp"), f"distributed.strategy must be ddp or fsdp, got '{d.strategy}'")
     _check(d.fsdp.mode in ("zero2", "zero3"), f"distributed.fsdp.mode must be zero2 or zero3, got '{d.fsdp.mode}'")
     if d.strategy == "fsdp":
-        _check(not d.verify_replicas, "distributed.verify_replicas compares DDP replicas; under distributed.strategy=fsdp "
-               "each rank holds a different shard: set distributed.verify_replicas=false")
-        _check(not (cfg.optim.amp.enabled and cfg.optim.amp.amp_dtype == "float16"),
-               "distributed.strategy=fsdp trains in bfloat16 or float32 (float16 would need a sharded grad scaler): "
-               "set optim.amp.amp_dtype=bfloat16")
+        _check(
+            not d.verify_replicas,
+            "distributed.verify_replicas compares DDP replicas; under distributed.strategy=fsdp "
+            "each rank holds a different shard: set distributed.verify_replicas=false",
+        )
+        _check(
+            not (cfg.optim.amp.enabled and cfg.optim.amp.amp_dtype == "float16"),
+            "distributed.strategy=fsdp trains in bfloat16 or float32 (float16 would need a sharded grad scaler): "
+            "set optim.amp.amp_dtype=bfloat16",
+        )
 
 
 def validate_data_split(s: DictConfig, key: str) -> None:
@@ -478,18 +571,27 @@ def validate_data_split(s: DictConfig, key: str) -> None:
 
     for name in ("views", "aspect_ratio"):
         value = list(s[name])
-        _check(len(value) == 2 and value[0] <= value[1] and value[0] > 0,
-               f"{key}.{name} must be [min, max] with 0 < min <= max, got {value}")
+        _check(
+            len(value) == 2 and value[0] <= value[1] and value[0] > 0,
+            f"{key}.{name} must be [min, max] with 0 < min <= max, got {value}",
+        )
     _check(s.clip_split in SPLIT_TYPES, f"{key}.clip_split '{s.clip_split}' is not one of {', '.join(SPLIT_TYPES)}")
-    _check(s.min_frames >= 1 and s.future_frames >= 0 and s.target_fps >= 1,
-           f"{key} needs min_frames >= 1, future_frames >= 0 and target_fps >= 1")
+    _check(
+        s.min_frames >= 1 and s.future_frames >= 0 and s.target_fps >= 1,
+        f"{key} needs min_frames >= 1, future_frames >= 0 and target_fps >= 1",
+    )
     for name in ("aug_pixel_aspect_range", "aug_safe_scales"):
         value = s[name]
-        _check(value is None or (len(value) == 2 and 0 < value[0] <= value[1]),
-               f"{key}.{name} must be null or [low, high] with 0 < low <= high, got {value}")
+        _check(
+            value is None or (len(value) == 2 and 0 < value[0] <= value[1]),
+            f"{key}.{name} must be null or [low, high] with 0 < low <= high, got {value}",
+        )
     for i, entry in enumerate(s.datasets):
-        _check(entry.dataset in DATASETS, f"{key}.datasets[{i}].dataset '{entry.dataset}' is not an official dataset "
-               f"name ({', '.join(DATASETS)}); the name is the parquet's prefix (nuscene_train.parquet: nuscene)")
+        _check(
+            entry.dataset in DATASETS,
+            f"{key}.datasets[{i}].dataset '{entry.dataset}' is not an official dataset "
+            f"name ({', '.join(DATASETS)}); the name is the parquet's prefix (nuscene_train.parquet: nuscene)",
+        )
         _check(entry.original_fps >= 1, f"{key}.datasets[{i}].original_fps must be >= 1, got {entry.original_fps}")
 
 
@@ -502,20 +604,30 @@ def reference_markdown() -> str:
     import inspect
     import re
 
-    lines = ["# Configuration keys", "",
-             "Generated from `dvgt/config.py` by `python -m dvgt.config > docs/configuration.md`; "
-             "a test keeps the two in step.", ""]
+    lines = [
+        "# Configuration keys",
+        "",
+        "Generated from `dvgt/config.py` by `python -m dvgt.config > docs/configuration.md`; "
+        "a test keeps the two in step.",
+        "",
+    ]
 
     def describe(schema: Any, prefix: str) -> None:
         source = inspect.getsource(schema)
-        lines.extend([f"## `{prefix.rstrip('.') or '(top level)'}`", "", "| key | type | default | meaning |",
-                      "| --- | --- | --- | --- |"])
+        lines.extend(
+            [
+                f"## `{prefix.rstrip('.') or '(top level)'}`",
+                "",
+                "| key | type | default | meaning |",
+                "| --- | --- | --- | --- |",
+            ]
+        )
         nested = []
         for f in dataclasses.fields(schema):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             match = re.search(rf"^\s+{f.name}: [^=\n]+=[^#\n]*#\s*(.+)$", source, re.M)
             meaning = match.group(1).strip().replace("|", "\\|") if match else ""
-            type_name = f.type if isinstance(f.type, str) else str(f.type)
+            type_name = (f.type if isinstance(f.type, str) else str(f.type)).replace("|", "\\|")
             if dataclasses.is_dataclass(default):
                 nested.append((type(default), f"{prefix}{f.name}."))
                 lines.append(f"| `{prefix}{f.name}` | section | | see below |")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -33,9 +33,16 @@ def port_or_free(port: int) -> int:
 def run_demo(config: str, out: str | Path, overrides: Sequence[str] = (), metrics_port: int = 9400) -> Path:
     out = Path(out)
     data_root = out / "data"
-    cfg = load_config(config, [
-        f"logging.log_dir={out}", f"checkpoint.uri={out / 'ckpts'}", f"data.root={data_root}",
-        "checkpoint.resume=never", *overrides])
+    cfg = load_config(
+        config,
+        [
+            f"logging.log_dir={out}",
+            f"checkpoint.uri={out / 'ckpts'}",
+            f"data.root={data_root}",
+            "checkpoint.resume=never",
+            *overrides,
+        ],
+    )
     started = time.perf_counter()
     trainer = Trainer(cfg)  # generates the synthetic dataset on first use
     exporter = None
@@ -57,10 +64,16 @@ def run_demo(config: str, out: str | Path, overrides: Sequence[str] = (), metric
     with torch.inference_mode():
         predictions = trainer.model.eval()(clip["images"])
     figure = out / "demo_result.png"
-    render_result_figure(history, clip, predictions, figure, gt_scale_factor=cfg.gt_scale_factor,
-                         title=f"DVGT-1 ({cfg.model.size}) demo: {result['step']} steps in {minutes:.1f} min")
+    render_result_figure(
+        history,
+        clip,
+        predictions,
+        figure,
+        gt_scale_factor=cfg.gt_scale_factor,
+        title=f"DVGT-1 ({cfg.model.size}) demo: {result['step']} steps in {minutes:.1f} min",
+    )
 
-    print("\nDemo finished in %.1f min" % minutes)
+    print(f"\nDemo finished in {minutes:.1f} min")
     if evals:
         first, last = evals[0], evals[-1]
         print("  held-out metrics (official definitions; metres, AUC in %)")

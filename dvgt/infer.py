@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,8 +45,8 @@ CONF_QUANTILE = 0.5  # the BEV keeps points above this quantile of confidence pe
 
 @dataclass
 class FrameFolder:
-    frames: List[Path]  # frame_k folders, by k
-    cameras: List[str]  # image file names, the same in every frame
+    frames: list[Path]  # frame_k folders, by k
+    cameras: list[str]  # image file names, the same in every frame
 
 
 def list_frames(root: str | Path) -> FrameFolder:
@@ -53,8 +54,10 @@ def list_frames(root: str | Path) -> FrameFolder:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--frames: folder '{root}' does not exist")
-    frames = sorted((p for p in root.iterdir() if p.is_dir() and FRAME_DIR.match(p.name)),
-                    key=lambda p: int(FRAME_DIR.match(p.name).group(1)))
+    frames = sorted(
+        (p for p in root.iterdir() if p.is_dir() and FRAME_DIR.match(p.name)),
+        key=lambda p: int(FRAME_DIR.match(p.name).group(1)),
+    )
     if not frames:
         raise ValueError(f"--frames: '{root}' has no frame_<k> folders (expected {root}/frame_0/CAM_*.jpg, ...)")
     cameras = None
@@ -63,8 +66,10 @@ def list_frames(root: str | Path) -> FrameFolder:
         if not names:
             raise ValueError(f"--frames: {frame} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         if cameras is not None and names != cameras:
-            raise ValueError(f"--frames: {frame} has cameras {names} but {frames[0].name} has {cameras}; "
-                             f"every frame needs the same camera images")
+            raise ValueError(
+                f"--frames: {frame} has cameras {names} but {frames[0].name} has {cameras}; "
+                f"every frame needs the same camera images"
+            )
         cameras = names
     return FrameFolder(frames, cameras)
 
@@ -94,20 +99,23 @@ def load_frame(folder: Path, cameras: Sequence[str], width: int, patch_size: int
     return torch.stack(padded)
 
 
-def _training_config(config: Optional[str], checkpoint_config: Optional[str], overrides: Sequence[str]) -> DictConfig:
+def _training_config(config: str | None, checkpoint_config: str | None, overrides: Sequence[str]) -> DictConfig:
     """The training config that describes the architecture: --config, else the one stored in the checkpoint."""
     if config is not None:
         return load_config(config, overrides)
     if checkpoint_config is None:
-        raise ValueError("--config is required with a weights file (it names the architecture, e.g. "
-                         "train/dvgt2/default.yaml)")
+        raise ValueError(
+            "--config is required with a weights file (it names the architecture, e.g. train/dvgt2/default.yaml)"
+        )
     with tempfile.TemporaryDirectory() as folder:
         stored = Path(folder) / "config.yaml"
         stored.write_text(checkpoint_config)
         return load_config(stored, overrides)
 
 
-def load_model(checkpoint: str, config: Optional[str] = None, overrides: Sequence[str] = ()) -> Tuple[Any, DictConfig, str]:
+def load_model(
+    checkpoint: str, config: str | None = None, overrides: Sequence[str] = ()
+) -> tuple[Any, DictConfig, str]:
     """(model in eval mode with the weights, training config, description of the source).
 
     `checkpoint`: a checkpoint location of ours (latest committed step), one step folder
@@ -124,17 +132,23 @@ def load_model(checkpoint: str, config: Optional[str] = None, overrides: Sequenc
         manager = CheckpointManager(str(path.parent) if step else checkpoint)
         found = manager.open(int(step.group(1))) if step else manager.latest()
         if found is None:
-            raise FileNotFoundError(f"--checkpoint: no committed checkpoint under '{checkpoint}' (expected "
-                                    f"step_NNNNNNNN folders with a manifest.json, or a weights file)")
+            raise FileNotFoundError(
+                f"--checkpoint: no committed checkpoint under '{checkpoint}' (expected "
+                f"step_NNNNNNNN folders with a manifest.json, or a weights file)"
+            )
         state, source = found.model_state(), f"{found.storage.uri}/{found.prefix}"
         checkpoint_config = found.read("config.yaml").decode()
     cfg = _training_config(config, checkpoint_config, overrides)
     if cfg.model.name not in ("dvgt2", "dvgt2_pretrain"):
-        raise ValueError(f"dvgt infer runs DVGT-2 streaming inference; the config's model is '{cfg.model.name}' "
-                         f"(use a train/dvgt2/* config)")
+        raise ValueError(
+            f"dvgt infer runs DVGT-2 streaming inference; the config's model is '{cfg.model.name}' "
+            f"(use a train/dvgt2/* config)"
+        )
     if cfg.model.enable_ego_status:
-        raise ValueError("this model plans from the ego status (model.enable_ego_status), which dvgt infer does not "
-                         "read from a frames folder; use a checkpoint trained without it")
+        raise ValueError(
+            "this model plans from the ego status (model.enable_ego_status), which dvgt infer does not "
+            "read from a frames folder; use a checkpoint trained without it"
+        )
     # Everything comes from the weights: DINOv3 and the anchors are not read from their own files.
     model_cfg = OmegaConf.merge(cfg.model, {"dino_v3_weight_path": None, "anchor_dir": None})
     model = build_model(model_cfg)
@@ -161,8 +175,9 @@ def chain_to_first(relative: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def run_inference(model, folder: FrameFolder, width: int, window: int, seed: int = 0,
-                  progress=None) -> Dict[str, Tensor]:
+def run_inference(
+    model, folder: FrameFolder, width: int, window: int, seed: int = 0, progress=None
+) -> dict[str, Tensor]:
     """Stream the frames through the model one at a time; per-frame outputs in model units, batch dim dropped."""
     from dvgt.models.layers import KVCache
 
@@ -186,7 +201,7 @@ def run_inference(model, folder: FrameFolder, width: int, window: int, seed: int
     return out
 
 
-def summarise(raw: Dict[str, Tensor], scale: float) -> Dict[str, np.ndarray]:
+def summarise(raw: dict[str, Tensor], scale: float) -> dict[str, np.ndarray]:
     """Model outputs -> metres, best-scoring modes and poses chained to the first frame (the npz contents)."""
     frames = torch.arange(raw["points"].shape[0])
     if "diff_poses_reg" in raw:  # DVGT-2: the best-scoring pose anchor per frame
@@ -216,13 +231,14 @@ def trajectory_in_first_frame(trajectory: np.ndarray, ego_to_first: np.ndarray) 
     return points @ ego_to_first[:3, :3].T + ego_to_first[:3, 3]
 
 
-def write_outputs(out_dir: Path, arrays: Dict[str, np.ndarray], folder: FrameFolder,
-                  meta: Dict[str, Any]) -> Dict[str, Path]:
+def write_outputs(
+    out_dir: Path, arrays: dict[str, np.ndarray], folder: FrameFolder, meta: dict[str, Any]
+) -> dict[str, Path]:
     from dvgt.viz import render_streaming_bev
 
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_dir / "predictions.npz", **arrays)
-    record: Dict[str, Any] = {
+    record: dict[str, Any] = {
         **meta,
         "frames": [f.name for f in folder.frames],
         "cameras": [Path(c).stem for c in folder.cameras],
@@ -238,9 +254,14 @@ def write_outputs(out_dir: Path, arrays: Dict[str, np.ndarray], folder: FrameFol
         record["planned_trajectory"] = {
             "frame": folder.frames[-1].name,
             "frame_of_reference": "ego frame of that frame: [right, forward] metres and heading (rad)",
-            "top3": [{"mode": int(m), "score": round(float(scores[m]), 4),
-                      "trajectory": arrays["trajectory_modes"][-1, m].round(4).tolist()}
-                     for m in np.argsort(-scores)[:3]],
+            "top3": [
+                {
+                    "mode": int(m),
+                    "score": round(float(scores[m]), 4),
+                    "trajectory": arrays["trajectory_modes"][-1, m].round(4).tolist(),
+                }
+                for m in np.argsort(-scores)[:3]
+            ],
         }
         planned = trajectory_in_first_frame(arrays["trajectory"][-1], arrays["ego_to_first"][-1].astype(np.float64))
     (out_dir / "predictions.json").write_text(json.dumps(record, indent=1))
@@ -249,26 +270,47 @@ def write_outputs(out_dir: Path, arrays: Dict[str, np.ndarray], folder: FrameFol
     keep = conf >= np.quantile(conf.reshape(len(conf), -1), CONF_QUANTILE, axis=1)[:, None, None, None]
     frame_index = np.broadcast_to(np.arange(len(conf))[:, None, None, None], conf.shape)
     png = render_streaming_bev(
-        arrays["points_first"][keep], frame_index[keep], arrays["ego_to_first"][:, :3, 3], planned,
+        arrays["points_first"][keep],
+        frame_index[keep],
+        arrays["ego_to_first"][:, :3, 3],
+        planned,
         out_dir / "bev.png",
         title=f"DVGT-2 streaming inference: {len(folder.frames)} frames x {len(folder.cameras)} cameras, "
-              f"window {meta['window']}",
+        f"window {meta['window']}",
     )
     return {"npz": out_dir / "predictions.npz", "json": out_dir / "predictions.json", "png": png}
 
 
-def infer(checkpoint: str, frames: str, out: str, window: int = 4, width: int = 512, config: Optional[str] = None,
-          overrides: Sequence[str] = (), seed: int = 0, log=print) -> Dict[str, Path]:
+def infer(
+    checkpoint: str,
+    frames: str,
+    out: str,
+    window: int = 4,
+    width: int = 512,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+    seed: int = 0,
+    log=print,
+) -> dict[str, Path]:
     """The whole command: load the model, stream the frames, write npz, json and png."""
     folder = list_frames(frames)
     model, cfg, source = load_model(checkpoint, config, overrides)
     scale = float(cfg.gt_scale_factor)
-    log(f"model {cfg.model.name} ({cfg.model.size}) from {source}; {len(folder.frames)} frames x "
-        f"{len(folder.cameras)} cameras ({', '.join(Path(c).stem for c in folder.cameras)}), window {window}")
-    raw = run_inference(model, folder, width, window, seed,
-                        progress=lambda t, d: log(f"  frame {t + 1}/{len(folder.frames)}: {d.name}"))
-    meta = {"checkpoint": source, "model": cfg.model.name, "window": window, "width": width, "seed": seed,
-            "gt_scale_factor": scale}
+    log(
+        f"model {cfg.model.name} ({cfg.model.size}) from {source}; {len(folder.frames)} frames x "
+        f"{len(folder.cameras)} cameras ({', '.join(Path(c).stem for c in folder.cameras)}), window {window}"
+    )
+    raw = run_inference(
+        model, folder, width, window, seed, progress=lambda t, d: log(f"  frame {t + 1}/{len(folder.frames)}: {d.name}")
+    )
+    meta = {
+        "checkpoint": source,
+        "model": cfg.model.name,
+        "window": window,
+        "width": width,
+        "seed": seed,
+        "gt_scale_factor": scale,
+    }
     paths = write_outputs(Path(out), summarise(raw, scale), folder, meta)
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return paths

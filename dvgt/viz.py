@@ -7,8 +7,9 @@ Drawn with matplotlib's object API (``Figure`` + Agg), so no display and no pypl
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -29,8 +30,9 @@ BEV_MAX_POINTS = 4000  # points per set drawn in the bird's-eye view
 DEPTH_CMAP = matplotlib.colormaps["turbo"].with_extremes(bad="0.85")  # invalid pixels in light grey
 
 
-def render_training_curves(history: Sequence[Mapping[str, Any]], out_png: str | Path,
-                           title: str = "DVGT training") -> Path:
+def render_training_curves(
+    history: Sequence[Mapping[str, Any]], out_png: str | Path, title: str = "DVGT training"
+) -> Path:
     """Only the training-curve row of the result figure, as a PNG."""
     fig = Figure(figsize=(20, 4.2), layout="constrained")
     plot_training_curves(fig.subplots(1, 4), history)
@@ -38,9 +40,16 @@ def render_training_curves(history: Sequence[Mapping[str, Any]], out_png: str | 
     return _save(fig, out_png)
 
 
-def render_result_figure(history: Sequence[Mapping[str, Any]], clip: Mapping[str, Any],
-                         predictions: Mapping[str, Any], out_png: str | Path, *, gt_scale_factor: float,
-                         title: str = "DVGT result", views: Optional[Sequence[Tuple[int, int]]] = None) -> Path:
+def render_result_figure(
+    history: Sequence[Mapping[str, Any]],
+    clip: Mapping[str, Any],
+    predictions: Mapping[str, Any],
+    out_png: str | Path,
+    *,
+    gt_scale_factor: float,
+    title: str = "DVGT result",
+    views: Sequence[tuple[int, int]] | None = None,
+) -> Path:
     """Training curves (top row) and the first clip of ``clip`` (one row per (frame, view) pair).
 
     history: JSON-lines log records (train records: step, loss/objective, loss/loss_*, lr; eval records:
@@ -65,8 +74,16 @@ def render_result_figure(history: Sequence[Mapping[str, Any]], clip: Mapping[str
     masks = clip["point_masks"][0].bool()
     depth_range = _depth_range(depths, masks, views)
     for row, (t, v) in enumerate(views, start=1):
-        _plot_view(fig, [fig.add_subplot(grid[row, i]) for i in range(3)], clip["images"][0, t, v],
-                   depths[t, v], pred_depth[t, v], masks[t, v], depth_range, f"frame {t}, view {v}")
+        _plot_view(
+            fig,
+            [fig.add_subplot(grid[row, i]) for i in range(3)],
+            clip["images"][0, t, v],
+            depths[t, v],
+            pred_depth[t, v],
+            masks[t, v],
+            depth_range,
+            f"frame {t}, view {v}",
+        )
     metrics = {k: v[0] for k, v in evaluate_batch(predictions, clip, gt_scale_factor, EvalConfig()).items()}
     _plot_birds_eye(fig.add_subplot(grid[1:, 3]), masks, gt, pred, metrics)
     fig.suptitle(title, fontsize=14)
@@ -81,18 +98,30 @@ def render_result_figure(history: Sequence[Mapping[str, Any]], clip: Mapping[str
 def plot_training_curves(axes: Sequence[Axes], history: Sequence[Mapping[str, Any]]) -> None:
     """Four panels: objective, loss components, held-out metrics, learning rate. Missing series are noted."""
     ax_objective, ax_components, ax_held_out, ax_lr = axes
-    _plot_series(ax_objective, history, [("loss/objective", "train objective")], "training objective",
-                 log=True)
-    _plot_series(ax_components, history, [(f"loss/{name}", name) for name in LOSS_COMPONENTS],
-                 "loss components", log=True)
+    _plot_series(ax_objective, history, [("loss/objective", "train objective")], "training objective", log=True)
+    _plot_series(
+        ax_components, history, [(f"loss/{name}", name) for name in LOSS_COMPONENTS], "loss components", log=True
+    )
     held_out = sorted({key for r in history for key in r if key.startswith("val/") and key.endswith(HELD_OUT_METRICS)})
-    _plot_series(ax_held_out, history, [(key, key.removeprefix("val/")) for key in held_out],
-                 "held-out metrics [m]", log=False, empty_note="no held-out evaluation yet")
+    _plot_series(
+        ax_held_out,
+        history,
+        [(key, key.removeprefix("val/")) for key in held_out],
+        "held-out metrics [m]",
+        log=False,
+        empty_note="no held-out evaluation yet",
+    )
     _plot_series(ax_lr, history, [("lr", "learning rate")], "learning rate", log=True)
 
 
-def _plot_series(ax: Axes, history: Sequence[Mapping[str, Any]], series: List[Tuple[str, str]], title: str,
-                 log: bool, empty_note: str = "no entries yet") -> None:
+def _plot_series(
+    ax: Axes,
+    history: Sequence[Mapping[str, Any]],
+    series: list[tuple[str, str]],
+    title: str,
+    log: bool,
+    empty_note: str = "no entries yet",
+) -> None:
     """One line per (history key, label); records without a finite value for the key are skipped."""
     all_values = []
     for key, label in series:
@@ -124,7 +153,7 @@ def _is_number(value: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _first_clip(data: Mapping[str, Any]) -> Dict[str, Any]:
+def _first_clip(data: Mapping[str, Any]) -> dict[str, Any]:
     """The tensors (and lists of tensors) of a batch dict, cut to its first clip, detached, on the CPU."""
     first = {}
     for key, value in data.items():
@@ -135,7 +164,7 @@ def _first_clip(data: Mapping[str, Any]) -> Dict[str, Any]:
     return first
 
 
-def _depth_range(depths: torch.Tensor, masks: torch.Tensor, views: Sequence[Tuple[int, int]]) -> Tuple[float, float]:
+def _depth_range(depths: torch.Tensor, masks: torch.Tensor, views: Sequence[tuple[int, int]]) -> tuple[float, float]:
     """The 2nd..98th percentile of the valid GT depths of the shown views: one colour scale for all."""
     shown = torch.cat([depths[t, v][masks[t, v]] for t, v in views])
     if shown.numel() == 0:
@@ -144,8 +173,16 @@ def _depth_range(depths: torch.Tensor, masks: torch.Tensor, views: Sequence[Tupl
     return float(low), float(max(high, low + 1e-3))
 
 
-def _plot_view(fig: Figure, axes: Sequence[Axes], image: torch.Tensor, gt: torch.Tensor, pred: torch.Tensor,
-               mask: torch.Tensor, depth_range: Tuple[float, float], name: str) -> None:
+def _plot_view(
+    fig: Figure,
+    axes: Sequence[Axes],
+    image: torch.Tensor,
+    gt: torch.Tensor,
+    pred: torch.Tensor,
+    mask: torch.Tensor,
+    depth_range: tuple[float, float],
+    name: str,
+) -> None:
     """Input image [3,H,W], GT and predicted z-depth [H,W] of one view (invalid GT pixels greyed out)."""
     ax_image, ax_gt, ax_pred = axes
     ax_image.imshow(image.float().permute(1, 2, 0).clamp(0, 1).numpy())
@@ -160,8 +197,13 @@ def _plot_view(fig: Figure, axes: Sequence[Axes], image: torch.Tensor, gt: torch
         ax.set_axis_off()
 
 
-def _plot_birds_eye(ax: Axes, masks: torch.Tensor, gt: Mapping[str, torch.Tensor], pred: Mapping[str, torch.Tensor],
-                    metrics: Mapping[str, float]) -> None:
+def _plot_birds_eye(
+    ax: Axes,
+    masks: torch.Tensor,
+    gt: Mapping[str, torch.Tensor],
+    pred: Mapping[str, torch.Tensor],
+    metrics: Mapping[str, float],
+) -> None:
     """x-z plane of the first-frame ego frame: GT vs predicted points (valid pixels) and ego trajectories."""
     gt_xyz, pred_xyz = gt["points_in_ego_first"][0][masks], pred["points_in_ego_first"][0][masks]  # [N,3] metres
     stride = max(1, math.ceil(len(gt_xyz) / BEV_MAX_POINTS))
@@ -170,16 +212,19 @@ def _plot_birds_eye(ax: Axes, masks: torch.Tensor, gt: Mapping[str, torch.Tensor
     pred_traj = pred["ego_n_to_ego_first"][0, :, :3, 3].numpy()
 
     ax.scatter(gt_xyz[:, 0], gt_xyz[:, 2], s=1, color=GT_COLOR, alpha=0.4, label="GT points", rasterized=True)
-    ax.scatter(pred_xyz[:, 0], pred_xyz[:, 2], s=1, color=PRED_COLOR, alpha=0.4, label="predicted points",
-               rasterized=True)
+    ax.scatter(
+        pred_xyz[:, 0], pred_xyz[:, 2], s=1, color=PRED_COLOR, alpha=0.4, label="predicted points", rasterized=True
+    )
     ax.plot(gt_traj[:, 0], gt_traj[:, 2], "-o", color="navy", markersize=4, label="GT ego trajectory")
     ax.plot(pred_traj[:, 0], pred_traj[:, 2], "--s", color="darkred", markersize=4, label="predicted ego trajectory")
 
     # Frame the GT, so that wild predictions cannot shrink the scene to a dot.
     _frame_birds_eye(ax, np.concatenate([gt_xyz[:, 0], gt_traj[:, 0]]), np.concatenate([gt_xyz[:, 2], gt_traj[:, 2]]))
-    ax.set_title("bird's-eye view (first-frame ego frame)\n"
-                 f"chamfer {metrics['ego_first_chamfer']:.2f} m, depth AbsRel {metrics[eval_metrics.ABS_REL]:.3f}\n"
-                 f"pose AUC@30 {metrics['ego_n_to_ego_first_AUC@30']:.1f}")
+    ax.set_title(
+        "bird's-eye view (first-frame ego frame)\n"
+        f"chamfer {metrics['ego_first_chamfer']:.2f} m, depth AbsRel {metrics[eval_metrics.ABS_REL]:.3f}\n"
+        f"pose AUC@30 {metrics['ego_n_to_ego_first_AUC@30']:.1f}"
+    )
     legend = ax.legend(loc="upper left", fontsize=8)
     for handle in legend.legend_handles[:2]:  # the point clouds: legend dots larger than the 1-px points
         handle.set_sizes([20])
@@ -197,8 +242,14 @@ def _frame_birds_eye(ax: Axes, xs: np.ndarray, zs: np.ndarray) -> None:
     ax.set_ylabel("z (forward) [m]")
 
 
-def render_streaming_bev(points: np.ndarray, frame_of_point: np.ndarray, ego_path: np.ndarray,
-                         planned: Optional[np.ndarray], out_png: str | Path, title: str = "DVGT-2 inference") -> Path:
+def render_streaming_bev(
+    points: np.ndarray,
+    frame_of_point: np.ndarray,
+    ego_path: np.ndarray,
+    planned: np.ndarray | None,
+    out_png: str | Path,
+    title: str = "DVGT-2 inference",
+) -> Path:
     """Bird's-eye view (x right, z forward, first-frame ego frame) of an inference run.
 
     points [N, 3] metres (accumulated over frames), frame_of_point [N] (colours the points by frame),
@@ -208,14 +259,31 @@ def render_streaming_bev(points: np.ndarray, frame_of_point: np.ndarray, ego_pat
     points, frame_of_point = points[::stride], frame_of_point[::stride]
     fig = Figure(figsize=(8, 8), layout="constrained")
     ax = fig.add_subplot()
-    cloud = ax.scatter(points[:, 0], points[:, 2], s=1, c=frame_of_point, cmap="viridis", alpha=0.5,
-                       vmin=0, vmax=max(len(ego_path) - 1, 1), rasterized=True)
-    fig.colorbar(cloud, ax=ax, shrink=0.7, label="frame", ticks=np.arange(len(ego_path)) if len(ego_path) <= 20 else None)
+    cloud = ax.scatter(
+        points[:, 0],
+        points[:, 2],
+        s=1,
+        c=frame_of_point,
+        cmap="viridis",
+        alpha=0.5,
+        vmin=0,
+        vmax=max(len(ego_path) - 1, 1),
+        rasterized=True,
+    )
+    fig.colorbar(
+        cloud, ax=ax, shrink=0.7, label="frame", ticks=np.arange(len(ego_path)) if len(ego_path) <= 20 else None
+    )
     ax.plot(ego_path[:, 0], ego_path[:, 2], "-o", color="darkred", markersize=4, label="ego path")
     xs, zs = [points[:, 0], ego_path[:, 0]], [points[:, 2], ego_path[:, 2]]
     if planned is not None:
-        ax.plot(np.r_[ego_path[-1:, 0], planned[:, 0]], np.r_[ego_path[-1:, 2], planned[:, 2]], "--^",
-                color="tab:orange", markersize=5, label="planned trajectory (last frame)")
+        ax.plot(
+            np.r_[ego_path[-1:, 0], planned[:, 0]],
+            np.r_[ego_path[-1:, 2], planned[:, 2]],
+            "--^",
+            color="tab:orange",
+            markersize=5,
+            label="planned trajectory (last frame)",
+        )
         xs, zs = xs + [planned[:, 0]], zs + [planned[:, 2]]
     _frame_birds_eye(ax, np.concatenate(xs), np.concatenate(zs))
     ax.legend(loc="upper left", fontsize=8)

@@ -4,10 +4,9 @@ demo run tiny and fast."""
 from pathlib import Path
 
 import pytest
-
-from dvgt.data.synthetic import generate_synthetic_dataset
 from servers import SeaweedS3, free_port  # noqa: F401 - free_port is part of the tests' toolbox
 
+from dvgt.data.synthetic import generate_synthetic_dataset
 
 OFFICIAL = Path(__file__).parent / "data" / "official"  # the tree written by the official code, and its outputs
 OFFICIAL_TREE, OFFICIAL_OUTPUTS = OFFICIAL / "official_format", OFFICIAL / "official_outputs"
@@ -26,11 +25,23 @@ def tiny_data_root(tmp_path_factory) -> Path:
 def tiny_overrides(data_root: Path, run_dir: Path, **extra) -> list:
     """The demo stage shrunk to a tiny model, 64x32 images and a few steps, writing under run_dir."""
     values = {
-        "model.size": "tiny", "max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 1,
-        "max_img_per_gpu": 8, "num_workers": 0, "seed_value": 3, "data.root": data_root,
-        "data.train.img_width": 64, "data.val.img_width": 64, "data.train.views": "[2,2]",
-        "data.val.fixed_num_frames": 2, "logging.log_dir": run_dir, "logging.log_freq": 1,
-        "logging.progress": "false", "checkpoint.uri": run_dir / "ckpts", "checkpoint.keep_last": 0,
+        "model.size": "tiny",
+        "max_epochs": 2,
+        "limit_train_batches": 3,
+        "limit_val_batches": 1,
+        "max_img_per_gpu": 8,
+        "num_workers": 0,
+        "seed_value": 3,
+        "data.root": data_root,
+        "data.train.img_width": 64,
+        "data.val.img_width": 64,
+        "data.train.views": "[2,2]",
+        "data.val.fixed_num_frames": 2,
+        "logging.log_dir": run_dir,
+        "logging.log_freq": 1,
+        "logging.progress": "false",
+        "checkpoint.uri": run_dir / "ckpts",
+        "checkpoint.keep_last": 0,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any
 
 import cel
 import jsonschema
@@ -21,14 +22,26 @@ CRD_DIR = Path(__file__).resolve().parent / "data" / "k8s"
 K8S_VERSION = "1.35.0"  # the Kubernetes schemas of core kinds (the kubectl / client version the project installs)
 LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 OBJECT_META = {  # the parts of ObjectMeta a manifest sets (the rest is the server's)
-    "type": "object", "additionalProperties": False, "required": ["name"],
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
     "properties": {
         "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "maxLength": 253},
         "namespace": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
-        "labels": {"type": "object", "propertyNames": {"pattern": LABEL_KEY},
-                   "additionalProperties": {"type": "string", "pattern": r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
-                                            "maxLength": 63}},
-        "annotations": {"type": "object", "propertyNames": {"pattern": LABEL_KEY}, "additionalProperties": {"type": "string"}},
+        "labels": {
+            "type": "object",
+            "propertyNames": {"pattern": LABEL_KEY},
+            "additionalProperties": {
+                "type": "string",
+                "pattern": r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+                "maxLength": 63,
+            },
+        },
+        "annotations": {
+            "type": "object",
+            "propertyNames": {"pattern": LABEL_KEY},
+            "additionalProperties": {"type": "string"},
+        },
     },
 }
 
@@ -40,20 +53,28 @@ def strict(schema: Any) -> Any:
         return [strict(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {key: strict(value) if key in ("items", "additionalProperties", "allOf", "anyOf", "oneOf", "not") else value
-           for key, value in schema.items() if key != "properties"}
+    out = {
+        key: strict(value) if key in ("items", "additionalProperties", "allOf", "anyOf", "oneOf", "not") else value
+        for key, value in schema.items()
+        if key != "properties"
+    }
     if "properties" in schema:
         out["properties"] = {name: strict(sub) for name, sub in schema["properties"].items()}
     if schema.get("x-kubernetes-embedded-resource"):
-        out.setdefault("properties", {}).update({"apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                                                 "metadata": {"type": "object"}})
+        out.setdefault("properties", {}).update(
+            {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"}}
+        )
     if schema.get("x-kubernetes-int-or-string"):
         out.pop("type", None)
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
     if schema.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
-    if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out \
-            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        out.get("type") == "object"
+        and "properties" in out
+        and "additionalProperties" not in out
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -64,7 +85,7 @@ def _cel_rules(validator, rules, instance, schema) -> Iterator[jsonschema.Valida
             continue  # a transition rule: only on update
         try:
             passed = cel.evaluate(rule["rule"], {"self": instance})
-        except Exception as error:  # noqa: BLE001 - a rule we cannot evaluate is a failure, never a pass
+        except Exception as error:
             yield jsonschema.ValidationError(f"CEL rule {rule['rule']!r} could not be evaluated: {error}")
             continue
         if passed is not True:
@@ -85,13 +106,18 @@ def _list_type(validator, kind, instance, schema) -> Iterator[jsonschema.Validat
         yield jsonschema.ValidationError("duplicate entries in a set")
 
 
-CrdValidator = jsonschema.validators.extend(jsonschema.Draft7Validator, {
-    "x-kubernetes-validations": _cel_rules, "x-kubernetes-list-map-keys": _unique_keys,
-    "x-kubernetes-list-type": _list_type})
+CrdValidator = jsonschema.validators.extend(
+    jsonschema.Draft7Validator,
+    {
+        "x-kubernetes-validations": _cel_rules,
+        "x-kubernetes-list-map-keys": _unique_keys,
+        "x-kubernetes-list-type": _list_type,
+    },
+)
 
 
-@functools.lru_cache(maxsize=None)
-def crd_validators() -> Dict[tuple, Any]:
+@functools.cache
+def crd_validators() -> dict[tuple, Any]:
     """(apiVersion, kind) -> a validator of that served CRD version (the CRDs are read once)."""
     index = {}
     for path in sorted(CRD_DIR.glob("*.yaml")):
@@ -106,7 +132,7 @@ def crd_validators() -> Dict[tuple, Any]:
     return index
 
 
-def errors(doc: Dict[str, Any]) -> List[str]:
+def errors(doc: dict[str, Any]) -> list[str]:
     """What the API server would refuse in one object, as 'path: message' lines (empty: valid)."""
     validator = crd_validators().get((doc.get("apiVersion"), doc.get("kind")))
     if validator is None:
@@ -118,8 +144,9 @@ def errors(doc: Dict[str, Any]) -> List[str]:
         except kubernetes_validate.ValidationError as error:
             return [f"{'.'.join(map(str, error.path))}: {error.message}"]
         return []
-    return [f"{'.'.join(map(str, error.absolute_path)) or '.'}: {error.message}"
-            for error in validator.iter_errors(doc)]
+    return [
+        f"{'.'.join(map(str, error.absolute_path)) or '.'}: {error.message}" for error in validator.iter_errors(doc)
+    ]
 
 
 def check(docs) -> None:

@@ -17,7 +17,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, Optional
 
 ACCESS_KEY = "dvgt-test"
 SECRET_KEY = "dvgt-test-secret"
@@ -41,7 +40,7 @@ def wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def training_process(job: str, rank: int) -> Optional[int]:
+def training_process(job: str, rank: int) -> int | None:
     """The pid of the training process of global rank `rank` of this job (found by its environment)."""
     for entry in Path("/proc").iterdir():
         try:
@@ -49,8 +48,13 @@ def training_process(job: str, rank: int) -> Optional[int]:
             cmdline = (entry / "cmdline").read_text()
         except OSError:
             continue
-        if env.get("DVGT_JOB_NAME") == job and env.get("RANK") == str(rank) and "LOCAL_RANK" in env \
-                and "dvgt.train" in cmdline and "torchrun" not in cmdline:
+        if (
+            env.get("DVGT_JOB_NAME") == job
+            and env.get("RANK") == str(rank)
+            and "LOCAL_RANK" in env
+            and "dvgt.train" in cmdline
+            and "torchrun" not in cmdline
+        ):
             return int(entry.name)
     return None
 
@@ -65,31 +69,63 @@ def weed_binary() -> str:
 class SeaweedS3:
     """`weed mini` serving S3 on a free loopback port; start(), stop(), restart(), and the client env."""
 
-    PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-             "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
+    PORTS = (
+        "master.port",
+        "master.port.grpc",
+        "volume.port",
+        "volume.port.grpc",
+        "filer.port",
+        "filer.port.grpc",
+        "s3.port",
+        "s3.port.grpc",
+        "admin.port",
+        "admin.port.grpc",
+    )
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.ports = {name: free_port() for name in self.PORTS}
         self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
-        self.process: Optional[subprocess.Popen] = None
-        identities = {"identities": [{"name": "dvgt", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                                      "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        self.process: subprocess.Popen | None = None
+        identities = {
+            "identities": [
+                {
+                    "name": "dvgt",
+                    "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
         (self.root / "data").mkdir(parents=True, exist_ok=True)
         self.identity_file = self.root / "s3.json"
         self.identity_file.write_text(json.dumps(identities))
 
-    def env(self, **extra: str) -> Dict[str, str]:
+    def env(self, **extra: str) -> dict[str, str]:
         """The standard AWS variables that point a client (boto3, dvgt) at this server."""
-        return {"AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1", **extra}
+        return {
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_REGION": "us-east-1",
+            **extra,
+        }
 
-    def start(self, timeout: float = 60.0) -> "SeaweedS3":
-        args = [weed_binary(), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                *(f"-{name}={port}" for name, port in self.ports.items()),
-                "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-                "-master.telemetry=false", f"-s3.config={self.identity_file}"]
-        log = open(self.root / "weed.log", "ab")
+    def start(self, timeout: float = 60.0) -> SeaweedS3:
+        args = [
+            weed_binary(),
+            "mini",
+            f"-dir={self.root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            *(f"-{name}={port}" for name, port in self.ports.items()),
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-master.telemetry=false",
+            f"-s3.config={self.identity_file}",
+        ]
+        log = open(self.root / "weed.log", "ab")  # noqa: SIM115 (the server process keeps it)
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
@@ -120,18 +156,26 @@ class SeaweedS3:
             client.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ready")
             client.delete_object(Bucket=PROBE_BUCKET, Key="probe")
             return True
-        except Exception:  # noqa: BLE001 - not ready yet
+        except Exception:
             return False
 
     def client(self):
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
-                            aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
-                            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
-                                          request_checksum_calculation="when_required",
-                                          response_checksum_validation="when_required"))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name="us-east-1",
+            config=Config(
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 2},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
 
     def make_bucket(self, name: str) -> str:
         client = self.client()

@@ -15,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import kubernetes_validate
+import pss
 import pytest
 import yaml
 from kubeflow.training.api_client import ApiClient
-
-import pss
 
 from dvgt.config import CONFIG_ROOT, load_config
 from dvgt.k8s import generate
@@ -42,7 +41,7 @@ def set_args(values: dict) -> list:
     return [item for key, value in values.items() for item in ("--set", f"{key}={value}")]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def render(release: str = "dvgt-test", **values) -> tuple:
     """The chart's documents (rendered once per set of values and reused by the tests)."""
     result = helm("template", release, str(CHART), *set_args(values))
@@ -68,6 +67,7 @@ def round_trip(job: dict) -> dict:
 
     class Response:
         data = json.dumps(job)
+
     return client.sanitize_for_serialization(client.deserialize(Response(), "KubeflowOrgV1PyTorchJob"))
 
 
@@ -77,9 +77,13 @@ MATRIX = list(itertools.product(STAGES, PROFILES))
 @pytest.fixture(scope="module")
 def linted_and_rendered():
     """`helm lint --strict` and `helm template` of every stage x profile, once, a few helm processes at a time."""
+
     def both(stage, profile):
-        return (helm("lint", "--strict", str(CHART), *set_args({"stage": stage, "profile": profile})),
-                render(stage=stage, profile=profile, nodes=2))
+        return (
+            helm("lint", "--strict", str(CHART), *set_args({"stage": stage, "profile": profile})),
+            render(stage=stage, profile=profile, nodes=2),
+        )
+
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {combo: pool.submit(both, *combo) for combo in MATRIX}
     return {combo: future.result() for combo, future in futures.items()}
@@ -98,8 +102,11 @@ def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, l
     assert admission_errors(job) == []
     assert round_trip(job) == job
     master, worker = pods_of(job)["Master"], pods_of(job)["Worker"]
-    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", **master["metadata"]},
-                                  "spec": master["spec"]}, K8S_VERSION, strict=True)  # the pod is a valid Pod
+    kubernetes_validate.validate(
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", **master["metadata"]}, "spec": master["spec"]},
+        K8S_VERSION,
+        strict=True,
+    )  # the pod is a valid Pod
     assert worker["spec"] == master["spec"]  # the replicas differ only by their component label
     assert pss.violations(master["spec"], master["metadata"], "restricted") == []  # Pod Security Standard `restricted`
 
@@ -108,8 +115,13 @@ def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, l
     container = trainer(pods_of(job)["Master"])
     assert container["command"] == ["python", "-m", "dvgt.train.launch"]
     args = container["args"]
-    assert args[:5] == ["--nproc-per-node=8", "--shutdown-timeout=120", "-m", "dvgt.train",
-                        f"--config={CATALOG.stages[stage].config}"]  # torchrun waits the preemption budget
+    assert args[:5] == [
+        "--nproc-per-node=8",
+        "--shutdown-timeout=120",
+        "-m",
+        "dvgt.train",
+        f"--config={CATALOG.stages[stage].config}",
+    ]  # torchrun waits the preemption budget
     cfg = load_config(CATALOG.stages[stage].config, args[5:])
     assert cfg.checkpoint.preemption_budget_s == 120
     expected_accum = math.ceil(CATALOG.stages[stage].images_per_step / CATALOG.profiles[profile].max_images_per_forward)
@@ -118,7 +130,10 @@ def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, l
     assert cfg.checkpoint.uri == "s3://dvgt-checkpoints/dvgt-test"
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pods_of(job)["Master"]["spec"]["volumes"]}
-    assert cfg.checkpoint.spill_dir == mounts["spill"] == "/spill" and volumes["spill"] == {"name": "spill", "emptyDir": {}}
+    assert cfg.checkpoint.spill_dir == mounts["spill"] == "/spill" and volumes["spill"] == {
+        "name": "spill",
+        "emptyDir": {},
+    }
     if profile == "cpu-test":
         assert (cfg.device, cfg.distributed.backend, cfg.model.size) == ("cpu", "gloo", "tiny")
         assert "nvidia.com/gpu" not in container["resources"]["limits"]
@@ -129,8 +144,11 @@ def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, l
 
 
 def test_catalog_agrees_with_the_stage_configs():
-    packaged = {str(p.relative_to(Path(str(CONFIG_ROOT)))) for p in Path(str(CONFIG_ROOT)).rglob("*.yaml")
-                if "base" not in p.parts}
+    packaged = {
+        str(p.relative_to(Path(str(CONFIG_ROOT))))
+        for p in Path(str(CONFIG_ROOT)).rglob("*.yaml")
+        if "base" not in p.parts
+    }
     assert sorted(s.config for s in CATALOG.stages.values()) == sorted(packaged)
     for stage in CATALOG.stages.values():
         cfg = load_config(stage.config)
@@ -142,8 +160,11 @@ def test_catalog_agrees_with_the_stage_configs():
 
 def test_generated_files_match_the_chart():
     """values.schema.json's enums and k8s/<stage>.yaml are what `make manifests` writes now."""
-    stale = [str(path) for path, text in generate.expected_files(CHART).items()
-             if not path.exists() or path.read_text() != text]
+    stale = [
+        str(path)
+        for path, text in generate.expected_files(CHART).items()
+        if not path.exists() or path.read_text() != text
+    ]
     assert stale == [], f"out of date (run `make manifests`): {stale}"
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert schema["properties"]["stage"]["enum"] == STAGES
@@ -169,38 +190,52 @@ def expected_resources(profile: str, processes: int, **given) -> dict:
 
     def quantity(mib: int) -> str:
         return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
-    sized = {"cpu": str(processes * host["cpuPerProcess"]), "memory": quantity(memory), "ephemeral-storage": quantity(storage)}
+
+    sized = {
+        "cpu": str(processes * host["cpuPerProcess"]),
+        "memory": quantity(memory),
+        "ephemeral-storage": quantity(storage),
+    }
     if CATALOG.profiles[profile].gpu:
         sized["nvidia.com/gpu"] = str(processes)
     return {**sized, **given}
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"stage": "pretrain-dvgt9"}, "at '/stage': value must be one of 'dvgt1-default'"),
-    ({"profile": "h100-40g"}, "at '/profile': value must be one of 'h20-146g'"),
-    ({"nodes": 0}, "at '/nodes': minimum: got 0, want 1"),
-    ({"gpusPerNode": 0}, "at '/gpusPerNode': minimum: got 0, want 1"),
-    ({"image.repository": ""}, "at '/image/repository': minLength: got 0, want 1"),
-    ({"image.repository": "null"}, "at '/image': missing property 'repository'"),
-    ({"exporter.image.repository": ""}, "at '/exporter/image/repository': minLength"),
-    ({"checkpoint.awsSecretAccessKey": "abc"}, "invalid propertyName 'awsSecretAccessKey'"),
-    ({"password": "hunter2"}, "invalid propertyName 'password'"),
-    ({"extraEnv[0].name": "AWS_SECRET_ACCESS_KEY", "extraEnv[0].value": "abc"}, "at '/extraEnv/0': missing property 'valueFrom'"),
-    ({"replicas": 3}, "additional properties 'replicas' not allowed"),  # an unknown value
-    ({"resources.requests.cpu": "-1"}, "at '/resources/requests/cpu'"),  # a negative request
-    ({"resources.limits.memory": "-4Gi"}, "at '/resources/limits/memory'"),
-    ({"shmSize": "64GB"}, "at '/shmSize'"),
-    ({"podSecurityContext.runAsUser": -1}, "at '/podSecurityContext/runAsUser': minimum: got -1, want 0"),
-    ({"extraVolumeMounts[0].name": "datasets"}, "at '/extraVolumeMounts/0': missing property 'mountPath'"),
-    ({"extraVolumes[0].name": "datasets"}, "at '/extraVolumes/0': minProperties"),  # a volume without a source
-    ({"extraContainers[0].name": "sidecar"}, "at '/extraContainers/0': missing property 'image'"),
-    ({"nccl.env.HF_TOKEN": "abc"}, "invalid propertyName 'HF_TOKEN'"),
-    ({"checkpoint.uri": "s3://key:secret@host/bucket"}, "at '/checkpoint/uri'"),
-    ({"data.root": "s3://key:secret@host/bucket"}, "at '/data/root'"),
-    ({"data.s3CacheSize": "20GB"}, "at '/data/s3CacheSize'"),
-    ({"restartPolicy": "Sometimes"}, "at '/restartPolicy': value must be one of"),
-    ({"restartPolicy": "Always"}, "at '/restartPolicy': value must be one of"),  # a finished pod would restart forever
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"stage": "pretrain-dvgt9"}, "at '/stage': value must be one of 'dvgt1-default'"),
+        ({"profile": "h100-40g"}, "at '/profile': value must be one of 'h20-146g'"),
+        ({"nodes": 0}, "at '/nodes': minimum: got 0, want 1"),
+        ({"gpusPerNode": 0}, "at '/gpusPerNode': minimum: got 0, want 1"),
+        ({"image.repository": ""}, "at '/image/repository': minLength: got 0, want 1"),
+        ({"image.repository": "null"}, "at '/image': missing property 'repository'"),
+        ({"exporter.image.repository": ""}, "at '/exporter/image/repository': minLength"),
+        ({"checkpoint.awsSecretAccessKey": "abc"}, "invalid propertyName 'awsSecretAccessKey'"),
+        ({"password": "hunter2"}, "invalid propertyName 'password'"),
+        (
+            {"extraEnv[0].name": "AWS_SECRET_ACCESS_KEY", "extraEnv[0].value": "abc"},
+            "at '/extraEnv/0': missing property 'valueFrom'",
+        ),
+        ({"replicas": 3}, "additional properties 'replicas' not allowed"),  # an unknown value
+        ({"resources.requests.cpu": "-1"}, "at '/resources/requests/cpu'"),  # a negative request
+        ({"resources.limits.memory": "-4Gi"}, "at '/resources/limits/memory'"),
+        ({"shmSize": "64GB"}, "at '/shmSize'"),
+        ({"podSecurityContext.runAsUser": -1}, "at '/podSecurityContext/runAsUser': minimum: got -1, want 0"),
+        ({"extraVolumeMounts[0].name": "datasets"}, "at '/extraVolumeMounts/0': missing property 'mountPath'"),
+        ({"extraVolumes[0].name": "datasets"}, "at '/extraVolumes/0': minProperties"),  # a volume without a source
+        ({"extraContainers[0].name": "sidecar"}, "at '/extraContainers/0': missing property 'image'"),
+        ({"nccl.env.HF_TOKEN": "abc"}, "invalid propertyName 'HF_TOKEN'"),
+        ({"checkpoint.uri": "s3://key:secret@host/bucket"}, "at '/checkpoint/uri'"),
+        ({"data.root": "s3://key:secret@host/bucket"}, "at '/data/root'"),
+        ({"data.s3CacheSize": "20GB"}, "at '/data/s3CacheSize'"),
+        ({"restartPolicy": "Sometimes"}, "at '/restartPolicy': value must be one of"),
+        (
+            {"restartPolicy": "Always"},
+            "at '/restartPolicy': value must be one of",
+        ),  # a finished pod would restart forever
+    ],
+)
 def test_schema_refuses_bad_values_with_a_message_naming_them(values, message):
     result = helm("template", "x", str(CHART), *set_args(values))
     assert result.returncode != 0
@@ -208,9 +243,15 @@ def test_schema_refuses_bad_values_with_a_message_naming_them(values, message):
 
 
 def test_schema_accepts_secrets_by_reference():
-    docs = render(**{"extraEnv[0].name": "HF_TOKEN", "extraEnv[0].valueFrom.secretKeyRef.name": "hf",
-                     "extraEnv[0].valueFrom.secretKeyRef.key": "token", "checkpoint.s3Secret": "team-s3",
-                     "envFrom[0].configMapRef.name": "proxy"})
+    docs = render(
+        **{
+            "extraEnv[0].name": "HF_TOKEN",
+            "extraEnv[0].valueFrom.secretKeyRef.name": "hf",
+            "extraEnv[0].valueFrom.secretKeyRef.key": "token",
+            "checkpoint.s3Secret": "team-s3",
+            "envFrom[0].configMapRef.name": "proxy",
+        }
+    )
     container = trainer(pods_of(job_of(docs))["Master"])
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in container["env"]
     assert container["envFrom"] == [{"secretRef": {"name": "team-s3"}}, {"configMapRef": {"name": "proxy"}}]
@@ -230,30 +271,57 @@ def test_pods_are_locked_down_and_secrets_come_from_secrets():
             for container in spec["containers"] + spec.get("initContainers", []):
                 context = container["securityContext"]
                 assert context["allowPrivilegeEscalation"] is False and context["capabilities"]["drop"] == ["ALL"]
-                assert context["capabilities"].get("add", []) == (["IPC_LOCK"] if values and container["name"] == CONTAINER else [])
+                assert context["capabilities"].get("add", []) == (
+                    ["IPC_LOCK"] if values and container["name"] == CONTAINER else []
+                )
                 for item in container.get("env", []):
                     if any(word in item["name"] for word in ("SECRET", "KEY", "TOKEN", "PASSWORD")):
                         assert "value" not in item, item
-    rdma = trainer(pods_of(job_of(render(**{"rdma.enabled": "true", "rdma.resources.vpc\\.amazonaws\\.com/efa": 4})))["Master"])
+    rdma = trainer(
+        pods_of(job_of(render(**{"rdma.enabled": "true", "rdma.resources.vpc\\.amazonaws\\.com/efa": 4})))["Master"]
+    )
     assert rdma["resources"]["limits"]["vpc.amazonaws.com/efa"] == "4"
     assert {"name": "NCCL_IB_DISABLE", "value": "0"} in rdma["env"]
 
 
 def test_job_policies_and_placement_reach_the_job():
-    docs = render(**{"nodes": 4, "gpusPerNode": 4, "profile": "a100-40g", "restartPolicy": "ExitCode", "backoffLimit": 3,
-                     "activeDeadlineSeconds": 86400, "cleanPodPolicy": "All", "ttlSecondsAfterFinished": 60,
-                     "scheduling.minAvailable": 4, "scheduling.queue": "research", "priorityClassName": "high",
-                     "scheduling.kueueQueue": "team-a", "nodeSelector.gpu": "a100", "tolerations[0].key": "gpu",
-                     "tolerations[0].operator": "Exists", "checkpoint.preemptionBudgetSeconds": 300,
-                     "checkpoint.terminationMarginSeconds": 20, "checkpoint.spillPvc": "spill-claim",
-                     "data.pvc": "", "data.hostPath": "/mnt/dvgt",
-                     "imagesPerStep": 24, "overrides[0]": "optim.lr=1e-5", "rbac.create": "true"})
+    docs = render(
+        **{
+            "nodes": 4,
+            "gpusPerNode": 4,
+            "profile": "a100-40g",
+            "restartPolicy": "ExitCode",
+            "backoffLimit": 3,
+            "activeDeadlineSeconds": 86400,
+            "cleanPodPolicy": "All",
+            "ttlSecondsAfterFinished": 60,
+            "scheduling.minAvailable": 4,
+            "scheduling.queue": "research",
+            "priorityClassName": "high",
+            "scheduling.kueueQueue": "team-a",
+            "nodeSelector.gpu": "a100",
+            "tolerations[0].key": "gpu",
+            "tolerations[0].operator": "Exists",
+            "checkpoint.preemptionBudgetSeconds": 300,
+            "checkpoint.terminationMarginSeconds": 20,
+            "checkpoint.spillPvc": "spill-claim",
+            "data.pvc": "",
+            "data.hostPath": "/mnt/dvgt",
+            "imagesPerStep": 24,
+            "overrides[0]": "optim.lr=1e-5",
+            "rbac.create": "true",
+        }
+    )
     job = job_of(docs)
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert job["spec"]["nprocPerNode"] == "4"
-    assert job["spec"]["runPolicy"] == {"cleanPodPolicy": "All", "backoffLimit": 3, "ttlSecondsAfterFinished": 60,
-                                        "activeDeadlineSeconds": 86400, "schedulingPolicy": {
-                                            "minAvailable": 4, "queue": "research", "priorityClass": "high"}}
+    assert job["spec"]["runPolicy"] == {
+        "cleanPodPolicy": "All",
+        "backoffLimit": 3,
+        "ttlSecondsAfterFinished": 60,
+        "activeDeadlineSeconds": 86400,
+        "schedulingPolicy": {"minAvailable": 4, "queue": "research", "priorityClass": "high"},
+    }
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 3)
     assert {r["restartPolicy"] for r in replicas.values()} == {"ExitCode"}
@@ -261,14 +329,19 @@ def test_job_policies_and_placement_reach_the_job():
     assert pod["terminationGracePeriodSeconds"] == 320 and pod["priorityClassName"] == "high"
     assert pod["nodeSelector"] == {"gpu": "a100"} and pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
     assert {"name": "data", "hostPath": {"path": "/mnt/dvgt", "type": "Directory"}} in pod["volumes"]
-    assert {"name": "spill", "persistentVolumeClaim": {"claimName": "spill-claim"}} in pod["volumes"]  # kept by a new pod
+    assert {"name": "spill", "persistentVolumeClaim": {"claimName": "spill-claim"}} in pod[
+        "volumes"
+    ]  # kept by a new pod
     args = trainer(replicas["Worker"]["template"])["args"]
     assert args[0] == "--nproc-per-node=4"
     assert "checkpoint.preemption_budget_s=300" in args and args[-1] == "optim.lr=1e-5"
     assert "max_img_per_gpu=24" in args and "accum_steps=3" in args  # 24 images per step, 8 per forward
     role = next(d for d in docs if d["kind"] == "Role")
-    assert {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs", "pytorchjobs/status"],
-            "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]} in role["rules"]
+    assert {
+        "apiGroups": ["kubeflow.org"],
+        "resources": ["pytorchjobs", "pytorchjobs/status"],
+        "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
+    } in role["rules"]
     assert {d["kind"] for d in docs} >= {"ServiceAccount", "Role", "RoleBinding"}
     for doc in docs:
         if doc["apiVersion"] in CORE_GROUPS:
@@ -280,11 +353,25 @@ def test_data_root_on_s3_gets_a_bounded_cache_and_a_pvc_root_is_mounted_read_onl
     """data.root=s3://...: the trainer reads it through an emptyDir cache of data.s3CacheSize, keeping
     90% of it (data.s3_cache.max_gib), and the pod's ephemeral storage grows by it; the default reads the
     stage config's root on the read-only dataset PVC and renders no cache."""
-    pod = pods_of(job_of(render(**{"data.root": "s3://team-data/dvgt", "data.pvc": "", "data.s3CacheSize": "40Gi",
-                                    "profile": "cpu-test"})))["Master"]
+    pod = pods_of(
+        job_of(
+            render(
+                **{
+                    "data.root": "s3://team-data/dvgt",
+                    "data.pvc": "",
+                    "data.s3CacheSize": "40Gi",
+                    "profile": "cpu-test",
+                }
+            )
+        )
+    )["Master"]
     container = trainer(pod)
     data_args = [a for a in container["args"] if a.startswith("data.")]
-    assert data_args == ["data.root=s3://team-data/dvgt", "data.s3_cache.dir=/data-cache", "data.s3_cache.max_gib=36.00"]
+    assert data_args == [
+        "data.root=s3://team-data/dvgt",
+        "data.s3_cache.dir=/data-cache",
+        "data.s3_cache.max_gib=36.00",
+    ]
     assert {"name": "data-cache", "mountPath": "/data-cache"} in container["volumeMounts"]
     assert {"name": "data-cache", "emptyDir": {"sizeLimit": "40Gi"}} in pod["spec"]["volumes"]
     assert not any(v["name"] == "data" for v in pod["spec"]["volumes"])
@@ -294,9 +381,14 @@ def test_data_root_on_s3_gets_a_bounded_cache_and_a_pvc_root_is_mounted_read_onl
     assert load_config(CONFIG_ROOT / "train/dvgt1/demo.yaml", data_args).data.s3_cache.max_gib == 36.0
 
     default = pods_of(job_of(render()))["Master"]
-    assert {"name": "data", "persistentVolumeClaim": {"claimName": "dvgt-data", "readOnly": True}} in default["spec"]["volumes"]
-    assert not any("data-cache" in str(v) or a.startswith("data.") for v in default["spec"]["volumes"]
-                   for a in trainer(default)["args"])
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "dvgt-data", "readOnly": True}} in default["spec"][
+        "volumes"
+    ]
+    assert not any(
+        "data-cache" in str(v) or a.startswith("data.")
+        for v in default["spec"]["volumes"]
+        for a in trainer(default)["args"]
+    )
 
 
 def test_exporter_sidecar_shares_the_metrics_folder_and_is_scraped():
@@ -313,7 +405,9 @@ def test_exporter_sidecar_shares_the_metrics_folder_and_is_scraped():
     mounts = {c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]} for c in [trainer(pod), sidecar]}
     assert mounts["pytorch"]["metrics"] == mounts["exporter"]["metrics"] == "/metrics"
     assert {"name": "metrics", "emptyDir": {"sizeLimit": "256Mi"}} in pod["spec"]["volumes"]
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "36Gi"}} in pod["spec"]["volumes"]  # 8 x 48 x 96 MiB
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "36Gi"}} in pod["spec"][
+        "volumes"
+    ]  # 8 x 48 x 96 MiB
 
     monitor = next(d for d in docs if d["kind"] == "PodMonitor")
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
@@ -322,10 +416,17 @@ def test_exporter_sidecar_shares_the_metrics_folder_and_is_scraped():
     assert rule["spec"]["groups"] == yaml.safe_load((CHART / "files/prometheus/alerts.yaml").read_text())["groups"]
     dashboard = next(d for d in docs if d["kind"] == "ConfigMap")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(dashboard["data"]["dvgt-training.json"]) == json.loads((CHART / "files/grafana/dvgt-training.json").read_text())
+    assert json.loads(dashboard["data"]["dvgt-training.json"]) == json.loads(
+        (CHART / "files/grafana/dvgt-training.json").read_text()
+    )
 
-    quiet = render(**{"exporter.enabled": "false", "monitoring.prometheusRule.enabled": "false",
-                      "monitoring.dashboard.enabled": "false"})
+    quiet = render(
+        **{
+            "exporter.enabled": "false",
+            "monitoring.prometheusRule.enabled": "false",
+            "monitoring.dashboard.enabled": "false",
+        }
+    )
     assert [d["kind"] for d in quiet] == ["PyTorchJob"]
     assert "initContainers" not in pods_of(job_of(quiet))["Master"]["spec"]
 
@@ -335,35 +436,69 @@ def test_every_value_is_documented_in_the_chart_readme():
 
     def leaves(node, prefix=""):
         for key, value in node.items():
-            if isinstance(value, dict) and value and key not in ("env", "resources", "requests", "limits", "podSecurityContext",
-                                                                 "securityContext", "dns"):
+            if (
+                isinstance(value, dict)
+                and value
+                and key
+                not in ("env", "resources", "requests", "limits", "podSecurityContext", "securityContext", "dns")
+            ):
                 yield from leaves(value, f"{prefix}{key}.")
             else:
                 yield f"{prefix}{key}"
+
     missing = [key for key in leaves(yaml.safe_load((CHART / "values.yaml").read_text())) if f"`{key}`" not in readme]
     assert missing == [], f"values missing from charts/dvgt/README.md: {missing}"
 
 
 def test_chart_ships_inside_the_package(tmp_path):
     """The wheel holds the chart (through the dvgt/k8s/chart link), so the installed package finds its catalog."""
-    subprocess.run([__import__("sys").executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    str(REPO), "-w", str(tmp_path)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            __import__("sys").executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(REPO),
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     import zipfile
+
     names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
-    for path in ("Chart.yaml", "values.yaml", "values.schema.json", "files/catalog.yaml", "templates/_pod.tpl",
-                 "templates/pytorchjob.yaml", ".helmignore"):
+    for path in (
+        "Chart.yaml",
+        "values.yaml",
+        "values.schema.json",
+        "files/catalog.yaml",
+        "templates/_pod.tpl",
+        "templates/pytorchjob.yaml",
+        ".helmignore",
+    ):
         assert f"dvgt/k8s/chart/{path}" in names
 
 
 def test_notes_tell_how_to_follow_the_job():
-    result = helm("install", "nusc", str(CHART), "--dry-run=client", "--set", "stage=finetune-nuscenes", "--set", "nodes=2")
+    result = helm(
+        "install", "nusc", str(CHART), "--dry-run=client", "--set", "stage=finetune-nuscenes", "--set", "nodes=2"
+    )
     assert result.returncode == 0, result.stderr
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "stage finetune-nuscenes (train/dvgt2/default_finetune_nuscenes.yaml)" in notes
     assert "2 pod(s) x 8 process(es), accum_steps 1, checkpoints in s3://dvgt-checkpoints/nusc" in notes
-    for command in ("kubectl get pytorchjob nusc", "kubectl logs -n default -f nusc-master-0 -c pytorch",
-                    "kubectl port-forward -n default pod/nusc-master-0 9400:9400", "dvgt status nusc",
-                    "kubectl create secret generic dvgt-s3"):
+    for command in (
+        "kubectl get pytorchjob nusc",
+        "kubectl logs -n default -f nusc-master-0 -c pytorch",
+        "kubectl port-forward -n default pod/nusc-master-0 9400:9400",
+        "dvgt status nusc",
+        "kubectl create secret generic dvgt-s3",
+    ):
         assert command in notes
 
 
@@ -371,24 +506,40 @@ def test_notes_tell_how_to_follow_the_job():
 # Both APIs against the upstream CRDs (tests/k8s_crds.py): PyTorchJob, and TrainJob with its runtime
 # --------------------------------------------------------------------------------------------
 
+
 def test_every_render_of_both_apis_is_valid_against_the_upstream_crds(linted_and_rendered):
     import k8s_crds
+
     from dvgt.k8s import trainjob
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        trainjobs = dict(zip(MATRIX, pool.map(lambda c: render(stage=c[0], profile=c[1], nodes=2, api="trainjob"), MATRIX)))
+        trainjobs = dict(
+            zip(MATRIX, pool.map(lambda c: render(stage=c[0], profile=c[1], nodes=2, api="trainjob"), MATRIX))
+        )
     for combo in MATRIX:
         k8s_crds.check(linted_and_rendered[combo][1])  # the PyTorchJob, PodMonitor, PrometheusRule, ConfigMap
         docs = trainjobs[combo]
         k8s_crds.check(docs)
-        assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PodMonitor", "PrometheusRule", "TrainJob", "TrainingRuntime"]
+        assert sorted(d["kind"] for d in docs) == [
+            "ConfigMap",
+            "PodMonitor",
+            "PrometheusRule",
+            "TrainJob",
+            "TrainingRuntime",
+        ]
         job = next(d for d in docs if d["kind"] == "TrainJob")
         runtime = trainjob.find_runtime(job, list(docs))
         assert trainjob.admission_errors(job, runtime) == [], combo
         pytorch = trainer(pods_of(job_of(linted_and_rendered[combo][1]))["Master"])
-        node = next(c for c in trainjob.pod_spec(trainjob.node_template(job, runtime))["containers"] if c["name"] == "node")
+        node = next(
+            c for c in trainjob.pod_spec(trainjob.node_template(job, runtime))["containers"] if c["name"] == "node"
+        )
         # one pod template for both kinds: the same command, arguments and resources reach the trainer
-        assert (node["command"], node["args"], node.get("resources")) == (pytorch["command"], pytorch["args"], pytorch.get("resources"))
+        assert (node["command"], node["args"], node.get("resources")) == (
+            pytorch["command"],
+            pytorch["args"],
+            pytorch.get("resources"),
+        )
         # the node pod as Trainer admits it (runtime, the job's patches and trainer fields): `restricted`, no workaround
         admitted = trainjob.node_template(job, runtime)["template"]["spec"]["template"]
         assert pss.violations(admitted["spec"], admitted["metadata"], "restricted") == [], combo
@@ -399,7 +550,11 @@ def test_every_render_of_both_apis_is_valid_against_the_upstream_crds(linted_and
     for stage in STAGES:
         for template in pods_of(load_pytorchjob((REPO / "k8s" / f"{stage}.yaml").read_text())).values():
             assert pss.violations(template["spec"], template["metadata"], "restricted") == [], stage
-        job = next(d for d in yaml.safe_load_all((REPO / "k8s" / "trainjob" / f"{stage}.yaml").read_text()) if d and d["kind"] == "TrainJob")
+        job = next(
+            d
+            for d in yaml.safe_load_all((REPO / "k8s" / "trainjob" / f"{stage}.yaml").read_text())
+            if d and d["kind"] == "TrainJob"
+        )
         assert trainjob.admission_errors(job, runtime) == [] and job["metadata"]["name"] == stage
         assert job["spec"]["trainer"]["numNodes"] == CATALOG.stages[stage].nodes
 
@@ -407,15 +562,30 @@ def test_every_render_of_both_apis_is_valid_against_the_upstream_crds(linted_and
 def test_trainjob_options_render_valid_objects():
     import k8s_crds
 
-    docs = render(api="trainjob", nodes=4, restartPolicy="ExitCode", **{
-        "trainJob.podGroupPolicy": "volcano", "scheduling.queue": "research", "scheduling.kueueQueue": "team-a",
-        "scheduling.kueuePriorityClass": "high", "rdma.enabled": "true", "extraEnv[0].name": "HF_HOME", "extraEnv[0].value": "/cache",
-        "nodeSelector.gpu": "h100", "activeDeadlineSeconds": 3600})
+    docs = render(
+        api="trainjob",
+        nodes=4,
+        restartPolicy="ExitCode",
+        **{
+            "trainJob.podGroupPolicy": "volcano",
+            "scheduling.queue": "research",
+            "scheduling.kueueQueue": "team-a",
+            "scheduling.kueuePriorityClass": "high",
+            "rdma.enabled": "true",
+            "extraEnv[0].name": "HF_HOME",
+            "extraEnv[0].value": "/cache",
+            "nodeSelector.gpu": "h100",
+            "activeDeadlineSeconds": 3600,
+        },
+    )
     k8s_crds.check(docs)
     job, runtime = (next(d for d in docs if d["kind"] == k) for k in ("TrainJob", "TrainingRuntime"))
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
-    assert job["spec"]["trainer"]["env"] == [{"name": "HF_HOME", "value": "/cache"}] and job["spec"]["activeDeadlineSeconds"] == 3600
+    assert (
+        job["spec"]["trainer"]["env"] == [{"name": "HF_HOME", "value": "/cache"}]
+        and job["spec"]["activeDeadlineSeconds"] == 3600
+    )
     assert runtime["spec"]["podGroupPolicy"] == {"volcano": {}}
     assert runtime["spec"]["template"]["metadata"]["annotations"] == {"scheduling.volcano.sh/queue-name": "research"}
     node_job = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]
@@ -423,24 +593,45 @@ def test_trainjob_options_render_valid_objects():
     assert node_job["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == list(range(1, 128))  # ... unless 1-127
     patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     assert patch["template"]["spec"]["template"]["spec"]["nodeSelector"] == {"gpu": "h100"}
-    cluster = render(api="trainjob", **{"trainJob.runtime.kind": "ClusterTrainingRuntime", "trainJob.runtime.name": "dvgt-shared",
-                                        "trainJob.podGroupPolicy": "coscheduling"})
+    cluster = render(
+        api="trainjob",
+        **{
+            "trainJob.runtime.kind": "ClusterTrainingRuntime",
+            "trainJob.runtime.name": "dvgt-shared",
+            "trainJob.podGroupPolicy": "coscheduling",
+        },
+    )
     k8s_crds.check(cluster)
     shared = next(d for d in cluster if d["kind"] == "ClusterTrainingRuntime")
-    assert shared["metadata"]["name"] == "dvgt-shared" and shared["spec"]["podGroupPolicy"]["coscheduling"]["scheduleTimeoutSeconds"] == 60
+    assert (
+        shared["metadata"]["name"] == "dvgt-shared"
+        and shared["spec"]["podGroupPolicy"]["coscheduling"]["scheduleTimeoutSeconds"] == 60
+    )
     assert "annotations" not in shared["metadata"]  # cluster runtimes sort before TrainJobs: no helm hook needed
     assert next(d for d in cluster if d["kind"] == "TrainJob")["spec"]["runtimeRef"] == {
-        "apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "dvgt-shared"}
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+        "name": "dvgt-shared",
+    }
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"api": "tfjob"}, "at '/api': value must be one of 'pytorchjob', 'trainjob'"),
-    ({"api": "trainjob", "nodes": 0}, "at '/nodes': minimum: got 0, want 1"),
-    ({"api": "trainjob", "trainJob.runtime.kind": "Runtime"}, "at '/trainJob/runtime/kind': value must be one of"),
-    ({"api": "trainjob", "restartPolicy": "Always"}, "at '/restartPolicy': value must be one of 'ExitCode', 'OnFailure', 'Never'"),
-    ({"api": "trainjob", "scheduling.minAvailable": 2}, "scheduling.minAvailable is a PyTorchJob setting"),
-    ({"api": "trainjob", "scheduling.queue": "q"}, "scheduling.queue (a Volcano queue) needs trainJob.podGroupPolicy=volcano"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"api": "tfjob"}, "at '/api': value must be one of 'pytorchjob', 'trainjob'"),
+        ({"api": "trainjob", "nodes": 0}, "at '/nodes': minimum: got 0, want 1"),
+        ({"api": "trainjob", "trainJob.runtime.kind": "Runtime"}, "at '/trainJob/runtime/kind': value must be one of"),
+        (
+            {"api": "trainjob", "restartPolicy": "Always"},
+            "at '/restartPolicy': value must be one of 'ExitCode', 'OnFailure', 'Never'",
+        ),
+        ({"api": "trainjob", "scheduling.minAvailable": 2}, "scheduling.minAvailable is a PyTorchJob setting"),
+        (
+            {"api": "trainjob", "scheduling.queue": "q"},
+            "scheduling.queue (a Volcano queue) needs trainJob.podGroupPolicy=volcano",
+        ),
+    ],
+)
 def test_trainjob_bad_values_are_refused_naming_them(values, message):
     result = helm("template", "x", str(CHART), *set_args(values))
     assert result.returncode != 0 and message in result.stderr, result.stderr
@@ -453,12 +644,18 @@ def test_the_optional_data_check_runs_the_trainers_config_before_it(tmp_path, ca
     config and overrides (here run for real, in this process, against the official fixture tree)."""
     import k8s_crds
     from conftest import OFFICIAL_TREE
+
     from dvgt.cli import main
 
-    overrides = [f"data.root={OFFICIAL_TREE}", "data.train.datasets=[{dataset: nuscene, split: train}]",
-                 "data.val.datasets=[{dataset: nuscene, split: val}]"]
+    overrides = [
+        f"data.root={OFFICIAL_TREE}",
+        "data.train.datasets=[{dataset: nuscene, split: train}]",
+        "data.val.datasets=[{dataset: nuscene, split: val}]",
+    ]
     values = tmp_path / "values.yaml"
-    values.write_text(yaml.safe_dump({"nodes": 2, "overrides": overrides, "data": {"check": {"enabled": True, "deep": True}}}))
+    values.write_text(
+        yaml.safe_dump({"nodes": 2, "overrides": overrides, "data": {"check": {"enabled": True, "deep": True}}})
+    )
     result = helm("template", "dvgt-test", str(CHART), "-f", str(values))
     assert result.returncode == 0, result.stderr
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]
@@ -467,15 +664,18 @@ def test_the_optional_data_check_runs_the_trainers_config_before_it(tmp_path, ca
         check = pod["spec"]["initContainers"][0]
         args = trainer(pod)["args"]
         assert check["name"] == "data-check" and check["command"] == ["dvgt", "data", "check"]
-        assert check["args"] == args[args.index("dvgt.train") + 1:] + ["--deep"]
+        assert check["args"] == args[args.index("dvgt.train") + 1 :] + ["--deep"]
         assert {"name": "data", "mountPath": "/workspace/data", "readOnly": True} in check["volumeMounts"]
         assert pss.violations(pod["spec"], pod["metadata"], "restricted") == []
     with pytest.raises(SystemExit) as done:
         main(["data", "check", *check["args"]])
     out = capsys.readouterr().out
     assert done.value.code == 0 and "(deep)" in out and out.count("│ nuscene ") == 2, out
-    assert all(c["name"] != "data-check" for pod in pods_of(job_of(render())).values()
-               for c in pod["spec"].get("initContainers", []))  # off by default
+    assert all(
+        c["name"] != "data-check"
+        for pod in pods_of(job_of(render())).values()
+        for c in pod["spec"].get("initContainers", [])
+    )  # off by default
     on_s3 = render(**{"data.check.enabled": "true", "data.root": "s3://team-data/dvgt", "data.pvc": ""})
     for pod in pods_of(job_of(on_s3)).values():  # an s3:// root: the check reads through the trainer's node cache
         check = pod["spec"]["initContainers"][0]
@@ -485,6 +685,10 @@ def test_the_optional_data_check_runs_the_trainers_config_before_it(tmp_path, ca
     k8s_crds.check(runtime_docs)
     runtime = next(d for d in runtime_docs if d["kind"] == "TrainingRuntime")
     assert "data-check" in json.dumps(runtime["spec"]["template"])
-    shared = helm("template", "x", str(CHART), *set_args({"api": "trainjob", "trainJob.runtime.name": "shared",
-                                                          "data.check.enabled": "true"}))
+    shared = helm(
+        "template",
+        "x",
+        str(CHART),
+        *set_args({"api": "trainjob", "trainJob.runtime.name": "shared", "data.check.enabled": "true"}),
+    )
     assert shared.returncode != 0 and "trainJob.runtime.name shares the runtime between stages" in shared.stderr

@@ -18,21 +18,21 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
+from conftest import free_port, tiny_overrides
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from servers import SeaweedS3
 
-from conftest import free_port, tiny_overrides
 from dvgt.checkpoint import tools
 from dvgt.checkpoint.manager import CheckpointManager, rng_state
-from dvgt.cli import main as cli_main
 from dvgt.checkpoint.safetensors_stream import read_safetensors, read_state, write_safetensors, write_state
 from dvgt.checkpoint.storage import InvalidKeyError, LocalStorage, StorageError, open_storage
+from dvgt.cli import main as cli_main
 from dvgt.config import S3Config, load_config
 from dvgt.models.weights import read_checkpoint
 from dvgt.train import exit_codes
 from dvgt.train.logger import read_log
 from dvgt.train.loop import Trainer, train
-from servers import SeaweedS3
 
 torch.set_num_threads(1)
 DVGT = [sys.executable, "-m", "dvgt"]
@@ -40,9 +40,15 @@ SMALL_PARTS = S3Config(part_size_mb=5, concurrency=3)
 
 
 def sample_tensors():
-    return {"w": torch.randn(300, 7), "half": torch.randn(5).half(), "bf": torch.randn(3, 3).bfloat16(),
-            "count": torch.tensor(4), "mask": torch.tensor([True, False]), "empty": torch.zeros(0, 2),
-            "ids": torch.arange(9, dtype=torch.int32)}
+    return {
+        "w": torch.randn(300, 7),
+        "half": torch.randn(5).half(),
+        "bf": torch.randn(3, 3).bfloat16(),
+        "count": torch.tensor(4),
+        "mask": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 2),
+        "ids": torch.arange(9, dtype=torch.int32),
+    }
 
 
 class Collect(bytearray):
@@ -80,7 +86,9 @@ def test_optimizer_and_rng_state_round_trip_without_pickle():
     assert back["rng"]["python"] == state["rng"]["python"] and math.isnan(back["nan"])
     restored = torch.optim.AdamW(model.parameters(), lr=1e-3)
     restored.load_state_dict(back["optimizer"])
-    assert torch.equal(restored.state_dict()["state"][0]["exp_avg_sq"], optimizer.state_dict()["state"][0]["exp_avg_sq"])
+    assert torch.equal(
+        restored.state_dict()["state"][0]["exp_avg_sq"], optimizer.state_dict()["state"][0]["exp_avg_sq"]
+    )
     with pytest.raises(TypeError, match="'opt.fn' is a builtin_function_or_method"):
         write_state({"opt": {"fn": len}}, Collect())
     with pytest.raises(ValueError, match="not a state file"):
@@ -97,12 +105,12 @@ def test_storage_streams_objects_and_discards_failed_writes(backend, tmp_path, r
     data = os.urandom(12 * 2**20 + 123)  # three parts of 5 MB on S3, the last one short
     with storage.open_write("a/big.bin") as writer:
         for start in range(0, len(data), 3 * 2**20):
-            writer.write(data[start:start + 3 * 2**20])
+            writer.write(data[start : start + 3 * 2**20])
     assert writer.size == len(data)  # one checksum, of the parts in order
     assert writer.digests == {"xxh3_128": xxhash.xxh3_128(data).hexdigest()}
     assert storage.read("a/big.bin") == data
     if backend == "s3":  # parts of one written buffer go up as slices of it; parts gathered from pieces are copied
-        taken = []         # into part buffers, reused from part to part
+        taken = []  # into part buffers, reused from part to part
         take = storage.take_buffer
         storage.take_buffer = lambda: taken.append(1) or take()
         with storage.open_write("a/one.bin") as writer:
@@ -110,16 +118,19 @@ def test_storage_streams_objects_and_discards_failed_writes(backend, tmp_path, r
         assert taken == [] and storage.read("a/one.bin") == data
         with storage.open_write("a/pieces.bin") as writer:
             for start in range(0, len(data), 2**20):
-                writer.write(data[start:start + 2**20])
+                writer.write(data[start : start + 2**20])
         assert len(taken) == 3 and storage.read("a/pieces.bin") == data
         storage.delete_prefix("a/one.bin")
         storage.delete_prefix("a/pieces.bin")
     hasher = xxhash.xxh3_128()  # ranges arrive out of order; the hasher gets them in order
-    assert storage.read("a/big.bin", hasher=hasher, size=len(data)) == data and hasher.hexdigest() == writer.digests["xxh3_128"]
-    assert storage.read_range("a/big.bin", 5 * 2**20 - 3, 10) == data[5 * 2**20 - 3:5 * 2**20 + 7]
+    assert (
+        storage.read("a/big.bin", hasher=hasher, size=len(data)) == data
+        and hasher.hexdigest() == writer.digests["xxh3_128"]
+    )
+    assert storage.read_range("a/big.bin", 5 * 2**20 - 3, 10) == data[5 * 2**20 - 3 : 5 * 2**20 + 7]
     with pytest.raises(RuntimeError, match="serialiser broke"):
         with storage.open_write("a/broken.bin") as writer:
-            writer.write(data[:11 * 2**20])  # two parts already uploaded
+            writer.write(data[: 11 * 2**20])  # two parts already uploaded
             raise RuntimeError("serialiser broke")
     assert storage.list("a") == ["a/big.bin"] and storage.unfinished("") == []
     with pytest.raises(FileNotFoundError, match="a/missing.bin"):
@@ -145,8 +156,14 @@ def test_keys_outside_the_location_are_refused_before_any_read_or_write(backend,
         with pytest.raises(InvalidKeyError):
             storage.open_write(key)
     manager = CheckpointManager(uri, s3=SMALL_PARTS)
-    manager.save(1, model_state={"w": torch.ones(3)}, optimizer_state={"state": {}, "param_groups": []},
-                 trainer_state={"step": 1}, config_yaml="a: 1\n", epoch=0)
+    manager.save(
+        1,
+        model_state={"w": torch.ones(3)},
+        optimizer_state={"state": {}, "param_groups": []},
+        trainer_state={"step": 1},
+        config_yaml="a: 1\n",
+        epoch=0,
+    )
     manifest = json.loads(manager.storage.read("step_00000001/manifest.json"))
     outside = "../../../outside.txt"
     manifest["objects"].append({"key": outside, "size": 7, "xxh3_128": xxhash.xxh3_128(b"secret!").hexdigest()})
@@ -161,8 +178,10 @@ def test_keys_outside_the_location_are_refused_before_any_read_or_write(backend,
 
 
 def s3_run(tiny_data_root, run_dir, uri, **extra):
-    return load_config("train/dvgt1/demo.yaml", tiny_overrides(tiny_data_root, run_dir, **{
-        "checkpoint.uri": uri, "checkpoint.s3.part_size_mb": 5, **extra}))
+    return load_config(
+        "train/dvgt1/demo.yaml",
+        tiny_overrides(tiny_data_root, run_dir, **{"checkpoint.uri": uri, "checkpoint.s3.part_size_mb": 5, **extra}),
+    )
 
 
 def train_losses(run_dir: Path) -> dict:
@@ -188,12 +207,25 @@ def test_resume_through_s3_continues_exactly(s3_env, full_run, tiny_data_root, t
     assert manager.committed_steps() == [2, 3, 4, 6]
     records = [r for r in read_log(full / "train_log.jsonl") if r["kind"] == "checkpoint"]
     assert [r["step"] for r in records] == [2, 3, 4, 6] and {r["outcome"] for r in records} == {"ok"}
-    assert all(r["bytes"] > 0 and r["blocked_s"] >= 0 and r["upload_s"] > 0 and r["cost_s"] >= 0 and r["prune_s"] >= 0
-               and r["where"] == f"s3://ckpt/exact/full/step_{r['step']:08d}" for r in records)
+    assert all(
+        r["bytes"] > 0
+        and r["blocked_s"] >= 0
+        and r["upload_s"] > 0
+        and r["cost_s"] >= 0
+        and r["prune_s"] >= 0
+        and r["where"] == f"s3://ckpt/exact/full/step_{r['step']:08d}"
+        for r in records
+    )
 
     resumed = tmp_path / "resumed"
-    train(s3_run(tiny_data_root, resumed, "s3://ckpt/exact/resumed",
-                 **{"checkpoint.resume_checkpoint_path": "s3://ckpt/exact/full/step_00000002"}))
+    train(
+        s3_run(
+            tiny_data_root,
+            resumed,
+            "s3://ckpt/exact/resumed",
+            **{"checkpoint.resume_checkpoint_path": "s3://ckpt/exact/full/step_00000002"},
+        )
+    )
     expected, got = train_losses(full), train_losses(resumed)
     assert sorted(got) == [3, 4, 5, 6]
     for step in got:
@@ -222,8 +254,13 @@ def test_a_save_retries_through_an_outage_and_commits(own_seaweedfs):
     commits, its event counting the retries, and removes what the failed save and a killed one left."""
     options = S3Config(part_size_mb=5, concurrency=2, max_attempts=1, connect_timeout_s=1)
     manager = CheckpointManager("s3://ckpt/retry", async_mode="wait", s3=options, retry_budget_s=1.0)
-    state = dict(model_state={"w": torch.randn(3 * 2**20)}, optimizer_state={"state": {}, "param_groups": []},
-                 trainer_state={}, config_yaml="a: 1\n", epoch=0)  # 12 MB: a multipart upload
+    state = dict(
+        model_state={"w": torch.randn(3 * 2**20)},
+        optimizer_state={"state": {}, "param_groups": []},
+        trainer_state={},
+        config_yaml="a: 1\n",
+        epoch=0,
+    )  # 12 MB: a multipart upload
     with manager.storage.open_write("step_00000001/model.safetensors") as writer:  # a killed save's leftover
         writer.write(b"half")
     own_seaweedfs.kill()
@@ -259,25 +296,38 @@ class HookedLoader:
 
 
 def test_store_down_to_the_end_the_next_start_uploads_the_final_checkpoint_and_resumes_exactly(
-        own_seaweedfs, full_run, tiny_data_root, tmp_path, capsys):
+    own_seaweedfs, full_run, tiny_data_root, tmp_path, capsys
+):
     """The store dies after the first commit (step 2) and stays down to the end of the run, which is
     preempted after step 5: the saves of steps 3 and 4 retry and fail, the final checkpoint is
     committed to the local spill folder (the run's result says so: exit code 143, retryable), and
     `dvgt ckpt ls --spill` shows it. The store comes back; the next start uploads it before anything
     else, resumes from it and continues exactly as the uninterrupted run did."""
     uri, spill = "s3://ckpt/outage", tmp_path / "spill"
-    settings = {"checkpoint.save_every_steps": 2, "checkpoint.retry_budget_s": 1, "checkpoint.preemption_budget_s": 2,
-                "checkpoint.spill_dir": spill, "checkpoint.s3.max_attempts": 1, "checkpoint.s3.connect_timeout_s": 1}
+    settings = {
+        "checkpoint.save_every_steps": 2,
+        "checkpoint.retry_budget_s": 1,
+        "checkpoint.preemption_budget_s": 2,
+        "checkpoint.spill_dir": spill,
+        "checkpoint.s3.max_attempts": 1,
+        "checkpoint.s3.connect_timeout_s": 1,
+    }
     trainer = Trainer(s3_run(tiny_data_root, tmp_path / "a", uri, **settings))
-    trainer.train_loader = HookedLoader(trainer, {
-        3: lambda: (trainer.checkpoints.wait(60), own_seaweedfs.kill()),  # once step 2 is committed
-        5: lambda: trainer._on_sigterm(signal.SIGTERM, None)})  # (what SIGTERM does)
+    trainer.train_loader = HookedLoader(
+        trainer,
+        {
+            3: lambda: (trainer.checkpoints.wait(60), own_seaweedfs.kill()),  # once step 2 is committed
+            5: lambda: trainer._on_sigterm(signal.SIGTERM, None),
+        },
+    )  # (what SIGTERM does)
     try:
         result = trainer.fit()
     finally:
         trainer.close()
     assert (result["step"], result["preempted"], result["spilled"]) == (5, True, True)
-    events = [(r["step"], r["outcome"]) for r in read_log(tmp_path / "a" / "train_log.jsonl") if r["kind"] == "checkpoint"]
+    events = [
+        (r["step"], r["outcome"]) for r in read_log(tmp_path / "a" / "train_log.jsonl") if r["kind"] == "checkpoint"
+    ]
     assert events[0] == (2, "ok") and {(3, "failed"), (4, "failed")} <= set(events) and events[-1] == (5, "spilled")
 
     own_seaweedfs.start()
@@ -287,7 +337,9 @@ def test_store_down_to_the_end_the_next_start_uploads_the_final_checkpoint_and_r
     capsys.readouterr()
     resumed = Trainer(s3_run(tiny_data_root, tmp_path / "b", uri, **settings))
     try:
-        assert f"uploaded the spilled checkpoint {spill}/step_00000005 to {uri}/step_00000005" in capsys.readouterr().out
+        assert (
+            f"uploaded the spilled checkpoint {spill}/step_00000005 to {uri}/step_00000005" in capsys.readouterr().out
+        )
         assert resumed.step == 5 and not (spill / "step_00000005").exists()
         resumed.fit()
     finally:
@@ -302,8 +354,13 @@ def test_async_skip_mode_counts_a_skipped_save(s3_env, tmp_path):
     release = threading.Event()
     real_open = manager.storage.open_write
     manager.storage.open_write = lambda key, progress=None: (release.wait(60), real_open(key, progress))[1]
-    state = dict(model_state={"w": torch.randn(4)}, optimizer_state={"state": {}, "param_groups": []},
-                 trainer_state={}, config_yaml="a: 1\n", epoch=0)
+    state = dict(
+        model_state={"w": torch.randn(4)},
+        optimizer_state={"state": {}, "param_groups": []},
+        trainer_state={},
+        config_yaml="a: 1\n",
+        epoch=0,
+    )
     manager.save(1, **state)
     skipped = manager.save(2, **state)  # the first is still uploading
     release.set()
@@ -312,8 +369,9 @@ def test_async_skip_mode_counts_a_skipped_save(s3_env, tmp_path):
 
 
 def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([*DVGT, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, **(env or {})))
+    return subprocess.run(
+        [*DVGT, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {}))
+    )
 
 
 def save_small_checkpoints(uri: str, steps, tiny_data_root, tmp_path) -> CheckpointManager:
@@ -387,15 +445,27 @@ def test_pretrained_weights_load_from_s3(s3_env):
         read_checkpoint("s3://ckpt/weights/missing.pt")
 
 
-@pytest.mark.parametrize("env, uri, message, exit_code", [
-    ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "s3://ckpt/x", "credentials were rejected.*AWS_SECRET_ACCESS_KEY",
-     exit_codes.REFUSED),
-    ({}, "s3://no-such-bucket/x", "bucket does not exist", exit_codes.REFUSED),
-    ({"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}"}, "s3://ckpt/x",
-     "cannot reach the S3 endpoint.*AWS_ENDPOINT_URL_S3", exit_codes.TEMPORARY),  # a restart may find it up
-])
-def test_storage_problems_stop_the_trainer_before_training(s3_env, tiny_data_root, tmp_path, monkeypatch, env, uri,
-                                                           message, exit_code):
+@pytest.mark.parametrize(
+    "env, uri, message, exit_code",
+    [
+        (
+            {"AWS_SECRET_ACCESS_KEY": "wrong"},
+            "s3://ckpt/x",
+            "credentials were rejected.*AWS_SECRET_ACCESS_KEY",
+            exit_codes.REFUSED,
+        ),
+        ({}, "s3://no-such-bucket/x", "bucket does not exist", exit_codes.REFUSED),
+        (
+            {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}"},
+            "s3://ckpt/x",
+            "cannot reach the S3 endpoint.*AWS_ENDPOINT_URL_S3",
+            exit_codes.TEMPORARY,
+        ),  # a restart may find it up
+    ],
+)
+def test_storage_problems_stop_the_trainer_before_training(
+    s3_env, tiny_data_root, tmp_path, monkeypatch, env, uri, message, exit_code
+):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     started = time.monotonic()
@@ -407,9 +477,15 @@ def test_storage_problems_stop_the_trainer_before_training(s3_env, tiny_data_roo
 
 
 def test_storage_problem_is_one_clear_cli_line(s3_env, tiny_data_root, tmp_path):
-    done = run_cli("train", "--config=train/dvgt1/demo.yaml", *tiny_overrides(tiny_data_root, tmp_path),
-                   "checkpoint.uri=s3://no-such-bucket/x", env=s3_env.env())
+    done = run_cli(
+        "train",
+        "--config=train/dvgt1/demo.yaml",
+        *tiny_overrides(tiny_data_root, tmp_path),
+        "checkpoint.uri=s3://no-such-bucket/x",
+        env=s3_env.env(),
+    )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert lines == ["error: checkpoint storage s3://no-such-bucket/x: the bucket does not exist; create it or fix "
-                     "checkpoint.uri"], done.stderr
+    assert lines == [
+        "error: checkpoint storage s3://no-such-bucket/x: the bucket does not exist; create it or fix checkpoint.uri"
+    ], done.stderr

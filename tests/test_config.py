@@ -49,7 +49,9 @@ def test_stage_specific_values_follow_the_official_configs():
     assert load_config(STAGE_CONFIGS["dvgt2-pretrain"]).model.name == "dvgt2_pretrain"
     default = load_config(STAGE_CONFIGS["dvgt1-default"]).data
     assert [(e.dataset, e.split, e.dataset_len) for e in default.train.datasets][:2] == [
-        ("openscene", "total_train", 1937600), ("nuscene", "train", 140000)]  # the official mix and weights
+        ("openscene", "total_train", 1937600),
+        ("nuscene", "train", 140000),
+    ]  # the official mix and weights
     assert default.val.clip_split == "DVGT1" and default.val.fixed_num_frames == 16 and default.val.filter_lidar
 
 
@@ -73,20 +75,23 @@ def test_working_directory_config_with_defaults(tmp_path, monkeypatch):
     assert cfg.logging.log_dir == "runs/mine"  # interpolation resolved after the merge
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("optim.lrr=1e-4", "unknown config key 'optim.lrr'.*did you mean 'optim.lr'"),
-    ("model.sise=small", "did you mean 'model.size'"),
-    ("checkpoint.save_dir=/ckpt", "it is called 'checkpoint.uri' here"),
-    ("loss.gt_scale_factor=1.0", "it is called 'gt_scale_factor' here"),
-    ("data.train.clip_split=DVGT3", "data.train.clip_split 'DVGT3' is not one of"),
-    ("data.train.datasets.0.dataset=nuscenes", "'nuscenes' is not an official dataset name"),
-    ("max_epochs=ten", "'max_epochs'.*expects int"),
-    ("model.gradient_checkpointing=maybe", "'model.gradient_checkpointing'.*expects bool"),
-    ("data.train.views=[4,2]", r"data.train.views must be \[min, max\]"),
-    ("model.name=dvgt3", "model.name 'dvgt3' is not one of"),
-    ("accum_steps=0", "accum_steps must be >= 1"),
-    ("optim.lr", "must look like key.path=value"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lrr=1e-4", "unknown config key 'optim.lrr'.*did you mean 'optim.lr'"),
+        ("model.sise=small", "did you mean 'model.size'"),
+        ("checkpoint.save_dir=/ckpt", "it is called 'checkpoint.uri' here"),
+        ("loss.gt_scale_factor=1.0", "it is called 'gt_scale_factor' here"),
+        ("data.train.clip_split=DVGT3", "data.train.clip_split 'DVGT3' is not one of"),
+        ("data.train.datasets.0.dataset=nuscenes", "'nuscenes' is not an official dataset name"),
+        ("max_epochs=ten", "'max_epochs'.*expects int"),
+        ("model.gradient_checkpointing=maybe", "'model.gradient_checkpointing'.*expects bool"),
+        ("data.train.views=[4,2]", r"data.train.views must be \[min, max\]"),
+        ("model.name=dvgt3", "model.name 'dvgt3' is not one of"),
+        ("accum_steps=0", "accum_steps must be >= 1"),
+        ("optim.lr", "must look like key.path=value"),
+    ],
+)
 def test_bad_overrides_name_the_key_and_the_fix(override, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config("train/dvgt1/demo.yaml", [override])
@@ -94,8 +99,11 @@ def test_bad_overrides_name_the_key_and_the_fix(override, expected):
 
 def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
     path = tmp_path / "typo.yaml"
-    path.write_text("defaults: [train/dvgt1/demo.yaml]\nmax_epoch: 3\n".replace(
-        "train/dvgt1/demo.yaml", str(Path(str(CONFIG_ROOT)) / "train/dvgt1/demo.yaml")))
+    path.write_text(
+        "defaults: [train/dvgt1/demo.yaml]\nmax_epoch: 3\n".replace(
+            "train/dvgt1/demo.yaml", str(Path(str(CONFIG_ROOT)) / "train/dvgt1/demo.yaml")
+        )
+    )
     with pytest.raises(ConfigError, match=r"unknown config key 'max_epoch' in .*typo.yaml.*'max_epochs'"):
         load_config(str(path))
 

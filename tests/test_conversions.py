@@ -19,7 +19,13 @@ from safetensors.torch import save_file
 from dvgt.config import ModelConfig
 from dvgt.models import build_model, load_weights
 from dvgt.models.conversions import (
-    DVGT2_STAGE1, VGGT, convert_for, detect_source, dvgt2_stage1_to_stage2, initialise_from_pretrained, vggt_to_dvgt1,
+    DVGT2_STAGE1,
+    VGGT,
+    convert_for,
+    detect_source,
+    dvgt2_stage1_to_stage2,
+    initialise_from_pretrained,
+    vggt_to_dvgt1,
     vggt_to_dvgt2,
 )
 
@@ -47,8 +53,10 @@ def mapped_key(key: str) -> tuple:
         stacks = ["intra_view"] if block.group(1) == "frame" else ["cross_view", "cross_frame"]
         targets = [f"aggregator.{s}_blocks.{block.group(2)}" for s in stacks]
         return targets, targets
-    tokens = {"aggregator.camera_token": "aggregator.ego_pose_token",
-              "aggregator.register_token": "aggregator.register_token"}
+    tokens = {
+        "aggregator.camera_token": "aggregator.ego_pose_token",
+        "aggregator.register_token": "aggregator.register_token",
+    }
     return ([tokens[key]] if key in tokens else []), []
 
 
@@ -62,8 +70,10 @@ def vggt_full_meta():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target, convert, rules", [
-    ("dvgt1", vggt_to_dvgt1, 0), ("dvgt2", vggt_to_dvgt2, 1), ("dvgt2_pretrain", vggt_to_dvgt2, 1)])
+@pytest.mark.parametrize(
+    "target, convert, rules",
+    [("dvgt1", vggt_to_dvgt1, 0), ("dvgt2", vggt_to_dvgt2, 1), ("dvgt2_pretrain", vggt_to_dvgt2, 1)],
+)
 def test_vggt_full_layout_maps_onto_the_target_layout(vggt_full_meta, target, convert, rules):
     layout = reference_layout(target)
     conversion = convert(vggt_full_meta)
@@ -129,15 +139,21 @@ def test_vggt_weights_initialise_dvgt1_exactly_per_the_mapping(tmp_path):
             assert torch.equal(value, source[origin[key]]), key
         else:
             assert torch.equal(value, before[key]), f"{key} should keep its initialisation"
-    assert torch.equal(after["aggregator.cross_view_blocks.2.attn.qkv.weight"],
-                       after["aggregator.cross_frame_blocks.2.attn.qkv.weight"])
+    assert torch.equal(
+        after["aggregator.cross_view_blocks.2.attn.qkv.weight"],
+        after["aggregator.cross_frame_blocks.2.attn.qkv.weight"],
+    )
     summary = report.summary()
     assert "frame blocks -> intra-view" in conversion.description
     assert f"loaded {len(origin)} of {len(after)} model entries" in summary
-    assert re.search(r"ignored \(not used by VGGT-1B -> dvgt1\): aggregator\.\* \(\d+\), camera_head\.\* \(\d+\), "
-                     r"point_head\.\* \(\d+\)", summary)
+    assert re.search(
+        r"ignored \(not used by VGGT-1B -> dvgt1\): aggregator\.\* \(\d+\), camera_head\.\* \(\d+\), "
+        r"point_head\.\* \(\d+\)",
+        summary,
+    )
     assert {k for k in conversion.dropped if k.startswith("aggregator.")} == {
-        k for k in source if k.startswith("aggregator.patch_embed.")}  # DINOv2 is not DVGT-1's backbone
+        k for k in source if k.startswith("aggregator.patch_embed.")
+    }  # DINOv2 is not DVGT-1's backbone
     assert re.search(r"missing \(in the model, not in the file\): .*ego_pose_head\.\* \(", summary)
 
 
@@ -203,20 +219,28 @@ def test_vggt_checkpoint_with_depth_and_track_heads_loads_into_vggt(tmp_path, st
 
 def test_trainer_initialises_dvgt1_from_vggt_weights(tiny_data_root, tmp_path, capsys):
     from conftest import tiny_overrides
+
     from dvgt.config import load_config
     from dvgt.train.loop import Trainer
 
     source = random_tiny_vggt_state()
     path = tmp_path / "model.safetensors"
     save_file(source, str(path))
-    cfg = load_config("train/dvgt1/demo.yaml", tiny_overrides(tiny_data_root, tmp_path / "run", **{
-        "checkpoint.load_pretrained_weights_path": path, "limit_val_batches": 0}))
+    cfg = load_config(
+        "train/dvgt1/demo.yaml",
+        tiny_overrides(
+            tiny_data_root,
+            tmp_path / "run",
+            **{"checkpoint.load_pretrained_weights_path": path, "limit_val_batches": 0},
+        ),
+    )
     trainer = Trainer(cfg)
     try:
         state = trainer.model.state_dict()
         assert torch.equal(state["aggregator.ego_pose_token"], source["aggregator.camera_token"])
-        assert torch.equal(state["aggregator.cross_frame_blocks.3.mlp.fc2.bias"],
-                           source["aggregator.global_blocks.3.mlp.fc2.bias"])
+        assert torch.equal(
+            state["aggregator.cross_frame_blocks.3.mlp.fc2.bias"], source["aggregator.global_blocks.3.mlp.fc2.bias"]
+        )
     finally:
         trainer.close()
     printed = capsys.readouterr().out

@@ -12,8 +12,15 @@ from dvgt.config import DataConfig, DatasetEntry
 from dvgt.data import format as fmt
 from dvgt.data import synthetic
 from dvgt.data.augment import ColorJitter, adjust_hue, grey, to_tensors
-from dvgt.data.geometry import (absT_quaR_to_pose, inverse_pose, pose_to_absT_quaR, project_points,
-                                quaternion_to_rotation, rotation_to_quaternion, transform_points)
+from dvgt.data.geometry import (
+    absT_quaR_to_pose,
+    inverse_pose,
+    pose_to_absT_quaR,
+    project_points,
+    quaternion_to_rotation,
+    rotation_to_quaternion,
+    transform_points,
+)
 from dvgt.data.loader import build_eval_loader, build_train_loader, load_clip, open_datasets
 from dvgt.data.sampler import EvaluationSampler, GroupedBatchSampler
 from dvgt.data.scene_dataset import ALL_TARGETS, DatasetSpec, SampleRequest, SceneDataset
@@ -29,8 +36,15 @@ def synthetic_root(tmp_path_factory):
 
 
 def spec(root, **changes) -> DatasetSpec:
-    values = dict(root=root, parquet=fmt.Tree(root, "demo").parquet("train"), clip_split="DVGT1", fixed_num_frames=4,
-                  fixed_aspect_ratio=2.0, image_width=128, patch_size=16)
+    values = dict(
+        root=root,
+        parquet=fmt.Tree(root, "demo").parquet("train"),
+        clip_split="DVGT1",
+        fixed_num_frames=4,
+        fixed_aspect_ratio=2.0,
+        image_width=128,
+        patch_size=16,
+    )
     return DatasetSpec(**{**values, **changes})
 
 
@@ -41,9 +55,18 @@ def evaluation_set(synthetic_root):
 
 @pytest.fixture(scope="session")
 def training_set(synthetic_root):
-    return SceneDataset(spec(synthetic_root, mode="train", clip_split="default_train", fixed_num_frames=0,
-                             fixed_aspect_ratio=0.0, aug_pixel_aspect_range=(0.8, 1.0), aug_safe_scales=(0.8, 1.2),
-                             random_resize=True))
+    return SceneDataset(
+        spec(
+            synthetic_root,
+            mode="train",
+            clip_split="default_train",
+            fixed_num_frames=0,
+            fixed_aspect_ratio=0.0,
+            aug_pixel_aspect_range=(0.8, 1.0),
+            aug_safe_scales=(0.8, 1.2),
+            random_resize=True,
+        )
+    )
 
 
 def data_config(root, **train):
@@ -60,9 +83,19 @@ def data_config(root, **train):
 def train_loader(root, steps=3, num_workers=0, **train):
     cfg = data_config(root, **{"views": [2, 3], **train})
     datasets = open_datasets(cfg, "train", patch_size=16, gt_scale_factor=0.1, targets=ALL_TARGETS)
-    return build_train_loader(cfg, datasets, max_img_per_gpu=12, seed=3, rank=0, world_size=1, num_workers=num_workers,
-                              pin_memory=False, prefetch_factor=2, persistent_workers=num_workers > 0,
-                              steps_per_epoch=steps)
+    return build_train_loader(
+        cfg,
+        datasets,
+        max_img_per_gpu=12,
+        seed=3,
+        rank=0,
+        world_size=1,
+        num_workers=num_workers,
+        pin_memory=False,
+        prefetch_factor=2,
+        persistent_workers=num_workers > 0,
+        steps_per_epoch=steps,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,8 +196,11 @@ def test_every_surface_is_on_or_above_the_ground(evaluation_set):
 def test_poses_and_points_of_a_sample_agree(evaluation_set):
     """Points in the first frame's ego are the frame's own points moved by ego_n_to_ego_first; the first
     camera's frame by ego_first_to_cam_n; poses chain through ego_past_to_ego_curr."""
-    s = {k: torch.from_numpy(v).double() for k, v in evaluation_set[1].items() if isinstance(v, np.ndarray)
-         and v.dtype.kind == "f"}
+    s = {
+        k: torch.from_numpy(v).double()
+        for k, v in evaluation_set[1].items()
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f"
+    }
     moved = transform_points(s["ego_n_to_ego_first"][:, None], s["points_in_ego_n"])
     assert torch.allclose(moved, s["points_in_ego_first"], atol=1e-4)
     in_cam0 = transform_points(s["ego_first_to_cam_n"][0, 0], s["points_in_ego_first"])
@@ -233,8 +269,9 @@ def test_fixed_views_take_every_camera_in_order(synthetic_root):
 
 
 def test_future_frames_give_the_planning_targets(synthetic_root):
-    dataset = SceneDataset(spec(synthetic_root, clip_split="DVGT2", fixed_num_frames=2, future_frames=3,
-                                gt_scale_factor=0.1))
+    dataset = SceneDataset(
+        spec(synthetic_root, clip_split="DVGT2", fixed_num_frames=2, future_frames=3, gt_scale_factor=0.1)
+    )
     assert len(dataset.sequences) == 3 * (8 - 5 + 1)
     sample = dataset[0]
     future = sample["future_ego_n_to_ego_curr"]  # [T, 3, 4, 4]: the next 3 frames of each input frame
@@ -254,7 +291,7 @@ def test_colour_jitter_is_seeded_stays_in_range_and_changes_images():
     jitter = ColorJitter()
     a = jitter(images, torch.Generator().manual_seed(5))
     b = jitter(images, torch.Generator().manual_seed(5))
-    assert torch.equal(a, b) and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
     changed = [not torch.equal(jitter(images, torch.Generator().manual_seed(s)), images) for s in range(20)]
     assert sum(changed) >= 15  # applied with probability 0.9
     always_co = ColorJitter(p=1.0, cojitter_ratio=-1.0, hue=0.0, gray_scale=False, contrast=0.0, saturation=0.0)
@@ -288,8 +325,15 @@ class FakeSource:
 
 
 def make_sampler(**overrides):
-    kwargs = dict(datasets=[FakeSource("a", length=300), FakeSource("b", cameras=2, max_frames=3, length=100)],
-                  views=[2, 6], min_frames=2, aspect_ratio=[1.6, 3.3], max_img_per_gpu=48, steps_per_epoch=20, seed=11)
+    kwargs = dict(
+        datasets=[FakeSource("a", length=300), FakeSource("b", cameras=2, max_frames=3, length=100)],
+        views=[2, 6],
+        min_frames=2,
+        aspect_ratio=[1.6, 3.3],
+        max_img_per_gpu=48,
+        steps_per_epoch=20,
+        seed=11,
+    )
     kwargs.update(overrides)
     return GroupedBatchSampler(kwargs.pop("datasets"), **kwargs)
 
@@ -372,7 +416,7 @@ def test_training_batches_follow_the_sampler(synthetic_root):
         assert batch["images"].shape == (B, r.frames, r.views, 3, H, 128) and batch["images"].dtype == torch.float32
         assert batch["points_in_ego_first"].shape == (B, r.frames, r.views, H, 128, 3)
         assert batch["ego_n_to_ego_first"].shape == (B, r.frames, 4, 4) and batch["dataset"] == ["demo"] * B
-        assert 0 <= batch["images"].min() and batch["images"].max() <= 1
+        assert batch["images"].min() >= 0 and batch["images"].max() <= 1
     assert step == 2
 
 
@@ -381,8 +425,11 @@ def test_workers_give_the_same_batches_as_the_main_process(synthetic_root):
     for expected, batch in zip(in_process, train_loader(synthetic_root, steps=3, num_workers=2), strict=True):
         assert batch.keys() == expected.keys()
         for key in expected:
-            assert torch.equal(batch[key], expected[key]) if isinstance(batch[key], torch.Tensor) \
+            assert (
+                torch.equal(batch[key], expected[key])
+                if isinstance(batch[key], torch.Tensor)
                 else batch[key] == expected[key]
+            )
 
 
 def test_training_loader_resumes_mid_epoch(synthetic_root):

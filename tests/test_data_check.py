@@ -7,15 +7,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from conftest import OFFICIAL_TREE
+from PIL import Image
+from test_official_data import official_tree_overrides
+
 from dvgt.cli import main
 from dvgt.config import load_config
 from dvgt.data import format as fmt
 from dvgt.data.check import DataCheckError, Target, check_target, present, targets_of_tree
 from dvgt.train.exit_codes import REFUSED, for_error
-from test_official_data import official_tree_overrides
 
 
 def run_check(capsys, *args) -> tuple[int, str]:
@@ -53,8 +53,21 @@ def test_the_official_tree_passes_with_its_counts(capsys):
         line = next(line for line in out.splitlines() if f"│ {dataset} " in line and f" {split} " in line)
         cells = [cell.strip() for cell in line.strip("│ ").split("│")]
         # dataset, split, status, scenes, frames, cameras, rows, images present/missing/unreadable, depths ...
-        assert cells == [dataset, split, "ok", str(scenes), str(frames), str(cameras), str(raw.num_rows),
-                         str(raw.num_rows), "0", "-", str(raw.num_rows), "0", "-"], line
+        assert cells == [
+            dataset,
+            split,
+            "ok",
+            str(scenes),
+            str(frames),
+            str(cameras),
+            str(raw.num_rows),
+            str(raw.num_rows),
+            "0",
+            "-",
+            str(raw.num_rows),
+            "0",
+            "-",
+        ], line
 
 
 def test_deep_check_of_the_official_split_passes(capsys):
@@ -96,8 +109,12 @@ def test_a_nan_extrinsic_is_named_with_its_row(tree, capsys):
     raw = pq.read_table(parquet)
     extrinsics = raw.column("extrinsics").to_pylist()
     extrinsics[7][3] = float("nan")
-    pq.write_table(raw.set_column(raw.column_names.index("extrinsics"), "extrinsics",
-                                  pa.array(extrinsics, pa.list_(pa.float64()))), parquet)
+    pq.write_table(
+        raw.set_column(
+            raw.column_names.index("extrinsics"), "extrinsics", pa.array(extrinsics, pa.list_(pa.float64()))
+        ),
+        parquet,
+    )
     code, out = run_check(capsys, tree, "--split", "val")
     assert code == 1
     assert f"parquet '{parquet}': column 'extrinsics' holds a non-finite value in row 7" in out
@@ -123,8 +140,10 @@ def test_an_undecodable_image_and_a_skewed_rotation_fail_the_deep_check(tree):
     raw = pq.read_table(parquet)
     poses = raw.column("ego_to_world").to_pylist()
     poses[11][0] *= 1.1  # a scaled first rotation row: finite, not orthonormal
-    pq.write_table(raw.set_column(raw.column_names.index("ego_to_world"), "ego_to_world",
-                                  pa.array(poses, pa.list_(pa.float64()))), parquet)
+    pq.write_table(
+        raw.set_column(raw.column_names.index("ego_to_world"), "ego_to_world", pa.array(poses, pa.list_(pa.float64()))),
+        parquet,
+    )
     assert check_target(Target(tree, "nuscene", "val")).ok  # both pass the quick check
     report = check_target(Target(tree, "nuscene", "val"), deep=True)
     assert report.images.unreadable == 1 and report.num_problems == 2
@@ -158,13 +177,24 @@ def test_the_trainer_refuses_a_broken_root_before_building_the_model(tree, tmp_p
     filename = nuscene_val(tree).filename[0].as_py()
     fmt.Tree(tree, "nuscene").image(filename).unlink()
     overrides = [o for o in official_tree_overrides(tmp_path / "run") if not o.startswith("data.train.datasets")]
-    cfg = load_config("train/dvgt1/default.yaml",
-                      [*overrides, f"data.root={tree}", "data.train.datasets=[{dataset: nuscene, split: train}]"])
+    cfg = load_config(
+        "train/dvgt1/default.yaml",
+        [*overrides, f"data.root={tree}", "data.train.datasets=[{dataset: nuscene, split: train}]"],
+    )
     monkeypatch.setattr(loop, "build_model", lambda *_: pytest.fail("the model was built before the data check"))
-    with pytest.raises(DataCheckError, match=rf"data root '{tree}' fails the data check \(1 problem\(s\) in "
-                                             rf"nuscene_val\), first: image file '.*{filename}.jpg' is missing"):
+    with pytest.raises(
+        DataCheckError,
+        match=rf"data root '{tree}' fails the data check \(1 problem\(s\) in "
+        rf"nuscene_val\), first: image file '.*{filename}.jpg' is missing",
+    ):
         loop.train(cfg)
     assert for_error(DataCheckError("x")) == REFUSED  # exit code 2: a restart cannot fix the tree
-    code, out = run_check(capsys, "--config", "train/dvgt1/default.yaml", *overrides, f"data.root={tree}",
-                          "data.train.datasets=[{dataset: nuscene, split: train}]")
+    code, out = run_check(
+        capsys,
+        "--config",
+        "train/dvgt1/default.yaml",
+        *overrides,
+        f"data.root={tree}",
+        "data.train.datasets=[{dataset: nuscene, split: train}]",
+    )
     assert code == 1 and "nuscene_val" not in out and f"{filename}.jpg' is missing" in out

@@ -9,30 +9,54 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import OFFICIAL_TREE
+
 from dvgt.data import format as fmt
 from dvgt.data.scene_dataset import DatasetSpec, SceneDataset
-from dvgt.data.scenes import (NAVTRAIN_FUTURE, NAVTRAIN_HISTORY, PLANNING_FUTURE, PLANNING_HISTORY, build_scenes,
-                              split_sequences)
+from dvgt.data.scenes import (
+    NAVTRAIN_FUTURE,
+    NAVTRAIN_HISTORY,
+    PLANNING_FUTURE,
+    PLANNING_HISTORY,
+    build_scenes,
+    split_sequences,
+)
 from dvgt.data.synthetic import generate_synthetic_dataset
 
-CLIPS = [("default_train", 1, 0, 0), ("DVGT1", 1, 4, 0), ("DVGT1", 5, 3, 0), ("long", 2, 2, 1), ("DVGT2", 1, 3, 2),
-         ("DVGT2", 5, 1, 1), ("nuscenes_planning", 1, 0, 0)]  # (split type, step, fixed_num_frames, future_frames)
+CLIPS = [
+    ("default_train", 1, 0, 0),
+    ("DVGT1", 1, 4, 0),
+    ("DVGT1", 5, 3, 0),
+    ("long", 2, 2, 1),
+    ("DVGT2", 1, 3, 2),
+    ("DVGT2", 5, 1, 1),
+    ("nuscenes_planning", 1, 0, 0),
+]  # (split type, step, fixed_num_frames, future_frames)
 
 
 def reference_scenes(table: fmt.Table, dataset: str) -> list[tuple[str, list[int], list[list[int]]]]:
     """(name, frames, rows [F][C]) per scene by name, from a dict of every row."""
     cells: dict = {}
-    for row, (scene, frame, camera) in enumerate(zip(table.scene_id.to_pylist(), table.frame_idx.tolist(),
-                                                     table.cam_type.to_pylist())):
+    for row, (scene, frame, camera) in enumerate(
+        zip(table.scene_id.to_pylist(), table.frame_idx.tolist(), table.cam_type.to_pylist())
+    ):
         cells.setdefault(scene, {}).setdefault(frame, {})[camera] = row
-    return [(name, sorted(frames), [[frames[f][c] for c in fmt.CAMERAS[dataset]] for f in sorted(frames)])
-            for name, frames in sorted(cells.items())]
+    return [
+        (name, sorted(frames), [[frames[f][c] for c in fmt.CAMERAS[dataset]] for f in sorted(frames)])
+        for name, frames in sorted(cells.items())
+    ]
 
 
-def reference_sequences(scenes, table: fmt.Table, dataset: str, split_type: str, step: int, frames: int,
-                        future: int, scene_filter: Path | None) -> list[tuple[str, int, list[int]]]:
+def reference_sequences(
+    scenes,
+    table: fmt.Table,
+    dataset: str,
+    split_type: str,
+    step: int,
+    frames: int,
+    future: int,
+    scene_filter: Path | None,
+) -> list[tuple[str, int, list[int]]]:
     """The module docstring's clip rules, one loop per scene (navtrain: per filter token)."""
     tokens = table.frame_token.to_pylist() if table.frame_token is not None else None
     first_camera = int(np.argmin(list(fmt.CAMERAS[dataset])))  # the smallest raw camera name
@@ -43,16 +67,16 @@ def reference_sequences(scenes, table: fmt.Table, dataset: str, split_type: str,
             out.append((scene, index, scene_frames))
         elif split_type in ("DVGT1", "long"):
             length = frames + (future if split_type == "long" else 0)
-            chunks = [sampled[k:k + length] for k in range(0, len(sampled), length)]
+            chunks = [sampled[k : k + length] for k in range(0, len(sampled), length)]
             for k, clip in enumerate(chunks[:1] if split_type == "long" else chunks):
                 out.append((f"{dataset}#{scene}#{k}#cliplen#{len(clip)}", index, clip))
         elif split_type == "DVGT2":
             window = frames + future
             for i in range(len(sampled) - window + 1):
-                out.append((f"{dataset}#{scene}#{i}#window#{window}", index, sampled[i:i + window]))
+                out.append((f"{dataset}#{scene}#{i}#window#{window}", index, sampled[i : i + window]))
         elif split_type == "nuscenes_planning":
             for i in range(len(sampled) - PLANNING_HISTORY - PLANNING_FUTURE + 1):
-                clip = sampled[i:i + PLANNING_HISTORY + PLANNING_FUTURE]
+                clip = sampled[i : i + PLANNING_HISTORY + PLANNING_FUTURE]
                 current = rows[scene_frames.index(clip[PLANNING_HISTORY - 1])]
                 out.append((tokens[current[first_camera]], index, clip))
     if split_type == "navtrain":
@@ -79,8 +103,11 @@ def generated_tree(tmp_path_factory):
 
 def parquets(generated_tree: Path) -> list[tuple[Path, Path]]:
     """(tree root, parquet) of every official fixture parquet and the generator's."""
-    return [(tree, path) for tree in (OFFICIAL_TREE, generated_tree)
-            for path in sorted((tree / fmt.FILTERED_META_DIR).glob("*.parquet"))]
+    return [
+        (tree, path)
+        for tree in (OFFICIAL_TREE, generated_tree)
+        for path in sorted((tree / fmt.FILTERED_META_DIR).glob("*.parquet"))
+    ]
 
 
 def test_the_flat_index_holds_the_scenes_and_sequences_of_per_row_loops(generated_tree):
@@ -95,11 +122,20 @@ def test_the_flat_index_holds_the_scenes_and_sequences_of_per_row_loops(generate
             if split_type in ("nuscenes_planning", "navtrain") and table.frame_token is None:
                 continue
             scene_filter = fmt.Tree(tree, dataset).scene_filter(split_type)
-            sequences = split_sequences(scenes, table, dataset, split_type, step=step, fixed_num_frames=frames,
-                                        future_frames=future, scene_filter=scene_filter)
+            sequences = split_sequences(
+                scenes,
+                table,
+                dataset,
+                split_type,
+                step=step,
+                fixed_num_frames=frames,
+                future_frames=future,
+                scene_filter=scene_filter,
+            )
             ours = [(s.name, s.scene, s.frames.tolist()) for s in sequences]
-            assert ours == reference_sequences(expected, table, dataset, split_type, step, frames, future,
-                                               scene_filter), (path.name, split_type, step)
+            assert ours == reference_sequences(
+                expected, table, dataset, split_type, step, frames, future, scene_filter
+            ), (path.name, split_type, step)
             if ours:
                 checked.add((dataset, split_type))
     assert {d for d, _ in checked} == {"nuscene", "kitti", "openscene", "demo"}
@@ -123,11 +159,18 @@ def write_demo_table(root: Path, scenes: int, frames: int) -> Path:
     n = scenes * frames * len(cameras)
     cells = np.arange(n)
     pose = np.tile(np.eye(4)[:3].reshape(-1), (n, 1))
-    return fmt.write_table(fmt.Tree(root, "demo").parquet("val"), {
-        "scene_id": [f"scene-{c // (frames * len(cameras))}" for c in cells],
-        "frame_idx": cells // len(cameras) % frames, "cam_type": [cameras[c % len(cameras)] for c in cells],
-        "filename": [f"f{c}" for c in cells], "intrinsics": np.tile(np.eye(3).reshape(-1), (n, 1)),
-        "extrinsics": pose, "ego_to_world": pose})
+    return fmt.write_table(
+        fmt.Tree(root, "demo").parquet("val"),
+        {
+            "scene_id": [f"scene-{c // (frames * len(cameras))}" for c in cells],
+            "frame_idx": cells // len(cameras) % frames,
+            "cam_type": [cameras[c % len(cameras)] for c in cells],
+            "filename": [f"f{c}" for c in cells],
+            "intrinsics": np.tile(np.eye(3).reshape(-1), (n, 1)),
+            "extrinsics": pose,
+            "ego_to_world": pose,
+        },
+    )
 
 
 def test_the_index_holds_the_same_number_of_python_objects_for_any_number_of_rows(tmp_path):
@@ -137,9 +180,16 @@ def test_the_index_holds_the_same_number_of_python_objects_for_any_number_of_row
     for scenes, frames in ((1, 6), (30, 20)):
         root = tmp_path / f"{scenes}x{frames}"
         write_demo_table(root, scenes, frames)
-        dataset = SceneDataset(DatasetSpec(root=root, parquet=fmt.Tree(root, "demo").parquet("val"),
-                                           clip_split="DVGT2", fixed_num_frames=2, future_frames=1,
-                                           targets=frozenset({"depths"})))
+        dataset = SceneDataset(
+            DatasetSpec(
+                root=root,
+                parquet=fmt.Tree(root, "demo").parquet("val"),
+                clip_split="DVGT2",
+                fixed_num_frames=2,
+                future_frames=1,
+                targets=frozenset({"depths"}),
+            )
+        )
         counts.append((len(dataset.sequences), python_objects(dataset)))
     assert counts[0][0] == 4 and counts[1][0] == 30 * 18
     assert counts[0][1] == counts[1][1]

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import OFFICIAL_OUTPUTS, OFFICIAL_TREE
+from omegaconf import OmegaConf
+from test_official_data import official_tree_overrides
+
 from dvgt.checkpoint.storage import StorageError
 from dvgt.cli import main as cli_main
 from dvgt.config import S3CacheConfig, load_config
@@ -22,7 +23,6 @@ from dvgt.data.dump import dump_samples
 from dvgt.data.remote import NodeCache, open_root
 from dvgt.train.logger import read_log
 from dvgt.train.loop import train
-from test_official_data import official_tree_overrides
 
 BUCKET, PREFIX = "dvgt-data", "release/official"
 ROOT = f"s3://{BUCKET}/{PREFIX}"
@@ -46,8 +46,11 @@ def s3_tree(seaweedfs):
         seaweedfs.make_bucket(BUCKET)
         files = [p for p in OFFICIAL_TREE.rglob("*") if p.is_file()]
         with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda p: client.upload_file(str(p), BUCKET, f"{PREFIX}/{p.relative_to(OFFICIAL_TREE)}"),
-                          files))
+            list(
+                pool.map(
+                    lambda p: client.upload_file(str(p), BUCKET, f"{PREFIX}/{p.relative_to(OFFICIAL_TREE)}"), files
+                )
+            )
         yield seaweedfs
 
 
@@ -89,11 +92,19 @@ def test_two_training_steps_from_s3_match_the_local_run(s3_tree, tmp_path):
     losses = {}
     for name, root, workers in (("local", OFFICIAL_TREE, 0), ("s3", ROOT, 2)):
         overrides = official_tree_overrides(tmp_path / name) + [
-            f"data.root={root}", "limit_val_batches=0", f"num_workers={workers}", "logging.progress=false",
-            f"data.s3_cache.dir={tmp_path / 'cache'}", f"data.s3_cache.max_gib={1e6 / 2**30}"]
+            f"data.root={root}",
+            "limit_val_batches=0",
+            f"num_workers={workers}",
+            "logging.progress=false",
+            f"data.s3_cache.dir={tmp_path / 'cache'}",
+            f"data.s3_cache.max_gib={1e6 / 2**30}",
+        ]
         train(load_config("train/dvgt1/default.yaml", overrides, debug=True))
-        losses[name] = [(r["step"], r["loss/objective"]) for r in read_log(tmp_path / name / "train_log.jsonl")
-                        if r["kind"] == "train"]
+        losses[name] = [
+            (r["step"], r["loss/objective"])
+            for r in read_log(tmp_path / name / "train_log.jsonl")
+            if r["kind"] == "train"
+        ]
     assert [step for step, _ in losses["local"]] == [1, 2] and all(np.isfinite(v) for _, v in losses["local"])
     assert losses["s3"] == losses["local"]
     assert 0 < folder_bytes(tmp_path / "cache") <= 1e6
@@ -144,16 +155,27 @@ def test_an_object_larger_than_the_cache_is_refused_naming_the_setting(tmp_path)
     assert "\n" not in str(error.value) and not path.exists()
 
 
-@pytest.mark.parametrize("root, env, message", [
-    ("s3://no-such-bucket/x", {}, r"^data root s3://no-such-bucket/x: the bucket does not exist; create it or fix "
-                                  r"data.root$"),
-    (ROOT, {"AWS_SECRET_ACCESS_KEY": "wrong"}, r"^data root s3://dvgt-data/release/official: the S3 credentials were "
-                                               r"rejected \(SignatureDoesNotMatch\); check AWS_ACCESS_KEY_ID, "
-                                               r"AWS_SECRET_ACCESS_KEY"),
-    (f"s3://{BUCKET}/no-such-prefix", {}, r"holds no object; upload the tree there .* or fix data.root$"),
-], ids=["no-bucket", "wrong-credentials", "empty-prefix"])
-def test_a_bad_s3_root_is_one_line_naming_the_fix(s3_tree, manifest, tmp_path, monkeypatch, capsys, root, env,
-                                                   message):
+@pytest.mark.parametrize(
+    "root, env, message",
+    [
+        (
+            "s3://no-such-bucket/x",
+            {},
+            r"^data root s3://no-such-bucket/x: the bucket does not exist; create it or fix "
+            r"data.root$",
+        ),
+        (
+            ROOT,
+            {"AWS_SECRET_ACCESS_KEY": "wrong"},
+            r"^data root s3://dvgt-data/release/official: the S3 credentials were "
+            r"rejected \(SignatureDoesNotMatch\); check AWS_ACCESS_KEY_ID, "
+            r"AWS_SECRET_ACCESS_KEY",
+        ),
+        (f"s3://{BUCKET}/no-such-prefix", {}, r"holds no object; upload the tree there .* or fix data.root$"),
+    ],
+    ids=["no-bucket", "wrong-credentials", "empty-prefix"],
+)
+def test_a_bad_s3_root_is_one_line_naming_the_fix(s3_tree, manifest, tmp_path, monkeypatch, capsys, root, env, message):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(StorageError, match=message):
@@ -180,8 +202,10 @@ def test_data_check_of_an_s3_root_lists_it_and_names_a_missing_object(s3_tree, t
     from dvgt.data import check
 
     monkeypatch.setenv("HOME", str(tmp_path))  # the default node cache: ~/.cache/dvgt/data
-    local = [(r.target.dataset, r.target.split, r.scenes, r.frames, r.rows, r.images, r.depths)
-             for r in check.check(check.targets_of_tree(OFFICIAL_TREE))]
+    local = [
+        (r.target.dataset, r.target.split, r.scenes, r.frames, r.rows, r.images, r.depths)
+        for r in check.check(check.targets_of_tree(OFFICIAL_TREE))
+    ]
     remote = check.check(check.targets_of_tree(ROOT))
     assert all(r.ok for r in remote), [r.problems for r in remote]
     assert [(r.target.dataset, r.target.split, r.scenes, r.frames, r.rows, r.images, r.depths) for r in remote] == local

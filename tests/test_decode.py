@@ -8,9 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import OFFICIAL_TREE
 from PIL import Image
 
-from conftest import OFFICIAL_TREE
 from dvgt.config import load_config
 from dvgt.data import format as fmt
 from dvgt.data.loader import dataset_spec
@@ -19,7 +19,7 @@ from dvgt.data.scene_dataset import ALL_TARGETS, DatasetSpec, SampleRequest, Sce
 
 def psnr(reference: np.ndarray, other: np.ndarray) -> float:
     mse = np.mean((reference.astype(np.float64) - other.astype(np.float64)) ** 2)
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def jpeg_round_trip(rgb: np.ndarray) -> np.ndarray:
@@ -31,9 +31,16 @@ def jpeg_round_trip(rgb: np.ndarray) -> np.ndarray:
 
 def training_pair(width: int, root=OFFICIAL_TREE) -> tuple[SceneDataset, SceneDataset]:
     """The fixture's nuScenes split in training mode with the official augmentation, exact and fast."""
-    spec = DatasetSpec(root=root, parquet=fmt.Tree(root, "nuscene").parquet("val"), mode="train", image_width=width,
-                       aug_pixel_aspect_range=(0.8, 1.0), aug_safe_scales=(0.8, 1.2), random_resize=True,
-                       targets=ALL_TARGETS)
+    spec = DatasetSpec(
+        root=root,
+        parquet=fmt.Tree(root, "nuscene").parquet("val"),
+        mode="train",
+        image_width=width,
+        aug_pixel_aspect_range=(0.8, 1.0),
+        aug_safe_scales=(0.8, 1.2),
+        random_resize=True,
+        targets=ALL_TARGETS,
+    )
     return SceneDataset(spec), SceneDataset(dataclasses.replace(spec, fast_decode=True))
 
 
@@ -49,8 +56,9 @@ def test_fast_decoding_keeps_the_geometry_and_stays_within_jpeg_tolerance(width,
         for key in set(want) - {"images"}:  # intrinsics, depths, points, poses: identical
             assert np.array_equal(np.asarray(want[key]), np.asarray(got[key])), key
         assert got["images"].shape == want["images"].shape and got["images"].dtype == np.uint8
-        for a, b in zip(want["images"].reshape(-1, *want["images"].shape[-3:]),
-                        got["images"].reshape(-1, *got["images"].shape[-3:])):
+        for a, b in zip(
+            want["images"].reshape(-1, *want["images"].shape[-3:]), got["images"].reshape(-1, *got["images"].shape[-3:])
+        ):
             assert psnr(a, b) >= psnr(a, jpeg_round_trip(a)), "farther from the exact view than a q95 round trip"
         assert not np.array_equal(want["images"], got["images"])  # the DCT-scaled decoder did run
 
@@ -76,6 +84,10 @@ def test_a_truncated_jpeg_names_the_file_on_the_fast_path(tmp_path):
 def test_only_training_decodes_fast():
     cfg = load_config("train/dvgt1/default.yaml")
     assert cfg.data.train.fast_decode and cfg.data.val.fast_decode  # the key is on in both splits ...
-    specs = {split: dataset_spec(cfg.data, split, cfg.data[split].datasets[0], patch_size=16, gt_scale_factor=0.1,
-                                 targets=ALL_TARGETS) for split in ("train", "val")}
+    specs = {
+        split: dataset_spec(
+            cfg.data, split, cfg.data[split].datasets[0], patch_size=16, gt_scale_factor=0.1, targets=ALL_TARGETS
+        )
+        for split in ("train", "val")
+    }
     assert specs["train"].fast_decode and not specs["val"].fast_decode  # ... but evaluation decodes exactly

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from dvgt.cli import main
 from dvgt.config import ModelConfig
 from dvgt.models import build_model, model_layout
-from dvgt.cli import main
 from dvgt.models.layers import KVCache
 from dvgt.models.reference_weights import fill_reference_weights
 
@@ -142,7 +142,9 @@ def test_output_layout_and_trajectory_form():
     assert out["diff_traj_reg_list"][-1][..., 2].abs().max() <= torch.pi  # heading = tanh * pi
     assert (out["points_conf"] > 1).all()
     pretrain = tiny("dvgt2_pretrain")(images)
-    assert list(pretrain["relative_ego_pose_enc"].shape) == [1, 3, 7] and len(pretrain["relative_ego_pose_enc_list"]) == 1
+    assert (
+        list(pretrain["relative_ego_pose_enc"].shape) == [1, 3, 7] and len(pretrain["relative_ego_pose_enc_list"]) == 1
+    )
 
 
 @pytest.mark.parametrize("name", ["dvgt2", "dvgt2_pretrain"])
@@ -150,11 +152,13 @@ def test_training_step_reaches_every_parameter(name):
     model = tiny(name).train()
     out = model(clip(T=3), ego_status=None)
     loss = out["points"].square().mean() + out["points_conf"].log().mean()
-    for key, value in out.items():
+    for _key, value in out.items():
         if isinstance(value, list):
             loss = loss + sum(v.square().mean() for v in value)
     loss.backward()
-    missing = [k for k, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.isfinite().all())]
+    missing = [
+        k for k, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.isfinite().all())
+    ]
     assert missing == []
 
 
@@ -171,9 +175,12 @@ def test_anchors_load_from_the_official_anchor_files(tmp_path):
     assert torch.unique(fresh.norm_traj_anchor[0], dim=0).shape[0] == 1  # without a file all anchors are equal
     back = decoder.denormalize(decoder.norm_traj_anchor[0], decoder.traj_min, decoder.traj_max) / 0.1
     assert torch.allclose(back, torch.from_numpy(trajectory).float(), atol=1e-4)
-    back = decoder.denormalize(
-        decoder.norm_pose_translation_anchor[0], decoder.pose_translation_min, decoder.pose_translation_max
-    ) / 0.1
+    back = (
+        decoder.denormalize(
+            decoder.norm_pose_translation_anchor[0], decoder.pose_translation_min, decoder.pose_translation_max
+        )
+        / 0.1
+    )
     assert torch.allclose(back, torch.from_numpy(pose).float(), atol=1e-5)
     assert "ego_pose_head.traj_pose_decoder.norm_traj_anchor" in model.state_dict()  # travels with checkpoints
 
@@ -209,7 +216,9 @@ def test_ego_status_conditions_the_trajectories_only():
     assert list(streamed["diff_traj_reg_list"][-1].shape) == [1, 2, 20, 8, 3]
 
 
-@pytest.mark.parametrize("config, name", [("train/dvgt2/default.yaml", "dvgt2"), ("train/dvgt2/pretrain.yaml", "dvgt2_pretrain")])
+@pytest.mark.parametrize(
+    "config, name", [("train/dvgt2/default.yaml", "dvgt2"), ("train/dvgt2/pretrain.yaml", "dvgt2_pretrain")]
+)
 def test_model_info_cli_layout_equals_reference(config, name, capsys):
     with pytest.raises(SystemExit) as done:
         main(["model-info", f"--config={config}", "--json"])

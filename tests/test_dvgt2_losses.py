@@ -1,7 +1,6 @@
 """DVGT-2 losses on synthetic predictions: nearest-anchor targets, perfect predictions, masks,
 gradients, the best mode and the model-anchor read-out."""
 
-
 import pytest
 import torch
 from torch import nn
@@ -9,8 +8,13 @@ from torch import nn
 import dvgt
 from dvgt.config import LossConfig
 from dvgt.data.geometry import absT_quaR_to_pose, pose_to_absT_quaR, pose_to_trajectory_rdf
-from dvgt.train.dvgt2_losses import (PlanningAnchors, anchor_mode_loss, anchors_from_model, nearest_anchor,
-                                     sigmoid_focal_loss)
+from dvgt.train.dvgt2_losses import (
+    PlanningAnchors,
+    anchor_mode_loss,
+    anchors_from_model,
+    nearest_anchor,
+    sigmoid_focal_loss,
+)
 from dvgt.train.evaluation import best_mode
 from dvgt.train.losses import compute_loss
 
@@ -53,9 +57,13 @@ def make_batch(anchors: PlanningAnchors, targets=(1, 3), seed=0):
     relative[..., :3] = anchors.pose_translation[targets[1]] + 0.002 * torch.randn(B, T, 3, generator=g)
     relative[..., 6] = 1.0
     relative[:, 0] = torch.tensor([0, 0, 0, 0, 0, 0, 1.0])
-    return {"images": torch.zeros(B, T, V, 3, H, W), "points_in_ego_n": points,
-            "point_masks": torch.rand(B, T, V, H, W, generator=g) < 0.9,
-            "future_ego_n_to_ego_curr": trajectory_poses(trajectory), "ego_past_to_ego_curr": absT_quaR_to_pose(relative)}
+    return {
+        "images": torch.zeros(B, T, V, 3, H, W),
+        "points_in_ego_n": points,
+        "point_masks": torch.rand(B, T, V, H, W, generator=g) < 0.9,
+        "future_ego_n_to_ego_curr": trajectory_poses(trajectory),
+        "ego_past_to_ego_curr": absT_quaR_to_pose(relative),
+    }
 
 
 def perfect_predictions(batch, targets=(1, 3), layers=2, seed=1):
@@ -152,8 +160,13 @@ def test_layers_are_summed_and_weights_enter_the_objective():
 def test_focal_loss_matches_its_definition():
     logits, targets = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
     p = torch.sigmoid(logits)
-    expected = torch.stack([-0.25 * (1 - p[0]) ** 2 * torch.log(p[0]), -0.75 * p[1] ** 2 * torch.log(1 - p[1]),
-                            -0.75 * p[2] ** 2 * torch.log(1 - p[2])])
+    expected = torch.stack(
+        [
+            -0.25 * (1 - p[0]) ** 2 * torch.log(p[0]),
+            -0.75 * p[1] ** 2 * torch.log(1 - p[1]),
+            -0.75 * p[2] ** 2 * torch.log(1 - p[2]),
+        ]
+    )
     torch.testing.assert_close(sigmoid_focal_loss(logits, targets, 0.25, 2.0), expected)
 
 
@@ -176,10 +189,16 @@ def test_stage1_relative_pose_loss_and_missing_anchors():
     anchors = make_anchors()
     batch = make_batch(anchors)
     pose = pose_to_absT_quaR(batch["ego_past_to_ego_curr"])
-    predictions = {"points": batch["points_in_ego_n"], "points_conf": torch.full(batch["point_masks"].shape, 2.0),
-                   "relative_ego_pose_enc": pose, "relative_ego_pose_enc_list": [pose.clone()]}
+    predictions = {
+        "points": batch["points_in_ego_n"],
+        "points_conf": torch.full(batch["point_masks"].shape, 2.0),
+        "relative_ego_pose_enc": pose,
+        "relative_ego_pose_enc_list": [pose.clone()],
+    }
     losses = compute_loss(predictions, batch, LossConfig())
-    assert losses["loss_T"].item() == pytest.approx(0, abs=1e-7) and losses["loss_R"].item() == pytest.approx(0, abs=1e-7)
+    assert losses["loss_T"].item() == pytest.approx(0, abs=1e-7) and losses["loss_R"].item() == pytest.approx(
+        0, abs=1e-7
+    )
     predictions["relative_ego_pose_enc_list"][0][:, 0] += 1.0  # frame 0 is not supervised
     assert compute_loss(predictions, batch, LossConfig())["loss_T"].item() == pytest.approx(0, abs=1e-7)
     predictions["relative_ego_pose_enc_list"][0][:, 1, 2] += 0.3
@@ -190,10 +209,13 @@ def test_stage1_relative_pose_loss_and_missing_anchors():
 
 def test_anchors_are_read_from_the_model_buffers():
     g = torch.Generator().manual_seed(0)
-    anchors = PlanningAnchors(torch.randn(20, S, 2, generator=g), 0.1 * torch.randn(20, 3, generator=g))  # 20: the model's
+    anchors = PlanningAnchors(
+        torch.randn(20, S, 2, generator=g), 0.1 * torch.randn(20, 3, generator=g)
+    )  # 20: the model's
     model = dvgt.build_model("train/dvgt2/demo.yaml", ["model.size=tiny", "model.anchor_dir=null"])
-    model.get_submodule("ego_pose_head.traj_pose_decoder").set_anchors(anchors.trajectory / SCALE,
-                                                                       anchors.pose_translation / SCALE)
+    model.get_submodule("ego_pose_head.traj_pose_decoder").set_anchors(
+        anchors.trajectory / SCALE, anchors.pose_translation / SCALE
+    )
     read = anchors_from_model(model)
     torch.testing.assert_close(read.trajectory, anchors.trajectory, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(read.pose_translation, anchors.pose_translation, atol=1e-6, rtol=1e-5)
@@ -207,5 +229,7 @@ def test_best_mode_takes_the_top_scoring_mode_of_the_last_layer():
     chosen = best_mode(predictions["diff_traj_reg_list"], predictions["diff_traj_cls_list"])
     assert torch.equal(chosen, predictions["diff_traj_reg_list"][-1][:, :, 1])
     predictions["diff_traj_cls_list"][-1][..., 0] = 20.0
-    assert torch.equal(best_mode(predictions["diff_traj_reg_list"], predictions["diff_traj_cls_list"]),
-                       predictions["diff_traj_reg_list"][-1][:, :, 0])
+    assert torch.equal(
+        best_mode(predictions["diff_traj_reg_list"], predictions["diff_traj_cls_list"]),
+        predictions["diff_traj_reg_list"][-1][:, :, 0],
+    )

@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from dvgt.config import load_config
 from dvgt.data import format as fmt
 from dvgt.data.anchors import read_anchor_dir, write_anchors
@@ -47,9 +47,17 @@ def planning_root(tmp_path_factory):
 
 def held_out_clip(root, cfg):
     """The first 2-frame window (with its 8 future frames) of the synthetic val split, every camera."""
-    spec = DatasetSpec(root=root, parquet=fmt.Tree(root, "demo").parquet("val"), clip_split="DVGT2", fixed_num_frames=2,
-                       future_frames=8, fixed_aspect_ratio=2.0, image_width=64, gt_scale_factor=cfg.gt_scale_factor,
-                       targets=sample_targets(cfg.model, evaluation=True))
+    spec = DatasetSpec(
+        root=root,
+        parquet=fmt.Tree(root, "demo").parquet("val"),
+        clip_split="DVGT2",
+        fixed_num_frames=2,
+        future_frames=8,
+        fixed_aspect_ratio=2.0,
+        image_width=64,
+        gt_scale_factor=cfg.gt_scale_factor,
+        targets=sample_targets(cfg.model, evaluation=True),
+    )
     return load_clip(SceneDataset(spec), 0)
 
 
@@ -65,8 +73,18 @@ def held_out_objective(trainer: Trainer, clip) -> float:
 
 
 def test_planning_without_anchors_is_refused(planning_root, tmp_path):
-    cfg = load_config(STAGES["dvgt2-default"], tiny_overrides(planning_root, tmp_path, **{
-        "model.anchor_dir": "null", "limit_val_batches": 0, "data.train.datasets": "[{dataset: demo, split: train}]"}))
+    cfg = load_config(
+        STAGES["dvgt2-default"],
+        tiny_overrides(
+            planning_root,
+            tmp_path,
+            **{
+                "model.anchor_dir": "null",
+                "limit_val_batches": 0,
+                "data.train.datasets": "[{dataset: demo, split: train}]",
+            },
+        ),
+    )
     with pytest.raises(ValueError, match="anchors are all identical: set model.anchor_dir"):
         Trainer(cfg)
 
@@ -75,10 +93,19 @@ def test_planning_without_anchors_is_refused(planning_root, tmp_path):
 def test_stage_lowers_its_held_out_loss(stage, planning_root, tmp_path):
     anchors = planning_root / "anchors"
     # the stage's own config on the synthetic tree: its sampling shape shrunk to 2 views x 2 frames
-    extra = {"limit_train_batches": 4, "max_epochs": 2, "limit_val_batches": 0, "max_img_per_gpu": 4,
-             "model.gradient_checkpointing": "false", "checkpoint.resume": "never", "data.train.clip_split": "default_train",
-             "data.train.fixed_num_views": 0, "data.train.fixed_num_frames": 0, "data.train.fixed_aspect_ratio": 0,
-             "data.train.datasets": "[{dataset: demo, split: train, synthetic: true}]"}
+    extra = {
+        "limit_train_batches": 4,
+        "max_epochs": 2,
+        "limit_val_batches": 0,
+        "max_img_per_gpu": 4,
+        "model.gradient_checkpointing": "false",
+        "checkpoint.resume": "never",
+        "data.train.clip_split": "default_train",
+        "data.train.fixed_num_views": 0,
+        "data.train.fixed_num_frames": 0,
+        "data.train.fixed_aspect_ratio": 0,
+        "data.train.datasets": "[{dataset: demo, split: train, synthetic: true}]",
+    }
     if stage == "dvgt2-demo":  # computed on first use from the synthetic training data
         anchors = tmp_path / "first-use"
     if stage != "dvgt2-pretrain":
@@ -88,7 +115,9 @@ def test_stage_lowers_its_held_out_loss(stage, planning_root, tmp_path):
     try:
         clip = held_out_clip(planning_root, cfg)
         before = held_out_objective(trainer, clip)
-        ego_status_encoder = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "hist_encoding" in n}
+        ego_status_encoder = {
+            n: p.detach().clone() for n, p in trainer.model.named_parameters() if "hist_encoding" in n
+        }
         trainer.fit()
         after = held_out_objective(trainer, clip)
     finally:

@@ -34,8 +34,12 @@ def dvgt1_predictions(clip, point_offset=(0.0, 0.0, 0.0)):
     """Perfect DVGT-1 predictions (network units), optionally shifted by point_offset metres."""
     pose = pose_to_absT_quaR(clip["ego_n_to_ego_first"])
     points = clip["points_in_ego_first"] + torch.tensor(point_offset) * SCALE
-    return {"points": points, "points_conf": torch.ones(points.shape[:-1]), "absolute_ego_pose_enc": pose,
-            "absolute_ego_pose_enc_list": [pose]}
+    return {
+        "points": points,
+        "points_conf": torch.ones(points.shape[:-1]),
+        "absolute_ego_pose_enc": pose,
+        "absolute_ego_pose_enc_list": [pose],
+    }
 
 
 def assert_perfect(metrics):
@@ -61,9 +65,14 @@ def test_perfect_dvgt2_predictions_score_perfectly_after_chaining(clip):
     traj_modes[:, :, 5] = trajectory
     pose_modes = torch.zeros(B, T, 20, 7)
     pose_modes[:, :, 5] = relative
-    predictions = {"points": clip["points_in_ego_n"], "points_conf": torch.ones(clip["point_masks"].shape),
-                   "diff_traj_reg_list": [traj_modes], "diff_traj_cls_list": [scores],
-                   "diff_poses_reg_list": [pose_modes], "diff_poses_cls_list": [scores]}
+    predictions = {
+        "points": clip["points_in_ego_n"],
+        "points_conf": torch.ones(clip["point_masks"].shape),
+        "diff_traj_reg_list": [traj_modes],
+        "diff_traj_cls_list": [scores],
+        "diff_poses_reg_list": [pose_modes],
+        "diff_poses_cls_list": [scores],
+    }
     metrics = evaluate_batch(predictions, clip, SCALE, ALL)
     assert_perfect(metrics)
     for t in range(8):
@@ -81,8 +90,12 @@ def test_perfect_vggt_predictions_score_perfectly_through_the_rig(clip, umeyama_
     frames (with the optional per-clip similarity alignment, which a scaled prediction then survives)."""
     H, W = clip["images"].shape[-2:]
     cameras = camera_pose_encoding(clip["cam_first_to_cam_n"].double(), clip["intrinsics"].double(), H, W).float()
-    predictions = {"points": clip["points_in_cam_first"], "points_conf": torch.ones(clip["point_masks"].shape),
-                   "cam_pose_enc": cameras, "cam_pose_enc_list": [cameras]}
+    predictions = {
+        "points": clip["points_in_cam_first"],
+        "points_conf": torch.ones(clip["point_masks"].shape),
+        "cam_pose_enc": cameras,
+        "cam_pose_enc_list": [cameras],
+    }
     assert_perfect(evaluate_batch(predictions, clip, SCALE, EvalConfig(umeyama_per_scene=umeyama_per_scene)))
     if umeyama_per_scene:
         scaled = dict(predictions, points=clip["points_in_cam_first"] * 2.0)
@@ -99,8 +112,13 @@ def test_known_offset_gives_the_expected_errors():
     vs, us = torch.meshgrid(torch.arange(H) - H / 2, torch.arange(W) - W / 2, indexing="ij")
     points = torch.stack([us * 0.5, vs * 0.5, torch.full_like(us, 10.0, dtype=torch.float32)], -1)[None, None, None]
     identity = torch.eye(4)[None, None]
-    clip = {"images": torch.zeros(1, 1, 1, 3, H, W), "points_in_ego_first": points * SCALE,
-            "ray_depth": points.norm(dim=-1) * SCALE, "point_masks": depth > 0, "ego_n_to_ego_first": identity}
+    clip = {
+        "images": torch.zeros(1, 1, 1, 3, H, W),
+        "points_in_ego_first": points * SCALE,
+        "ray_depth": points.norm(dim=-1) * SCALE,
+        "point_masks": depth > 0,
+        "ego_n_to_ego_first": identity,
+    }
     metrics = evaluate_batch(dvgt1_predictions(clip, (0.0, 0.0, 0.5)), clip, SCALE, ALL)
     assert metrics["ego_first_accuracy"][0] == pytest.approx(0.5, rel=1e-5)
     assert metrics["ego_first_completeness"][0] == pytest.approx(0.5, rel=1e-5)
@@ -150,8 +168,11 @@ def test_accumulator_averages_per_dataset_and_skips_undefined_values():
     accumulator.add("kitti", {"ego_first_chamfer": [2.0]})
     accumulator.add("loss", {"objective": [7.0]})
     assert accumulator.reduce(torch.device("cpu")) == {
-        "kitti/ego_first_chamfer": 2.0, "loss/objective": 7.0, "nuscene/ego_first_chamfer": 2.5,
-        "nuscene/ego_n_to_ego_first_AUC@30": 50.0}
+        "kitti/ego_first_chamfer": 2.0,
+        "loss/objective": 7.0,
+        "nuscene/ego_first_chamfer": 2.5,
+        "nuscene/ego_n_to_ego_first_AUC@30": 50.0,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,11 +183,26 @@ def test_accumulator_averages_per_dataset_and_skips_undefined_values():
 def history(eval_entries=True):
     records = []
     for step in range(1, 41, 4):
-        records.append({"kind": "train", "step": step, "loss/objective": 2.0 / step - 0.1, "lr": 1e-4,
-                        "loss/loss_conf_point": 1.0 / step, "loss/loss_ego_pose": 0.5 / step, "loss/loss_R": None})
+        records.append(
+            {
+                "kind": "train",
+                "step": step,
+                "loss/objective": 2.0 / step - 0.1,
+                "lr": 1e-4,
+                "loss/loss_conf_point": 1.0 / step,
+                "loss/loss_ego_pose": 0.5 / step,
+                "loss/loss_R": None,
+            }
+        )
         if eval_entries and step % 12 == 1:
-            records.append({"kind": "eval", "step": step, "val/demo/ego_first_chamfer": 3.0 / step,
-                            "val/demo/ego_first_accuracy": 1.0 / step})
+            records.append(
+                {
+                    "kind": "eval",
+                    "step": step,
+                    "val/demo/ego_first_chamfer": 3.0 / step,
+                    "val/demo/ego_first_accuracy": 1.0 / step,
+                }
+            )
     return records
 
 
@@ -177,8 +213,11 @@ def assert_png(path, min_size=(800, 300)):
     assert path.stat().st_size > 20_000
 
 
-@pytest.mark.parametrize("records", [history(), history(eval_entries=False), history()[:1], []],
-                         ids=["full", "no-eval", "one-entry", "empty"])
+@pytest.mark.parametrize(
+    "records",
+    [history(), history(eval_entries=False), history()[:1], []],
+    ids=["full", "no-eval", "one-entry", "empty"],
+)
 def test_result_figure_is_written(tmp_path, clip, records):
     predictions = dvgt1_predictions(clip, (0.3, 0.0, 1.0))
     predictions["absolute_ego_pose_enc"][0, 1:, 0] += 0.05

@@ -17,8 +17,16 @@ import torch
 
 from dvgt.checkpoint.storage import open_storage
 from dvgt.config import load_config
-from dvgt.data.feature_cache import (MANIFEST, FeatureCache, FeatureCacheError, cache_items, clip_id, commit_name,
-                                     image_id, shard_name)
+from dvgt.data.feature_cache import (
+    MANIFEST,
+    FeatureCache,
+    FeatureCacheError,
+    cache_items,
+    clip_id,
+    commit_name,
+    image_id,
+    shard_name,
+)
 from dvgt.data.loader import collate, open_datasets, train_sampler
 from dvgt.data.sampler import TrainIndex
 from dvgt.data.scene_dataset import SampleRequest
@@ -26,8 +34,8 @@ from dvgt.data.synthetic import RIG, generate_synthetic_dataset
 from dvgt.models import sample_targets
 from dvgt.train.feature_cache import build_cache, fill_misses
 from dvgt.train.logger import read_log
-from dvgt.train.losses import compute_loss
 from dvgt.train.loop import Trainer, train
+from dvgt.train.losses import compute_loss
 
 CONFIG = "train/dvgt1/finetune_demo.yaml"  # DVGT-1 with its DINOv3 backbone frozen, no pixel augmentation
 HEADS_CONFIG = "train/dvgt1/finetune_heads_demo.yaml"  # DVGT-1 with its whole aggregator frozen
@@ -52,11 +60,23 @@ def data_root(tmp_path_factory) -> Path:
 
 def overrides(data_root: Path, run_dir: Path, **extra) -> list:
     """A stage shrunk to the tiny model, 32 x 64 images, a few steps and no evaluation, writing under run_dir."""
-    values = {"model.size": "tiny", "data.root": data_root, "max_epochs": 1, "limit_train_batches": 3,
-              "limit_val_batches": 0, "max_img_per_gpu": 8, "num_workers": 0, "seed_value": 3,
-              "data.train.img_width": 64, "logging.log_dir": run_dir, "logging.log_freq": 1,
-              "logging.progress": "false", "checkpoint.uri": run_dir / "ckpts", "data.persistent_workers": "false",
-              **extra}
+    values = {
+        "model.size": "tiny",
+        "data.root": data_root,
+        "max_epochs": 1,
+        "limit_train_batches": 3,
+        "limit_val_batches": 0,
+        "max_img_per_gpu": 8,
+        "num_workers": 0,
+        "seed_value": 3,
+        "data.train.img_width": 64,
+        "logging.log_dir": run_dir,
+        "logging.log_freq": 1,
+        "logging.progress": "false",
+        "checkpoint.uri": run_dir / "ckpts",
+        "data.persistent_workers": "false",
+        **extra,
+    }
     return [f"{k}={v}" for k, v in values.items()]
 
 
@@ -66,8 +86,10 @@ def config(data_root: Path, run_dir: Path, **extra):
 
 def heads_config(data_root: Path, run_dir: Path, **extra):
     """All cameras in order (fixed_num_views), 2 or 3 frames (max_img_per_gpu 24 // 8 cameras): 2 clip lengths."""
-    return load_config(HEADS_CONFIG, overrides(data_root, run_dir, **{
-        "data.train.fixed_num_frames": 0, "max_img_per_gpu": 24, **extra}))
+    return load_config(
+        HEADS_CONFIG,
+        overrides(data_root, run_dir, **{"data.train.fixed_num_frames": 0, "max_img_per_gpu": 24, **extra}),
+    )
 
 
 def train_records(run_dir: Path) -> dict:
@@ -92,8 +114,13 @@ def assert_same_losses(live: Path, cached: Path, steps: int) -> tuple:
 
 def items_of(cfg, part: str):
     """(datasets, sampler, cache items) of a config's training split."""
-    datasets = open_datasets(cfg.data, "train", patch_size=16, gt_scale_factor=cfg.gt_scale_factor,
-                             targets=sample_targets(cfg.model, evaluation=False))
+    datasets = open_datasets(
+        cfg.data,
+        "train",
+        patch_size=16,
+        gt_scale_factor=cfg.gt_scale_factor,
+        targets=sample_targets(cfg.model, evaluation=False),
+    )
     sampler = train_sampler(cfg.data.train, datasets, max_img_per_gpu=cfg.max_img_per_gpu, steps_per_epoch=12)
     return datasets, sampler, cache_items(part, sampler, cfg.data.train)
 
@@ -105,8 +132,9 @@ def test_items_are_every_image_and_every_clip_the_sampler_can_draw(data_root, tm
     """Images: every camera of every frame at the target rate, each once although DVGT2 windows overlap.
     Clips: every start of every frame count the sampler allows, future frames kept free, one clip per camera
     with views [1, 1]; and every clip the sampler and dataset actually draw is among them."""
-    _, _, images = items_of(config(data_root, tmp_path, **{"data.train.clip_split": "DVGT2",
-                                                           "data.train.fixed_num_frames": 2}), "backbone")
+    _, _, images = items_of(
+        config(data_root, tmp_path, **{"data.train.clip_split": "DVGT2", "data.train.fixed_num_frames": 2}), "backbone"
+    )
     images = {item.id for item in images}  # a list without repeats
     assert len(images) == SCENES * FRAMES * CAMERAS
     _, _, every_other = items_of(config(data_root, tmp_path, **{"data.train.datasets.0.original_fps": 4}), "backbone")
@@ -118,8 +146,9 @@ def test_items_are_every_image_and_every_clip_the_sampler_can_draw(data_root, tm
     _, _, clips = items_of(heads_config(data_root, tmp_path, **{"data.train.future_frames": 1}), "aggregator")
     assert len(clips) == SCENES * sum(FRAMES - (frames + 1) + 1 for frames in (2, 3))
 
-    single = heads_config(data_root, tmp_path, **{"data.train.fixed_num_views": 0, "data.train.views": "[1,1]",
-                                                  "max_img_per_gpu": 3})
+    single = heads_config(
+        data_root, tmp_path, **{"data.train.fixed_num_views": 0, "data.train.views": "[1,1]", "max_img_per_gpu": 3}
+    )
     datasets, sampler, clips = items_of(single, "aggregator")
     assert len(clips) == SCENES * sum(FRAMES - frames + 1 for frames in (2, 3)) * CAMERAS
     ids = {item.id for item in clips}
@@ -149,9 +178,18 @@ def test_losses_with_the_cache_equal_losses_without_it_and_misses_fall_back(data
     both = {"data.train.datasets": BOTH_SPLITS, "limit_train_batches": 4}
     live, cached = tmp_path / "live", tmp_path / "cached"
     train(config(data_root, live, **both))
-    done = subprocess.run([*DVGT, "train", f"--config={CONFIG}", *overrides(
-        data_root, cached, **both, **{"data.feature_cache": cache_dir, "num_workers": 1})], capture_output=True,
-        text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2", PROMETHEUS_MULTIPROC_DIR=str(cached / "metrics")))
+    done = subprocess.run(
+        [
+            *DVGT,
+            "train",
+            f"--config={CONFIG}",
+            *overrides(data_root, cached, **both, **{"data.feature_cache": cache_dir, "num_workers": 1}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="2", PROMETHEUS_MULTIPROC_DIR=str(cached / "metrics")),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     hits, misses = assert_same_losses(live, cached, steps=4)
     assert hits > 0 and misses > 0  # both datasets were drawn
@@ -189,9 +227,25 @@ def test_two_rank_build_verify_and_a_corrupt_shard_named(data_root, cache_dir, t
     result is byte-identical to a one-process build; `dvgt cache verify` names a corrupted shard."""
     out = tmp_path / "cache"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([*DVGT, "cache", "build", f"--config={CONFIG}", "--out", str(out), "--shard-mb=0.02",
-                           "--nproc-per-node", "2", "--verify", *overrides(data_root, tmp_path / "build")],
-                          capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(
+        [
+            *DVGT,
+            "cache",
+            "build",
+            f"--config={CONFIG}",
+            "--out",
+            str(out),
+            "--shard-mb=0.02",
+            "--nproc-per-node",
+            "2",
+            "--verify",
+            *overrides(data_root, tmp_path / "build"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "verified:" in done.stdout and "entries recomputed" in done.stdout
     assert shas(out) == shas(cache_dir)
@@ -219,18 +273,29 @@ def test_a_cache_of_other_weights_or_sizes_is_refused(data_root, cache_dir, tmp_
 
 
 def test_pixel_augmentation_or_a_partly_frozen_backbone_is_refused(data_root, cache_dir, tmp_path):
-    augmented = {"data.train.aug_pixel_aspect_range": "[0.8,1.0]", "data.train.random_resize": "true",
-                 "data.train.color_jitter.enabled": "true"}
-    with pytest.raises(ValueError, match=r"pixel augmentation is on in data.train \(data.train.aug_pixel_aspect_range, "
-                                         r"data.train.random_resize, data.train.color_jitter.enabled\).* set "
-                                         r"data.train.aug_pixel_aspect_range=null data.train.random_resize=false "
-                                         r"data.train.color_jitter.enabled=false$"):
+    augmented = {
+        "data.train.aug_pixel_aspect_range": "[0.8,1.0]",
+        "data.train.random_resize": "true",
+        "data.train.color_jitter.enabled": "true",
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"pixel augmentation is on in data.train \(data.train.aug_pixel_aspect_range, "
+        r"data.train.random_resize, data.train.color_jitter.enabled\).* set "
+        r"data.train.aug_pixel_aspect_range=null data.train.random_resize=false "
+        r"data.train.color_jitter.enabled=false$",
+    ):
         Trainer(config(data_root, tmp_path, **{"data.feature_cache": cache_dir, **augmented}))
     with pytest.raises(ValueError, match=r"\(data.train.random_resize\).* set data.train.random_resize=false$"):
         build_cache(config(data_root, tmp_path, **{"data.train.random_resize": "true"}), str(tmp_path / "c"))
     with pytest.raises(ValueError, match="leaves .* parameters trainable .*aggregator.patch_embed"):
-        Trainer(config(data_root, tmp_path, **{"data.feature_cache": cache_dir,
-                                               "optim.frozen_module_names": "[aggregator.patch_embed.blocks.*]"}))
+        Trainer(
+            config(
+                data_root,
+                tmp_path,
+                **{"data.feature_cache": cache_dir, "optim.frozen_module_names": "[aggregator.patch_embed.blocks.*]"},
+            )
+        )
 
 
 def test_cache_on_s3(data_root, cache_dir, s3_env, tmp_path):
@@ -249,8 +314,14 @@ def test_cache_on_s3(data_root, cache_dir, s3_env, tmp_path):
 def test_a_dvgt2_stage_builds_its_cache_before_its_anchors_exist(data_root, tmp_path):
     """DVGT-2's planning anchors play no part in the backbone: `dvgt cache build` needs none (training makes
     or reads them)."""
-    cfg = load_config("train/dvgt2/finetune_demo.yaml", overrides(data_root, tmp_path / "build", **{
-        "model.anchor_dir": tmp_path / "no-anchors", "data.train.future_frames": 0}))
+    cfg = load_config(
+        "train/dvgt2/finetune_demo.yaml",
+        overrides(
+            data_root,
+            tmp_path / "build",
+            **{"model.anchor_dir": tmp_path / "no-anchors", "data.train.future_frames": 0},
+        ),
+    )
     result = build_cache(cfg, str(tmp_path / "cache"), shard_mb=0.02, verify=True)
     assert not (tmp_path / "no-anchors").exists()
     assert result["items"] == SCENES * FRAMES * CAMERAS and "entries recomputed" in result["verified"]
@@ -309,8 +380,9 @@ def test_a_bfloat16_clip_cache_is_half_the_size_and_gives_nearly_the_live_loss(d
     """--dtype bfloat16: verify allows its rounding (4e-3 of the max), and the loss on cached outputs is the
     live one within a relative 1e-2."""
     out = tmp_path / "bf16"
-    result = build_cache(heads_config(data_root, tmp_path / "build"), str(out), dtype="bfloat16", shard_mb=1,
-                         verify=True)
+    result = build_cache(
+        heads_config(data_root, tmp_path / "build"), str(out), dtype="bfloat16", shard_mb=1, verify=True
+    )
     assert "entries recomputed" in result["verified"]
     manifest, full = (json.loads((root / MANIFEST).read_text()) for root in (out, clip_cache_dir))
     assert manifest["dtype"] == "BF16" and manifest["entries"] == full["entries"]
@@ -322,8 +394,9 @@ def test_a_bfloat16_clip_cache_is_half_the_size_and_gives_nearly_the_live_loss(d
         assert batch["aggregator_tokens"].dtype == torch.bfloat16 and batch["aggregator_tokens_hit"].all()
         live = {k: v for k, v in batch.items() if not k.startswith("aggregator_tokens")}
         with torch.no_grad():
-            losses = [compute_loss(trainer.forward(trainer.model, b), b, trainer.cfg.loss)["objective"]
-                      for b in (batch, live)]
+            losses = [
+                compute_loss(trainer.forward(trainer.model, b), b, trainer.cfg.loss)["objective"] for b in (batch, live)
+            ]
         assert float(losses[0]) == pytest.approx(float(losses[1]), rel=1e-2)
         assert float(losses[0]) != float(losses[1])  # the rounding shows
     finally:
@@ -332,16 +405,27 @@ def test_a_bfloat16_clip_cache_is_half_the_size_and_gives_nearly_the_live_loss(d
 
 def test_clip_cache_refuses_random_camera_subsets_and_a_trainable_aggregator(data_root, clip_cache_dir, tmp_path):
     random_cameras = {"data.train.fixed_num_views": 0, "data.train.views": "[2,3]"}
-    with pytest.raises(FeatureCacheError, match=r"data.train.views=\[2, 3\] with data.train.fixed_num_views=0 draws a "
-                                                r"random subset .*set data.train.fixed_num_views to the rig's camera "
-                                                r"count .* or data.train.views=\[1,1\]"):
+    with pytest.raises(
+        FeatureCacheError,
+        match=r"data.train.views=\[2, 3\] with data.train.fixed_num_views=0 draws a "
+        r"random subset .*set data.train.fixed_num_views to the rig's camera "
+        r"count .* or data.train.views=\[1,1\]",
+    ):
         build_cache(heads_config(data_root, tmp_path, **random_cameras), str(tmp_path / "c"))
     with pytest.raises(FeatureCacheError, match="draws a random subset"):
         Trainer(heads_config(data_root, tmp_path, **{"data.feature_cache": clip_cache_dir, **random_cameras}))
-    with pytest.raises(ValueError, match=r"cache of the aggregator stores the output of aggregator, so all of it "
-                                         r"must be frozen.*optim.frozen_module_names=\[aggregator.\*\]"):
-        Trainer(heads_config(data_root, tmp_path, **{"data.feature_cache": clip_cache_dir,
-                                                     "optim.frozen_module_names": "[aggregator.patch_embed.*]"}))
+    with pytest.raises(
+        ValueError,
+        match=r"cache of the aggregator stores the output of aggregator, so all of it "
+        r"must be frozen.*optim.frozen_module_names=\[aggregator.\*\]",
+    ):
+        Trainer(
+            heads_config(
+                data_root,
+                tmp_path,
+                **{"data.feature_cache": clip_cache_dir, "optim.frozen_module_names": "[aggregator.patch_embed.*]"},
+            )
+        )
 
 
 def test_a_backbone_cache_serves_a_run_that_freezes_the_whole_aggregator(data_root, cache_dir, tmp_path):
@@ -367,8 +451,11 @@ def test_models_take_precomputed_backbone_tokens_or_aggregator_outputs(name):
 
     torch.manual_seed(0)
     size = dataclasses.replace(SIZES["tiny"], dpt_layers=(1, 2, 2, 3))
-    model = {"dvgt1": lambda: DVGT1(size), "dvgt2_pretrain": lambda: DVGT2(size, planning=False),
-             "vggt": lambda: VGGT(size)}[name]().eval()
+    model = {
+        "dvgt1": lambda: DVGT1(size),
+        "dvgt2_pretrain": lambda: DVGT2(size, planning=False),
+        "vggt": lambda: VGGT(size),
+    }[name]().eval()
     p = model.patch_size
     images = torch.rand(1, 2, 2, 3, 2 * p, 4 * p)
     part = frozen_part(model, AGGREGATOR)

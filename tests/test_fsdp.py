@@ -20,8 +20,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import free_port, tiny_overrides
+
 from dvgt.checkpoint.dcp import optimizer_state_by_name, read_full_model
 from dvgt.checkpoint.manager import CheckpointManager, CorruptCheckpointError
 from dvgt.checkpoint.safetensors_stream import read_safetensors
@@ -43,11 +43,20 @@ def losses(run_dir) -> dict:
 
 
 def torchrun(data_root, run_dir, env=None, config="train/dvgt1/demo.yaml", **overrides) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "dvgt.train", f"--config={config}",
-               *tiny_overrides(data_root, run_dir, **{**RUN, **overrides})]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "dvgt.train",
+        f"--config={config}",
+        *tiny_overrides(data_root, run_dir, **{**RUN, **overrides}),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -58,11 +67,22 @@ def runs(tiny_data_root, seaweedfs, tmp_path_factory):
     dirs = {name: root / name for name in ("ddp", "zero2", "zero3", "ddp_after")}
     torchrun(tiny_data_root, dirs["ddp"])
     torchrun(tiny_data_root, dirs["zero2"], **{"distributed.strategy": "fsdp", "distributed.fsdp.mode": "zero2"})
-    torchrun(tiny_data_root, dirs["zero3"], env=seaweedfs.env(),
-             **{"distributed.strategy": "fsdp", "distributed.fsdp.mode": "zero3", "checkpoint.uri": f"s3://{bucket}/zero3",
-                "checkpoint.resume_checkpoint_path": dirs["ddp"] / "ckpts" / "step_00000002"})
-    torchrun(tiny_data_root, dirs["ddp_after"],
-             **{"checkpoint.resume_checkpoint_path": dirs["zero2"] / "ckpts" / "step_00000002"})
+    torchrun(
+        tiny_data_root,
+        dirs["zero3"],
+        env=seaweedfs.env(),
+        **{
+            "distributed.strategy": "fsdp",
+            "distributed.fsdp.mode": "zero3",
+            "checkpoint.uri": f"s3://{bucket}/zero3",
+            "checkpoint.resume_checkpoint_path": dirs["ddp"] / "ckpts" / "step_00000002",
+        },
+    )
+    torchrun(
+        tiny_data_root,
+        dirs["ddp_after"],
+        **{"checkpoint.resume_checkpoint_path": dirs["zero2"] / "ckpts" / "step_00000002"},
+    )
     return dirs
 
 
@@ -80,8 +100,9 @@ def test_zero2_and_zero3_give_the_losses_of_ddp(runs):
 
 
 @pytest.mark.parametrize("run", ["ddp", "zero2", "zero3"])
-def test_every_rank_evaluates_and_the_reduced_metrics_equal_one_process(runs, run, tiny_data_root, seaweedfs,
-                                                                        monkeypatch, tmp_path):
+def test_every_rank_evaluates_and_the_reduced_metrics_equal_one_process(
+    runs, run, tiny_data_root, seaweedfs, monkeypatch, tmp_path
+):
     """The metrics each 2-rank run logged at its last step (each rank scored its share, sums all-reduced)
     equal one process evaluating the same 3 clips with the weights of that step."""
     for key, value in seaweedfs.env().items():
@@ -92,8 +113,12 @@ def test_every_rank_evaluates_and_the_reduced_metrics_equal_one_process(runs, ru
     assert {"val/demo/ego_first_chamfer", "val/demo/ego_n_Abs Rel", "val/loss/objective"} <= set(final)
     checkpoint = "s3://fsdp/zero3/step_00000004" if run == "zero3" else runs[run] / "ckpts" / "step_00000004"
     torch.set_num_threads(2)
-    trainer = Trainer(load_config("train/dvgt1/demo.yaml", tiny_overrides(
-        tiny_data_root, tmp_path, **{**RUN, "checkpoint.resume_checkpoint_path": checkpoint})))
+    trainer = Trainer(
+        load_config(
+            "train/dvgt1/demo.yaml",
+            tiny_overrides(tiny_data_root, tmp_path, **{**RUN, "checkpoint.resume_checkpoint_path": checkpoint}),
+        )
+    )
     try:
         alone = trainer.evaluate()
     finally:
@@ -109,11 +134,19 @@ def test_dvgt2_under_zero3_gives_the_losses_of_ddp(tmp_path):
     root = tmp_path / "data"
     generate_synthetic_dataset(root, "train", num_scenes=6, num_frames=12, height=32, width=64, seed=0)
     write_anchors([(fmt.read_table(fmt.Tree(root, "demo").parquet("train")), "demo", 2)], root / "anchors")
-    planning = {"model.anchor_dir": root / "anchors", "limit_val_batches": 0,
-                "data.train.datasets": "[{dataset: demo, split: train}]"}
+    planning = {
+        "model.anchor_dir": root / "anchors",
+        "limit_val_batches": 0,
+        "data.train.datasets": "[{dataset: demo, split: train}]",
+    }
     torchrun(root, tmp_path / "ddp", config="train/dvgt2/demo.yaml", **planning)
-    torchrun(root, tmp_path / "zero3", config="train/dvgt2/demo.yaml", **planning,
-             **{"distributed.strategy": "fsdp", "distributed.fsdp.mode": "zero3"})
+    torchrun(
+        root,
+        tmp_path / "zero3",
+        config="train/dvgt2/demo.yaml",
+        **planning,
+        **{"distributed.strategy": "fsdp", "distributed.fsdp.mode": "zero3"},
+    )
     assert_close(losses(tmp_path / "zero3"), losses(tmp_path / "ddp"), [1, 2, 3, 4])
 
 
@@ -129,10 +162,21 @@ def test_sharded_checkpoints_on_s3_are_committed_per_rank_and_verify(runs, seawe
     checkpoint = manager.open(4)
     assert checkpoint.sharded and checkpoint.manifest["world_size"] == 2
     assert {o["key"] for o in checkpoint.manifest["objects"]} == {
-        "dcp/metadata.json", "dcp/rank_00000.distcp", "dcp/rank_00001.distcp", "rng/rank_00000.safetensors",
-        "rng/rank_00001.safetensors", "trainer_state.safetensors", "config.yaml"}
-    done = subprocess.run([sys.executable, "-m", "dvgt", "ckpt", "verify", "s3://fsdp/zero3"], capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ))
+        "dcp/metadata.json",
+        "dcp/rank_00000.distcp",
+        "dcp/rank_00001.distcp",
+        "rng/rank_00000.safetensors",
+        "rng/rank_00001.safetensors",
+        "trainer_state.safetensors",
+        "config.yaml",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "dvgt", "ckpt", "verify", "s3://fsdp/zero3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
     assert done.returncode == 0 and "7 objects, all intact" in done.stdout, done.stdout + done.stderr
     # The final models of FSDP (zero3, via S3) and DDP agree.
     ddp = CheckpointManager(str(runs["ddp"] / "ckpts")).open(4).model_state()
@@ -147,24 +191,42 @@ def test_two_rank_sharded_checkpoint_reshards_to_one_process(runs, tiny_data_roo
     model equals `dvgt ckpt export` of it, and model and optimizer match DDP's step 2."""
     source = runs["zero2"] / "ckpts" / "step_00000002"
     exported = tmp_path / "export"
-    done = subprocess.run([sys.executable, "-m", "dvgt", "ckpt", "export", str(source), "--out", str(exported)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvgt", "ckpt", "export", str(source), "--out", str(exported)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "sharded over 2 ranks" in done.stdout, done.stderr
     export = read_safetensors(bytearray((exported / "model.safetensors").read_bytes()))
     torch.set_num_threads(2)
-    trainer = Trainer(load_config("train/dvgt1/demo.yaml", tiny_overrides(
-        tiny_data_root, tmp_path / "run", **RUN, **{"distributed.strategy": strategy,
-                                                    "checkpoint.resume_checkpoint_path": source})))
+    trainer = Trainer(
+        load_config(
+            "train/dvgt1/demo.yaml",
+            tiny_overrides(
+                tiny_data_root,
+                tmp_path / "run",
+                **RUN,
+                **{"distributed.strategy": strategy, "checkpoint.resume_checkpoint_path": source},
+            ),
+        )
+    )
     try:
         assert trainer.step == 2
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-        model = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in get_model_state_dict(trainer.model).items()}
+
+        model = {
+            k: v.full_tensor() if hasattr(v, "full_tensor") else v
+            for k, v in get_model_state_dict(trainer.model).items()
+        }
         assert model.keys() == export.keys()
         assert all(torch.equal(model[k], export[k]) for k in model)
         ddp = CheckpointManager(str(runs["ddp"] / "ckpts")).open(2)
         ddp_model = ddp.model_state()
         assert all(torch.allclose(model[k], ddp_model[k], rtol=1e-3, atol=1e-5) for k in model)
-        ddp_optimizer = optimizer_state_by_name(trainer.model, trainer.optimizer, ddp.state("optimizer.safetensors"))["state"]
+        ddp_optimizer = optimizer_state_by_name(trainer.model, trainer.optimizer, ddp.state("optimizer.safetensors"))[
+            "state"
+        ]
         optimizer = get_optimizer_state_dict(trainer.model, trainer.optimizer)["state"]
         assert optimizer.keys() == ddp_optimizer.keys()
         for name, state in optimizer.items():
@@ -186,8 +248,12 @@ def test_fsdp_configuration_errors_name_the_fix(tiny_data_root, tmp_path):
 
 def test_a_ddp_optimizer_state_of_another_parameter_set_is_refused(runs, tiny_data_root, tmp_path):
     torch.set_num_threads(2)
-    trainer = Trainer(load_config("train/dvgt1/demo.yaml", tiny_overrides(
-        tiny_data_root, tmp_path, **{"optim.frozen_module_names": "[aggregator.patch_embed.*]"})))
+    trainer = Trainer(
+        load_config(
+            "train/dvgt1/demo.yaml",
+            tiny_overrides(tiny_data_root, tmp_path, **{"optim.frozen_module_names": "[aggregator.patch_embed.*]"}),
+        )
+    )
     try:
         saved = CheckpointManager(str(runs["ddp"] / "ckpts")).open(2).state("optimizer.safetensors")
         with pytest.raises(CorruptCheckpointError, match="did optim.frozen_module_names change"):
@@ -209,10 +275,14 @@ def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint(runs, tiny_data_r
     torch.set_num_threads(2)
     overrides = {**RUN, "distributed.strategy": "fsdp", "checkpoint.uri": ckpts}
     capsys.readouterr()
-    trainer = Trainer(load_config("train/dvgt1/demo.yaml", tiny_overrides(tiny_data_root, tmp_path / "run", **overrides)))
+    trainer = Trainer(
+        load_config("train/dvgt1/demo.yaml", tiny_overrides(tiny_data_root, tmp_path / "run", **overrides))
+    )
     try:
         out = capsys.readouterr().out
-        assert re.search(r"warning: .*step_00000004: object 'dcp/rank_00001.distcp' does not match.*falling back", out), out
+        assert re.search(
+            r"warning: .*step_00000004: object 'dcp/rank_00001.distcp' does not match.*falling back", out
+        ), out
         assert trainer.step == 2 and "Resumed from" in out and "step_00000002" in out
     finally:
         trainer.close()

@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-
 from conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,16 +39,25 @@ def test_exporter_installs_without_torch_and_serves(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    install = subprocess.run(["sh", str(REPO / "images" / "exporter" / "install.sh"), str(REPO)],
-                             env={**os.environ, "PYTHON": str(python)}, capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        ["sh", str(REPO / "images" / "exporter" / "install.sh"), str(REPO)],
+        env={**os.environ, "PYTHON": str(python)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
     no_torch = subprocess.run([str(python), "-c", "import torch"], capture_output=True, text=True)
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
 
     port, metrics_dir = free_port(), tmp_path / "metrics"
     metrics_dir.mkdir()
-    server = subprocess.Popen([str(venv / "bin" / "dvgt"), "exporter", "--port", str(port), "--dir", str(metrics_dir)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [str(venv / "bin" / "dvgt"), "exporter", "--port", str(port), "--dir", str(metrics_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -82,13 +90,19 @@ def test_trainer_image_is_built_on_the_tested_torch():
 
 def test_scripts_and_workflows_pass_shellcheck_and_actionlint():
     bin_dir = Path(sys.executable).parent
-    scripts = sorted((REPO / "scripts").glob("*.sh")) + [REPO / "images" / "exporter" / "install.sh", REPO / ".ci" / "run"]
-    check = subprocess.run([str(bin_dir / "shellcheck"), *map(str, scripts)], capture_output=True, text=True, timeout=120)
+    scripts = sorted((REPO / "scripts").glob("*.sh")) + [
+        REPO / "images" / "exporter" / "install.sh",
+        REPO / ".ci" / "run",
+    ]
+    check = subprocess.run(
+        [str(bin_dir / "shellcheck"), *map(str, scripts)], capture_output=True, text=True, timeout=120
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     workflows = sorted((REPO / ".github" / "workflows").glob("*.yaml"))
     assert {w.name for w in workflows} >= {"release.yaml", "e2e-kind.yaml"}
-    lint = subprocess.run([str(bin_dir / "actionlint"), *map(str, workflows)], capture_output=True, text=True, timeout=120,
-                          cwd=REPO)
+    lint = subprocess.run(
+        [str(bin_dir / "actionlint"), *map(str, workflows)], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 

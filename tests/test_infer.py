@@ -61,11 +61,20 @@ def run_cli(*argv) -> int:
 def test_infer_from_a_checkpoint_writes_points_poses_trajectory_and_figure(frames, tiny_model, tmp_path, capsys):
     model, cfg = tiny_model
     CheckpointManager(str(tmp_path / "ckpts")).save(
-        7, model_state=model.state_dict(), optimizer_state={}, trainer_state={}, config_yaml=OmegaConf.to_yaml(cfg),
-        epoch=0)
+        7,
+        model_state=model.state_dict(),
+        optimizer_state={},
+        trainer_state={},
+        config_yaml=OmegaConf.to_yaml(cfg),
+        epoch=0,
+    )
     out = tmp_path / "out"
-    assert run_cli("infer", "--checkpoint", tmp_path / "ckpts", "--frames", frames, "--window", 2, "--width", 64,
-                   "--out", out) == 0
+    assert (
+        run_cli(
+            "infer", "--checkpoint", tmp_path / "ckpts", "--frames", frames, "--window", 2, "--width", 64, "--out", out
+        )
+        == 0
+    )
     log = capsys.readouterr().out
     assert "step_00000007" in log and "3 frames x 2 cameras (CAM_B0, CAM_F0), window 2" in log
 
@@ -110,13 +119,43 @@ def test_infer_from_a_weights_file_needs_the_config(frames, tiny_model, tmp_path
     assert run_cli("infer", "--checkpoint", weights, "--frames", frames, "--width", 64, "--out", tmp_path / "a") == 2
     assert "error: --config is required with a weights file" in capsys.readouterr().err
 
-    assert run_cli("infer", "--checkpoint", weights, "--frames", frames, "--width", 64, "--out", tmp_path / "b",
-                   "--config", "train/dvgt2/default.yaml", *TINY) == 0
+    assert (
+        run_cli(
+            "infer",
+            "--checkpoint",
+            weights,
+            "--frames",
+            frames,
+            "--width",
+            64,
+            "--out",
+            tmp_path / "b",
+            "--config",
+            "train/dvgt2/default.yaml",
+            *TINY,
+        )
+        == 0
+    )
     first = np.load(tmp_path / "b" / "predictions.npz")["points"]
     # window 4 (default) covers the 3 frames; a wrong architecture is refused with the load summary
     assert first.shape == (NUM_FRAMES, 2, 32, 64, 3) and np.isfinite(first).all()
-    assert run_cli("infer", "--checkpoint", weights, "--frames", frames, "--width", 64, "--out", tmp_path / "c",
-                   "--config", "train/dvgt2/pretrain.yaml", *TINY) == 2
+    assert (
+        run_cli(
+            "infer",
+            "--checkpoint",
+            weights,
+            "--frames",
+            frames,
+            "--width",
+            64,
+            "--out",
+            tmp_path / "c",
+            "--config",
+            "train/dvgt2/pretrain.yaml",
+            *TINY,
+        )
+        == 2
+    )
     assert "missing" in capsys.readouterr().err
 
 

@@ -7,8 +7,14 @@ import torch
 
 from dvgt.config import LossConfig
 from dvgt.data.geometry import pose_to_absT_quaR
-from dvgt.train.losses import (compute_loss, ego_pose_loss, filter_by_quantile, multi_scale_gradient_loss,
-                               normal_errors, point_loss)
+from dvgt.train.losses import (
+    compute_loss,
+    ego_pose_loss,
+    filter_by_quantile,
+    multi_scale_gradient_loss,
+    normal_errors,
+    point_loss,
+)
 
 B, T, V, H, W = 1, 3, 2, 16, 20
 SCALE = 0.1  # gt_scale_factor: the data multiplies the ground truth by it
@@ -23,14 +29,21 @@ def make_batch(seed=0):
     points = torch.stack([xs.expand_as(depth) * depth / 5, ys.expand_as(depth) * depth / 5, depth], dim=-1)
     ego_n_to_ego_first = torch.eye(4).repeat(B, T, 1, 1)
     ego_n_to_ego_first[..., 2, 3] = torch.arange(T, dtype=torch.float32) * 3.0 * SCALE
-    return {"points_in_ego_first": points * SCALE, "point_masks": torch.rand(B, T, V, H, W, generator=g) < 0.85,
-            "ego_n_to_ego_first": ego_n_to_ego_first}
+    return {
+        "points_in_ego_first": points * SCALE,
+        "point_masks": torch.rand(B, T, V, H, W, generator=g) < 0.85,
+        "ego_n_to_ego_first": ego_n_to_ego_first,
+    }
 
 
 def perfect_predictions(batch, conf=2.0, iterations=4):
     pose = pose_to_absT_quaR(batch["ego_n_to_ego_first"])
-    return {"points": batch["points_in_ego_first"].clone(), "points_conf": torch.full(batch["point_masks"].shape, conf),
-            "absolute_ego_pose_enc": pose, "absolute_ego_pose_enc_list": [pose.clone() for _ in range(iterations)]}
+    return {
+        "points": batch["points_in_ego_first"].clone(),
+        "points_conf": torch.full(batch["point_masks"].shape, conf),
+        "absolute_ego_pose_enc": pose,
+        "absolute_ego_pose_enc_list": [pose.clone() for _ in range(iterations)],
+    }
 
 
 def config(**point):
@@ -52,8 +65,15 @@ def test_zero_error_with_fixed_confidence_gives_the_analytic_value(gradient_loss
     assert losses["loss_grad_point"].item() == pytest.approx(expected if terms == 2 else 0.0, abs=1e-5)
     assert losses["loss_ego_pose"].item() == 0.0
     assert losses["objective"].item() == pytest.approx(cfg.point.weight * terms * expected, abs=1e-5)
-    assert set(losses) == {"objective", "loss_conf_point", "loss_reg_point", "loss_grad_point", "loss_ego_pose",
-                           "loss_T", "loss_R"}
+    assert set(losses) == {
+        "objective",
+        "loss_conf_point",
+        "loss_reg_point",
+        "loss_grad_point",
+        "loss_ego_pose",
+        "loss_T",
+        "loss_R",
+    }
 
 
 def test_known_error_gives_the_analytic_value():
@@ -83,11 +103,13 @@ def test_invalid_pixels_do_not_count():
     for fn in ("normal", "grad"):
         before = compute_loss(predictions, batch, config(gradient_loss_fn=fn))
         invalid = ~batch["point_masks"]
-        changed_batch = dict(batch, points_in_ego_first=batch["points_in_ego_first"].masked_fill(invalid[..., None],
-                                                                                                  math.nan))
+        changed_batch = dict(
+            batch, points_in_ego_first=batch["points_in_ego_first"].masked_fill(invalid[..., None], math.nan)
+        )
         changed_points = predictions["points"].masked_fill(invalid[..., None], 1e3).requires_grad_()
-        changed_predictions = dict(predictions, points=changed_points,
-                                   points_conf=predictions["points_conf"].masked_fill(invalid, 50.0))
+        changed_predictions = dict(
+            predictions, points=changed_points, points_conf=predictions["points_conf"].masked_fill(invalid, 50.0)
+        )
         after = compute_loss(changed_predictions, changed_batch, config(gradient_loss_fn=fn))
         for key in before:
             assert after[key].item() == pytest.approx(before[key].item(), rel=1e-6, abs=1e-7), (fn, key)
@@ -130,7 +152,8 @@ def test_normal_loss_is_zero_for_identical_surfaces_and_positive_for_a_bent_one(
     assert multi_scale_gradient_loss(bent, flat, mask, conf, "normal", 1.0, 0.2) > 0.05
     shifted = bent + torch.tensor([3.0, -2.0, 7.0])
     assert multi_scale_gradient_loss(shifted, flat, mask, conf, "normal", 1.0, 0.2).item() == pytest.approx(
-        multi_scale_gradient_loss(bent, flat, mask, conf, "normal", 1.0, 0.2).item(), rel=1e-5)
+        multi_scale_gradient_loss(bent, flat, mask, conf, "normal", 1.0, 0.2).item(), rel=1e-5
+    )
 
 
 def test_pose_loss_ignores_frame_zero_and_weighs_iterations():
@@ -143,7 +166,7 @@ def test_pose_loss_ignores_frame_zero_and_weighs_iterations():
         pred[:, 0] = torch.randn(7)  # frame 0 is never supervised
     losses = ego_pose_loss(preds, gt, gamma=0.6, loss_type="l1", weight_trans=2.0, weight_rot=1.0)
     # l1 averages over the 3 translation components, so each iteration contributes e / 3.
-    expected = (0.6 ** 2 * 0.4 + 0.6 * 0.2 + 1.0 * 0.1) / 3 / 3
+    expected = (0.6**2 * 0.4 + 0.6 * 0.2 + 1.0 * 0.1) / 3 / 3
     assert losses["loss_T"].item() == pytest.approx(expected, rel=1e-5)
     assert losses["loss_R"].item() == 0.0
     assert losses["loss_ego_pose"].item() == pytest.approx(2.0 * expected, rel=1e-5)
@@ -169,8 +192,9 @@ def test_too_few_valid_pixels_give_a_zero_loss_that_keeps_the_graph():
     batch["point_masks"][0, 0, 0, :4, :4] = True  # 16 < 100 valid pixels
     predictions = perfect_predictions(batch)
     predictions["points"] = (predictions["points"] + 1.0).requires_grad_()
-    losses = point_loss(predictions["points"], predictions["points_conf"], batch["points_in_ego_first"],
-                        batch["point_masks"])
+    losses = point_loss(
+        predictions["points"], predictions["points_conf"], batch["points_in_ego_first"], batch["point_masks"]
+    )
     assert all(v.item() == 0.0 for v in losses.values())
     sum(losses.values()).backward()
     assert predictions["points"].grad is not None
@@ -178,8 +202,10 @@ def test_too_few_valid_pixels_give_a_zero_loss_that_keeps_the_graph():
 
 def test_losses_are_float32_under_bfloat16_autocast():
     batch = make_batch()
-    predictions = {k: v.bfloat16() if torch.is_tensor(v) else [p.bfloat16() for p in v]
-                   for k, v in perfect_predictions(batch).items()}
+    predictions = {
+        k: v.bfloat16() if torch.is_tensor(v) else [p.bfloat16() for p in v]
+        for k, v in perfect_predictions(batch).items()
+    }
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = compute_loss(predictions, batch, LossConfig())
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import free_port, tiny_overrides
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
-
-from conftest import free_port, tiny_overrides
 from servers import wait_for
+
 from dvgt.metrics.exporter import start_exporter
 from dvgt.metrics.labels import rank_labels
 from dvgt.metrics.multiproc import file_pid, remove_stale_files
@@ -40,9 +40,21 @@ ALERT_TESTS = ROOT / "tests/promtool/alerts_test.yaml"
 JOB = "e2e"
 # What Grafana substitutes before a query reaches Prometheus.
 GRAFANA = {"$__rate_interval": "1m", "$__range": "1h", "$namespace": ".*", "$dvgt_job": JOB}
-CLEAN_ENV = {k: v for k, v in os.environ.items()
-             if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "PET_NODE_RANK", "LOCAL_WORLD_SIZE",
-                          "DVGT_JOB_NAME", "PROMETHEUS_MULTIPROC_DIR")}
+CLEAN_ENV = {
+    k: v
+    for k, v in os.environ.items()
+    if k
+    not in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "GROUP_RANK",
+        "PET_NODE_RANK",
+        "LOCAL_WORLD_SIZE",
+        "DVGT_JOB_NAME",
+        "PROMETHEUS_MULTIPROC_DIR",
+    )
+}
 
 
 def http_get(url: str) -> str:
@@ -51,8 +63,14 @@ def http_get(url: str) -> str:
 
 
 def train_command(data_root: Path, run_dir: Path, **extra) -> list:
-    return [sys.executable, "-m", "dvgt", "train", "--config=train/dvgt1/demo.yaml",
-            *tiny_overrides(data_root, run_dir, **{"limit_val_batches": 0, **extra})]
+    return [
+        sys.executable,
+        "-m",
+        "dvgt",
+        "train",
+        "--config=train/dvgt1/demo.yaml",
+        *tiny_overrides(data_root, run_dir, **{"limit_val_batches": 0, **extra}),
+    ]
 
 
 def train_env(folder: Path, **env) -> dict:
@@ -61,8 +79,12 @@ def train_env(folder: Path, **env) -> dict:
 
 def samples(text: str, name: str, **labels) -> list:
     """Values of the exposition's samples called `name` whose labels include `labels`."""
-    return [s.value for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == name and labels.items() <= s.labels.items()]
+    return [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    ]
 
 
 def query(prometheus: str, expr: str) -> dict:
@@ -82,31 +104,62 @@ def scraped_run(tiny_data_root, tmp_path_factory):
     exporter_port, prometheus_port = free_port(), free_port()
     processes = []
     try:
-        processes.append(start_exporter(folder, exporter_port, job=JOB, env=train_env(folder),
-                                        stderr=subprocess.DEVNULL))
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(ALERTS)],
-                  "scrape_configs": [{"job_name": "dvgt", "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}]}
+        processes.append(
+            start_exporter(folder, exporter_port, job=JOB, env=train_env(folder), stderr=subprocess.DEVNULL)
+        )
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": [{"job_name": "dvgt", "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}],
+        }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-        processes.append(subprocess.Popen(
-            ["prometheus", f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=warn"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        processes.append(
+            subprocess.Popen(
+                [
+                    "prometheus",
+                    f"--config.file={tmp / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                    "--log.level=warn",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         prometheus = f"http://127.0.0.1:{prometheus_port}"
         wait_for(lambda: _ready(prometheus), 60, "Prometheus to be ready")
 
         started = time.time()
-        subprocess.run(train_command(tiny_data_root, run_dir, max_epochs=2, limit_train_batches=2, limit_val_batches=1),
-                       env=train_env(folder, DVGT_JOB_NAME=JOB), check=True, timeout=300, capture_output=True)
+        subprocess.run(
+            train_command(tiny_data_root, run_dir, max_epochs=2, limit_train_batches=2, limit_val_batches=1),
+            env=train_env(folder, DVGT_JOB_NAME=JOB),
+            check=True,
+            timeout=300,
+            capture_output=True,
+        )
         finished = time.time()
         # The last scrape after the run finished (and so after its last step) has reached Prometheus.
-        wait_for(lambda: query(prometheus, f'dvgt_training_completed{{dvgt_job="{JOB}"}} == 1')["data"]["result"],
-                 30, "Prometheus to scrape the finished run")
+        wait_for(
+            lambda: query(prometheus, f'dvgt_training_completed{{dvgt_job="{JOB}"}} == 1')["data"]["result"],
+            30,
+            "Prometheus to scrape the finished run",
+        )
         # rate() and increase() need two samples of a series: wait for a second scrape of the finished run
         # (every series of the run is in every scrape after it finished).
-        wait_for(lambda: query(prometheus, f'sum_over_time(dvgt_training_completed{{dvgt_job="{JOB}"}}[10m]) >= 2')
-                 ["data"]["result"], 30, "a second scrape of the finished run")
-        yield {"prometheus": prometheus, "exporter": f"http://127.0.0.1:{exporter_port}", "run_dir": run_dir,
-               "started": started, "finished": finished}
+        wait_for(
+            lambda: query(prometheus, f'sum_over_time(dvgt_training_completed{{dvgt_job="{JOB}"}}[10m]) >= 2')["data"][
+                "result"
+            ],
+            30,
+            "a second scrape of the finished run",
+        )
+        yield {
+            "prometheus": prometheus,
+            "exporter": f"http://127.0.0.1:{exporter_port}",
+            "run_dir": run_dir,
+            "started": started,
+            "finished": finished,
+        }
     finally:
         for process in processes:
             process.terminate()
@@ -137,12 +190,26 @@ def test_dashboard_has_the_variables_and_a_panel_for_every_item():
     variables = {v["name"] for v in dashboard["templating"]["list"]}
     assert {"namespace", "dvgt_job"} <= variables
     exprs = " ".join(expr for _, expr in dashboard_targets())
-    for metric in ("dvgt_step_duration_seconds", "dvgt_step_last_duration_seconds", "dvgt_images_total", "dvgt_loss",
-                   "dvgt_learning_rate", "dvgt_grad_norm", "dvgt_gpu_allocated_bytes", "dvgt_gpu_peak_allocated_bytes",
-                   "dvgt:gpu_memory_used_bytes", "dvgt:gpu_memory_total_bytes", "dvgt:gpu_utilization_ratio",
-                   "dvgt_data_wait_seconds_total",
-                   "dvgt_checkpoint_blocked_seconds", "dvgt_checkpoint_upload_seconds", "dvgt_checkpoint_saves_total",
-                   "dvgt_nonfinite_steps_skipped_total", "dvgt_last_step_timestamp_seconds", "dvgt_eval_metric"):
+    for metric in (
+        "dvgt_step_duration_seconds",
+        "dvgt_step_last_duration_seconds",
+        "dvgt_images_total",
+        "dvgt_loss",
+        "dvgt_learning_rate",
+        "dvgt_grad_norm",
+        "dvgt_gpu_allocated_bytes",
+        "dvgt_gpu_peak_allocated_bytes",
+        "dvgt:gpu_memory_used_bytes",
+        "dvgt:gpu_memory_total_bytes",
+        "dvgt:gpu_utilization_ratio",
+        "dvgt_data_wait_seconds_total",
+        "dvgt_checkpoint_blocked_seconds",
+        "dvgt_checkpoint_upload_seconds",
+        "dvgt_checkpoint_saves_total",
+        "dvgt_nonfinite_steps_skipped_total",
+        "dvgt_last_step_timestamp_seconds",
+        "dvgt_eval_metric",
+    ):
         assert metric in exprs, f"no dashboard panel shows {metric}"
     for _, expr in dashboard_targets():
         assert "$" not in expr, f"unsubstituted Grafana variable in {expr}"
@@ -150,8 +217,10 @@ def test_dashboard_has_the_variables_and_a_panel_for_every_item():
 
 def test_every_dashboard_query_returns_data(scraped_run):
     prometheus = scraped_run["prometheus"]
-    no_gpu = not torch.cuda.is_available() and \
-        query(prometheus, "dvgt_exporter_gpus")["data"]["result"][0]["value"][1] == "0"
+    no_gpu = (
+        not torch.cuda.is_available()
+        and query(prometheus, "dvgt_exporter_gpus")["data"]["result"][0]["value"][1] == "0"
+    )
     for title, expr in dashboard_targets():
         answer = query(prometheus, expr)
         assert answer["status"] == "success", f"panel '{title}': {expr}: {answer.get('error')}"
@@ -170,17 +239,29 @@ def test_every_alert_expression_evaluates(scraped_run):
     rules = [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
     alerts = [rule for rule in rules if "alert" in rule]
     assert {rule["alert"] for rule in alerts} == {
-        "DvgtTrainingStalled", "DvgtLossNonFinite", "DvgtGpuMemoryNearLimit", "DvgtCheckpointsFailing", "DvgtRankStraggler",
-        "DvgtCheckpointTooOld", "DvgtDataLoaderStalling", "DvgtMetricsAbsent", "DvgtScrapeTargetDown", "DvgtPodPending",
-        "DvgtPodRestarting"}
+        "DvgtTrainingStalled",
+        "DvgtLossNonFinite",
+        "DvgtGpuMemoryNearLimit",
+        "DvgtCheckpointsFailing",
+        "DvgtRankStraggler",
+        "DvgtCheckpointTooOld",
+        "DvgtDataLoaderStalling",
+        "DvgtMetricsAbsent",
+        "DvgtScrapeTargetDown",
+        "DvgtPodPending",
+        "DvgtPodRestarting",
+    }
     for rule in alerts:
         answer = query(prometheus, rule["expr"])
         assert answer["status"] == "success", f"{rule['alert']}: {answer.get('error')}"
         assert answer["data"]["result"] == [], f"{rule['alert']} fires on a healthy run"
     # The server evaluates every rule too (every second, during and after the run): none errored.
-    loaded = [r for group in json.loads(http_get(f"{prometheus}/api/v1/rules"))["data"]["groups"] for r in group["rules"]]
-    assert {r["name"]: (r["health"], r.get("lastError", "")) for r in loaded} == \
-        {rule.get("alert") or rule["record"]: ("ok", "") for rule in rules}
+    loaded = [
+        r for group in json.loads(http_get(f"{prometheus}/api/v1/rules"))["data"]["groups"] for r in group["rules"]
+    ]
+    assert {r["name"]: (r["health"], r.get("lastError", "")) for r in loaded} == {
+        rule.get("alert") or rule["record"]: ("ok", "") for rule in rules
+    }
     # the job's pods as the recording rules join them (the scrape here has no namespace / pod labels: one row)
     assert query(prometheus, "dvgt:pod_job:info")["data"]["result"][0]["metric"]["dvgt_job"] == JOB
 
@@ -194,7 +275,9 @@ def test_exporter_serves_what_the_run_logged_and_passes_promtool(scraped_run):
     steps = [r for r in read_log(scraped_run["run_dir"] / "train_log.jsonl") if r["kind"] == "train"]
     assert len(steps) == 4
     assert samples(text, "dvgt_step_duration_seconds_count", **rank) == [4]
-    assert samples(text, "dvgt_step_duration_seconds_sum", **rank)[0] == pytest.approx(sum(r["step_time"] for r in steps))
+    assert samples(text, "dvgt_step_duration_seconds_sum", **rank)[0] == pytest.approx(
+        sum(r["step_time"] for r in steps)
+    )
     assert samples(text, "dvgt_data_wait_seconds_total", **rank)[0] == pytest.approx(sum(r["data_time"] for r in steps))
     assert samples(text, "dvgt_images_total", **rank) == [sum(r["images"] for r in steps)]
     assert samples(text, "dvgt_optimizer_step", **rank) == [4]
@@ -209,12 +292,15 @@ def test_exporter_serves_what_the_run_logged_and_passes_promtool(scraped_run):
     assert samples(text, "dvgt_checkpoint_blocked_seconds", **rank)[0] > 0
     assert samples(text, "dvgt_nonfinite_steps_skipped_total", **rank) == [0]
     assert samples(text, "dvgt_training_completed", **rank) == [1]
-    assert scraped_run["started"] < samples(text, "dvgt_last_step_timestamp_seconds", **rank)[0] < scraped_run["finished"]
+    assert (
+        scraped_run["started"] < samples(text, "dvgt_last_step_timestamp_seconds", **rank)[0] < scraped_run["finished"]
+    )
     evaluation = [r for r in read_log(scraped_run["run_dir"] / "train_log.jsonl") if r["kind"] == "eval"][-1]
     for key in ("val/demo/ego_first_chamfer", "val/demo/ego_n_δ < 1.25", "val/loss/objective"):
         dataset, metric = key[4:].split("/", 1)  # held-out metrics under their official names
         assert samples(text, "dvgt_eval_metric", dataset=dataset, metric=metric, **rank) == [
-            pytest.approx(evaluation[key])]
+            pytest.approx(evaluation[key])
+        ]
 
     documented = set(re.findall(r"`(dvgt_\w+)`", (ROOT / "docs/metrics.md").read_text()))
     served = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
@@ -228,18 +314,37 @@ def test_alert_rules_pass_promtool_and_each_alert_fires_and_resolves():
     assert check.returncode == 0, check.stdout + check.stderr
     unit = subprocess.run(["promtool", "test", "rules", str(ALERT_TESTS)], capture_output=True, text=True)
     assert unit.returncode == 0 and "SUCCESS" in unit.stdout, unit.stdout + unit.stderr
-    cases = [case for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"] for case in test.get("alert_rule_test", [])]
-    alerts = {rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"] if "alert" in rule}
+    cases = [
+        case for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"] for case in test.get("alert_rule_test", [])
+    ]
+    alerts = {
+        rule["alert"]
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
     assert {c["alertname"] for c in cases if c["exp_alerts"]} == alerts, "an alert has no firing case"
     for alert in alerts:  # silent before it fires, and resolved: a case after the firing one expects nothing
-        times = sorted((int(c["eval_time"].rstrip("m")), bool(c["exp_alerts"])) for c in cases if c["alertname"] == alert)
+        times = sorted(
+            (int(c["eval_time"].rstrip("m")), bool(c["exp_alerts"])) for c in cases if c["alertname"] == alert
+        )
         firing = [t for t, fires in times if fires]
         assert any(t < firing[0] and not fires for t, fires in times), f"{alert} has no silent case before it fires"
         assert any(t > firing[0] and not fires for t, fires in times), f"{alert} has no resolving case"
-    records = {rule["record"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"] if "record" in rule}
-    tested = {re.match(r"[\w:]+", c["expr"]).group(0) for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"]
-              for c in test.get("promql_expr_test", [])}
-    assert records - {"dvgt:pod_job:info", "dvgt:kube_pod_job:info"} <= tested, "a GPU recording rule has no promql test"
+    records = {
+        rule["record"]
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    }
+    tested = {
+        re.match(r"[\w:]+", c["expr"]).group(0)
+        for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+        for c in test.get("promql_expr_test", [])
+    }
+    assert records - {"dvgt:pod_job:info", "dvgt:kube_pod_job:info"} <= tested, (
+        "a GPU recording rule has no promql test"
+    )
 
 
 def test_killed_rank_leaves_no_ghost_series(tiny_data_root, tmp_path):
@@ -247,18 +352,27 @@ def test_killed_rank_leaves_no_ghost_series(tiny_data_root, tmp_path):
     the new process's series: nothing of the dead rank 1, and rank 0's counters start afresh."""
     folder = tmp_path / "metrics"
     long_run = {"max_epochs": 1, "limit_train_batches": 1000, "checkpoint.resume": "never"}
-    dead = {local_rank: subprocess.Popen(train_command(tiny_data_root, tmp_path / f"run{local_rank}", **long_run),
-                                         env=train_env(folder, DVGT_JOB_NAME="ghost", LOCAL_RANK=str(local_rank)),
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for local_rank in (0, 1)}
+    dead = {
+        local_rank: subprocess.Popen(
+            train_command(tiny_data_root, tmp_path / f"run{local_rank}", **long_run),
+            env=train_env(folder, DVGT_JOB_NAME="ghost", LOCAL_RANK=str(local_rank)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for local_rank in (0, 1)
+    }
     try:
+
         def steps_done():
             try:
                 metrics = MultiProcessCollector.merge([str(p) for p in folder.glob("*.db")], accumulate=False)
             except struct.error:  # a file a rank has just created and not yet written
                 return False
-            done = {s.labels["local_rank"]: s.value for m in metrics for s in m.samples if s.name == "dvgt_optimizer_step"}
+            done = {
+                s.labels["local_rank"]: s.value for m in metrics for s in m.samples if s.name == "dvgt_optimizer_step"
+            }
             return len(done) == 2 and min(done.values()) >= 2
+
         wait_for(steps_done, 240, "both ranks to complete 2 steps")
     finally:
         for process in dead.values():
@@ -266,9 +380,12 @@ def test_killed_rank_leaves_no_ghost_series(tiny_data_root, tmp_path):
             process.wait()
     assert {file_pid(p) for p in folder.glob("*.db")} == {p.pid for p in dead.values()}
 
-    restarted = subprocess.run(train_command(tiny_data_root, tmp_path / "restart", max_epochs=1, limit_train_batches=2),
-                               env=train_env(folder, DVGT_JOB_NAME="ghost", LOCAL_RANK="0"), capture_output=True,
-                               timeout=300)
+    restarted = subprocess.run(
+        train_command(tiny_data_root, tmp_path / "restart", max_epochs=1, limit_train_batches=2),
+        env=train_env(folder, DVGT_JOB_NAME="ghost", LOCAL_RANK="0"),
+        capture_output=True,
+        timeout=300,
+    )
     assert restarted.returncode == 0, restarted.stderr.decode()[-2000:]
     port = free_port()
     exporter = start_exporter(folder, port, job="ghost", stderr=subprocess.DEVNULL)
@@ -287,8 +404,11 @@ def test_killed_rank_leaves_no_ghost_series(tiny_data_root, tmp_path):
 def write_metrics_file(path: Path, labels: dict) -> None:
     """A file as prometheus-client's multiprocess mode writes it, holding one gauge sample."""
     db = MmapedDict(str(path))
-    db.write_value(mmap_key("dvgt_optimizer_step", "dvgt_optimizer_step", list(labels), list(labels.values()), "h"),
-                   3.0, time.time())
+    db.write_value(
+        mmap_key("dvgt_optimizer_step", "dvgt_optimizer_step", list(labels), list(labels.values()), "h"),
+        3.0,
+        time.time(),
+    )
     db.close()
 
 
@@ -302,19 +422,27 @@ def test_stale_files_are_those_of_dead_pids_reused_pids_and_earlier_lives_of_thi
     write_metrics_file(tmp_path / f"histogram_{live_pid}.db", me)  # my rank's earlier life, pid now reused
     write_metrics_file(tmp_path / f"gauge_mostrecent_{my_pid}.db", other)  # my pid, written before I started
     removed = remove_stale_files(tmp_path, me, pid=my_pid)
-    assert sorted(p.name for p in removed) == sorted([f"gauge_mostrecent_{dead_pid}.db", f"histogram_{live_pid}.db",
-                                                      f"gauge_mostrecent_{my_pid}.db"])
+    assert sorted(p.name for p in removed) == sorted(
+        [f"gauge_mostrecent_{dead_pid}.db", f"histogram_{live_pid}.db", f"gauge_mostrecent_{my_pid}.db"]
+    )
     assert [p.name for p in tmp_path.glob("*.db")] == [f"counter_{live_pid}.db"]
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({}, {"dvgt_job": "exp", "stage": "exp", "node_rank": "0", "local_rank": "0"}),
-    ({"DVGT_JOB_NAME": "pretrain-7", "GROUP_RANK": "3", "PET_NODE_RANK": "9", "RANK": "29", "LOCAL_RANK": "5"},
-     {"dvgt_job": "pretrain-7", "stage": "exp", "node_rank": "3", "local_rank": "5"}),  # torchrun under the operator
-    ({"PET_NODE_RANK": "2", "RANK": "2"}, {"dvgt_job": "exp", "stage": "exp", "node_rank": "2", "local_rank": "0"}),
-    ({"RANK": "13", "LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "1"},
-     {"dvgt_job": "exp", "stage": "exp", "node_rank": "3", "local_rank": "1"}),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, {"dvgt_job": "exp", "stage": "exp", "node_rank": "0", "local_rank": "0"}),
+        (
+            {"DVGT_JOB_NAME": "pretrain-7", "GROUP_RANK": "3", "PET_NODE_RANK": "9", "RANK": "29", "LOCAL_RANK": "5"},
+            {"dvgt_job": "pretrain-7", "stage": "exp", "node_rank": "3", "local_rank": "5"},
+        ),  # torchrun under the operator
+        ({"PET_NODE_RANK": "2", "RANK": "2"}, {"dvgt_job": "exp", "stage": "exp", "node_rank": "2", "local_rank": "0"}),
+        (
+            {"RANK": "13", "LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "1"},
+            {"dvgt_job": "exp", "stage": "exp", "node_rank": "3", "local_rank": "1"},
+        ),
+    ],
+)
 def test_rank_labels_come_from_the_launch_environment(env, expected):
     assert rank_labels("exp", env) == expected
 
@@ -337,9 +465,11 @@ except ValueError as error:
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=CLEAN_ENV, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "checkpoint outcome 'lost' is not one of ok, failed, skipped, spilled" in out.stdout
-    values = {(s.name, s.labels.get("outcome")): s.value
-              for m in MultiProcessCollector.merge([str(p) for p in (tmp_path / "metrics").glob("*.db")])
-              for s in m.samples}
+    values = {
+        (s.name, s.labels.get("outcome")): s.value
+        for m in MultiProcessCollector.merge([str(p) for p in (tmp_path / "metrics").glob("*.db")])
+        for s in m.samples
+    }
     assert values[("dvgt_checkpoint_saves_total", "ok")] == 1
     assert values[("dvgt_checkpoint_saves_total", "skipped")] == 1
     assert values[("dvgt_checkpoint_saves_total", "failed")] == 1
@@ -368,15 +498,19 @@ def test_fast_exposition_gives_the_librarys_samples_and_shares_renders_between_c
     with the same labels: counters and histograms add up, one gauge value wins), then a file of a kind
     only the library merges. Then 16 scrapes at once: every answer
     is complete and current, and they cost far fewer renders than scrapes."""
-    from prometheus_client import CollectorRegistry, generate_latest
     from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.exposition import ThreadingWSGIServer
+
     from dvgt.metrics.exposition import MetricFiles, wsgi_metrics
 
     folder = tmp_path / "metrics"
     env = {**CLEAN_ENV, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), node, local, str(steps)], env=env)
-               for node, local, steps in (("0", "0", 4), ("0", "1", 2), ("1", "0", 5))]
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), node, local, str(steps)], env=env)
+        for node, local, steps in (("0", "0", 4), ("0", "1", 2), ("1", "0", 5))
+    ]
     assert [writer.wait(timeout=60) for writer in writers] == [0, 0, 0]
     for path in folder.glob(f"*_{writers[2].pid}.db"):
         shutil.copy(path, path.with_name(path.name.replace(str(writers[2].pid), "999999")))
@@ -388,8 +522,10 @@ def test_fast_exposition_gives_the_librarys_samples_and_shares_renders_between_c
 
     def parsed(text: str) -> tuple:
         families = list(text_string_to_metric_families(text))
-        return (sorted((f.name, f.type, f.documentation) for f in families),
-                sorted((s.name, tuple(sorted(s.labels.items())), s.value) for f in families for s in f.samples))
+        return (
+            sorted((f.name, f.type, f.documentation) for f in families),
+            sorted((s.name, tuple(sorted(s.labels.items())), s.value) for f in families for s in f.samples),
+        )
 
     files = MetricFiles(str(folder))
     ours = files.render().decode()
@@ -397,16 +533,22 @@ def test_fast_exposition_gives_the_librarys_samples_and_shares_renders_between_c
     assert samples(ours, "dvgt_images_total", node_rank="1") == [80]  # 2 x 5 steps of 8 images, one series
     assert samples(ours, "dvgt_step_duration_seconds_count", node_rank="1") == [10]
     assert subprocess.run(["promtool", "check", "metrics"], input=ours, capture_output=True, text=True).returncode == 0
-    MmapedDict(str(folder / "gauge_all_4242.db")).write_value(mmap_key("other_gauge", "other_gauge", ["a"], ["b"], "o"),
-                                                             2.5, 1.0)
+    MmapedDict(str(folder / "gauge_all_4242.db")).write_value(
+        mmap_key("other_gauge", "other_gauge", ["a"], ["b"], "o"), 2.5, 1.0
+    )
     assert parsed(files.render().decode()) == parsed(library())  # a kind it does not merge: the library's way
 
     renders = []
     render = files.render
     files.render = lambda: (renders.append(1), time.sleep(0.05), render())[-1]  # a slow render, to overlap scrapes
     port = free_port()
-    server = make_server("127.0.0.1", port, wsgi_metrics(files), ThreadingWSGIServer, handler_class=type(
-        "Quiet", (WSGIRequestHandler,), {"log_message": lambda *a: None}))
+    server = make_server(
+        "127.0.0.1",
+        port,
+        wsgi_metrics(files),
+        ThreadingWSGIServer,
+        handler_class=type("Quiet", (WSGIRequestHandler,), {"log_message": lambda *a: None}),
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         with ThreadPoolExecutor(16) as pool:
@@ -422,8 +564,9 @@ def test_exporter_starts_without_torch_and_answers_health_and_errors(tmp_path):
     imports = tmp_path / "imports.txt"
     port = free_port()
     with open(imports, "w") as err:
-        exporter = start_exporter(tmp_path / "metrics", port, env={**CLEAN_ENV, "PYTHONPROFILEIMPORTTIME": "1"},
-                                  stderr=err)
+        exporter = start_exporter(
+            tmp_path / "metrics", port, env={**CLEAN_ENV, "PYTHONPROFILEIMPORTTIME": "1"}, stderr=err
+        )
     try:
         assert http_get(f"http://127.0.0.1:{port}/healthz") == "ok\n"
         with pytest.raises(urllib.error.HTTPError, match="404"):
@@ -432,17 +575,36 @@ def test_exporter_starts_without_torch_and_answers_health_and_errors(tmp_path):
     finally:
         exporter.send_signal(signal.SIGTERM)
         assert exporter.wait(timeout=10) == 0  # a clean exit on SIGTERM (pod shutdown)
-    modules = {line.rsplit("|", 1)[-1].strip() for line in imports.read_text().splitlines() if line.startswith("import time:")}
+    modules = {
+        line.rsplit("|", 1)[-1].strip() for line in imports.read_text().splitlines() if line.startswith("import time:")
+    }
     assert "prometheus_client" in modules and "dvgt.metrics.exporter" in modules
     assert not {m for m in modules if m == "torch" or m.startswith("torch.")}, "dvgt exporter imported torch"
 
     with socket_bound() as busy:
-        taken = subprocess.run([sys.executable, "-m", "dvgt", "exporter", "--port", str(busy), "--host", "127.0.0.1",
-                                "--dir", str(tmp_path)], env=CLEAN_ENV, capture_output=True, text=True, timeout=60)
+        taken = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dvgt",
+                "exporter",
+                "--port",
+                str(busy),
+                "--host",
+                "127.0.0.1",
+                "--dir",
+                str(tmp_path),
+            ],
+            env=CLEAN_ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert taken.returncode == 2 and f"error: cannot listen on 127.0.0.1:{busy}" in taken.stderr
     no_dir = subprocess.run([sys.executable, "-m", "dvgt", "exporter"], env=CLEAN_ENV, capture_output=True, text=True)
     assert no_dir.returncode == 2 and "pass --dir or set PROMETHEUS_MULTIPROC_DIR" in no_dir.stderr
     from dvgt.cli import build_parser
+
     assert build_parser().parse_args(["exporter", "--dir", "x"]).host == "127.0.0.1"  # this machine only, unless asked
 
 
@@ -467,8 +629,12 @@ def test_demo_serves_its_metrics_while_it_trains(tiny_data_root, tmp_path):
     log = tmp_path / "demo.out"
     overrides = tiny_overrides(tiny_data_root, out, max_epochs=1, limit_train_batches=2)
     with open(log, "w") as stdout:
-        demo = subprocess.Popen([sys.executable, "-m", "dvgt", "demo", "--out", str(out), "--metrics-port", str(port),
-                                 *overrides], env=CLEAN_ENV, stdout=stdout, stderr=subprocess.STDOUT)
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "dvgt", "demo", "--out", str(out), "--metrics-port", str(port), *overrides],
+            env=CLEAN_ENV,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+        )
         try:
             url = f"http://127.0.0.1:{port}/metrics"
             wait_for(lambda: url in log.read_text(), 240, "the demo to print its metrics URL")
@@ -479,6 +645,7 @@ def test_demo_serves_its_metrics_while_it_trains(tiny_data_root, tmp_path):
                 except OSError:  # refused: the exporter has stopped, which it may only do when the demo ends
                     assert demo.poll() is None, "the demo finished without serving a training step"
                     return None
+
             wait_for(step_served, 240, "a training step on the demo's /metrics")
             assert demo.wait(timeout=300) == 0, log.read_text()[-2000:]
         finally:

@@ -93,11 +93,15 @@ def run_protocol(model, images, call: str) -> dict:
     """The fixture's run protocol, with hooks capturing the backbone tokens, the aggregator list and (streaming)
     the ego head's input per step before its temporal embedding."""
     captures, head_inputs = {}, []
-    hooks = [] if call == "forward" else [
-        model.ego_pose_head.register_forward_pre_hook(
-            lambda head, args: head_inputs.append(args[0] - head.temporal_pos_embed[:, : args[0].shape[1]])
-        )
-    ]
+    hooks = (
+        []
+        if call == "forward"
+        else [
+            model.ego_pose_head.register_forward_pre_hook(
+                lambda head, args: head_inputs.append(args[0] - head.temporal_pos_embed[:, : args[0].shape[1]])
+            )
+        ]
+    )
     hooks += [
         model.aggregator.patch_embed.register_forward_hook(
             lambda module, args, tokens: captures.__setitem__("capture.backbone_patch_tokens", tokens.clone())

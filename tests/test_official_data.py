@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import OFFICIAL_OUTPUTS, OFFICIAL_TREE
+
 from dvgt.config import ConfigError, load_config
 from dvgt.data import format as fmt
 from dvgt.data.dump import dump_samples, score_metric_cases
@@ -123,9 +123,16 @@ def test_ego_status_is_built_as_the_official_trainer_feeds_it():
     rows = list(ego_status_rows())
     for parquet, scene, frame, camera, row in rows:
         if parquet not in datasets:
-            datasets[parquet] = SceneDataset(DatasetSpec(
-                root=OFFICIAL_TREE, parquet=OFFICIAL_TREE / fmt.FILTERED_META_DIR / f"{parquet}.parquet",
-                fixed_aspect_ratio=1.77, image_width=64, gt_scale_factor=0.1, targets=frozenset({"ego_status"})))
+            datasets[parquet] = SceneDataset(
+                DatasetSpec(
+                    root=OFFICIAL_TREE,
+                    parquet=OFFICIAL_TREE / fmt.FILTERED_META_DIR / f"{parquet}.parquet",
+                    fixed_aspect_ratio=1.77,
+                    image_width=64,
+                    gt_scale_factor=0.1,
+                    targets=frozenset({"ego_status"}),
+                )
+            )
         dataset = datasets[parquet]
         assert dataset.cameras[0] == camera  # the first camera supplies the ego status
         clip = Sequence(scene, [s.name for s in dataset.scenes].index(scene), np.array([frame]))
@@ -157,12 +164,20 @@ def test_the_generator_tree_reads_and_dumps_like_an_official_one(tmp_path):
     table = pq.read_table(tmp_path / fmt.FILTERED_META_DIR / "demo_val.parquet")
     assert set(fmt.REQUIRED_COLUMNS) | set(fmt.OPTIONAL_COLUMNS) == set(table.column_names)
     official = json.loads(MANIFEST.read_text())
-    args = {**official["constructor_args"]["geometry"], "image_width": 64, "fixed_num_frames": 3,
-            "parquet_path": f"{fmt.FILTERED_META_DIR}/demo_val.parquet"}
+    args = {
+        **official["constructor_args"]["geometry"],
+        "image_width": 64,
+        "fixed_num_frames": 3,
+        "parquet_path": f"{fmt.FILTERED_META_DIR}/demo_val.parquet",
+    }
     for key in ("len", "sequence_list"):
         args.pop(key)
-    manifest = {"constructor_args": {"demo": args}, "samples": [
-        {"file": "samples/demo_001.npz", "config": "demo", "index": 1, "keys": official["samples"][2]["keys"]}]}
+    manifest = {
+        "constructor_args": {"demo": args},
+        "samples": [
+            {"file": "samples/demo_001.npz", "config": "demo", "index": 1, "keys": official["samples"][2]["keys"]}
+        ],
+    }
     (tmp_path / "manifest.txt").write_text(json.dumps(manifest))
     list(dump_samples(tmp_path, tmp_path / "manifest.txt", tmp_path / "out"))
     with np.load(tmp_path / "out/samples/demo_001.npz") as sample:
@@ -174,8 +189,15 @@ def test_the_generator_tree_reads_and_dumps_like_an_official_one(tmp_path):
 
 def test_a_stage_trains_two_debug_steps_on_the_official_tree(tmp_path):
     """The README's command: DVGT-1 (tiny) straight on the official tree, nuScenes and KITTI mixed."""
-    command = [sys.executable, "-m", "dvgt", "train", "--config=train/dvgt1/default.yaml", "--debug",
-               *official_tree_overrides(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "dvgt",
+        "train",
+        "--config=train/dvgt1/default.yaml",
+        "--debug",
+        *official_tree_overrides(tmp_path),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = read_log(tmp_path / "train_log.jsonl")
@@ -187,12 +209,21 @@ def test_a_stage_trains_two_debug_steps_on_the_official_tree(tmp_path):
 
 def official_tree_overrides(run_dir: Path) -> list:
     """What README.md passes to train on the official fixture tree (kept in one place for the tests)."""
-    return [f"data.root={OFFICIAL_TREE}", "model.size=tiny", "max_epochs=1", "limit_train_batches=2",
-            "max_img_per_gpu=12", "data.train.views=[2,3]", "data.train.img_width=128", "data.val.img_width=128",
-            "data.val.fixed_num_frames=2",
-            "data.train.datasets=[{dataset: nuscene, split: train}, {dataset: kitti, split: train, original_fps: 10}]",
-            "data.val.datasets=[{dataset: nuscene, split: val, fixed_aspect_ratio: 1.77}]",
-            f"logging.log_dir={run_dir}", f"checkpoint.uri={run_dir}/ckpts"]
+    return [
+        f"data.root={OFFICIAL_TREE}",
+        "model.size=tiny",
+        "max_epochs=1",
+        "limit_train_batches=2",
+        "max_img_per_gpu=12",
+        "data.train.views=[2,3]",
+        "data.train.img_width=128",
+        "data.val.img_width=128",
+        "data.val.fixed_num_frames=2",
+        "data.train.datasets=[{dataset: nuscene, split: train}, {dataset: kitti, split: train, original_fps: 10}]",
+        "data.val.datasets=[{dataset: nuscene, split: val, fixed_aspect_ratio: 1.77}]",
+        f"logging.log_dir={run_dir}",
+        f"checkpoint.uri={run_dir}/ckpts",
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,8 +239,15 @@ def tree_copy(tmp_path):
 
 
 def nuscene_val(root, **changes) -> SceneDataset:
-    spec = DatasetSpec(root=root, parquet=fmt.Tree(root, "nuscene").parquet("val"), clip_split="DVGT1",
-                       fixed_num_frames=2, fixed_aspect_ratio=1.77, image_width=96, **changes)
+    spec = DatasetSpec(
+        root=root,
+        parquet=fmt.Tree(root, "nuscene").parquet("val"),
+        clip_split="DVGT1",
+        fixed_num_frames=2,
+        fixed_aspect_ratio=1.77,
+        image_width=96,
+        **changes,
+    )
     return SceneDataset(spec)
 
 
@@ -236,8 +274,9 @@ def test_a_depth_png_without_near_far_is_refused(tree_copy):
     from PIL import Image
 
     dataset = nuscene_val(tree_copy)
-    path = fmt.Tree(tree_copy, "nuscene").depth(dataset.table.filename[int(dataset.scenes[0].rows[0, 0])].as_py(),
-                                                projected=False)
+    path = fmt.Tree(tree_copy, "nuscene").depth(
+        dataset.table.filename[int(dataset.scenes[0].rows[0, 0])].as_py(), projected=False
+    )
     Image.fromarray(np.asarray(Image.open(path))).save(path)  # the same codes, the text chunks gone
     with pytest.raises(fmt.DataFileError, match="has no 'near'/'far' text chunks.*regenerate it"):
         dataset[0]
@@ -261,34 +300,64 @@ def test_a_frame_without_one_of_its_cameras_is_named(tree_copy):
 def test_unknown_dataset_and_missing_split_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="dataset 'nuscenes' is not an official dataset name.*nuscene"):
         load_config("train/dvgt1/demo.yaml", ["data.train.datasets.0.dataset=nuscenes"])
-    with pytest.raises(FileNotFoundError, match=r"parquet '.*nuscene_trian.parquet' does not exist; fix "
-                                                r"data.train.datasets\[0\]"):
-        SceneDataset(DatasetSpec(root=OFFICIAL_TREE, parquet=fmt.Tree(OFFICIAL_TREE, "nuscene").parquet("trian")),
-                     config_key="data.train.datasets[0]")
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"parquet '.*nuscene_trian.parquet' does not exist; fix "
+        r"data.train.datasets\[0\]",
+    ):
+        SceneDataset(
+            DatasetSpec(root=OFFICIAL_TREE, parquet=fmt.Tree(OFFICIAL_TREE, "nuscene").parquet("trian")),
+            config_key="data.train.datasets[0]",
+        )
 
 
 def test_a_root_in_the_former_layout_is_refused(tmp_path):
     """dvgt's former per-scene tables (columns scene, frame_index, camera, image_path) are named as such."""
     parquet = fmt.Tree(tmp_path, "nuscene").parquet("val")
     parquet.parent.mkdir(parents=True)
-    pq.write_table(pq.read_table(fmt.Tree(OFFICIAL_TREE, "nuscene").parquet("val")).rename_columns(
-        ["scene", "frame_index", "camera", "image_path", *pq.read_table(
-            fmt.Tree(OFFICIAL_TREE, "nuscene").parquet("val")).column_names[4:]]), parquet)
+    pq.write_table(
+        pq.read_table(fmt.Tree(OFFICIAL_TREE, "nuscene").parquet("val")).rename_columns(
+            [
+                "scene",
+                "frame_index",
+                "camera",
+                "image_path",
+                *pq.read_table(fmt.Tree(OFFICIAL_TREE, "nuscene").parquet("val")).column_names[4:],
+            ]
+        ),
+        parquet,
+    )
     with pytest.raises(ValueError, match="former per-scene layout, which is gone"):
         nuscene_val(tmp_path)
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "dvgt", "data", "dump", str(tmp_path), "--manifest",
-                           str(MANIFEST), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dvgt",
+            "data",
+            "dump",
+            str(tmp_path),
+            "--manifest",
+            str(MANIFEST),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "does not exist" in done.stderr
 
 
 def test_ego_status_of_a_mix_with_several_command_orders_is_refused():
     with pytest.raises(ConfigError, match="several orders"):
-        load_config("train/dvgt2/default_finetune_nuscenes.yaml", [
-            "data.train.datasets=[{dataset: nuscene, split: train}, {dataset: openscene, split: navtrain}]"])
+        load_config(
+            "train/dvgt2/default_finetune_nuscenes.yaml",
+            ["data.train.datasets=[{dataset: nuscene, split: train}, {dataset: openscene, split: navtrain}]"],
+        )
 
 
 def test_eval_mode_and_training_transforms_agree_on_an_unaugmented_view():
@@ -299,4 +368,5 @@ def test_eval_mode_and_training_transforms_agree_on_an_unaugmented_view():
     clip = evaluation.sequences[0]
     again = evaluation.build(clip, clip.frames, np.array([]), list(range(6)), 1.77, None)
     assert np.array_equal(sample["images"], again["images"]) and torch.equal(
-        torch.from_numpy(sample["points_in_ego_first"]), torch.from_numpy(again["points_in_ego_first"]))
+        torch.from_numpy(sample["points_in_ego_first"]), torch.from_numpy(again["points_in_ego_first"])
+    )

@@ -43,8 +43,13 @@ def test_a_fit_needs_two_image_counts():
 
 
 def test_without_a_gpu_it_says_so_in_one_line():
-    done = subprocess.run([sys.executable, "-m", "dvgt", "profile-memory", "--config=train/dvgt1/demo.yaml"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvgt", "profile-memory", "--config=train/dvgt1/demo.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip() == ("error: dvgt profile-memory measures GPU memory and needs a CUDA GPU; "
-                                   "none is visible here")
+    assert done.stderr.strip() == (
+        "error: dvgt profile-memory measures GPU memory and needs a CUDA GPU; none is visible here"
+    )

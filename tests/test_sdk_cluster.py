@@ -16,28 +16,54 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
+from servers import free_port
 
 from dvgt.cli import main
-from dvgt.sdk import (Client, ClusterUnreachableError, ForbiddenError, InvalidJobError, JobExistsError, JobFailedError,
-                      JobNotFoundError, NoClusterConfigError, OperatorMissingError, TrainingJob)
-from servers import free_port
+from dvgt.sdk import (
+    Client,
+    ClusterUnreachableError,
+    ForbiddenError,
+    InvalidJobError,
+    JobExistsError,
+    JobFailedError,
+    JobNotFoundError,
+    NoClusterConfigError,
+    OperatorMissingError,
+    TrainingJob,
+)
 
 TOKEN = "test-token"
 JOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
 
 
 def condition(kind: str, status: bool = True, reason: str = "", message: str = "") -> dict:
-    return {"type": kind, "status": "True" if status else "False", "reason": reason or f"PyTorchJob{kind}",
-            "message": message, "lastTransitionTime": "2025-01-01T00:00:00Z"}
+    return {
+        "type": kind,
+        "status": "True" if status else "False",
+        "reason": reason or f"PyTorchJob{kind}",
+        "message": message,
+        "lastTransitionTime": "2025-01-01T00:00:00Z",
+    }
 
 
 def pod(job: str, rtype: str, index: int, phase: str = "Running", restarts: int = 0) -> dict:
-    return {"metadata": {"name": f"{job}-{rtype}-{index}", "labels": {
-                "training.kubeflow.org/job-name": job, "training.kubeflow.org/replica-type": rtype,
+    return {
+        "metadata": {
+            "name": f"{job}-{rtype}-{index}",
+            "labels": {
+                "training.kubeflow.org/job-name": job,
+                "training.kubeflow.org/replica-type": rtype,
                 "training.kubeflow.org/replica-index": str(index),
-                **({"training.kubeflow.org/job-role": "master"} if rtype == "master" else {})}},
-            "status": {"phase": phase, "containerStatuses": [{"name": "pytorch", "restartCount": restarts, "ready": True,
-                                                              "image": "dvgt/trainer:1", "imageID": ""}]}}
+                **({"training.kubeflow.org/job-role": "master"} if rtype == "master" else {}),
+            },
+        },
+        "status": {
+            "phase": phase,
+            "containerStatuses": [
+                {"name": "pytorch", "restartCount": restarts, "ready": True, "image": "dvgt/trainer:1", "imageID": ""}
+            ],
+        },
+    }
 
 
 class FakeApiServer:
@@ -73,11 +99,20 @@ class FakeApiServer:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def kubeconfig(self, path, server=None):
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": server or self.url}}],
-            "users": [{"name": "me", "user": {"token": TOKEN}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me", "namespace": self.namespace}}]}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "fake",
+                    "clusters": [{"name": "fake", "cluster": {"server": server or self.url}}],
+                    "users": [{"name": "me", "user": {"token": TOKEN}}],
+                    "contexts": [
+                        {"name": "fake", "context": {"cluster": "fake", "user": "me", "namespace": self.namespace}}
+                    ],
+                }
+            )
+        )
         return path
 
     # -- answers ----------------------------------------------------------------------------------------
@@ -91,8 +126,19 @@ class FakeApiServer:
         handler.wfile.write(data)
 
     def status_error(self, handler, code: int, reason: str, message: str, name: str = "", kind: str = "pytorchjobs"):
-        self.send(handler, code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
-                                  "reason": reason, "code": code, "details": {"name": name, "group": "kubeflow.org", "kind": kind}})
+        self.send(
+            handler,
+            code,
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "message": message,
+                "reason": reason,
+                "code": code,
+                "details": {"name": name, "group": "kubeflow.org", "kind": kind},
+            },
+        )
 
     def handle(self, handler, method: str):
         url = urllib.parse.urlsplit(handler.path)
@@ -104,23 +150,40 @@ class FakeApiServer:
         jobs = JOBS.format(ns=self.namespace)
         resource = "pods" if url.path.startswith("/api/v1/") else "pytorchjobs"
         resource += "/log" if url.path.endswith("/log") else "/proxy" if "/proxy/" in url.path else ""
-        verb = {"POST": "create", "DELETE": "delete"}.get(method, "get" if url.path.rsplit("/", 1)[-1] not in ("pytorchjobs", "pods") else "list")
+        verb = {"POST": "create", "DELETE": "delete"}.get(
+            method, "get" if url.path.rsplit("/", 1)[-1] not in ("pytorchjobs", "pods") else "list"
+        )
         if (verb, resource) in self.forbid:
-            return self.status_error(handler, 403, "Forbidden", f'pytorchjobs.kubeflow.org is forbidden: User "me" cannot {verb} '
-                                     f'resource "{resource}" in API group "kubeflow.org" in the namespace "{self.namespace}"')
+            return self.status_error(
+                handler,
+                403,
+                "Forbidden",
+                f'pytorchjobs.kubeflow.org is forbidden: User "me" cannot {verb} '
+                f'resource "{resource}" in API group "kubeflow.org" in the namespace "{self.namespace}"',
+            )
         if url.path.startswith("/apis/kubeflow.org/") and not self.crd_installed:
             return self.send(handler, 404, "404 page not found\n", "text/plain")
         if url.path == jobs and method == "POST":
             name = body["metadata"]["name"]
             if name in self.jobs:
-                return self.status_error(handler, 409, "AlreadyExists", f'pytorchjobs.kubeflow.org "{name}" already exists', name)
+                return self.status_error(
+                    handler, 409, "AlreadyExists", f'pytorchjobs.kubeflow.org "{name}" already exists', name
+                )
             self.jobs[name] = body
             return self.send(handler, 201, body)
         if url.path == jobs:
-            return self.send(handler, 200, {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJobList", "metadata": {},
-                                            "items": [self.job(n) for n in self.jobs]})
+            return self.send(
+                handler,
+                200,
+                {
+                    "apiVersion": "kubeflow.org/v1",
+                    "kind": "PyTorchJobList",
+                    "metadata": {},
+                    "items": [self.job(n) for n in self.jobs],
+                },
+            )
         if url.path.startswith(jobs + "/"):
-            name = url.path[len(jobs) + 1:]
+            name = url.path[len(jobs) + 1 :]
             if name not in self.jobs:
                 return self.status_error(handler, 404, "NotFound", f'pytorchjobs.kubeflow.org "{name}" not found', name)
             if method == "DELETE":
@@ -135,7 +198,7 @@ class FakeApiServer:
         match = re.fullmatch(pods + r"/([^/:]+)(?::(\d+))?/(log|proxy/metrics)", url.path)
         if match and match.group(3) == "log":
             lines = self.logs.get(match.group(1), [])
-            lines = lines[-int(query["tailLines"]):] if "tailLines" in query else lines
+            lines = lines[-int(query["tailLines"]) :] if "tailLines" in query else lines
             return self.send(handler, 200, "".join(line + "\n" for line in lines), "text/plain")
         if match and match.group(1) in self.metrics:
             return self.send(handler, 200, self.metrics[match.group(1)], "text/plain")
@@ -166,9 +229,20 @@ def api(tmp_path, monkeypatch):
 
 
 def small_job(**fields) -> TrainingJob:
-    return TrainingJob(**{"stage": "finetune-nuscenes", "nodes": 2, "gpus_per_node": 8, "profile": "h100-80g",
-                          "image": "registry.example/dvgt:1.0", "checkpoint_uri": "s3://bucket/runs/nusc-1",
-                          "s3_secret": "dvgt-s3", "overrides": {"optim.lr": 5e-6}, "name": "nusc-1", **fields})
+    return TrainingJob(
+        **{
+            "stage": "finetune-nuscenes",
+            "nodes": 2,
+            "gpus_per_node": 8,
+            "profile": "h100-80g",
+            "image": "registry.example/dvgt:1.0",
+            "checkpoint_uri": "s3://bucket/runs/nusc-1",
+            "s3_secret": "dvgt-s3",
+            "overrides": {"optim.lr": 5e-6},
+            "name": "nusc-1",
+            **fields,
+        }
+    )
 
 
 def test_submit_posts_the_rendered_job_to_the_contexts_namespace(api):
@@ -181,8 +255,11 @@ def test_submit_posts_the_rendered_job_to_the_contexts_namespace(api):
     expected = job.render()
     expected["metadata"]["namespace"] = "team-a"
     assert body == expected  # the chart's object, unchanged by the Kubeflow models it went through
-    with pytest.raises(JobExistsError, match=r"^PyTorchJob nusc-1 already exists in namespace team-a: choose another name "
-                                             r"\(--name\) or replace it \(--replace, submit\(job, replace=True\)\)$"):
+    with pytest.raises(
+        JobExistsError,
+        match=r"^PyTorchJob nusc-1 already exists in namespace team-a: choose another name "
+        r"\(--name\) or replace it \(--replace, submit\(job, replace=True\)\)$",
+    ):
         client.submit(job)
     api.jobs["nusc-1"]["spec"]["runPolicy"]["backoffLimit"] = 99  # the old one
     client.submit(small_job(), replace=True)
@@ -190,7 +267,8 @@ def test_submit_posts_the_rendered_job_to_the_contexts_namespace(api):
         ("POST", "/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs"),
         ("DELETE", "/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs/nusc-1"),
         ("GET", "/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs/nusc-1"),  # gone?
-        ("POST", "/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs")]
+        ("POST", "/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs"),
+    ]
     assert api.jobs["nusc-1"]["spec"]["runPolicy"]["backoffLimit"] == 10
     other = Client(namespace="research")
     assert other.namespace == "research"
@@ -206,15 +284,30 @@ def test_an_invalid_job_is_refused_before_any_request(api):
 def test_wait_follows_the_conditions_to_succeeded_and_status_reports_progress(api):
     client = Client()
     client.submit(small_job())
-    running = {"conditions": [condition("Created"), condition("Running")], "replicaStatuses": {"Master": {"active": 1}, "Worker": {"active": 1}}}
-    api.statuses["nusc-1"] = [{}, {"conditions": [condition("Created")]}, running,
-                              {"conditions": [condition("Created"), condition("Running", False), condition("Succeeded")],
-                               "replicaStatuses": {"Master": {"succeeded": 1}, "Worker": {"succeeded": 1}}}]
+    running = {
+        "conditions": [condition("Created"), condition("Running")],
+        "replicaStatuses": {"Master": {"active": 1}, "Worker": {"active": 1}},
+    }
+    api.statuses["nusc-1"] = [
+        {},
+        {"conditions": [condition("Created")]},
+        running,
+        {
+            "conditions": [condition("Created"), condition("Running", False), condition("Succeeded")],
+            "replicaStatuses": {"Master": {"succeeded": 1}, "Worker": {"succeeded": 1}},
+        },
+    ]
     api.pods = [pod("nusc-1", "master", 0, restarts=1), pod("nusc-1", "worker", 0), pod("other", "master", 0)]
-    api.metrics["nusc-1-master-0"] = ("# TYPE dvgt_optimizer_step gauge\n"
-                                      'dvgt_optimizer_step{node_rank="0",local_rank="0"} 120\n'
-                                      'dvgt_optimizer_step{node_rank="0",local_rank="1"} 121\n')
-    api.logs["nusc-1-master-0"] = ["Training dvgt2 ...", "step 100 (epoch 0): loss 1.0", '{"finished": true, "step": 150}']
+    api.metrics["nusc-1-master-0"] = (
+        "# TYPE dvgt_optimizer_step gauge\n"
+        'dvgt_optimizer_step{node_rank="0",local_rank="0"} 120\n'
+        'dvgt_optimizer_step{node_rank="0",local_rank="1"} 121\n'
+    )
+    api.logs["nusc-1-master-0"] = [
+        "Training dvgt2 ...",
+        "step 100 (epoch 0): loss 1.0",
+        '{"finished": true, "step": 150}',
+    ]
     seen = []
     final = client.wait("nusc-1", until="Succeeded", poll_s=0.01, callback=lambda s: seen.append(s.phase))
     assert seen == ["Pending", "Created", "Running", "Succeeded"] and final.phase == "Succeeded"
@@ -222,7 +315,10 @@ def test_wait_follows_the_conditions_to_succeeded_and_status_reports_progress(ap
     api.statuses["nusc-1"] = [running]
     status = client.status("nusc-1")  # running: the step from the exporter, through the API server's pod proxy
     assert (status.phase, status.last_step, status.last_step_source) == ("Running", 121, "metrics")
-    assert [(p.name, p.phase, p.restarts) for p in status.pods] == [("nusc-1-master-0", "Running", 1), ("nusc-1-worker-0", "Running", 0)]
+    assert [(p.name, p.phase, p.restarts) for p in status.pods] == [
+        ("nusc-1-master-0", "Running", 1),
+        ("nusc-1-worker-0", "Running", 0),
+    ]
     assert status.checkpoint_uri == "s3://bucket/runs/nusc-1/nusc-1" and status.checkpoint is None
     assert status.stage == "finetune-nuscenes" and "Running" in status.describe()
     paths = [p for _, p, _, _ in api.requests]
@@ -234,19 +330,35 @@ def test_wait_follows_the_conditions_to_succeeded_and_status_reports_progress(ap
     assert api.requests[-1][1] == "/api/v1/namespaces/team-a/pods/nusc-1-master-0/log?container=pytorch&follow=True"
     client.delete("nusc-1")
     assert api.requests[-1][:2] == ("DELETE", "/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs/nusc-1")
-    with pytest.raises(JobNotFoundError, match=r"^pytorchjobs.kubeflow.org nusc-1 not found in namespace team-a; list the jobs"):
+    with pytest.raises(
+        JobNotFoundError, match=r"^pytorchjobs.kubeflow.org nusc-1 not found in namespace team-a; list the jobs"
+    ):
         client.status("nusc-1")
 
 
 def test_wait_reports_a_failed_job(api):
     client = Client()
     client.submit(small_job())
-    api.statuses["nusc-1"] = [{"conditions": [condition("Created"), condition("Running")]},
-                              {"conditions": [condition("Created"), condition("Running", False),
-                                              condition("Failed", reason="PyTorchJobFailed", message="PyTorchJob nusc-1 has failed because 1 Master replica(s) failed.")]}]
+    api.statuses["nusc-1"] = [
+        {"conditions": [condition("Created"), condition("Running")]},
+        {
+            "conditions": [
+                condition("Created"),
+                condition("Running", False),
+                condition(
+                    "Failed",
+                    reason="PyTorchJobFailed",
+                    message="PyTorchJob nusc-1 has failed because 1 Master replica(s) failed.",
+                ),
+            ]
+        },
+    ]
     seen = []
-    with pytest.raises(JobFailedError, match=r"^job nusc-1 Failed: PyTorchJobFailed PyTorchJob nusc-1 has failed because 1 Master "
-                                             r"replica\(s\) failed. while waiting for Succeeded; see its logs \(dvgt logs nusc-1\)$"):
+    with pytest.raises(
+        JobFailedError,
+        match=r"^job nusc-1 Failed: PyTorchJobFailed PyTorchJob nusc-1 has failed because 1 Master "
+        r"replica\(s\) failed. while waiting for Succeeded; see its logs \(dvgt logs nusc-1\)$",
+    ):
         client.wait("nusc-1", until="Succeeded", poll_s=0.01, callback=lambda s: seen.append(s.phase))
     assert seen == ["Running", "Failed"]
     assert client.wait("nusc-1", until="Finished", poll_s=0.01).phase == "Failed"
@@ -260,8 +372,13 @@ def test_forbidden_names_the_verb_the_resource_and_the_role(api):
     with pytest.raises(ForbiddenError) as error:
         Client().submit(small_job())
     message = str(error.value)
-    assert message.startswith("forbidden: you may not create pytorchjobs.kubeflow.org in namespace team-a (pytorchjobs.kubeflow.org is forbidden")
-    assert "the chart's Role grants what the SDK needs (charts/dvgt/templates/rbac.yaml): helm template dvgt charts/dvgt --set rbac.create=true" in message
+    assert message.startswith(
+        "forbidden: you may not create pytorchjobs.kubeflow.org in namespace team-a (pytorchjobs.kubeflow.org is forbidden"
+    )
+    assert (
+        "the chart's Role grants what the SDK needs (charts/dvgt/templates/rbac.yaml): helm template dvgt charts/dvgt --set rbac.create=true"
+        in message
+    )
     assert "kubectl create rolebinding dvgt-sdk-$USER -n team-a --role dvgt-sdk" in message and "\n" not in message
     api.forbid = {("list", "pods")}
     api.jobs["j"] = small_job(name="j").render()
@@ -272,9 +389,12 @@ def test_forbidden_names_the_verb_the_resource_and_the_role(api):
 def test_missing_crd_says_how_to_install_the_training_operator(api):
     api.crd_installed = False
     for call in (lambda c: c.submit(small_job()), lambda c: c.status("nusc-1"), lambda c: c.list()):
-        with pytest.raises(OperatorMissingError, match=r'^this cluster has no PyTorchJob resource \(pytorchjobs.kubeflow.org/v1 is not served at '
-                                                       r'http://127.0.0.1:\d+\): install the Kubeflow Training Operator v1.9: kubectl apply '
-                                                       r'--server-side -k "github.com/kubeflow/training-operator.git/manifests/overlays/standalone\?ref=v1.9.2"$'):
+        with pytest.raises(
+            OperatorMissingError,
+            match=r"^this cluster has no PyTorchJob resource \(pytorchjobs.kubeflow.org/v1 is not served at "
+            r"http://127.0.0.1:\d+\): install the Kubeflow Training Operator v1.9: kubectl apply "
+            r'--server-side -k "github.com/kubeflow/training-operator.git/manifests/overlays/standalone\?ref=v1.9.2"$',
+        ):
             call(Client())
 
 
@@ -282,13 +402,19 @@ def test_unreachable_server_and_missing_kubeconfig(tmp_path, monkeypatch, api):
     closed = free_port()  # nothing listens there
     monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "closed", server=f"http://127.0.0.1:{closed}")))
     started = time.monotonic()
-    with pytest.raises(ClusterUnreachableError, match=rf"^cannot reach the Kubernetes API server at http://127.0.0.1:{closed} \(\[Errno 111\] Connection refused\); "
-                                                      r"check that the cluster is up and that the kubeconfig's context 'fake' points at it"):
+    with pytest.raises(
+        ClusterUnreachableError,
+        match=rf"^cannot reach the Kubernetes API server at http://127.0.0.1:{closed} \(\[Errno 111\] Connection refused\); "
+        r"check that the cluster is up and that the kubeconfig's context 'fake' points at it",
+    ):
         Client().status("nusc-1")
     assert time.monotonic() - started < 30
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
-    with pytest.raises(NoClusterConfigError, match=rf"^no Kubernetes configuration: the kubeconfig {tmp_path / 'missing'} does not exist "
-                                                   r"and this is not a pod with a service account; point KUBECONFIG"):
+    with pytest.raises(
+        NoClusterConfigError,
+        match=rf"^no Kubernetes configuration: the kubeconfig {tmp_path / 'missing'} does not exist "
+        r"and this is not a pod with a service account; point KUBECONFIG",
+    ):
         Client()
 
 
@@ -299,16 +425,31 @@ def test_cli_commands_against_the_fake_server(api, capsys):
         out, err = capsys.readouterr()
         return code.value.code, out, err
 
-    code, out, _ = run("submit", "--stage", "dvgt1-demo", "--profile", "cpu-test", "--name", "demo-1", "--set", "optim.lr=1e-4")
+    code, out, _ = run(
+        "submit", "--stage", "dvgt1-demo", "--profile", "cpu-test", "--name", "demo-1", "--set", "optim.lr=1e-4"
+    )
     assert code == 0 and out.startswith("submitted job demo-1 in namespace team-a (stage dvgt1-demo)")
-    assert api.requests[-1][2]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"][-1] == "optim.lr=1e-4"
+    assert (
+        api.requests[-1][2]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"][-1]
+        == "optim.lr=1e-4"
+    )
     code, _, err = run("submit", "--stage", "dvgt1-demo", "--name", "demo-1")
-    assert code == 2 and err.startswith("error: PyTorchJob demo-1 already exists in namespace team-a") and err.count("\n") == 1
-    api.statuses["demo-1"] = [{"conditions": [condition("Created")]}, {"conditions": [condition("Created"), condition("Running")],
-                                                                        "replicaStatuses": {"Master": {"active": 1}}}]
+    assert (
+        code == 2
+        and err.startswith("error: PyTorchJob demo-1 already exists in namespace team-a")
+        and err.count("\n") == 1
+    )
+    api.statuses["demo-1"] = [
+        {"conditions": [condition("Created")]},
+        {"conditions": [condition("Created"), condition("Running")], "replicaStatuses": {"Master": {"active": 1}}},
+    ]
     code, out, _ = run("wait", "demo-1", "--until", "Running", "--poll", "0.01")
     lines = out.splitlines()
-    assert code == 0 and lines[0].startswith("demo-1: Created, no pods yet") and lines[1].startswith("demo-1: Running, 1/1 pods running")
+    assert (
+        code == 0
+        and lines[0].startswith("demo-1: Created, no pods yet")
+        and lines[1].startswith("demo-1: Running, 1/1 pods running")
+    )
     assert lines[-1] == "job demo-1 is Running"
     code, out, _ = run("status", "demo-1", "--json")
     assert code == 0 and json.loads(out)["phase"] == "Running"
@@ -341,9 +482,23 @@ class FakeTrainerApi(FakeApiServer):
     def handle(self, handler, method):
         path = urllib.parse.unquote(urllib.parse.urlsplit(handler.path).path)
         if path == "/api/v1/namespaces/kubeflow-system/configmaps/kubeflow-trainer-public":
-            return self.send(handler, 200, {"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": "kubeflow-trainer-public"},
-                                            "data": {"kubeflow_trainer_version": "v2.3.0"}})
-        match = re.fullmatch(TRAINER + r"(?:/namespaces/" + self.namespace + r")?/(trainjobs|trainingruntimes|clustertrainingruntimes)(?:/([^/]+))?", path)
+            return self.send(
+                handler,
+                200,
+                {
+                    "kind": "ConfigMap",
+                    "apiVersion": "v1",
+                    "metadata": {"name": "kubeflow-trainer-public"},
+                    "data": {"kubeflow_trainer_version": "v2.3.0"},
+                },
+            )
+        match = re.fullmatch(
+            TRAINER
+            + r"(?:/namespaces/"
+            + self.namespace
+            + r")?/(trainjobs|trainingruntimes|clustertrainingruntimes)(?:/([^/]+))?",
+            path,
+        )
         if path == f"/api/v1/namespaces/{self.namespace}/pods" and "jobset" in handler.path:
             query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(handler.path).query))
             job = re.search(r"jobset.sigs.k8s.io/jobset-name=([^,]+)", query["labelSelector"]).group(1)
@@ -361,15 +516,30 @@ class FakeTrainerApi(FakeApiServer):
         if method == "POST":
             key = (plural, body["metadata"]["name"])
             if key in self.objects:
-                return self.status_error(handler, 409, "AlreadyExists", f'{plural}.trainer.kubeflow.org "{key[1]}" already exists', key[1], plural)
-            self.objects[key] = {**body, "metadata": {**body["metadata"], "resourceVersion": "1",
-                                                      "creationTimestamp": "2025-01-01T00:00:00Z"}}
+                return self.status_error(
+                    handler,
+                    409,
+                    "AlreadyExists",
+                    f'{plural}.trainer.kubeflow.org "{key[1]}" already exists',
+                    key[1],
+                    plural,
+                )
+            self.objects[key] = {
+                **body,
+                "metadata": {**body["metadata"], "resourceVersion": "1", "creationTimestamp": "2025-01-01T00:00:00Z"},
+            }
             return self.send(handler, 201, self.objects[key])
         if name is None:
             items = [self.job(n) if p == "trainjobs" else o for (p, n), o in self.objects.items() if p == plural]
-            return self.send(handler, 200, {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "List", "metadata": {}, "items": items})
+            return self.send(
+                handler,
+                200,
+                {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "List", "metadata": {}, "items": items},
+            )
         if (plural, name) not in self.objects:
-            return self.status_error(handler, 404, "NotFound", f'{plural}.trainer.kubeflow.org "{name}" not found', name, plural)
+            return self.status_error(
+                handler, 404, "NotFound", f'{plural}.trainer.kubeflow.org "{name}" not found', name, plural
+            )
         if method == "DELETE":
             del self.objects[(plural, name)]
             return self.send(handler, 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
@@ -386,24 +556,51 @@ class FakeTrainerApi(FakeApiServer):
 
 
 def node_pod(job: str, index: int, phase: str = "Running", restarts: int = 0) -> dict:
-    return {"metadata": {"name": f"{job}-node-0-{index}-abcde", "creationTimestamp": "2025-01-01T00:00:00Z", "labels": {
-                "jobset.sigs.k8s.io/jobset-name": job, "jobset.sigs.k8s.io/replicatedjob-name": "node",
-                "batch.kubernetes.io/job-completion-index": str(index)}},
-            "spec": {"containers": [{"name": "node", "image": "dvgt/trainer:1"}],
-                     "initContainers": [{"name": "exporter", "image": "dvgt/exporter:1", "restartPolicy": "Always",
-                                         "ports": [{"name": "metrics", "containerPort": 9400}]}]},
-            "status": {"phase": phase, "containerStatuses": [{"name": "node", "restartCount": restarts, "ready": True,
-                                                              "image": "dvgt/trainer:1", "imageID": ""}]}}
+    return {
+        "metadata": {
+            "name": f"{job}-node-0-{index}-abcde",
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": {
+                "jobset.sigs.k8s.io/jobset-name": job,
+                "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                "batch.kubernetes.io/job-completion-index": str(index),
+            },
+        },
+        "spec": {
+            "containers": [{"name": "node", "image": "dvgt/trainer:1"}],
+            "initContainers": [
+                {
+                    "name": "exporter",
+                    "image": "dvgt/exporter:1",
+                    "restartPolicy": "Always",
+                    "ports": [{"name": "metrics", "containerPort": 9400}],
+                }
+            ],
+        },
+        "status": {
+            "phase": phase,
+            "containerStatuses": [
+                {"name": "node", "restartCount": restarts, "ready": True, "image": "dvgt/trainer:1", "imageID": ""}
+            ],
+        },
+    }
 
 
 def node_jobs(active: int = 0, succeeded: int = 0, failed: int = 0) -> list:
     """status.jobsStatus as Trainer writes it (every count present)."""
-    return [{"name": "node", "active": active, "ready": active, "succeeded": succeeded, "failed": failed, "suspended": 0}]
+    return [
+        {"name": "node", "active": active, "ready": active, "succeeded": succeeded, "failed": failed, "suspended": 0}
+    ]
 
 
 def tj_condition(kind: str, reason: str = "", message: str = "") -> dict:
-    return {"type": kind, "status": "True", "reason": reason or kind, "message": message,
-            "lastTransitionTime": "2025-01-01T00:00:00Z"}
+    return {
+        "type": kind,
+        "status": "True",
+        "reason": reason or kind,
+        "message": message,
+        "lastTransitionTime": "2025-01-01T00:00:00Z",
+    }
 
 
 @pytest.fixture
@@ -417,12 +614,17 @@ def test_trainjob_submit_creates_the_runtime_then_the_job_and_is_followed(traine
     job = small_job(api="trainjob")
     assert client.submit(job) == "nusc-1"
     posts = [(p, b) for m, p, b, _ in api.requests if m == "POST"]
-    assert [p for p, _ in posts] == [f"{TRAINER}/namespaces/team-a/trainingruntimes", f"{TRAINER}/namespaces/team-a/trainjobs"]
+    assert [p for p, _ in posts] == [
+        f"{TRAINER}/namespaces/team-a/trainingruntimes",
+        f"{TRAINER}/namespaces/team-a/trainjobs",
+    ]
     runtime, trainjob_ = job.objects()
     for obj in (runtime, trainjob_):
         obj["metadata"]["namespace"] = "team-a"
     assert [b for _, b in posts] == [runtime, trainjob_]  # the chart's objects, unchanged by the Trainer SDK's models
-    with pytest.raises(JobExistsError, match=r"^TrainJob nusc-1 already exists in namespace team-a: choose another name"):
+    with pytest.raises(
+        JobExistsError, match=r"^TrainJob nusc-1 already exists in namespace team-a: choose another name"
+    ):
         client.submit(job)
     assert [m for m, *_ in api.requests[-3:]] == ["GET", "PUT", "POST"]  # the runtime replaced, the job refused
 
@@ -433,13 +635,20 @@ def test_trainjob_submit_creates_the_runtime_then_the_job_and_is_followed(traine
     api.logs["nusc-1-node-0-0-abcde"] = ["Training dvgt2 ...", "step 40 (epoch 0): loss 1.0"]
     status = client.status("nusc-1")
     assert (status.phase, status.last_step, status.last_step_source) == ("Running", 42, "metrics")
-    assert [(p.name, p.phase, p.restarts) for p in status.pods] == [("nusc-1-node-0-0-abcde", "Running", 2),
-                                                                     ("nusc-1-node-0-1-abcde", "Running", 0)]
+    assert [(p.name, p.phase, p.restarts) for p in status.pods] == [
+        ("nusc-1-node-0-0-abcde", "Running", 2),
+        ("nusc-1-node-0-1-abcde", "Running", 0),
+    ]
     assert status.replicas["node"].active == 2 and status.stage == "finetune-nuscenes"
     assert status.checkpoint_uri == "s3://bucket/runs/nusc-1/nusc-1"
-    assert "/api/v1/namespaces/team-a/pods/nusc-1-node-0-0-abcde%3A9400/proxy/metrics" in [p for _, p, _, _ in api.requests]
-    api.statuses["nusc-1"] = [running, running, {"conditions": [tj_condition("Complete", "JobsCompleted")],
-                                                 "jobsStatus": node_jobs(succeeded=2)}]
+    assert "/api/v1/namespaces/team-a/pods/nusc-1-node-0-0-abcde%3A9400/proxy/metrics" in [
+        p for _, p, _, _ in api.requests
+    ]
+    api.statuses["nusc-1"] = [
+        running,
+        running,
+        {"conditions": [tj_condition("Complete", "JobsCompleted")], "jobsStatus": node_jobs(succeeded=2)},
+    ]
     seen = []
     final = client.wait("nusc-1", poll_s=0.01, callback=lambda s: seen.append(s.phase))  # until it succeeds
     assert final.phase == "Succeeded" and seen == ["Running", "Running", "Succeeded"]
@@ -455,9 +664,14 @@ def test_trainjob_submit_creates_the_runtime_then_the_job_and_is_followed(traine
 def test_trainjob_wait_reports_failure_and_timeout(trainer_api):
     client = Client(api="trainjob")
     client.submit(small_job(api="trainjob"))
-    trainer_api.statuses["nusc-1"] = [{"conditions": [tj_condition("Failed", "JobFailed", "jobset failed: node-0 failed")]}]
-    with pytest.raises(JobFailedError, match=r"^job nusc-1 Failed: JobFailed jobset failed: node-0 failed while waiting for "
-                                             r"Succeeded; see its logs \(dvgt logs nusc-1 --api trainjob\)$"):
+    trainer_api.statuses["nusc-1"] = [
+        {"conditions": [tj_condition("Failed", "JobFailed", "jobset failed: node-0 failed")]}
+    ]
+    with pytest.raises(
+        JobFailedError,
+        match=r"^job nusc-1 Failed: JobFailed jobset failed: node-0 failed while waiting for "
+        r"Succeeded; see its logs \(dvgt logs nusc-1 --api trainjob\)$",
+    ):
         client.wait("nusc-1", poll_s=0.01)
     trainer_api.statuses["nusc-1"] = [{}]
     with pytest.raises(TimeoutError, match=r"^job nusc-1 did not reach Running within 0 s"):
@@ -467,15 +681,21 @@ def test_trainjob_wait_reports_failure_and_timeout(trainer_api):
 def test_trainjob_without_its_runtime_is_refused_before_it_is_sent(trainer_api):
     client = Client(api="trainjob")
     job = small_job(api="trainjob", create_runtime=False, runtime_name="dvgt")
-    with pytest.raises(InvalidJobError, match=r"^TrainJob nusc-1 references the TrainingRuntime 'dvgt', which does not exist "
-                                              r"in namespace team-a: create it first \(kubectl apply -n team-a -f k8s/trainjob/runtime.yaml"):
+    with pytest.raises(
+        InvalidJobError,
+        match=r"^TrainJob nusc-1 references the TrainingRuntime 'dvgt', which does not exist "
+        r"in namespace team-a: create it first \(kubectl apply -n team-a -f k8s/trainjob/runtime.yaml",
+    ):
         client.submit(job)
     assert [m for m, *_ in trainer_api.requests if m != "GET"] == []  # nothing created
     with pytest.raises(InvalidJobError, match=r"TrainingJob.api is 'pytorchjob' but this client follows trainjobs"):
         client.submit(small_job())
     trainer_api.crd_installed = False
-    with pytest.raises(OperatorMissingError, match=r'^this cluster has no TrainJob resource \(trainjobs.trainer.kubeflow.org/v1alpha1 '
-                                                   r'is not served at .*install Kubeflow Trainer v2.3'):
+    with pytest.raises(
+        OperatorMissingError,
+        match=r"^this cluster has no TrainJob resource \(trainjobs.trainer.kubeflow.org/v1alpha1 "
+        r"is not served at .*install Kubeflow Trainer v2.3",
+    ):
         client.list()
 
 
@@ -486,7 +706,9 @@ def test_cli_trainjob_commands(trainer_api, capsys):
         out, err = capsys.readouterr()
         return code.value.code, out, err
 
-    code, out, _ = run("submit", "--stage", "dvgt1-demo", "--profile", "cpu-test", "--name", "demo-1", "--api", "trainjob")
+    code, out, _ = run(
+        "submit", "--stage", "dvgt1-demo", "--profile", "cpu-test", "--name", "demo-1", "--api", "trainjob"
+    )
     assert code == 0 and out.startswith("submitted TrainJob demo-1 in namespace team-a (stage dvgt1-demo)")
     assert "dvgt wait demo-1 --api trainjob --for running" in out
     trainer_api.statuses["demo-1"] = [{"jobsStatus": node_jobs(active=1)}]

@@ -41,12 +41,31 @@ def test_every_stage_and_profile_renders_what_helm_template_renders():
 
     def both(combo):
         stage, profile = combo
-        sdk = TrainingJob(stage=stage, profile=profile, nodes=2, gpus_per_node=4, image="registry.example:5000/dvgt:1.0",
-                          checkpoint_uri="s3://bucket/runs", s3_secret="dvgt-s3", overrides={"optim.lr": 5e-6, "seed_value": 7},
-                          name="parity-job").render()
-        helm = helm_job("parity-job", f"stage={stage}", f"profile={profile}", "nodes=2", "gpusPerNode=4",
-                        "image.registry=", "image.repository=registry.example:5000/dvgt", "image.tag=1.0", "checkpoint.uri=s3://bucket/runs",
-                        "checkpoint.s3Secret=dvgt-s3", "overrides[0]=optim.lr=5e-06", "overrides[1]=seed_value=7")
+        sdk = TrainingJob(
+            stage=stage,
+            profile=profile,
+            nodes=2,
+            gpus_per_node=4,
+            image="registry.example:5000/dvgt:1.0",
+            checkpoint_uri="s3://bucket/runs",
+            s3_secret="dvgt-s3",
+            overrides={"optim.lr": 5e-6, "seed_value": 7},
+            name="parity-job",
+        ).render()
+        helm = helm_job(
+            "parity-job",
+            f"stage={stage}",
+            f"profile={profile}",
+            "nodes=2",
+            "gpusPerNode=4",
+            "image.registry=",
+            "image.repository=registry.example:5000/dvgt",
+            "image.tag=1.0",
+            "checkpoint.uri=s3://bucket/runs",
+            "checkpoint.s3Secret=dvgt-s3",
+            "overrides[0]=optim.lr=5e-06",
+            "overrides[1]=seed_value=7",
+        )
         return sdk, helm
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -64,20 +83,41 @@ def test_ready_manifests_are_the_sdk_jobs_with_the_chart_defaults():
 
 
 def test_fields_become_chart_values():
-    job = TrainingJob(stage="finetune-nuscenes", nodes=2, gpus_per_node=8, profile="h100-80g", image="registry.example/dvgt:1.0",
-                      checkpoint_uri="s3://bucket/runs/nusc-1", s3_secret="dvgt-s3",
-                      overrides={"optim.lr": 5e-6, "logging.progress": False, "data.train.views": [2, 2]},
-                      env={"NCCL_DEBUG": "INFO"}, kueue_queue="team-a", values={"rdma": {"enabled": True}, "image": {"pullPolicy": "Always"}})
+    job = TrainingJob(
+        stage="finetune-nuscenes",
+        nodes=2,
+        gpus_per_node=8,
+        profile="h100-80g",
+        image="registry.example/dvgt:1.0",
+        checkpoint_uri="s3://bucket/runs/nusc-1",
+        s3_secret="dvgt-s3",
+        overrides={"optim.lr": 5e-6, "logging.progress": False, "data.train.views": [2, 2]},
+        env={"NCCL_DEBUG": "INFO"},
+        kueue_queue="team-a",
+        values={"rdma": {"enabled": True}, "image": {"pullPolicy": "Always"}},
+    )
     assert job.to_values() == {
-        "stage": "finetune-nuscenes", "profile": "h100-80g", "nodes": 2, "gpusPerNode": 8,
+        "stage": "finetune-nuscenes",
+        "profile": "h100-80g",
+        "nodes": 2,
+        "gpusPerNode": 8,
         "overrides": ["optim.lr=5e-06", "logging.progress=false", "data.train.views=[2, 2]"],
         "image": {"registry": "", "repository": "registry.example/dvgt", "tag": "1.0", "pullPolicy": "Always"},
-        "checkpoint": {"uri": "s3://bucket/runs/nusc-1", "s3Secret": "dvgt-s3"}, "extraEnv": [{"name": "NCCL_DEBUG", "value": "INFO"}],
-        "scheduling": {"kueueQueue": "team-a"}, "rdma": {"enabled": True}}
+        "checkpoint": {"uri": "s3://bucket/runs/nusc-1", "s3Secret": "dvgt-s3"},
+        "extraEnv": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+        "scheduling": {"kueueQueue": "team-a"},
+        "rdma": {"enabled": True},
+    }
     args = job.render()["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["args"]
     assert args[-3:] == ["optim.lr=5e-06", "logging.progress=false", "data.train.views=[2, 2]"]
-    assert f"checkpoint.uri=s3://bucket/runs/nusc-1/{job.name}" in args and "accum_steps=2" in args  # 48 images, 24 per pass
-    assert image_values("localhost:5000/dvgt", "image") == {"registry": "", "repository": "localhost:5000/dvgt", "tag": ""}
+    assert (
+        f"checkpoint.uri=s3://bucket/runs/nusc-1/{job.name}" in args and "accum_steps=2" in args
+    )  # 48 images, 24 per pass
+    assert image_values("localhost:5000/dvgt", "image") == {
+        "registry": "",
+        "repository": "localhost:5000/dvgt",
+        "tag": "",
+    }
     names = {default_name("dvgt2-pretrain") for _ in range(20)}
     assert len(names) == 20 and all(n.startswith("dvgt2-pretrain-") and len(n) == 20 for n in names)
     assert TrainingJob(stage="dvgt1-demo").name.startswith("dvgt1-demo-")
@@ -88,25 +128,37 @@ def test_fields_become_chart_values():
     assert {"name": "data-cache", "emptyDir": {"sizeLimit": "20Gi"}} in pod["volumes"]
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"profile": "h100"}, "invalid TrainingJob.profile: 'h100' is not one of ['h20-146g'"),
-    ({"stage": "dvgt3"}, "invalid TrainingJob.stage: 'dvgt3' is not one of"),
-    ({"gpus_per_node": 0}, "invalid TrainingJob.gpus_per_node: 0 is less than the minimum of 1"),
-    ({"nodes": 1.5}, "invalid TrainingJob.nodes: 1.5 is not of type 'integer', 'null'"),
-    ({"name": "Nusc_1"}, "TrainingJob.name 'Nusc_1' is not a valid job name: use at most 63 lower-case letters"),
-    ({"name": "x" * 64}, "is not a valid job name"),
-    ({"api": "tfjob"}, "invalid TrainingJob.api: 'tfjob' is not one of ['pytorchjob', 'trainjob']"),
-    ({"api": "trainjob", "nodes": 0}, "invalid TrainingJob.nodes: 0 is less than the minimum of 1"),
-    ({"api": "trainjob", "runtime_kind": "Runtime"}, "invalid TrainingJob.runtime_kind: 'Runtime' is not one of"),
-    ({"namespace": "Team A"}, "TrainingJob.namespace 'Team A' is not a namespace name"),
-    ({"image": "dvgt@sha256:abc"}, "TrainingJob.image 'dvgt@sha256:abc': the chart takes repository:tag, not a digest"),
-    ({"checkpoint_uri": "s3://key:secret@bucket/x"}, "invalid TrainingJob.checkpoint_uri: 's3://key:secret@bucket/x' looks like a secret"),
-    ({"data_root": "s3://key:secret@bucket/x"}, "invalid TrainingJob.data_root: 's3://key:secret@bucket/x'"),
-    ({"env": {"HF_TOKEN": "hf_abc"}}, "invalid TrainingJob.env: "),
-    ({"restart_policy": "Sometimes"}, "invalid TrainingJob.restart_policy: 'Sometimes' is not one of"),
-    ({"values": {"replicas": 3}}, "invalid chart value '(top level)' (TrainingJob.values): Additional properties"),
-    ({"values": {"scheduling": {"minAvailable": 0}}}, "invalid chart value 'scheduling.minAvailable' (TrainingJob.values): 0 is less"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"profile": "h100"}, "invalid TrainingJob.profile: 'h100' is not one of ['h20-146g'"),
+        ({"stage": "dvgt3"}, "invalid TrainingJob.stage: 'dvgt3' is not one of"),
+        ({"gpus_per_node": 0}, "invalid TrainingJob.gpus_per_node: 0 is less than the minimum of 1"),
+        ({"nodes": 1.5}, "invalid TrainingJob.nodes: 1.5 is not of type 'integer', 'null'"),
+        ({"name": "Nusc_1"}, "TrainingJob.name 'Nusc_1' is not a valid job name: use at most 63 lower-case letters"),
+        ({"name": "x" * 64}, "is not a valid job name"),
+        ({"api": "tfjob"}, "invalid TrainingJob.api: 'tfjob' is not one of ['pytorchjob', 'trainjob']"),
+        ({"api": "trainjob", "nodes": 0}, "invalid TrainingJob.nodes: 0 is less than the minimum of 1"),
+        ({"api": "trainjob", "runtime_kind": "Runtime"}, "invalid TrainingJob.runtime_kind: 'Runtime' is not one of"),
+        ({"namespace": "Team A"}, "TrainingJob.namespace 'Team A' is not a namespace name"),
+        (
+            {"image": "dvgt@sha256:abc"},
+            "TrainingJob.image 'dvgt@sha256:abc': the chart takes repository:tag, not a digest",
+        ),
+        (
+            {"checkpoint_uri": "s3://key:secret@bucket/x"},
+            "invalid TrainingJob.checkpoint_uri: 's3://key:secret@bucket/x' looks like a secret",
+        ),
+        ({"data_root": "s3://key:secret@bucket/x"}, "invalid TrainingJob.data_root: 's3://key:secret@bucket/x'"),
+        ({"env": {"HF_TOKEN": "hf_abc"}}, "invalid TrainingJob.env: "),
+        ({"restart_policy": "Sometimes"}, "invalid TrainingJob.restart_policy: 'Sometimes' is not one of"),
+        ({"values": {"replicas": 3}}, "invalid chart value '(top level)' (TrainingJob.values): Additional properties"),
+        (
+            {"values": {"scheduling": {"minAvailable": 0}}},
+            "invalid chart value 'scheduling.minAvailable' (TrainingJob.values): 0 is less",
+        ),
+    ],
+)
 def test_invalid_jobs_are_refused_naming_the_field(fields, message):
     with pytest.raises(InvalidJobError) as error:
         TrainingJob(**{"stage": "dvgt1-demo", **fields}).render()
@@ -114,11 +166,18 @@ def test_invalid_jobs_are_refused_naming_the_field(fields, message):
 
 
 def test_chart_rules_beyond_the_schema_are_refused_too():
-    with pytest.raises(InvalidJobError, match=r"job j: helm template j failed: .*scheduling.minAvailable \(4\) is more than"):
+    with pytest.raises(
+        InvalidJobError, match=r"job j: helm template j failed: .*scheduling.minAvailable \(4\) is more than"
+    ):
         TrainingJob(stage="dvgt1-demo", name="j", nodes=2, values={"scheduling": {"minAvailable": 4}}).render()
-    with pytest.raises(InvalidJobError, match=r"job j: helm template j failed: .*scheduling.minAvailable is a PyTorchJob "
-                                              r"setting"):
-        TrainingJob(stage="dvgt1-demo", name="j", api="trainjob", nodes=2, values={"scheduling": {"minAvailable": 2}}).render()
+    with pytest.raises(
+        InvalidJobError,
+        match=r"job j: helm template j failed: .*scheduling.minAvailable is a PyTorchJob "
+        r"setting",
+    ):
+        TrainingJob(
+            stage="dvgt1-demo", name="j", api="trainjob", nodes=2, values={"scheduling": {"minAvailable": 2}}
+        ).render()
 
 
 def helm_objects(release: str, *sets: str) -> dict:
@@ -130,12 +189,30 @@ def helm_objects(release: str, *sets: str) -> dict:
 
 def test_every_stage_renders_the_trainjob_and_runtime_helm_template_renders():
     def both(stage):
-        sdk = TrainingJob(stage=stage, api="trainjob", profile="h100-80g", nodes=2, image="registry.example:5000/dvgt:1.0",
-                          kueue_queue="team-a", kueue_priority_class="high", name="parity-job").objects()
-        helm = helm_objects("parity-job", f"stage={stage}", "api=trainjob", "profile=h100-80g", "nodes=2",
-                            "image.registry=", "image.repository=registry.example:5000/dvgt", "image.tag=1.0",
-                            "scheduling.kueueQueue=team-a", "scheduling.kueuePriorityClass=high")
+        sdk = TrainingJob(
+            stage=stage,
+            api="trainjob",
+            profile="h100-80g",
+            nodes=2,
+            image="registry.example:5000/dvgt:1.0",
+            kueue_queue="team-a",
+            kueue_priority_class="high",
+            name="parity-job",
+        ).objects()
+        helm = helm_objects(
+            "parity-job",
+            f"stage={stage}",
+            "api=trainjob",
+            "profile=h100-80g",
+            "nodes=2",
+            "image.registry=",
+            "image.repository=registry.example:5000/dvgt",
+            "image.tag=1.0",
+            "scheduling.kueueQueue=team-a",
+            "scheduling.kueuePriorityClass=high",
+        )
         return sdk, helm
+
     with ThreadPoolExecutor(max_workers=2) as pool:
         pairs = list(pool.map(both, CATALOG.stages))
     for stage, (sdk, helm) in zip(CATALOG.stages, pairs):
@@ -143,7 +220,9 @@ def test_every_stage_renders_the_trainjob_and_runtime_helm_template_renders():
         assert sdk == [helm["TrainingRuntime"], helm["TrainJob"]], stage
         labels = sdk[1]["metadata"]["labels"]
         assert (labels["kueue.x-k8s.io/queue-name"], labels["kueue.x-k8s.io/priority-class"]) == ("team-a", "high")
-    shared = TrainingJob(stage="dvgt1-demo", api="trainjob", name="dvgt1-demo", create_runtime=False, runtime_name="dvgt")
+    shared = TrainingJob(
+        stage="dvgt1-demo", api="trainjob", name="dvgt1-demo", create_runtime=False, runtime_name="dvgt"
+    )
     assert shared.objects() == [load_trainjob(ROOT / "k8s" / "trainjob" / "dvgt1-demo.yaml")]  # the ready manifest
 
 
@@ -158,18 +237,54 @@ def test_cli_dry_run_of_a_trainjob_is_helm_template(capsys):
 
 def test_cli_dry_run_prints_the_sdk_job(capsys):
     with pytest.raises(SystemExit) as code:
-        main(["submit", "--stage", "finetune-nuscenes", "--nodes", "2", "--gpus-per-node", "8", "--profile", "h100-80g",
-              "--image", "registry.example/dvgt:1.0", "--checkpoint-uri", "s3://bucket/runs/nusc-1", "--s3-secret", "dvgt-s3",
-              "--set", "optim.lr=5e-6", "--name", "nusc-1", "--dry-run"])
+        main(
+            [
+                "submit",
+                "--stage",
+                "finetune-nuscenes",
+                "--nodes",
+                "2",
+                "--gpus-per-node",
+                "8",
+                "--profile",
+                "h100-80g",
+                "--image",
+                "registry.example/dvgt:1.0",
+                "--checkpoint-uri",
+                "s3://bucket/runs/nusc-1",
+                "--s3-secret",
+                "dvgt-s3",
+                "--set",
+                "optim.lr=5e-6",
+                "--name",
+                "nusc-1",
+                "--dry-run",
+            ]
+        )
     assert code.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed == TrainingJob(stage="finetune-nuscenes", nodes=2, gpus_per_node=8, profile="h100-80g",
-                                  image="registry.example/dvgt:1.0", checkpoint_uri="s3://bucket/runs/nusc-1",
-                                  s3_secret="dvgt-s3", overrides=["optim.lr=5e-6"], name="nusc-1").render()
+    assert (
+        printed
+        == TrainingJob(
+            stage="finetune-nuscenes",
+            nodes=2,
+            gpus_per_node=8,
+            profile="h100-80g",
+            image="registry.example/dvgt:1.0",
+            checkpoint_uri="s3://bucket/runs/nusc-1",
+            s3_secret="dvgt-s3",
+            overrides=["optim.lr=5e-6"],
+            name="nusc-1",
+        ).render()
+    )
 
 
 def test_cli_refuses_an_invalid_job_in_one_line(capsys):
     with pytest.raises(SystemExit) as code:
         main(["submit", "--stage", "dvgt1-demo", "--profile", "h100", "--dry-run"])
     err = capsys.readouterr().err
-    assert code.value.code == 2 and err.startswith("error: invalid TrainingJob.profile: 'h100' is not one of") and err.count("\n") == 1
+    assert (
+        code.value.code == 2
+        and err.startswith("error: invalid TrainingJob.profile: 'h100' is not one of")
+        and err.count("\n") == 1
+    )

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+from servers import wait_for
+
 from dvgt.cli import main
 from dvgt.sdk import Client, JobExistsError, JobNotFoundError, TrainingJob
-from servers import wait_for
 
 torch.set_num_threads(1)
 
@@ -31,11 +31,26 @@ def live_processes(match) -> list:
 
 
 def tiny_job(data_root, tmp_path, name: str, steps: int) -> TrainingJob:
-    overrides = [o for o in tiny_overrides(data_root, tmp_path / name, max_epochs=1, limit_train_batches=steps, limit_val_batches=0)
-                 if not o.startswith("checkpoint.uri=")]  # the chart's <checkpoint_uri>/<name>
-    return TrainingJob(stage="dvgt1-demo", profile="cpu-test", nodes=1, gpus_per_node=1, name=name, s3_secret="",
-                       data_pvc="", checkpoint_uri=str(tmp_path / "ckpts"), overrides=overrides,
-                       env={"OMP_NUM_THREADS": "1"}, preemption_budget_s=20)
+    overrides = [
+        o
+        for o in tiny_overrides(
+            data_root, tmp_path / name, max_epochs=1, limit_train_batches=steps, limit_val_batches=0
+        )
+        if not o.startswith("checkpoint.uri=")
+    ]  # the chart's <checkpoint_uri>/<name>
+    return TrainingJob(
+        stage="dvgt1-demo",
+        profile="cpu-test",
+        nodes=1,
+        gpus_per_node=1,
+        name=name,
+        s3_secret="",
+        data_pvc="",
+        checkpoint_uri=str(tmp_path / "ckpts"),
+        overrides=overrides,
+        env={"OMP_NUM_THREADS": "1"},
+        preemption_budget_s=20,
+    )
 
 
 def test_local_backend_runs_a_tiny_job_end_to_end(tiny_data_root, tmp_path, monkeypatch, capsys):
@@ -46,7 +61,9 @@ def test_local_backend_runs_a_tiny_job_end_to_end(tiny_data_root, tmp_path, monk
     with pytest.raises(JobExistsError, match=r"^local job tiny-local already exists \(.*\): choose another name"):
         client.submit(job)
     seen = []
-    running = client.wait("tiny-local", until="Running", timeout=60, poll_s=0.2, callback=lambda s: seen.append(s.phase))
+    running = client.wait(
+        "tiny-local", until="Running", timeout=60, poll_s=0.2, callback=lambda s: seen.append(s.phase)
+    )
     assert running.phase in ("Running", "Succeeded") and seen[-1] == running.phase
     lines = list(client.logs("tiny-local", follow=True))  # until the trainer's container ends
     assert lines[0].startswith("$ ") and "dvgt.train.launch --nproc-per-node=1" in lines[0]
@@ -80,12 +97,38 @@ def test_local_backend_runs_a_tiny_job_end_to_end(tiny_data_root, tmp_path, monk
 def test_delete_stops_a_running_local_job(tiny_data_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DVGT_HOME", str(tmp_path / "home"))
     with pytest.raises(SystemExit) as code:
-        main(["submit", "--local", "--stage", "dvgt1-demo", "--profile", "cpu-test", "--nodes", "1", "--gpus-per-node", "1",
-              "--name", "long-local", "--s3-secret", "", "--data-pvc", "", "--checkpoint-uri", str(tmp_path / "ckpts"),
-              *[item for o in tiny_job(tiny_data_root, tmp_path, "long-local", steps=10_000).overrides for item in ("--set", o)]])
+        main(
+            [
+                "submit",
+                "--local",
+                "--stage",
+                "dvgt1-demo",
+                "--profile",
+                "cpu-test",
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "1",
+                "--name",
+                "long-local",
+                "--s3-secret",
+                "",
+                "--data-pvc",
+                "",
+                "--checkpoint-uri",
+                str(tmp_path / "ckpts"),
+                *[
+                    item
+                    for o in tiny_job(tiny_data_root, tmp_path, "long-local", steps=10_000).overrides
+                    for item in ("--set", o)
+                ],
+            ]
+        )
     assert code.value.code == 0 and "submitted job long-local on this machine" in capsys.readouterr().out
     client = Client(backend="local")
-    wait_for(lambda: any(line.startswith("Training dvgt1") for line in client.logs("long-local")), 90, "training to start")
+    wait_for(
+        lambda: any(line.startswith("Training dvgt1") for line in client.logs("long-local")), 90, "training to start"
+    )
     pid = int((tmp_path / "home" / "local-jobs" / "long-local" / "runner.pid").read_text())
     status = wait_for(lambda: (lambda s: s if s.last_step else None)(client.status("long-local")), 60, "a first step")
     assert status.phase == "Running" and status.last_step_source == "metrics"  # the exporter sidecar answers

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import free_port, tiny_overrides
+
 from dvgt.checkpoint.manager import CheckpointManager
 from dvgt.config import load_config
 from dvgt.data import format as fmt
@@ -37,20 +37,36 @@ def make_trainer(tiny_data_root, run_dir, **extra) -> Trainer:
 
 def test_resumed_run_continues_exactly(tiny_data_root, tmp_path):
     full = tmp_path / "full"
-    result = train(load_config("train/dvgt1/demo.yaml",
-                               tiny_overrides(tiny_data_root, full, num_workers=1, **{"checkpoint.save_every_steps": 2})))
+    result = train(
+        load_config(
+            "train/dvgt1/demo.yaml",
+            tiny_overrides(tiny_data_root, full, num_workers=1, **{"checkpoint.save_every_steps": 2}),
+        )
+    )
     assert result["step"] == 6
     manager = CheckpointManager(str(full / "ckpts"))
     assert manager.committed_steps() == [2, 3, 4, 6]  # every 2 steps, and at the end of each epoch
     manifest = manager.open(2).manifest
     assert {o["key"] for o in manifest["objects"]} == {
-        "model.safetensors", "optimizer.safetensors", "trainer_state.safetensors", "config.yaml",
-        "rng/rank_00000.safetensors"}
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.safetensors",
+        "config.yaml",
+        "rng/rank_00000.safetensors",
+    }
 
     resumed = tmp_path / "resumed"  # "stopped after step 2": continue from that checkpoint elsewhere
-    train(load_config("train/dvgt1/demo.yaml", tiny_overrides(
-        tiny_data_root, resumed, num_workers=1,
-        **{"checkpoint.resume_checkpoint_path": full / "ckpts" / "step_00000002"})))
+    train(
+        load_config(
+            "train/dvgt1/demo.yaml",
+            tiny_overrides(
+                tiny_data_root,
+                resumed,
+                num_workers=1,
+                **{"checkpoint.resume_checkpoint_path": full / "ckpts" / "step_00000002"},
+            ),
+        )
+    )
     expected, got = train_losses(full), train_losses(resumed)
     assert sorted(got) == [3, 4, 5, 6]
     for step in got:
@@ -73,9 +89,15 @@ def test_auto_resume_picks_up_the_newest_checkpoint(tiny_data_root, tmp_path):
 
 def duplicated_batch(tiny_data_root, copies: int) -> dict:
     """`copies` copies of one 2-frame clip (every camera, 32 x 64) of the tiny training split, scaled by 0.1."""
-    spec = DatasetSpec(root=tiny_data_root, parquet=fmt.Tree(tiny_data_root, "demo").parquet("train"),
-                       clip_split="DVGT1", fixed_num_frames=2, fixed_aspect_ratio=2.0, image_width=64,
-                       gt_scale_factor=0.1)
+    spec = DatasetSpec(
+        root=tiny_data_root,
+        parquet=fmt.Tree(tiny_data_root, "demo").parquet("train"),
+        clip_split="DVGT1",
+        fixed_num_frames=2,
+        fixed_aspect_ratio=2.0,
+        image_width=64,
+        gt_scale_factor=0.1,
+    )
     clip = load_clip(SceneDataset(spec), 0)
     return {k: (torch.cat([v] * copies) if torch.is_tensor(v) else v * copies) for k, v in clip.items()}
 
@@ -89,12 +111,14 @@ def test_gradient_accumulation_matches_one_pass(tiny_data_root, tmp_path, accum_
     batch = duplicated_batch(tiny_data_root, 2)
     grads = []
     for accum in (1, accum_steps):
-        trainer = make_trainer(tiny_data_root, tmp_path / f"a{accum}", accum_steps=accum,
-                               **{"loss.point.valid_range": -1})
+        trainer = make_trainer(
+            tiny_data_root, tmp_path / f"a{accum}", accum_steps=accum, **{"loss.point.valid_range": -1}
+        )
         trainer.model.aggregator.patch_embed.rope_embed.rescale_coords = None
         seen = {}
-        trainer.optimizer.step = lambda: seen.update(
-            {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        trainer.optimizer.step = lambda seen=seen, model=trainer.model: seen.update(
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        )
         assert not trainer.train_step(batch)["skipped"]
         grads.append(seen)
         trainer.close()
@@ -108,13 +132,18 @@ def test_nonfinite_steps_are_skipped_counted_commit_nothing_and_stop_the_run(tin
     """A step with a non-finite loss is skipped on the device (the weights stay as they were) and
     counted when the steps are read; no checkpoint is committed while the last step was skipped; a
     run of max_consecutive_nonfinite of them stops the run naming the steps, after counting them all."""
-    trainer = make_trainer(tiny_data_root, tmp_path, **{"optim.max_consecutive_nonfinite": 3, "logging.metrics": "false"})
+    trainer = make_trainer(
+        tiny_data_root, tmp_path, **{"optim.max_consecutive_nonfinite": 3, "logging.metrics": "false"}
+    )
     batch = duplicated_batch(tiny_data_root, 1)
     bad = dict(batch, images=batch["images"].clone().fill_(float("nan")))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     for _ in range(2):
         trainer.train_step(bad)
-    assert [(r["step"], r["skipped"], r["nonfinite_skipped"]) for r in trainer.read_steps()] == [(1, True, 1), (2, True, 2)]
+    assert [(r["step"], r["skipped"], r["nonfinite_skipped"]) for r in trainer.read_steps()] == [
+        (1, True, 1),
+        (2, True, 2),
+    ]
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
     state = trainer.optimizer.state_dict()["state"].values()  # AdamW's state stays as created: step 0, no moments
     assert state and all(int(s["step"]) == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in state)
@@ -126,15 +155,20 @@ def test_nonfinite_steps_are_skipped_counted_commit_nothing_and_stop_the_run(tin
     assert trainer.checkpoints.wait(60) and trainer.checkpoints.committed_steps() == [3]
     for _ in range(3):
         trainer.train_step(bad)
-    with pytest.raises(NonFiniteLossError, match=r"steps 4-6 \(3 in a row\) had a non-finite loss.*"
-                                                 r"optim.max_consecutive_nonfinite \(now 3\)"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"steps 4-6 \(3 in a row\) had a non-finite loss.*"
+        r"optim.max_consecutive_nonfinite \(now 3\)",
+    ):
         trainer._record_steps()  # ... and three in a row stop it
     assert trainer.nonfinite_total == 5 and trainer.checkpoints.committed_steps() == [3]
     trainer.log.close()
     log = read_log(tmp_path / "train_log.jsonl")
     assert [r["nonfinite_skipped"] for r in log if "nonfinite_skipped" in r][-1] == 5  # the last one counted too
     skipped = [r for r in log if r.get("kind") == "checkpoint"]
-    assert [(r["step"], r["outcome"]) for r in skipped] == [(2, "skipped")] and "was skipped as non-finite" in skipped[0]["error"]
+    assert [(r["step"], r["outcome"]) for r in skipped] == [(2, "skipped")] and "was skipped as non-finite" in skipped[
+        0
+    ]["error"]
     trainer.close()
 
 
@@ -144,21 +178,36 @@ def test_the_training_step_does_not_synchronise_with_the_device(tiny_data_root, 
     ranks' agreement, clipping, the optimizer step, checkpoints, metrics) over 9 steps of the loop
     with logging.log_freq=3: only the reads at the logging interval (steps 1, 3, 6, 9), one each.
     Not counted: the data pipeline, and the model's and losses' own code (printed when they sync)."""
-    trainer = make_trainer(tiny_data_root, tmp_path, limit_val_batches=0, max_epochs=1, limit_train_batches=9,
-                           **{"logging.log_freq": 3})
-    loop_code = ("/dvgt/train/loop.py", "/dvgt/train/distributed.py", "/dvgt/train/clipping.py", "/dvgt/train/optim.py",
-                 "/dvgt/train/checkpoint_cost.py", "/dvgt/checkpoint/", "/dvgt/metrics/")
+    trainer = make_trainer(
+        tiny_data_root, tmp_path, limit_val_batches=0, max_epochs=1, limit_train_batches=9, **{"logging.log_freq": 3}
+    )
+    loop_code = (
+        "/dvgt/train/loop.py",
+        "/dvgt/train/distributed.py",
+        "/dvgt/train/clipping.py",
+        "/dvgt/train/optim.py",
+        "/dvgt/train/checkpoint_cost.py",
+        "/dvgt/checkpoint/",
+        "/dvgt/metrics/",
+    )
     counted, elsewhere, counting = [], set(), [False]
-    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__",
-                                                                 "__int__", "numpy", "cpu")}
+    originals = {
+        name: getattr(torch.Tensor, name)
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu")
+    }
 
     def counter(name, original):
         def call(self, *args, **kwargs):
             if counting[0]:  # the innermost frame of dvgt's own code made (or led to) the call
                 frame = next((f for f in traceback.extract_stack()[-2::-1] if "/dvgt/" in f.filename), None)
-                where = f"{name} at {frame.filename.split('/dvgt/')[-1]}:{frame.lineno} ({frame.name})" if frame else name
-                (counted.append if frame and any(part in frame.filename for part in loop_code) else elsewhere.add)(where)
+                where = (
+                    f"{name} at {frame.filename.split('/dvgt/')[-1]}:{frame.lineno} ({frame.name})" if frame else name
+                )
+                (counted.append if frame and any(part in frame.filename for part in loop_code) else elsewhere.add)(
+                    where
+                )
             return original(self, *args, **kwargs)
+
         return call
 
     loader = trainer.train_loader
@@ -184,8 +233,9 @@ def test_the_training_step_does_not_synchronise_with_the_device(tiny_data_root, 
         trainer.close()
     print("not the loop's:", sorted(elsewhere))
     assert trainer.step == 9
-    assert len(counted) == 4 and all(call.startswith("tolist at train/loop.py") and "(read_steps)" in call
-                                     for call in counted), counted
+    assert len(counted) == 4 and all(
+        call.startswith("tolist at train/loop.py") and "(read_steps)" in call for call in counted
+    ), counted
 
 
 EXIT_WITH_A_SAVE_RUNNING = """
@@ -206,9 +256,16 @@ def test_an_exit_with_a_checkpoint_thread_still_running_is_not_an_abort():
     restart) comes from a daemon thread caught inside native code while the interpreter shuts down,
     as a checkpoint thread is when a run ends before its upload does (preempted past its budget, or
     stopped by an error): plain sys.exit aborts, the CLI's exit keeps the exit code."""
+
     def run(how: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", EXIT_WITH_A_SAVE_RUNNING, how], capture_output=True, text=True,
-                              timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        return subprocess.run(
+            [sys.executable, "-c", EXIT_WITH_A_SAVE_RUNNING, how],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+
     plain = run("plain")
     assert plain.returncode == -signal.SIGABRT and "terminate called without an active exception" in plain.stderr
     ours = run("dvgt")
@@ -229,7 +286,9 @@ def test_checkpoint_cost_is_the_extra_time_of_the_steps_a_save_overlaps():
 
 def test_frozen_modules_stay_unchanged(tiny_data_root, tmp_path):
     trainer = make_trainer(tiny_data_root, tmp_path, **{"optim.frozen_module_names": "[aggregator.patch_embed.*]"})
-    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith("aggregator.patch_embed.")}
+    frozen = {
+        n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith("aggregator.patch_embed.")
+    }
     trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith("point_head.")}
     trainer.step = 5
     trainer.train_step(duplicated_batch(tiny_data_root, 1))
@@ -243,18 +302,32 @@ def test_bad_frozen_glob_and_uncovered_clipping_are_refused(tiny_data_root, tmp_
     with pytest.raises(ValueError, match="glob 'aggregater.*' matches no parameter"):
         make_trainer(tiny_data_root, tmp_path, **{"optim.frozen_module_names": "[aggregater.*]"})
     with pytest.raises(ValueError, match="does not cover .* trainable parameter.*ego_pose_head"):
-        make_trainer(tiny_data_root, tmp_path, **{
-            "optim.gradient_clip": "[{module_name: [aggregator], max_norm: 1.0}, {module_name: [point_head]}]"})
+        make_trainer(
+            tiny_data_root,
+            tmp_path,
+            **{"optim.gradient_clip": "[{module_name: [aggregator], max_norm: 1.0}, {module_name: [point_head]}]"},
+        )
 
 
 def test_two_process_torchrun_keeps_replicas_identical(tiny_data_root, tmp_path):
     """torchrun with 2 CPU ranks (gloo); every step each rank checks that all ranks hold bit-identical
     parameters (distributed.verify_replicas) and the run fails otherwise."""
     run = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "dvgt.train", "--config=train/dvgt1/demo.yaml", "--debug",
-               *tiny_overrides(tiny_data_root, run, **{"distributed.verify_replicas": "true", "accum_steps": 2})]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "dvgt.train",
+        "--config=train/dvgt1/demo.yaml",
+        "--debug",
+        *tiny_overrides(tiny_data_root, run, **{"distributed.verify_replicas": "true", "accum_steps": 2}),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     losses = train_losses(run)
     assert sorted(losses) == list(range(1, 7))  # 3 steps per epoch (limit_train_batches), 2 epochs
@@ -272,18 +345,29 @@ def no_checkpoints(run_dir: Path) -> bool:
     return not (run_dir / "ckpts").exists() or not any((run_dir / "ckpts").iterdir())
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["optim.lrr=1"], "unknown config key 'optim.lrr'.*did you mean 'optim.lr'"),
-    (["max_epochs=many"], "'max_epochs'.*expects int"),
-    (["data.root=/nonexistent/dvgt", "data.train.datasets=[{dataset: nuscene, split: train}]"],
-     "parquet '/nonexistent/dvgt/data_annotation/.*/nuscene_train.parquet' does not exist; fix data.train.datasets\\[0\\]"),
-    (["checkpoint.direct_load_pretrained_weights_path=/nonexistent/dvgt1.pt"],
-     "checkpoint.direct_load_pretrained_weights_path: weights file '/nonexistent/dvgt1.pt' does not exist"),
-    (["checkpoint.load_pretrained_weights_path=/nonexistent/model.safetensors"],
-     "checkpoint.load_pretrained_weights_path: weights file '/nonexistent/model.safetensors' does not exist"),
-    (["checkpoint.resume_checkpoint_path=/nonexistent/step_00000010"],
-     "resume_checkpoint_path '/nonexistent/step_00000010' is not a committed checkpoint"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], "unknown config key 'optim.lrr'.*did you mean 'optim.lr'"),
+        (["max_epochs=many"], "'max_epochs'.*expects int"),
+        (
+            ["data.root=/nonexistent/dvgt", "data.train.datasets=[{dataset: nuscene, split: train}]"],
+            "parquet '/nonexistent/dvgt/data_annotation/.*/nuscene_train.parquet' does not exist; fix data.train.datasets\\[0\\]",
+        ),
+        (
+            ["checkpoint.direct_load_pretrained_weights_path=/nonexistent/dvgt1.pt"],
+            "checkpoint.direct_load_pretrained_weights_path: weights file '/nonexistent/dvgt1.pt' does not exist",
+        ),
+        (
+            ["checkpoint.load_pretrained_weights_path=/nonexistent/model.safetensors"],
+            "checkpoint.load_pretrained_weights_path: weights file '/nonexistent/model.safetensors' does not exist",
+        ),
+        (
+            ["checkpoint.resume_checkpoint_path=/nonexistent/step_00000010"],
+            "resume_checkpoint_path '/nonexistent/step_00000010' is not a committed checkpoint",
+        ),
+    ],
+)
 def test_bad_input_is_one_clear_line_and_writes_no_checkpoint(tiny_data_root, tmp_path, overrides, message):
     run = tmp_path / "bad"
     done = run_cli("train", "--config=train/dvgt1/demo.yaml", *tiny_overrides(tiny_data_root, run), *overrides)
@@ -300,8 +384,11 @@ def test_unreadable_image_names_the_file(tiny_data_root, tmp_path):
     for image in (data / fmt.IMAGE_DIR / "demo").rglob("synthetic-train-*/**/*.jpg"):
         image.write_bytes(b"not a jpeg")  # every training image: the first batch meets one
     run = tmp_path / "run"
-    done = run_cli("train", "--config=train/dvgt1/demo.yaml",
-                   *tiny_overrides(data, run, **{"max_epochs": 1, "limit_val_batches": 0}))
+    done = run_cli(
+        "train",
+        "--config=train/dvgt1/demo.yaml",
+        *tiny_overrides(data, run, **{"max_epochs": 1, "limit_val_batches": 0}),
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert re.match(r"error: cannot decode image file '.*synthetic-train-\d+/CAM_\w+/\w+\.jpg'", done.stderr)
     assert done.stderr.count("\n") == 1 and no_checkpoints(run)
@@ -313,8 +400,11 @@ def test_pretrained_weights_load_and_mismatches_are_reported(tiny_data_root, tmp
     trainer.close()
     good = tmp_path / "good.pt"
     torch.save({"model": state}, good)
-    loaded = make_trainer(tiny_data_root, tmp_path / "a", **{"checkpoint.direct_load_pretrained_weights_path": good,
-                                                            "checkpoint.strict": "true"})
+    loaded = make_trainer(
+        tiny_data_root,
+        tmp_path / "a",
+        **{"checkpoint.direct_load_pretrained_weights_path": good, "checkpoint.strict": "true"},
+    )
     assert all(torch.equal(state[k], v) for k, v in loaded.model.state_dict().items())
     loaded.close()
 
@@ -323,8 +413,13 @@ def test_pretrained_weights_load_and_mismatches_are_reported(tiny_data_root, tmp
     bad = tmp_path / "bad.pt"
     torch.save(bad_state, bad)
     run = tmp_path / "b"
-    done = run_cli("train", "--config=train/dvgt1/demo.yaml", *tiny_overrides(tiny_data_root, run),
-                   f"checkpoint.direct_load_pretrained_weights_path={bad}", "checkpoint.strict=true")
+    done = run_cli(
+        "train",
+        "--config=train/dvgt1/demo.yaml",
+        *tiny_overrides(tiny_data_root, run),
+        f"checkpoint.direct_load_pretrained_weights_path={bad}",
+        "checkpoint.strict=true",
+    )
     assert done.returncode == 2
     assert "point_head.scratch.output_conv2" in done.stderr and "extra_head.weight" in done.stderr
     assert no_checkpoints(run)
@@ -337,8 +432,14 @@ def test_resuming_another_models_checkpoint_is_one_readable_summary(tiny_data_ro
     trainer.save(final=True)
     trainer.close()
     with pytest.raises(CheckpointMismatchError) as error:
-        make_trainer(tiny_data_root, tmp_path / "small", **{
-            "model.size": "small", "checkpoint.resume_checkpoint_path": tmp_path / "tiny" / "ckpts" / "step_00000000"})
+        make_trainer(
+            tiny_data_root,
+            tmp_path / "small",
+            **{
+                "model.size": "small",
+                "checkpoint.resume_checkpoint_path": tmp_path / "tiny" / "ckpts" / "step_00000000",
+            },
+        )
     message = str(error.value)
     print(message)
     assert len(message) < 2500 and len(message.splitlines()) <= 25
@@ -386,8 +487,12 @@ def test_python_api_builds_and_runs_the_model(tmp_path):
 
 
 def test_tensorboard_option_writes_event_files(tiny_data_root, tmp_path):
-    train(load_config("train/dvgt1/demo.yaml", tiny_overrides(tiny_data_root, tmp_path, max_epochs=1,
-                                                               **{"logging.tensorboard": "true"})))
+    train(
+        load_config(
+            "train/dvgt1/demo.yaml",
+            tiny_overrides(tiny_data_root, tmp_path, max_epochs=1, **{"logging.tensorboard": "true"}),
+        )
+    )
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -397,9 +502,16 @@ def test_demo_config_learns(tmp_path):
     (measured: chamfer 23.2 -> 18.8-19.3 m, completeness 17.4 -> 13.5 m, objective 9.9 -> 4.3 after 80 steps;
     the exact curve moves with the CPU's thread count, hence the margins)."""
     run = tmp_path / "demo"
-    cfg = load_config("train/dvgt1/demo.yaml", [
-        "max_epochs=2", f"logging.log_dir={run}", f"checkpoint.uri={run / 'ckpts'}", "logging.progress=false",
-        f"data.root={tmp_path / 'data'}"])
+    cfg = load_config(
+        "train/dvgt1/demo.yaml",
+        [
+            "max_epochs=2",
+            f"logging.log_dir={run}",
+            f"checkpoint.uri={run / 'ckpts'}",
+            "logging.progress=false",
+            f"data.root={tmp_path / 'data'}",
+        ],
+    )
     train(cfg)
     log = read_log(run / "train_log.jsonl")
     losses = [r["loss/objective"] for r in log if r["kind"] == "train"]

@@ -4,18 +4,23 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_overrides
 from omegaconf import OmegaConf
 
-from conftest import tiny_overrides
 from dvgt.config import DataConfig, DatasetEntry, EvalConfig, LossConfig, load_config
-from dvgt.data.geometry import (absT_quaR_to_pose, pose_to_absT_quaR, project_points, quaternion_to_rotation,
-                                transform_points)
+from dvgt.data.geometry import (
+    absT_quaR_to_pose,
+    pose_to_absT_quaR,
+    project_points,
+    quaternion_to_rotation,
+    transform_points,
+)
 from dvgt.data.loader import load_clip, open_datasets
 from dvgt.data.scene_dataset import ALL_TARGETS
 from dvgt.train.evaluation import evaluate_batch
 from dvgt.train.logger import read_log
-from dvgt.train.losses import camera_loss, compute_loss, vggt_camera_targets
 from dvgt.train.loop import train
+from dvgt.train.losses import camera_loss, compute_loss, vggt_camera_targets
 
 SCALE = 1.0  # vggt/default's gt_scale_factor
 
@@ -32,16 +37,21 @@ def clip(tiny_data_root):
 def perfect_vggt_predictions(clip, iterations=4):
     pose = vggt_camera_targets(clip)
     points = clip["points_in_cam_first"]
-    return {"points": points.clone(), "points_conf": torch.full(points.shape[:-1], 2.0), "cam_pose_enc": pose,
-            "cam_pose_enc_list": [pose.clone() for _ in range(iterations)]}
+    return {
+        "points": points.clone(),
+        "points_conf": torch.full(points.shape[:-1], 2.0),
+        "cam_pose_enc": pose,
+        "cam_pose_enc_list": [pose.clone() for _ in range(iterations)],
+    }
 
 
 def test_camera_targets_put_the_first_camera_at_the_origin_and_reproject_into_every_camera(clip):
     encoding = vggt_camera_targets(clip)
     B, T, V, H, W = clip["point_masks"].shape
     assert encoding.shape == (B, T, V, 9)
-    torch.testing.assert_close(encoding[:, 0, 0, :7], torch.tensor([0, 0, 0, 0, 0, 0, 1.0]).expand(B, 7), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(
+        encoding[:, 0, 0, :7], torch.tensor([0, 0, 0, 0, 0, 0, 1.0]).expand(B, 7), atol=1e-5, rtol=0
+    )
     fx, fy = clip["intrinsics"][..., 0, 0], clip["intrinsics"][..., 1, 1]
     torch.testing.assert_close(encoding[..., 7], 2 * torch.atan(H / 2 / fy))
     torch.testing.assert_close(encoding[..., 8], 2 * torch.atan(W / 2 / fx))
@@ -62,8 +72,9 @@ def test_camera_loss_weighs_iterations_and_skips_invalid_clips():
     preds = [gt + offset * (i + 1) for i in range(4)]  # iteration i is off by (i + 1) * offset
     preds[0] = preds[0].clone()
     preds[0][1] += 100.0  # clip 1 is invalid: its error must not count
-    losses = camera_loss(preds, gt, torch.tensor([True, False]), gamma=0.5, weight_trans=1.0, weight_rot=2.0,
-                         weight_focal=0.5)
+    losses = camera_loss(
+        preds, gt, torch.tensor([True, False]), gamma=0.5, weight_trans=1.0, weight_rot=2.0, weight_focal=0.5
+    )
     weights = [0.5 ** (4 - i - 1) * (i + 1) for i in range(4)]  # gamma ** (n - i - 1) * error size
     mean_weight = sum(weights) / 4
     assert losses["loss_T"].item() == pytest.approx(0.3 * mean_weight)
@@ -85,7 +96,7 @@ def test_compute_loss_dispatches_vggt_predictions_to_the_camera_loss(clip):
     for pose in predictions["cam_pose_enc_list"]:
         pose[..., 7:] += 0.1  # 0.1 rad off on both fields of view, every iteration
     off = compute_loss(predictions, clip, cfg)
-    mean_weight = sum(cfg.camera.gamma ** k for k in range(4)) / 4
+    mean_weight = sum(cfg.camera.gamma**k for k in range(4)) / 4
     assert off["loss_FL"].item() == pytest.approx(0.1 * mean_weight, rel=1e-4)
     assert off["loss_camera"].item() == pytest.approx(cfg.camera.weight_focal * 0.1 * mean_weight, rel=1e-4)
     point_total = off["loss_conf_point"] + off["loss_reg_point"] + off["loss_grad_point"]
@@ -110,11 +121,26 @@ def test_vggt_stage_learns_at_tiny_size(tiny_data_root, tmp_path):
     one small clip shape (2 frames x 2 views at 28 x 56, a multiple of 14) and a learning rate for a
     tiny model: within 10 steps the loss on the same held-out clip must drop clearly."""
     run = tmp_path / "vggt"
-    cfg = load_config("train/vggt/default.yaml", tiny_overrides(tiny_data_root, run, **{
-        "max_epochs": 2, "limit_train_batches": 5, "max_img_per_gpu": 4, "optim.lr": 2e-3,
-        "optim.warmup_fraction": 0.0, "data.train.img_width": 56, "data.val.img_width": 56,
-        "data.train.aspect_ratio": "[2.0,2.0]", "data.val.fixed_aspect_ratio": 2.0,
-        "data.train.datasets": "[{dataset: demo, split: train}]", "data.val.datasets": "[{dataset: demo, split: val}]"}))
+    cfg = load_config(
+        "train/vggt/default.yaml",
+        tiny_overrides(
+            tiny_data_root,
+            run,
+            **{
+                "max_epochs": 2,
+                "limit_train_batches": 5,
+                "max_img_per_gpu": 4,
+                "optim.lr": 2e-3,
+                "optim.warmup_fraction": 0.0,
+                "data.train.img_width": 56,
+                "data.val.img_width": 56,
+                "data.train.aspect_ratio": "[2.0,2.0]",
+                "data.val.fixed_aspect_ratio": 2.0,
+                "data.train.datasets": "[{dataset: demo, split: train}]",
+                "data.val.datasets": "[{dataset: demo, split: val}]",
+            },
+        ),
+    )
     assert cfg.model.name == "vggt" and cfg.gt_scale_factor == 1.0
     result = train(cfg)
     log = read_log(run / "train_log.jsonl")
@@ -124,4 +150,6 @@ def test_vggt_stage_learns_at_tiny_size(tiny_data_root, tmp_path):
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 10
     assert evals[-1]["val/loss/objective"] < 0.8 * evals[0]["val/loss/objective"]
     assert sum(losses[-3:]) < sum(losses[:3])
-    assert {"val/demo/ego_n_to_ego_first_AUC@30", "val/demo/ego_first_chamfer", "val/demo/ego_n_Abs Rel"} <= set(evals[-1])
+    assert {"val/demo/ego_n_to_ego_first_AUC@30", "val/demo/ego_first_chamfer", "val/demo/ego_n_Abs Rel"} <= set(
+        evals[-1]
+    )

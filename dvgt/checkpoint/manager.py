@@ -34,19 +34,36 @@ import re
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from dvgt.checkpoint.safetensors_stream import (read_safetensors, read_state, safetensors_header, state_tensors,
-                                                write_state)
-from dvgt.checkpoint.storage import (CHECKSUM, HASHERS, InvalidKeyError, LocalStorage, ObjectSizeError, Storage,
-                                     StorageError, background_priority, check_key, open_storage, with_retries)
+from dvgt.checkpoint.safetensors_stream import (
+    read_safetensors,
+    read_state,
+    safetensors_header,
+    state_tensors,
+    write_state,
+)
+from dvgt.checkpoint.storage import (
+    CHECKSUM,
+    HASHERS,
+    InvalidKeyError,
+    LocalStorage,
+    ObjectSizeError,
+    Storage,
+    StorageError,
+    background_priority,
+    check_key,
+    open_storage,
+    with_retries,
+)
 
 MANIFEST = "manifest.json"
 SHARDED_FORMAT = "dcp"  # manifest "format" of FSDP checkpoints (dvgt/checkpoint/dcp.py); absent for DDP's
@@ -66,7 +83,7 @@ def rng_key(rank: int) -> str:
     return f"rng/rank_{rank:05d}.safetensors"
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """RNG states as plain values and tensors (what write_state stores)."""
     np_state = np.random.get_state()
     return {
@@ -77,7 +94,7 @@ def rng_state() -> Dict[str, Any]:
     }
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy(), *rest))
@@ -103,7 +120,7 @@ class HostStaging:
     as it lies; `copy` keeps a tree's shape (FSDP's shards, which DCP serialises itself)."""
 
     def __init__(self) -> None:
-        self._buffers: Dict[str, torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def _buffer(self, key: str, pinned: bool, shape: Any, dtype: torch.dtype, spare: int = 0) -> torch.Tensor:
         buffer = self._buffers.get(key)
@@ -113,14 +130,14 @@ class HostStaging:
             self._buffers[key] = buffer
         return buffer[:numel].view(shape)
 
-    def image(self, name: str, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> memoryview:
+    def image(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> memoryview:
         """The safetensors file of `tensors` in a host buffer; call `synchronize` before reading it."""
         prefix, spans = safetensors_header(tensors, metadata)
         size = spans[-1][2] if spans else len(prefix)
         pinned = any(tensor.is_cuda for tensor in tensors.values())
         # Spare room: the header's JSON (an optimizer's plain values) may grow a little between saves.
         buffer = self._buffer(name, pinned, (size,), torch.uint8, spare=2**16)
-        buffer[:len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
+        buffer[: len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
         for key, begin, end in spans:
             tensor = tensors[key].detach()
             if end > begin:
@@ -179,7 +196,7 @@ class CheckpointStats:
     skipped: int = 0
     spilled: int = 0
     last_committed_step: int = -1
-    last_event: Optional[CheckpointEvent] = None
+    last_event: CheckpointEvent | None = None
     in_flight: bool = False
 
 
@@ -189,7 +206,7 @@ class Checkpoint:
 
     storage: Storage
     step: int
-    manifest: Dict[str, Any]
+    manifest: dict[str, Any]
 
     @property
     def prefix(self) -> str:
@@ -208,13 +225,13 @@ class Checkpoint:
         """Written under FSDP: model and optimizer are torch.distributed.checkpoint shards (dcp.py)."""
         return self.manifest.get("format") == SHARDED_FORMAT
 
-    def entry(self, name: str) -> Dict[str, Any]:
+    def entry(self, name: str) -> dict[str, Any]:
         entry = next((o for o in self.manifest["objects"] if o["key"] == name), None)
         if entry is None:
             raise CorruptCheckpointError(f"checkpoint {self.uri} has no object '{name}' in its manifest")
         return entry
 
-    def read(self, name: str, progress: Optional[Callable[[int], None]] = None) -> bytearray:
+    def read(self, name: str, progress: Callable[[int], None] | None = None) -> bytearray:
         """The object's bytes, checked against the manifest's size and xxh3_128 as they arrive."""
         entry = self.entry(name)
         hasher = HASHERS[CHECKSUM]()
@@ -225,12 +242,14 @@ class Checkpoint:
         except ObjectSizeError:
             data = None
         if data is None or len(data) != entry["size"] or hasher.hexdigest() != entry[CHECKSUM]:
-            raise CorruptCheckpointError(f"checkpoint {self.uri}: object '{name}' does not match its manifest "
-                                         f"(size or checksum differ): the file is corrupt; resume from an older "
-                                         f"checkpoint or start fresh")
+            raise CorruptCheckpointError(
+                f"checkpoint {self.uri}: object '{name}' does not match its manifest "
+                f"(size or checksum differ): the file is corrupt; resume from an older "
+                f"checkpoint or start fresh"
+            )
         return data
 
-    def model_state(self) -> Dict[str, torch.Tensor]:
+    def model_state(self) -> dict[str, torch.Tensor]:
         """The model's tensors (views of the verified bytes)."""
         return self._parse("model.safetensors", read_safetensors)
 
@@ -245,13 +264,13 @@ class Checkpoint:
         except ValueError as error:
             raise CorruptCheckpointError(f"{self.uri}/{name} is unreadable: {error}") from None
 
-    def rng(self, rank: int) -> Optional[Dict[str, Any]]:
+    def rng(self, rank: int) -> dict[str, Any] | None:
         name = rng_key(rank)
         if not any(o["key"] == name for o in self.manifest["objects"]):
             return None
         return self.state(name)
 
-    def load_all(self, rank: int) -> Dict[str, Any]:
+    def load_all(self, rank: int) -> dict[str, Any]:
         """Everything a resume needs, every object verified before any of it is used. The objects
         download side by side (their ranges share the storage's transfer threads), so the transfer
         never drains between them."""
@@ -263,7 +282,7 @@ class Checkpoint:
             return {name: future.result() for name, future in futures.items()}
 
 
-def check_manifest(manifest: Any, step: int, where: str) -> Dict[str, Any]:
+def check_manifest(manifest: Any, step: int, where: str) -> dict[str, Any]:
     """The manifest if it describes `step` with well-formed entries whose keys stay inside the
     checkpoint folder; else CorruptCheckpointError naming the first bad entry."""
     if not isinstance(manifest, dict) or manifest.get("step") != step or not isinstance(manifest.get("objects"), list):
@@ -273,8 +292,10 @@ def check_manifest(manifest: Any, step: int, where: str) -> Dict[str, Any]:
         try:
             check_key(key if isinstance(key, str) else "")
         except InvalidKeyError:
-            raise CorruptCheckpointError(f"{where}/{MANIFEST} lists the object key {key!r}, which is not a path inside "
-                                         f"the checkpoint folder; refusing to read it (the manifest was altered)") from None
+            raise CorruptCheckpointError(
+                f"{where}/{MANIFEST} lists the object key {key!r}, which is not a path inside "
+                f"the checkpoint folder; refusing to read it (the manifest was altered)"
+            ) from None
         if not isinstance(entry.get("size"), int) or not isinstance(entry.get(CHECKSUM), str):
             raise CorruptCheckpointError(f"{where}/{MANIFEST}: the entry of '{key}' has no size or {CHECKSUM}")
     return manifest
@@ -288,9 +309,19 @@ class CheckpointManager:
     store is committed instead, to be uploaded by `upload_spilled` at the next start (None: no spill).
     """
 
-    def __init__(self, uri: str, rank: int = 0, world_size: int = 1, keep_last: int = 0, package_version: str = "",
-                 async_mode: str = "off", s3: Any = None, preflight: bool = False, retry_budget_s: float = 0.0,
-                 spill_dir: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        rank: int = 0,
+        world_size: int = 1,
+        keep_last: int = 0,
+        package_version: str = "",
+        async_mode: str = "off",
+        s3: Any = None,
+        preflight: bool = False,
+        retry_budget_s: float = 0.0,
+        spill_dir: str | None = None,
+    ) -> None:
         self.storage = open_storage(uri, s3)
         if preflight:
             self.storage.preflight(write=rank == 0)
@@ -302,26 +333,26 @@ class CheckpointManager:
         self.retry_budget_s = retry_budget_s
         self.spill = LocalStorage(spill_dir) if spill_dir and self.storage.remote else None
         self.stats = CheckpointStats()
-        self.listeners: List[Callable[[CheckpointEvent], None]] = []  # called on the thread that finished the save
+        self.listeners: list[Callable[[CheckpointEvent], None]] = []  # called on the thread that finished the save
         self.say: Callable[[str], None] = lambda message: None  # progress notes (retries), set by the trainer
         self._staging = HostStaging()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._retrying = threading.Event()  # the save in flight failed once and waits to try again
         self._retries = 0  # of the save in flight
         self._cancel = threading.Event()  # asks the save in flight to stop retrying
 
     # -- reading --------------------------------------------------------------------------------
-    def step_dirs(self) -> Dict[int, List[str]]:
+    def step_dirs(self) -> dict[int, list[str]]:
         """Every step folder with anything in it (committed or not): step -> keys."""
-        steps: Dict[int, List[str]] = {}
+        steps: dict[int, list[str]] = {}
         for key in self.storage.list("") + self.storage.unfinished(""):
             match = STEP_DIR.match(key.split("/")[0])
             if match:
                 steps.setdefault(int(match.group(1)), []).append(key)
         return steps
 
-    def committed_steps(self) -> List[int]:
+    def committed_steps(self) -> list[int]:
         steps = set()
         for key in self.storage.list(""):
             parts = key.split("/")
@@ -340,11 +371,11 @@ class CheckpointManager:
             raise CorruptCheckpointError(f"{where}/{MANIFEST} is not valid JSON ({error})") from None
         return Checkpoint(self.storage, step, check_manifest(manifest, step, where))
 
-    def latest(self) -> Optional[Checkpoint]:
+    def latest(self) -> Checkpoint | None:
         steps = self.committed_steps()
         return self.open(steps[-1]) if steps else None
 
-    def load_newest(self, rank: int, warn: Callable[[str], None], before: Optional[int] = None) -> Optional[tuple]:
+    def load_newest(self, rank: int, warn: Callable[[str], None], before: int | None = None) -> tuple | None:
         """(checkpoint, state) of the newest committed checkpoint (older than step `before`, if given)
         whose objects all verify; a corrupt one is skipped with a warning. None when there is no
         committed checkpoint at all."""
@@ -359,11 +390,13 @@ class CheckpointManager:
                 if step != steps[0]:
                     warn(f"warning: {error}; falling back to the previous committed checkpoint")
         if errors:
-            raise CorruptCheckpointError(f"no intact checkpoint under {self.storage.uri}: {errors[-1]} (and "
-                                         f"{len(errors) - 1} newer corrupt); delete them or set checkpoint.resume=never")
+            raise CorruptCheckpointError(
+                f"no intact checkpoint under {self.storage.uri}: {errors[-1]} (and "
+                f"{len(errors) - 1} newer corrupt); delete them or set checkpoint.resume=never"
+            )
         return None
 
-    def spilled(self) -> List[Checkpoint]:
+    def spilled(self) -> list[Checkpoint]:
         """Checkpoints committed to the spill folder for this location and not yet uploaded."""
         if self.spill is None:
             return []
@@ -375,7 +408,7 @@ class CheckpointManager:
                 found.append(checkpoint)
         return found
 
-    def upload_spilled(self, say: Callable[[str], None]) -> List[int]:
+    def upload_spilled(self, say: Callable[[str], None]) -> list[int]:
         """Send the spilled checkpoints of this location to the store (objects first, each verified
         on the way, the manifest last), then delete them locally; one older than the store's newest
         commit is only deleted. Raises StorageError if the store is still unreachable (kept then)."""
@@ -383,8 +416,10 @@ class CheckpointManager:
         for checkpoint in self.spilled():
             committed = self.committed_steps()
             if committed and committed[-1] >= checkpoint.step:
-                say(f"spilled checkpoint {checkpoint.uri} is not newer than the newest committed "
-                    f"({self.storage.child(step_dir(committed[-1]))}); deleting it")
+                say(
+                    f"spilled checkpoint {checkpoint.uri} is not newer than the newest committed "
+                    f"({self.storage.child(step_dir(committed[-1]))}); deleting it"
+                )
             else:
                 deadline = time.monotonic() + self.retry_budget_s
                 for entry in checkpoint.manifest["objects"]:
@@ -397,9 +432,18 @@ class CheckpointManager:
         return uploaded
 
     # -- writing --------------------------------------------------------------------------------
-    def save(self, step: int, *, model_state: Dict[str, torch.Tensor], optimizer_state: Dict[str, Any],
-             trainer_state: Dict[str, Any], config_yaml: str, epoch: int, final: bool = False,
-             timeout: Optional[float] = None) -> Optional[CheckpointEvent]:
+    def save(
+        self,
+        step: int,
+        *,
+        model_state: dict[str, torch.Tensor],
+        optimizer_state: dict[str, Any],
+        trainer_state: dict[str, Any],
+        config_yaml: str,
+        epoch: int,
+        final: bool = False,
+        timeout: float | None = None,
+    ) -> CheckpointEvent | None:
         """Collective under DDP: call on every rank. Returns once the state is off the device; the
         upload continues in the background (async_mode wait/skip) or is waited for (off, final).
 
@@ -410,7 +454,7 @@ class CheckpointManager:
         """
         buffer = io.BytesIO()
         write_state(rng_state(), buffer)  # serialised here: all_gather_object mangles tensors inside objects
-        rngs: List[bytes] = [buffer.getvalue()]
+        rngs: list[bytes] = [buffer.getvalue()]
         if dist.is_initialized():
             rngs = [b""] * self.world_size
             dist.all_gather_object(rngs, buffer.getvalue())
@@ -419,15 +463,20 @@ class CheckpointManager:
         started = time.perf_counter()
         deadline = time.monotonic() + (self.retry_budget_s if timeout is None else timeout)
         if not self._make_room(step, final, deadline):
-            return self._emit(CheckpointEvent(step, "skipped", time.perf_counter() - started,
-                                              error="the previous save is still uploading"))
+            return self._emit(
+                CheckpointEvent(
+                    step, "skipped", time.perf_counter() - started, error="the previous save is still uploading"
+                )
+            )
         if final and self.stats.last_committed_step == step:
             return self.stats.last_event
         self._require_idle(step, deadline)
 
-        def stage() -> Dict[str, Any]:
-            objects = {"model.safetensors": self._staging.image("model", model_state),
-                       "optimizer.safetensors": self._staging.image("optimizer", *state_tensors(optimizer_state))}
+        def stage() -> dict[str, Any]:
+            objects = {
+                "model.safetensors": self._staging.image("model", model_state),
+                "optimizer.safetensors": self._staging.image("optimizer", *state_tensors(optimizer_state)),
+            }
             self._staging.synchronize()
             return objects
 
@@ -436,8 +485,14 @@ class CheckpointManager:
         objects.update({rng_key(rank): rng for rank, rng in enumerate(rngs)})
         objects["config.yaml"] = config_yaml.encode()
         blocked = time.perf_counter() - started
-        return self._start(step, partial(self._write, step, epoch, objects, blocked, deadline), final, deadline,
-                           partial(self._spill_objects, step, epoch, objects), sum(len(d) for d in objects.values()))
+        return self._start(
+            step,
+            partial(self._write, step, epoch, objects, blocked, deadline),
+            final,
+            deadline,
+            partial(self._spill_objects, step, epoch, objects),
+            sum(len(d) for d in objects.values()),
+        )
 
     def _make_room(self, step: int, final: bool, deadline: float) -> bool:
         """Before a new save: stop a save in flight that waits to retry (the new state supersedes it),
@@ -454,11 +509,20 @@ class CheckpointManager:
 
     def _require_idle(self, step: int, deadline: float) -> None:
         if self.in_flight():  # a final save whose budget ran out waiting for the previous one
-            raise StorageError(f"the final checkpoint (step {step}) was not started: the previous save did not "
-                               f"finish in time", retryable=True)
+            raise StorageError(
+                f"the final checkpoint (step {step}) was not started: the previous save did not finish in time",
+                retryable=True,
+            )
 
-    def _start(self, step: int, write: Callable[[], None], final: bool, deadline: float,
-               spill: Optional[Callable[[], CheckpointEvent]] = None, size: int = 0) -> Optional[CheckpointEvent]:
+    def _start(
+        self,
+        step: int,
+        write: Callable[[], None],
+        final: bool,
+        deadline: float,
+        spill: Callable[[], CheckpointEvent] | None = None,
+        size: int = 0,
+    ) -> CheckpointEvent | None:
         """Run `write` on the save thread. A final save (or any, with async_mode=off) is waited for
         until `deadline` and returns its event: if it has not committed by the time a spill must
         start (or has failed once), the objects are spilled meanwhile; one that neither commits nor
@@ -467,8 +531,9 @@ class CheckpointManager:
             self.stats.in_flight = True
         self._retrying.clear()
         self._cancel.clear()
-        self._thread = threading.Thread(target=lambda: (background_priority(), write()), name=f"dvgt-checkpoint-{step}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=lambda: (background_priority(), write()), name=f"dvgt-checkpoint-{step}", daemon=True
+        )
         self._thread.start()
         if not (final or self.async_mode == "off"):
             return None
@@ -492,8 +557,11 @@ class CheckpointManager:
         if not final:
             return event
         why = event.error if event is not None and event.step == step else "it did not finish in time"
-        raise StorageError(f"the final checkpoint (step {step}) could not be committed: {why}; the newest committed "
-                           f"is step {self.stats.last_committed_step}", retryable=True)
+        raise StorageError(
+            f"the final checkpoint (step {step}) could not be committed: {why}; the newest committed "
+            f"is step {self.stats.last_committed_step}",
+            retryable=True,
+        )
 
     def stop_retrying(self) -> None:
         """The save in flight (if any) gives up at its next failure instead of retrying."""
@@ -502,23 +570,25 @@ class CheckpointManager:
     def in_flight(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def wait(self, timeout: Optional[float] = None) -> bool:
+    def wait(self, timeout: float | None = None) -> bool:
         """Wait for the save in flight; False if it is still running after `timeout` seconds."""
         if self._thread is not None:
             self._thread.join(timeout)
         return not self.in_flight()
 
-    def _write(self, step: int, epoch: int, objects: Dict[str, Any], blocked: float, deadline: float) -> None:
+    def _write(self, step: int, epoch: int, objects: dict[str, Any], blocked: float, deadline: float) -> None:
         started = time.perf_counter()
         prefix = step_dir(step)
-        entries: Dict[str, Dict[str, Any]] = {}
+        entries: dict[str, dict[str, Any]] = {}
         with self._lock:
             self._retries = 0
         try:
             # The two big objects go up side by side, so the upload never drains between them.
             big = ["model.safetensors", "optimizer.safetensors"]
             with ThreadPoolExecutor(2, thread_name_prefix="dvgt-upload") as pool:
-                for name, entry in zip(big, pool.map(lambda n: self._put(self.storage, prefix, n, objects[n], deadline), big)):
+                for name, entry in zip(
+                    big, pool.map(lambda n: self._put(self.storage, prefix, n, objects[n], deadline), big)
+                ):
                     entries[name] = entry
             for name, data in objects.items():
                 if name not in entries:
@@ -528,18 +598,32 @@ class CheckpointManager:
             with self._lock:
                 self.stats.last_committed_step = step
             self.prune(self.keep_last)
-            event = CheckpointEvent(step, "ok", blocked, uploaded - started, time.perf_counter() - uploaded,
-                                    sum(e["size"] for e in entries.values()), self._retries, self.storage.child(prefix))
-        except Exception as error:  # noqa: BLE001 - a failed save never commits; training goes on
+            event = CheckpointEvent(
+                step,
+                "ok",
+                blocked,
+                uploaded - started,
+                time.perf_counter() - uploaded,
+                sum(e["size"] for e in entries.values()),
+                self._retries,
+                self.storage.child(prefix),
+            )
+        except Exception as error:
             message = " ".join(str(error).split()) or traceback.format_exc(limit=1)
             if self._cancel.is_set():
                 message += " (stopped retrying: superseded, or out of time)"
-            event = CheckpointEvent(step, "failed", blocked, time.perf_counter() - started,
-                                    bytes=sum(e["size"] for e in entries.values()), retries=self._retries,
-                                    error=f"{type(error).__name__}: {message}")
+            event = CheckpointEvent(
+                step,
+                "failed",
+                blocked,
+                time.perf_counter() - started,
+                bytes=sum(e["size"] for e in entries.values()),
+                retries=self._retries,
+                error=f"{type(error).__name__}: {message}",
+            )
         self._emit(event)
 
-    def _spill_objects(self, step: int, epoch: int, objects: Dict[str, Any]) -> CheckpointEvent:
+    def _spill_objects(self, step: int, epoch: int, objects: dict[str, Any]) -> CheckpointEvent:
         """Commit the staged objects to the spill folder (a manifest naming their destination)."""
         started = time.perf_counter()
         prefix = step_dir(step)
@@ -547,10 +631,19 @@ class CheckpointManager:
         entries = [self._put(self.spill, prefix, name, data, None) for name, data in objects.items()]
         self._write_manifest(self.spill, prefix, step, epoch, entries, None, destination=self.storage.uri)
         where = self.spill.child(prefix)
-        self.say(f"checkpoint of step {step}: the store is unreachable; committed to the local spill folder {where}, "
-                 f"uploaded to {self.storage.uri} at the next start")
-        return CheckpointEvent(step, "spilled", 0.0, time.perf_counter() - started, bytes=sum(e["size"] for e in entries),
-                               where=where, error="the store was unreachable until the deadline")
+        self.say(
+            f"checkpoint of step {step}: the store is unreachable; committed to the local spill folder {where}, "
+            f"uploaded to {self.storage.uri} at the next start"
+        )
+        return CheckpointEvent(
+            step,
+            "spilled",
+            0.0,
+            time.perf_counter() - started,
+            bytes=sum(e["size"] for e in entries),
+            where=where,
+            error="the store was unreachable until the deadline",
+        )
 
     def _note_retry(self, message: str) -> None:
         """Count a retry; the first of a save is said (the save's record tells how it ended)."""
@@ -561,10 +654,11 @@ class CheckpointManager:
         if first:
             self.say(f"checkpoint: {message} (and so on until the save's deadline)")
 
-    def _put(self, storage: Storage, prefix: str, name: str, data: Any, deadline: Optional[float]) -> Dict[str, Any]:
+    def _put(self, storage: Storage, prefix: str, name: str, data: Any, deadline: float | None) -> dict[str, Any]:
         """Store one object of a step, `data` (bytes-like) or what `data(writer)` writes, retrying a
         transient failure until `deadline`; returns its manifest entry."""
-        def attempt() -> Dict[str, Any]:
+
+        def attempt() -> dict[str, Any]:
             writer = storage.open_write(f"{prefix}/{name}")
             try:
                 with writer:
@@ -575,11 +669,26 @@ class CheckpointManager:
 
         return with_retries(f"upload {storage.child(prefix)}/{name}", attempt, deadline, self._cancel, self._note_retry)
 
-    def _write_manifest(self, storage: Storage, prefix: str, step: int, epoch: int, objects: List[Dict[str, Any]],
-                        deadline: Optional[float], **fields: Any) -> None:
+    def _write_manifest(
+        self,
+        storage: Storage,
+        prefix: str,
+        step: int,
+        epoch: int,
+        objects: list[dict[str, Any]],
+        deadline: float | None,
+        **fields: Any,
+    ) -> None:
         """The commit: written last, it makes the step's objects a checkpoint."""
-        manifest = {"step": step, "epoch": epoch, "created": time.time(), "world_size": self.world_size, **fields,
-                    "package_version": self.package_version, "objects": sorted(objects, key=lambda o: o["key"])}
+        manifest = {
+            "step": step,
+            "epoch": epoch,
+            "created": time.time(),
+            "world_size": self.world_size,
+            **fields,
+            "package_version": self.package_version,
+            "objects": sorted(objects, key=lambda o: o["key"]),
+        }
         self._put(storage, prefix, MANIFEST, json.dumps(manifest, indent=1).encode(), deadline)
 
     def _emit(self, event: CheckpointEvent) -> CheckpointEvent:
@@ -592,7 +701,7 @@ class CheckpointManager:
             listener(event)
         return event
 
-    def prune(self, keep: int, dry_run: bool = False) -> List[int]:
+    def prune(self, keep: int, dry_run: bool = False) -> list[int]:
         """Keep the newest `keep` committed checkpoints (0: all) and delete uncommitted leftovers older
         than the newest commit; nothing newer than the newest committed checkpoint is touched (a save
         may be writing there). A committed checkpoint loses its manifest first, so no reader ever sees
@@ -613,11 +722,11 @@ class CheckpointManager:
 @dataclass
 class VerifyReport:
     step: int
-    bad: List[str] = field(default_factory=list)  # "key: why"
+    bad: list[str] = field(default_factory=list)  # "key: why"
     checked: int = 0
 
 
-def verify(checkpoint: Checkpoint, progress: Optional[Callable[[int], None]] = None) -> VerifyReport:
+def verify(checkpoint: Checkpoint, progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Read every object of a committed checkpoint and check its size and xxh3_128."""
     report = VerifyReport(checkpoint.step)
     for entry in checkpoint.manifest["objects"]:

@@ -15,25 +15,38 @@ or str keys, lists, tuples, plain JSON values) in the metadata, so no checkpoint
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
 }
 DTYPE_OF = {name: dtype for dtype, name in DTYPES.items()}
 
 
-def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None
-                       ) -> Tuple[bytes, List[Tuple[str, int, int]]]:
+def safetensors_header(
+    tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[tuple[str, int, int]]]:
     """The file's first bytes (header length and JSON header) and where each tensor's bytes go:
     (name, begin, end) offsets in the file, largest element size first."""
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
-    header: Dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     spans = []
     for name in order:
@@ -41,7 +54,11 @@ def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Optional[D
         if tensor.dtype not in DTYPES:
             raise ValueError(f"tensor '{name}' has dtype {tensor.dtype}, which safetensors cannot store")
         size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
         spans.append((name, offset, offset + size))
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -50,7 +67,7 @@ def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Optional[D
     return prefix, [(name, len(prefix) + begin, len(prefix) + end) for name, begin, end in spans]
 
 
-def write_safetensors(tensors: Mapping[str, torch.Tensor], out: Any, metadata: Optional[Dict[str, str]] = None) -> int:
+def write_safetensors(tensors: Mapping[str, torch.Tensor], out: Any, metadata: dict[str, str] | None = None) -> int:
     """Write `tensors` (contiguous CPU tensors) to `out` (anything with write); returns the byte count."""
     prefix, spans = safetensors_header(tensors, metadata)
     out.write(prefix)
@@ -61,15 +78,15 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], out: Any, metadata: O
     return spans[-1][2] if spans else len(prefix)
 
 
-def read_safetensors(buffer: bytearray) -> Dict[str, torch.Tensor]:
+def read_safetensors(buffer: bytearray) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file held in `buffer`, as views of it (no copy)."""
     return _parse(buffer)[0]
 
 
-def _parse(buffer: bytearray) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+def _parse(buffer: bytearray) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         length = int.from_bytes(buffer[:8], "little")
-        header = json.loads(bytes(buffer[8:8 + length]))
+        header = json.loads(bytes(buffer[8 : 8 + length]))
         metadata = header.pop("__metadata__", None) or {}
         base = 8 + length
         tensors = {}
@@ -91,9 +108,9 @@ def _parse(buffer: bytearray) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
 STATE_KEY = "dvgt_state"  # the metadata entry that holds a state tree's structure
 
 
-def state_tensors(tree: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+def state_tensors(tree: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A state tree as what its safetensors file holds: its tensors by path, and its structure as metadata."""
-    tensors: Dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     structure = _encode(tree, "", tensors)
     return tensors, {STATE_KEY: json.dumps(structure)}
 
@@ -117,7 +134,7 @@ def read_state(buffer: bytearray) -> Any:
 
 # A tensor is {"tensor": path}; a dict is {"dict": [[key, value], ...]} (keys keep their type: an
 # optimizer's state is keyed by parameter index); a tuple is {"tuple": [...]}; a list stays a list.
-def _encode(tree: Any, path: str, tensors: Dict[str, torch.Tensor]) -> Any:
+def _encode(tree: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     if torch.is_tensor(tree):
         if path in tensors:
             raise ValueError(f"two state entries are both named '{path}'; rename one (a key with a '.' in it?)")
@@ -126,23 +143,30 @@ def _encode(tree: Any, path: str, tensors: Dict[str, torch.Tensor]) -> Any:
     if isinstance(tree, dict):
         for key in tree:
             if not isinstance(key, (str, int)) or isinstance(key, bool):
-                raise TypeError(f"state key {key!r} at '{path}' is a {type(key).__name__}; only str and int keys are stored")
-        return {"dict": [[key, _encode(value, f"{path}.{key}" if path else str(key), tensors)]
-                         for key, value in tree.items()]}
+                raise TypeError(
+                    f"state key {key!r} at '{path}' is a {type(key).__name__}; only str and int keys are stored"
+                )
+        return {
+            "dict": [
+                [key, _encode(value, f"{path}.{key}" if path else str(key), tensors)] for key, value in tree.items()
+            ]
+        }
     if isinstance(tree, (list, tuple)):
         items = [_encode(value, f"{path}.{i}" if path else str(i), tensors) for i, value in enumerate(tree)]
         return {"tuple": items} if isinstance(tree, tuple) else items
     if tree is None or isinstance(tree, (bool, int, float, str)):
         return tree
-    raise TypeError(f"state value at '{path}' is a {type(tree).__name__}, which a checkpoint cannot store "
-                    f"(tensors, dicts, lists, tuples, numbers, strings, None)")
+    raise TypeError(
+        f"state value at '{path}' is a {type(tree).__name__}, which a checkpoint cannot store "
+        f"(tensors, dicts, lists, tuples, numbers, strings, None)"
+    )
 
 
-def _decode(node: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(node, list):
         return [_decode(value, tensors) for value in node]
     if isinstance(node, dict):
-        (kind, value), = node.items()
+        ((kind, value),) = node.items()
         if kind == "tensor":
             return tensors[value]
         if kind == "dict":

@@ -16,6 +16,7 @@ sharded checkpoints sit on the same layer (dvgt/checkpoint/dcp.py).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import os
 import random
@@ -25,14 +26,15 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import xxhash
 
-Progress = Optional[Callable[[int], None]]  # called with the number of bytes just transferred
+Progress = Callable[[int], None] | None  # called with the number of bytes just transferred
 T = TypeVar("T")
 
 # The checksum of every checkpoint object: xxh3_128 runs at memory speed (~20 GB/s a core), where
@@ -84,13 +86,20 @@ def check_key(key: str, prefix: bool = False) -> str:
         return key
     parts = body.split("/")
     if not body or body.startswith("/") or "\\" in body or "\0" in body or any(p in ("", ".", "..") for p in parts):
-        raise InvalidKeyError(f"object key '{key}' is not a relative path inside the checkpoint location (absolute, "
-                              f"empty, '.' or '..' parts, or a backslash); refusing to read or write it")
+        raise InvalidKeyError(
+            f"object key '{key}' is not a relative path inside the checkpoint location (absolute, "
+            f"empty, '.' or '..' parts, or a backslash); refusing to read or write it"
+        )
     return key
 
 
-def with_retries(what: str, attempt: Callable[[], T], deadline: Optional[float],
-                 cancelled: Optional[threading.Event] = None, on_retry: Optional[Callable[[str], None]] = None) -> T:
+def with_retries(
+    what: str,
+    attempt: Callable[[], T],
+    deadline: float | None,
+    cancelled: threading.Event | None = None,
+    on_retry: Callable[[str], None] | None = None,
+) -> T:
     """`attempt()`, tried again after a retryable StorageError with exponential backoff (1 s doubling
     to 30 s, jittered) until time.monotonic() passes `deadline` (None: one try) or `cancelled` is set."""
     delay = 1.0
@@ -121,10 +130,10 @@ class ObjectWriter(ABC):
         self._checksum = checksum
         self._hasher = HASHERS[checksum]()
         self._progress = progress
-        self.error: Optional[BaseException] = None  # the first write failure (a serialiser may hide it)
+        self.error: BaseException | None = None  # the first write failure (a serialiser may hide it)
 
     @property
-    def digests(self) -> Dict[str, str]:
+    def digests(self) -> dict[str, str]:
         """{checksum name: hex digest} of everything written."""
         return {self._checksum: self._hasher.hexdigest()}
 
@@ -140,7 +149,7 @@ class ObjectWriter(ABC):
             self._progress(len(view))
         return len(view)
 
-    def flush(self) -> None:  # file-like
+    def flush(self) -> None:  # noqa: B027 (file-like no-op, not abstract)
         pass
 
     @abstractmethod
@@ -154,7 +163,7 @@ class ObjectWriter(ABC):
     @abstractmethod
     def abort(self) -> None: ...
 
-    def __enter__(self) -> "ObjectWriter":
+    def __enter__(self) -> ObjectWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -171,7 +180,7 @@ class Storage(ABC):
     def open_write(self, key: str, progress: Progress = None, checksum: str = CHECKSUM) -> ObjectWriter: ...
 
     @abstractmethod
-    def read(self, key: str, progress: Progress = None, hasher: Any = None, size: Optional[int] = None) -> bytearray:
+    def read(self, key: str, progress: Progress = None, hasher: Any = None, size: int | None = None) -> bytearray:
         """The whole object, in a buffer the caller owns; `hasher` (an xxhash or hashlib object) is
         fed the bytes in order while they arrive, so verifying costs no second pass. `size`, when the
         caller knows it (a manifest), saves asking the store; an object of another size is then an
@@ -181,19 +190,19 @@ class Storage(ABC):
     def read_range(self, key: str, offset: int, length: int) -> bytes: ...
 
     @abstractmethod
-    def list(self, prefix: str = "") -> List[str]: ...
+    def list(self, prefix: str = "") -> builtins.list[str]: ...
 
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None:
         """Delete every object under prefix (on S3, unfinished multipart uploads there too)."""
 
     @abstractmethod
-    def unfinished(self, prefix: str = "") -> List[str]:
+    def unfinished(self, prefix: str = "") -> builtins.list[str]:
         """Keys of writes that never finished (a killed process): temporary files, open multipart uploads."""
 
     remote = False  # True where the objects live on another machine (a local spill location helps then)
 
-    def preflight(self, write: bool) -> None:
+    def preflight(self, write: bool) -> None:  # noqa: B027 (a no-op unless a location overrides it)
         """Raise a one-line StorageError now if the location cannot be read (or written)."""
 
     def exists(self, key: str) -> bool:
@@ -224,11 +233,11 @@ class LocalWriter(ObjectWriter):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self._file = open(self._tmp, "wb")
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed by commit/abort)
 
     def _write(self, view: memoryview) -> None:
         for start in range(0, len(view), HASH_CHUNK):
-            chunk = view[start:start + HASH_CHUNK]
+            chunk = view[start : start + HASH_CHUNK]
             self._hasher.update(chunk)
             self._file.write(chunk)
 
@@ -266,7 +275,7 @@ class LocalStorage(Storage):
         except (FileNotFoundError, IsADirectoryError):
             raise FileNotFoundError(f"checkpoint object '{key}' not found under {self.uri}") from None
 
-    def read(self, key: str, progress: Progress = None, hasher: Any = None, size: Optional[int] = None) -> bytearray:
+    def read(self, key: str, progress: Progress = None, hasher: Any = None, size: int | None = None) -> bytearray:
         with self._open(key) as f:
             buffer = bytearray(os.fstat(f.fileno()).st_size)
             f.readinto(buffer)
@@ -281,16 +290,15 @@ class LocalStorage(Storage):
             f.seek(offset)
             return f.read(length)
 
-    def list(self, prefix: str = "") -> List[str]:
+    def list(self, prefix: str = "") -> builtins.list[str]:
         base = self._path(prefix, prefix=True)
         if base.is_file():
             return [prefix]
         if not base.is_dir():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
-                      if p.is_file() and ".tmp-" not in p.name)
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and ".tmp-" not in p.name)
 
-    def unfinished(self, prefix: str = "") -> List[str]:
+    def unfinished(self, prefix: str = "") -> builtins.list[str]:
         base = self._path(prefix, prefix=True)
         return sorted(str(p.relative_to(self.root)) for p in base.rglob("*.tmp-*")) if base.is_dir() else []
 
@@ -326,8 +334,10 @@ def s3_client(options: Any, *, preflight: bool = False):
         style = "path" if endpoint else "virtual"  # MinIO, Ceph, SeaweedFS serve path-style by default
     config = Config(
         s3={"addressing_style": style},
-        retries={"mode": "standard" if preflight else options.retry_mode,
-                 "max_attempts": 2 if preflight else options.max_attempts},
+        retries={
+            "mode": "standard" if preflight else options.retry_mode,
+            "max_attempts": 2 if preflight else options.max_attempts,
+        },
         connect_timeout=min(2.0, options.connect_timeout_s) if preflight else options.connect_timeout_s,
         read_timeout=min(5.0, options.read_timeout_s) if preflight else options.read_timeout_s,
         max_pool_connections=max(10, 2 * options.concurrency),
@@ -335,12 +345,23 @@ def s3_client(options: Any, *, preflight: bool = False):
         response_checksum_validation="when_required",
         parameter_validation=False,
     )
-    return boto3.session.Session().client("s3", endpoint_url=options.endpoint_url or None,
-                                          region_name=options.region or None, config=config)
+    return boto3.session.Session().client(
+        "s3", endpoint_url=options.endpoint_url or None, region_name=options.region or None, config=config
+    )
 
 
-PERMANENT_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "NoSuchBucket",
-                   "AccessDenied", "AllAccessDisabled", "InvalidBucketName", "403", "404"}
+PERMANENT_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "NoSuchBucket",
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidBucketName",
+    "403",
+    "404",
+}
 
 
 def s3_error(error: Exception, what: str, settings: str = "checkpoint") -> StorageError:
@@ -348,23 +369,35 @@ def s3_error(error: Exception, what: str, settings: str = "checkpoint") -> Stora
     no for good (credentials, bucket, permission) or the request itself is wrong. `settings`: the
     config section whose location and S3 options the fix names (checkpoint: checkpoint.uri and
     checkpoint.s3.*; data: data.root and data.s3.*)."""
-    from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError,
-                                     NoCredentialsError, PartialCredentialsError)
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
 
     if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
-        return StorageError(f"{what}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                            f"(or AWS_PROFILE)")
+        return StorageError(
+            f"{what}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        )
     if isinstance(error, (EndpointConnectionError, ConnectTimeoutError)):
-        return StorageError(f"{what}: cannot reach the S3 endpoint ({error}); check AWS_ENDPOINT_URL_S3 / "
-                            f"{settings}.s3.endpoint_url and that the server is up", retryable=True)
+        return StorageError(
+            f"{what}: cannot reach the S3 endpoint ({error}); check AWS_ENDPOINT_URL_S3 / "
+            f"{settings}.s3.endpoint_url and that the server is up",
+            retryable=True,
+        )
     if isinstance(error, ClientError):
         code = error.response.get("Error", {}).get("Code", "")
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        retryable = code not in PERMANENT_CODES and (status >= 500 or status in (408, 429) or "Slow" in code
-                                                     or "Throttl" in code or "Timeout" in code)
+        retryable = code not in PERMANENT_CODES and (
+            status >= 500 or status in (408, 429) or "Slow" in code or "Throttl" in code or "Timeout" in code
+        )
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
-            return StorageError(f"{what}: the S3 credentials were rejected ({code}); check AWS_ACCESS_KEY_ID, "
-                                f"AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or AWS_PROFILE)")
+            return StorageError(
+                f"{what}: the S3 credentials were rejected ({code}); check AWS_ACCESS_KEY_ID, "
+                f"AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or AWS_PROFILE)"
+            )
         if code in ("NoSuchBucket", "404"):
             location = "checkpoint.uri" if settings == "checkpoint" else f"{settings}.root"
             return StorageError(f"{what}: the bucket does not exist; create it or fix {location}")
@@ -384,14 +417,14 @@ class S3Writer(ObjectWriter):
     Small objects go up in one PUT. Failed uploads are aborted (leftovers of a killed process: see
     docs/checkpoints.md)."""
 
-    def __init__(self, storage: "S3Storage", key: str, progress: Progress, checksum: str) -> None:
+    def __init__(self, storage: S3Storage, key: str, progress: Progress, checksum: str) -> None:
         super().__init__(key, progress, checksum)
         self.s3 = storage
         self._object_key = storage.object_key(key)
-        self._pieces: List[memoryview] = []  # the part being gathered, by reference
+        self._pieces: list[memoryview] = []  # the part being gathered, by reference
         self._gathered = 0
-        self._upload_id: Optional[str] = None
-        self._parts: List[Future] = []
+        self._upload_id: str | None = None
+        self._parts: list[Future] = []
 
     def _write(self, view: memoryview) -> None:
         while len(view):
@@ -403,7 +436,7 @@ class S3Writer(ObjectWriter):
             if self._gathered == self.s3.part_size:
                 self._submit_part()
 
-    def _take_part(self) -> Tuple[memoryview, Optional[bytearray]]:
+    def _take_part(self) -> tuple[memoryview, bytearray | None]:
         """The gathered bytes as one body: the piece itself when there is one, else a reused buffer."""
         pieces, self._pieces, self._gathered = self._pieces, [], 0
         if len(pieces) == 1:
@@ -411,14 +444,19 @@ class S3Writer(ObjectWriter):
         buffer = self.s3.take_buffer()
         end = 0
         for piece in pieces:
-            buffer[end:end + len(piece)] = piece
+            buffer[end : end + len(piece)] = piece
             end += len(piece)
         return memoryview(buffer)[:end], buffer
 
     def _submit_part(self) -> None:
         if self._upload_id is None:
-            self._upload_id = self.s3.call("start upload", self.key, self.s3.client.create_multipart_upload,
-                                           Bucket=self.s3.bucket, Key=self._object_key)["UploadId"]
+            self._upload_id = self.s3.call(
+                "start upload",
+                self.key,
+                self.s3.client.create_multipart_upload,
+                Bucket=self.s3.bucket,
+                Key=self._object_key,
+            )["UploadId"]
         self.s3.slots.acquire()
         for done in self._parts:  # fail fast: stop feeding an upload whose earlier part failed
             if done.done() and done.exception() is not None:
@@ -435,24 +473,44 @@ class S3Writer(ObjectWriter):
         future.add_done_callback(finished)
         self._parts.append(future)
 
-    def _upload_part(self, number: int, body: memoryview) -> Dict[str, Any]:
-        response = self.s3.call("upload part", self.key, self.s3.client.upload_part, Bucket=self.s3.bucket,
-                                Key=self._object_key, UploadId=self._upload_id, PartNumber=number, Body=body)
+    def _upload_part(self, number: int, body: memoryview) -> dict[str, Any]:
+        response = self.s3.call(
+            "upload part",
+            self.key,
+            self.s3.client.upload_part,
+            Bucket=self.s3.bucket,
+            Key=self._object_key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=body,
+        )
         return {"PartNumber": number, "ETag": response["ETag"]}
 
     def commit(self) -> None:
         try:
             if self._upload_id is None:
                 body = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
-                self.s3.call("upload", self.key, self.s3.client.put_object, Bucket=self.s3.bucket,
-                             Key=self._object_key, Body=body)
+                self.s3.call(
+                    "upload",
+                    self.key,
+                    self.s3.client.put_object,
+                    Bucket=self.s3.bucket,
+                    Key=self._object_key,
+                    Body=body,
+                )
                 return
             if self._gathered:
                 self._submit_part()
             parts = [future.result() for future in self._parts]
-            self.s3.call("finish upload", self.key, self.s3.client.complete_multipart_upload,
-                         Bucket=self.s3.bucket, Key=self._object_key, UploadId=self._upload_id,
-                         MultipartUpload={"Parts": parts})
+            self.s3.call(
+                "finish upload",
+                self.key,
+                self.s3.client.complete_multipart_upload,
+                Bucket=self.s3.bucket,
+                Key=self._object_key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},
+            )
         except BaseException:
             self.abort()
             raise
@@ -467,9 +525,10 @@ class S3Writer(ObjectWriter):
                 future.exception()  # wait for parts already running
         if self._upload_id is not None:
             try:
-                self.s3.client.abort_multipart_upload(Bucket=self.s3.bucket, Key=self._object_key,
-                                                      UploadId=self._upload_id)
-            except Exception:  # noqa: BLE001 - the server may be down; prune or a lifecycle rule cleans up
+                self.s3.client.abort_multipart_upload(
+                    Bucket=self.s3.bucket, Key=self._object_key, UploadId=self._upload_id
+                )
+            except Exception:
                 pass
             self._upload_id = None
         self._pieces = []
@@ -481,7 +540,7 @@ class _InOrderHasher:
     def __init__(self, buffer: bytearray, hasher: Any, start: int = 0) -> None:
         self._view, self._hasher = memoryview(buffer), hasher
         self._hashed = start  # bytes [0, _hashed) went into the hasher
-        self._runs: Dict[int, int] = {}  # completed but not yet hashed: start -> end
+        self._runs: dict[int, int] = {}  # completed but not yet hashed: start -> end
         self._lock = threading.Lock()
 
     def completed(self, start: int, end: int) -> None:
@@ -491,7 +550,7 @@ class _InOrderHasher:
             self._runs[start] = end
             while self._hashed in self._runs:
                 end = self._runs.pop(self._hashed)
-                self._hasher.update(self._view[self._hashed:end])
+                self._hasher.update(self._view[self._hashed : end])
                 self._hashed = end
 
 
@@ -509,10 +568,11 @@ class S3Storage(Storage):
         self.part_size = int(options.part_size_mb * 2**20)
         self.concurrency = options.concurrency
         self.client = s3_client(options)
-        self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="dvgt-s3",
-                                       initializer=background_priority)
+        self.pool = ThreadPoolExecutor(
+            max_workers=self.concurrency, thread_name_prefix="dvgt-s3", initializer=background_priority
+        )
         self.slots = threading.Semaphore(self.concurrency)  # parts in flight, over every writer at once
-        self._buffers: List[bytearray] = []  # part buffers of gathered parts, reused
+        self._buffers: list[bytearray] = []  # part buffers of gathered parts, reused
         self._buffers_lock = threading.Lock()
 
     def take_buffer(self) -> bytearray:
@@ -559,11 +619,17 @@ class S3Storage(Storage):
     def open_write(self, key: str, progress: Progress = None, checksum: str = CHECKSUM) -> ObjectWriter:
         return S3Writer(self, key, progress, checksum)
 
-    def _get(self, key: str, start: int, length: int, size: Optional[int] = None) -> Any:
+    def _get(self, key: str, start: int, length: int, size: int | None = None) -> Any:
         """A ranged GET; with `size`, one that shows the object is of another size is an ObjectSizeError."""
         try:
-            response = self.call("read", key, self.client.get_object, Bucket=self.bucket, Key=self.object_key(key),
-                                 Range=f"bytes={start}-{start + length - 1}")
+            response = self.call(
+                "read",
+                key,
+                self.client.get_object,
+                Bucket=self.bucket,
+                Key=self.object_key(key),
+                Range=f"bytes={start}-{start + length - 1}",
+            )
         except StorageError as error:
             if size is not None and "InvalidRange" in str(error):  # the range starts past the object's end
                 raise ObjectSizeError(f"{self.child(key)} is shorter than the {size} bytes expected") from None
@@ -580,20 +646,21 @@ class S3Storage(Storage):
         body, filled = response["Body"], 0
         try:
             while filled < len(view):
-                count = body.readinto(view[filled:filled + READ_CHUNK])
+                count = body.readinto(view[filled : filled + READ_CHUNK])
                 if not count:
-                    raise StorageError(f"read {self.child(key)}: the server sent {filled} of {len(view)} bytes",
-                                       retryable=True)
+                    raise StorageError(
+                        f"read {self.child(key)}: the server sent {filled} of {len(view)} bytes", retryable=True
+                    )
                 filled += count
             body.readinto(bytearray(1))  # the end of the body: the connection is released for reuse
         except StorageError:
             raise
-        except Exception as error:  # noqa: BLE001 - a connection broken mid-body
+        except Exception as error:
             raise s3_error(error, f"read {self.child(key)}") from None
         finally:
             body.close()
 
-    def read(self, key: str, progress: Progress = None, hasher: Any = None, size: Optional[int] = None) -> bytearray:
+    def read(self, key: str, progress: Progress = None, hasher: Any = None, size: int | None = None) -> bytearray:
         """Parallel ranged GETs of part size, each read straight into one buffer of the object's
         size. With `size` known (from a manifest) every range starts at once; otherwise the first
         range's answer tells the size (no HEAD request either way)."""
@@ -634,43 +701,54 @@ class S3Storage(Storage):
             return b""
         return self._get(key, offset, length)["Body"].read()
 
-    def _list_objects(self, prefix: str) -> List[Tuple[str, int]]:
+    def _list_objects(self, prefix: str) -> builtins.list[tuple[str, int]]:
         paginator = self.client.get_paginator("list_objects_v2")
         full = self.object_key(prefix, prefix=True)
         keys = []
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 keys += [(o["Key"], o["Size"]) for o in page.get("Contents", [])]
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise s3_error(error, f"list {self.child(prefix)}") from None
         start = len(self.object_key("", prefix=True))
         return [(k[start:], size) for k, size in keys]
 
-    def list(self, prefix: str = "") -> List[str]:
+    def list(self, prefix: str = "") -> builtins.list[str]:
         return sorted(k for k, _ in self._list_objects(prefix) if not k.startswith(".dvgt-write-check-"))
 
-    def _uploads(self, prefix: str) -> List[Dict[str, Any]]:
+    def _uploads(self, prefix: str) -> builtins.list[dict[str, Any]]:
         paginator = self.client.get_paginator("list_multipart_uploads")
         uploads = []
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.object_key(prefix, prefix=True)):
                 uploads += page.get("Uploads", [])
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise s3_error(error, f"list uploads {self.child(prefix)}") from None
         return uploads
 
-    def unfinished(self, prefix: str = "") -> List[str]:
+    def unfinished(self, prefix: str = "") -> builtins.list[str]:
         start = len(self.object_key("", prefix=True))
         return sorted(u["Key"][start:] for u in self._uploads(prefix))
 
     def delete_prefix(self, prefix: str) -> None:
         keys = [self.object_key(k) for k, _ in self._list_objects(prefix)]
         for start in range(0, len(keys), 1000):
-            self.call("delete", prefix, self.client.delete_objects, Bucket=self.bucket,
-                      Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
+            self.call(
+                "delete",
+                prefix,
+                self.client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True},
+            )
         for upload in self._uploads(prefix):
-            self.call("abort upload", upload["Key"], self.client.abort_multipart_upload, Bucket=self.bucket,
-                      Key=upload["Key"], UploadId=upload["UploadId"])
+            self.call(
+                "abort upload",
+                upload["Key"],
+                self.client.abort_multipart_upload,
+                Bucket=self.bucket,
+                Key=upload["Key"],
+                UploadId=upload["UploadId"],
+            )
 
 
 def open_storage(uri: str, s3: Any = None) -> Storage:
@@ -684,11 +762,13 @@ def open_storage(uri: str, s3: Any = None) -> Storage:
 
             s3 = S3Config()
         return S3Storage(str(uri), s3)
-    raise ValueError(f"checkpoint location '{uri}': scheme '{parsed.scheme}://' is not supported; use a local "
-                     f"folder, file:// or s3://bucket/prefix")
+    raise ValueError(
+        f"checkpoint location '{uri}': scheme '{parsed.scheme}://' is not supported; use a local "
+        f"folder, file:// or s3://bucket/prefix"
+    )
 
 
-def split_uri(uri: str) -> Tuple[str, str]:
+def split_uri(uri: str) -> tuple[str, str]:
     """'s3://b/run/step_00000004/model.safetensors' -> ('s3://b/run/step_00000004', 'model.safetensors')."""
     parent, _, name = str(uri).rstrip("/").rpartition("/")
     return parent, name

@@ -6,5 +6,15 @@ from dvgt.data.loader import build_eval_loader, build_train_loader, load_clip, o
 from dvgt.data.scene_dataset import DatasetSpec, SampleRequest, SceneDataset
 from dvgt.data.synthetic import ensure_synthetic_dataset, generate_synthetic_dataset
 
-__all__ = ["DataFileError", "DatasetSpec", "SampleRequest", "SceneDataset", "build_eval_loader", "build_train_loader",
-           "ensure_synthetic_dataset", "generate_synthetic_dataset", "load_clip", "open_datasets"]
+__all__ = [
+    "DataFileError",
+    "DatasetSpec",
+    "SampleRequest",
+    "SceneDataset",
+    "build_eval_loader",
+    "build_train_loader",
+    "ensure_synthetic_dataset",
+    "generate_synthetic_dataset",
+    "load_clip",
+    "open_datasets",
+]

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,9 +38,11 @@ def read_anchor_dir(anchor_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     arrays = []
     for path in fmt.anchor_files(anchor_dir):
         if not path.is_file():
-            raise FileNotFoundError(f"anchor file '{path}' does not exist; model.anchor_dir must hold the official "
-                                    f"{fmt.FUTURE_ANCHORS_FILE} and {fmt.PAST_ANCHORS_FILE} (the release's "
-                                    f"{fmt.ANCHOR_DIR}, or make them with `dvgt anchors --config <stage>`)")
+            raise FileNotFoundError(
+                f"anchor file '{path}' does not exist; model.anchor_dir must hold the official "
+                f"{fmt.FUTURE_ANCHORS_FILE} and {fmt.PAST_ANCHORS_FILE} (the release's "
+                f"{fmt.ANCHOR_DIR}, or make them with `dvgt anchors --config <stage>`)"
+            )
         with np.load(path, allow_pickle=False) as data:
             if "centers" not in data.files:
                 raise ValueError(f"anchor file '{path}' has no 'centers' array (it has {data.files})")
@@ -57,7 +60,7 @@ def collect_motion(tables: Sequence[tuple[fmt.Table, str, int]]) -> tuple[np.nda
             poses = np.concatenate([table.ego_to_world[rows], np.tile([[[0, 0, 0, 1.0]]], (len(rows), 1, 1))], 1)
             inverse = np.linalg.inv(poses)
             for start in range(len(rows) - FUTURE_STEPS):
-                relative = inverse[start] @ poses[start + 1:start + 1 + FUTURE_STEPS]  # [8, 4, 4]
+                relative = inverse[start] @ poses[start + 1 : start + 1 + FUTURE_STEPS]  # [8, 4, 4]
                 futures.append(relative[:, [0, 2], 3])
             if len(rows) > 1:
                 pasts.append((inverse[1:] @ poses[:-1])[:, :3, 3])
@@ -82,8 +85,10 @@ def write_anchors(tables: Sequence[tuple[fmt.Table, str, int]], out_dir: str | P
     it (several ranks) never read half a file.
     """
     futures, pasts = collect_motion(tables)
-    centers = {fmt.FUTURE_ANCHORS_FILE: kmeans_centers(futures, k, "trajectory"),
-               fmt.PAST_ANCHORS_FILE: kmeans_centers(pasts, k, "past-translation")}
+    centers = {
+        fmt.FUTURE_ANCHORS_FILE: kmeans_centers(futures, k, "trajectory"),
+        fmt.PAST_ANCHORS_FILE: kmeans_centers(pasts, k, "past-translation"),
+    }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_anchors(centers[fmt.FUTURE_ANCHORS_FILE], centers[fmt.PAST_ANCHORS_FILE], futures, pasts, out_dir / PLOT_FILE)
@@ -103,8 +108,13 @@ def training_tables(cfg: Any) -> list[tuple[fmt.Table, str, int]]:
     for i, entry in enumerate(cfg.data.train.datasets):
         root, remote = open_entry_root(cfg.data, entry)
         parquet = fmt.Tree(root, entry.dataset).parquet(entry.split, entry.filtered)
-        tables.append((read_file(partial(fmt.read_table, config_key=f"data.train.datasets[{i}]"), parquet, remote),
-                       entry.dataset, entry.original_fps))
+        tables.append(
+            (
+                read_file(partial(fmt.read_table, config_key=f"data.train.datasets[{i}]"), parquet, remote),
+                entry.dataset,
+                entry.original_fps,
+            )
+        )
     return tables
 
 
@@ -128,8 +138,14 @@ def ensure_anchors(cfg: Any) -> Path:
     return anchor_dir
 
 
-def plot_anchors(futures: np.ndarray, pasts: np.ndarray, future_data: np.ndarray, past_data: np.ndarray,
-                 out_png: str | Path, max_samples: int = 2000) -> Path:
+def plot_anchors(
+    futures: np.ndarray,
+    pasts: np.ndarray,
+    future_data: np.ndarray,
+    past_data: np.ndarray,
+    out_png: str | Path,
+    max_samples: int = 2000,
+) -> Path:
     """Bird's-eye views (x right, forward up) of both anchor sets over (a subsample of) their data."""
     from matplotlib.figure import Figure
 
@@ -140,14 +156,20 @@ def plot_anchors(futures: np.ndarray, pasts: np.ndarray, future_data: np.ndarray
         traj_ax.plot(sample[:, 0], sample[:, 1], color="0.8", linewidth=0.5)
     for anchor in futures:
         traj_ax.plot(np.r_[0, anchor[:, 0]], np.r_[0, anchor[:, 1]], marker=".", linewidth=1.5)
-    traj_ax.set(title=f"{len(futures)} trajectory anchors (4 s, 2 Hz) over {len(future_data)} futures",
-                xlabel="right (m)", ylabel="forward (m)")
+    traj_ax.set(
+        title=f"{len(futures)} trajectory anchors (4 s, 2 Hz) over {len(future_data)} futures",
+        xlabel="right (m)",
+        ylabel="forward (m)",
+    )
     traj_ax.set_aspect("equal", adjustable="datalim")
     shown = past_data[rng.permutation(len(past_data))[:max_samples]]
     pose_ax.scatter(shown[:, 0], shown[:, 2], s=3, color="0.7", label="ego_{t-1} in ego_t")
     pose_ax.scatter(pasts[:, 0], pasts[:, 2], s=40, color="tab:red", label="anchors")
-    pose_ax.set(title=f"{len(pasts)} past-translation anchors over {len(past_data)} frames", xlabel="right (m)",
-                ylabel="forward (m)")
+    pose_ax.set(
+        title=f"{len(pasts)} past-translation anchors over {len(past_data)} frames",
+        xlabel="right (m)",
+        ylabel="forward (m)",
+    )
     pose_ax.legend(loc="best")
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=100)

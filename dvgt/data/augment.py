@@ -11,8 +11,9 @@ written here with torchvision's formulas; draws come from a generator seeded per
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,8 +50,9 @@ class ColorJitter:
         """One draw of RandomApply(ColorJitter) + RandomGrayscale on [..., 3, H, W]."""
         if not self.p < _uniform(generator):  # RandomApply keeps the image when p < u
             order = torch.randperm(4, generator=generator).tolist()
-            factors = [_uniform(generator, max(0.0, 1 - x), 1 + x) for x in (self.brightness, self.contrast,
-                                                                              self.saturation)]
+            factors = [
+                _uniform(generator, max(0.0, 1 - x), 1 + x) for x in (self.brightness, self.contrast, self.saturation)
+            ]
             hue = _uniform(generator, -self.hue, self.hue)
             for step in order:
                 if step == 0:
@@ -98,13 +100,18 @@ def adjust_hue(images: Tensor, factor: float) -> Tensor:
     q = value * (1.0 - saturation * fraction)
     t = value * (1.0 - saturation * (1.0 - fraction))
     sector = sector.long() % 6
-    table = torch.stack([torch.stack(c, dim=-3) for c in ((value, t, p), (q, value, p), (p, value, t),
-                                                          (p, q, value), (t, p, value), (value, p, q))])
+    table = torch.stack(
+        [
+            torch.stack(c, dim=-3)
+            for c in ((value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q))
+        ]
+    )
     return torch.gather(table, 0, sector[None, ..., None, :, :].expand(1, *images.shape))[0]
 
 
-def to_tensors(sample: Mapping[str, Any], jitter: ColorJitter | None = None,
-               generator: torch.Generator | None = None) -> dict[str, Any]:
+def to_tensors(
+    sample: Mapping[str, Any], jitter: ColorJitter | None = None, generator: torch.Generator | None = None
+) -> dict[str, Any]:
     """Numpy sample -> tensors; images uint8 [T, V, H, W, 3] -> float32 [T, V, 3, H, W] in [0, 1], jittered
     when ``jitter`` is given (training)."""
     out: dict[str, Any] = {}

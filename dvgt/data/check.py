@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +36,9 @@ from dvgt.data import format as fmt
 from dvgt.data.remote import S3Root, open_root, read_file
 from dvgt.data.scenes import build_scenes
 
-ROTATION_TOLERANCE = 1e-3  # |R R^T - I| and |det R - 1|: float32-stored rotations pass, a scaled or sheared one does not
+ROTATION_TOLERANCE = (
+    1e-3  # |R R^T - I| and |det R - 1|: float32-stored rotations pass, a scaled or sheared one does not
+)
 KEPT_PROBLEMS = 1000  # problems remembered per parquet (all are counted)
 
 
@@ -52,8 +55,8 @@ class Target:
     split: str
     filter_lidar: bool = False  # rows flagged use_lidar_proj_depth get no depth (data.<split>.filter_lidar)
     projected: bool = False  # every row reads proj_depth (data.<split>.eval_lidar_proj_depth)
-    remote: Optional[S3Root] = field(default=None, compare=False)  # the s3:// root the files come from
-    config_key: Optional[str] = field(default=None, compare=False)  # the config entry it comes from, for errors
+    remote: S3Root | None = field(default=None, compare=False)  # the s3:// root the files come from
+    config_key: str | None = field(default=None, compare=False)  # the config entry it comes from, for errors
 
     @property
     def location(self) -> str:
@@ -75,7 +78,7 @@ class Files:
 
     present: int = 0
     missing: int = 0
-    unreadable: Optional[int] = None  # None: not decoded (quick check)
+    unreadable: int | None = None  # None: not decoded (quick check)
 
 
 @dataclass
@@ -108,7 +111,7 @@ class Report:
 # --------------------------------------------------------------------------------------------
 
 
-def targets_of_tree(root: str | Path, dataset: Optional[str] = None, split: Optional[str] = None) -> list[Target]:
+def targets_of_tree(root: str | Path, dataset: str | None = None, split: str | None = None) -> list[Target]:
     """Every filtered parquet of a tree (the ones training and evaluation read), optionally one dataset
     and/or split; a tree with none of them is an error naming where they were looked for. An s3://
     root is listed in S3 (its files are fetched into the node cache, data.s3_cache's defaults)."""
@@ -125,8 +128,10 @@ def targets_of_tree(root: str | Path, dataset: Optional[str] = None, split: Opti
     if not found:
         wanted = f"{dataset or '<dataset>'}_{split or '<split>'}.parquet"
         where = f"{remote.uri}/{fmt.FILTERED_META_DIR}" if remote is not None else str(folder)
-        raise FileNotFoundError(f"no {wanted} under '{where}'; pass the folder that holds data_annotation/ (an "
-                                f"official DVGT tree, docs/data.md){' or another --dataset/--split' if dataset or split else ''}")
+        raise FileNotFoundError(
+            f"no {wanted} under '{where}'; pass the folder that holds data_annotation/ (an "
+            f"official DVGT tree, docs/data.md){' or another --dataset/--split' if dataset or split else ''}"
+        )
     return found
 
 
@@ -141,9 +146,17 @@ def targets_of_config(data_cfg: Any, splits: Iterable[str] = ("train", "val")) -
         for i, entry in enumerate(s.datasets):
             if not entry.synthetic:
                 root, remote = open_entry_root(data_cfg, entry)
-                targets[Target(root, entry.dataset, entry.split, filter_lidar=bool(s.filter_lidar),
-                               projected=bool(s.eval_lidar_proj_depth), remote=remote,
-                               config_key=f"data.{split}.datasets[{i}]")] = None
+                targets[
+                    Target(
+                        root,
+                        entry.dataset,
+                        entry.split,
+                        filter_lidar=bool(s.filter_lidar),
+                        projected=bool(s.eval_lidar_proj_depth),
+                        remote=remote,
+                        config_key=f"data.{split}.datasets[{i}]",
+                    )
+                ] = None
     return list(targets)
 
 
@@ -152,7 +165,7 @@ def targets_of_config(data_cfg: Any, splits: Iterable[str] = ("train", "val")) -
 # --------------------------------------------------------------------------------------------
 
 
-def present(folder: Path, names: pa.Array, remote: Optional[S3Root] = None) -> np.ndarray:
+def present(folder: Path, names: pa.Array, remote: S3Root | None = None) -> np.ndarray:
     """Which of ``names`` (relative paths under ``folder``) exist: one listing per sub-folder that the
     names use (of an s3:// root: one paginated listing of ``folder``), compared against the expected
     names, instead of one stat or request per file."""
@@ -170,8 +183,7 @@ def present(folder: Path, names: pa.Array, remote: Optional[S3Root] = None) -> n
     return pc.is_in(names, value_set=pa.array(listed, pa.string())).to_numpy(zero_copy_only=False)
 
 
-def _missing_problems(target: Target, kind: str, folder: Path, names: pa.Array, found: np.ndarray
-                      ) -> Iterator[str]:
+def _missing_problems(target: Target, kind: str, folder: Path, names: pa.Array, found: np.ndarray) -> Iterator[str]:
     for i in np.flatnonzero(~found):
         yield f"{kind} file '{target.name(folder / names[int(i)].as_py())}' is missing"
 
@@ -182,13 +194,14 @@ def _rotation_problems(table: fmt.Table) -> Iterator[str]:
         off = np.abs(rotation @ np.swapaxes(rotation, -1, -2) - np.eye(3)).max(axis=(-1, -2))
         off = np.maximum(off, np.abs(np.linalg.det(rotation) - 1))
         for row in np.flatnonzero(~(off <= ROTATION_TOLERANCE)):
-            yield (f"parquet '{table.path}': the rotation of column '{column}' in row {row} (scene "
-                   f"{table.scene_id[int(row)]}, frame {table.frame_idx[row]}) is not orthonormal with determinant 1 "
-                   f"(off by {off[row]:.2g}); fix or drop that row")
+            yield (
+                f"parquet '{table.path}': the rotation of column '{column}' in row {row} (scene "
+                f"{table.scene_id[int(row)]}, frame {table.frame_idx[row]}) is not orthonormal with determinant 1 "
+                f"(off by {off[row]:.2g}); fix or drop that row"
+            )
 
 
-def _decode(image: Optional[Path], depth: Optional[Path], remote: Optional[S3Root]
-            ) -> tuple[Optional[str], Optional[str]]:
+def _decode(image: Path | None, depth: Path | None, remote: S3Root | None) -> tuple[str | None, str | None]:
     """(image problem, depth problem) of one row, decoded by the reader's own functions (None: not read)."""
     image_problem = depth_problem = shape = None
     if image is not None:
@@ -203,17 +216,22 @@ def _decode(image: Optional[Path], depth: Optional[Path], remote: Optional[S3Roo
             depth_problem = str(error)
         else:
             if shape is not None and depth_shape != shape:
-                depth_problem = (f"depth file '{depth}' is {depth_shape[1]}x{depth_shape[0]} but its image is "
-                                 f"{shape[1]}x{shape[0]}; re-copy both from the release")
+                depth_problem = (
+                    f"depth file '{depth}' is {depth_shape[1]}x{depth_shape[0]} but its image is "
+                    f"{shape[1]}x{shape[0]}; re-copy both from the release"
+                )
     return image_problem, depth_problem
 
 
-def check_target(target: Target, deep: bool = False, jobs: Optional[int] = None, progress=None) -> Report:
+def check_target(target: Target, deep: bool = False, jobs: int | None = None, progress=None) -> Report:
     """Check one parquet (module docstring). ``progress(advance)`` is called as deep decoding goes."""
     report = Report(target)
     try:
-        table = read_file(partial(fmt.read_table, config_key=target.config_key or f"the tree '{target.location}'"),
-                          target.parquet, target.remote)
+        table = read_file(
+            partial(fmt.read_table, config_key=target.config_key or f"the tree '{target.location}'"),
+            target.parquet,
+            target.remote,
+        )
         build_scenes(table, target.dataset)
     except (OSError, ValueError) as error:  # the reader's one-line errors name the file and the fix
         report.add([str(error)])
@@ -249,7 +267,7 @@ def check_target(target: Target, deep: bool = False, jobs: Optional[int] = None,
     report.images.unreadable = report.depths.unreadable = 0
     filenames = table.filename.to_pylist()
 
-    def decode(row: int) -> tuple[Optional[str], Optional[str]]:
+    def decode(row: int) -> tuple[str | None, str | None]:
         image = tree.image(filenames[row]) if images[row] else None
         depth = tree.depth(filenames[row], projected=bool(projected[row])) if depths[row] else None
         return _decode(image, depth, target.remote)
@@ -265,7 +283,7 @@ def check_target(target: Target, deep: bool = False, jobs: Optional[int] = None,
     return report
 
 
-def check(targets: list[Target], deep: bool = False, jobs: Optional[int] = None, progress=None) -> list[Report]:
+def check(targets: list[Target], deep: bool = False, jobs: int | None = None, progress=None) -> list[Report]:
     return [check_target(t, deep=deep, jobs=jobs, progress=progress) for t in targets]
 
 
@@ -281,10 +299,13 @@ def require_clean(data_cfg: Any, splits: Iterable[str] = ("train", "val")) -> st
         raise DataCheckError(
             f"data root '{first.target.location}' fails the data check ({total} problem(s) in "
             f"{', '.join(f'{r.target.dataset}_{r.target.split}' for r in bad)}), first: {first.problems[0]}; "
-            f"`dvgt data check {first.target.location}` lists them (data.check=false skips this check)")
+            f"`dvgt data check {first.target.location}` lists them (data.check=false skips this check)"
+        )
     files = sum(r.images.present + r.depths.present for r in reports)
-    return (f"Data check: {len(reports)} parquet(s), {sum(r.rows for r in reports):,} rows, {files:,} files present "
-            f"({time.perf_counter() - started:.1f} s)")
+    return (
+        f"Data check: {len(reports)} parquet(s), {sum(r.rows for r in reports):,} rows, {files:,} files present "
+        f"({time.perf_counter() - started:.1f} s)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,17 +320,38 @@ def summary_table(reports: list[Report], deep: bool):
     table = Table(title=f"dvgt data check ({'deep' if deep else 'quick'})")
     for name in ("dataset", "split", "status"):
         table.add_column(name, no_wrap=True)
-    for name in ("scenes", "frames", "cameras", "rows", "images\npresent", "images\nmissing", "images\nunreadable",
-                 "depths\npresent", "depths\nmissing", "depths\nunreadable"):
+    for name in (
+        "scenes",
+        "frames",
+        "cameras",
+        "rows",
+        "images\npresent",
+        "images\nmissing",
+        "images\nunreadable",
+        "depths\npresent",
+        "depths\nmissing",
+        "depths\nunreadable",
+    ):
         table.add_column(name, justify="right")
     for r in reports:
         counts = []
         for files in (r.images, r.depths):
-            counts += [f"{files.present:,}", f"{files.missing:,}",
-                       "-" if files.unreadable is None else f"{files.unreadable:,}"]
+            counts += [
+                f"{files.present:,}",
+                f"{files.missing:,}",
+                "-" if files.unreadable is None else f"{files.unreadable:,}",
+            ]
         status = "[green]ok[/green]" if r.ok else f"[red]{r.num_problems:,} problem(s)[/red]"
-        table.add_row(r.target.dataset, r.target.split, status, f"{r.scenes:,}", f"{r.frames:,}", str(r.cameras),
-                      f"{r.rows:,}", *counts)
+        table.add_row(
+            r.target.dataset,
+            r.target.split,
+            status,
+            f"{r.scenes:,}",
+            f"{r.frames:,}",
+            str(r.cameras),
+            f"{r.rows:,}",
+            *counts,
+        )
     return table
 
 

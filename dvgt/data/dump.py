@@ -18,8 +18,9 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -57,16 +58,20 @@ def dump_samples(root: str | Path, manifest: str | Path, out: str | Path, s3_cac
         name = entry["config"]
         if name not in datasets:
             args = manifest_data["constructor_args"][name]
-            dataset = SceneDataset(DatasetSpec.from_official(args, folder, remote),
-                                   config_key=f"manifest config '{name}'")
+            dataset = SceneDataset(
+                DatasetSpec.from_official(args, folder, remote), config_key=f"manifest config '{name}'"
+            )
             ours = [s.name for s in dataset.sequences]
             if "sequence_list" in args and ours != list(args["sequence_list"]):
-                raise ValueError(f"manifest config '{name}': our sequences {ours} differ from the manifest's "
-                                 f"{args['sequence_list']}")
+                raise ValueError(
+                    f"manifest config '{name}': our sequences {ours} differ from the manifest's {args['sequence_list']}"
+                )
             datasets[name] = dataset
         if not isinstance(entry["index"], int):
-            raise ValueError(f"{entry['file']}: index {entry['index']} is a training draw; only evaluation samples "
-                             f"(integer indices) can be rebuilt")
+            raise ValueError(
+                f"{entry['file']}: index {entry['index']} is a training draw; only evaluation samples "
+                f"(integer indices) can be rebuilt"
+            )
         sample = datasets[name][entry["index"]]
         if entry.get("note", "").startswith(COMPOSED_NOTE):
             sample = to_tensors(sample)  # evaluation mode: no augmentation
@@ -92,8 +97,9 @@ def score_metric_cases(cases_dir: str | Path, out: str | Path) -> Iterator[str]:
     for case in cases:
         with np.load(case, allow_pickle=False) as data:
             metrics = score_case({k: data[k] for k in data.files})
-        clean = {k: [None if isinstance(v, float) and math.isnan(v) else v for v in values]
-                 for k, values in metrics.items()}
+        clean = {
+            k: [None if isinstance(v, float) and math.isnan(v) else v for v in values] for k, values in metrics.items()
+        }
         path = Path(out) / f"{case.stem}.json"
         path.write_text(json.dumps(clean, indent=1, ensure_ascii=False))
         if case.resolve() != (Path(out) / case.name).resolve():

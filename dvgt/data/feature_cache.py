@@ -28,7 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -48,9 +49,9 @@ class FeatureCacheError(ValueError):
     """A feature cache that cannot be used: missing, built for other weights or preprocessing, or corrupt."""
 
 
-def dataset_label(dataset: SceneDataset) -> Tuple[str, str]:
+def dataset_label(dataset: SceneDataset) -> tuple[str, str]:
     """(official dataset name, split) of a dataset: its parquet is <name>_<split>.parquet."""
-    return dataset.name, dataset.spec.parquet.stem[len(dataset.name) + 1:]
+    return dataset.name, dataset.spec.parquet.stem[len(dataset.name) + 1 :]
 
 
 def image_id(dataset: str, split: str, filename: str) -> str:
@@ -82,44 +83,51 @@ def commit_name(index: int) -> str:
     return f"shard-{index:05d}.json"
 
 
-def cache_sizes(dataset: SceneDataset, aspect_ratio: Sequence[float]) -> List[Tuple[int, int]]:
+def cache_sizes(dataset: SceneDataset, aspect_ratio: Sequence[float]) -> list[tuple[int, int]]:
     """Every (height, width) a training sample of the dataset can have: its fixed aspect ratio (the entry's
     or data.train.fixed_aspect_ratio), else each aspect the sampler draws from [min, max] (rounded to two
     decimals, GroupedBatchSampler.global_batch), through the dataset's own target_shape."""
     spec = dataset.spec
-    aspects = ([spec.fixed_aspect_ratio] if spec.fixed_aspect_ratio else
-               [k / 100 for k in range(round(aspect_ratio[0] * 100), round(aspect_ratio[1] * 100) + 1)])
+    aspects = (
+        [spec.fixed_aspect_ratio]
+        if spec.fixed_aspect_ratio
+        else [k / 100 for k in range(round(aspect_ratio[0] * 100), round(aspect_ratio[1] * 100) + 1)]
+    )
     return sorted({target_shape(spec.image_width, aspect, spec.patch_size) for aspect in aspects})
 
 
-def fingerprint_digest(parts: Dict[str, Any]) -> str:
+def fingerprint_digest(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def check_fingerprint(found: Dict[str, Any], expected: Dict[str, Any], uri: str) -> None:
+def check_fingerprint(found: dict[str, Any], expected: dict[str, Any], uri: str) -> None:
     """Raise a one-line FeatureCacheError naming every part of the fingerprint that differs."""
     differ = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
     if differ:
         detail = "; ".join(f"{k}: cache {found.get(k)!r} vs now {expected.get(k)!r}" for k in differ)
         raise FeatureCacheError(
             f"feature cache {uri} was built for other {', '.join(differ)} ({detail}); rebuild it with "
-            f"`dvgt cache build --config=<this config> --out <new uri>` or drop data.feature_cache")
+            f"`dvgt cache build --config=<this config> --out <new uri>` or drop data.feature_cache"
+        )
 
 
-def read_manifest(storage: Storage) -> Dict[str, Any]:
+def read_manifest(storage: Storage) -> dict[str, Any]:
     try:
         manifest = json.loads(storage.read_bytes(MANIFEST))
     except FileNotFoundError:
         raise FeatureCacheError(
             f"{storage.uri} is not a committed feature cache (no {MANIFEST}); build it with `dvgt cache build "
-            f"--config=... --out {storage.uri}` (an interrupted build resumes where it stopped)") from None
+            f"--config=... --out {storage.uri}` (an interrupted build resumes where it stopped)"
+        ) from None
     if manifest.get("format") != FORMAT:
-        raise FeatureCacheError(f"{storage.uri}/{MANIFEST} is not a {FORMAT} manifest (format {manifest.get('format')!r}); "
-                                f"rebuild it with this version's `dvgt cache build`")
+        raise FeatureCacheError(
+            f"{storage.uri}/{MANIFEST} is not a {FORMAT} manifest (format {manifest.get('format')!r}); "
+            f"rebuild it with this version's `dvgt cache build`"
+        )
     return manifest
 
 
-def shard_problem(storage: Storage, name: str, size: int, sha256: str) -> Optional[str]:
+def shard_problem(storage: Storage, name: str, size: int, sha256: str) -> str | None:
     """What is wrong with a shard, re-read against its recorded size and sha256 (None: intact)."""
     hasher = hashlib.sha256()
     try:
@@ -127,12 +135,11 @@ def shard_problem(storage: Storage, name: str, size: int, sha256: str) -> Option
     except FileNotFoundError:
         return f"{name}: missing"
     if (found, hasher.hexdigest()) != (size, sha256):
-        return (f"{name}: corrupt (size {found} vs {size}, sha256 {hasher.hexdigest()[:12]}... vs "
-                f"{sha256[:12]}...)")
+        return f"{name}: corrupt (size {found} vs {size}, sha256 {hasher.hexdigest()[:12]}... vs {sha256[:12]}...)"
     return None
 
 
-def verify_shards(storage: Storage, manifest: Dict[str, Any]) -> List[str]:
+def verify_shards(storage: Storage, manifest: dict[str, Any]) -> list[str]:
     """Problems found by re-reading every shard against the manifest's size and sha256 (empty: intact)."""
     problems = [shard_problem(storage, shard["name"], shard["size"], shard["sha256"]) for shard in manifest["shards"]]
     return [problem for problem in problems if problem]
@@ -146,15 +153,15 @@ class FeatureCache:
         self.uri, self.s3 = str(uri), s3
         self.manifest = read_manifest(open_storage(self.uri, s3))
         self.num_shards = int(self.manifest["num_shards"])
-        self._storage: Optional[Storage] = None
-        self._headers: Dict[int, tuple] = {}  # shard -> (base offset, header)
+        self._storage: Storage | None = None
+        self._headers: dict[int, tuple] = {}  # shard -> (base offset, header)
         self._pid = os.getpid()
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_storage": None, "_headers": {}}
 
     @property
-    def fingerprint(self) -> Dict[str, Any]:
+    def fingerprint(self) -> dict[str, Any]:
         return self.manifest["fingerprint"]
 
     def _header(self, shard: int) -> tuple:
@@ -168,7 +175,7 @@ class FeatureCache:
             self._headers[shard] = (8 + length, header)
         return self._headers[shard]
 
-    def get(self, item: str, height: int, width: int) -> Optional[torch.Tensor]:
+    def get(self, item: str, height: int, width: int) -> torch.Tensor | None:
         """The cached output of an item (image or clip id) at H x W, or None when the cache does not hold it."""
         shard = shard_of(item, self.num_shards)
         base, header = self._header(shard)
@@ -207,9 +214,10 @@ class CachedDataset(torch.utils.data.Dataset):
                 raise FeatureCacheError(
                     f"feature cache {cache.uri} holds no entries of {'/'.join(label)} for image sizes (H, W) {missing} "
                     f"that data.train (img_width, aspect_ratio, fixed_aspect_ratio) can draw; rebuild it with "
-                    f"`dvgt cache build` for this config")
+                    f"`dvgt cache build` for this config"
+                )
 
-    def __getitem__(self, index: TrainIndex) -> Dict[str, Any]:
+    def __getitem__(self, index: TrainIndex) -> dict[str, Any]:
         sample = self.mix[index]
         name, split = self.labels[index.dataset]
         patch = self.mix.datasets[index.dataset].spec.patch_size
@@ -236,7 +244,7 @@ class CacheItem(NamedTuple):
 
     id: str
     dataset: int  # index in the split's datasets
-    rows: Tuple[int, ...]  # the table rows of its images, frame-major (T * V)
+    rows: tuple[int, ...]  # the table rows of its images, frame-major (T * V)
     frames: int
     views: int
 
@@ -251,10 +259,11 @@ def require_fixed_cameras(split_cfg: Any) -> None:
             f"with data.train.fixed_num_views=0 draws a random subset of the cameras, in random order, for each "
             f"clip, which cannot be enumerated; set data.train.fixed_num_views to the rig's camera count (every "
             f"camera in the dataset's order) or data.train.views=[1,1], or cache only the backbone (freeze "
-            f"aggregator.patch_embed.* alone)")
+            f"aggregator.patch_embed.* alone)"
+        )
 
 
-def clip_cameras(dataset: SceneDataset, split_cfg: Any) -> List[Tuple[int, ...]]:
+def clip_cameras(dataset: SceneDataset, split_cfg: Any) -> list[tuple[int, ...]]:
     """The camera choices of the clips the sampler can draw from the dataset (after require_fixed_cameras):
     all cameras in order, or each camera alone."""
     if split_cfg.fixed_num_views > 0:
@@ -262,7 +271,7 @@ def clip_cameras(dataset: SceneDataset, split_cfg: Any) -> List[Tuple[int, ...]]
     return [(camera,) for camera in range(dataset.num_cameras)]
 
 
-def cache_items(part: str, sampler: GroupedBatchSampler, split_cfg: Any) -> List[CacheItem]:
+def cache_items(part: str, sampler: GroupedBatchSampler, split_cfg: Any) -> list[CacheItem]:
     """Every item of the sampler's datasets in a fixed order: each image (backbone), or each clip the
     sampler can draw (aggregator)."""
     items = []
@@ -274,14 +283,14 @@ def cache_items(part: str, sampler: GroupedBatchSampler, split_cfg: Any) -> List
 def _rows_at_target_rate(dataset: SceneDataset, sequence: Any) -> np.ndarray:
     """[F, C] table rows of a sequence's frames at the target frame rate (what training draws clips from)."""
     scene = dataset.scenes[sequence.scene]
-    return scene.rows[np.searchsorted(scene.frames, sequence.frames[::dataset.step])]
+    return scene.rows[np.searchsorted(scene.frames, sequence.frames[:: dataset.step])]
 
 
-def _images(d: int, dataset: SceneDataset) -> List[CacheItem]:
+def _images(d: int, dataset: SceneDataset) -> list[CacheItem]:
     """Every image a training sample can hold: each camera of every sequence's frames at the target rate."""
     name, split = dataset_label(dataset)
     filenames = dataset.table.filename.to_pylist()
-    items: Dict[str, CacheItem] = {}
+    items: dict[str, CacheItem] = {}
     for sequence in dataset.sequences:
         for row in _rows_at_target_rate(dataset, sequence).reshape(-1).tolist():
             item = image_id(name, split, filenames[row])
@@ -289,7 +298,7 @@ def _images(d: int, dataset: SceneDataset) -> List[CacheItem]:
     return list(items.values())
 
 
-def _clips(d: int, sampler: GroupedBatchSampler, split_cfg: Any) -> List[CacheItem]:
+def _clips(d: int, sampler: GroupedBatchSampler, split_cfg: Any) -> list[CacheItem]:
     """Every clip the sampler can draw from dataset d, as SceneDataset._draw_clip draws it: every frame count
     the sampler allows (frame_range for each views_range count), from every sequence with room for the
     clip and its future frames at the target rate, every start; clips that several sequences share once."""
@@ -298,14 +307,14 @@ def _clips(d: int, sampler: GroupedBatchSampler, split_cfg: Any) -> List[CacheIt
     filenames = dataset.table.filename.to_pylist()
     cameras = clip_cameras(dataset, split_cfg)
     counts = sorted({frames for views in sampler.views_range(d) for frames in sampler.frame_range(d, views)})
-    items: Dict[str, CacheItem] = {}
+    items: dict[str, CacheItem] = {}
     for frames in counts:
         span = frames + dataset.spec.future_frames
         for sequence in dataset.sequences:
             rows = _rows_at_target_rate(dataset, sequence)  # [F, C]
             for start in range(len(rows) - span + 1):
                 for chosen in cameras:
-                    clip = rows[start:start + frames][:, chosen].reshape(-1).tolist()  # frame-major
+                    clip = rows[start : start + frames][:, chosen].reshape(-1).tolist()  # frame-major
                     item = clip_id(name, split, [filenames[row] for row in clip], frames, len(chosen))
                     items.setdefault(item, CacheItem(item, d, tuple(clip), frames, len(chosen)))
     return list(items.values())

@@ -17,10 +17,10 @@ convention with its source in the official code.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -42,20 +42,51 @@ SCENE_FILTER_DIR = "third_party/navsim_v1_1/navsim/planning/script/config/common
 
 # Camera order and canonical names per dataset (scene_dataset.py:DVGTSceneDataset.CAM_TYPE_MAP). The
 # order is the order of the views of an evaluation clip; the first camera supplies the ego pose.
-_OPENSCENE_CAMERAS = {"CAM_F0": "FRONT", "CAM_B0": "BACK", "CAM_L0": "FRONT_LEFT", "CAM_L1": "LEFT",
-                      "CAM_L2": "BACK_LEFT", "CAM_R0": "FRONT_RIGHT", "CAM_R1": "RIGHT", "CAM_R2": "BACK_RIGHT"}
+_OPENSCENE_CAMERAS = {
+    "CAM_F0": "FRONT",
+    "CAM_B0": "BACK",
+    "CAM_L0": "FRONT_LEFT",
+    "CAM_L1": "LEFT",
+    "CAM_L2": "BACK_LEFT",
+    "CAM_R0": "FRONT_RIGHT",
+    "CAM_R1": "RIGHT",
+    "CAM_R2": "BACK_RIGHT",
+}
 CAMERAS: dict[str, dict[str, str]] = {
-    "nuscene": {"CAM_FRONT": "FRONT", "CAM_FRONT_RIGHT": "FRONT_RIGHT", "CAM_FRONT_LEFT": "FRONT_LEFT",
-                "CAM_BACK": "BACK", "CAM_BACK_RIGHT": "BACK_RIGHT", "CAM_BACK_LEFT": "BACK_LEFT"},
+    "nuscene": {
+        "CAM_FRONT": "FRONT",
+        "CAM_FRONT_RIGHT": "FRONT_RIGHT",
+        "CAM_FRONT_LEFT": "FRONT_LEFT",
+        "CAM_BACK": "BACK",
+        "CAM_BACK_RIGHT": "BACK_RIGHT",
+        "CAM_BACK_LEFT": "BACK_LEFT",
+    },
     "kitti": {"2": "FRONT", "3": "FRONT_RIGHT"},
     "openscene": _OPENSCENE_CAMERAS,
-    "waymo": {"FRONT": "FRONT", "FRONT_LEFT": "FRONT_LEFT", "FRONT_RIGHT": "FRONT_RIGHT", "SIDE_LEFT": "LEFT",
-              "SIDE_RIGHT": "RIGHT"},
-    "ddad": {"camera_01": "FRONT", "camera_05": "FRONT_LEFT", "camera_06": "FRONT_RIGHT", "camera_07": "BACK_LEFT",
-             "camera_08": "BACK_RIGHT", "camera_09": "BACK"},
-    "argoverse": {"ring_front_center": "FRONT", "ring_front_left": "FRONT_LEFT", "ring_side_left": "LEFT",
-                  "ring_rear_left": "BACK_LEFT", "ring_front_right": "FRONT_RIGHT", "ring_side_right": "RIGHT",
-                  "ring_rear_right": "BACK_RIGHT"},
+    "waymo": {
+        "FRONT": "FRONT",
+        "FRONT_LEFT": "FRONT_LEFT",
+        "FRONT_RIGHT": "FRONT_RIGHT",
+        "SIDE_LEFT": "LEFT",
+        "SIDE_RIGHT": "RIGHT",
+    },
+    "ddad": {
+        "camera_01": "FRONT",
+        "camera_05": "FRONT_LEFT",
+        "camera_06": "FRONT_RIGHT",
+        "camera_07": "BACK_LEFT",
+        "camera_08": "BACK_RIGHT",
+        "camera_09": "BACK",
+    },
+    "argoverse": {
+        "ring_front_center": "FRONT",
+        "ring_front_left": "FRONT_LEFT",
+        "ring_side_left": "LEFT",
+        "ring_rear_left": "BACK_LEFT",
+        "ring_front_right": "FRONT_RIGHT",
+        "ring_side_right": "RIGHT",
+        "ring_rear_right": "BACK_RIGHT",
+    },
     "navtest": _OPENSCENE_CAMERAS,
     "navtrain": _OPENSCENE_CAMERAS,
     "demo": _OPENSCENE_CAMERAS,  # the official demo trees; our synthetic generator writes this dataset
@@ -73,14 +104,28 @@ COMMAND_ORDER: dict[str, tuple[str, ...] | None] = {
     "navtrain": ("left", "forward", "right", "unknown"),
     "demo": ("left", "forward", "right", "unknown"),
     "kitti": ("left", "forward", "right", "unknown"),  # written as [0, 0, 0, 1] (unknown) on every row
-    "waymo": None, "ddad": None, "argoverse": None,
+    "waymo": None,
+    "ddad": None,
+    "argoverse": None,
 }
 
 # Parquet columns (tools/data_process/main.py:process_meta_batch, filter_data.py): name -> values per row.
-REQUIRED_COLUMNS = {"scene_id": 0, "frame_idx": 0, "cam_type": 0, "filename": 0, "intrinsics": 9,
-                    "extrinsics": 12, "ego_to_world": 12}
-OPTIONAL_COLUMNS = {"ego_velocity": 2, "ego_acceleration": 2, "driving_command": 4, "frame_token": 0,
-                    "use_lidar_proj_depth": 0}
+REQUIRED_COLUMNS = {
+    "scene_id": 0,
+    "frame_idx": 0,
+    "cam_type": 0,
+    "filename": 0,
+    "intrinsics": 9,
+    "extrinsics": 12,
+    "ego_to_world": 12,
+}
+OPTIONAL_COLUMNS = {
+    "ego_velocity": 2,
+    "ego_acceleration": 2,
+    "driving_command": 4,
+    "frame_token": 0,
+    "use_lidar_proj_depth": 0,
+}
 EGO_STATUS_COLUMNS = ("ego_velocity", "ego_acceleration", "driving_command")
 
 DEPTH_UNKNOWN, DEPTH_INFINITE = 0, 65535  # the depth PNG's reserved codes (utils/io.py)
@@ -128,8 +173,10 @@ def anchor_files(anchor_dir: str | Path) -> tuple[Path, Path]:
 
 def check_dataset_name(dataset: str, where: str) -> None:
     if dataset not in CAMERAS:
-        raise ValueError(f"{where}: unknown dataset '{dataset}'; the official datasets are {', '.join(DATASETS)} "
-                         f"(the parquet prefix, e.g. nuscene_val.parquet is dataset 'nuscene', split 'val')")
+        raise ValueError(
+            f"{where}: unknown dataset '{dataset}'; the official datasets are {', '.join(DATASETS)} "
+            f"(the parquet prefix, e.g. nuscene_val.parquet is dataset 'nuscene', split 'val')"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,8 +192,10 @@ def open_image(path: str | Path) -> Iterator[Image.Image]:
     try:
         image = Image.open(path)
     except FileNotFoundError:
-        raise DataFileError(f"image file '{path}' is missing; restore it from the preprocessed release "
-                            f"(or re-run the official preprocessing for this dataset)") from None
+        raise DataFileError(
+            f"image file '{path}' is missing; restore it from the preprocessed release "
+            f"(or re-run the official preprocessing for this dataset)"
+        ) from None
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataFileError(f"cannot decode image file '{path}' ({error}); re-copy it from the release") from None
     with image:
@@ -174,7 +223,7 @@ def decode_depth(codes: np.ndarray, near: float, far: float) -> np.ndarray:
     """Log-encoded 16-bit depth codes -> metres (float32): 0 unknown (NaN), 65535 infinite, else
     near^(1-x) far^x with x = (code - 1) / 65533 (utils/io.py:read_depth)."""
     x = (codes.astype(np.float32) - 1) / 65533
-    depth = near ** (1 - x) * far ** x
+    depth = near ** (1 - x) * far**x
     depth[codes == DEPTH_UNKNOWN] = np.nan
     depth[codes == DEPTH_INFINITE] = np.inf
     return depth.astype(np.float32)
@@ -196,12 +245,15 @@ def read_depth(path: str | Path) -> np.ndarray:
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataFileError(f"cannot decode depth file '{path}' ({error}); re-copy it from the release") from None
     if "near" not in info or "far" not in info:
-        raise DataFileError(f"depth file '{path}' has no 'near'/'far' text chunks: it is not a log-encoded depth "
-                            f"PNG of the official preprocessing (utils/io.py:write_depth); regenerate it with that "
-                            f"writer (dvgt.data.format.write_depth)")
+        raise DataFileError(
+            f"depth file '{path}' has no 'near'/'far' text chunks: it is not a log-encoded depth "
+            f"PNG of the official preprocessing (utils/io.py:write_depth); regenerate it with that "
+            f"writer (dvgt.data.format.write_depth)"
+        )
     if codes.ndim != 2 or codes.dtype.kind not in "ui":
-        raise DataFileError(f"depth file '{path}' must be a single-channel 16-bit PNG, got {codes.dtype} "
-                            f"values of shape {codes.shape}")
+        raise DataFileError(
+            f"depth file '{path}' must be a single-channel 16-bit PNG, got {codes.dtype} values of shape {codes.shape}"
+        )
     return decode_depth(codes, float(info["near"]), float(info["far"]))
 
 
@@ -266,12 +318,16 @@ class Table:
 def _list_column(table: pa.Table, name: str, width: int, path: Path) -> np.ndarray:
     values = table.column(name).combine_chunks()
     if values.null_count:
-        raise ValueError(f"parquet '{path}': column '{name}' has {values.null_count} empty (null) value(s); "
-                         f"re-run the official preprocessing for the affected rows")
+        raise ValueError(
+            f"parquet '{path}': column '{name}' has {values.null_count} empty (null) value(s); "
+            f"re-run the official preprocessing for the affected rows"
+        )
     lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
     if not np.all(lengths == width):
-        raise ValueError(f"parquet '{path}': column '{name}' must hold {width} numbers per row, found rows with "
-                         f"{sorted(set(lengths.tolist()) - {width})}")
+        raise ValueError(
+            f"parquet '{path}': column '{name}' must hold {width} numbers per row, found rows with "
+            f"{sorted(set(lengths.tolist()) - {width})}"
+        )
     # no copy for doubles: a read-only view of the combined arrow buffer (shared, never written)
     return values.flatten().to_numpy(zero_copy_only=False).astype(np.float64, copy=False).reshape(-1, width)
 
@@ -280,39 +336,55 @@ def read_table(path: str | Path, config_key: str = "data") -> Table:
     """Read and check one official parquet (columns matched by name: their order is not stable)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"parquet '{path}' does not exist; fix {config_key} (root, dataset and split must "
-                                f"name <root>/{FILTERED_META_DIR}/<dataset>_<split>.parquet of an official tree)")
+        raise FileNotFoundError(
+            f"parquet '{path}' does not exist; fix {config_key} (root, dataset and split must "
+            f"name <root>/{FILTERED_META_DIR}/<dataset>_<split>.parquet of an official tree)"
+        )
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as error:
-        raise DataFileError(f"cannot read parquet '{path}' ({error}); it is truncated or not a parquet file: "
-                            f"re-copy it from the preprocessed release") from None
+        raise DataFileError(
+            f"cannot read parquet '{path}' ({error}); it is truncated or not a parquet file: "
+            f"re-copy it from the preprocessed release"
+        ) from None
     names = set(table.column_names)
     if {"scene", "frame_index", "camera", "image_path"} <= names:
-        raise ValueError(f"parquet '{path}' is in dvgt's former per-scene layout, which is gone: point "
-                         f"{config_key} at a tree in the official DVGT format (docs/data.md); regenerate synthetic "
-                         f"data with `dvgt data synth`")
+        raise ValueError(
+            f"parquet '{path}' is in dvgt's former per-scene layout, which is gone: point "
+            f"{config_key} at a tree in the official DVGT format (docs/data.md); regenerate synthetic "
+            f"data with `dvgt data synth`"
+        )
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
-        raise ValueError(f"parquet '{path}' lacks column(s) {missing}: not an official DVGT parquet (required: "
-                         f"{', '.join(REQUIRED_COLUMNS)}; see docs/data.md)")
+        raise ValueError(
+            f"parquet '{path}' lacks column(s) {missing}: not an official DVGT parquet (required: "
+            f"{', '.join(REQUIRED_COLUMNS)}; see docs/data.md)"
+        )
     if table.num_rows == 0:
         raise ValueError(f"parquet '{path}' has no rows")
     for name in ("scene_id", "frame_idx", "cam_type", "filename"):
         if table.column(name).null_count:
             raise ValueError(f"parquet '{path}': column '{name}' has empty (null) values")
-    matrices = {name: _list_column(table, name, REQUIRED_COLUMNS[name], path)
-                for name in ("intrinsics", "extrinsics", "ego_to_world")}
+    matrices = {
+        name: _list_column(table, name, REQUIRED_COLUMNS[name], path)
+        for name in ("intrinsics", "extrinsics", "ego_to_world")
+    }
     if not all(np.isfinite(m).all() for m in matrices.values()):
         bad = next(name for name, m in matrices.items() if not np.isfinite(m).all())
         row = int(np.flatnonzero(~np.isfinite(matrices[bad]).all(-1))[0])
-        raise ValueError(f"parquet '{path}': column '{bad}' holds a non-finite value in row {row} (scene "
-                         f"{table.column('scene_id')[row]}, frame {table.column('frame_idx')[row]}); fix or drop "
-                         f"that row")
-    ego = {name: _list_column(table, name, OPTIONAL_COLUMNS[name], path)
-           for name in EGO_STATUS_COLUMNS if name in names}
-    lidar = (table.column("use_lidar_proj_depth").to_numpy(zero_copy_only=False).astype(bool)
-             if "use_lidar_proj_depth" in names else np.zeros(table.num_rows, dtype=bool))
+        raise ValueError(
+            f"parquet '{path}': column '{bad}' holds a non-finite value in row {row} (scene "
+            f"{table.column('scene_id')[row]}, frame {table.column('frame_idx')[row]}); fix or drop "
+            f"that row"
+        )
+    ego = {
+        name: _list_column(table, name, OPTIONAL_COLUMNS[name], path) for name in EGO_STATUS_COLUMNS if name in names
+    }
+    lidar = (
+        table.column("use_lidar_proj_depth").to_numpy(zero_copy_only=False).astype(bool)
+        if "use_lidar_proj_depth" in names
+        else np.zeros(table.num_rows, dtype=bool)
+    )
     result = Table(
         path=path,
         scene_id=pc.cast(table.column("scene_id").combine_chunks(), pa.string()),  # the filter casts it to str
@@ -322,8 +394,10 @@ def read_table(path: str | Path, config_key: str = "data") -> Table:
         intrinsics=matrices["intrinsics"].reshape(-1, 3, 3),
         extrinsics=matrices["extrinsics"].reshape(-1, 3, 4),
         ego_to_world=matrices["ego_to_world"].reshape(-1, 3, 4),
-        use_lidar_proj_depth=lidar, ego=ego,
-        frame_token=table.column("frame_token").combine_chunks() if "frame_token" in names else None)
+        use_lidar_proj_depth=lidar,
+        ego=ego,
+        frame_token=table.column("frame_token").combine_chunks() if "frame_token" in names else None,
+    )
     del table
     pa.default_memory_pool().release_unused()  # the freed decode buffers (GBs for millions of rows) back to the OS
     return result

@@ -29,17 +29,21 @@ def rotation_to_quaternion(rotation: torch.Tensor) -> torch.Tensor:
     """
     m = rotation
     m00, m11, m22 = m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]
-    four_squares = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22,
-                                1 - m00 + m11 - m22, 1 - m00 - m11 + m22], dim=-1)  # 4w², 4x², 4y², 4z²
+    four_squares = torch.stack(
+        [1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], dim=-1
+    )  # 4w², 4x², 4y², 4z²
     d21, d02, d10 = m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]
     s21, s02, s10 = m[..., 2, 1] + m[..., 1, 2], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 0] + m[..., 0, 1]
     # Row k is 4 * q_k * (x, y, z, w): the quaternion scaled by the k-th component of four_squares.
-    candidates = torch.stack([
-        torch.stack([d21, d02, d10, four_squares[..., 0]], dim=-1),
-        torch.stack([four_squares[..., 1], s10, s02, d21], dim=-1),
-        torch.stack([s10, four_squares[..., 2], s21, d02], dim=-1),
-        torch.stack([s02, s21, four_squares[..., 3], d10], dim=-1),
-    ], dim=-2)
+    candidates = torch.stack(
+        [
+            torch.stack([d21, d02, d10, four_squares[..., 0]], dim=-1),
+            torch.stack([four_squares[..., 1], s10, s02, d21], dim=-1),
+            torch.stack([s10, four_squares[..., 2], s21, d02], dim=-1),
+            torch.stack([s02, s21, four_squares[..., 3], d10], dim=-1),
+        ],
+        dim=-2,
+    )
     best = four_squares.argmax(dim=-1, keepdim=True)
     quaternion = torch.take_along_dim(candidates, best[..., None], dim=-2)[..., 0, :]
     quaternion = quaternion / quaternion.norm(dim=-1, keepdim=True)
@@ -49,9 +53,17 @@ def rotation_to_quaternion(rotation: torch.Tensor) -> torch.Tensor:
 def quaternion_to_rotation(quaternion: torch.Tensor) -> torch.Tensor:
     """Quaternions [..., 4] xyzw (normalised here) -> rotation matrices [..., 3, 3]."""
     x, y, z, w = (quaternion / quaternion.norm(dim=-1, keepdim=True)).unbind(-1)
-    rows = [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
-            2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-            2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]
+    rows = [
+        1 - 2 * (y * y + z * z),
+        2 * (x * y - z * w),
+        2 * (x * z + y * w),
+        2 * (x * y + z * w),
+        1 - 2 * (x * x + z * z),
+        2 * (y * z - x * w),
+        2 * (x * z - y * w),
+        2 * (y * z + x * w),
+        1 - 2 * (x * x + y * y),
+    ]
     return torch.stack(rows, dim=-1).reshape(*quaternion.shape[:-1], 3, 3)
 
 

@@ -25,9 +25,10 @@ import hashlib
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from dvgt.checkpoint.storage import StorageError, s3_client, s3_error
@@ -72,9 +73,11 @@ class NodeCache:
                 download(temporary)
                 size = temporary.stat().st_size
                 if size > self.max_bytes * LOW_WATERMARK:
-                    raise StorageError(f"{name} is {size / 2**30:.2f} GiB, more than the data cache can hold "
-                                       f"({self.max_bytes / 2**30:.2f} GiB at most, {LOW_WATERMARK:.0%} after an "
-                                       f"eviction); raise data.s3_cache.max_gib (the chart: data.s3CacheSize)")
+                    raise StorageError(
+                        f"{name} is {size / 2**30:.2f} GiB, more than the data cache can hold "
+                        f"({self.max_bytes / 2**30:.2f} GiB at most, {LOW_WATERMARK:.0%} after an "
+                        f"eviction); raise data.s3_cache.max_gib (the chart: data.s3CacheSize)"
+                    )
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with self._locked("usage"):
                     os.replace(temporary, path)
@@ -104,12 +107,12 @@ class NodeCache:
         except (FileNotFoundError, ValueError):  # a new folder (or a counter cut short): count the files
             return self._evict(target=self.max_bytes, keep=None)
 
-    def _write_usage(self, used: int, keep: Optional[Path]) -> None:
+    def _write_usage(self, used: int, keep: Path | None) -> None:
         if used > self.max_bytes:
             used = self._evict(target=int(self.max_bytes * LOW_WATERMARK), keep=keep)
         self._usage.write_text(str(used))
 
-    def _evict(self, target: int, keep: Optional[Path]) -> int:
+    def _evict(self, target: int, keep: Path | None) -> int:
         """Delete the least recently used files (never ``keep``) until the cached files take at most
         ``target`` bytes, and temporary files of killed processes; returns the bytes left."""
         files, now = [], time.time()
@@ -166,13 +169,16 @@ class S3Root:
         client = s3_client(self.options, preflight=True)
         what = f"data root {self.uri}"
         try:
-            listing = client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "",
-                                             MaxKeys=1)
+            listing = client.list_objects_v2(
+                Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "", MaxKeys=1
+            )
         except (BotoCoreError, ClientError) as error:
             raise s3_error(error, what, self.settings) from None
         if not listing.get("KeyCount", len(listing.get("Contents", []))):
-            raise StorageError(f"{what} holds no object; upload the tree there (e.g. `aws s3 sync <tree> {self.uri}`) "
-                               f"or fix {self.settings}.root")
+            raise StorageError(
+                f"{what} holds no object; upload the tree there (e.g. `aws s3 sync <tree> {self.uri}`) "
+                f"or fix {self.settings}.root"
+            )
 
     def listing(self, folder: Path) -> list[str]:
         """Every object under ``folder`` (a folder of the mirror), as paths relative to it: one paginated
@@ -183,7 +189,7 @@ class S3Root:
         prefix = "".join(f"{part}/" for part in (self.prefix, relative) if part and part != ".")
         try:
             pages = s3_client(self.options).get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
-            return [item["Key"][len(prefix):] for page in pages for item in page.get("Contents", [])]
+            return [item["Key"][len(prefix) :] for page in pages for item in page.get("Contents", [])]
         except (BotoCoreError, ClientError) as error:
             raise s3_error(error, f"list s3://{self.bucket}/{prefix}", self.settings) from None
 
@@ -217,11 +223,13 @@ class S3Root:
             self._transfer_client().download_file(self.bucket, self.key(path), str(temporary))
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-                raise DataFileError(f"{self.object_uri(path)} does not exist; check {self.settings}.root and the "
-                                    f"dataset and split (they name the parquet), or restore the file from the "
-                                    f"preprocessed release") from None
+                raise DataFileError(
+                    f"{self.object_uri(path)} does not exist; check {self.settings}.root and the "
+                    f"dataset and split (they name the parquet), or restore the file from the "
+                    f"preprocessed release"
+                ) from None
             raise s3_error(error, f"read {self.object_uri(path)}", self.settings) from None
-        except Exception as error:  # noqa: BLE001 - botocore / s3transfer failures: one line, the fix named
+        except Exception as error:
             raise s3_error(error, f"read {self.object_uri(path)}", self.settings) from None
 
     def _transfer_client(self) -> Any:
@@ -230,14 +238,16 @@ class S3Root:
             from boto3.s3.transfer import S3Transfer, TransferConfig
 
             part = int(self.options.part_size_mb * 2**20)
-            config = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
-                                    max_concurrency=self.options.concurrency)
+            config = TransferConfig(
+                multipart_threshold=part, multipart_chunksize=part, max_concurrency=self.options.concurrency
+            )
             self._transfer, self._pid = S3Transfer(s3_client(self.options), config), os.getpid()
         return self._transfer
 
 
-def open_root(root: str | Path, cache: Any = None, s3: Any = None, settings: str = "data",
-              preflight: bool = True) -> tuple[Path, Optional[S3Root]]:
+def open_root(
+    root: str | Path, cache: Any = None, s3: Any = None, settings: str = "data", preflight: bool = True
+) -> tuple[Path, S3Root | None]:
     """(the folder a reader opens the tree's files in, the S3Root that fills it or None). A local
     root is that folder itself; an s3:// one is its mirror in the cache (``cache``: data.s3_cache,
     ``s3``: data.s3 options; None: their defaults), checked with one listing unless ``preflight`` is off."""
@@ -252,6 +262,6 @@ def open_root(root: str | Path, cache: Any = None, s3: Any = None, settings: str
     return remote.mirror, remote
 
 
-def read_file(reader: Callable[[Path], T], path: Path, remote: Optional[S3Root]) -> T:
+def read_file(reader: Callable[[Path], T], path: Path, remote: S3Root | None) -> T:
     """``reader(path)``: a local file where it is, a file of an s3:// root through the node's cache."""
     return reader(path) if remote is None else remote.read(reader, path)

@@ -25,7 +25,8 @@ forward passes (FSDP gathers parameters collectively in each).
 from __future__ import annotations
 
 import math
-from typing import Iterator, NamedTuple, Optional, Protocol, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -58,10 +59,22 @@ class EvalIndex(NamedTuple):
 class GroupedBatchSampler(torch.utils.data.Sampler):
     """Yields, per step, this rank's list of TrainIndex (use it as a DataLoader ``batch_sampler``)."""
 
-    def __init__(self, datasets: Sequence[Source], *, views: Sequence[int], min_frames: int,
-                 aspect_ratio: Sequence[float], max_img_per_gpu: int, steps_per_epoch: int, seed: int,
-                 fixed_num_views: int = 0, fixed_num_frames: int = 0, fixed_aspect_ratio: float = 0.0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        datasets: Sequence[Source],
+        *,
+        views: Sequence[int],
+        min_frames: int,
+        aspect_ratio: Sequence[float],
+        max_img_per_gpu: int,
+        steps_per_epoch: int,
+        seed: int,
+        fixed_num_views: int = 0,
+        fixed_num_frames: int = 0,
+        fixed_aspect_ratio: float = 0.0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if not datasets:
             raise ValueError("the grouped sampler needs at least one dataset")
         if not 0 <= rank < world_size:
@@ -95,9 +108,11 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         dataset = self.datasets[index]
         high = min(self.max_img_per_gpu // views, dataset.frame_num_max, dataset.max_frames)
         if high < self.min_frames:
-            raise ValueError(f"dataset '{dataset.name}': no clip length fits between min_frames={self.min_frames} and "
-                             f"{high} (max_img_per_gpu // {views} views, frame_num_max, the longest sequence); lower "
-                             f"min_frames or the views, or raise max_img_per_gpu")
+            raise ValueError(
+                f"dataset '{dataset.name}': no clip length fits between min_frames={self.min_frames} and "
+                f"{high} (max_img_per_gpu // {views} views, frame_num_max, the longest sequence); lower "
+                f"min_frames or the views, or raise max_img_per_gpu"
+            )
         return range(self.min_frames, high + 1)
 
     def global_batch(self, epoch: int, step: int) -> list[TrainIndex]:
@@ -112,14 +127,16 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         total = max(1, self.max_img_per_gpu // (views * frames)) * self.world_size
         sequences = rng.integers(0, 2**31, size=total)
         seeds = rng.integers(0, 2**63 - 1, size=total)
-        return [TrainIndex(index, SampleRequest(int(s), views, frames, aspect, int(seed)))
-                for s, seed in zip(sequences, seeds)]
+        return [
+            TrainIndex(index, SampleRequest(int(s), views, frames, aspect, int(seed)))
+            for s, seed in zip(sequences, seeds)
+        ]
 
     def batch(self, epoch: int, step: int) -> list[TrainIndex]:
         """This rank's share of the step's global batch."""
         samples = self.global_batch(epoch, step)
         share = len(samples) // self.world_size
-        return samples[self.rank * share:(self.rank + 1) * share]
+        return samples[self.rank * share : (self.rank + 1) * share]
 
     # ---- iteration and resumption --------------------------------------------------------
 
@@ -153,9 +170,11 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
 class EvaluationSampler(torch.utils.data.Sampler):
     """This rank's evaluation sequences, one per batch (module docstring)."""
 
-    def __init__(self, sizes: Sequence[int], limit: Optional[int] = None, rank: int = 0, world_size: int = 1):
+    def __init__(self, sizes: Sequence[int], limit: int | None = None, rank: int = 0, world_size: int = 1):
         """``sizes``: the number of sequences of each dataset; ``limit``: at most this many per dataset."""
-        self.items = [(d, s) for d, size in enumerate(sizes) for s in range(size if limit is None else min(size, limit))]
+        self.items = [
+            (d, s) for d, size in enumerate(sizes) for s in range(size if limit is None else min(size, limit))
+        ]
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[list[EvalIndex]]:

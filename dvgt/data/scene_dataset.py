@@ -16,10 +16,11 @@ A dataset is described by a ``DatasetSpec``: our names for the official construc
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -31,13 +32,17 @@ from dvgt.data.transforms import RANDOM_RESIZE_MODE, ViewPlan, plan_view, resize
 log = logging.getLogger(__name__)
 
 # Optional outputs (the official enable_* switches); the rest of a sample is always there.
-TARGETS = ("depths", "ego_status", "points_in_ego_n", "points_in_ego_first", "ray_depth", "cam",
-           "ego_past_to_ego_curr")
+TARGETS = ("depths", "ego_status", "points_in_ego_n", "points_in_ego_first", "ray_depth", "cam", "ego_past_to_ego_curr")
 ALL_TARGETS = frozenset(TARGETS)
 # gt_scale_factor multiplies these point maps and depths, and the translations of these poses
 SCALED_CONTENT = ("points_in_ego_n", "points_in_ego_first", "points_in_cam_first", "ray_depth", "depths")
-SCALED_TRANSLATION = ("ego_n_to_ego_first", "ego_first_to_cam_n", "cam_first_to_cam_n", "future_ego_n_to_ego_curr",
-                      "ego_past_to_ego_curr")
+SCALED_TRANSLATION = (
+    "ego_n_to_ego_first",
+    "ego_first_to_cam_n",
+    "cam_first_to_cam_n",
+    "future_ego_n_to_ego_curr",
+    "ego_past_to_ego_curr",
+)
 
 
 class SampleRequest(NamedTuple):
@@ -54,7 +59,9 @@ class SampleRequest(NamedTuple):
 class DatasetSpec:
     """Everything that defines one dataset of a mix. Field comments give the official argument name."""
 
-    root: Path  # the tree's root: the folder holding data_annotation/ (of an s3:// root: its mirror in the node's cache)
+    root: (
+        Path  # the tree's root: the folder holding data_annotation/ (of an s3:// root: its mirror in the node's cache)
+    )
     parquet: Path  # parquet_path (absolute)
     mode: str = "val"  # mode: train | val
     original_fps: int = 2  # original_fps: stored frame rate (nuScenes, OpenScene 2; KITTI, Waymo, DDAD 10)
@@ -69,17 +76,19 @@ class DatasetSpec:
     frame_num_max: int = 99999  # frame_num_max: most frames per clip (future frames included)
     dataset_len: int = -1  # dataset_len: sampling weight in a mix (-1 = number of sequences)
     inside_random: bool = True  # inside_random: training picks a random scene each time
-    aug_pixel_aspect_range: Optional[tuple[float, float]] = None  # aug_pixel_aspect_range
-    aug_safe_scales: Optional[tuple[float, float]] = None  # aug_safe_scales (fx/fy ratio kept within)
+    aug_pixel_aspect_range: tuple[float, float] | None = None  # aug_pixel_aspect_range
+    aug_safe_scales: tuple[float, float] | None = None  # aug_safe_scales (fx/fy ratio kept within)
     random_resize: bool = False  # enable_random_resize
     filter_lidar: bool = False  # filter_lidar: rows flagged use_lidar_proj_depth get no depth
     eval_lidar_proj_depth: bool = False  # eval_lidar_proj_depth: always read projected LiDAR depth
     gt_scale_factor: float = 1.0  # gt_scale_factor
     max_ray_depth: float = 100.0  # max_ray_depth (metres, before scaling)
     targets: frozenset = ALL_TARGETS  # the enable_* switches that are on (TARGETS)
-    scene_filter: Optional[Path] = None  # NavSim scene filter yaml (navtrain / navtest)
-    fast_decode: bool = False  # not official: JPEG DCT-scaled decoding (transforms.resize_jpeg); pixels within JPEG tolerance
-    remote: Optional[S3Root] = None  # the s3:// root whose files fill ``root`` (dvgt/data/remote.py); None: a local tree
+    scene_filter: Path | None = None  # NavSim scene filter yaml (navtrain / navtest)
+    fast_decode: bool = (
+        False  # not official: JPEG DCT-scaled decoding (transforms.resize_jpeg); pixels within JPEG tolerance
+    )
+    remote: S3Root | None = None  # the s3:// root whose files fill ``root`` (dvgt/data/remote.py); None: a local tree
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -95,14 +104,20 @@ class DatasetSpec:
         return self.remote.uri if self.remote is not None else str(self.root)
 
     @staticmethod
-    def from_official(args: Mapping[str, Any], root: str | Path, remote: Optional[S3Root] = None) -> "DatasetSpec":
+    def from_official(args: Mapping[str, Any], root: str | Path, remote: S3Root | None = None) -> DatasetSpec:
         """The spec of an official DVGTSceneDataset constructor call (paths relative to ``root``, the
         official working directory; ``remote``: the s3:// root it mirrors). Arguments left out take the
         official defaults."""
         root = Path(root)
-        enabled = {"depths": "enable_depth", "ego_status": "enable_ego_status", "points_in_ego_n":
-                   "enable_point_in_ego_n", "points_in_ego_first": "enable_point_in_ego_first",
-                   "ray_depth": "enable_ray_depth", "cam": "enable_cam", "ego_past_to_ego_curr": "enable_past_ego"}
+        enabled = {
+            "depths": "enable_depth",
+            "ego_status": "enable_ego_status",
+            "points_in_ego_n": "enable_point_in_ego_n",
+            "points_in_ego_first": "enable_point_in_ego_first",
+            "ray_depth": "enable_ray_depth",
+            "cam": "enable_cam",
+            "ego_past_to_ego_curr": "enable_past_ego",
+        }
         unknown = set(args) - set(OFFICIAL_DEFAULTS) - set(enabled.values()) - {"parquet_path", "len", "sequence_list"}
         if unknown:
             raise ValueError(f"official dataset argument(s) {sorted(unknown)} are not supported")
@@ -110,29 +125,61 @@ class DatasetSpec:
         dataset = fmt.dataset_of(a["parquet_path"])
         split_type = a["clip_split_type"]
         return DatasetSpec(
-            root=root, parquet=root / a["parquet_path"], mode="train" if a["mode"] == "train" else "val",
-            original_fps=a["original_fps"], target_fps=a["target_fps"], image_width=a["image_width"],
-            patch_size=a["patch_size"], clip_split=split_type, fixed_num_frames=a["fixed_num_frames"],
-            fixed_num_views=a["fixed_num_views"], fixed_aspect_ratio=a["fixed_aspect_ratio"],
-            future_frames=a["future_frame_num"], frame_num_max=a["frame_num_max"], dataset_len=a["dataset_len"],
-            inside_random=a["inside_random"], aug_pixel_aspect_range=_pair(a["aug_pixel_aspect_range"]),
-            aug_safe_scales=_pair(a["aug_safe_scales"]), random_resize=a["enable_random_resize"],
-            filter_lidar=a["filter_lidar"], eval_lidar_proj_depth=a["eval_lidar_proj_depth"],
-            gt_scale_factor=a["gt_scale_factor"], max_ray_depth=a["max_ray_depth"],
+            root=root,
+            parquet=root / a["parquet_path"],
+            mode="train" if a["mode"] == "train" else "val",
+            original_fps=a["original_fps"],
+            target_fps=a["target_fps"],
+            image_width=a["image_width"],
+            patch_size=a["patch_size"],
+            clip_split=split_type,
+            fixed_num_frames=a["fixed_num_frames"],
+            fixed_num_views=a["fixed_num_views"],
+            fixed_aspect_ratio=a["fixed_aspect_ratio"],
+            future_frames=a["future_frame_num"],
+            frame_num_max=a["frame_num_max"],
+            dataset_len=a["dataset_len"],
+            inside_random=a["inside_random"],
+            aug_pixel_aspect_range=_pair(a["aug_pixel_aspect_range"]),
+            aug_safe_scales=_pair(a["aug_safe_scales"]),
+            random_resize=a["enable_random_resize"],
+            filter_lidar=a["filter_lidar"],
+            eval_lidar_proj_depth=a["eval_lidar_proj_depth"],
+            gt_scale_factor=a["gt_scale_factor"],
+            max_ray_depth=a["max_ray_depth"],
             targets=frozenset(t for t, name in enabled.items() if args.get(name, False)),
             scene_filter=fmt.Tree(root, dataset).scene_filter(split_type) if split_type.startswith("nav") else None,
-            remote=remote)
+            remote=remote,
+        )
 
 
 # The official constructor's defaults (scene_dataset.py:DVGTSceneDataset.__init__), for from_official.
-OFFICIAL_DEFAULTS = dict(frame_num_max=99999, dataset_len=-1, image_width=512, patch_size=16, target_fps=2,
-                         original_fps=2, clip_split_type="default_train", mode="train", filter_lidar=False,
-                         eval_lidar_proj_depth=False, aug_pixel_aspect_range=None, aug_safe_scales=None, rescale=True,
-                         enable_random_resize=True, gt_scale_factor=1.0, max_ray_depth=100.0, future_frame_num=0,
-                         inside_random=True, fixed_num_frames=0, fixed_num_views=0, fixed_aspect_ratio=0.0)
+OFFICIAL_DEFAULTS = dict(
+    frame_num_max=99999,
+    dataset_len=-1,
+    image_width=512,
+    patch_size=16,
+    target_fps=2,
+    original_fps=2,
+    clip_split_type="default_train",
+    mode="train",
+    filter_lidar=False,
+    eval_lidar_proj_depth=False,
+    aug_pixel_aspect_range=None,
+    aug_safe_scales=None,
+    rescale=True,
+    enable_random_resize=True,
+    gt_scale_factor=1.0,
+    max_ray_depth=100.0,
+    future_frame_num=0,
+    inside_random=True,
+    fixed_num_frames=0,
+    fixed_num_views=0,
+    fixed_aspect_ratio=0.0,
+)
 
 
-def _pair(value) -> Optional[tuple[float, float]]:
+def _pair(value) -> tuple[float, float] | None:
     return None if value is None else (float(value[0]), float(value[1]))
 
 
@@ -181,18 +228,29 @@ class SceneDataset:
         if scene_filter is not None and spec.remote is not None:
             scene_filter = spec.remote.fetch(scene_filter)
         self.sequences: SequenceIndex = split_sequences(
-            self.scenes, self.table, spec.dataset, spec.clip_split, step=self.step,
-            fixed_num_frames=spec.fixed_num_frames, future_frames=spec.future_frames, scene_filter=scene_filter)
+            self.scenes,
+            self.table,
+            spec.dataset,
+            spec.clip_split,
+            step=self.step,
+            fixed_num_frames=spec.fixed_num_frames,
+            future_frames=spec.future_frames,
+            scene_filter=scene_filter,
+        )
         if not self.sequences:
-            raise ValueError(f"{config_key}: parquet '{spec.parquet}' yields no '{spec.clip_split}' sequence (too few "
-                             f"frames for fixed_num_frames={spec.fixed_num_frames} + "
-                             f"future_frames={spec.future_frames}?)")
+            raise ValueError(
+                f"{config_key}: parquet '{spec.parquet}' yields no '{spec.clip_split}' sequence (too few "
+                f"frames for fixed_num_frames={spec.fixed_num_frames} + "
+                f"future_frames={spec.future_frames}?)"
+            )
         if "ego_status" in spec.targets:
             absent = [c for c in fmt.EGO_STATUS_COLUMNS if c not in self.table.ego]
             if absent:
-                raise ValueError(f"{config_key}: parquet '{spec.parquet}' has no {', '.join(absent)} column(s), which "
-                                 f"the ego status needs; set model.enable_ego_status=false for dataset "
-                                 f"'{spec.dataset}'")
+                raise ValueError(
+                    f"{config_key}: parquet '{spec.parquet}' has no {', '.join(absent)} column(s), which "
+                    f"the ego status needs; set model.enable_ego_status=false for dataset "
+                    f"'{spec.dataset}'"
+                )
         self.lengths = -(-self.sequences.count // self.step)  # len(sequence.frames[::step]): frames at the target rate
         # frames a training clip may have: the longest sequence minus its future frames
         self.max_frames = int(self.lengths.max()) - spec.future_frames
@@ -222,16 +280,20 @@ class SceneDataset:
             frames = spec.fixed_num_frames or index.frames
             aspect = spec.fixed_aspect_ratio or index.aspect_ratio
             sequence, inputs, future = self._draw_clip(index.index, frames, rng)
-            cameras = (list(range(self.num_cameras)) if spec.fixed_num_views > 0
-                       else [int(c) for c in rng.choice(self.num_cameras, views, replace=False)])
+            cameras = (
+                list(range(self.num_cameras))
+                if spec.fixed_num_views > 0
+                else [int(c) for c in rng.choice(self.num_cameras, views, replace=False)]
+            )
             sample = self.build(sequence, inputs, future, cameras, aspect, rng)
             sample["filenames"] = self.filenames(sequence, inputs, cameras)  # which images (the feature cache)
             return sample
         sequence = self.sequences[index]
         future = spec.future_frames
         inputs, later = (sequence.frames[:-future], sequence.frames[-future:]) if future else (sequence.frames, [])
-        return self.build(sequence, inputs, np.asarray(later), list(range(self.num_cameras)),
-                          spec.fixed_aspect_ratio, None)
+        return self.build(
+            sequence, inputs, np.asarray(later), list(range(self.num_cameras)), spec.fixed_aspect_ratio, None
+        )
 
     def filenames(self, sequence: Sequence, frames: np.ndarray, cameras: list[int]) -> list[str]:
         """The table's file names of a clip's images, frame-major."""
@@ -245,20 +307,29 @@ class SceneDataset:
         span = frames + self.spec.future_frames
         long_enough = np.flatnonzero(self.lengths >= span)
         if not len(long_enough):
-            raise ValueError(f"dataset '{self.name}' ({self.spec.parquet}) has no sequence of {span} frames at "
-                             f"{self.spec.target_fps} Hz; lower the frames per clip or frame_num_max")
+            raise ValueError(
+                f"dataset '{self.name}' ({self.spec.parquet}) has no sequence of {span} frames at "
+                f"{self.spec.target_fps} Hz; lower the frames per clip or frame_num_max"
+            )
         if self.spec.inside_random:
             chosen = int(long_enough[rng.integers(len(long_enough))])
         else:  # the sampler's sequence, or the next long enough one
             later = long_enough[long_enough >= index % len(self.sequences)]
             chosen = int(later[0] if len(later) else long_enough[0])
         sequence = self.sequences[chosen]
-        available = sequence.frames[::self.step]
+        available = sequence.frames[:: self.step]
         start = int(rng.integers(len(available) - span + 1))
-        return sequence, available[start:start + frames], available[start + frames:start + span]
+        return sequence, available[start : start + frames], available[start + frames : start + span]
 
-    def build(self, sequence: Sequence, frames: np.ndarray, future: np.ndarray, cameras: list[int],
-              aspect_ratio: float, rng: Optional[np.random.Generator]) -> dict[str, Any]:
+    def build(
+        self,
+        sequence: Sequence,
+        frames: np.ndarray,
+        future: np.ndarray,
+        cameras: list[int],
+        aspect_ratio: float,
+        rng: np.random.Generator | None,
+    ) -> dict[str, Any]:
         """The official sample of ``frames`` x ``cameras`` of a sequence (docs/data.md, "A sample").
         ``rng`` drives the training augmentation (None: none)."""
         spec, scene = self.spec, self.scenes[sequence.scene]
@@ -280,15 +351,20 @@ class SceneDataset:
 
         # Everything relative to the first frame's ego (removes the world frame; official order of ops)
         world_to_ego0 = inverse_rigid(ego_to_world[0])
-        sample: dict[str, Any] = {"seq_name": sequence.name, "images": images, "point_masks": masks,
-                                  "cam_types": [fmt.CAMERAS[self.name][self.cameras[c]] for c in cameras],
-                                  "intrinsics": intrinsics}
+        sample: dict[str, Any] = {
+            "seq_name": sequence.name,
+            "images": images,
+            "point_masks": masks,
+            "cam_types": [fmt.CAMERAS[self.name][self.cameras[c]] for c in cameras],
+            "intrinsics": intrinsics,
+        }
         if "depths" in spec.targets:
             sample["depths"] = depths
         if "ego_status" in spec.targets:
             first = rows[:, 0]
-            sample["ego_status"] = np.concatenate([table.ego[c][first] for c in fmt.EGO_STATUS_COLUMNS],
-                                                  axis=-1).astype(np.float32)
+            sample["ego_status"] = np.concatenate(
+                [table.ego[c][first] for c in fmt.EGO_STATUS_COLUMNS], axis=-1
+            ).astype(np.float32)
         ego_n_to_ego_first = (world_to_ego0[None] @ ego_to_world).astype(np.float32)
         points_in_ego_first = transform(world_points, world_to_ego0[None, None, None]).astype(np.float32)
         sample["ego_n_to_ego_first"] = ego_n_to_ego_first
@@ -328,8 +404,9 @@ class SceneDataset:
         uint8 [H, W, 3] (what a feature cache encodes)."""
         return self._load_image(row, target, None)[0]
 
-    def _load_image(self, row: int, target: tuple[int, int], rng: Optional[np.random.Generator]
-                    ) -> tuple[np.ndarray, ViewPlan, tuple[int, int]]:
+    def _load_image(
+        self, row: int, target: tuple[int, int], rng: np.random.Generator | None
+    ) -> tuple[np.ndarray, ViewPlan, tuple[int, int]]:
         """(image [H, W, 3] uint8 at the target size, its ViewPlan, the stored (height, width)) of one row;
         ``rng`` draws the training augmentation (None: none)."""
         intrinsics = self.table.intrinsics[row]
@@ -344,7 +421,7 @@ class SceneDataset:
 
         return self._read(decode, self.tree.image(self.table.filename[row].as_py()))
 
-    def _load_view(self, row: int, target: tuple[int, int], rng: Optional[np.random.Generator]):
+    def _load_view(self, row: int, target: tuple[int, int], rng: np.random.Generator | None):
         """(image, depth, intrinsics, world points, valid mask) of one table row at the target size."""
         spec, table = self.spec, self.table
         filename = table.filename[row].as_py()
@@ -353,10 +430,14 @@ class SceneDataset:
         if lidar_row and spec.filter_lidar:
             depth = np.zeros(stored, dtype=np.float32)
         else:
-            depth = self._read(fmt.read_depth, self.tree.depth(filename, projected=lidar_row or spec.eval_lidar_proj_depth))
+            depth = self._read(
+                fmt.read_depth, self.tree.depth(filename, projected=lidar_row or spec.eval_lidar_proj_depth)
+            )
             if depth.shape != stored:
-                raise fmt.DataFileError(f"depth of '{filename}' is {depth.shape[1]}x{depth.shape[0]} but its image "
-                                        f"is {stored[1]}x{stored[0]}; re-copy both from the release")
+                raise fmt.DataFileError(
+                    f"depth of '{filename}' is {depth.shape[1]}x{depth.shape[0]} but its image "
+                    f"is {stored[1]}x{stored[0]}; re-copy both from the release"
+                )
         depth = np.nan_to_num(depth, nan=0, posinf=0, neginf=0)
         depth[depth < fmt.MIN_DEPTH_M] = 0
         depth, intrinsics = resize_depth(depth, plan), plan.intrinsics
@@ -365,8 +446,9 @@ class SceneDataset:
         world = points_camera @ camera_to_world[:3, :3].T + camera_to_world[:3, 3]  # float64
         return image, depth, intrinsics, world, valid
 
-    def _augmentation(self, stored: tuple[int, int], intrinsics: np.ndarray, target: tuple[int, int],
-                      rng: Optional[np.random.Generator]) -> tuple[Optional[tuple[int, int]], float]:
+    def _augmentation(
+        self, stored: tuple[int, int], intrinsics: np.ndarray, target: tuple[int, int], rng: np.random.Generator | None
+    ) -> tuple[tuple[int, int] | None, float]:
         """(first crop size, extra resize margin) of a training view: the pixel-aspect crop and the random
         resize, drawn from ``rng`` in the official order (None: no augmentation)."""
         spec = self.spec

@@ -28,9 +28,9 @@ scale"). Indexing one returns a ``Scene`` / ``Sequence`` of views.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -129,7 +129,7 @@ class SequenceIndex:
             raise IndexError(f"sequence {index} of {len(self)}")
         index %= len(self)
         start = self.start[index]
-        frames = self.scenes.frames[start:start + self.stride * self.count[index]:self.stride]
+        frames = self.scenes.frames[start : start + self.stride * self.count[index] : self.stride]
         return Sequence(self.names[index].as_py(), int(self.scene[index]), frames)
 
     def __iter__(self) -> Iterator[Sequence]:
@@ -144,9 +144,11 @@ def build_scenes(table: Table, dataset: str) -> SceneIndex:
     unknown = camera_ids < 0
     if unknown.any():
         row = int(np.flatnonzero(unknown)[0])
-        raise ValueError(f"parquet '{table.path}': camera '{table.cam_type[row]}' (row {row}) is not a camera of "
-                         f"dataset '{dataset}' ({', '.join(cameras)}); the dataset name comes from the parquet "
-                         f"name's prefix")
+        raise ValueError(
+            f"parquet '{table.path}': camera '{table.cam_type[row]}' (row {row}) is not a camera of "
+            f"dataset '{dataset}' ({', '.join(cameras)}); the dataset name comes from the parquet "
+            f"name's prefix"
+        )
     camera_ids = camera_ids.astype(np.int64)
     encoded = table.scene_id.dictionary_encode()  # [N] indices into the distinct names, in order of appearance
     by_name = pc.sort_indices(encoded.dictionary).to_numpy()
@@ -163,16 +165,25 @@ def build_scenes(table: Table, dataset: str) -> SceneIndex:
     bad = (sizes != len(cameras)) | np.logical_or.reduceat(misplaced, first)
     if bad.any():
         scene = int(scene_ids[first[np.flatnonzero(bad)[0]]])
-        _raise_incomplete_frame(table, dataset, encoded.dictionary[int(by_name[scene])].as_py(),
-                                frame_idx[scene_ids == scene], camera_ids[scene_ids == scene])
+        _raise_incomplete_frame(
+            table,
+            dataset,
+            encoded.dictionary[int(by_name[scene])].as_py(),
+            frame_idx[scene_ids == scene],
+            camera_ids[scene_ids == scene],
+        )
     frame_scenes = scene_ids[first]
-    return SceneIndex(names=encoded.dictionary.take(by_name), frames=frame_idx[first],
-                      offsets=np.searchsorted(frame_scenes, np.arange(len(by_name) + 1)).astype(np.int64),
-                      rows=order.reshape(-1, len(cameras)))
+    return SceneIndex(
+        names=encoded.dictionary.take(by_name),
+        frames=frame_idx[first],
+        offsets=np.searchsorted(frame_scenes, np.arange(len(by_name) + 1)).astype(np.int64),
+        rows=order.reshape(-1, len(cameras)),
+    )
 
 
-def _raise_incomplete_frame(table: Table, dataset: str, name: str, frame_idx: np.ndarray,
-                            camera_ids: np.ndarray) -> None:
+def _raise_incomplete_frame(
+    table: Table, dataset: str, name: str, frame_idx: np.ndarray, camera_ids: np.ndarray
+) -> None:
     """The error for the first (frame, camera) cell of a scene without exactly one row."""
     cameras = list(CAMERAS[dataset])
     frames, frame_pos = np.unique(frame_idx, return_inverse=True)
@@ -180,9 +191,11 @@ def _raise_incomplete_frame(table: Table, dataset: str, name: str, frame_idx: np
     cell = int(np.flatnonzero(counts != 1)[0])
     frame, camera = frames[cell // len(cameras)], cameras[cell % len(cameras)]
     problem = "no row" if counts[cell] == 0 else f"{counts[cell]} rows"
-    raise ValueError(f"parquet '{table.path}': scene '{name}' frame {frame} has {problem} for camera "
-                     f"'{camera}'; every frame needs exactly one row per camera of '{dataset}' "
-                     f"({', '.join(cameras)})")
+    raise ValueError(
+        f"parquet '{table.path}': scene '{name}' frame {frame} has {problem} for camera "
+        f"'{camera}'; every frame needs exactly one row per camera of '{dataset}' "
+        f"({', '.join(cameras)})"
+    )
 
 
 def fps_step(original_fps: int, target_fps: int = 2) -> int:
@@ -190,14 +203,24 @@ def fps_step(original_fps: int, target_fps: int = 2) -> int:
     return max(1, original_fps // target_fps)
 
 
-def split_sequences(scenes: SceneIndex, table: Table, dataset: str, split_type: str, *, step: int,
-                    fixed_num_frames: int, future_frames: int, scene_filter: Path | None = None) -> SequenceIndex:
+def split_sequences(
+    scenes: SceneIndex,
+    table: Table,
+    dataset: str,
+    split_type: str,
+    *,
+    step: int,
+    fixed_num_frames: int,
+    future_frames: int,
+    scene_filter: Path | None = None,
+) -> SequenceIndex:
     """The sequences of a split type (module docstring), sorted by name."""
     if split_type not in SPLIT_TYPES:
         raise ValueError(f"unknown clip split '{split_type}'; choose one of {', '.join(SPLIT_TYPES)}")
     if split_type in ("navtrain", "navtest"):
-        history, future = ((NAVTRAIN_HISTORY, NAVTRAIN_FUTURE) if split_type == "navtrain"
-                           else (fixed_num_frames, future_frames))
+        history, future = (
+            (NAVTRAIN_HISTORY, NAVTRAIN_FUTURE) if split_type == "navtrain" else (fixed_num_frames, future_frames)
+        )
         return _navsim_clips(scenes, table, scene_filter, history, future)
     lengths = np.diff(scenes.offsets)  # [S] stored frames
     sampled = -(-lengths // step)  # [S] frames after subsampling
@@ -234,12 +257,18 @@ def _join(dataset: str, scene_names: pa.Array, number: np.ndarray, kind: str, si
     return pc.binary_join_element_wise(dataset, scene_names, text(number), kind, text(size), "#")
 
 
-def _sorted(names: pa.Array, scene: np.ndarray, start: np.ndarray, count: np.ndarray, stride: int,
-            scenes: SceneIndex) -> SequenceIndex:
+def _sorted(
+    names: pa.Array, scene: np.ndarray, start: np.ndarray, count: np.ndarray, stride: int, scenes: SceneIndex
+) -> SequenceIndex:
     order = pc.sort_indices(names).to_numpy()  # stable, by code point as Python sorts strings
-    return SequenceIndex(names=names.take(order), scene=np.asarray(scene, np.int64)[order],
-                         start=np.asarray(start, np.int64)[order], count=np.asarray(count, np.int64)[order],
-                         stride=stride, scenes=scenes)
+    return SequenceIndex(
+        names=names.take(order),
+        scene=np.asarray(scene, np.int64)[order],
+        start=np.asarray(start, np.int64)[order],
+        count=np.asarray(count, np.int64)[order],
+        stride=stride,
+        scenes=scenes,
+    )
 
 
 def _frame_tokens(table: Table, dataset: str, scenes: SceneIndex, positions: np.ndarray) -> pa.Array:
@@ -248,19 +277,23 @@ def _frame_tokens(table: Table, dataset: str, scenes: SceneIndex, positions: np.
     if not len(positions):
         return pa.array([], pa.string())
     if table.frame_token is None:
-        raise ValueError(f"parquet '{table.path}' has no frame_token column, which clip split 'nuscenes_planning' "
-                         f"names its clips by")
+        raise ValueError(
+            f"parquet '{table.path}' has no frame_token column, which clip split 'nuscenes_planning' names its clips by"
+        )
     cameras = list(CAMERAS[dataset])
     return table.frame_token.take(scenes.rows[positions, cameras.index(min(cameras))])
 
 
-def _navsim_clips(scenes: SceneIndex, table: Table, scene_filter: Path | None, history: int,
-                  future: int) -> SequenceIndex:
+def _navsim_clips(
+    scenes: SceneIndex, table: Table, scene_filter: Path | None, history: int, future: int
+) -> SequenceIndex:
     """One clip per token of the NavSim scene filter yaml (its ``tokens:`` list)."""
     if scene_filter is None or not Path(scene_filter).is_file():
-        raise FileNotFoundError(f"NavSim scene filter '{scene_filter}' does not exist; the navtrain/navtest clip "
-                                f"splits read its token list (the official file is "
-                                f"third_party/navsim_v1_1/.../scene_filter/<split>.yaml under the tree's root)")
+        raise FileNotFoundError(
+            f"NavSim scene filter '{scene_filter}' does not exist; the navtrain/navtest clip "
+            f"splits read its token list (the official file is "
+            f"third_party/navsim_v1_1/.../scene_filter/<split>.yaml under the tree's root)"
+        )
     if table.frame_token is None:
         raise ValueError(f"parquet '{table.path}' has no frame_token column, which NavSim clips are selected by")
     with open(scene_filter, encoding="utf-8") as file:
@@ -268,13 +301,16 @@ def _navsim_clips(scenes: SceneIndex, table: Table, scene_filter: Path | None, h
     # every token's first cell in (scene, frame, camera) order
     cell_tokens = pc.cast(table.frame_token, pa.string()).take(scenes.rows.reshape(-1))
     wanted = pc.is_in(cell_tokens, value_set=pa.array(sorted(tokens), pa.string()))
-    cells = pa.table({"token": cell_tokens.filter(wanted),
-                      "cell": np.flatnonzero(wanted.to_numpy(zero_copy_only=False))})
+    cells = pa.table(
+        {"token": cell_tokens.filter(wanted), "cell": np.flatnonzero(wanted.to_numpy(zero_copy_only=False))}
+    )
     found = cells.group_by("token").aggregate([("cell", "min")])
     absent = sorted(tokens - set(found.column("token").to_pylist()))
     if absent:
-        raise ValueError(f"{len(absent)} token(s) of the scene filter '{scene_filter}' are not in parquet "
-                         f"'{table.path}' (first: {absent[0]}); use a scene filter reduced to the parquet's logs")
+        raise ValueError(
+            f"{len(absent)} token(s) of the scene filter '{scene_filter}' are not in parquet "
+            f"'{table.path}' (first: {absent[0]}); use a scene filter reduced to the parquet's logs"
+        )
     names = found.column("token").combine_chunks()
     position = found.column("cell_min").to_numpy() // scenes.rows.shape[1]  # [T] the token's frame
     scene, centre = scenes.scene_of(position), scenes.frames[position]
@@ -283,8 +319,11 @@ def _navsim_clips(scenes: SceneIndex, table: Table, scene_filter: Path | None, h
     complete = count == max(history + future, 0)  # frames are distinct integers: all present iff all counted
     for t in np.flatnonzero(~complete):
         present = set(scenes[int(scene[t])].frames.tolist())
-        log.warning("NavSim token %s of scene %s lacks frame(s) %s: dropped", names[t].as_py(),
-                    scenes.names[int(scene[t])].as_py(),
-                    sorted(set(range(centre[t] - (history - 1), centre[t] + future + 1)) - present))
+        log.warning(
+            "NavSim token %s of scene %s lacks frame(s) %s: dropped",
+            names[t].as_py(),
+            scenes.names[int(scene[t])].as_py(),
+            sorted(set(range(centre[t] - (history - 1), centre[t] + future + 1)) - present),
+        )
     keep = np.flatnonzero(complete)
     return _sorted(names.take(keep), scene[keep], start[keep], count[keep], 1, scenes)

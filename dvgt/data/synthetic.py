@@ -90,8 +90,7 @@ def _rotation_y(angle: np.ndarray | float) -> np.ndarray:
     """Rotation about the down axis (yaw): maps forward (0, 0, 1) to (sin a, 0, cos a)."""
     c, s = np.cos(angle), np.sin(angle)
     zero, one = np.zeros_like(c), np.ones_like(c)
-    return np.stack([np.stack([c, zero, s], -1), np.stack([zero, one, zero], -1),
-                     np.stack([-s, zero, c], -1)], -2)
+    return np.stack([np.stack([c, zero, s], -1), np.stack([zero, one, zero], -1), np.stack([-s, zero, c], -1)], -2)
 
 
 def _rotation_x(angle: float) -> np.ndarray:
@@ -144,13 +143,14 @@ class Road:
     heading: np.ndarray  # [K] yaw of the driving direction
 
     @staticmethod
-    def random(rng: np.random.Generator, length: float) -> "Road":
+    def random(rng: np.random.Generator, length: float) -> Road:
         """Smoothly varying curvature (radius >= about 60 m) from ROAD_BEHIND metres behind the start to ``length``."""
         s = np.arange(-ROAD_BEHIND, length + 1.0)
         curvature = np.zeros_like(s)
         for amplitude, wavelength in ((0.012, rng.uniform(150, 400)), (0.005, rng.uniform(50, 120))):
-            curvature += rng.uniform(-amplitude, amplitude) * np.sin(2 * np.pi * s / wavelength
-                                                                     + rng.uniform(0, 2 * np.pi))
+            curvature += rng.uniform(-amplitude, amplitude) * np.sin(
+                2 * np.pi * s / wavelength + rng.uniform(0, 2 * np.pi)
+            )
         heading = rng.uniform(-np.pi, np.pi) + np.cumsum(curvature)
         xz = np.cumsum(np.stack([np.sin(heading), np.cos(heading)], -1), axis=0)
         return Road(s, xz - xz[int(ROAD_BEHIND)], heading)  # the start (s = 0) is the world origin
@@ -200,10 +200,26 @@ def _boxes_along_road(rng, road: Road, kind: int, s_range, gap, along, across, h
     return Boxes(centre, size / 2, _rotation_y(theta + yaw), np.clip(colour, 0, 1), np.full(len(s), kind))
 
 
-WALL_COLOURS = np.array([[0.75, 0.68, 0.55], [0.62, 0.40, 0.32], [0.82, 0.80, 0.76], [0.55, 0.58, 0.62],
-                         [0.70, 0.55, 0.40], [0.45, 0.38, 0.34]])
-CAR_COLOURS = np.array([[0.75, 0.10, 0.10], [0.10, 0.20, 0.60], [0.90, 0.90, 0.88], [0.12, 0.12, 0.12],
-                        [0.55, 0.57, 0.60], [0.85, 0.65, 0.10]])
+WALL_COLOURS = np.array(
+    [
+        [0.75, 0.68, 0.55],
+        [0.62, 0.40, 0.32],
+        [0.82, 0.80, 0.76],
+        [0.55, 0.58, 0.62],
+        [0.70, 0.55, 0.40],
+        [0.45, 0.38, 0.34],
+    ]
+)
+CAR_COLOURS = np.array(
+    [
+        [0.75, 0.10, 0.10],
+        [0.10, 0.20, 0.60],
+        [0.90, 0.90, 0.88],
+        [0.12, 0.12, 0.12],
+        [0.55, 0.57, 0.60],
+        [0.85, 0.65, 0.10],
+    ]
+)
 POLE_COLOURS = np.array([[0.45, 0.45, 0.47]])
 
 
@@ -218,13 +234,45 @@ def build_scene(seed: np.random.SeedSequence, num_frames: int) -> SyntheticScene
     s_range = (-ROAD_BEHIND, ego_s[-1] + ROAD_AHEAD)
     curb = ROAD_HALF_WIDTH + SIDEWALK_WIDTH
     boxes = [
-        _boxes_along_road(rng, road, BUILDING, s_range, gap=(1, 12), along=(6, 18), across=(6, 14), height=(4, 22),
-                          lateral=(curb + 0.5, curb + 8), colours=WALL_COLOURS, yaw_jitter=0.15),
-        _boxes_along_road(rng, road, POLE, s_range, gap=(10, 25), along=(0.25, 0.35), across=(0.25, 0.35),
-                          height=(4, 8), lateral=(ROAD_HALF_WIDTH + 0.4, ROAD_HALF_WIDTH + 0.8), colours=POLE_COLOURS,
-                          yaw_jitter=0.0),
-        _boxes_along_road(rng, road, CAR, s_range, gap=(4, 40), along=(3.9, 4.8), across=(1.7, 1.9), height=(1.4, 1.7),
-                          lateral=(ROAD_HALF_WIDTH - 1.1, ROAD_HALF_WIDTH - 0.9), colours=CAR_COLOURS, yaw_jitter=0.05),
+        _boxes_along_road(
+            rng,
+            road,
+            BUILDING,
+            s_range,
+            gap=(1, 12),
+            along=(6, 18),
+            across=(6, 14),
+            height=(4, 22),
+            lateral=(curb + 0.5, curb + 8),
+            colours=WALL_COLOURS,
+            yaw_jitter=0.15,
+        ),
+        _boxes_along_road(
+            rng,
+            road,
+            POLE,
+            s_range,
+            gap=(10, 25),
+            along=(0.25, 0.35),
+            across=(0.25, 0.35),
+            height=(4, 8),
+            lateral=(ROAD_HALF_WIDTH + 0.4, ROAD_HALF_WIDTH + 0.8),
+            colours=POLE_COLOURS,
+            yaw_jitter=0.0,
+        ),
+        _boxes_along_road(
+            rng,
+            road,
+            CAR,
+            s_range,
+            gap=(4, 40),
+            along=(3.9, 4.8),
+            across=(1.7, 1.9),
+            height=(1.4, 1.7),
+            lateral=(ROAD_HALF_WIDTH - 1.1, ROAD_HALF_WIDTH - 0.9),
+            colours=CAR_COLOURS,
+            yaw_jitter=0.05,
+        ),
     ]
     boxes = Boxes(*(np.concatenate([getattr(b, f) for b in boxes]) for f in Boxes.__dataclass_fields__))
 
@@ -233,8 +281,7 @@ def build_scene(seed: np.random.SeedSequence, num_frames: int) -> SyntheticScene
     xz, theta = road.point(ego_s, lateral)
     yaw = theta + 0.03 * np.sin(1.3 * times + wobble[1])  # small steering oscillation
     position = np.stack([xz[:, 0], np.zeros(num_frames), xz[:, 1]], -1)
-    return SyntheticScene(road, boxes, _rigid(_rotation_y(yaw), position),
-                          texture_seed=int(rng.integers(2**31)))
+    return SyntheticScene(road, boxes, _rigid(_rotation_y(yaw), position), texture_seed=int(rng.integers(2**31)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,8 +312,9 @@ def _box_pixel_window(corners_cam: np.ndarray, intrinsics: np.ndarray, height: i
     return slice(y0, y1), slice(x0, x1)
 
 
-def _ray_box_entry(origin: np.ndarray, directions: np.ndarray, centre: np.ndarray, half_size: np.ndarray,
-                   rotation: np.ndarray) -> np.ndarray:
+def _ray_box_entry(
+    origin: np.ndarray, directions: np.ndarray, centre: np.ndarray, half_size: np.ndarray, rotation: np.ndarray
+) -> np.ndarray:
     """Ray parameter where each ray enters the box (slab test), inf if it misses or starts inside.
 
     ``directions`` is [3, ...] (one plane per axis, which keeps the per-axis arithmetic contiguous).
@@ -304,8 +352,9 @@ def cast_rays(scene: SyntheticScene, cam_to_world: np.ndarray, intrinsics: np.nd
         window = _box_pixel_window(corners @ world_to_cam[:3, :3].T + world_to_cam[:3, 3], intrinsics, height, width)
         if window is None:
             continue
-        t = _ray_box_entry(origin, ray_planes[(slice(None), *window)], boxes.centre[k], boxes.half_size[k],
-                           boxes.rotation[k])
+        t = _ray_box_entry(
+            origin, ray_planes[(slice(None), *window)], boxes.centre[k], boxes.half_size[k], boxes.rotation[k]
+        )
         closer = t < depth[window]
         depth[window] = np.where(closer, t, depth[window])
         hit[window] = np.where(closer, k + 1, hit[window])
@@ -330,7 +379,7 @@ def value_noise(x: np.ndarray, y: np.ndarray, seed: int, octaves: int = 2) -> np
     """Smooth pseudo-random texture in [0, 1] over the plane (hashed lattice values, interpolated)."""
     total, norm = np.zeros_like(x), 0.0
     for octave in range(octaves):
-        scale = 2.0 ** octave
+        scale = 2.0**octave
         xs, ys = x * scale, y * scale
         i, j = np.floor(xs), np.floor(ys)
         fx, fy = xs - i, ys - j
@@ -351,8 +400,9 @@ def _ground_albedo(scene: SyntheticScene, x: np.ndarray, z: np.ndarray) -> np.nd
     sidewalk = np.array([0.62, 0.60, 0.56]) * (0.85 + 0.3 * fine) * np.where(tiles, 0.7, 1.0)[:, None]
     asphalt = np.array([0.33, 0.33, 0.35]) * (0.75 + 0.5 * fine)
     marking = ((side < 0.1) & (along % 6.0 < 3.0)) | (np.abs(side - (ROAD_HALF_WIDTH - 0.25)) < 0.1)
-    colour = np.select([side[:, None] < ROAD_HALF_WIDTH, side[:, None] < ROAD_HALF_WIDTH + SIDEWALK_WIDTH],
-                       [asphalt, sidewalk], grass)
+    colour = np.select(
+        [side[:, None] < ROAD_HALF_WIDTH, side[:, None] < ROAD_HALF_WIDTH + SIDEWALK_WIDTH], [asphalt, sidewalk], grass
+    )
     return np.where(marking[:, None], np.array([0.92, 0.92, 0.86]), colour)
 
 
@@ -371,8 +421,15 @@ def _box_albedo_and_normal(scene: SyntheticScene, box: np.ndarray, points: np.nd
     noise = value_noise(across * 2 + box * 13.7, height * 2, scene.texture_seed)[:, None]
     colour = boxes.colour[box] * (0.75 + 0.5 * noise)
     column, storey = (across / 3.0) % 1, (height / 3.2) % 1
-    window = (kind == BUILDING) & (face != 1) & (height > 1.0) & (column > 0.3) & (column < 0.8) & (storey > 0.3) \
+    window = (
+        (kind == BUILDING)
+        & (face != 1)
+        & (height > 1.0)
+        & (column > 0.3)
+        & (column < 0.8)
+        & (storey > 0.3)
         & (storey < 0.75)
+    )
     car_glass = (kind == CAR) & (height > 1.0) & (height < 1.35) & (face != 1)
     tyres = (kind == CAR) & (height < 0.35)
     dark = np.array([0.12, 0.15, 0.20]) * (0.7 + 0.6 * noise)
@@ -380,8 +437,9 @@ def _box_albedo_and_normal(scene: SyntheticScene, box: np.ndarray, points: np.nd
     return colour, normal
 
 
-def shade(scene: SyntheticScene, rays: np.ndarray, origin: np.ndarray, depth: np.ndarray,
-          hit: np.ndarray) -> np.ndarray:
+def shade(
+    scene: SyntheticScene, rays: np.ndarray, origin: np.ndarray, depth: np.ndarray, hit: np.ndarray
+) -> np.ndarray:
     """RGB [H, W, 3] in [0, 1]: Lambert-shaded albedo, fading into haze towards MAX_DEPTH; sky elsewhere."""
     shape = rays.shape
     rays, depth, hit = rays.reshape(-1, 3), depth.reshape(-1), hit.reshape(-1)
@@ -450,8 +508,9 @@ def ego_status(ego_to_world: np.ndarray) -> dict[str, np.ndarray]:
     return {"ego_velocity": right_forward[0], "ego_acceleration": right_forward[1], "driving_command": command}
 
 
-def render_scene(root: Path, split: str, index: int, num_frames: int, height: int, width: int,
-                 seed: int) -> dict[str, list]:
+def render_scene(
+    root: Path, split: str, index: int, num_frames: int, height: int, width: int, seed: int
+) -> dict[str, list]:
     """Render one scene's frames and cameras, write its images and depths; returns its parquet rows."""
     scene = build_scene(scene_seed(seed, split, index), num_frames)
     name = scene_name(split, index)
@@ -459,9 +518,21 @@ def render_scene(root: Path, split: str, index: int, num_frames: int, height: in
     rng = np.random.default_rng(scene_seed(seed, split, index).spawn(1)[0])
     tokens = [rng.bytes(8).hex() for _ in range(num_frames)]
     status = ego_status(scene.ego_to_world)
-    rows: dict[str, list] = {key: [] for key in ("scene_id", "frame_idx", "cam_type", "filename", "intrinsics",
-                                                 "extrinsics", "ego_to_world", *status, "frame_token",
-                                                 "use_lidar_proj_depth")}
+    rows: dict[str, list] = {
+        key: []
+        for key in (
+            "scene_id",
+            "frame_idx",
+            "cam_type",
+            "filename",
+            "intrinsics",
+            "extrinsics",
+            "ego_to_world",
+            *status,
+            "frame_token",
+            "use_lidar_proj_depth",
+        )
+    }
     for frame in range(num_frames):
         for camera, mount in RIG.items():
             intrinsics = camera_intrinsics(mount, height, width)
@@ -470,17 +541,33 @@ def render_scene(root: Path, split: str, index: int, num_frames: int, height: in
             filename = f"{name}/{camera}/{tokens[frame]}"
             fmt.write_image(tree.image(filename), rgb)
             fmt.write_depth(tree.depth(filename, projected=False), np.where(depth > 0, depth, np.inf))
-            values = dict(scene_id=name, frame_idx=frame, cam_type=camera, filename=filename, intrinsics=intrinsics,
-                          extrinsics=np.linalg.inv(cam_to_world)[:3], ego_to_world=scene.ego_to_world[frame][:3],
-                          frame_token=tokens[frame], use_lidar_proj_depth=False,
-                          **{key: value[frame] for key, value in status.items()})
+            values = dict(
+                scene_id=name,
+                frame_idx=frame,
+                cam_type=camera,
+                filename=filename,
+                intrinsics=intrinsics,
+                extrinsics=np.linalg.inv(cam_to_world)[:3],
+                ego_to_world=scene.ego_to_world[frame][:3],
+                frame_token=tokens[frame],
+                use_lidar_proj_depth=False,
+                **{key: value[frame] for key, value in status.items()},
+            )
             for key, value in values.items():
                 rows[key].append(value)
     return rows
 
 
-def generate_synthetic_dataset(root: str | Path, split: str = "train", num_scenes: int = 16, num_frames: int = 12,
-                               height: int = 112, width: int = 200, seed: int = 0, workers: int | None = None) -> Path:
+def generate_synthetic_dataset(
+    root: str | Path,
+    split: str = "train",
+    num_scenes: int = 16,
+    num_frames: int = 12,
+    height: int = 112,
+    width: int = 200,
+    seed: int = 0,
+    workers: int | None = None,
+) -> Path:
     """Write ``num_scenes`` scenes as the split ``split`` of the ``demo`` dataset of an official tree at
     ``root``; returns the parquet. Scenes render in ``workers`` processes (default: one per CPU core); the
     output depends only on the arguments."""

@@ -100,16 +100,24 @@ class ViewPlan:
         return next((s for s in DRAFT_SCALES if crop_w / s >= need_w and crop_h / s >= need_h), 1)
 
 
-def plan_view(stored: tuple[int, int], intrinsics: np.ndarray, target: tuple[int, int],
-              aug_size: tuple[int, int] | None = None, extra_margin: float = 0.0) -> ViewPlan:
+def plan_view(
+    stored: tuple[int, int],
+    intrinsics: np.ndarray,
+    target: tuple[int, int],
+    aug_size: tuple[int, int] | None = None,
+    extra_margin: float = 0.0,
+) -> ViewPlan:
     """The three steps of the module docstring for an image of ``stored`` (height, width) pixels.
     ``aug_size`` (height, width) is the first crop's size under pixel-aspect augmentation (default: the
     whole image); ``extra_margin`` the training-time random resize margin (pixels)."""
     x0, y0, x1, y1 = box = crop_box(*stored, intrinsics, aug_size or stored)
     intrinsics = _shifted(intrinsics, x0, y0)
     height, width = y1 - y0, x1 - x0
-    scale = float(np.max((np.asarray(target, dtype=float) + SAFE_BOUND_PX + extra_margin)
-                         / np.array([height, width], dtype=float)))
+    scale = float(
+        np.max(
+            (np.asarray(target, dtype=float) + SAFE_BOUND_PX + extra_margin) / np.array([height, width], dtype=float)
+        )
+    )
     new_h, new_w = int(np.floor(height * scale)), int(np.floor(width * scale))
     intrinsics = _scaled(intrinsics, new_w / width, new_h / height)
     fx0, fy0, fx1, fy1 = final = crop_box(new_h, new_w, intrinsics, target, strict=True)

@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import yaml
 
@@ -30,22 +29,26 @@ class Profile:
     name: str
     max_images_per_forward: int  # images per GPU per forward pass (an estimate until measured)
     gpu: bool  # False: no GPU resources (local and CI runs)
-    overrides: List[str]  # trainer config overrides the profile adds
-    memory_gib: Optional[float] = None  # memory of one GPU of this kind (None: no GPU)
+    overrides: list[str]  # trainer config overrides the profile adds
+    memory_gib: float | None = None  # memory of one GPU of this kind (None: no GPU)
 
 
 @dataclass(frozen=True)
 class Catalog:
-    stages: Dict[str, Stage]
-    profiles: Dict[str, Profile]
+    stages: dict[str, Stage]
+    profiles: dict[str, Profile]
 
 
 def load_catalog(path: Path = CATALOG_FILE) -> Catalog:
     raw = yaml.safe_load(path.read_text())
-    stages = {name: Stage(name, s["config"], s["model"], int(s["imagesPerStep"]), int(s["nodes"]))
-              for name, s in raw["stages"].items()}
-    profiles = {name: Profile(name, int(p["maxImagesPerForward"]), bool(p["gpu"]), list(p["overrides"]), p.get("memoryGiB"))
-                for name, p in raw["profiles"].items()}
+    stages = {
+        name: Stage(name, s["config"], s["model"], int(s["imagesPerStep"]), int(s["nodes"]))
+        for name, s in raw["stages"].items()
+    }
+    profiles = {
+        name: Profile(name, int(p["maxImagesPerForward"]), bool(p["gpu"]), list(p["overrides"]), p.get("memoryGiB"))
+        for name, p in raw["profiles"].items()
+    }
     return Catalog(stages, profiles)
 
 

@@ -18,29 +18,43 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any
 
 from dvgt.k8s.catalog import CHART_DIR, load_catalog
 
-MANIFEST_HEADER = ("# Generated from charts/dvgt by `make manifests` (helm template {stage} charts/dvgt --set stage={stage} "
-                   "--set monitoring.shared=true);\n# do not edit: change the chart and regenerate. Needs the PVC, the S3 "
-                   "Secret and the bucket named below;\n# alerts and dashboard: k8s/monitoring.yaml (once per namespace).\n")
+MANIFEST_HEADER = (
+    "# Generated from charts/dvgt by `make manifests` (helm template {stage} charts/dvgt --set stage={stage} "
+    "--set monitoring.shared=true);\n# do not edit: change the chart and regenerate. Needs the PVC, the S3 "
+    "Secret and the bucket named below;\n# alerts and dashboard: k8s/monitoring.yaml (once per namespace).\n"
+)
 JOB_VALUES = {"monitoring.shared": "true"}  # the rules and dashboard come once from k8s/monitoring.yaml
-MONITORING_HEADER = ("# Generated from charts/dvgt by `make manifests` (helm template dvgt-monitoring charts/dvgt --set "
-                     "monitoring.only=true);\n# do not edit: change the chart and regenerate. The alert and recording rules "
-                     "and the Grafana dashboard\n# of every dvgt job: apply once per namespace (or once for the cluster).\n")
+MONITORING_HEADER = (
+    "# Generated from charts/dvgt by `make manifests` (helm template dvgt-monitoring charts/dvgt --set "
+    "monitoring.only=true);\n# do not edit: change the chart and regenerate. The alert and recording rules "
+    "and the Grafana dashboard\n# of every dvgt job: apply once per namespace (or once for the cluster).\n"
+)
 READY_RUNTIME = "dvgt"  # the TrainingRuntime of the ready TrainJobs (k8s/trainjob/runtime.yaml)
-TRAINJOB_VALUES = {"api": "trainjob", "trainJob.runtime.create": "false", "trainJob.runtime.name": READY_RUNTIME, **JOB_VALUES}
-TRAINJOB_HEADER = ("# Generated from charts/dvgt by `make manifests` (helm template {stage} charts/dvgt --set stage={stage} "
-                   "--set api=trainjob\n# --set trainJob.runtime.create=false --set trainJob.runtime.name=dvgt --set "
-                   "monitoring.shared=true); do not edit: "
-                   "change the chart and regenerate.\n# Needs the TrainingRuntime of runtime.yaml (kubectl apply -f "
-                   "k8s/trainjob/runtime.yaml, once per namespace).\n")
-RUNTIME_HEADER = ("# Generated from charts/dvgt by `make manifests` (helm template dvgt charts/dvgt --set api=trainjob "
-                  "--show-only templates/trainingruntime.yaml);\n# do not edit: change the chart and regenerate. The "
-                  "TrainingRuntime every k8s/trainjob/<stage>.yaml references;\n# needs the PVC, the S3 Secret and the "
-                  "bucket named below.\n")
+TRAINJOB_VALUES = {
+    "api": "trainjob",
+    "trainJob.runtime.create": "false",
+    "trainJob.runtime.name": READY_RUNTIME,
+    **JOB_VALUES,
+}
+TRAINJOB_HEADER = (
+    "# Generated from charts/dvgt by `make manifests` (helm template {stage} charts/dvgt --set stage={stage} "
+    "--set api=trainjob\n# --set trainJob.runtime.create=false --set trainJob.runtime.name=dvgt --set "
+    "monitoring.shared=true); do not edit: "
+    "change the chart and regenerate.\n# Needs the TrainingRuntime of runtime.yaml (kubectl apply -f "
+    "k8s/trainjob/runtime.yaml, once per namespace).\n"
+)
+RUNTIME_HEADER = (
+    "# Generated from charts/dvgt by `make manifests` (helm template dvgt charts/dvgt --set api=trainjob "
+    "--show-only templates/trainingruntime.yaml);\n# do not edit: change the chart and regenerate. The "
+    "TrainingRuntime every k8s/trainjob/<stage>.yaml references;\n# needs the PVC, the S3 Secret and the "
+    "bucket named below.\n"
+)
 
 
 def find_helm() -> str:
@@ -52,8 +66,14 @@ def find_helm() -> str:
     return found
 
 
-def render(release: str, values: Dict[str, str], chart: Path = CHART_DIR, value_tree: Optional[Dict[str, Any]] = None,
-           namespace: Optional[str] = None, show_only: Union[str, Sequence[str]] = ()) -> str:
+def render(
+    release: str,
+    values: dict[str, str],
+    chart: Path = CHART_DIR,
+    value_tree: dict[str, Any] | None = None,
+    namespace: str | None = None,
+    show_only: str | Sequence[str] = (),
+) -> str:
     """`helm template` of the chart with --set values (and a values tree, passed as a values file on
     stdin so that types survive; show_only: only these templates' output); errors carry helm's message."""
     command = [find_helm(), "template", release, str(chart)] + (["--namespace", namespace] if namespace else [])
@@ -63,8 +83,9 @@ def render(release: str, values: Dict[str, str], chart: Path = CHART_DIR, value_
         command += ["--set", f"{key}={value}"]
     if value_tree is not None:
         command += ["--values", "-"]
-    result = subprocess.run(command, capture_output=True, text=True,
-                            input=json.dumps(value_tree) if value_tree is not None else None)
+    result = subprocess.run(
+        command, capture_output=True, text=True, input=json.dumps(value_tree) if value_tree is not None else None
+    )
     if result.returncode != 0:
         message = result.stderr.split("Use --debug flag")[0]  # helm's advice to itself is no help to a user
         raise ValueError(f"helm template {release} failed: {' '.join(message.split())}")
@@ -79,18 +100,23 @@ def schema_text(chart: Path = CHART_DIR) -> str:
     return json.dumps(schema, indent=2) + "\n"
 
 
-def expected_files(chart: Path = CHART_DIR) -> Dict[Path, str]:
+def expected_files(chart: Path = CHART_DIR) -> dict[Path, str]:
     """Every generated file (path -> content); the schema first, since rendering validates against it."""
     root = chart.resolve().parent.parent
     files = {chart / "values.schema.json": schema_text(chart)}
     for stage in load_catalog(chart / "files" / "catalog.yaml").stages:
         files[root / "k8s" / f"{stage}.yaml"] = MANIFEST_HEADER.format(stage=stage) + render(
-            stage, {"stage": stage, **JOB_VALUES}, chart)
+            stage, {"stage": stage, **JOB_VALUES}, chart
+        )
         files[root / "k8s" / "trainjob" / f"{stage}.yaml"] = TRAINJOB_HEADER.format(stage=stage) + render(
-            stage, {"stage": stage, **TRAINJOB_VALUES}, chart)
-    files[root / "k8s" / "monitoring.yaml"] = MONITORING_HEADER + render("dvgt-monitoring", {"monitoring.only": "true"}, chart)
+            stage, {"stage": stage, **TRAINJOB_VALUES}, chart
+        )
+    files[root / "k8s" / "monitoring.yaml"] = MONITORING_HEADER + render(
+        "dvgt-monitoring", {"monitoring.only": "true"}, chart
+    )
     files[root / "k8s" / "trainjob" / "runtime.yaml"] = RUNTIME_HEADER + render(
-        READY_RUNTIME, {"api": "trainjob"}, chart, show_only="templates/trainingruntime.yaml")
+        READY_RUNTIME, {"api": "trainjob"}, chart, show_only="templates/trainingruntime.yaml"
+    )
     return files
 
 

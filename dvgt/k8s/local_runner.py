@@ -38,9 +38,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 from dvgt.k8s import pytorchjob, trainjob
 from dvgt.k8s.pytorchjob import CONTAINER, REPLICA_TYPES, operator_env, replica_counts
@@ -65,7 +66,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def read_env_file(path: Path) -> Dict[str, str]:
+def read_env_file(path: Path) -> dict[str, str]:
     """KEY=VALUE lines (blank lines and # comments ignored), the format of `kubectl create secret --from-env-file`."""
     values = {}
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
@@ -81,21 +82,24 @@ def read_env_file(path: Path) -> Dict[str, str]:
 @dataclass
 class Options:
     workdir: Path  # pod folders go here (kept after the run)
-    volumes: Dict[str, Path] = field(default_factory=dict)  # volume name -> host folder (PVC, hostPath)
-    secrets: Dict[str, Dict[str, str]] = field(default_factory=dict)  # Secret (or ConfigMap) name -> its keys
-    env: Dict[str, str] = field(default_factory=dict)  # extra env for every container, applied last
-    overrides: List[str] = field(default_factory=list)  # trainer config overrides appended to the trainer's args
-    nproc_per_node: Optional[int] = None  # replaces nprocPerNode / numProcPerNode (and torchrun's --nproc-per-node)
-    replicas: Dict[str, int] = field(default_factory=dict)  # Master / Worker count (Worker=0: no workers); TrainJob: node=N
+    volumes: dict[str, Path] = field(default_factory=dict)  # volume name -> host folder (PVC, hostPath)
+    secrets: dict[str, dict[str, str]] = field(default_factory=dict)  # Secret (or ConfigMap) name -> its keys
+    env: dict[str, str] = field(default_factory=dict)  # extra env for every container, applied last
+    overrides: list[str] = field(default_factory=list)  # trainer config overrides appended to the trainer's args
+    nproc_per_node: int | None = None  # replaces nprocPerNode / numProcPerNode (and torchrun's --nproc-per-node)
+    replicas: dict[str, int] = field(
+        default_factory=dict
+    )  # Master / Worker count (Worker=0: no workers); TrainJob: node=N
     restart_delay_s: float = 10.0  # first back-off of an in-place restart (doubles per restart of a pod)
-    targets_file: Optional[Path] = None  # write the sidecars' ports as a Prometheus file_sd target list
+    targets_file: Path | None = None  # write the sidecars' ports as a Prometheus file_sd target list
 
 
 # --------------------------------------------------------------------------------------------
 # Preparing the job
 # --------------------------------------------------------------------------------------------
 
-def set_flags(command: List[str], values: Dict[str, Callable[[str], str]]) -> List[str]:
+
+def set_flags(command: list[str], values: dict[str, Callable[[str], str]]) -> list[str]:
     """The value V of each `--flag V` / `--flag=V` whose flag is in `values` becomes values[flag](V)."""
     out = []
     for i, arg in enumerate(command):
@@ -108,22 +112,22 @@ def set_flags(command: List[str], values: Dict[str, Callable[[str], str]]) -> Li
     return out
 
 
-def set_nproc(args: List[str], nproc: int) -> List[str]:
+def set_nproc(args: list[str], nproc: int) -> list[str]:
     """torchrun's --nproc-per-node (either spelling) set to nproc."""
     return set_flags(args, {"--nproc-per-node": lambda _: str(nproc), "--nproc_per_node": lambda _: str(nproc)})
 
 
-def listen_locally(command: List[str], ports: Dict[str, str]) -> List[str]:
+def listen_locally(command: list[str], ports: dict[str, str]) -> list[str]:
     """A sidecar's `--port N` (declared container ports -> their local ports) and `--host H`
     (-> 127.0.0.1): it serves this machine only, beside the other pods' sidecars."""
     return set_flags(command, {"--port": lambda v: ports.get(v, v), "--host": lambda _: "127.0.0.1"})
 
 
-def local_args(args: List[str], options: Options) -> List[str]:
+def local_args(args: list[str], options: Options) -> list[str]:
     return (set_nproc(args, options.nproc_per_node) if options.nproc_per_node else list(args)) + list(options.overrides)
 
 
-def apply_local_options(job: Dict[str, Any], options: Options) -> Dict[str, Any]:
+def apply_local_options(job: dict[str, Any], options: Options) -> dict[str, Any]:
     """The job with the command-line changes applied (replica counts, processes per pod, overrides)."""
     job = json.loads(json.dumps(job))  # a copy that shares nothing (YAML anchors may alias the replicas' pods)
     if job.get("kind") == "TrainJob":
@@ -160,16 +164,17 @@ def apply_local_options(job: Dict[str, Any], options: Options) -> Dict[str, Any]
 # What runs: the pods of a PyTorchJob or of a TrainJob, and when each is retried
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class PodPlan:
     name: str  # the pod's name, e.g. job-master-0, job-node-0-1
     label: str  # its log prefix and short name: master-0, worker-0, node-0
     role: str  # master | worker | node (Prometheus target label replica_type)
     index: int  # index within its replica type
-    spec: Dict[str, Any]  # the pod spec
+    spec: dict[str, Any]  # the pod spec
     main: str  # the trainer container (pytorch | node)
-    env: Dict[str, str]  # what the operator adds to every container
-    fields: Dict[str, str]  # downward-API values beyond metadata.name & co (labels, annotations)
+    env: dict[str, str]  # what the operator adds to every container
+    fields: dict[str, str]  # downward-API values beyond metadata.name & co (labels, annotations)
     policy: str  # restartPolicy as the manifest says it (messages)
     in_place: str = ""  # "OnFailure" | "Always": the kubelet restarts the container; "": a failed pod is recreated ...
     fail_codes: frozenset = frozenset()  # ... unless its exit code fails the job
@@ -180,13 +185,13 @@ class PodPlan:
 @dataclass
 class JobPlan:
     name: str
-    pods: List[PodPlan]
+    pods: list[PodPlan]
     backoff_limit: int
-    deadline_s: Optional[float]
+    deadline_s: float | None
     summary: str  # how the job is laid out (first log line)
 
 
-def plan_pytorchjob(job: Dict[str, Any], port: int) -> JobPlan:
+def plan_pytorchjob(job: dict[str, Any], port: int) -> JobPlan:
     name, counts = job["metadata"]["name"], replica_counts(job)
     pods = []
     for rtype, count in counts.items():
@@ -194,19 +199,34 @@ def plan_pytorchjob(job: Dict[str, Any], port: int) -> JobPlan:
         policy = rspec.get("restartPolicy", "Never")
         for index in range(count):
             label = f"{rtype.lower()}-{index}"
-            pods.append(PodPlan(
-                f"{name}-{label}", label, rtype.lower(), index, rspec["template"]["spec"], CONTAINER,
-                operator_env(job, rtype, index, "127.0.0.1", port), {}, policy,
-                in_place=policy if policy in ("OnFailure", "Always") else "",
-                fail_codes=frozenset(range(1, 128)) if policy == "ExitCode" else frozenset(),
-                recreate=policy == "ExitCode", required=rtype == "Master"))
+            pods.append(
+                PodPlan(
+                    f"{name}-{label}",
+                    label,
+                    rtype.lower(),
+                    index,
+                    rspec["template"]["spec"],
+                    CONTAINER,
+                    operator_env(job, rtype, index, "127.0.0.1", port),
+                    {},
+                    policy,
+                    in_place=policy if policy in ("OnFailure", "Always") else "",
+                    fail_codes=frozenset(range(1, 128)) if policy == "ExitCode" else frozenset(),
+                    recreate=policy == "ExitCode",
+                    required=rtype == "Master",
+                )
+            )
     run_policy = job["spec"].get("runPolicy") or {}
-    return JobPlan(name, pods, int(run_policy["backoffLimit"] if run_policy.get("backoffLimit") is not None else 6),
-                   run_policy.get("activeDeadlineSeconds"),
-                   f"{', '.join(f'{n} {t}' for t, n in counts.items())} x {job['spec'].get('nprocPerNode', 'auto')} process(es)")
+    return JobPlan(
+        name,
+        pods,
+        int(run_policy["backoffLimit"] if run_policy.get("backoffLimit") is not None else 6),
+        run_policy.get("activeDeadlineSeconds"),
+        f"{', '.join(f'{n} {t}' for t, n in counts.items())} x {job['spec'].get('nprocPerNode', 'auto')} process(es)",
+    )
 
 
-def failing_exit_codes(job_spec: Dict[str, Any]) -> frozenset:
+def failing_exit_codes(job_spec: dict[str, Any]) -> frozenset:
     """The exit codes of the `node` container that the Job's podFailurePolicy answers with FailJob."""
     codes: set = set()
     for rule in (job_spec.get("podFailurePolicy") or {}).get("rules") or []:
@@ -218,7 +238,7 @@ def failing_exit_codes(job_spec: Dict[str, Any]) -> frozenset:
     return frozenset(codes)
 
 
-def plan_trainjob(job: Dict[str, Any], runtime: Dict[str, Any], port: int) -> JobPlan:
+def plan_trainjob(job: dict[str, Any], runtime: dict[str, Any], port: int) -> JobPlan:
     """Node i of the TrainJob: the runtime's trainer pod with the job's fields, PET_* of the torch plugin
     (PYTHONUNBUFFERED=1 is the trainer image's own, Dockerfile; Trainer does not add it)."""
     name, nodes = job["metadata"]["name"], trainjob.num_nodes(job, runtime)
@@ -226,26 +246,44 @@ def plan_trainjob(job: Dict[str, Any], runtime: Dict[str, Any], port: int) -> Jo
     job_spec = replicated["template"]["spec"]
     spec = job_spec["template"]["spec"]
     policy = spec.get("restartPolicy", "Never")
-    pods = [PodPlan(f"{name}-{trainjob.NODE}-0-{i}", f"{trainjob.NODE}-{i}", trainjob.NODE, i, spec, trainjob.NODE,
-                    {"PYTHONUNBUFFERED": "1", **trainjob.plugin_env(job, runtime, i, "127.0.0.1", port)},
-                    trainjob.pod_fields(job, i), policy if policy == "OnFailure" or not job_spec.get("podFailurePolicy")
-                    else f"{policy} with podFailurePolicy FailJob", in_place="OnFailure" if policy == "OnFailure" else "",
-                    fail_codes=failing_exit_codes(job_spec))
-            for i in range(nodes)]
+    pods = [
+        PodPlan(
+            f"{name}-{trainjob.NODE}-0-{i}",
+            f"{trainjob.NODE}-{i}",
+            trainjob.NODE,
+            i,
+            spec,
+            trainjob.NODE,
+            {"PYTHONUNBUFFERED": "1", **trainjob.plugin_env(job, runtime, i, "127.0.0.1", port)},
+            trainjob.pod_fields(job, i),
+            policy
+            if policy == "OnFailure" or not job_spec.get("podFailurePolicy")
+            else f"{policy} with podFailurePolicy FailJob",
+            in_place="OnFailure" if policy == "OnFailure" else "",
+            fail_codes=failing_exit_codes(job_spec),
+        )
+        for i in range(nodes)
+    ]
     deadline = job["spec"].get("activeDeadlineSeconds")
-    return JobPlan(name, pods, int(job_spec.get("backoffLimit", 6)), deadline,
-                   f"{nodes} node(s) x {pods[0].env['PET_NPROC_PER_NODE']} process(es)")
+    return JobPlan(
+        name,
+        pods,
+        int(job_spec.get("backoffLimit", 6)),
+        deadline,
+        f"{nodes} node(s) x {pods[0].env['PET_NPROC_PER_NODE']} process(es)",
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # One pod: its folders, its volumes, its containers
 # --------------------------------------------------------------------------------------------
 
+
 class ContainerFiles:
     """Where one container's paths live on this machine: each of its volume mounts at the volume's
     folder, every other path under its own root folder (a mount inside that root becomes a link)."""
 
-    def __init__(self, root: Path, mounts: Dict[str, Path], pod_root: Path):
+    def __init__(self, root: Path, mounts: dict[str, Path], pod_root: Path):
         self.root, self.mounts = root, mounts  # mounts: container path -> host folder
         self.pod_root = pod_root  # the pod's folder: its emptyDirs are under it
 
@@ -268,13 +306,15 @@ class ContainerFiles:
                 place.parent.mkdir(parents=True, exist_ok=True)
                 place.symlink_to(target, target_is_directory=True)
 
-    def rewrite(self, value: str, prefixes: List[str]) -> str:
+    def rewrite(self, value: str, prefixes: list[str]) -> str:
         """Container paths under a mount or the working directory -> host paths, wherever a path can start
         in a value: at its start, or after '=', ':', a space or a quote (key=value overrides, shell scripts)."""
+
         def swap(match: re.Match) -> str:
             path = match.group(2)
             inside = any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
             return match.group(1) + (str(self.host_path(path)) if inside else path)
+
         return re.sub(r"(^|[=:\s'\"])(/[^\s=:,;'\"]*)", swap, value)
 
 
@@ -284,7 +324,7 @@ class Process:
     popen: subprocess.Popen
     reader: threading.Thread
 
-    def poll(self) -> Optional[int]:
+    def poll(self) -> int | None:
         """The container's exit code: 128 + signal when a signal ended it, as the kubelet reports."""
         code = self.popen.poll()
         return None if code is None else (128 - code if code < 0 else code)
@@ -301,18 +341,19 @@ class Pod:
         self.sidecar_specs += [c for c in self.spec["containers"] if c["name"] != plan.main]
         self.init_specs = [c for c in self.spec.get("initContainers") or [] if c.get("restartPolicy") != "Always"]
         # Declared ports of the sidecars -> free local ports, fixed for the pod's whole life.
-        self.ports = {(c["name"], int(p["containerPort"])): free_port()
-                      for c in self.sidecar_specs for p in c.get("ports") or []}
+        self.ports = {
+            (c["name"], int(p["containerPort"])): free_port() for c in self.sidecar_specs for p in c.get("ports") or []
+        }
         self.generation = 0  # pod re-creations (restartPolicy ExitCode)
         self.container_restarts = 0  # in-place restarts of the trainer container
-        self.main: Optional[Process] = None
-        self.sidecars: List[Process] = []
+        self.main: Process | None = None
+        self.sidecars: list[Process] = []
         self.root = options.workdir / self.name  # this pod's folder (a new one when the pod is recreated)
-        self.volume_folders: Dict[str, Path] = {}
+        self.volume_folders: dict[str, Path] = {}
         self.finished = False  # the trainer container succeeded and stays down
 
     # -- file system ------------------------------------------------------------------------------
-    def _volume_folder(self, volume: Dict[str, Any]) -> Path:
+    def _volume_folder(self, volume: dict[str, Any]) -> Path:
         name = volume["name"]
         if name in self.options.volumes:
             return Path(self.options.volumes[name]).resolve()
@@ -321,31 +362,40 @@ class Pod:
         if "hostPath" in volume:
             path = Path(volume["hostPath"]["path"])
             if not path.is_dir():
-                raise ValueError(f"volume '{name}' is hostPath {path}, which is not a folder here; "
-                                 f"give one with --volume {name}=PATH")
+                raise ValueError(
+                    f"volume '{name}' is hostPath {path}, which is not a folder here; "
+                    f"give one with --volume {name}=PATH"
+                )
             return path
         if "persistentVolumeClaim" in volume:  # one folder for the whole job, like a shared claim
             folder = self.options.workdir / "volumes" / name
             if not folder.exists():
-                log("local-run", f"volume '{name}' (PVC {volume['persistentVolumeClaim'].get('claimName')}) "
-                                 f"not given with --volume {name}=PATH: using the empty folder {folder}")
+                log(
+                    "local-run",
+                    f"volume '{name}' (PVC {volume['persistentVolumeClaim'].get('claimName')}) "
+                    f"not given with --volume {name}=PATH: using the empty folder {folder}",
+                )
             return folder
-        raise ValueError(f"volume '{name}' of pod {self.name} has a type the local runner cannot provide "
-                         f"({', '.join(k for k in volume if k != 'name')}); give a folder with --volume {name}=PATH")
+        raise ValueError(
+            f"volume '{name}' of pod {self.name} has a type the local runner cannot provide "
+            f"({', '.join(k for k in volume if k != 'name')}); give a folder with --volume {name}=PATH"
+        )
 
-    def _files(self, container: Dict[str, Any]) -> ContainerFiles:
+    def _files(self, container: dict[str, Any]) -> ContainerFiles:
         mounts = {}
         for mount in container.get("volumeMounts") or []:
             if mount["mountPath"] in HOST_DIRS:
                 continue
             if mount["name"] not in self.volume_folders:
-                raise ValueError(f"container {container['name']} mounts volume '{mount['name']}', "
-                                 f"which pod {self.name} does not declare")
+                raise ValueError(
+                    f"container {container['name']} mounts volume '{mount['name']}', "
+                    f"which pod {self.name} does not declare"
+                )
             mounts[mount["mountPath"]] = self.volume_folders[mount["name"]] / mount.get("subPath", "")
         return ContainerFiles(self.root / "containers" / container["name"], mounts, self.root)
 
     # -- containers ---------------------------------------------------------------------------------
-    def _env(self, container: Dict[str, Any], files: ContainerFiles) -> Dict[str, str]:
+    def _env(self, container: dict[str, Any], files: ContainerFiles) -> dict[str, str]:
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this Python's tools first
         env.update(self.base_env)
@@ -355,18 +405,23 @@ class Pod:
             if name in self.options.secrets:
                 env.update({source.get("prefix", "") + k: v for k, v in self.options.secrets[name].items()})
             elif not ref.get("optional"):
-                log(self.label, f"{container['name']}: Secret/ConfigMap '{name}' not given with --secret "
-                                f"{name}=FILE: its keys come from this environment")
+                log(
+                    self.label,
+                    f"{container['name']}: Secret/ConfigMap '{name}' not given with --secret "
+                    f"{name}=FILE: its keys come from this environment",
+                )
         for item in container.get("env") or []:
             env[item["name"]] = self._env_value(container["name"], item, env)
         env.update(self.options.env)
-        return {k: files.rewrite(v, self._prefixes(container)) if k in self._declared(container) else v
-                for k, v in env.items()}
+        return {
+            k: files.rewrite(v, self._prefixes(container)) if k in self._declared(container) else v
+            for k, v in env.items()
+        }
 
-    def _declared(self, container: Dict[str, Any]) -> set:
+    def _declared(self, container: dict[str, Any]) -> set:
         return {item["name"] for item in container.get("env") or []} | set(self.options.env)
 
-    def _env_value(self, container: str, item: Dict[str, Any], env: Dict[str, str]) -> str:
+    def _env_value(self, container: str, item: dict[str, Any], env: dict[str, str]) -> str:
         if "valueFrom" not in item:
             return str(item.get("value", ""))
         source = item["valueFrom"]
@@ -377,49 +432,71 @@ class Pod:
                 return values[ref["key"]]
             if item["name"] in env:
                 return env[item["name"]]
-            raise ValueError(f"env {item['name']} of container {container} reads key '{ref['key']}' of "
-                             f"'{ref['name']}': pass --secret {ref['name']}=FILE (KEY=VALUE lines) or export {item['name']}")
+            raise ValueError(
+                f"env {item['name']} of container {container} reads key '{ref['key']}' of "
+                f"'{ref['name']}': pass --secret {ref['name']}=FILE (KEY=VALUE lines) or export {item['name']}"
+            )
         field_path = (source.get("fieldRef") or {}).get("fieldPath", "")
-        fields = {"metadata.name": self.name, "metadata.namespace": "default", "status.podIP": "127.0.0.1",
-                  "spec.nodeName": socket.gethostname(), "status.hostIP": "127.0.0.1", **self.plan.fields}
+        fields = {
+            "metadata.name": self.name,
+            "metadata.namespace": "default",
+            "status.podIP": "127.0.0.1",
+            "spec.nodeName": socket.gethostname(),
+            "status.hostIP": "127.0.0.1",
+            **self.plan.fields,
+        }
         if field_path in fields:
             return fields[field_path]
-        raise ValueError(f"env {item['name']} of container {container}: valueFrom {source} is not supported locally; "
-                         f"set it with --env {item['name']}=VALUE")
+        raise ValueError(
+            f"env {item['name']} of container {container}: valueFrom {source} is not supported locally; "
+            f"set it with --env {item['name']}=VALUE"
+        )
 
-    def _prefixes(self, container: Dict[str, Any]) -> List[str]:
-        return [m["mountPath"] for m in container.get("volumeMounts") or [] if m["mountPath"] not in HOST_DIRS] + \
-            ([container["workingDir"]] if container.get("workingDir") else [])
+    def _prefixes(self, container: dict[str, Any]) -> list[str]:
+        return [m["mountPath"] for m in container.get("volumeMounts") or [] if m["mountPath"] not in HOST_DIRS] + (
+            [container["workingDir"]] if container.get("workingDir") else []
+        )
 
-    def _command(self, container: Dict[str, Any], files: ContainerFiles) -> List[str]:
+    def _command(self, container: dict[str, Any], files: ContainerFiles) -> list[str]:
         command = list(container.get("command") or []) + [str(a) for a in container.get("args") or []]
         if not command:
-            raise ValueError(f"container {container['name']} of pod {self.name} has no command: the local runner "
-                             "cannot run an image's default entrypoint; give command/args in the manifest")
+            raise ValueError(
+                f"container {container['name']} of pod {self.name} has no command: the local runner "
+                "cannot run an image's default entrypoint; give command/args in the manifest"
+            )
         if container is not self.main_spec:
             ports = {str(port): str(local) for (name, port), local in self.ports.items() if name == container["name"]}
             command = listen_locally(command, ports)
         prefixes = self._prefixes(container)
         return [files.rewrite(a, prefixes) for a in command]
 
-    def _start(self, container: Dict[str, Any], label: str) -> Process:
+    def _start(self, container: dict[str, Any], label: str) -> Process:
         files = self._files(container)
         files.create()
         cwd = files.host_path(container.get("workingDir", "/"))
         cwd.mkdir(parents=True, exist_ok=True)
         command = self._command(container, files)
         log(label, f"$ {' '.join(command)}")
-        popen = subprocess.Popen(command, cwd=cwd, env=self._env(container, files), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, start_new_session=True, text=True, errors="replace")
+        popen = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=self._env(container, files),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            text=True,
+            errors="replace",
+        )
 
         def forward() -> None:
             for line in popen.stdout:
                 log(label, line.rstrip("\n"))
+
         reader = threading.Thread(target=forward, daemon=True)
         reader.start()
         return Process(container["name"], popen, reader)
 
-    def _wait_ready(self, container: Dict[str, Any], process: Process, timeout_s: float = 60.0) -> None:
+    def _wait_ready(self, container: dict[str, Any], process: Process, timeout_s: float = 60.0) -> None:
         """Wait for a sidecar's HTTP readiness probe (the kubelet starts the next container once a
         native sidecar has started)."""
         probe = (container.get("readinessProbe") or container.get("startupProbe") or {}).get("httpGet")
@@ -435,7 +512,9 @@ class Pod:
                     return
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError(f"sidecar {container['name']} of pod {self.name} did not answer {url} within {timeout_s:.0f} s")
+        raise RuntimeError(
+            f"sidecar {container['name']} of pod {self.name} did not answer {url} within {timeout_s:.0f} s"
+        )
 
     def start(self) -> None:
         """Create the pod: its folders, init containers (to completion), sidecars (until ready), then pytorch."""
@@ -474,11 +553,19 @@ class Pod:
             process.reader.join(timeout=5)
         self.sidecars = []
 
-    def targets(self) -> List[Dict[str, Any]]:
-        return [{"targets": [f"127.0.0.1:{local}"],
-                 "labels": {"pod": self.name, "container": name, "replica_type": self.plan.role,
-                            "replica_index": str(self.plan.index)}}
-                for (name, _), local in self.ports.items()]
+    def targets(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "targets": [f"127.0.0.1:{local}"],
+                "labels": {
+                    "pod": self.name,
+                    "container": name,
+                    "replica_type": self.plan.role,
+                    "replica_index": str(self.plan.index),
+                },
+            }
+            for (name, _), local in self.ports.items()
+        ]
 
 
 def _signal_group(popen: subprocess.Popen, sig: int) -> None:
@@ -492,6 +579,7 @@ def _signal_group(popen: subprocess.Popen, sig: int) -> None:
 # The job
 # --------------------------------------------------------------------------------------------
 
+
 class Interrupted(Exception):
     pass
 
@@ -504,9 +592,9 @@ class JobRun:
         self.backoff_limit, self.deadline_s = plan.backoff_limit, plan.deadline_s
         self.pods = [Pod(p, options) for p in plan.pods]
         self.restarts = 0
-        self.due: Dict[str, float] = {}  # pod name -> when its pending restart happens
+        self.due: dict[str, float] = {}  # pod name -> when its pending restart happens
 
-    def check(self, pod: Pod) -> Optional[str]:
+    def check(self, pod: Pod) -> str | None:
         """Look at one pod: None while the job goes on, else why it ended ("" = it succeeded)."""
         if pod.name in self.due:
             if time.monotonic() >= self.due[pod.name]:
@@ -533,11 +621,14 @@ class JobRun:
             pod.generation += 1
             delay, how = 0.0, "as a new pod"
         else:  # the kubelet restarts the container in its pod, with a doubling back-off
-            delay = min(self.options.restart_delay_s * 2 ** pod.container_restarts, MAX_BACKOFF_S)
+            delay = min(self.options.restart_delay_s * 2**pod.container_restarts, MAX_BACKOFF_S)
             pod.container_restarts += 1
             how = f"in {delay:.0f} s"
-        log("local-run", f"{pod.label}: {main} exited {code}; restarting {how} "
-                         f"(restart {self.restarts}, backoffLimit {self.backoff_limit})")
+        log(
+            "local-run",
+            f"{pod.label}: {main} exited {code}; restarting {how} "
+            f"(restart {self.restarts}, backoffLimit {self.backoff_limit})",
+        )
         self.due[pod.name] = time.monotonic() + delay
         return None
 
@@ -550,6 +641,7 @@ class JobRun:
 
         def interrupt(signum, frame):
             raise Interrupted(signum)
+
         previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
         started, code, detail = time.monotonic(), 1, None
         try:
@@ -575,10 +667,14 @@ class JobRun:
         return code
 
 
-def run_job(job: Dict[str, Any], options: Options, runtime: Optional[Dict[str, Any]] = None) -> int:
+def run_job(job: dict[str, Any], options: Options, runtime: dict[str, Any] | None = None) -> int:
     """Run every replica until the job succeeds (0) or fails (1; 128 + signal when interrupted).
     A TrainJob runs with `runtime`, the (Cluster)TrainingRuntime it references."""
-    check = (lambda j: trainjob.check_admission(j, runtime)) if job.get("kind") == "TrainJob" else pytorchjob.check_admission
+    check = (
+        (lambda j: trainjob.check_admission(j, runtime))
+        if job.get("kind") == "TrainJob"
+        else pytorchjob.check_admission
+    )
     check(job)
     job = apply_local_options(job, options)
     check(job)
@@ -587,7 +683,7 @@ def run_job(job: Dict[str, Any], options: Options, runtime: Optional[Dict[str, A
     return JobRun(plan, options).run(port)
 
 
-def load_job(manifest: str, runtime_files: List[Path]) -> tuple:
+def load_job(manifest: str, runtime_files: list[Path]) -> tuple:
     """(job, runtime) of a manifest ('-': stdin) holding one PyTorchJob or one TrainJob. A TrainJob's
     runtime is looked for in the manifest, then in runtime_files, then in the YAML files beside the
     manifest (k8s/trainjob/runtime.yaml for the ready TrainJobs)."""
@@ -595,8 +691,10 @@ def load_job(manifest: str, runtime_files: List[Path]) -> tuple:
     jobs = [d for d in documents if d.get("kind") in ("PyTorchJob", "TrainJob")]
     if len(jobs) != 1:
         kinds = ", ".join(sorted({str(d.get("kind")) for d in documents})) or "nothing"
-        raise ValueError(f"the manifest must hold exactly one PyTorchJob or TrainJob, it holds {len(jobs)} (kinds: {kinds}); "
-                         "render one stage, e.g. helm template NAME charts/dvgt --set stage=dvgt1-demo")
+        raise ValueError(
+            f"the manifest must hold exactly one PyTorchJob or TrainJob, it holds {len(jobs)} (kinds: {kinds}); "
+            "render one stage, e.g. helm template NAME charts/dvgt --set stage=dvgt1-demo"
+        )
     job = jobs[0]
     if job["kind"] != "TrainJob":
         return job, None
@@ -606,11 +704,13 @@ def load_job(manifest: str, runtime_files: List[Path]) -> tuple:
         if runtime is not None:
             return job, runtime
     kind, name = trainjob.runtime_ref(job)
-    raise ValueError(f"TrainJob {job['metadata'].get('name')} references the {kind} '{name}', which is neither in the "
-                     f"manifest nor in {', '.join(map(str, runtime_files)) or 'the YAML files beside it'}: pass its "
-                     "manifest with --runtime FILE (the ready TrainJobs' is k8s/trainjob/runtime.yaml)")
+    raise ValueError(
+        f"TrainJob {job['metadata'].get('name')} references the {kind} '{name}', which is neither in the "
+        f"manifest nor in {', '.join(map(str, runtime_files)) or 'the YAML files beside it'}: pass its "
+        "manifest with --runtime FILE (the ready TrainJobs' is k8s/trainjob/runtime.yaml)"
+    )
 
 
-def run_manifest(manifest: str, options: Options, runtime_files: List[Path] = ()) -> int:
+def run_manifest(manifest: str, options: Options, runtime_files: list[Path] = ()) -> int:
     job, runtime = load_job(manifest, list(runtime_files))
     return run_job(job, options, runtime)

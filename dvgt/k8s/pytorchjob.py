@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any
 
 import yaml
 
@@ -15,7 +15,7 @@ CONTAINER = "pytorch"  # the container the operator configures (its default cont
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def load_pytorchjob(source: Union[str, Path]) -> Dict[str, Any]:
+def load_pytorchjob(source: str | Path) -> dict[str, Any]:
     """The one PyTorchJob of a (multi-document) manifest file, or of YAML text."""
     text = Path(source).read_text() if isinstance(source, Path) else source
     try:
@@ -25,20 +25,26 @@ def load_pytorchjob(source: Union[str, Path]) -> Dict[str, Any]:
     jobs = [d for d in documents if d.get("kind") == "PyTorchJob"]
     if len(jobs) != 1:
         kinds = ", ".join(sorted({str(d.get("kind")) for d in documents})) or "nothing"
-        raise ValueError(f"the manifest must hold exactly one PyTorchJob, it holds {len(jobs)} (kinds: {kinds}); "
-                         f"render one stage, e.g. helm template NAME charts/dvgt --set stage=dvgt1-demo")
+        raise ValueError(
+            f"the manifest must hold exactly one PyTorchJob, it holds {len(jobs)} (kinds: {kinds}); "
+            f"render one stage, e.g. helm template NAME charts/dvgt --set stage=dvgt1-demo"
+        )
     return jobs[0]
 
 
-def admission_errors(job: Dict[str, Any]) -> List[str]:
+def admission_errors(job: dict[str, Any]) -> list[str]:
     """The operator's validating webhook for PyTorchJob, as a list of problems (empty = admitted)."""
     errors = []
     if job.get("apiVersion") != "kubeflow.org/v1" or job.get("kind") != "PyTorchJob":
-        errors.append(f"apiVersion/kind must be kubeflow.org/v1 PyTorchJob, got {job.get('apiVersion')} {job.get('kind')}")
+        errors.append(
+            f"apiVersion/kind must be kubeflow.org/v1 PyTorchJob, got {job.get('apiVersion')} {job.get('kind')}"
+        )
     name = str((job.get("metadata") or {}).get("name", ""))
     if not DNS1035.match(name):
-        errors.append(f"metadata.name '{name}' must be a DNS-1035 label (lower-case letters, digits and '-', "
-                      "starting with a letter, at most 63 characters)")
+        errors.append(
+            f"metadata.name '{name}' must be a DNS-1035 label (lower-case letters, digits and '-', "
+            "starting with a letter, at most 63 characters)"
+        )
     spec = job.get("spec") or {}
     if (spec.get("elasticPolicy") or {}).get("nProcPerNode") is not None and spec.get("nprocPerNode") is not None:
         errors.append("spec.elasticPolicy.nProcPerNode must not be used with spec.nprocPerNode")
@@ -63,23 +69,23 @@ def admission_errors(job: Dict[str, Any]) -> List[str]:
     return errors
 
 
-def check_admission(job: Dict[str, Any]) -> None:
+def check_admission(job: dict[str, Any]) -> None:
     errors = admission_errors(job)
     if errors:
         raise ValueError("the PyTorchJob would be refused by the Training Operator: " + "; ".join(errors))
 
 
-def replica_counts(job: Dict[str, Any]) -> Dict[str, int]:
+def replica_counts(job: dict[str, Any]) -> dict[str, int]:
     """Replicas per type, in rank order (a type without `replicas` has 1, as the operator defaults)."""
     specs = job["spec"]["pytorchReplicaSpecs"]
     return {rtype: int(specs[rtype].get("replicas", 1)) for rtype in REPLICA_TYPES if rtype in specs}
 
 
-def node_rank(counts: Dict[str, int], rtype: str, index: int) -> int:
+def node_rank(counts: dict[str, int], rtype: str, index: int) -> int:
     return index + (counts.get("Master", 0) if rtype == "Worker" else 0)
 
 
-def operator_env(job: Dict[str, Any], rtype: str, index: int, master_addr: str, port: int) -> Dict[str, str]:
+def operator_env(job: dict[str, Any], rtype: str, index: int, master_addr: str, port: int) -> dict[str, str]:
     """The variables the operator appends to each container of a replica (no elasticPolicy)."""
     counts = replica_counts(job)
     nodes = sum(counts.values())
@@ -87,10 +93,13 @@ def operator_env(job: Dict[str, Any], rtype: str, index: int, master_addr: str, 
     rank = str(node_rank(counts, rtype, index))
     return {
         "PYTHONUNBUFFERED": "1",
-        "MASTER_ADDR": master_addr, "PET_MASTER_ADDR": master_addr,
-        "MASTER_PORT": str(port), "PET_MASTER_PORT": str(port),
+        "MASTER_ADDR": master_addr,
+        "PET_MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(port),
+        "PET_MASTER_PORT": str(port),
         "WORLD_SIZE": str(nodes * int(nproc) if nproc.isdigit() else nodes),
-        "RANK": rank, "PET_NODE_RANK": rank,
+        "RANK": rank,
+        "PET_NODE_RANK": rank,
         "PET_NPROC_PER_NODE": nproc,
         "PET_NNODES": str(nodes),
     }

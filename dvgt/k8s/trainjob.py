@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any
 
 import yaml
 
@@ -20,12 +20,18 @@ RUNTIME_KINDS = ("TrainingRuntime", "ClusterTrainingRuntime")
 ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"  # pkg/constants/constants.go:41
 NODE = "node"  # the trainer replicatedJob and its container (pkg/constants/constants.go:69)
 MASTER_PORT = 29500  # constants.ContainerTrainerPort (pkg/constants/constants.go:72)
-RESERVED_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")  # constants.go:190-203
+RESERVED_ENV = (
+    "PET_NNODES",
+    "PET_NPROC_PER_NODE",
+    "PET_NODE_RANK",
+    "PET_MASTER_ADDR",
+    "PET_MASTER_PORT",
+)  # constants.go:190-203
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # the Indexed Job's pod annotation and label
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def load_documents(source: Union[str, Path]) -> List[Dict[str, Any]]:
+def load_documents(source: str | Path) -> list[dict[str, Any]]:
     text = Path(source).read_text() if isinstance(source, Path) else source
     try:
         return [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
@@ -33,39 +39,57 @@ def load_documents(source: Union[str, Path]) -> List[Dict[str, Any]]:
         raise ValueError(f"manifest {source if isinstance(source, Path) else ''} is not valid YAML: {error}") from None
 
 
-def runtime_ref(trainjob: Dict[str, Any]) -> Tuple[str, str]:
+def runtime_ref(trainjob: dict[str, Any]) -> tuple[str, str]:
     """(kind, name) of the runtime a TrainJob references (the CRD defaults kind to ClusterTrainingRuntime)."""
     ref = (trainjob.get("spec") or {}).get("runtimeRef") or {}
     return ref.get("kind", "ClusterTrainingRuntime"), ref.get("name", "")
 
 
-def find_runtime(trainjob: Dict[str, Any], documents: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+def find_runtime(trainjob: dict[str, Any], documents: list[dict[str, Any]]) -> dict[str, Any] | None:
     kind, name = runtime_ref(trainjob)
-    return next((d for d in documents if d.get("apiVersion") == API_VERSION and d.get("kind") == kind
-                 and (d.get("metadata") or {}).get("name") == name), None)
+    return next(
+        (
+            d
+            for d in documents
+            if d.get("apiVersion") == API_VERSION
+            and d.get("kind") == kind
+            and (d.get("metadata") or {}).get("name") == name
+        ),
+        None,
+    )
 
 
-def trainer_job(runtime: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def trainer_job(runtime: dict[str, Any]) -> dict[str, Any] | None:
     """The runtime's replicatedJob labelled trainjob-ancestor-step: trainer."""
     jobs = runtime["spec"]["template"]["spec"].get("replicatedJobs") or []
-    return next((j for j in jobs if ((j.get("template") or {}).get("metadata") or {}).get("labels", {})
-                 .get(ANCESTOR_LABEL) == "trainer"), None)
+    return next(
+        (
+            j
+            for j in jobs
+            if ((j.get("template") or {}).get("metadata") or {}).get("labels", {}).get(ANCESTOR_LABEL) == "trainer"
+        ),
+        None,
+    )
 
 
-def admission_errors(trainjob: Dict[str, Any], runtime: Optional[Dict[str, Any]]) -> List[str]:
+def admission_errors(trainjob: dict[str, Any], runtime: dict[str, Any] | None) -> list[str]:
     """The TrainJob and runtime webhooks (and what the controller would fail on), as a list of problems."""
     return job_errors(trainjob) + runtime_errors(trainjob, runtime)
 
 
-def job_errors(trainjob: Dict[str, Any]) -> List[str]:
+def job_errors(trainjob: dict[str, Any]) -> list[str]:
     """The rules on the TrainJob alone."""
     errors = []
     if trainjob.get("apiVersion") != API_VERSION or trainjob.get("kind") != "TrainJob":
-        errors.append(f"apiVersion/kind must be {API_VERSION} TrainJob, got {trainjob.get('apiVersion')} {trainjob.get('kind')}")
+        errors.append(
+            f"apiVersion/kind must be {API_VERSION} TrainJob, got {trainjob.get('apiVersion')} {trainjob.get('kind')}"
+        )
     name = str((trainjob.get("metadata") or {}).get("name", ""))
     if not DNS1035.match(name):  # the CRD's CEL rules on metadata.name
-        errors.append(f"metadata.name '{name}' must be a DNS-1035 label (lower-case letters, digits and '-', "
-                      "starting with a letter, at most 63 characters)")
+        errors.append(
+            f"metadata.name '{name}' must be a DNS-1035 label (lower-case letters, digits and '-', "
+            "starting with a letter, at most 63 characters)"
+        )
     kind, _ = runtime_ref(trainjob)
     if kind not in RUNTIME_KINDS:  # pkg/webhooks/trainjob_webhook.go:114-117
         errors.append(f"spec.runtimeRef.kind '{kind}' is not supported ({', '.join(RUNTIME_KINDS)})")
@@ -77,36 +101,44 @@ def job_errors(trainjob: Dict[str, Any]) -> List[str]:
     if reserved:  # pkg/runtime/framework/plugins/torch/torch.go:65-77
         errors.append(f"spec.trainer.env must not set the torch plugin's variables {reserved}")
     if isinstance(nodes, int) and len(f"{name}-{NODE}-0-{max(nodes - 1, 0)}-xxxxx") > 63:  # JobSet's pod names
-        errors.append(f"metadata.name '{name}' is too long: its pods are named {name}-{NODE}-0-<index>-<5 characters>, "
-                      "at most 63 characters")
+        errors.append(
+            f"metadata.name '{name}' is too long: its pods are named {name}-{NODE}-0-<index>-<5 characters>, "
+            "at most 63 characters"
+        )
     return errors
 
 
-def runtime_errors(trainjob: Dict[str, Any], runtime: Optional[Dict[str, Any]]) -> List[str]:
+def runtime_errors(trainjob: dict[str, Any], runtime: dict[str, Any] | None) -> list[str]:
     """The rules on the runtime the TrainJob references (None: it is not there)."""
     kind, runtime_name = runtime_ref(trainjob)
     errors = []
     if runtime is None:  # pkg/runtime/core/trainingruntime.go:305-313
-        errors.append(f"the {kind} '{runtime_name}' it references is not there: a TrainJob's runtime must exist before it")
+        errors.append(
+            f"the {kind} '{runtime_name}' it references is not there: a TrainJob's runtime must exist before it"
+        )
         return errors
     job = trainer_job(runtime)
     if job is None or job.get("name") != NODE:  # builder.go:113-141, torch.go:159-166
-        errors.append(f"{kind} '{runtime_name}' needs a replicatedJob named '{NODE}' labelled {ANCESTOR_LABEL}: trainer")
+        errors.append(
+            f"{kind} '{runtime_name}' needs a replicatedJob named '{NODE}' labelled {ANCESTOR_LABEL}: trainer"
+        )
     elif job.get("replicas", 1) != 1:  # pkg/webhooks/trainingruntime_webhook.go:79-81
         errors.append(f"{kind} '{runtime_name}': the trainer replicatedJob must have replicas 1")
-    elif not any(c.get("name") == NODE for c in pod_spec(job).get("containers") or []):  # trainingruntime_webhook.go:88-101
+    elif not any(
+        c.get("name") == NODE for c in pod_spec(job).get("containers") or []
+    ):  # trainingruntime_webhook.go:88-101
         errors.append(f"{kind} '{runtime_name}': the trainer replicatedJob needs a container named '{NODE}'")
     return errors
 
 
-def check_admission(trainjob: Dict[str, Any], runtime: Optional[Dict[str, Any]], runtime_known: bool = True) -> None:
+def check_admission(trainjob: dict[str, Any], runtime: dict[str, Any] | None, runtime_known: bool = True) -> None:
     """Raise the problems as one ValueError; runtime_known False: the runtime is checked elsewhere (a cluster's)."""
     errors = admission_errors(trainjob, runtime) if runtime_known else job_errors(trainjob)
     if errors:
         raise ValueError("the TrainJob would be refused by Kubeflow Trainer: " + "; ".join(errors))
 
 
-def pod_spec(replicated_job: Dict[str, Any]) -> Dict[str, Any]:
+def pod_spec(replicated_job: dict[str, Any]) -> dict[str, Any]:
     return replicated_job["template"]["spec"]["template"].get("spec") or {}
 
 
@@ -118,7 +150,11 @@ def strategic_merge(base: Any, patch: Any) -> Any:
         for key, value in patch.items():
             out[key] = strategic_merge(base[key], value) if key in base else value
         return out
-    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(x, dict) and "name" in x for x in base + patch):
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(x, dict) and "name" in x for x in base + patch)
+    ):
         out = [dict(x) for x in base]
         for item in patch:
             at = next((i for i, x in enumerate(out) if x["name"] == item["name"]), None)
@@ -127,7 +163,7 @@ def strategic_merge(base: Any, patch: Any) -> Any:
     return patch
 
 
-def upsert_env(env: List[Dict[str, Any]], items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def upsert_env(env: list[dict[str, Any]], items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """apply.UpsertEnvVars: each item replaces the variable of its name, or is appended."""
     out = list(env)
     for item in items:
@@ -136,12 +172,12 @@ def upsert_env(env: List[Dict[str, Any]], items: List[Dict[str, Any]]) -> List[D
     return out
 
 
-def node_template(trainjob: Dict[str, Any], runtime: Dict[str, Any]) -> Dict[str, Any]:
+def node_template(trainjob: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Any]:
     """The trainer replicatedJob as the JobSet gets it: the runtime's, with the TrainJob's runtime patches
     merged in (trainingruntime.go:146-162) and its trainer fields on the `node` container: image, command,
     args (jobset/builder.go:128-137), env (torch.go:137-143) and resourcesPerNode (trainingruntime.go:199-219)."""
     spec = copy.deepcopy(runtime["spec"]["template"]["spec"])
-    for patch in (trainjob["spec"].get("runtimePatches") or []):
+    for patch in trainjob["spec"].get("runtimePatches") or []:
         patched = ((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec")
         if patched:
             spec = strategic_merge(spec, patched)
@@ -159,13 +195,13 @@ def node_template(trainjob: Dict[str, Any], runtime: Dict[str, Any]) -> Dict[str
     return job
 
 
-def num_nodes(trainjob: Dict[str, Any], runtime: Dict[str, Any]) -> int:
+def num_nodes(trainjob: dict[str, Any], runtime: dict[str, Any]) -> int:
     """The trainer's node count: the TrainJob's numNodes, else the runtime's mlPolicy (torch.go:116-118)."""
     trainer = trainjob["spec"].get("trainer") or {}
     return int(trainer.get("numNodes") or (runtime["spec"].get("mlPolicy") or {}).get("numNodes") or 1)
 
 
-def nproc_per_node(trainjob: Dict[str, Any], node: Dict[str, Any]) -> str:
+def nproc_per_node(trainjob: dict[str, Any], node: dict[str, Any]) -> str:
     """PET_NPROC_PER_NODE (torch.go:121-135): numProcPerNode, else "auto" with GPUs, else the CPU count."""
     value = (trainjob["spec"].get("trainer") or {}).get("numProcPerNode")
     if value is not None:
@@ -177,23 +213,32 @@ def nproc_per_node(trainjob: Dict[str, Any], node: Dict[str, Any]) -> str:
     return str(max(1, int(float(cpu[:-1]) / 1000) if cpu.endswith("m") else int(float(cpu))))
 
 
-def plugin_env(trainjob: Dict[str, Any], runtime: Dict[str, Any], index: int, master_addr: str, port: int) -> Dict[str, str]:
+def plugin_env(
+    trainjob: dict[str, Any], runtime: dict[str, Any], index: int, master_addr: str, port: int
+) -> dict[str, str]:
     """What each node's `node` container gets beyond its own env (torch.go:145-166): PET_NNODES,
     PET_NPROC_PER_NODE, PET_NODE_RANK (a fieldRef to the pod's job-completion-index annotation, so the
     node's index), PET_MASTER_ADDR (<job>-node-0-0.<job>: node 0's hostname in the JobSet's headless
     Service; here master_addr) and PET_MASTER_PORT (29500; here port); and JOB_COMPLETION_INDEX, which
     the Kubernetes Job controller sets in every container of an Indexed Job's pod."""
     node = next(c for c in pod_spec(node_template(trainjob, runtime))["containers"] if c["name"] == NODE)
-    return {"PET_NNODES": str(num_nodes(trainjob, runtime)), "PET_NPROC_PER_NODE": nproc_per_node(trainjob, node),
-            "PET_NODE_RANK": str(index), "PET_MASTER_ADDR": master_addr, "PET_MASTER_PORT": str(port),
-            "JOB_COMPLETION_INDEX": str(index)}
+    return {
+        "PET_NNODES": str(num_nodes(trainjob, runtime)),
+        "PET_NPROC_PER_NODE": nproc_per_node(trainjob, node),
+        "PET_NODE_RANK": str(index),
+        "PET_MASTER_ADDR": master_addr,
+        "PET_MASTER_PORT": str(port),
+        "JOB_COMPLETION_INDEX": str(index),
+    }
 
 
-def pod_fields(trainjob: Dict[str, Any], index: int) -> Dict[str, str]:
+def pod_fields(trainjob: dict[str, Any], index: int) -> dict[str, str]:
     """Downward-API fields of node `index`'s pod: the JobSet's labels (jobset name = TrainJob name) and
     the Indexed Job's completion index (label and annotation)."""
     name = trainjob["metadata"]["name"]
-    return {"metadata.labels['jobset.sigs.k8s.io/jobset-name']": name,
-            "metadata.labels['jobset.sigs.k8s.io/replicatedjob-name']": NODE,
-            f"metadata.labels['{COMPLETION_INDEX}']": str(index),
-            f"metadata.annotations['{COMPLETION_INDEX}']": str(index)}
+    return {
+        "metadata.labels['jobset.sigs.k8s.io/jobset-name']": name,
+        "metadata.labels['jobset.sigs.k8s.io/replicatedjob-name']": NODE,
+        f"metadata.labels['{COMPLETION_INDEX}']": str(index),
+        f"metadata.annotations['{COMPLETION_INDEX}']": str(index),
+    }

@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry
@@ -50,7 +50,7 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def serve(folder: str | Path, port: int = 9400, host: str = "127.0.0.1", job: Optional[str] = None) -> None:
+def serve(folder: str | Path, port: int = 9400, host: str = "127.0.0.1", job: str | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C."""
     job = job_name() if job is None else job
     app = build_app(folder, job)
@@ -68,12 +68,28 @@ def serve(folder: str | Path, port: int = 9400, host: str = "127.0.0.1", job: Op
         server.server_close()
 
 
-def start_exporter(folder: str | Path, port: int, host: str = "127.0.0.1", job: str = "",
-                   timeout: float = 20.0, **popen) -> subprocess.Popen:
+def start_exporter(
+    folder: str | Path, port: int, host: str = "127.0.0.1", job: str = "", timeout: float = 20.0, **popen
+) -> subprocess.Popen:
     """Start `dvgt exporter` as a child process and return once /healthz answers (the demo and the
     tests use it; stop it with .terminate())."""
-    process = subprocess.Popen([sys.executable, "-m", "dvgt", "exporter", "--port", str(port), "--dir", str(folder),
-                                "--host", host, "--job", job], **popen)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dvgt",
+            "exporter",
+            "--port",
+            str(port),
+            "--dir",
+            str(folder),
+            "--host",
+            host,
+            "--job",
+            job,
+        ],
+        **popen,
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

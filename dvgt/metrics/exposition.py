@@ -20,8 +20,8 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.mmap_dict import MmapedDict
@@ -31,7 +31,7 @@ from prometheus_client.utils import floatToGoString
 FAST_KINDS = {"counter", "histogram", "gauge_mostrecent"}  # file name prefixes merged here
 
 
-def _labels_text(labels: List[Tuple[str, str]]) -> str:
+def _labels_text(labels: list[tuple[str, str]]) -> str:
     escaped = (value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"") for _, value in labels)
     return ",".join(f'{name}="{value}"' for (name, _), value in zip(labels, escaped))
 
@@ -44,7 +44,7 @@ class Series:
     kind: str  # counter | histogram | gauge
     help: str
     text: str  # 'name{labels}' of a counter or gauge sample; 'name{labels' (no le, no brace) of a histogram's
-    bucket: Optional[float]  # a histogram bucket's upper bound (None: not a bucket)
+    bucket: float | None  # a histogram bucket's upper bound (None: not a bucket)
 
 
 def parse_series(key: str, kind: str) -> Series:
@@ -53,8 +53,13 @@ def parse_series(key: str, kind: str) -> Series:
     if kind == "histogram":
         bucket = next((float(value) for name, value in labels if name == "le"), None)
         rest = _labels_text([(n, v) for n, v in labels if n != "le"])
-        return Series(family, kind, help_text, f"{family}{{{rest}" if sample.endswith("_bucket") else
-                      f"{sample}{{{rest}}}" if rest else sample, bucket)
+        return Series(
+            family,
+            kind,
+            help_text,
+            f"{family}{{{rest}" if sample.endswith("_bucket") else f"{sample}{{{rest}}}" if rest else sample,
+            bucket,
+        )
     text = _labels_text(labels)
     return Series(family, kind, help_text, f"{sample}{{{text}}}" if text else sample, None)
 
@@ -64,12 +69,12 @@ class MetricFiles:
     scrapes share one render: a request waits for a render that started after it arrived, so every
     answer is at least as new as the request, and a burst of scrapes costs about two renders."""
 
-    def __init__(self, folder: str, extra: Optional[CollectorRegistry] = None) -> None:
+    def __init__(self, folder: str, extra: CollectorRegistry | None = None) -> None:
         self.folder = folder
         self.extra = extra  # other collectors (NVML), rendered by the library after the files
-        self._series: Dict[Tuple[str, str], Series] = {}
+        self._series: dict[tuple[str, str], Series] = {}
         self._lock = threading.Lock()
-        self._latest: Tuple[float, bytes] = (-1.0, b"")
+        self._latest: tuple[float, bytes] = (-1.0, b"")
 
     def scrape(self) -> bytes:
         asked = time.monotonic()
@@ -92,11 +97,11 @@ class MetricFiles:
             text = self._merge(files, kinds).encode()
         return text + (generate_latest(self.extra) if self.extra is not None else b"")
 
-    def _merge(self, files: List[str], kinds: List[str]) -> str:
-        series: Dict[Tuple[str, str], Series] = {}
-        sums: Dict[Series, float] = defaultdict(float)  # counters, histogram sums and buckets
-        newest: Dict[str, Tuple[float, float]] = {}  # gauge text -> (timestamp, value)
-        families: Dict[str, Series] = {}  # family -> a series of it (for HELP and TYPE), in order of appearance
+    def _merge(self, files: list[str], kinds: list[str]) -> str:
+        series: dict[tuple[str, str], Series] = {}
+        sums: dict[Series, float] = defaultdict(float)  # counters, histogram sums and buckets
+        newest: dict[str, tuple[float, float]] = {}  # gauge text -> (timestamp, value)
+        families: dict[str, Series] = {}  # family -> a series of it (for HELP and TYPE), in order of appearance
         for path, kind in zip(files, kinds):
             try:
                 values = MmapedDict.read_all_values_from_file(path)
@@ -112,10 +117,10 @@ class MetricFiles:
                 else:
                     sums[entry] += value
         self._series = series  # keys no file holds any more are forgotten
-        by_family: Dict[str, List[Series]] = defaultdict(list)
+        by_family: dict[str, list[Series]] = defaultdict(list)
         for entry in list(sums) + [s for s in series.values() if s.kind == "gauge"]:
             by_family[entry.family].append(entry)
-        lines: List[str] = []
+        lines: list[str] = []
         for family, first in families.items():
             name = f"{family}_total" if first.kind == "counter" else family
             help_text = first.help.replace("\\", r"\\").replace("\n", r"\n")
@@ -130,10 +135,10 @@ class MetricFiles:
         return "\n".join(lines) + "\n" if lines else ""
 
     @staticmethod
-    def _histogram(family: str, entries: List[Series], sums: Dict[Series, float]) -> List[str]:
+    def _histogram(family: str, entries: list[Series], sums: dict[Series, float]) -> list[str]:
         """Cumulative buckets, then _sum and _count, per label set (as the library accumulates them)."""
-        buckets: Dict[str, Dict[float, float]] = defaultdict(lambda: defaultdict(float))
-        totals: Dict[str, float] = {}
+        buckets: dict[str, dict[float, float]] = defaultdict(lambda: defaultdict(float))
+        totals: dict[str, float] = {}
         for entry in entries:
             if entry.bucket is not None:
                 buckets[entry.text][entry.bucket] += sums[entry]
@@ -141,12 +146,14 @@ class MetricFiles:
                 totals[entry.text] = totals.get(entry.text, 0.0) + sums[entry]
         lines = []
         for prefix, counts in buckets.items():
-            labels = prefix[len(family) + 1:]  # 'a="1",b="2"' (no braces)
+            labels = prefix[len(family) + 1 :]  # 'a="1",b="2"' (no braces)
             count = 0.0
             for bound in sorted(counts):
                 count += counts[bound]
-                lines.append(f'{family}_bucket{{{labels}{"," if labels else ""}le="{floatToGoString(bound)}"}} '
-                             f"{floatToGoString(count)}")
+                lines.append(
+                    f'{family}_bucket{{{labels}{"," if labels else ""}le="{floatToGoString(bound)}"}} '
+                    f"{floatToGoString(count)}"
+                )
             braced = f"{{{labels}}}" if labels else ""
             if f"{family}_sum{braced}" in totals:
                 lines.append(f"{family}_sum{braced} {floatToGoString(totals[f'{family}_sum{braced}'])}")
@@ -157,8 +164,9 @@ class MetricFiles:
 def wsgi_metrics(files: MetricFiles) -> Callable:
     def app(environ, start_response):
         body = files.scrape()
-        start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
-                                  ("Content-Length", str(len(body)))])
+        start_response(
+            "200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Content-Length", str(len(body)))]
+        )
         return [body]
 
     return app

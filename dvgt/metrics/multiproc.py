@@ -18,8 +18,8 @@ process starts it removes every file that is stale, which is a file
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import List, Mapping, Optional
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -38,7 +38,7 @@ def use_folder(log_dir: str | Path) -> Path:
     return folder
 
 
-def file_pid(path: Path) -> Optional[int]:
+def file_pid(path: Path) -> int | None:
     """The pid in a prometheus-client file name (`counter_123.db`, `gauge_mostrecent_123.db`)."""
     pid = path.stem.rsplit("_", 1)[-1]
     return int(pid) if pid.isdigit() else None
@@ -66,7 +66,7 @@ def holds_labels(path: Path, labels: Mapping[str, str]) -> bool:
     return any(wanted <= set(s.labels.items()) for metric in metrics for s in metric.samples)
 
 
-def stale_files(folder: Path, labels: Mapping[str, str], pid: int) -> List[Path]:
+def stale_files(folder: Path, labels: Mapping[str, str], pid: int) -> list[Path]:
     """The files in `folder` that no running process writes any more (see the module docstring);
     call before process `pid` writes its first value."""
     stale = []
@@ -79,7 +79,7 @@ def stale_files(folder: Path, labels: Mapping[str, str], pid: int) -> List[Path]
     return stale
 
 
-def remove_stale_files(folder: Path, labels: Mapping[str, str], pid: Optional[int] = None) -> List[Path]:
+def remove_stale_files(folder: Path, labels: Mapping[str, str], pid: int | None = None) -> list[Path]:
     removed = []
     for path in stale_files(folder, labels, os.getpid() if pid is None else pid):
         try:

@@ -12,16 +12,28 @@ every value comes from the record the loop already has on the host.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any
 
 from dvgt.metrics.labels import LABEL_NAMES
 from dvgt.metrics.multiproc import remove_stale_files, use_folder
 
-STEP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0, 300.0)  # seconds: tiny CPU runs to 2B-parameter GPU steps
+STEP_BUCKETS = (
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    60.0,
+    300.0,
+)  # seconds: tiny CPU runs to 2B-parameter GPU steps
 CHECKPOINT_OUTCOMES = ("ok", "failed", "skipped", "spilled")
 
-_folder: Optional[Path] = None  # the folder this process writes to; prometheus-client fixes it once per process
+_folder: Path | None = None  # the folder this process writes to; prometheus-client fixes it once per process
 
 
 def _prepare_folder(log_dir: str | Path, labels: Mapping[str, str]) -> Path:
@@ -58,52 +70,81 @@ class TrainingMetrics:
             return Counter(name, doc, names + list(extra), registry=None)
 
         rank = self.labels
-        self.step_duration = Histogram("dvgt_step_duration_seconds", "Wall time of one optimizer step on this "
-                                       "rank, data wait included", names, registry=None,
-                                       buckets=STEP_BUCKETS).labels(**rank)
+        self.step_duration = Histogram(
+            "dvgt_step_duration_seconds",
+            "Wall time of one optimizer step on this rank, data wait included",
+            names,
+            registry=None,
+            buckets=STEP_BUCKETS,
+        ).labels(**rank)
         self.last_step_duration = gauge("dvgt_step_last_duration_seconds", "Wall time of the last step").labels(**rank)
         self.data_wait = counter("dvgt_data_wait_seconds", "Time spent waiting for the next batch").labels(**rank)
         self.images = counter("dvgt_images", "Images trained on by this rank").labels(**rank)
-        self.cache_hits = counter("dvgt_feature_cache_hits", "Images whose frozen-part outputs (backbone tokens "
-                                  "or aggregator outputs) came from the feature cache").labels(**rank)
-        self.cache_misses = counter("dvgt_feature_cache_misses", "Images the feature cache did not hold, computed "
-                                    "live by the frozen part").labels(**rank)
-        self.optimizer_step = gauge("dvgt_optimizer_step", "Optimizer steps done (the run's global step)").labels(**rank)
-        self.last_step_time = gauge("dvgt_last_step_timestamp_seconds",
-                                    "Unix time at which the last step completed").labels(**rank)
+        self.cache_hits = counter(
+            "dvgt_feature_cache_hits",
+            "Images whose frozen-part outputs (backbone tokens or aggregator outputs) came from the feature cache",
+        ).labels(**rank)
+        self.cache_misses = counter(
+            "dvgt_feature_cache_misses", "Images the feature cache did not hold, computed live by the frozen part"
+        ).labels(**rank)
+        self.optimizer_step = gauge("dvgt_optimizer_step", "Optimizer steps done (the run's global step)").labels(
+            **rank
+        )
+        self.last_step_time = gauge(
+            "dvgt_last_step_timestamp_seconds", "Unix time at which the last step completed"
+        ).labels(**rank)
         self.learning_rate = gauge("dvgt_learning_rate", "Learning rate of the last step").labels(**rank)
-        self.nonfinite = counter("dvgt_nonfinite_steps_skipped", "Steps skipped for a non-finite loss or "
-                                 "gradient").labels(**rank)
-        self.completed = gauge("dvgt_training_completed", "1 once the run finished its last step, else 0").labels(**rank)
+        self.nonfinite = counter(
+            "dvgt_nonfinite_steps_skipped", "Steps skipped for a non-finite loss or gradient"
+        ).labels(**rank)
+        self.completed = gauge("dvgt_training_completed", "1 once the run finished its last step, else 0").labels(
+            **rank
+        )
         self.completed.set(0)
         self._loss = gauge("dvgt_loss", "Training loss of the last step on this rank, by component", ["component"])
         self._grad_norm = gauge("dvgt_grad_norm", "Gradient norm before clipping, by clipping group", ["group"])
-        self._eval = gauge("dvgt_eval_metric", "Held-out metric of the last evaluation, official definition and "
-                           "name (docs/metrics.md), by validation dataset", ["dataset", "metric"])
-        self._children: Dict[tuple, Any] = {}  # (family, labels) -> labelled child
+        self._eval = gauge(
+            "dvgt_eval_metric",
+            "Held-out metric of the last evaluation, official definition and "
+            "name (docs/metrics.md), by validation dataset",
+            ["dataset", "metric"],
+        )
+        self._children: dict[tuple, Any] = {}  # (family, labels) -> labelled child
 
-        self.checkpoint_saves = counter("dvgt_checkpoint_saves", "Checkpoint saves by outcome (ok, failed, "
-                                        "skipped: not started while the previous one was still uploading or the last "
-                                        "step was non-finite, spilled: committed to the local spill folder only)",
-                                        ["outcome"])
+        self.checkpoint_saves = counter(
+            "dvgt_checkpoint_saves",
+            "Checkpoint saves by outcome (ok, failed, "
+            "skipped: not started while the previous one was still uploading or the last "
+            "step was non-finite, spilled: committed to the local spill folder only)",
+            ["outcome"],
+        )
         for outcome in CHECKPOINT_OUTCOMES:  # every outcome exists from the start, at 0
             self.checkpoint_saves.labels(**rank, outcome=outcome)
-        self.checkpoint_blocked = gauge("dvgt_checkpoint_blocked_seconds",
-                                        "Time the last save held up training").labels(**rank)
-        self.checkpoint_upload = gauge("dvgt_checkpoint_upload_seconds",
-                                       "Time the last save took to reach storage (pruning not included)").labels(**rank)
-        self.checkpoint_cost = gauge("dvgt_checkpoint_cost_seconds", "Training time the last save cost: the extra "
-                                     "wall time of the steps it overlapped (blocked time included), or the wait for a "
-                                     "final save").labels(**rank)
+        self.checkpoint_blocked = gauge(
+            "dvgt_checkpoint_blocked_seconds", "Time the last save held up training"
+        ).labels(**rank)
+        self.checkpoint_upload = gauge(
+            "dvgt_checkpoint_upload_seconds", "Time the last save took to reach storage (pruning not included)"
+        ).labels(**rank)
+        self.checkpoint_cost = gauge(
+            "dvgt_checkpoint_cost_seconds",
+            "Training time the last save cost: the extra "
+            "wall time of the steps it overlapped (blocked time included), or the wait for a "
+            "final save",
+        ).labels(**rank)
         self.checkpoint_size = gauge("dvgt_checkpoint_size_bytes", "Bytes written by the last save").labels(**rank)
 
         self._memory = None
         if self.device is not None:
-            self._memory = {key: gauge(f"dvgt_gpu_{key}_bytes", doc, ["gpu"]).labels(**rank, gpu=str(self.device.index))
-                            for key, doc in (("allocated", "GPU memory held by tensors (PyTorch allocator)"),
-                                             ("reserved", "GPU memory reserved by the PyTorch caching allocator"),
-                                             ("peak_allocated", "Peak of dvgt_gpu_allocated_bytes since start"),
-                                             ("peak_reserved", "Peak of dvgt_gpu_reserved_bytes since start"))}
+            self._memory = {
+                key: gauge(f"dvgt_gpu_{key}_bytes", doc, ["gpu"]).labels(**rank, gpu=str(self.device.index))
+                for key, doc in (
+                    ("allocated", "GPU memory held by tensors (PyTorch allocator)"),
+                    ("reserved", "GPU memory reserved by the PyTorch caching allocator"),
+                    ("peak_allocated", "Peak of dvgt_gpu_allocated_bytes since start"),
+                    ("peak_reserved", "Peak of dvgt_gpu_reserved_bytes since start"),
+                )
+            }
 
     def _child(self, family, **labels: str):
         """The child of a family with labels beyond the rank's (component, group, ...), made once."""
@@ -154,8 +195,12 @@ class TrainingMetrics:
         if outcome not in CHECKPOINT_OUTCOMES:
             raise ValueError(f"checkpoint outcome '{outcome}' is not one of {', '.join(CHECKPOINT_OUTCOMES)}")
         self.checkpoint_saves.labels(**self.labels, outcome=outcome).inc()
-        for gauge, key in ((self.checkpoint_blocked, "blocked_s"), (self.checkpoint_upload, "upload_s"),
-                           (self.checkpoint_cost, "cost_s"), (self.checkpoint_size, "bytes")):
+        for gauge, key in (
+            (self.checkpoint_blocked, "blocked_s"),
+            (self.checkpoint_upload, "upload_s"),
+            (self.checkpoint_cost, "cost_s"),
+            (self.checkpoint_size, "bytes"),
+        ):
             if record.get(key) is not None:
                 gauge.set(record[key])
 

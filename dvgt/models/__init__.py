@@ -1,13 +1,13 @@
 """Model construction from the `model` section of a training config.
 
-    model = build_model(cfg.model)          # cfg.model.name (dvgt1 | dvgt2 | dvgt2_pretrain | vggt) at cfg.model.size
-    layout = model_layout(cfg.model)        # parameter names and shapes, built on the meta device
+model = build_model(cfg.model)          # cfg.model.name (dvgt1 | dvgt2 | dvgt2_pretrain | vggt) at cfg.model.size
+layout = model_layout(cfg.model)        # parameter names and shapes, built on the meta device
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,9 +69,12 @@ def _make(model_cfg: Any) -> nn.Module:
 
 # The optional sample keys (dvgt.data.scene_dataset.TARGETS) each family trains on; evaluation adds the
 # ray depth and z-depth maps the metrics and figures read.
-TRAINING_TARGETS = {"dvgt1": {"points_in_ego_first"}, "dvgt2": {"points_in_ego_n", "ego_past_to_ego_curr"},
-                    "dvgt2_pretrain": {"points_in_ego_n", "ego_past_to_ego_curr"},
-                    "vggt": {"points_in_ego_first", "cam"}}
+TRAINING_TARGETS = {
+    "dvgt1": {"points_in_ego_first"},
+    "dvgt2": {"points_in_ego_n", "ego_past_to_ego_curr"},
+    "dvgt2_pretrain": {"points_in_ego_n", "ego_past_to_ego_curr"},
+    "vggt": {"points_in_ego_first", "cam"},
+}
 EVALUATION_TARGETS = {"ray_depth", "depths"}
 
 
@@ -93,8 +96,10 @@ def build_model(model_cfg: Any) -> nn.Module:
     model = _make(model_cfg)
     path = getattr(model_cfg, "dino_v3_weight_path", None)
     if path and model_cfg.name == "vggt":
-        raise ValueError("model.dino_v3_weight_path is for DVGT models; VGGT's DINOv2 backbone comes with the VGGT "
-                         "weights (checkpoint.direct_load_pretrained_weights_path=.../model.safetensors)")
+        raise ValueError(
+            "model.dino_v3_weight_path is for DVGT models; VGGT's DINOv2 backbone comes with the VGGT "
+            "weights (checkpoint.direct_load_pretrained_weights_path=.../model.safetensors)"
+        )
     if path:
         if not Path(path).is_file():
             raise FileNotFoundError(f"model.dino_v3_weight_path: DINOv3 weights file '{path}' does not exist")
@@ -110,11 +115,13 @@ def build_model(model_cfg: Any) -> nn.Module:
         from dvgt.data.anchors import read_anchor_dir
 
         trajectory, pose_translation = read_anchor_dir(anchor_dir)
-        model.ego_pose_head.traj_pose_decoder.set_anchors(torch.from_numpy(trajectory), torch.from_numpy(pose_translation))
+        model.ego_pose_head.traj_pose_decoder.set_anchors(
+            torch.from_numpy(trajectory), torch.from_numpy(pose_translation)
+        )
     return model
 
 
-def model_layout(model_cfg: Any) -> Dict[str, Any]:
+def model_layout(model_cfg: Any) -> dict[str, Any]:
     """{"num_parameters": int, "state_dict": {key: [shape, dtype]}} in state_dict order, without allocating weights."""
     with torch.device("meta"):
         model = _make(model_cfg)

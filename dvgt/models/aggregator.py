@@ -17,7 +17,7 @@ DVGT-1 and DVGT-2 differ only in parameters:
 from __future__ import annotations
 
 import copy
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,6 @@ from .layers import Block, KVCache, MultimodalRotaryEmbedding, RotaryPositionEmb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 
 # Helpers shared with the VGGT aggregator (vggt.py).
@@ -60,7 +59,7 @@ def token_positions(rows: int, cols: int, num_special: int, device: torch.device
     return torch.cat([special, grid], dim=0)
 
 
-def embed_patches(patch_embed: nn.Module, images: Tensor, patch_tokens: Optional[Tensor] = None) -> Tensor:
+def embed_patches(patch_embed: nn.Module, images: Tensor, patch_tokens: Tensor | None = None) -> Tensor:
     """Patch tokens [B*T*V, P, C] of images [B, T, V, 3, H, W] in [0, 1]: the backbone's output, or
     `patch_tokens` [B, T, V, P, C] when given (the backbone's output for these images, precomputed by the
     feature cache, docs/feature-cache.md), which skips the backbone."""
@@ -69,17 +68,21 @@ def embed_patches(patch_embed: nn.Module, images: Tensor, patch_tokens: Optional
         return patch_embed(normalize_images(images).reshape(B * T * V, 3, H, W))
     p = patch_embed.patch_size
     if patch_tokens.shape[:4] != (B, T, V, (H // p) * (W // p)):
-        raise ValueError(f"patch_tokens {list(patch_tokens.shape)} do not fit images {list(images.shape)}: expected "
-                         f"[{B}, {T}, {V}, {(H // p) * (W // p)}, C] ((H/{p}) x (W/{p}) patches per image)")
+        raise ValueError(
+            f"patch_tokens {list(patch_tokens.shape)} do not fit images {list(images.shape)}: expected "
+            f"[{B}, {T}, {V}, {(H // p) * (W // p)}, C] ((H/{p}) x (W/{p}) patches per image)"
+        )
     return patch_tokens.reshape(B * T * V, *patch_tokens.shape[3:])
 
 
-def precomputed_outputs(aggregator: nn.Module, aggregator_tokens: Sequence[Optional[Tensor]]) -> Tuple[List, int]:
+def precomputed_outputs(aggregator: nn.Module, aggregator_tokens: Sequence[Tensor | None]) -> tuple[list, int]:
     """(outputs by layer, patch_start_idx) as a frozen aggregator's cached outputs give them (feature cache,
     docs/feature-cache.md): one entry per layer, [B, T, V, N, D] where a head reads it and None elsewhere."""
     if len(aggregator_tokens) != aggregator.depth:
-        raise ValueError(f"aggregator_tokens has {len(aggregator_tokens)} layers but the aggregator has "
-                         f"{aggregator.depth}; pass one entry per layer (None for the layers no head reads)")
+        raise ValueError(
+            f"aggregator_tokens has {len(aggregator_tokens)} layers but the aggregator has "
+            f"{aggregator.depth}; pass one entry per layer (None for the layers no head reads)"
+        )
     return list(aggregator_tokens), aggregator.patch_start_idx
 
 
@@ -143,7 +146,6 @@ class Aggregator(nn.Module):
             if token is not None:
                 nn.init.normal_(token, std=1e-6)
 
-
         self.patch_embed = DinoVisionTransformer(embed_dim, backbone_depth, num_heads, patch_size)
         if rope == "2d":
             self.rope = RotaryPositionEmbedding2D(frequency=rope_freq)
@@ -175,7 +177,7 @@ class Aggregator(nn.Module):
         t = torch.as_tensor(frames, device=device)[:, None, None].expand(-1, spatial.shape[1], 1)  # [T, N, 1]
         return torch.cat([t, spatial], dim=-1)
 
-    def _frame_causal_mask(self, T: int, N: int, device: torch.device) -> Optional[Tensor]:
+    def _frame_causal_mask(self, T: int, N: int, device: torch.device) -> Tensor | None:
         """[T*N, T*N] boolean, True where a token may attend: its own frame and earlier ones (None if not causal)."""
         if not self.causal or T == 1:
             return None
@@ -183,9 +185,12 @@ class Aggregator(nn.Module):
         return frames[:, None] >= frames[None, :]
 
     def forward(
-        self, images: Tensor, kv_caches: Optional[List[KVCache]] = None, first_frame: int = 0,
-        patch_tokens: Optional[Tensor] = None,
-    ) -> Tuple[List[Tensor], int]:
+        self,
+        images: Tensor,
+        kv_caches: list[KVCache] | None = None,
+        first_frame: int = 0,
+        patch_tokens: Tensor | None = None,
+    ) -> tuple[list[Tensor], int]:
         """images [B, T, V, 3, H, W] in [0, 1] -> (depth x [B, T, V, N, 3C], patch_start_idx).
 
         `patch_tokens` [B, T, V, P, C]: the DINOv3 backbone's output for these images (from the feature

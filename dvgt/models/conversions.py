@@ -15,9 +15,10 @@ for the target model. Converted tensors share memory with the source (no copy of
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,12 +44,13 @@ DVGT1_TOKEN_RULES = {
 class Conversion:
     source: str  # VGGT or DVGT2_STAGE1
     description: str  # the rules applied, for the log
-    state: Dict[str, Tensor]  # in the target's key names
-    dropped: List[str] = field(default_factory=list)  # source keys the mapping does not use
+    state: dict[str, Tensor]  # in the target's key names
+    dropped: list[str] = field(default_factory=list)  # source keys the mapping does not use
 
 
-def _map_keys(state: Mapping[str, Tensor],
-              renames: Mapping[str, Tuple[str, ...]]) -> Tuple[Dict[str, Tensor], List[str]]:
+def _map_keys(
+    state: Mapping[str, Tensor], renames: Mapping[str, tuple[str, ...]]
+) -> tuple[dict[str, Tensor], list[str]]:
     """Copy each key that starts with a prefix of `renames` to every target prefix; the rest is dropped."""
     converted, dropped = {}, []
     for key, value in state.items():
@@ -57,21 +59,31 @@ def _map_keys(state: Mapping[str, Tensor],
             dropped.append(key)
             continue
         for target in renames[prefix]:
-            converted[target + key[len(prefix):]] = value
+            converted[target + key[len(prefix) :]] = value
     return converted, dropped
 
 
 def vggt_to_dvgt1(state: Mapping[str, Tensor]) -> Conversion:
     renames = {**BLOCK_RULES, **{k: (v,) for k, v in DVGT1_TOKEN_RULES.items()}}
     converted, dropped = _map_keys(state, renames)
-    return Conversion(VGGT, "VGGT-1B -> DVGT-1: frame blocks -> intra-view, global blocks -> cross-view and "
-                      "cross-frame, camera token -> ego-pose token, register token kept", converted, dropped)
+    return Conversion(
+        VGGT,
+        "VGGT-1B -> DVGT-1: frame blocks -> intra-view, global blocks -> cross-view and "
+        "cross-frame, camera token -> ego-pose token, register token kept",
+        converted,
+        dropped,
+    )
 
 
 def vggt_to_dvgt2(state: Mapping[str, Tensor]) -> Conversion:
     converted, dropped = _map_keys(state, BLOCK_RULES)
-    return Conversion(VGGT, "VGGT-1B -> DVGT-2: frame blocks -> intra-view, global blocks -> cross-view and "
-                      "cross-frame (tokens not copied)", converted, dropped)
+    return Conversion(
+        VGGT,
+        "VGGT-1B -> DVGT-2: frame blocks -> intra-view, global blocks -> cross-view and "
+        "cross-frame (tokens not copied)",
+        converted,
+        dropped,
+    )
 
 
 def dvgt2_stage1_to_stage2(state: Mapping[str, Tensor]) -> Conversion:
@@ -81,12 +93,17 @@ def dvgt2_stage1_to_stage2(state: Mapping[str, Tensor]) -> Conversion:
     converted = {k: v for k, v in state.items() if not k.startswith("ego_pose_head.")}
     converted["aggregator.ego_pose_token"] = torch.cat([token, future * NEW_TOKEN_STD], dim=1)  # [1, 9, C]
     dropped = [k for k in state if k.startswith("ego_pose_head.")]
-    return Conversion(DVGT2_STAGE1, f"DVGT-2 stage 1 -> stage 2: ego token + {NUM_FUTURE_TOKENS} new future "
-                      "tokens N(0, 1e-6), stage-1 ego-pose head dropped", converted, dropped)
+    return Conversion(
+        DVGT2_STAGE1,
+        f"DVGT-2 stage 1 -> stage 2: ego token + {NUM_FUTURE_TOKENS} new future "
+        "tokens N(0, 1e-6), stage-1 ego-pose head dropped",
+        converted,
+        dropped,
+    )
 
 
 # (source layout, model.name) -> conversion
-CONVERSIONS: Dict[Tuple[str, str], Callable[[Mapping[str, Tensor]], Conversion]] = {
+CONVERSIONS: dict[tuple[str, str], Callable[[Mapping[str, Tensor]], Conversion]] = {
     (VGGT, "dvgt1"): vggt_to_dvgt1,
     (VGGT, "dvgt2_pretrain"): vggt_to_dvgt2,
     (VGGT, "dvgt2"): vggt_to_dvgt2,
@@ -115,13 +132,16 @@ def convert_for(model_name: str, state: Mapping[str, Tensor]) -> Conversion:
     convert = CONVERSIONS.get((source, model_name))
     if convert is None:
         targets = ", ".join(target for src, target in CONVERSIONS if src == source)
-        raise ValueError(f"checkpoint.load_pretrained_weights_path: {source} weights cannot initialise model "
-                         f"'{model_name}' (they can initialise: {targets})")
+        raise ValueError(
+            f"checkpoint.load_pretrained_weights_path: {source} weights cannot initialise model "
+            f"'{model_name}' (they can initialise: {targets})"
+        )
     return convert(state)
 
 
-def initialise_from_pretrained(model: nn.Module, model_name: str, path: str | Path,
-                               s3: Any = None) -> Tuple[LoadReport, Conversion]:
+def initialise_from_pretrained(
+    model: nn.Module, model_name: str, path: str | Path, s3: Any = None
+) -> tuple[LoadReport, Conversion]:
     """Convert the weights at `path` (local or s3://; `s3`: checkpoint.s3 options) for `model` and load them
     non-strictly (the rest keeps its init)."""
     conversion = convert_for(model_name, read_checkpoint(path, s3))

@@ -7,7 +7,7 @@ to the image size and predicts, per pixel, 3 point coordinates and a confidence.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 _MAX_INTERPOLATE_ELEMENTS = 1_610_612_736
 
 
-def interpolate(x: Tensor, size: Tuple[int, int]) -> Tensor:
+def interpolate(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear resize (align_corners=True) of x [N, C, h, w] to `size`."""
     chunks = x.shape[0] * x.shape[1] * size[0] * size[1] // _MAX_INTERPOLATE_ELEMENTS + 1
     if chunks == 1:
@@ -75,7 +75,7 @@ class FeatureFusionBlock(nn.Module):
             self.resConfUnit1 = ResidualConvUnit(features)
         self.resConfUnit2 = ResidualConvUnit(features)
 
-    def forward(self, x: Tensor, skip: Optional[Tensor] = None, size: Optional[Tuple[int, int]] = None) -> Tensor:
+    def forward(self, x: Tensor, skip: Tensor | None = None, size: tuple[int, int] | None = None) -> Tensor:
         if skip is not None:
             x = x + self.resConfUnit1(skip)
         x = self.resConfUnit2(x)
@@ -85,10 +85,15 @@ class FeatureFusionBlock(nn.Module):
 
 class DPTHead(nn.Module):
     @classmethod
-    def of_size(cls, dim_in: int, size, patch_size: int) -> "DPTHead":
+    def of_size(cls, dim_in: int, size, patch_size: int) -> DPTHead:
         """The point head of a model size (a `DVGT1Size` row: dpt_features, dpt_out_channels, dpt_layers)."""
-        return cls(dim_in, patch_size=patch_size, features=size.dpt_features, out_channels=size.dpt_out_channels,
-                   intermediate_layer_idx=size.dpt_layers)
+        return cls(
+            dim_in,
+            patch_size=patch_size,
+            features=size.dpt_features,
+            out_channels=size.dpt_out_channels,
+            intermediate_layer_idx=size.dpt_layers,
+        )
 
     def __init__(
         self,
@@ -133,11 +138,11 @@ class DPTHead(nn.Module):
 
     def forward(
         self,
-        tokens_list: List[Tensor],
-        image_size: Tuple[int, int],
+        tokens_list: list[Tensor],
+        image_size: tuple[int, int],
         patch_start_idx: int,
-        frames_chunk_size: Optional[int] = None,
-    ) -> Tuple[Tensor, Tensor]:
+        frames_chunk_size: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """tokens_list: aggregator outputs [B, T, V, N, dim_in] -> points [B, T, V, H, W, 3], conf [B, T, V, H, W].
 
         `frames_chunk_size` bounds memory by running the head on that many frames at a time.
@@ -152,8 +157,8 @@ class DPTHead(nn.Module):
         return torch.cat(points, dim=1), torch.cat(conf, dim=1)
 
     def _forward_frames(
-        self, tokens_list: List[Tensor], image_size: Tuple[int, int], patch_start_idx: int, frames: slice
-    ) -> Tuple[Tensor, Tensor]:
+        self, tokens_list: list[Tensor], image_size: tuple[int, int], patch_start_idx: int, frames: slice
+    ) -> tuple[Tensor, Tensor]:
         H, W = image_size
         grid_h, grid_w = H // self.patch_size, W // self.patch_size
         features = []
@@ -173,7 +178,7 @@ class DPTHead(nn.Module):
         conf = 1 + x[..., 3].exp()
         return points.reshape(B, t, V, H, W, 3), conf.reshape(B, t, V, H, W)
 
-    def _fuse(self, features: List[Tensor]) -> Tensor:
+    def _fuse(self, features: list[Tensor]) -> Tensor:
         s = self.scratch
         l1, l2, l3, l4 = (rn(f) for rn, f in zip((s.layer1_rn, s.layer2_rn, s.layer3_rn, s.layer4_rn), features))
         x = s.refinenet4(l4, size=l3.shape[2:])

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -22,12 +22,12 @@ class DVGT1Size:
     backbone_depth: int  # DINOv3 blocks
     depth: int  # aggregator steps (one intra-view, one cross-view and one cross-frame block each)
     dpt_features: int
-    dpt_out_channels: Tuple[int, int, int, int]
-    dpt_layers: Tuple[int, int, int, int]  # aggregator outputs read by the DPT head
+    dpt_out_channels: tuple[int, int, int, int]
+    dpt_layers: tuple[int, int, int, int]  # aggregator outputs read by the DPT head
     ego_trunk_depth: int
 
 
-SIZES: Dict[str, DVGT1Size] = {
+SIZES: dict[str, DVGT1Size] = {
     "full": DVGT1Size(1024, 16, 24, 24, 256, (256, 512, 1024, 1024), (4, 11, 17, 23), 4),
     "small": DVGT1Size(192, 3, 4, 4, 64, (48, 96, 192, 192), (0, 1, 2, 3), 2),
     "tiny": DVGT1Size(64, 2, 2, 4, 32, (16, 32, 64, 64), (0, 1, 2, 3), 1),
@@ -41,7 +41,7 @@ class DVGT1(nn.Module):
         patch_size: int = 16,
         max_frames: int = 48,
         gradient_checkpointing: bool = True,
-        frames_chunk_size: Optional[int] = None,
+        frames_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size  # H and W of inputs must be multiples of this
@@ -59,8 +59,12 @@ class DVGT1(nn.Module):
         self.ego_pose_head = EgoPoseHead(dim_in, trunk_depth=size.ego_trunk_depth, num_heads=size.num_heads)
         self.point_head = DPTHead.of_size(dim_in, size, patch_size)
 
-    def forward(self, images: Tensor, patch_tokens: Optional[Tensor] = None,
-                aggregator_tokens: Optional[Sequence[Optional[Tensor]]] = None) -> Dict[str, object]:
+    def forward(
+        self,
+        images: Tensor,
+        patch_tokens: Tensor | None = None,
+        aggregator_tokens: Sequence[Tensor | None] | None = None,
+    ) -> dict[str, object]:
         """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1], H and W multiples of the patch size.
         Precomputed by the feature cache (docs/feature-cache.md): `patch_tokens` [B, T, V, P, C], the DINOv3
         backbone's output for these images, which skips the backbone; `aggregator_tokens`, a frozen
@@ -72,13 +76,17 @@ class DVGT1(nn.Module):
         """
         if images.ndim == 5:
             images = images.unsqueeze(0)
-        tokens_list, patch_start_idx = (self.aggregator(images, patch_tokens=patch_tokens) if aggregator_tokens is None
-                                        else precomputed_outputs(self.aggregator, aggregator_tokens))
+        tokens_list, patch_start_idx = (
+            self.aggregator(images, patch_tokens=patch_tokens)
+            if aggregator_tokens is None
+            else precomputed_outputs(self.aggregator, aggregator_tokens)
+        )
         return run_heads(self, images, tokens_list, patch_start_idx, self.ego_pose_head, "absolute_ego_pose_enc")
 
 
-def run_heads(model: nn.Module, images: Tensor, tokens_list, patch_start_idx: int, pose_head: nn.Module,
-              pose_key: str) -> Dict[str, object]:
+def run_heads(
+    model: nn.Module, images: Tensor, tokens_list, patch_start_idx: int, pose_head: nn.Module, pose_key: str
+) -> dict[str, object]:
     """The pose head and `model.point_head` on the aggregator's tokens, in float32 even under autocast
     (DVGT-1 and VGGT). Returns `pose_key` (last iteration), `<pose_key>_list`, points, points_conf
     and, in eval mode, the input `images`."""

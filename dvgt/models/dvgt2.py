@@ -15,7 +15,7 @@ head sees the ego tokens of the last W frames.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,8 +32,16 @@ FUTURE_TOKENS = 8  # future ego tokens per image (one per planned step)
 # (scene_dataset.py:get_sequence_data): velocity (2) and acceleration (2) in the ego frame as
 # [right, forward], multiplied by gt_scale_factor, then the driving command one-hot (4) in the order of
 # the dataset it comes from (dvgt.data.format.COMMAND_ORDER).
-EGO_STATUS_FIELDS = ("velocity_right", "velocity_forward", "acceleration_right", "acceleration_forward",
-                     "command_0", "command_1", "command_2", "command_3")
+EGO_STATUS_FIELDS = (
+    "velocity_right",
+    "velocity_forward",
+    "acceleration_right",
+    "acceleration_forward",
+    "command_0",
+    "command_1",
+    "command_2",
+    "command_3",
+)
 DECODER_SIZES = {"full": (256, 16), "small": (128, 8), "tiny": (64, 4)}  # decoder (width, heads) per model size
 
 
@@ -49,7 +57,7 @@ class DVGT2(nn.Module):
         enable_ego_status: bool = False,
         gt_scale_factor: float = 0.1,
         gradient_checkpointing: bool = True,
-        frames_chunk_size: Optional[int] = None,
+        frames_chunk_size: int | None = None,
     ) -> None:
         """`planning`: DVGT-2 (9 ego tokens, causal, diffusion decoder) or the stage-1 pretrain variant.
         The planning anchors start as zeros: see `TrajectoryPoseDecoder.load_anchors`."""
@@ -95,14 +103,14 @@ class DVGT2(nn.Module):
 
     def _heads(
         self,
-        tokens_list: List[Tensor],
+        tokens_list: list[Tensor],
         patch_start_idx: int,
-        image_size: Tuple[int, int],
+        image_size: tuple[int, int],
         ego_tokens: Tensor,
-        ego_status: Optional[Tensor],
-        noise: Optional[Tuple[Tensor, Tensor]],
+        ego_status: Tensor | None,
+        noise: tuple[Tensor, Tensor] | None,
         embedded: bool = False,
-    ) -> Dict[str, object]:
+    ) -> dict[str, object]:
         # The heads run in float32 even under autocast.
         with torch.autocast(device_type=ego_tokens.device.type, enabled=False):
             predictions = dict(self.ego_pose_head(ego_tokens, ego_status, noise=noise, embedded=embedded))
@@ -112,9 +120,13 @@ class DVGT2(nn.Module):
         return predictions
 
     def forward(
-        self, images: Tensor, ego_status: Optional[Tensor] = None, noise: Optional[Tuple[Tensor, Tensor]] = None,
-        patch_tokens: Optional[Tensor] = None, aggregator_tokens: Optional[Sequence[Optional[Tensor]]] = None,
-    ) -> Dict[str, object]:
+        self,
+        images: Tensor,
+        ego_status: Tensor | None = None,
+        noise: tuple[Tensor, Tensor] | None = None,
+        patch_tokens: Tensor | None = None,
+        aggregator_tokens: Sequence[Tensor | None] | None = None,
+    ) -> dict[str, object]:
         """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1]; ego_status [B, T, 8] (EGO_STATUS_FIELDS)
         when the model was built with enable_ego_status.
 
@@ -133,8 +145,11 @@ class DVGT2(nn.Module):
         if images.ndim == 5:
             images = images.unsqueeze(0)
             ego_status = None if ego_status is None else ego_status.unsqueeze(0)
-        tokens_list, patch_start_idx = (self.aggregator(images, patch_tokens=patch_tokens) if aggregator_tokens is None
-                                        else precomputed_outputs(self.aggregator, aggregator_tokens))
+        tokens_list, patch_start_idx = (
+            self.aggregator(images, patch_tokens=patch_tokens)
+            if aggregator_tokens is None
+            else precomputed_outputs(self.aggregator, aggregator_tokens)
+        )
         ego_tokens = tokens_list[-1][:, :, :, : self.num_ego_tokens]
         predictions = self._heads(tokens_list, patch_start_idx, images.shape[-2:], ego_tokens, ego_status, noise)
         if not self.training:
@@ -145,10 +160,10 @@ class DVGT2(nn.Module):
     def inference(
         self,
         images: Tensor,
-        ego_status: Optional[Tensor] = None,
+        ego_status: Tensor | None = None,
         infer_window: int = 4,
-        noise: Optional[Sequence[Tuple[Tensor, Tensor]]] = None,
-    ) -> Dict[str, object]:
+        noise: Sequence[tuple[Tensor, Tensor]] | None = None,
+    ) -> dict[str, object]:
         """Streaming inference over the frames of `images` [B, T, V, 3, H, W] (or [T, V, 3, H, W]), one at a time.
 
         Each frame's tokens attend to the cached keys and values of at most `infer_window` - 1 earlier
@@ -167,11 +182,15 @@ class DVGT2(nn.Module):
         if infer_window < 1:
             raise ValueError(f"infer_window must be at least 1, got {infer_window}")
         caches = [KVCache() for _ in self.aggregator.cross_frame_blocks]
-        ego_cache: Optional[Tensor] = None  # [B, Tc, V, E, 3C]: ego tokens of the window, embeddings added
+        ego_cache: Tensor | None = None  # [B, Tc, V, E, 3C]: ego tokens of the window, embeddings added
         steps = []
         for t in range(images.shape[1]):
             predictions, ego_cache = self.step(
-                images[:, t], t, caches, ego_cache, infer_window,
+                images[:, t],
+                t,
+                caches,
+                ego_cache,
+                infer_window,
                 None if ego_status is None else ego_status[:, max(0, t - infer_window + 1) : t + 1],
                 None if noise is None else noise[t],
             )
@@ -182,12 +201,12 @@ class DVGT2(nn.Module):
         self,
         frame: Tensor,
         t: int,
-        caches: List[KVCache],
-        ego_cache: Optional[Tensor],
+        caches: list[KVCache],
+        ego_cache: Tensor | None,
         infer_window: int,
-        ego_status: Optional[Tensor] = None,
-        noise: Optional[Tuple[Tensor, Tensor]] = None,
-    ) -> Tuple[Dict[str, object], Tensor]:
+        ego_status: Tensor | None = None,
+        noise: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[dict[str, object], Tensor]:
         """One streaming step: frame [B, V, 3, H, W] with absolute index t; updates `caches` in place and
         returns (predictions for this frame, the new ego-token cache). ego_status: [B, Tc, 8] of the window."""
         if t >= infer_window:  # the caches hold W frames: keep the last W - 1
@@ -202,17 +221,15 @@ class DVGT2(nn.Module):
         predictions = self._heads(
             tokens_list, patch_start_idx, frame.shape[-2:], ego_tokens, ego_status, noise, embedded=True
         )
-        predictions = {
-            k: [x[:, -1:] for x in v] if isinstance(v, list) else v[:, -1:] for k, v in predictions.items()
-        }
+        predictions = {k: [x[:, -1:] for x in v] if isinstance(v, list) else v[:, -1:] for k, v in predictions.items()}
         if not self.training:
             predictions["images"] = frame[:, None]
         return predictions, ego_tokens
 
 
-def _merge_steps(steps: List[Dict[str, object]]) -> Dict[str, object]:
+def _merge_steps(steps: list[dict[str, object]]) -> dict[str, object]:
     """Concatenate per-step outputs (tensors and lists of tensors with a T dim of 1) along T."""
-    merged: Dict[str, object] = {}
+    merged: dict[str, object] = {}
     for key, value in steps[0].items():
         if isinstance(value, list):
             merged[key] = [torch.cat([s[key][i] for s in steps], dim=1) for i in range(len(value))]

@@ -12,8 +12,6 @@ index) is added, then LayerNorm, `trunk_depth` blocks over all T*V*E tokens and 
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
-
 import torch
 from torch import Tensor, nn
 
@@ -30,7 +28,7 @@ class DVGT2EgoHead(nn.Module):
         mlp_ratio: float = 4.0,
         init_values: float = 0.01,
         max_frames: int = 48,
-        decoder: Optional[TrajectoryPoseDecoder] = None,
+        decoder: TrajectoryPoseDecoder | None = None,
     ) -> None:
         """`decoder` given: the planning head (causal, outputs of the decoder); None: the pretrain head."""
         super().__init__()
@@ -52,17 +50,17 @@ class DVGT2EgoHead(nn.Module):
     def add_temporal_embedding(self, ego_tokens: Tensor) -> Tensor:
         """[B, T, V, E, C] + the embedding of frames 0..T-1."""
         T, max_frames = ego_tokens.shape[1], self.temporal_pos_embed.shape[1]
-        if T > max_frames:
+        if max_frames < T:
             raise ValueError(f"the ego head covers at most {max_frames} frames (model.max_frames), got {T}")
         return ego_tokens + self.temporal_pos_embed[:, :T]
 
     def forward(
         self,
         ego_tokens: Tensor,
-        ego_status: Optional[Tensor] = None,
-        noise: Optional[Tuple[Tensor, Tensor]] = None,
+        ego_status: Tensor | None = None,
+        noise: tuple[Tensor, Tensor] | None = None,
         embedded: bool = False,
-    ) -> Dict[str, object]:
+    ) -> dict[str, object]:
         """ego_tokens [B, T, V, E, C] (`embedded`: the temporal embedding is already added).
 
         Pretrain: relative_ego_pose_enc [B, T, 7] and relative_ego_pose_enc_list (1 entry).

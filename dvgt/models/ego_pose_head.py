@@ -12,8 +12,6 @@ the tokens of a clip and adds the predicted delta to the estimate.
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,7 +59,7 @@ class EgoPoseHead(nn.Module):
         self.adaln_norm = nn.LayerNorm(dim_in, elementwise_affine=False, eps=1e-6)
         self.pose_branch = Mlp(dim_in, dim_in // 2, pose_dim)
 
-    def forward(self, tokens_list: List[Tensor]) -> List[Tensor]:
+    def forward(self, tokens_list: list[Tensor]) -> list[Tensor]:
         """tokens_list: aggregator outputs [B, T, V, N, dim_in] -> one pose per iteration,
         [B, T, pose_dim] (per frame) or [B, T, V, pose_dim] (per image)."""
         tokens = tokens_list[-1][:, :, :, 0].float()  # [B, T, V, dim_in]

@@ -12,7 +12,7 @@ At call time a block also takes an optional boolean `attn_mask` (True = may atte
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ RopeFn = Callable[[Tensor, object], Tensor]
 class Mlp(nn.Module):
     """fc1 -> GELU (exact) -> fc2."""
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None) -> None:
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()
@@ -142,8 +142,8 @@ class KVCache:
     """Keys and values (after RoPE) of the tokens one attention layer has seen, for streaming inference."""
 
     def __init__(self) -> None:
-        self.keys: Optional[Tensor] = None  # [B, heads, N_past, head_dim]
-        self.values: Optional[Tensor] = None
+        self.keys: Tensor | None = None  # [B, heads, N_past, head_dim]
+        self.values: Tensor | None = None
 
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append the new k, v [B, heads, N, head_dim]; returns all keys and values, past first."""
@@ -168,7 +168,7 @@ class Attention(nn.Module):
         num_heads: int,
         qkv_bias: bool = True,
         qk_norm: bool = False,
-        rope: Optional[RopeFn] = None,
+        rope: RopeFn | None = None,
         mask_k_bias: bool = False,
     ) -> None:
         super().__init__()
@@ -182,9 +182,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rope = rope
 
-    def forward(
-        self, x: Tensor, pos=None, attn_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, pos=None, attn_mask: Tensor | None = None, kv_cache: KVCache | None = None) -> Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, heads, N, head_dim]
@@ -207,7 +205,7 @@ class Block(nn.Module):
         init_values: float,
         mlp_ratio: float = 4.0,
         qk_norm: bool = False,
-        rope: Optional[RopeFn] = None,
+        rope: RopeFn | None = None,
         mask_k_bias: bool = False,
         norm_eps: float = 1e-5,  # of norm1 and norm2 (DINOv2 uses 1e-6)
     ) -> None:
@@ -219,9 +217,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, init_values)
 
-    def forward(
-        self, x: Tensor, pos=None, attn_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, pos=None, attn_mask: Tensor | None = None, kv_cache: KVCache | None = None) -> Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), pos=pos, attn_mask=attn_mask, kv_cache=kv_cache))
         return x + self.ls2(self.mlp(self.norm2(x)))
 

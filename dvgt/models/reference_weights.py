@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import math
 import zlib
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,8 +64,8 @@ def reference_tensor(key: str, shape: Sequence[int], seed: int = 1234) -> Tensor
 
 
 def reference_state_dict(
-    layout_or_model: nn.Module | Mapping, seed: int = 1234, buffers: Optional[Mapping[str, Tensor]] = None
-) -> Dict[str, Tensor]:
+    layout_or_model: nn.Module | Mapping, seed: int = 1234, buffers: Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor]:
     """A new state_dict holding the reference weights.
 
     `layout_or_model` is a model (its persistent buffers are copied) or a layout such as
@@ -90,7 +90,7 @@ def reference_state_dict(
 
 
 @torch.no_grad()
-def fill_reference_weights(model: nn.Module, seed: int = 1234, workers: Optional[int] = None) -> nn.Module:
+def fill_reference_weights(model: nn.Module, seed: int = 1234, workers: int | None = None) -> nn.Module:
     """Overwrite `model`'s parameters (float32, CPU) with the reference weights, in place, recompute its buffers
     and set the stand-in buffers.
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +47,9 @@ class DDIM:
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2) -> None:
         # on the CPU even when the model is built under a meta default device
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32, device="cpu") ** 2
+        betas = (
+            torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32, device="cpu") ** 2
+        )
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # [1000]
 
     def add_noise(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -72,8 +74,8 @@ def sine_embedding(x: Tensor, dim: int) -> Tensor:
     return embedding.flatten(-2)
 
 
-def _linear_relu_ln(dim: int, in_dim: int, repeats: int) -> List[nn.Module]:
-    layers: List[nn.Module] = []
+def _linear_relu_ln(dim: int, in_dim: int, repeats: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
     for _ in range(repeats):
         layers += [nn.Linear(in_dim, dim), nn.ReLU(), nn.LayerNorm(dim)]
         in_dim = dim
@@ -118,7 +120,7 @@ class ScoreAndOffsetHead(nn.Module):
         )
         nn.init.constant_(self.cls_branch[-1].bias, -math.log((1 - 0.01) / 0.01))  # prior score 0.01
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         B, M, _ = x.shape
         return self.reg_branch(x).view(B, M, *self.output_shape), self.cls_branch(x).squeeze(-1)
 
@@ -144,7 +146,7 @@ class DecoderLayer(nn.Module):
         traj: Tensor,  # [b, 20, 8, 2] physical
         pose_translation: Tensor,  # [b, 20, 3] physical
         time_embed: Tensor,  # [b, 1, D]
-    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pose_feature = self.pose_time_modulation(self.pose_attn(pose_feature, past_tokens), time_embed)
         traj_feature = self.traj_time_modulation(self.traj_attn(traj_feature, future_tokens), time_embed)
         traj_offset, traj_score = self.traj_decoder(traj_feature)
@@ -198,8 +200,10 @@ class TrajectoryPoseDecoder(nn.Module):
     def reset_buffers(self) -> None:
         """The fixed ranges (constants x gt_scale_factor) and all-zero anchors (upstream's value without anchor files)."""
         for name, values in (
-            ("traj_min", TRAJ_RANGE[0]), ("traj_max", TRAJ_RANGE[1]),
-            ("pose_translation_min", POSE_TRANSLATION_RANGE[0]), ("pose_translation_max", POSE_TRANSLATION_RANGE[1]),
+            ("traj_min", TRAJ_RANGE[0]),
+            ("traj_max", TRAJ_RANGE[1]),
+            ("pose_translation_min", POSE_TRANSLATION_RANGE[0]),
+            ("pose_translation_max", POSE_TRANSLATION_RANGE[1]),
         ):
             buffer = getattr(self, name)
             buffer.copy_(torch.tensor(values, dtype=torch.float32, device=buffer.device) * self.gt_scale_factor)
@@ -219,16 +223,20 @@ class TrajectoryPoseDecoder(nn.Module):
         expected = {"trajectory": tuple(self.norm_traj_anchor.shape[1:]), "pose_translation": (NUM_ANCHORS, 3)}
         for name, value in (("trajectory", trajectory), ("pose_translation", pose_translation)):
             if tuple(value.shape) != expected[name]:
-                raise ValueError(f"anchor array '{name}' has shape {list(value.shape)}, expected {list(expected[name])}")
+                raise ValueError(
+                    f"anchor array '{name}' has shape {list(value.shape)}, expected {list(expected[name])}"
+                )
         device = self.norm_traj_anchor.device
         traj = trajectory.to(device, torch.float32)[None] * self.gt_scale_factor
         pose = pose_translation.to(device, torch.float32)[None] * self.gt_scale_factor
         self.norm_traj_anchor.copy_(self.normalize(traj, self.traj_min, self.traj_max))
-        self.norm_pose_translation_anchor.copy_(self.normalize(pose, self.pose_translation_min, self.pose_translation_max))
+        self.norm_pose_translation_anchor.copy_(
+            self.normalize(pose, self.pose_translation_min, self.pose_translation_max)
+        )
 
     def forward(
-        self, ego_tokens: Tensor, ego_status: Optional[Tensor] = None, noise: Optional[Tuple[Tensor, Tensor]] = None
-    ) -> Dict[str, List[Tensor]]:
+        self, ego_tokens: Tensor, ego_status: Tensor | None = None, noise: tuple[Tensor, Tensor] | None = None
+    ) -> dict[str, list[Tensor]]:
         """ego_tokens [B, T, V, 1 + 8, D] (relative-pose token, then the future tokens); ego_status [B, T, 8].
 
         Returns diff_traj_reg_list L x [B, T, 20, 8, 3], diff_traj_cls_list L x [B, T, 20],
@@ -245,7 +253,9 @@ class TrajectoryPoseDecoder(nn.Module):
             t = torch.randint(0, self.truncated_noise_steps, (b,), device=tokens.device)
         else:
             t = torch.full((b,), self.INFERENCE_STEPS[0], device=tokens.device, dtype=torch.long)
-        traj_noise, pose_noise = noise if noise is not None else (torch.randn_like(traj_anchor), torch.randn_like(pose_anchor))
+        traj_noise, pose_noise = (
+            noise if noise is not None else (torch.randn_like(traj_anchor), torch.randn_like(pose_anchor))
+        )
         noisy_traj = self.scheduler.add_noise(traj_anchor, traj_noise, t)
         noisy_pose = self.scheduler.add_noise(pose_anchor, pose_noise, t)
 
@@ -256,20 +266,22 @@ class TrajectoryPoseDecoder(nn.Module):
         return {f"diff_{key}_list": [v.view(B, T, *v.shape[1:]) for v in values] for key, values in outputs.items()}
 
     @torch.no_grad()
-    def _denoise(self, tokens: Tensor, ego_status: Optional[Tensor], noisy_traj: Tensor, noisy_pose: Tensor):
+    def _denoise(self, tokens: Tensor, ego_status: Tensor | None, noisy_traj: Tensor, noisy_pose: Tensor):
         step_size = self.INFERENCE_STEPS[0] - self.INFERENCE_STEPS[1]
         for step in self.INFERENCE_STEPS:
             t = torch.full((tokens.shape[0],), step, device=tokens.device, dtype=torch.long)
             outputs = self._decode(tokens, ego_status, noisy_traj, noisy_pose, t)
             clean_traj = self.normalize(outputs["traj_reg"][-1][..., :2], self.traj_min, self.traj_max)
-            clean_pose = self.normalize(outputs["poses_reg"][-1][..., :3], self.pose_translation_min, self.pose_translation_max)
+            clean_pose = self.normalize(
+                outputs["poses_reg"][-1][..., :3], self.pose_translation_min, self.pose_translation_max
+            )
             noisy_traj = self.scheduler.step(clean_traj, step, step - step_size, noisy_traj.clamp(-1, 1))
             noisy_pose = self.scheduler.step(clean_pose, step, step - step_size, noisy_pose.clamp(-1, 1))
         return outputs
 
     def _decode(
-        self, tokens: Tensor, ego_status: Optional[Tensor], noisy_traj: Tensor, noisy_pose: Tensor, t: Tensor
-    ) -> Dict[str, List[Tensor]]:
+        self, tokens: Tensor, ego_status: Tensor | None, noisy_traj: Tensor, noisy_pose: Tensor, t: Tensor
+    ) -> dict[str, list[Tensor]]:
         """All decoder layers, from normalised noisy anchors [b, 20, 8, 2] / [b, 20, 3] at steps t [b]."""
         b, D = tokens.shape[0], tokens.shape[-1]
         past_tokens = tokens[:, :, :1].reshape(b, -1, D)  # the relative-pose token of each view: [b, V, D]
@@ -281,11 +293,13 @@ class TrajectoryPoseDecoder(nn.Module):
         pose_feature = self.pose_feature_proj(sine_embedding(pose, D))
         if self.hist_encoding is not None:
             if ego_status is None:
-                raise ValueError("this model conditions on the ego status (model.enable_ego_status): pass ego_status [B, T, 8]")
+                raise ValueError(
+                    "this model conditions on the ego status (model.enable_ego_status): pass ego_status [B, T, 8]"
+                )
             traj_feature = traj_feature + self.hist_encoding(ego_status.reshape(b, 1, EGO_STATUS_DIM))
         time_embed = self.time_mlp(t)[:, None]  # [b, 1, D]
 
-        outputs: Dict[str, List[Tensor]] = {key: [] for key in ("traj_reg", "traj_cls", "poses_reg", "poses_cls")}
+        outputs: dict[str, list[Tensor]] = {key: [] for key in ("traj_reg", "traj_cls", "poses_reg", "poses_cls")}
         for layer in self.diff_decoder["layers"]:
             results = layer(traj_feature, pose_feature, past_tokens, future_tokens, traj, pose, time_embed)
             for key, value in zip(outputs, results):

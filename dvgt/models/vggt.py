@@ -11,13 +11,12 @@ DPT head a point map in the first camera's frame.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .aggregator import (check_images, embed_patches, per_image_tokens, precomputed_outputs, run_block,
-                         token_positions)
+from .aggregator import check_images, embed_patches, per_image_tokens, precomputed_outputs, run_block, token_positions
 from .dinov2 import DinoV2VisionTransformer
 from .dpt_head import DPTHead
 from .dvgt1 import SIZES, DVGT1Size, run_heads
@@ -55,20 +54,25 @@ class VGGTAggregator(nn.Module):
         for token in (self.camera_token, self.register_token):
             nn.init.normal_(token, std=1e-6)
 
-        self.patch_embed = DinoV2VisionTransformer(embed_dim, backbone_depth, num_heads, patch_size, img_size,
-                                                   num_register_tokens)
+        self.patch_embed = DinoV2VisionTransformer(
+            embed_dim, backbone_depth, num_heads, patch_size, img_size, num_register_tokens
+        )
         self.rope = RotaryPositionEmbedding2D(frequency=rope_freq)
 
         def stack() -> nn.ModuleList:
             return nn.ModuleList(
-                [Block(embed_dim, num_heads, init_values=init_values, mlp_ratio=mlp_ratio, qk_norm=True, rope=self.rope)
-                 for _ in range(depth)]
+                [
+                    Block(
+                        embed_dim, num_heads, init_values=init_values, mlp_ratio=mlp_ratio, qk_norm=True, rope=self.rope
+                    )
+                    for _ in range(depth)
+                ]
             )
 
         self.frame_blocks = stack()
         self.global_blocks = stack()
 
-    def forward(self, images: Tensor, patch_tokens: Optional[Tensor] = None) -> Tuple[List[Tensor], int]:
+    def forward(self, images: Tensor, patch_tokens: Tensor | None = None) -> tuple[list[Tensor], int]:
         """images [B, T, V, 3, H, W] in [0, 1] -> (depth x [B, T*V, N, 2C], patch_start_idx); `patch_tokens`
         [B, T, V, P, C]: the DINOv2 backbone's output for these images (feature cache), which skips it."""
         check_images(images, self.patch_size)
@@ -105,7 +109,7 @@ class VGGT(nn.Module):
         size: DVGT1Size = SIZES["full"],
         patch_size: int = 14,
         gradient_checkpointing: bool = True,
-        frames_chunk_size: Optional[int] = None,
+        frames_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size  # H and W of inputs must be multiples of this
@@ -124,8 +128,12 @@ class VGGT(nn.Module):
         )
         self.point_head = DPTHead.of_size(dim_in, size, patch_size)
 
-    def forward(self, images: Tensor, patch_tokens: Optional[Tensor] = None,
-                aggregator_tokens: Optional[Sequence[Optional[Tensor]]] = None) -> Dict[str, object]:
+    def forward(
+        self,
+        images: Tensor,
+        patch_tokens: Tensor | None = None,
+        aggregator_tokens: Sequence[Tensor | None] | None = None,
+    ) -> dict[str, object]:
         """images [B, T, V, 3, H, W] (or [T, V, 3, H, W]) in [0, 1], H and W multiples of 14; `patch_tokens`
         [B, T, V, P, C]: precomputed backbone output; `aggregator_tokens`: a frozen aggregator's precomputed
         outputs by layer, [B, T, V, N, 2C] or None (feature cache, docs/feature-cache.md).

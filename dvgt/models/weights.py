@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 import zipfile
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -40,7 +41,7 @@ def _read_remote(uri: str, s3: Any) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def read_checkpoint(path: str | Path, s3: Any = None) -> Dict[str, Tensor]:
+def read_checkpoint(path: str | Path, s3: Any = None) -> dict[str, Tensor]:
     """The state_dict stored at `path` (a local path or an s3:// URI; `s3`: checkpoint.s3 options),
     with any DDP `module.` prefix removed.
 
@@ -73,7 +74,7 @@ def read_checkpoint(path: str | Path, s3: Any = None) -> Dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _names(keys: Sequence[str]) -> List[str]:
+def _names(keys: Sequence[str]) -> list[str]:
     """Up to MAX_NAMES entries: the keys themselves, or when there are more, their longest prefixes that fit."""
     if len(keys) <= MAX_NAMES:
         return list(keys)
@@ -91,11 +92,11 @@ def _names(keys: Sequence[str]) -> List[str]:
 @dataclass
 class LoadReport:
     path: str
-    loaded: List[str] = field(default_factory=list)
-    missing: List[str] = field(default_factory=list)  # in the model, not in the file
-    unexpected: List[str] = field(default_factory=list)  # in the file, not in the model
-    mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)  # key, file, model
-    ignored: Dict[str, List[str]] = field(default_factory=dict)  # reason -> keys of the file left out on purpose
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # key, file, model
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # reason -> keys of the file left out on purpose
 
     @property
     def ok(self) -> bool:
@@ -109,8 +110,10 @@ class LoadReport:
             f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatched"
             + (f", {ignored} ignored" if ignored else "")
         ]
-        categories = [("missing (in the model, not in the file)", self.missing),
-                      ("unexpected (in the file, not in the model)", self.unexpected)]
+        categories = [
+            ("missing (in the model, not in the file)", self.missing),
+            ("unexpected (in the file, not in the model)", self.unexpected),
+        ]
         categories += [(f"ignored ({reason})", keys) for reason, keys in self.ignored.items()]
         for label, keys in categories:
             if keys:
@@ -139,8 +142,13 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool, s3: Any = Non
     return load_state(model, state, strict, str(path), ignored={"head disabled": skipped} if skipped else None)
 
 
-def load_state(model: nn.Module, state: Mapping[str, Tensor], strict: bool, source: str,
-               ignored: Optional[Dict[str, List[str]]] = None) -> LoadReport:
+def load_state(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    strict: bool,
+    source: str,
+    ignored: dict[str, list[str]] | None = None,
+) -> LoadReport:
     """Load the state_dict `state` (read from `source`) into `model`; see `load_weights`.
 
     `ignored` lists keys the caller already left out of `state` on purpose, by reason (reported only).

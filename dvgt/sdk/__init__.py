@@ -11,11 +11,37 @@ this machine. docs/sdk.md is the guide.
 """
 
 from dvgt.sdk.client import Client
-from dvgt.sdk.errors import (ClusterUnreachableError, ForbiddenError, InvalidJobError, JobExistsError, JobFailedError,
-                             JobNotFoundError, NoClusterConfigError, OperatorMissingError, SdkError, UnauthorizedError)
+from dvgt.sdk.errors import (
+    ClusterUnreachableError,
+    ForbiddenError,
+    InvalidJobError,
+    JobExistsError,
+    JobFailedError,
+    JobNotFoundError,
+    NoClusterConfigError,
+    OperatorMissingError,
+    SdkError,
+    UnauthorizedError,
+)
 from dvgt.sdk.job import TrainingJob
 from dvgt.sdk.status import CheckpointInfo, Condition, JobStatus, PodStatus, ReplicaStatus
 
-__all__ = ["TrainingJob", "Client", "JobStatus", "Condition", "ReplicaStatus", "PodStatus", "CheckpointInfo",
-           "SdkError", "InvalidJobError", "NoClusterConfigError", "ClusterUnreachableError", "UnauthorizedError",
-           "ForbiddenError", "JobExistsError", "JobNotFoundError", "OperatorMissingError", "JobFailedError"]
+__all__ = [
+    "TrainingJob",
+    "Client",
+    "JobStatus",
+    "Condition",
+    "ReplicaStatus",
+    "PodStatus",
+    "CheckpointInfo",
+    "SdkError",
+    "InvalidJobError",
+    "NoClusterConfigError",
+    "ClusterUnreachableError",
+    "UnauthorizedError",
+    "ForbiddenError",
+    "JobExistsError",
+    "JobNotFoundError",
+    "OperatorMissingError",
+    "JobFailedError",
+]

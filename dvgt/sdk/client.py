@@ -12,9 +12,10 @@ same calls:
 
 from __future__ import annotations
 
+import builtins
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
 
 from dvgt.sdk import errors
 from dvgt.sdk.job import TrainingJob
@@ -24,14 +25,25 @@ BACKENDS = ("cluster", "local")
 APIS = ("pytorchjob", "trainjob")
 # What wait() can wait for: a phase, or "Finished" (Succeeded or Failed).
 WAIT_FOR = ("Created", "Running", "Succeeded", "Failed", "Finished")
-_REACHED = {"Created": ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed"),
-            "Running": ("Running", "Succeeded"), "Succeeded": ("Succeeded",), "Failed": ("Failed",),
-            "Finished": ("Succeeded", "Failed")}
+_REACHED = {
+    "Created": ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed"),
+    "Running": ("Running", "Succeeded"),
+    "Succeeded": ("Succeeded",),
+    "Failed": ("Failed",),
+    "Finished": ("Succeeded", "Failed"),
+}
 
 
 class Client:
-    def __init__(self, backend: str = "cluster", namespace: Optional[str] = None, kubeconfig: Optional[str] = None,
-                 context: Optional[str] = None, home: Optional[Path] = None, api: str = "pytorchjob"):
+    def __init__(
+        self,
+        backend: str = "cluster",
+        namespace: str | None = None,
+        kubeconfig: str | None = None,
+        context: str | None = None,
+        home: Path | None = None,
+        api: str = "pytorchjob",
+    ):
         """backend "cluster": kubeconfig (KUBECONFIG, ~/.kube/config or `kubeconfig`, its current context or
         `context`) or the pod's service account; namespace: the context's unless given; api: the kind of
         job it submits and follows there, "pytorchjob" or "trainjob".
@@ -62,8 +74,10 @@ class Client:
     def submit(self, job: TrainingJob, replace: bool = False) -> str:
         """Validate, render and create the job; its name. replace=True deletes a job of that name first."""
         if self.kind == "cluster" and (job.api or "pytorchjob") != self.api:
-            raise errors.InvalidJobError(f"TrainingJob.api is '{job.api or 'pytorchjob'}' but this client follows "
-                                         f"{self.api}s: use Client(api='{job.api or 'pytorchjob'}') (--api on the command line)")
+            raise errors.InvalidJobError(
+                f"TrainingJob.api is '{job.api or 'pytorchjob'}' but this client follows "
+                f"{self.api}s: use Client(api='{job.api or 'pytorchjob'}') (--api on the command line)"
+            )
         return self.backend.submit(job, replace=replace)
 
     def status(self, name: str) -> JobStatus:
@@ -76,12 +90,18 @@ class Client:
     def delete(self, name: str) -> None:
         self.backend.delete(name)
 
-    def list(self) -> List[JobStatus]:
+    def list(self) -> builtins.list[JobStatus]:
         """Every job (in the namespace), without progress or checkpoint details."""
         return self.backend.list()
 
-    def wait(self, name: str, until: str = "Succeeded", timeout: Optional[float] = 600.0, poll_s: float = 2.0,
-             callback: Optional[Callable[[JobStatus], None]] = None) -> JobStatus:
+    def wait(
+        self,
+        name: str,
+        until: str = "Succeeded",
+        timeout: float | None = 600.0,
+        poll_s: float = 2.0,
+        callback: Callable[[JobStatus], None] | None = None,
+    ) -> JobStatus:
         """Poll the job until it reaches `until` (by default until it succeeds, like the Kubeflow clients;
         Running is reached by a job that already Succeeded); callback(status) after each poll.
         JobFailedError when it fails while waiting for something else; TimeoutError after `timeout`
@@ -100,9 +120,12 @@ class Client:
             if status.finished:
                 failed = next((c for c in status.conditions if c.type == status.phase and c.status), None)
                 why = f": {failed.reason} {failed.message}".rstrip() if failed else ""
-                raise errors.JobFailedError(f"job {name} {status.phase}{why} while waiting for {until}; "
-                                            f"see its logs (dvgt logs {name})")
+                raise errors.JobFailedError(
+                    f"job {name} {status.phase}{why} while waiting for {until}; see its logs (dvgt logs {name})"
+                )
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {name} is still {status.phase} after {timeout:.0f} s waiting for {until}; "
-                                   f"wait longer (--timeout) or look at it (dvgt status {name})")
+                raise TimeoutError(
+                    f"job {name} is still {status.phase} after {timeout:.0f} s waiting for {until}; "
+                    f"wait longer (--timeout) or look at it (dvgt status {name})"
+                )
             time.sleep(poll_s)

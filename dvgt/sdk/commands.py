@@ -34,11 +34,24 @@ def job_from_args(args: argparse.Namespace):
         values = yaml.safe_load(Path(args.values).read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"--values {args.values}: expected a YAML mapping of chart values")
-    return TrainingJob(stage=args.stage, api=args.api, nodes=args.nodes, gpus_per_node=args.gpus_per_node, profile=args.profile,
-                       image=args.image, exporter_image=args.exporter_image, checkpoint_uri=args.checkpoint_uri,
-                       s3_secret=args.s3_secret, data_pvc=args.data_pvc, data_host_path=args.data_host_path,
-                       data_root=args.data_root,
-                       overrides=list(args.set), name=args.name, namespace=args.namespace, values=values)
+    return TrainingJob(
+        stage=args.stage,
+        api=args.api,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        profile=args.profile,
+        image=args.image,
+        exporter_image=args.exporter_image,
+        checkpoint_uri=args.checkpoint_uri,
+        s3_secret=args.s3_secret,
+        data_pvc=args.data_pvc,
+        data_host_path=args.data_host_path,
+        data_root=args.data_root,
+        overrides=list(args.set),
+        name=args.name,
+        namespace=args.namespace,
+        values=values,
+    )
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -51,8 +64,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     where = f" in namespace {client.namespace}" if client.namespace else " on this machine"
     flags = " --local" if client.kind == "local" else (f" -n {client.namespace}" if args.namespace else "")
     flags += " --api trainjob" if args.api == "trainjob" else ""
-    print(f"submitted {'TrainJob' if args.api == 'trainjob' else 'job'} {name}{where} (stage {job.stage})\n"
-          f"follow it: dvgt wait {name}{flags} --for running; dvgt logs {name}{flags} -f; dvgt status {name}{flags}")
+    print(
+        f"submitted {'TrainJob' if args.api == 'trainjob' else 'job'} {name}{where} (stage {job.stage})\n"
+        f"follow it: dvgt wait {name}{flags} --for running; dvgt logs {name}{flags} -f; dvgt status {name}{flags}"
+    )
     return 0
 
 
@@ -74,8 +89,13 @@ def cmd_wait(args: argparse.Namespace) -> int:
             from rich.live import Live
 
             with Live("", refresh_per_second=4, transient=False) as live:
-                status = client.wait(args.name, until=args.until, timeout=timeout, poll_s=args.poll,
-                                     callback=lambda s: live.update(line(s)))
+                status = client.wait(
+                    args.name,
+                    until=args.until,
+                    timeout=timeout,
+                    poll_s=args.poll,
+                    callback=lambda s: live.update(line(s)),
+                )
         else:
             seen = []
 
@@ -83,6 +103,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
                 if not seen or seen[-1] != status.summary():
                     seen.append(status.summary())
                     print(line(status), flush=True)
+
             status = client.wait(args.name, until=args.until, timeout=timeout, poll_s=args.poll, callback=show)
     except JobFailedError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -106,9 +127,15 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     jobs = _client(args).list()
     rows = [("NAME", "PHASE", "STAGE", "PODS")] + [
-        (s.name, s.phase, s.stage or "?", f"{sum(r.active for r in s.replicas.values())}/"
-                                          f"{sum(r.active + r.succeeded + r.failed for r in s.replicas.values())}")
-        for s in jobs]
+        (
+            s.name,
+            s.phase,
+            s.stage or "?",
+            f"{sum(r.active for r in s.replicas.values())}/"
+            f"{sum(r.active + r.succeeded + r.failed for r in s.replicas.values())}",
+        )
+        for s in jobs
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -117,23 +144,36 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
     where = parser.add_argument_group("where the job runs")
-    where.add_argument("--backend", choices=("cluster", "local"), default="cluster",
-                       help="cluster: the kubeconfig's cluster (or in-cluster); local: this machine (the local runner)")
+    where.add_argument(
+        "--backend",
+        choices=("cluster", "local"),
+        default="cluster",
+        help="cluster: the kubeconfig's cluster (or in-cluster); local: this machine (the local runner)",
+    )
     where.add_argument("--local", action="store_true", help="same as --backend local")
     where.add_argument("-n", "--namespace", help="namespace (default: the kubeconfig context's)")
     where.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)")
     where.add_argument("--context", help="kubeconfig context (default: the current one)")
-    where.add_argument("--api", choices=("pytorchjob", "trainjob"), default="pytorchjob",
-                       help="the job kind: pytorchjob (Kubeflow Training Operator v1) or trainjob (Kubeflow Trainer v2)")
+    where.add_argument(
+        "--api",
+        choices=("pytorchjob", "trainjob"),
+        default="pytorchjob",
+        help="the job kind: pytorchjob (Kubeflow Training Operator v1) or trainjob (Kubeflow Trainer v2)",
+    )
 
 
 def add_commands(sub) -> None:
     """Add submit / status / wait / logs / delete / list to the `dvgt` subparsers."""
     from dvgt.sdk.client import WAIT_FOR
 
-    submit = sub.add_parser("submit", help="submit a training job (a PyTorchJob, or with --api trainjob a TrainJob and its "
-                            "runtime, rendered by the chart); --dry-run prints it")
-    submit.add_argument("--stage", required=True, help="stage of charts/dvgt/files/catalog.yaml, e.g. finetune-nuscenes")
+    submit = sub.add_parser(
+        "submit",
+        help="submit a training job (a PyTorchJob, or with --api trainjob a TrainJob and its "
+        "runtime, rendered by the chart); --dry-run prints it",
+    )
+    submit.add_argument(
+        "--stage", required=True, help="stage of charts/dvgt/files/catalog.yaml, e.g. finetune-nuscenes"
+    )
     submit.add_argument("--nodes", type=int, help="pods (default: the stage's recipe)")
     submit.add_argument("--gpus-per-node", type=int, help="GPUs (processes) per pod (chart default 8)")
     submit.add_argument("--profile", help="VRAM profile, e.g. h100-80g (chart default h20-146g)")
@@ -143,14 +183,27 @@ def add_commands(sub) -> None:
     submit.add_argument("--s3-secret", help="existing Secret with the AWS_* variables ('' = none)")
     submit.add_argument("--data-pvc", help="PVC with the datasets ('' = none)")
     submit.add_argument("--data-host-path", help="or a folder on every node (with --data-pvc '')")
-    submit.add_argument("--data-root", help="the trainer's data.root: a path in the pod or s3://bucket/prefix "
-                        "(read through a node-local cache; with --data-pvc '' when no claim is needed)")
+    submit.add_argument(
+        "--data-root",
+        help="the trainer's data.root: a path in the pod or s3://bucket/prefix "
+        "(read through a node-local cache; with --data-pvc '' when no claim is needed)",
+    )
     submit.add_argument("--name", help="job name (default: <stage>-<random suffix>)")
-    submit.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                        help="trainer config override, e.g. --set optim.lr=5e-6 (repeat it)")
-    submit.add_argument("--values", metavar="FILE", help="YAML of any other chart values (charts/dvgt/values.yaml names)")
+    submit.add_argument(
+        "--set",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="trainer config override, e.g. --set optim.lr=5e-6 (repeat it)",
+    )
+    submit.add_argument(
+        "--values", metavar="FILE", help="YAML of any other chart values (charts/dvgt/values.yaml names)"
+    )
     submit.add_argument("--replace", action="store_true", help="delete a job of the same name first")
-    submit.add_argument("--dry-run", action="store_true", help="print the job's YAML (a TrainJob's runtime first); nothing is sent")
+    submit.add_argument(
+        "--dry-run", action="store_true", help="print the job's YAML (a TrainJob's runtime first); nothing is sent"
+    )
     _client_args(submit)
     submit.set_defaults(func=cmd_submit)
 
@@ -162,11 +215,23 @@ def add_commands(sub) -> None:
 
     wait = sub.add_parser("wait", help="wait for a job to succeed (or --for another state), with a live status line")
     wait.add_argument("name")
-    wait.add_argument("--for", "--until", dest="until", default="Succeeded", type=str.capitalize, choices=WAIT_FOR,
-                      metavar="STATE", help=f"the state to wait for: {', '.join(s.lower() for s in WAIT_FOR)} "
-                      "(default succeeded; failing first is an error, exit 1)")
-    wait.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (exit 2; "
-                      "default 600, 0 = no limit)")
+    wait.add_argument(
+        "--for",
+        "--until",
+        dest="until",
+        default="Succeeded",
+        type=str.capitalize,
+        choices=WAIT_FOR,
+        metavar="STATE",
+        help=f"the state to wait for: {', '.join(s.lower() for s in WAIT_FOR)} "
+        "(default succeeded; failing first is an error, exit 1)",
+    )
+    wait.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="give up after this many seconds (exit 2; default 600, 0 = no limit)",
+    )
     wait.add_argument("--poll", type=float, default=2.0, help="seconds between two looks at the job")
     _client_args(wait)
     wait.set_defaults(func=cmd_wait)

@@ -16,13 +16,14 @@ import json
 import re
 import secrets
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import yaml
 
-from dvgt.k8s.catalog import CHART_DIR
 from dvgt.k8s import trainjob
+from dvgt.k8s.catalog import CHART_DIR
 from dvgt.k8s.pytorchjob import DNS1035, check_admission, load_pytorchjob
 from dvgt.sdk.errors import InvalidJobError
 
@@ -30,17 +31,37 @@ DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a namespa
 
 # TrainingJob field -> the chart value it sets (dotted path in values.yaml).
 VALUE_OF_FIELD = {
-    "api": "api", "stage": "stage", "profile": "profile", "nodes": "nodes", "gpus_per_node": "gpusPerNode",
-    "images_per_step": "imagesPerStep", "max_images_per_forward": "maxImagesPerForward", "overrides": "overrides",
-    "image": "image", "exporter_image": "exporter.image", "exporter": "exporter.enabled",
-    "checkpoint_uri": "checkpoint.uri", "s3_secret": "checkpoint.s3Secret",
-    "preemption_budget_s": "checkpoint.preemptionBudgetSeconds", "data_pvc": "data.pvc",
-    "data_host_path": "data.hostPath", "data_root": "data.root", "restart_policy": "restartPolicy", "backoff_limit": "backoffLimit",
-    "active_deadline_s": "activeDeadlineSeconds", "kueue_queue": "scheduling.kueueQueue",
-    "kueue_priority_class": "scheduling.kueuePriorityClass", "runtime_name": "trainJob.runtime.name",
-    "runtime_kind": "trainJob.runtime.kind", "create_runtime": "trainJob.runtime.create",
-    "priority_class": "priorityClassName", "node_selector": "nodeSelector", "tolerations": "tolerations",
-    "resources": "resources", "env": "extraEnv", "service_account": "serviceAccount.name",
+    "api": "api",
+    "stage": "stage",
+    "profile": "profile",
+    "nodes": "nodes",
+    "gpus_per_node": "gpusPerNode",
+    "images_per_step": "imagesPerStep",
+    "max_images_per_forward": "maxImagesPerForward",
+    "overrides": "overrides",
+    "image": "image",
+    "exporter_image": "exporter.image",
+    "exporter": "exporter.enabled",
+    "checkpoint_uri": "checkpoint.uri",
+    "s3_secret": "checkpoint.s3Secret",
+    "preemption_budget_s": "checkpoint.preemptionBudgetSeconds",
+    "data_pvc": "data.pvc",
+    "data_host_path": "data.hostPath",
+    "data_root": "data.root",
+    "restart_policy": "restartPolicy",
+    "backoff_limit": "backoffLimit",
+    "active_deadline_s": "activeDeadlineSeconds",
+    "kueue_queue": "scheduling.kueueQueue",
+    "kueue_priority_class": "scheduling.kueuePriorityClass",
+    "runtime_name": "trainJob.runtime.name",
+    "runtime_kind": "trainJob.runtime.kind",
+    "create_runtime": "trainJob.runtime.create",
+    "priority_class": "priorityClassName",
+    "node_selector": "nodeSelector",
+    "tolerations": "tolerations",
+    "resources": "resources",
+    "env": "extraEnv",
+    "service_account": "serviceAccount.name",
 }
 
 
@@ -50,12 +71,14 @@ def default_name(stage: str) -> str:
     return f"{stage[:57].rstrip('-')}-{suffix}"
 
 
-def image_values(image: str, what: str) -> Dict[str, str]:
+def image_values(image: str, what: str) -> dict[str, str]:
     """'registry:5000/dvgt/trainer:1.0' -> {registry: '', repository: registry:5000/dvgt/trainer, tag: '1.0'}
     (the reference names its registry, so the chart's default registry does not apply)."""
     if "@" in image:
-        raise InvalidJobError(f"TrainingJob.{what} '{image}': the chart takes repository:tag, not a digest; "
-                              "push the image with a tag and give REPOSITORY:TAG")
+        raise InvalidJobError(
+            f"TrainingJob.{what} '{image}': the chart takes repository:tag, not a digest; "
+            "push the image with a tag and give REPOSITORY:TAG"
+        )
     repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
     return {"registry": "", "repository": repository, "tag": tag}
 
@@ -66,10 +89,12 @@ def format_override(key: str, value: Any) -> str:
     return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
 
 
-def deep_merge(base: Dict[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            deep_merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -81,47 +106,49 @@ class TrainingJob:
     charts/dvgt/README.md); `values` sets any other chart value (chart names, merged last)."""
 
     stage: str  # a stage of charts/dvgt/files/catalog.yaml, e.g. finetune-nuscenes
-    api: Optional[str] = None  # "pytorchjob" (Training Operator v1, the chart default) | "trainjob" (Trainer v2)
-    nodes: Optional[int] = None  # pods (1 Master + nodes-1 Workers); None: the stage's recipe
-    gpus_per_node: Optional[int] = None  # GPUs = torchrun processes per pod (chart default 8)
-    profile: Optional[str] = None  # VRAM profile of the catalog, e.g. h100-80g (chart default h20-146g)
-    image: Optional[str] = None  # trainer image REPOSITORY[:TAG] (chart default dvgt/trainer:<appVersion>)
-    checkpoint_uri: Optional[str] = None  # checkpoints go to <uri>/<name> (s3://bucket/prefix or a path in the pod)
-    s3_secret: Optional[str] = None  # existing Secret with the AWS_* variables ("" = none)
-    overrides: Union[Mapping[str, Any], Sequence[str]] = field(default_factory=dict)  # trainer config overrides
-    name: Optional[str] = None  # the job's name (DNS-1035); None: <stage>-<random suffix>
-    namespace: Optional[str] = None  # None: the client's namespace (the kubeconfig context's)
-    images_per_step: Optional[int] = None  # images per GPU per optimizer step; None: the stage's recipe
-    max_images_per_forward: Optional[int] = None  # images per GPU per forward pass; None: the profile's
-    exporter: Optional[bool] = None  # the metrics exporter sidecar (chart default on)
-    exporter_image: Optional[str] = None  # exporter image REPOSITORY[:TAG]
-    preemption_budget_s: Optional[int] = None  # seconds to commit a final checkpoint after SIGTERM
-    data_pvc: Optional[str] = None  # PVC with the datasets ("" = none; chart default dvgt-data)
-    data_host_path: Optional[str] = None  # or a folder on every node (used when data_pvc is "")
-    data_root: Optional[str] = None  # the trainer's data.root: a path in the pod or s3://bucket/prefix (cached on the node); None: the stage's
-    restart_policy: Optional[str] = None  # OnFailure | ExitCode | Never
-    backoff_limit: Optional[int] = None  # restarts before the job fails
-    active_deadline_s: Optional[int] = None  # wall-clock limit of the job
-    kueue_queue: Optional[str] = None  # Kueue LocalQueue
-    kueue_priority_class: Optional[str] = None  # Kueue WorkloadPriorityClass
-    runtime_name: Optional[str] = None  # TrainJob: the runtime it references (chart default: the job's name)
-    runtime_kind: Optional[str] = None  # TrainJob: TrainingRuntime (chart default) | ClusterTrainingRuntime
-    create_runtime: Optional[bool] = None  # TrainJob: create the runtime with the job (chart default) or reference one
-    priority_class: Optional[str] = None  # PriorityClass of the pods
-    node_selector: Optional[Dict[str, str]] = None  # node labels the pods must match
-    tolerations: Optional[List[Dict[str, Any]]] = None  # pod tolerations (Kubernetes form)
-    resources: Optional[Dict[str, Any]] = None  # cpu/memory requests and limits of the trainer container
-    env: Optional[Dict[str, str]] = None  # extra env of the trainer (secrets only through `values` + valueFrom)
-    service_account: Optional[str] = None  # service account of the pods
-    values: Dict[str, Any] = field(default_factory=dict)  # any other chart value, e.g. {"rdma": {"enabled": True}}
+    api: str | None = None  # "pytorchjob" (Training Operator v1, the chart default) | "trainjob" (Trainer v2)
+    nodes: int | None = None  # pods (1 Master + nodes-1 Workers); None: the stage's recipe
+    gpus_per_node: int | None = None  # GPUs = torchrun processes per pod (chart default 8)
+    profile: str | None = None  # VRAM profile of the catalog, e.g. h100-80g (chart default h20-146g)
+    image: str | None = None  # trainer image REPOSITORY[:TAG] (chart default dvgt/trainer:<appVersion>)
+    checkpoint_uri: str | None = None  # checkpoints go to <uri>/<name> (s3://bucket/prefix or a path in the pod)
+    s3_secret: str | None = None  # existing Secret with the AWS_* variables ("" = none)
+    overrides: Mapping[str, Any] | Sequence[str] = field(default_factory=dict)  # trainer config overrides
+    name: str | None = None  # the job's name (DNS-1035); None: <stage>-<random suffix>
+    namespace: str | None = None  # None: the client's namespace (the kubeconfig context's)
+    images_per_step: int | None = None  # images per GPU per optimizer step; None: the stage's recipe
+    max_images_per_forward: int | None = None  # images per GPU per forward pass; None: the profile's
+    exporter: bool | None = None  # the metrics exporter sidecar (chart default on)
+    exporter_image: str | None = None  # exporter image REPOSITORY[:TAG]
+    preemption_budget_s: int | None = None  # seconds to commit a final checkpoint after SIGTERM
+    data_pvc: str | None = None  # PVC with the datasets ("" = none; chart default dvgt-data)
+    data_host_path: str | None = None  # or a folder on every node (used when data_pvc is "")
+    data_root: str | None = (
+        None  # the trainer's data.root: a path in the pod or s3://bucket/prefix (cached on the node); None: the stage's
+    )
+    restart_policy: str | None = None  # OnFailure | ExitCode | Never
+    backoff_limit: int | None = None  # restarts before the job fails
+    active_deadline_s: int | None = None  # wall-clock limit of the job
+    kueue_queue: str | None = None  # Kueue LocalQueue
+    kueue_priority_class: str | None = None  # Kueue WorkloadPriorityClass
+    runtime_name: str | None = None  # TrainJob: the runtime it references (chart default: the job's name)
+    runtime_kind: str | None = None  # TrainJob: TrainingRuntime (chart default) | ClusterTrainingRuntime
+    create_runtime: bool | None = None  # TrainJob: create the runtime with the job (chart default) or reference one
+    priority_class: str | None = None  # PriorityClass of the pods
+    node_selector: dict[str, str] | None = None  # node labels the pods must match
+    tolerations: list[dict[str, Any]] | None = None  # pod tolerations (Kubernetes form)
+    resources: dict[str, Any] | None = None  # cpu/memory requests and limits of the trainer container
+    env: dict[str, str] | None = None  # extra env of the trainer (secrets only through `values` + valueFrom)
+    service_account: str | None = None  # service account of the pods
+    values: dict[str, Any] = field(default_factory=dict)  # any other chart value, e.g. {"rdma": {"enabled": True}}
 
     def __post_init__(self) -> None:
         if self.name is None:
             self.name = default_name(self.stage)
 
-    def to_values(self) -> Dict[str, Any]:
+    def to_values(self) -> dict[str, Any]:
         """The chart values this job sets (the chart's defaults fill in the rest)."""
-        values: Dict[str, Any] = {}
+        values: dict[str, Any] = {}
         for name, path in VALUE_OF_FIELD.items():
             value = getattr(self, name)
             if value is None or (name == "overrides" and not value):
@@ -139,19 +166,23 @@ class TrainingJob:
             node[leaf] = value
         return deep_merge(values, self.values)
 
-    def validate(self) -> Dict[str, Any]:
+    def validate(self) -> dict[str, Any]:
         """Check the name, the namespace and the values against the chart's schema; the values."""
         if not DNS1035.match(self.name or ""):
-            raise InvalidJobError(f"TrainingJob.name '{self.name}' is not a valid job name: use at most 63 "
-                                  "lower-case letters, digits and '-', starting with a letter and ending with a letter or digit")
+            raise InvalidJobError(
+                f"TrainingJob.name '{self.name}' is not a valid job name: use at most 63 "
+                "lower-case letters, digits and '-', starting with a letter and ending with a letter or digit"
+            )
         if self.namespace is not None and not DNS1123_LABEL.match(self.namespace):
-            raise InvalidJobError(f"TrainingJob.namespace '{self.namespace}' is not a namespace name: use at most 63 "
-                                  "lower-case letters, digits and '-'")
+            raise InvalidJobError(
+                f"TrainingJob.namespace '{self.namespace}' is not a namespace name: use at most 63 "
+                "lower-case letters, digits and '-'"
+            )
         values = self.to_values()
         check_values(values)
         return values
 
-    def objects(self) -> List[Dict[str, Any]]:
+    def objects(self) -> list[dict[str, Any]]:
         """What `helm template <name> charts/dvgt` renders with these values for the job, in creation
         order: the PyTorchJob; or the TrainingRuntime (when the job creates it) and the TrainJob."""
         from dvgt.k8s.generate import render
@@ -161,7 +192,9 @@ class TrainingJob:
         if merged["api"] == "pytorchjob":
             templates = ["templates/pytorchjob.yaml"]
         else:
-            templates = ["templates/trainjob.yaml"] + (["templates/trainingruntime.yaml"] if merged["trainJob"]["runtime"]["create"] else [])
+            templates = ["templates/trainjob.yaml"] + (
+                ["templates/trainingruntime.yaml"] if merged["trainJob"]["runtime"]["create"] else []
+            )
         try:
             text = render(self.name, {}, value_tree=values, namespace=self.namespace, show_only=templates)
             if merged["api"] == "pytorchjob":
@@ -176,7 +209,7 @@ class TrainingJob:
         except ValueError as error:
             raise InvalidJobError(f"job {self.name}: {error}") from None
 
-    def render(self) -> Dict[str, Any]:
+    def render(self) -> dict[str, Any]:
         """The job (PyTorchJob or TrainJob), as `helm template <name> charts/dvgt` renders it with these values."""
         return self.objects()[-1]
 
@@ -185,7 +218,7 @@ class TrainingJob:
         return yaml.safe_dump_all(self.objects(), sort_keys=False)
 
 
-def check_values(values: Dict[str, Any]) -> None:
+def check_values(values: dict[str, Any]) -> None:
     """The chart's values.schema.json on the chart's defaults merged with `values`; the first problem
     as an InvalidJobError naming the TrainingJob field (or the chart value) and what to do."""
     import jsonschema
@@ -199,9 +232,10 @@ def check_values(values: Dict[str, Any]) -> None:
     fields_ = [f for f, v in VALUE_OF_FIELD.items() if path == v or path.startswith(v + ".")]
     where = f"TrainingJob.{fields_[0]}" if fields_ else f"chart value '{path or '(top level)'}' (TrainingJob.values)"
     if error.validator == "not":  # every `not` rule of the schema refuses a secret in the values
-        problem = (f"{error.instance!r} looks like a secret; credentials never go into a job: pass them through "
-                   "an existing Secret (s3_secret, or extraEnv valueFrom.secretKeyRef in `values`)")
+        problem = (
+            f"{error.instance!r} looks like a secret; credentials never go into a job: pass them through "
+            "an existing Secret (s3_secret, or extraEnv valueFrom.secretKeyRef in `values`)"
+        )
     else:
         problem = f"{error.message}; see charts/dvgt/README.md for the value '{path}'"
     raise InvalidJobError(f"invalid {where}: {problem}")
-

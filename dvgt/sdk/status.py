@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any
 
 # Job phases, from the Training Operator's condition types; "Pending" = no condition yet.
 PHASES = ("Pending", "Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
@@ -49,21 +50,21 @@ class JobStatus:
     name: str
     namespace: str  # "" on the local backend
     phase: str  # one of PHASES
-    conditions: List[Condition] = field(default_factory=list)
-    replicas: Dict[str, ReplicaStatus] = field(default_factory=dict)  # Master / Worker
-    pods: List[PodStatus] = field(default_factory=list)
+    conditions: list[Condition] = field(default_factory=list)
+    replicas: dict[str, ReplicaStatus] = field(default_factory=dict)  # Master / Worker
+    pods: list[PodStatus] = field(default_factory=list)
     stage: str = ""  # the chart's dvgt.io/stage label
     checkpoint_uri: str = ""  # where the trainer writes checkpoints (its checkpoint.uri argument)
-    last_step: Optional[int] = None  # last completed optimizer step
+    last_step: int | None = None  # last completed optimizer step
     last_step_source: str = ""  # "metrics" (the exporter) or "log" (the trainer's output)
-    checkpoint: Optional[CheckpointInfo] = None  # newest committed checkpoint
-    notes: List[str] = field(default_factory=list)  # what could not be read, and why
+    checkpoint: CheckpointInfo | None = None  # newest committed checkpoint
+    notes: list[str] = field(default_factory=list)  # what could not be read, and why
 
     @property
     def finished(self) -> bool:
         return self.phase in FINISHED
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
@@ -79,11 +80,16 @@ class JobStatus:
 
     def describe(self) -> str:
         """Several lines for `dvgt status`."""
-        lines = [f"job        {self.name}" + (f" (namespace {self.namespace})" if self.namespace else ""),
-                 f"stage      {self.stage or '?'}", f"phase      {self.phase}"]
+        lines = [
+            f"job        {self.name}" + (f" (namespace {self.namespace})" if self.namespace else ""),
+            f"stage      {self.stage or '?'}",
+            f"phase      {self.phase}",
+        ]
         for c in self.conditions:
-            lines.append(f"  {c.type:<11} {'True ' if c.status else 'False'} {c.time:<21} {c.reason}"
-                         + (f": {c.message}" if c.message else ""))
+            lines.append(
+                f"  {c.type:<11} {'True ' if c.status else 'False'} {c.time:<21} {c.reason}"
+                + (f": {c.message}" if c.message else "")
+            )
         for rtype, r in self.replicas.items():
             lines.append(f"{rtype:<10} {r.active} active, {r.succeeded} succeeded, {r.failed} failed")
         for pod in self.pods:
@@ -91,12 +97,15 @@ class JobStatus:
         step = f"{self.last_step} (from the {self.last_step_source})" if self.last_step is not None else "unknown"
         lines.append(f"last step  {step}")
         ckpt = f"step {self.checkpoint.step} at {self.checkpoint.uri}" if self.checkpoint else "none"
-        lines.append(f"checkpoint {ckpt}" + (f" (in {self.checkpoint_uri})" if self.checkpoint_uri and not self.checkpoint else ""))
+        lines.append(
+            f"checkpoint {ckpt}"
+            + (f" (in {self.checkpoint_uri})" if self.checkpoint_uri and not self.checkpoint else "")
+        )
         lines += [f"note       {note}" for note in self.notes]
         return "\n".join(lines)
 
 
-def phase_of(conditions: List[Condition]) -> str:
+def phase_of(conditions: list[Condition]) -> str:
     """The job's phase: the most decisive condition that is True (Failed over Succeeded over ...)."""
     true = {c.type for c in conditions if c.status}
     for phase in ("Failed", "Succeeded", "Suspended", "Restarting", "Running", "Created"):
@@ -105,7 +114,7 @@ def phase_of(conditions: List[Condition]) -> str:
     return "Pending"
 
 
-def checkpoint_uri_of(job: Dict[str, Any]) -> str:
+def checkpoint_uri_of(job: dict[str, Any]) -> str:
     """The trainer's checkpoint.uri: the last `checkpoint.uri=` argument of the Master's pytorch container
     (a TrainJob: of spec.trainer.args)."""
     if job.get("kind") == "TrainJob":
@@ -117,12 +126,16 @@ def checkpoint_uri_of(job: Dict[str, Any]) -> str:
     return values[-1] if values else ""
 
 
-def step_from_metrics(text: str) -> Optional[int]:
+def step_from_metrics(text: str) -> int | None:
     """The highest `dvgt_optimizer_step` of an exposition (one series per rank)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    steps = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-             if sample.name == STEP_METRIC]
+    steps = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == STEP_METRIC
+    ]
     return int(max(steps)) if steps else None
 
 
@@ -131,7 +144,7 @@ def step_from_metrics(text: str) -> Optional[int]:
 _STEP_LINES = (re.compile(r"^step (\d+) \(epoch \d+\)"), re.compile(r"^Resumed from \S+ at step (\d+)"))
 
 
-def step_from_log(lines: Iterable[str]) -> Optional[int]:
+def step_from_log(lines: Iterable[str]) -> int | None:
     """The step named by the newest trainer line that names one."""
     step = None
     for line in lines:
@@ -151,7 +164,7 @@ def step_from_log(lines: Iterable[str]) -> Optional[int]:
     return step
 
 
-def newest_checkpoint(uri: str) -> Optional[CheckpointInfo]:
+def newest_checkpoint(uri: str) -> CheckpointInfo | None:
     """The newest committed checkpoint under `uri` (S3 settings from the standard AWS variables)."""
     from dvgt.checkpoint.manager import CheckpointManager
 
@@ -166,5 +179,5 @@ def add_checkpoint(status: JobStatus, uri: str) -> None:
         return
     try:
         status.checkpoint = newest_checkpoint(uri)
-    except Exception as error:  # noqa: BLE001 - any storage problem is reported, the rest of the status stands
+    except Exception as error:
         status.notes.append(f"checkpoints in {uri} could not be read: {' '.join(str(error).split())}")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 @dataclass
 class ClipGroup:
     name: str  # e.g. "aggregator" (the group's module_name substrings joined by '+')
-    params: List[torch.nn.Parameter]
+    params: list[torch.nn.Parameter]
     max_norm: float
     norm_type: float
 
@@ -27,26 +27,30 @@ class GradientClipper:
     """
 
     def __init__(self, model: nn.Module, configs: Sequence) -> None:
-        self.groups: List[ClipGroup] = []
-        owner: Dict[str, str] = {}
+        self.groups: list[ClipGroup] = []
+        owner: dict[str, str] = {}
         for config in configs:
             name = "+".join(config.module_name)
             params = []
             for pname, param in model.named_parameters():
                 if param.requires_grad and any(part in pname for part in config.module_name):
                     if pname in owner:
-                        raise ValueError(f"optim.gradient_clip: parameter '{pname}' matches both group "
-                                         f"'{owner[pname]}' and group '{name}'; make module_name more specific")
+                        raise ValueError(
+                            f"optim.gradient_clip: parameter '{pname}' matches both group "
+                            f"'{owner[pname]}' and group '{name}'; make module_name more specific"
+                        )
                     owner[pname] = name
                     params.append(param)
             self.groups.append(ClipGroup(name, params, float(config.max_norm), float(config.norm_type)))
         uncovered = [n for n, p in model.named_parameters() if p.requires_grad and n not in owner]
         if configs and uncovered:
             shown = ", ".join(uncovered[:5]) + (f" and {len(uncovered) - 5} more" if len(uncovered) > 5 else "")
-            raise ValueError(f"optim.gradient_clip does not cover {len(uncovered)} trainable parameter(s): {shown}; "
-                             f"add their module to a group's module_name or freeze them")
+            raise ValueError(
+                f"optim.gradient_clip does not cover {len(uncovered)} trainable parameter(s): {shown}; "
+                f"add their module to a group's module_name or freeze them"
+            )
 
-    def clip(self) -> Dict[str, torch.Tensor]:
+    def clip(self) -> dict[str, torch.Tensor]:
         """Clip every group in place; returns each group's pre-clip norm as a device tensor (not read:
         the training loop reads it with the step's other values at the logging interval)."""
         norms = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,8 +36,9 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: str = "auto", backend: str = "auto", timeout_mins: int = 30,
-                     single_process_group: bool = False) -> DistInfo:
+def init_distributed(
+    device: str = "auto", backend: str = "auto", timeout_mins: int = 30, single_process_group: bool = False
+) -> DistInfo:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
     `single_process_group`: a process alone still gets a group of one (FSDP needs one)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -47,11 +48,16 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_mins: 
     if world_size > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if torch_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(minutes=timeout_mins),
-                                device_id=torch_device if torch_device.type == "cuda" else None)
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            timeout=timedelta(minutes=timeout_mins),
+            device_id=torch_device if torch_device.type == "cuda" else None,
+        )
     elif single_process_group and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo", store=dist.HashStore(),
-                                rank=0, world_size=1)
+        dist.init_process_group(
+            backend="nccl" if torch_device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device)
 
 
@@ -89,7 +95,7 @@ class StopVote:
     def __init__(self) -> None:
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._flag = torch.zeros(1, dtype=torch.int32)  # a host tensor: reading it involves no device
-        self._pending: Optional[dist.Work] = None
+        self._pending: dist.Work | None = None
 
     def cast(self, stop: bool) -> bool:
         """Vote `stop` for this step; returns the outcome of the previous step's vote (False at first)."""

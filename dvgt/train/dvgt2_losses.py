@@ -20,8 +20,8 @@ scaled). Everything is computed in float32 with autocast off.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ class PlanningAnchors:
     pose_translation: Tensor  # [K, 3] translation of ego_{t-1} -> ego_t
 
 
-def anchors_from_model(model: nn.Module) -> Optional[PlanningAnchors]:
+def anchors_from_model(model: nn.Module) -> PlanningAnchors | None:
     """The anchors a DVGT-2 model holds, in model units (None for models without a planning decoder).
 
     The decoder stores them normalised to [-1, 1] over fixed ranges; its ``denormalize`` undoes that.
@@ -52,21 +52,26 @@ def anchors_from_model(model: nn.Module) -> Optional[PlanningAnchors]:
         return None
     return PlanningAnchors(
         decoder.denormalize(decoder.norm_traj_anchor[0], decoder.traj_min, decoder.traj_max),
-        decoder.denormalize(decoder.norm_pose_translation_anchor[0], decoder.pose_translation_min,
-                            decoder.pose_translation_max))
+        decoder.denormalize(
+            decoder.norm_pose_translation_anchor[0], decoder.pose_translation_min, decoder.pose_translation_max
+        ),
+    )
 
 
 def require_distinct_anchors(anchors: PlanningAnchors) -> None:
     """Planning needs distinct anchors: with identical ones (a model built without model.anchor_dir
     whose weights brought none) every target would be mode 0."""
     if torch.allclose(anchors.trajectory, anchors.trajectory[:1]):
-        raise ValueError("DVGT-2's 20 trajectory anchors are all identical: set model.anchor_dir to the anchors of "
-                         "the training data (the release's data_annotation/anchors/train_total_20, or `dvgt anchors --config <stage>`), or load weights "
-                         "that carry anchors")
+        raise ValueError(
+            "DVGT-2's 20 trajectory anchors are all identical: set model.anchor_dir to the anchors of "
+            "the training data (the release's data_annotation/anchors/train_total_20, or `dvgt anchors --config <stage>`), or load weights "
+            "that carry anchors"
+        )
 
 
-def dvgt2_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_cfg,
-               anchors: Optional[PlanningAnchors] = None) -> Dict[str, Tensor]:
+def dvgt2_loss(
+    predictions: dict[str, object], batch: dict[str, Tensor], loss_cfg, anchors: PlanningAnchors | None = None
+) -> dict[str, Tensor]:
     """All losses of one DVGT-2 (stage 1 or 2) batch; ``objective`` is the one to backpropagate.
 
     anchors: the model's, in model units (``anchors_from_model``); needed for stage 2 only. Stage 1: objective = point.weight * points + ego_pose.weight * loss_ego_pose.
@@ -77,17 +82,32 @@ def dvgt2_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_cf
     with torch.autocast(device_type=pred_points.device.type, enabled=False):
         point_cfg = loss_cfg.point
         losses = point_loss(
-            pred_points.float(), predictions["points_conf"].float(), batch["points_in_ego_n"].float(),
-            batch["point_masks"].bool(), gamma=point_cfg.gamma, alpha=point_cfg.alpha,
-            gradient_loss_fn=point_cfg.gradient_loss_fn, valid_range=point_cfg.valid_range)
-        objective = point_cfg.weight * (losses["loss_conf_point"] + losses["loss_reg_point"] + losses["loss_grad_point"])
+            pred_points.float(),
+            predictions["points_conf"].float(),
+            batch["points_in_ego_n"].float(),
+            batch["point_masks"].bool(),
+            gamma=point_cfg.gamma,
+            alpha=point_cfg.alpha,
+            gradient_loss_fn=point_cfg.gradient_loss_fn,
+            valid_range=point_cfg.valid_range,
+        )
+        objective = point_cfg.weight * (
+            losses["loss_conf_point"] + losses["loss_reg_point"] + losses["loss_grad_point"]
+        )
         gt_pose = pose_to_absT_quaR(batch["ego_past_to_ego_curr"].float())  # [B,T,7]
 
         if "relative_ego_pose_enc_list" in predictions:  # stage 1
             pose_cfg = loss_cfg.ego_pose
-            losses.update(ego_pose_loss(
-                [pose.float() for pose in predictions["relative_ego_pose_enc_list"]], gt_pose, gamma=pose_cfg.gamma,
-                loss_type=pose_cfg.loss_type, weight_trans=pose_cfg.weight_trans, weight_rot=pose_cfg.weight_rot))
+            losses.update(
+                ego_pose_loss(
+                    [pose.float() for pose in predictions["relative_ego_pose_enc_list"]],
+                    gt_pose,
+                    gamma=pose_cfg.gamma,
+                    loss_type=pose_cfg.loss_type,
+                    weight_trans=pose_cfg.weight_trans,
+                    weight_rot=pose_cfg.weight_rot,
+                )
+            )
             losses["objective"] = objective + pose_cfg.weight * losses["loss_ego_pose"]
             return losses
 
@@ -95,24 +115,41 @@ def dvgt2_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_cf
             raise ValueError("the DVGT-2 planning and pose losses need the model's anchors (anchors_from_model)")
         trajectory, valid = planning_targets(batch, anchors.trajectory.shape[1])
         traj_cls, traj_reg = anchor_mode_loss(
-            predictions["diff_traj_reg_list"], predictions["diff_traj_cls_list"], trajectory, valid,
-            anchors.trajectory.float(), loss_cfg.planning)
+            predictions["diff_traj_reg_list"],
+            predictions["diff_traj_cls_list"],
+            trajectory,
+            valid,
+            anchors.trajectory.float(),
+            loss_cfg.planning,
+        )
         frames = gt_pose.shape[1]
         pose_valid = (torch.arange(frames, device=gt_pose.device) > 0).expand(gt_pose.shape[0], frames)  # frame 0: none
         pose_cls, pose_reg = anchor_mode_loss(
-            [reg[..., None, :] for reg in predictions["diff_poses_reg_list"]], predictions["diff_poses_cls_list"],
-            gt_pose[..., None, :], pose_valid[..., None], anchors.pose_translation.float()[:, None],
-            loss_cfg.past_pose)
-        losses.update(loss_traj_cls=traj_cls, loss_traj_reg=traj_reg.mean(), loss_pose_cls=pose_cls,
-                      loss_pose_reg=pose_reg.mean(), loss_T=pose_reg[:3].mean(), loss_R=pose_reg[3:].mean())
+            [reg[..., None, :] for reg in predictions["diff_poses_reg_list"]],
+            predictions["diff_poses_cls_list"],
+            gt_pose[..., None, :],
+            pose_valid[..., None],
+            anchors.pose_translation.float()[:, None],
+            loss_cfg.past_pose,
+        )
+        losses.update(
+            loss_traj_cls=traj_cls,
+            loss_traj_reg=traj_reg.mean(),
+            loss_pose_cls=pose_cls,
+            loss_pose_reg=pose_reg.mean(),
+            loss_T=pose_reg[:3].mean(),
+            loss_R=pose_reg[3:].mean(),
+        )
         plan, past = loss_cfg.planning, loss_cfg.past_pose
-        losses["objective"] = (objective
-                               + plan.weight * (plan.cls_weight * traj_cls + plan.reg_weight * losses["loss_traj_reg"])
-                               + past.weight * (past.cls_weight * pose_cls + past.reg_weight * losses["loss_pose_reg"]))
+        losses["objective"] = (
+            objective
+            + plan.weight * (plan.cls_weight * traj_cls + plan.reg_weight * losses["loss_traj_reg"])
+            + past.weight * (past.cls_weight * pose_cls + past.reg_weight * losses["loss_pose_reg"])
+        )
     return losses
 
 
-def planning_targets(batch: Dict[str, Tensor], steps: int) -> tuple[Tensor, Tensor]:
+def planning_targets(batch: dict[str, Tensor], steps: int) -> tuple[Tensor, Tensor]:
     """(right, forward, heading) [B,T,steps,3] of the next ``steps`` frames of every input frame and their
     validity [B,T,steps]: a clip with fewer future frames (nuScenes planning evaluation has 6) leaves the
     later steps invalid; without any future frame nothing is valid."""
@@ -138,8 +175,9 @@ def nearest_anchor(gt: Tensor, valid: Tensor, anchors: Tensor) -> Tensor:
     return ((distance * weights).sum(-1) / weights.sum(-1).clamp(min=1)).argmin(-1)
 
 
-def anchor_mode_loss(reg_list: Sequence[Tensor], cls_list: Sequence[Tensor], gt: Tensor, valid: Tensor,
-                     anchors: Tensor, cfg) -> tuple[Tensor, Tensor]:
+def anchor_mode_loss(
+    reg_list: Sequence[Tensor], cls_list: Sequence[Tensor], gt: Tensor, valid: Tensor, anchors: Tensor, cfg
+) -> tuple[Tensor, Tensor]:
     """Focal classification of the nearest anchor + L1 regression of that mode, summed over decoder layers.
 
     reg_list: per layer [B, T, K, S, D]; cls_list: per layer [B, T, K] (logits); gt: [B, T, S, D];
@@ -153,7 +191,7 @@ def anchor_mode_loss(reg_list: Sequence[Tensor], cls_list: Sequence[Tensor], gt:
         zero = 0.0 * sum(reg.float().sum() + cls.float().sum() for reg, cls in zip(reg_list, cls_list))
         return zero, zero.expand(gt.shape[-1])
     gt, valid = gt[frames], valid[frames]
-    target = nearest_anchor(gt[..., :anchors.shape[-1]], valid, anchors)  # [M]
+    target = nearest_anchor(gt[..., : anchors.shape[-1]], valid, anchors)  # [M]
     one_hot = F.one_hot(target, anchors.shape[0]).float()  # [M, K]
     steps = valid[..., None].float()  # [M, S, 1]
     cls_total = reg_total = 0.0

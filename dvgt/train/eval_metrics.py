@@ -20,7 +20,7 @@ with one value per batch element (NaN where the metric is undefined), like the o
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from dvgt.data.geometry import inverse_pose, rotation_to_quaternion
 
-Metrics = Dict[str, List[float]]
+Metrics = dict[str, list[float]]
 AUC_THRESHOLDS = (5, 10, 30)  # the official summary reports AUC@30; 5 and 10 come for free
 MIN_POSE_PIXELS = 100  # a frame takes part in the pose AUC with more valid pixels than this
 DELTA = 1.25
@@ -40,9 +40,22 @@ INVALID_TRAJECTORY = -999.0
 POINT_PREFIX, DEPTH_PREFIX, POSE_PREFIX = "ego_first_", "ego_n_", "ego_n_to_ego_first_"
 ABS_REL, DELTA_125 = f"{DEPTH_PREFIX}Abs Rel", f"{DEPTH_PREFIX}δ < 1.25"
 # The columns of the official summary (summarize_and_log), in its order
-SUMMARY_METRICS = ("1_xy_l2", "1_theta_l1", "3_xy_l2", "3_theta_l1", "5_xy_l2", "5_theta_l1", "7_xy_l2", "7_theta_l1",
-                   f"{POINT_PREFIX}accuracy", f"{POINT_PREFIX}completeness", f"{POINT_PREFIX}chamfer", ABS_REL,
-                   DELTA_125, f"{POSE_PREFIX}AUC@30")
+SUMMARY_METRICS = (
+    "1_xy_l2",
+    "1_theta_l1",
+    "3_xy_l2",
+    "3_theta_l1",
+    "5_xy_l2",
+    "5_theta_l1",
+    "7_xy_l2",
+    "7_theta_l1",
+    f"{POINT_PREFIX}accuracy",
+    f"{POINT_PREFIX}completeness",
+    f"{POINT_PREFIX}chamfer",
+    ABS_REL,
+    DELTA_125,
+    f"{POSE_PREFIX}AUC@30",
+)
 
 
 def chamfer(pred_points: Tensor, gt_points: Tensor, gt_masks: Tensor) -> Metrics:
@@ -83,8 +96,9 @@ def depth(pred_depth: Tensor, gt_depth: Tensor, gt_mask: Tensor) -> Metrics:
     return result
 
 
-def pose_auc(pred_poses: Tensor, gt_poses: Tensor, gt_masks: Tensor,
-             thresholds: Sequence[int] = AUC_THRESHOLDS) -> Metrics:
+def pose_auc(
+    pred_poses: Tensor, gt_poses: Tensor, gt_masks: Tensor, thresholds: Sequence[int] = AUC_THRESHOLDS
+) -> Metrics:
     """pred_poses, gt_poses [B, T, 4, 4] ego_n -> ego_first; gt_masks [B, T, V, H, W]."""
     keys = [f"{POSE_PREFIX}AUC@{th}" for th in thresholds]
     result: Metrics = {key: [] for key in keys}
@@ -118,7 +132,9 @@ def _relative_pose_errors(pred: Tensor, gt: Tensor, eps: float = 1e-15) -> tuple
     t_gt = t_gt / (t_gt.norm(dim=-1, keepdim=True) + eps)
     loss_t = (1.0 - (t_pred * t_gt).sum(-1) ** 2).clamp(min=eps)
     direction_error = torch.arccos(torch.sqrt(1 - loss_t))
-    direction_error = torch.where(torch.isfinite(direction_error), direction_error, torch.full_like(direction_error, 1e6))
+    direction_error = torch.where(
+        torch.isfinite(direction_error), direction_error, torch.full_like(direction_error, 1e6)
+    )
     direction_error = torch.rad2deg(direction_error)
     return rotation_error, torch.minimum(direction_error, (180 - direction_error).abs())
 
@@ -138,17 +154,20 @@ def trajectory(pred_trajectory: Tensor, gt_trajectory: Tensor) -> Metrics:
 
 
 # The argument names of each official metric function: a case file holding them is scored by it.
-CASE_FUNCTIONS = {("pred_points", "gt_points", "gt_masks"): chamfer,
-                  ("pred_depth", "gt_depth", "gt_mask"): depth,
-                  ("pred_poses", "gt_poses", "gt_masks"): pose_auc,
-                  ("pred_trajectory", "gt_trajectory"): trajectory}
+CASE_FUNCTIONS = {
+    ("pred_points", "gt_points", "gt_masks"): chamfer,
+    ("pred_depth", "gt_depth", "gt_mask"): depth,
+    ("pred_poses", "gt_poses", "gt_masks"): pose_auc,
+    ("pred_trajectory", "gt_trajectory"): trajectory,
+}
 
 
-def score_case(arrays: Dict[str, np.ndarray]) -> Metrics:
+def score_case(arrays: dict[str, np.ndarray]) -> Metrics:
     """Score one metric case (the official function's inputs, by argument name) with our metrics."""
     for names, function in CASE_FUNCTIONS.items():
         if set(names) == set(arrays):
             return function(*(torch.from_numpy(np.asarray(arrays[n])) for n in names))
     known = "; ".join(", ".join(names) for names in CASE_FUNCTIONS)
-    raise ValueError(f"a metric case holds arrays {sorted(arrays)}; expected the arguments of one official metric "
-                     f"function: {known}")
+    raise ValueError(
+        f"a metric case holds arrays {sorted(arrays)}; expected the arguments of one official metric function: {known}"
+    )

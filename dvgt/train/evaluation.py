@@ -26,15 +26,22 @@ e.g. a clip without valid pixels, are left out as the official nanmean does).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dvgt.data.geometry import (absT_quaR_to_pose, chain_relative_poses, inverse_pose, pose_to_trajectory_rdf,
-                                transform_points, trajectory_rdf_to_flu)
+from dvgt.data.geometry import (
+    absT_quaR_to_pose,
+    chain_relative_poses,
+    inverse_pose,
+    pose_to_trajectory_rdf,
+    trajectory_rdf_to_flu,
+    transform_points,
+)
 from dvgt.train import eval_metrics
 
 PLANNING_STEPS = 8  # the trajectory head's horizon (future poses at 2 Hz)
@@ -60,12 +67,13 @@ def _ray_depth_in_own_frame(points_first: Tensor, ego_n_to_ego_first: Tensor) ->
     return transform_points(to_own, points_first).norm(dim=-1)
 
 
-def post_process(predictions: Mapping[str, Any], batch: Mapping[str, Any], gt_scale_factor: float,
-                 eval_cfg: Any) -> tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+def post_process(
+    predictions: Mapping[str, Any], batch: Mapping[str, Any], gt_scale_factor: float, eval_cfg: Any
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(predictions, ground truth) in the official evaluation's keys and frames, metres (module docstring)."""
     s = gt_scale_factor
-    pred: Dict[str, Tensor] = {}
-    gt: Dict[str, Tensor] = {}
+    pred: dict[str, Tensor] = {}
+    gt: dict[str, Tensor] = {}
     points = predictions["points"].double()
     if "diff_traj_reg_list" in predictions or "relative_ego_pose_enc_list" in predictions:  # DVGT-2
         if eval_cfg.points_and_poses:
@@ -86,7 +94,7 @@ def post_process(predictions: Mapping[str, Any], batch: Mapping[str, Any], gt_sc
             future = batch["future_ego_n_to_ego_curr"][:, -1].double()  # the last input frame's future
             flu = trajectory_rdf_to_flu(pose_to_trajectory_rdf(future))
             padded = flu.new_zeros(flu.shape[0], max(PLANNING_STEPS, flu.shape[1]), 3)
-            padded[:, :flu.shape[1]] = flu
+            padded[:, : flu.shape[1]] = flu
             gt["trajectories"] = _trajectory_metres(padded, s)
         return pred, gt
     if not eval_cfg.points_and_poses:
@@ -142,18 +150,19 @@ def umeyama(source: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if torch.linalg.det(U) * torch.linalg.det(Vt) < 0:
         S[2, 2] = -1
     R = U @ S @ Vt
-    variance = (src ** 2).sum() / len(source)
+    variance = (src**2).sum() / len(source)
     scale = (D * S.diagonal()).sum() / variance if variance > 0 else source.new_tensor(1.0)
     return scale, R, mu_t - scale * R @ mu_s
 
 
 @torch.no_grad()
-def evaluate_batch(predictions: Mapping[str, Any], batch: Mapping[str, Any], gt_scale_factor: float,
-                   eval_cfg: Any) -> Dict[str, List[float]]:
+def evaluate_batch(
+    predictions: Mapping[str, Any], batch: Mapping[str, Any], gt_scale_factor: float, eval_cfg: Any
+) -> dict[str, list[float]]:
     """The official metrics of every clip of a batch: {metric name: [value per clip]}."""
     pred, gt = post_process(predictions, batch, gt_scale_factor, eval_cfg)
     masks = batch["point_masks"].bool()
-    metrics: Dict[str, List[float]] = {}
+    metrics: dict[str, list[float]] = {}
     if "points_in_ego_first" in pred:
         metrics.update(eval_metrics.chamfer(pred["points_in_ego_first"], gt["points_in_ego_first"], masks))
     if "ray_depth" in pred:
@@ -169,10 +178,10 @@ class EvalAccumulator:
     """Sums and counts of per-clip values per (group, metric); ``reduce`` adds up every rank's."""
 
     def __init__(self) -> None:
-        self.sums: Dict[str, float] = {}
-        self.counts: Dict[str, int] = {}
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
 
-    def add(self, group: str, metrics: Mapping[str, List[float]]) -> None:
+    def add(self, group: str, metrics: Mapping[str, list[float]]) -> None:
         for name, values in metrics.items():
             key = f"{group}/{name}"
             for value in values:
@@ -180,15 +189,18 @@ class EvalAccumulator:
                     self.sums[key] = self.sums.get(key, 0.0) + value
                     self.counts[key] = self.counts.get(key, 0) + 1
 
-    def reduce(self, device: torch.device) -> Dict[str, float]:
+    def reduce(self, device: torch.device) -> dict[str, float]:
         """The mean of every key over all ranks (a collective when a process group is up)."""
         keys = sorted(self.sums)
         if dist.is_available() and dist.is_initialized():
-            gathered: List[Any] = [None] * dist.get_world_size()
+            gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, keys)
             keys = sorted(set().union(*gathered))
-        totals = torch.tensor([[self.sums.get(k, 0.0), self.counts.get(k, 0)] for k in keys] or np.zeros((0, 2)),
-                              dtype=torch.float64, device=device)
+        totals = torch.tensor(
+            [[self.sums.get(k, 0.0), self.counts.get(k, 0)] for k in keys] or np.zeros((0, 2)),
+            dtype=torch.float64,
+            device=device,
+        )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
         return {key: (total / count).item() for key, (total, count) in zip(keys, totals) if count > 0}

@@ -16,7 +16,7 @@ Frozen parameters may share a unit with trainable ones (FSDP2 reduces only what 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ BLOCK_TYPES = (Block, CrossAttentionBlock)  # one FSDP unit each
 AUTOCAST_PREFIX = "aggregator."  # the part of every model that runs under autocast (the heads run in float32)
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh, cfg, amp_dtype: Optional[torch.dtype]) -> nn.Module:
+def shard_model(model: nn.Module, mesh: DeviceMesh, cfg, amp_dtype: torch.dtype | None) -> nn.Module:
     """fully_shard every block, then the root, in place (cfg: distributed.fsdp). `amp_dtype`: the
     autocast dtype when AMP is on, else None."""
     reshard = cfg.reshard_after_forward if cfg.reshard_after_forward is not None else cfg.mode == "zero3"

@@ -6,7 +6,7 @@ import json
 import math
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 
 class RunLogger:
@@ -20,13 +20,13 @@ class RunLogger:
         self._lock = threading.Lock()  # checkpoint records arrive from the background save thread
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a" if append else "w", buffering=1)
+            self._file = open(self.path, "a" if append else "w", buffering=1)  # noqa: SIM115 (closed by close())
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(Path(log_dir) / "tensorboard"))
 
-    def log(self, record: Dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -47,12 +47,12 @@ class RunLogger:
             self._tb.close()
 
 
-def read_log(path: str | Path) -> List[Dict[str, Any]]:
+def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The records of a train_log.jsonl (used by the demo figure and tests)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def format_record(record: Dict[str, Any], keys: Optional[List[str]] = None) -> str:
+def format_record(record: dict[str, Any], keys: list[str] | None = None) -> str:
     keys = keys or [k for k in record if k not in ("step", "epoch", "kind")]
     parts = []
     for key in keys:

@@ -12,12 +12,12 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 import torch
-import yaml
 import torch.distributed as dist
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -27,12 +27,18 @@ from tqdm import tqdm
 
 import dvgt
 from dvgt.checkpoint.dcp import ShardedCheckpointManager, load_failure, restore
-from dvgt.checkpoint.manager import (STEP_DIR, Checkpoint, CheckpointEvent, CheckpointManager,
-                                     CorruptCheckpointError, set_rng_state)
+from dvgt.checkpoint.manager import (
+    STEP_DIR,
+    Checkpoint,
+    CheckpointEvent,
+    CheckpointManager,
+    CorruptCheckpointError,
+    set_rng_state,
+)
 from dvgt.checkpoint.storage import split_uri
 from dvgt.data.anchors import ensure_anchors
-from dvgt.data.feature_cache import CachedDataset
 from dvgt.data.check import DataCheckError, require_clean
+from dvgt.data.feature_cache import CachedDataset
 from dvgt.data.loader import build_eval_loader, build_train_loader, open_datasets
 from dvgt.metrics.labels import rank_labels
 from dvgt.metrics.training import TrainingMetrics
@@ -60,17 +66,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def move_to(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def split_batch(batch: Dict[str, Any], chunks: int) -> List[Dict[str, Any]]:
+def split_batch(batch: dict[str, Any], chunks: int) -> list[dict[str, Any]]:
     """Split along the batch dimension into `chunks` parts (fewer when the batch is smaller)."""
     size = batch["images"].shape[0]
     chunks = max(1, min(chunks, size))
     bounds = np.linspace(0, size, chunks + 1).round().astype(int)
-    return [{k: (v[a:b] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
-            for a, b in zip(bounds[:-1], bounds[1:])]
+    return [
+        {k: (v[a:b] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
 
 
 def load_pretrained(model: torch.nn.Module, cfg: DictConfig, say=print) -> None:
@@ -79,10 +87,13 @@ def load_pretrained(model: torch.nn.Module, cfg: DictConfig, say=print) -> None:
     ck = cfg.checkpoint
     for key in ("load_pretrained_weights_path", "direct_load_pretrained_weights_path"):
         if ck[key] and not str(ck[key]).startswith("s3://") and not Path(ck[key]).is_file():
-            raise FileNotFoundError(f"checkpoint.{key}: weights file '{ck[key]}' does not exist; fix the path "
-                                    f"or set checkpoint.{key}=null")
+            raise FileNotFoundError(
+                f"checkpoint.{key}: weights file '{ck[key]}' does not exist; fix the path or set checkpoint.{key}=null"
+            )
     if ck.load_pretrained_weights_path:
-        report, conversion = initialise_from_pretrained(model, cfg.model.name, ck.load_pretrained_weights_path, s3=ck.s3)
+        report, conversion = initialise_from_pretrained(
+            model, cfg.model.name, ck.load_pretrained_weights_path, s3=ck.s3
+        )
         say(f"Initialised from {ck.load_pretrained_weights_path} ({conversion.description}):\n{report.summary()}")
     if ck.direct_load_pretrained_weights_path:
         report = load_weights(model, ck.direct_load_pretrained_weights_path, strict=ck.strict, s3=ck.s3)
@@ -93,8 +104,9 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint to resume from holds weights of another model."""
 
 
-def load_checkpoint_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], checkpoint: Checkpoint,
-                            cfg: DictConfig) -> None:
+def load_checkpoint_weights(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], checkpoint: Checkpoint, cfg: DictConfig
+) -> None:
     """A checkpoint's weights into the model, strictly; a mismatch is one summary (counts, the first
     keys of each kind) with its likely cause, read from the config saved beside the weights."""
     try:
@@ -104,22 +116,30 @@ def load_checkpoint_weights(model: torch.nn.Module, state: Dict[str, torch.Tenso
             saved = OmegaConf.create(yaml.safe_load(bytes(checkpoint.read("config.yaml"))) or {})
         except (CorruptCheckpointError, yaml.YAMLError):
             saved = OmegaConf.create({})
-        differ = [f"{key}={OmegaConf.select(saved, key)} (this run: {OmegaConf.select(cfg, key)})"
-                  for key in ("model.name", "model.size") if OmegaConf.select(saved, key) != OmegaConf.select(cfg, key)]
-        cause = (f"the checkpoint was written with {', '.join(differ)}" if differ else
-                 "the model code or its options changed since the checkpoint was written")
+        differ = [
+            f"{key}={OmegaConf.select(saved, key)} (this run: {OmegaConf.select(cfg, key)})"
+            for key in ("model.name", "model.size")
+            if OmegaConf.select(saved, key) != OmegaConf.select(cfg, key)
+        ]
+        cause = (
+            f"the checkpoint was written with {', '.join(differ)}"
+            if differ
+            else "the model code or its options changed since the checkpoint was written"
+        )
         raise CheckpointMismatchError(
             f"cannot resume from {checkpoint.uri}: it holds another model's weights. {error}\nLikely cause: {cause}. "
             f"Resume with the same model settings, or start fresh with checkpoint.resume=never or another "
-            f"checkpoint.uri") from None
+            f"checkpoint.uri"
+        ) from None
 
 
 class Trainer:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.fsdp = cfg.distributed.strategy == "fsdp"
-        self.dist = distributed.init_distributed(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_mins,
-                                                 single_process_group=self.fsdp)
+        self.dist = distributed.init_distributed(
+            cfg.device, cfg.distributed.backend, cfg.distributed.timeout_mins, single_process_group=self.fsdp
+        )
         self.device = self.dist.device
         try:
             self._set_up(cfg)
@@ -135,19 +155,28 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self._nonfinite_since = 0  # the first step of the current run of skipped steps
-        self._pending: List[Dict[str, Any]] = []  # records of steps whose device values are not read yet
-        self._unrecorded: List[Dict[str, Any]] = []  # read, not yet in the metrics and log
-        self._progress: Optional[tqdm] = None
+        self._pending: list[dict[str, Any]] = []  # records of steps whose device values are not read yet
+        self._unrecorded: list[dict[str, Any]] = []  # read, not yet in the metrics and log
+        self._progress: tqdm | None = None
         self._last_saved_step = -1
-        self._sigterm_at: Optional[float] = None  # when SIGTERM arrived (preemption)
-        self._checkpoint_events: "queue.SimpleQueue[CheckpointEvent]" = queue.SimpleQueue()
+        self._sigterm_at: float | None = None  # when SIGTERM arrived (preemption)
+        self._checkpoint_events: queue.SimpleQueue[CheckpointEvent] = queue.SimpleQueue()
         self._checkpoint_cost = CheckpointCost()
 
         ck = cfg.checkpoint  # storage is checked first: a wrong bucket or credentials fail within seconds
         manager = partial(ShardedCheckpointManager, device=self.dist.device) if self.fsdp else CheckpointManager
-        self.checkpoints = manager(ck.uri, self.dist.rank, self.dist.world_size, ck.keep_last, dvgt.__version__,
-                                   ck.async_mode, ck.s3, preflight=True, retry_budget_s=ck.retry_budget_s,
-                                   spill_dir=ck.spill_dir)
+        self.checkpoints = manager(
+            ck.uri,
+            self.dist.rank,
+            self.dist.world_size,
+            ck.keep_last,
+            dvgt.__version__,
+            ck.async_mode,
+            ck.s3,
+            preflight=True,
+            retry_budget_s=ck.retry_budget_s,
+            spill_dir=ck.spill_dir,
+        )
         self.checkpoints.say = self._print
         if self.dist.is_main:  # a final checkpoint spilled locally by the previous start goes up first
             self.checkpoints.upload_spilled(self._print)
@@ -161,10 +190,17 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.device)
         resume_from = self._find_resume_checkpoint()
         # A resumed run continues its log; a fresh run starts a new one.
-        self.log = RunLogger(cfg.logging.log_dir, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard,
-                             append=resume_from is not None)
-        self.metrics = (TrainingMetrics(cfg.logging.log_dir, rank_labels(cfg.exp_name), self.device)
-                        if cfg.logging.metrics else None)
+        self.log = RunLogger(
+            cfg.logging.log_dir,
+            enabled=self.dist.is_main,
+            tensorboard=cfg.logging.tensorboard,
+            append=resume_from is not None,
+        )
+        self.metrics = (
+            TrainingMetrics(cfg.logging.log_dir, rank_labels(cfg.exp_name), self.device)
+            if cfg.logging.metrics
+            else None
+        )
         self.checkpoints.listeners.append(self._checkpoint_events.put)  # from the save thread; logged by the loop
         if resume_from is None:
             load_pretrained(self.model, cfg, self._print)
@@ -173,24 +209,37 @@ class Trainer:
             self._print(f"Frozen: {len(frozen)} parameter tensors matching {list(cfg.optim.frozen_module_names)}")
         self.frozen_part = feature_cache.largest_frozen_part(self.model, frozen)  # it runs in eval mode
         self.feature_cache, self.cached_part = (
-            feature_cache.open_for_training(cfg, self.model, frozen)
-            if cfg.data.feature_cache else (None, None))
+            feature_cache.open_for_training(cfg, self.model, frozen) if cfg.data.feature_cache else (None, None)
+        )
         self.amp_dtype = getattr(torch, cfg.optim.amp.amp_dtype)
         self.use_amp = cfg.optim.amp.enabled and self.device.type == "cuda"
         if self.fsdp:  # parameters become DTensor shards: the clipper and the optimizer take those
-            shard_model(self.model, init_device_mesh(self.device.type, (self.dist.world_size,)), cfg.distributed.fsdp,
-                        self.amp_dtype if self.use_amp else None)
+            shard_model(
+                self.model,
+                init_device_mesh(self.device.type, (self.dist.world_size,)),
+                cfg.distributed.fsdp,
+                self.amp_dtype if self.use_amp else None,
+            )
         self.clipper = GradientClipper(self.model, cfg.optim.gradient_clip)
         # Fused AdamW skips a non-finite step on the device (found_inf); with cpu_offload it runs unfused.
-        self.optimizer = build_optimizer(self.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
-                                         fused=not cfg.distributed.fsdp.cpu_offload)
+        self.optimizer = build_optimizer(
+            self.model,
+            cfg.optim.lr,
+            cfg.optim.weight_decay,
+            cfg.optim.betas,
+            fused=not cfg.distributed.fsdp.cpu_offload,
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.train_model = self.model
         if self.dist.is_distributed and not self.fsdp:
             d = cfg.distributed
-            self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                   find_unused_parameters=d.find_unused_parameters, bucket_cap_mb=d.bucket_cap_mb,
-                                   gradient_as_bucket_view=d.gradient_as_bucket_view)
+            self.train_model = DDP(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=d.find_unused_parameters,
+                bucket_cap_mb=d.bucket_cap_mb,
+                gradient_as_bucket_view=d.gradient_as_bucket_view,
+            )
 
         self.patch_size = self.model.patch_size
         if not self.dist.is_main:
@@ -225,25 +274,40 @@ class Trainer:
             raise DataCheckError(failure)
 
     def _open(self, split: str):
-        return open_datasets(self.cfg.data, split, patch_size=self.patch_size, gt_scale_factor=self.cfg.gt_scale_factor,
-                             targets=sample_targets(self.cfg.model, evaluation=split != "train"))
+        return open_datasets(
+            self.cfg.data,
+            split,
+            patch_size=self.patch_size,
+            gt_scale_factor=self.cfg.gt_scale_factor,
+            targets=sample_targets(self.cfg.model, evaluation=split != "train"),
+        )
 
     def _train_loader(self):
         cfg = self.cfg
         datasets = self._open("train")
         served = CachedDataset(datasets, self.feature_cache, cfg.data.train) if self.feature_cache is not None else None
         return build_train_loader(
-            cfg.data, datasets, max_img_per_gpu=cfg.max_img_per_gpu, seed=cfg.seed_value, rank=self.dist.rank,
-            world_size=self.dist.world_size, num_workers=cfg.num_workers,
-            pin_memory=cfg.data.pin_memory and self.device.type == "cuda", prefetch_factor=cfg.data.prefetch_factor,
-            persistent_workers=cfg.data.persistent_workers, steps_per_epoch=self.steps_per_epoch, served=served)
+            cfg.data,
+            datasets,
+            max_img_per_gpu=cfg.max_img_per_gpu,
+            seed=cfg.seed_value,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            num_workers=cfg.num_workers,
+            pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
+            prefetch_factor=cfg.data.prefetch_factor,
+            persistent_workers=cfg.data.persistent_workers,
+            steps_per_epoch=self.steps_per_epoch,
+            served=served,
+        )
 
     def _val_loader(self):
         """Every rank evaluates its share of the validation clips (none: no evaluation)."""
         if not self.cfg.data.val.datasets or self.cfg.limit_val_batches == 0:
             return None
-        return build_eval_loader(self._open("val"), limit=self.cfg.limit_val_batches, rank=self.dist.rank,
-                                 world_size=self.dist.world_size)
+        return build_eval_loader(
+            self._open("val"), limit=self.cfg.limit_val_batches, rank=self.dist.rank, world_size=self.dist.world_size
+        )
 
     def _prepare_anchors(self) -> None:
         """DVGT-2 anchors: a synthetic training set gets them computed on first use (rank 0 first)."""
@@ -253,7 +317,7 @@ class Trainer:
         if self.dist.is_main:
             distributed.barrier()
 
-    def forward(self, model: torch.nn.Module, batch: Dict[str, Any]) -> Dict[str, Any]:
+    def forward(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         """The model on a batch's images (and ego status, for DVGT-2 with model.enable_ego_status; and the
         frozen part's outputs when a feature cache provides them)."""
         kwargs = feature_cache.model_inputs(self.cached_part, batch)
@@ -265,7 +329,7 @@ class Trainer:
         if self.dist.is_main:
             tqdm.write(message)
 
-    def _find_resume_checkpoint(self) -> Optional[tuple]:
+    def _find_resume_checkpoint(self) -> tuple | None:
         """(checkpoint, its verified state) to resume from, or None to start fresh. With resume=auto a
         corrupt newest checkpoint falls back to the previous committed one, with a warning."""
         ck = self.cfg.checkpoint
@@ -280,7 +344,8 @@ class Trainer:
                 raise FileNotFoundError(
                     f"checkpoint.resume_checkpoint_path '{ck.resume_checkpoint_path}' is not a committed checkpoint "
                     f"folder (expected .../step_NNNNNNNN with a manifest.json); committed checkpoints under "
-                    f"{ck.uri}: {self.checkpoints.committed_steps() or 'none'}") from None
+                    f"{ck.uri}: {self.checkpoints.committed_steps() or 'none'}"
+                ) from None
             return checkpoint, checkpoint.load_all(self.dist.rank)
         if ck.resume == "auto":
             return self.checkpoints.load_newest(self.dist.rank, warn=self._print)
@@ -300,8 +365,10 @@ class Trainer:
                 self._print(f"warning: {failure}; falling back to the previous committed checkpoint")
                 older = self.checkpoints.load_newest(self.dist.rank, warn=self._print, before=checkpoint.step)
                 if older is None:
-                    raise CorruptCheckpointError(f"no intact checkpoint under {self.checkpoints.storage.uri}: {failure}; "
-                                                 f"delete it or set checkpoint.resume=never") from None
+                    raise CorruptCheckpointError(
+                        f"no intact checkpoint under {self.checkpoints.storage.uri}: {failure}; "
+                        f"delete it or set checkpoint.resume=never"
+                    ) from None
                 return self._resume(older)
         else:
             load_checkpoint_weights(self.model, loaded["model"], checkpoint, self.cfg)
@@ -313,8 +380,10 @@ class Trainer:
         self._last_saved_step = self.step
         if loaded["rng"] is not None:
             set_rng_state(loaded["rng"])
-        self._print(f"Resumed from {checkpoint.uri} at step {self.step} "
-                    f"(epoch {self.epoch}, step {self.step_in_epoch} of the epoch)")
+        self._print(
+            f"Resumed from {checkpoint.uri} at step {self.step} "
+            f"(epoch {self.epoch}, step {self.step_in_epoch} of the epoch)"
+        )
 
     # -- training -------------------------------------------------------------------------------
     def autocast(self):
@@ -322,7 +391,7 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
-    def train_step(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+    def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Forward/backward over accum_steps chunks, then one clipped optimizer step, skipped on the
         device when a loss or gradient is non-finite. Nothing here waits for the device: the record's
         losses, gradient norms and `skipped` flag stay device tensors until `read_steps` reads them
@@ -334,12 +403,13 @@ class Trainer:
         if self.cached_part is not None:  # the feature cache's misses are computed live
             with self.autocast():
                 cache_counts = feature_cache.fill_misses(self.cached_part, batch)
-        lr = warmup_cosine(self.step, self.total_steps, self.cfg.optim.warmup_fraction, self.cfg.optim.lr,
-                           self.cfg.optim.min_lr)
+        lr = warmup_cosine(
+            self.step, self.total_steps, self.cfg.optim.warmup_fraction, self.cfg.optim.lr, self.cfg.optim.min_lr
+        )
         set_lr(self.optimizer, lr)
         chunks = split_batch(batch, self.cfg.accum_steps)
         batch_size = batch["images"].shape[0]
-        totals: Dict[str, torch.Tensor] = {}
+        totals: dict[str, torch.Tensor] = {}
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         for i, chunk in enumerate(chunks):
             last = i == len(chunks) - 1
@@ -383,7 +453,7 @@ class Trainer:
             self.optimizer.step()
         self.scaler.update()
 
-    def read_steps(self) -> List[Dict[str, Any]]:
+    def read_steps(self) -> list[dict[str, Any]]:
         """The records of the steps since the last read, with their device values read in one transfer
         (the only host-device synchronisation of the training loop), and the skipped steps counted
         (_record_steps then reports them and applies the stop rule)."""
@@ -391,8 +461,9 @@ class Trainer:
         if not pending:
             return []
         keys = [[k for k, v in record.items() if torch.is_tensor(v)] for record in pending]
-        values = torch.stack([record[k].detach().float().reshape(()) for record, ks in zip(pending, keys)
-                              for k in ks]).tolist()
+        values = torch.stack(
+            [record[k].detach().float().reshape(()) for record, ks in zip(pending, keys) for k in ks]
+        ).tolist()
         at = 0
         for record, ks in zip(pending, keys):
             for k in ks:
@@ -416,7 +487,8 @@ class Trainer:
                 f"steps {self._nonfinite_since}-{self._nonfinite_since + self.nonfinite_in_a_row - 1} "
                 f"({self.nonfinite_in_a_row} in a row) had a non-finite loss or gradient and were skipped; the newest "
                 f"checkpoint predates them. Lower optim.lr, check the data, or raise optim.max_consecutive_nonfinite "
-                f"(now {limit})")
+                f"(now {limit})"
+            )
 
     def _gradient_sync(self, enabled: bool):
         """DDP and FSDP reduce gradients only on the last micro-step of an optimizer step."""
@@ -428,15 +500,19 @@ class Trainer:
         """Under DDP, check that every rank holds bit-identical parameters (catches silent desync)."""
         if not self.dist.is_distributed:
             return
-        fingerprint = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-                                   for p in self.model.parameters()])
+        fingerprint = torch.stack(
+            [
+                torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                for p in self.model.parameters()
+            ]
+        )
         gathered = [torch.empty_like(fingerprint) for _ in range(self.dist.world_size)]
         dist.all_gather(gathered, fingerprint)
         if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
             raise RuntimeError(f"model replicas differ across ranks after step {self.step}")
 
     @torch.no_grad()
-    def evaluate(self) -> Optional[Dict[str, float]]:
+    def evaluate(self) -> dict[str, float] | None:
         """Held-out metrics (dvgt/train/evaluation.py): every rank evaluates its share of the validation
         clips, then the per-dataset sums are reduced across ranks. Returns {val/<dataset>/<metric>: mean}."""
         if self.val_loader is None:
@@ -449,14 +525,15 @@ class Trainer:
             with self.autocast():
                 predictions = self.forward(self.model, batch)
             if counted:
-                accumulator.add(batch["dataset"][0], evaluate_batch(predictions, batch, self.cfg.gt_scale_factor,
-                                                                    self.cfg.eval))
+                accumulator.add(
+                    batch["dataset"][0], evaluate_batch(predictions, batch, self.cfg.gt_scale_factor, self.cfg.eval)
+                )
                 objective = compute_loss(predictions, batch, self.cfg.loss, self.anchors)["objective"]
                 accumulator.add("loss", {"objective": [float(objective)]})
         self.model.train()
         return {f"val/{key}": value for key, value in accumulator.reduce(self.device).items()}
 
-    def _evaluate_and_log(self) -> Dict[str, float]:
+    def _evaluate_and_log(self) -> dict[str, float]:
         metrics = self.evaluate()
         if metrics:
             self.log.log({"kind": "eval", "step": self.step, "epoch": self.epoch, **metrics})
@@ -465,7 +542,7 @@ class Trainer:
             self._print(f"step {self.step} (epoch {self.epoch}): {format_record(metrics)}")
         return metrics or {}
 
-    def save(self, final: bool = False, timeout: Optional[float] = None) -> Optional[CheckpointEvent]:
+    def save(self, final: bool = False, timeout: float | None = None) -> CheckpointEvent | None:
         """Checkpoint the current step (in the background unless final; see CheckpointManager.save),
         unless the last step was skipped as non-finite: its weights may have blown up in the steps
         before, and resume=auto would pick them."""
@@ -473,34 +550,64 @@ class Trainer:
         if self.step == self._last_saved_step and not final:
             return None
         if self.nonfinite_in_a_row:
-            self._log_checkpoint(CheckpointEvent(
-                self.step, "skipped", 0.0, error=f"step {self.step} was skipped as non-finite ({self.nonfinite_in_a_row} "
-                f"in a row); a checkpoint is committed once a step is finite again"))
+            self._log_checkpoint(
+                CheckpointEvent(
+                    self.step,
+                    "skipped",
+                    0.0,
+                    error=f"step {self.step} was skipped as non-finite ({self.nonfinite_in_a_row} "
+                    f"in a row); a checkpoint is committed once a step is finite again",
+                )
+            )
             return None
         self._last_saved_step = self.step
-        state = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                 "nonfinite_total": self.nonfinite_total, "scaler": self.scaler.state_dict()}
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "nonfinite_total": self.nonfinite_total,
+            "scaler": self.scaler.state_dict(),
+        }
         if self.fsdp:  # sharded, keyed by parameter name (torch.distributed.checkpoint.state_dict)
-            model_state, optimizer_state = get_model_state_dict(self.model), get_optimizer_state_dict(self.model, self.optimizer)
+            model_state, optimizer_state = (
+                get_model_state_dict(self.model),
+                get_optimizer_state_dict(self.model, self.optimizer),
+            )
         else:
             model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
-        return self.checkpoints.save(self.step, model_state=model_state, optimizer_state=optimizer_state,
-                                     trainer_state=state, config_yaml=OmegaConf.to_yaml(self.cfg), epoch=self.epoch,
-                                     final=final, timeout=timeout)
+        return self.checkpoints.save(
+            self.step,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
+            trainer_state=state,
+            config_yaml=OmegaConf.to_yaml(self.cfg),
+            epoch=self.epoch,
+            final=final,
+            timeout=timeout,
+        )
 
-    def _log_checkpoint(self, event: CheckpointEvent, cost_s: Optional[float] = None) -> None:
+    def _log_checkpoint(self, event: CheckpointEvent, cost_s: float | None = None) -> None:
         """One record of kind "checkpoint" (log and metrics). cost_s: the training time it cost."""
-        record = {"kind": "checkpoint", "step": event.step, "outcome": event.outcome, "blocked_s": event.blocked_s,
-                  "upload_s": event.upload_s, "prune_s": event.prune_s, "cost_s": cost_s, "bytes": event.bytes,
-                  "retries": event.retries, **({"where": event.where} if event.where else {}),
-                  **({"error": event.error} if event.error else {})}
+        record = {
+            "kind": "checkpoint",
+            "step": event.step,
+            "outcome": event.outcome,
+            "blocked_s": event.blocked_s,
+            "upload_s": event.upload_s,
+            "prune_s": event.prune_s,
+            "cost_s": cost_s,
+            "bytes": event.bytes,
+            "retries": event.retries,
+            **({"where": event.where} if event.where else {}),
+            **({"error": event.error} if event.error else {}),
+        }
         self.log.log(record)
         if self.metrics is not None:
             self.metrics.checkpoint_event(record)
         if event.outcome in ("failed", "skipped"):
             self._print(f"warning: checkpoint of step {event.step} {event.outcome}: {event.error}")
 
-    def _checkpoints_done(self, waited_s: Optional[float] = None) -> None:
+    def _checkpoints_done(self, waited_s: float | None = None) -> None:
         """Log the saves that finished since the last call, with what each cost: the extra time of the
         steps it overlapped, or for a save the loop waited for (the final one), that wait."""
         while not self._checkpoint_events.empty():
@@ -528,11 +635,12 @@ class Trainer:
             if record["step"] % self.cfg.logging.log_freq == 0 or record["step"] == 1:
                 self.log.log(record)
         if records and self._progress is not None:
-            self._progress.set_postfix(loss=f"{records[-1]['loss/objective']:.4g}", lr=f"{records[-1]['lr']:.2e}",
-                                       refresh=False)
+            self._progress.set_postfix(
+                loss=f"{records[-1]['loss/objective']:.4g}", lr=f"{records[-1]['lr']:.2e}", refresh=False
+            )
         self._check_nonfinite_streak()
 
-    def fit(self) -> Dict[str, Any]:
+    def fit(self) -> dict[str, Any]:
         """Train to the end, or until SIGTERM (then result["preempted"] is True; see _fit)."""
         if threading.current_thread() is not threading.main_thread():
             return self._fit()
@@ -542,19 +650,27 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
 
-    def _fit(self) -> Dict[str, Any]:
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         sampler = self.train_loader.batch_sampler
-        self._print(f"Training {cfg.model.name} ({cfg.model.size}) on {self.dist.world_size} process(es), "
-                    f"device {self.device}; {self.total_steps} steps; checkpoints -> {cfg.checkpoint.uri}; "
-                    f"log -> {self.log.path}")
-        last_eval: Dict[str, Any] = {}
+        self._print(
+            f"Training {cfg.model.name} ({cfg.model.size}) on {self.dist.world_size} process(es), "
+            f"device {self.device}; {self.total_steps} steps; checkpoints -> {cfg.checkpoint.uri}; "
+            f"log -> {self.log.path}"
+        )
+        last_eval: dict[str, Any] = {}
         preempted = False
         if self.step == 0:
             last_eval = self._evaluate_and_log()  # the starting point of the held-out curves
-        self._progress = tqdm(total=self.total_steps, initial=self.step,
-                              disable=not (self.dist.is_main and cfg.logging.progress), desc=cfg.exp_name, unit="step",
-                              dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
+        self._progress = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not (self.dist.is_main and cfg.logging.progress),
+            desc=cfg.exp_name,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 10.0,
+        )
         try:
             while self.epoch < cfg.max_epochs:
                 sampler.load_state_dict({"epoch": self.epoch, "step": self.step_in_epoch})
@@ -599,8 +715,14 @@ class Trainer:
             preempted = self.stop_vote.cast(self._sigterm_at is not None)
             ended = time.perf_counter()
             step_time = ended - started  # data wait, step, save and bookkeeping: the step's whole wall time
-            record.update(kind="train", epoch=self.epoch, step_time=step_time, data_time=data_time, images=images,
-                          images_per_sec=images * self.dist.world_size / step_time)
+            record.update(
+                kind="train",
+                epoch=self.epoch,
+                step_time=step_time,
+                data_time=data_time,
+                images=images,
+                images_per_sec=images * self.dist.world_size / step_time,
+            )
             if self.step % cfg.logging.log_freq == 0 or self.step == 1 or preempted:
                 self._record_steps()
             self._checkpoint_cost.observe(step_time, saving or self.checkpoints.in_flight())
@@ -638,7 +760,7 @@ class Trainer:
         distributed.cleanup()
 
 
-def train(cfg: DictConfig) -> Dict[str, Any]:
+def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = Trainer(cfg)
     try:
         return trainer.fit()

@@ -23,8 +23,6 @@ with autocast off. Non-finite values are returned as they are: the trainer skips
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -38,8 +36,7 @@ QUANTILE_MIN_ELEMENTS = 1000  # the outlier filter only acts on more elements th
 HARD_MAX = 100.0  # per-element losses are clamped here (outlier filter, translation loss)
 
 
-def compute_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_cfg,
-                 anchors=None) -> Dict[str, Tensor]:
+def compute_loss(predictions: dict[str, object], batch: dict[str, Tensor], loss_cfg, anchors=None) -> dict[str, Tensor]:
     """All losses of one batch as scalar tensors; ``objective`` is the one to backpropagate.
 
     predictions: ``points`` [B,T,V,H,W,3], ``points_conf`` [B,T,V,H,W] and
@@ -64,12 +61,25 @@ def compute_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_
         gt_pose = pose_to_absT_quaR(batch["ego_n_to_ego_first"].float())
         point_cfg, pose_cfg = loss_cfg.point, loss_cfg.ego_pose
         losses = point_loss(
-            pred_points.float(), predictions["points_conf"].float(), batch["points_in_ego_first"].float(),
-            batch["point_masks"].bool(), gamma=point_cfg.gamma, alpha=point_cfg.alpha,
-            gradient_loss_fn=point_cfg.gradient_loss_fn, valid_range=point_cfg.valid_range)
-        losses.update(ego_pose_loss(
-            [pose.float() for pose in pose_list], gt_pose, gamma=pose_cfg.gamma, loss_type=pose_cfg.loss_type,
-            weight_trans=pose_cfg.weight_trans, weight_rot=pose_cfg.weight_rot))
+            pred_points.float(),
+            predictions["points_conf"].float(),
+            batch["points_in_ego_first"].float(),
+            batch["point_masks"].bool(),
+            gamma=point_cfg.gamma,
+            alpha=point_cfg.alpha,
+            gradient_loss_fn=point_cfg.gradient_loss_fn,
+            valid_range=point_cfg.valid_range,
+        )
+        losses.update(
+            ego_pose_loss(
+                [pose.float() for pose in pose_list],
+                gt_pose,
+                gamma=pose_cfg.gamma,
+                loss_type=pose_cfg.loss_type,
+                weight_trans=pose_cfg.weight_trans,
+                weight_rot=pose_cfg.weight_rot,
+            )
+        )
         point_total = losses["loss_conf_point"] + losses["loss_reg_point"] + losses["loss_grad_point"]
         losses["objective"] = point_cfg.weight * point_total + pose_cfg.weight * losses["loss_ego_pose"]
     return losses
@@ -80,8 +90,17 @@ def compute_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_
 # --------------------------------------------------------------------------------------------
 
 
-def point_loss(pred: Tensor, conf: Tensor, gt: Tensor, mask: Tensor, *, gamma: float = 1.0, alpha: float = 0.2,
-               gradient_loss_fn: Optional[str] = "normal", valid_range: float = 0.98) -> Dict[str, Tensor]:
+def point_loss(
+    pred: Tensor,
+    conf: Tensor,
+    gt: Tensor,
+    mask: Tensor,
+    *,
+    gamma: float = 1.0,
+    alpha: float = 0.2,
+    gradient_loss_fn: str | None = "normal",
+    valid_range: float = 0.98,
+) -> dict[str, Tensor]:
     """Confidence-aware point-map loss.
 
     pred, gt: [..., H, W, 3] in the same units; conf: [..., H, W] (> 0); mask: bool [..., H, W].
@@ -101,11 +120,20 @@ def point_loss(pred: Tensor, conf: Tensor, gt: Tensor, mask: Tensor, *, gamma: f
         grad = pred.new_zeros(())
     else:
         h, w = pred.shape[-3:-1]
-        grad = multi_scale_gradient_loss(pred.reshape(-1, h, w, 3), gt.reshape(-1, h, w, 3), mask.reshape(-1, h, w),
-                                         conf.reshape(-1, h, w), gradient_loss_fn, gamma, alpha)
-    return {"loss_conf_point": filter_by_quantile(conf_term, valid_range).mean(),
-            "loss_reg_point": filter_by_quantile(reg, valid_range).mean(),
-            "loss_grad_point": grad}
+        grad = multi_scale_gradient_loss(
+            pred.reshape(-1, h, w, 3),
+            gt.reshape(-1, h, w, 3),
+            mask.reshape(-1, h, w),
+            conf.reshape(-1, h, w),
+            gradient_loss_fn,
+            gamma,
+            alpha,
+        )
+    return {
+        "loss_conf_point": filter_by_quantile(conf_term, valid_range).mean(),
+        "loss_reg_point": filter_by_quantile(reg, valid_range).mean(),
+        "loss_grad_point": grad,
+    }
 
 
 def confidence_weighted(error: Tensor, conf: Tensor, gamma: float, alpha: float) -> Tensor:
@@ -113,8 +141,16 @@ def confidence_weighted(error: Tensor, conf: Tensor, gamma: float, alpha: float)
     return gamma * error * conf - alpha * torch.log(conf)
 
 
-def multi_scale_gradient_loss(pred: Tensor, gt: Tensor, mask: Tensor, conf: Tensor, kind: str,
-                              gamma: float, alpha: float, scales: int = GRADIENT_LOSS_SCALES) -> Tensor:
+def multi_scale_gradient_loss(
+    pred: Tensor,
+    gt: Tensor,
+    mask: Tensor,
+    conf: Tensor,
+    kind: str,
+    gamma: float,
+    alpha: float,
+    scales: int = GRADIENT_LOSS_SCALES,
+) -> Tensor:
     """Mean over strides 1, 2, 4, ... of the confidence-weighted local-structure error.
 
     pred, gt: [N,H,W,3]; mask, conf: [N,H,W]. kind: "normal" (1 - cos between surface normals) or
@@ -125,15 +161,16 @@ def multi_scale_gradient_loss(pred: Tensor, gt: Tensor, mask: Tensor, conf: Tens
         raise ValueError(f"unknown gradient_loss_fn '{kind}' (expected normal, grad or None)")
     total = pred.new_zeros(())
     for s in range(scales):
-        step = 2 ** s
-        errors, error_conf = error_fns[kind](pred[:, ::step, ::step], gt[:, ::step, ::step], mask[:, ::step, ::step],
-                                             conf[:, ::step, ::step])
+        step = 2**s
+        errors, error_conf = error_fns[kind](
+            pred[:, ::step, ::step], gt[:, ::step, ::step], mask[:, ::step, ::step], conf[:, ::step, ::step]
+        )
         if errors.numel() >= MIN_GRADIENT_ELEMENTS:
             total = total + confidence_weighted(errors, error_conf, gamma, alpha).mean()
     return total / scales
 
 
-def surface_normals(points: Tensor, mask: Tensor, eps: float = 1e-8) -> Tuple[Tensor, Tensor]:
+def surface_normals(points: Tensor, mask: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
     """Unit normals of a point map from the cross products of its 4 pairs of adjacent neighbours.
 
     points: [N,H,W,3]; mask: bool [N,H,W]. Returns normals [4,N,H,W,3] (up x left, left x down,
@@ -147,13 +184,19 @@ def surface_normals(points: Tensor, mask: Tensor, eps: float = 1e-8) -> Tuple[Te
     left, right = pts[:, 1:-1, :-2] - centre, pts[:, 1:-1, 2:] - centre
     v_centre, v_up, v_down = valid[:, 1:-1, 1:-1], valid[:, :-2, 1:-1], valid[:, 2:, 1:-1]
     v_left, v_right = valid[:, 1:-1, :-2], valid[:, 1:-1, 2:]
-    normals = torch.stack([torch.cross(up, left, dim=-1), torch.cross(left, down, dim=-1),
-                           torch.cross(down, right, dim=-1), torch.cross(right, up, dim=-1)])
+    normals = torch.stack(
+        [
+            torch.cross(up, left, dim=-1),
+            torch.cross(left, down, dim=-1),
+            torch.cross(down, right, dim=-1),
+            torch.cross(right, up, dim=-1),
+        ]
+    )
     valids = torch.stack([v_up & v_left, v_left & v_down, v_down & v_right, v_right & v_up]) & v_centre
     return F.normalize(normals, dim=-1, eps=eps), valids
 
 
-def normal_errors(pred: Tensor, gt: Tensor, mask: Tensor, conf: Tensor) -> Tuple[Tensor, Tensor]:
+def normal_errors(pred: Tensor, gt: Tensor, mask: Tensor, conf: Tensor) -> tuple[Tensor, Tensor]:
     """1 - cos(angle between predicted and GT normals) per valid (direction, pixel), and its confidence."""
     pred_normals, valid = surface_normals(pred, mask)
     gt_normals, _ = surface_normals(gt, mask)
@@ -161,7 +204,7 @@ def normal_errors(pred: Tensor, gt: Tensor, mask: Tensor, conf: Tensor) -> Tuple
     return 1.0 - cos, conf.expand(4, *conf.shape)[valid]
 
 
-def finite_difference_errors(pred: Tensor, gt: Tensor, mask: Tensor, conf: Tensor) -> Tuple[Tensor, Tensor]:
+def finite_difference_errors(pred: Tensor, gt: Tensor, mask: Tensor, conf: Tensor) -> tuple[Tensor, Tensor]:
     """Per valid horizontal/vertical neighbour pair: mean over xyz of |change of (pred - gt)|.
 
     Each pair takes the confidence of its second pixel.
@@ -175,8 +218,9 @@ def finite_difference_errors(pred: Tensor, gt: Tensor, mask: Tensor, conf: Tenso
     return errors, torch.cat([conf[:, :, 1:][valid_x], conf[:, 1:][valid_y]])
 
 
-def filter_by_quantile(values: Tensor, valid_range: float, min_elements: int = QUANTILE_MIN_ELEMENTS,
-                       hard_max: float = HARD_MAX) -> Tensor:
+def filter_by_quantile(
+    values: Tensor, valid_range: float, min_elements: int = QUANTILE_MIN_ELEMENTS, hard_max: float = HARD_MAX
+) -> Tensor:
     """Clamp at ``hard_max`` and keep the values up to the ``valid_range`` quantile (outlier filter).
 
     values: [N]. Small tensors (<= min_elements) and valid_range <= 0 pass through unchanged. The
@@ -196,8 +240,15 @@ def filter_by_quantile(values: Tensor, valid_range: float, min_elements: int = Q
 # --------------------------------------------------------------------------------------------
 
 
-def ego_pose_loss(pred_list: List[Tensor], gt: Tensor, *, gamma: float = 0.6, loss_type: str = "l1",
-                  weight_trans: float = 1.0, weight_rot: float = 1.0) -> Dict[str, Tensor]:
+def ego_pose_loss(
+    pred_list: list[Tensor],
+    gt: Tensor,
+    *,
+    gamma: float = 0.6,
+    loss_type: str = "l1",
+    weight_trans: float = 1.0,
+    weight_rot: float = 1.0,
+) -> dict[str, Tensor]:
     """Pose-encoding loss over the pose head's iterations.
 
     pred_list: n tensors [B,T,7] (translation, quaternion xyzw), gt: [B,T,7] in the same units.
@@ -219,7 +270,7 @@ def ego_pose_loss(pred_list: List[Tensor], gt: Tensor, *, gamma: float = 0.6, lo
     return {"loss_T": loss_t, "loss_R": loss_r, "loss_ego_pose": weight_trans * loss_t + weight_rot * loss_r}
 
 
-def _pose_errors(pred: Tensor, gt: Tensor, loss_type: str) -> Tuple[Tensor, Tensor]:
+def _pose_errors(pred: Tensor, gt: Tensor, loss_type: str) -> tuple[Tensor, Tensor]:
     """Translation and quaternion errors: element-wise absolute (l1) or per-frame Euclidean (l2)."""
     d_t, d_r = pred[..., :3] - gt[..., :3], pred[..., 3:7] - gt[..., 3:7]
     if loss_type == "l1":
@@ -234,15 +285,16 @@ def _pose_errors(pred: Tensor, gt: Tensor, loss_type: str) -> Tuple[Tensor, Tens
 # --------------------------------------------------------------------------------------------
 
 
-def vggt_camera_targets(batch: Dict[str, Tensor]) -> Tensor:
+def vggt_camera_targets(batch: dict[str, Tensor]) -> Tensor:
     """VGGT's camera targets [B,T,V,9]: absT_quaR_FoV of the first camera -> each camera
     (``cam_first_to_cam_n``, translations scaled by gt_scale_factor) with the images' fields of view."""
     height, width = batch["images"].shape[-2:]
-    return camera_pose_encoding(batch["cam_first_to_cam_n"].double(), batch["intrinsics"].double(), height,
-                                width).float()
+    return camera_pose_encoding(
+        batch["cam_first_to_cam_n"].double(), batch["intrinsics"].double(), height, width
+    ).float()
 
 
-def compute_vggt_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], loss_cfg) -> Dict[str, Tensor]:
+def compute_vggt_loss(predictions: dict[str, object], batch: dict[str, Tensor], loss_cfg) -> dict[str, Tensor]:
     """Losses of VGGT predictions (``cam_pose_enc_list``: n x [B,T,V,9], ``points``, ``points_conf``).
 
     objective = point.weight * (loss_conf_point + loss_reg_point + loss_grad_point) + camera.weight * loss_camera.
@@ -253,22 +305,44 @@ def compute_vggt_loss(predictions: Dict[str, object], batch: Dict[str, Tensor], 
         masks = batch["point_masks"].bool()
         point_cfg, camera_cfg = loss_cfg.point, loss_cfg.camera
         losses = point_loss(
-            pred_points.float(), predictions["points_conf"].float(), batch["points_in_cam_first"].float(), masks,
-            gamma=point_cfg.gamma, alpha=point_cfg.alpha, gradient_loss_fn=point_cfg.gradient_loss_fn,
-            valid_range=point_cfg.valid_range)
+            pred_points.float(),
+            predictions["points_conf"].float(),
+            batch["points_in_cam_first"].float(),
+            masks,
+            gamma=point_cfg.gamma,
+            alpha=point_cfg.alpha,
+            gradient_loss_fn=point_cfg.gradient_loss_fn,
+            valid_range=point_cfg.valid_range,
+        )
         valid_clips = masks[:, 0, 0].sum(dim=(-1, -2)) > MIN_VALID_PIXELS  # the first image anchors the frame
-        losses.update(camera_loss(
-            [pose.float() for pose in predictions["cam_pose_enc_list"]], gt_pose, valid_clips,
-            gamma=camera_cfg.gamma, loss_type=camera_cfg.loss_type, weight_trans=camera_cfg.weight_trans,
-            weight_rot=camera_cfg.weight_rot, weight_focal=camera_cfg.weight_focal))
+        losses.update(
+            camera_loss(
+                [pose.float() for pose in predictions["cam_pose_enc_list"]],
+                gt_pose,
+                valid_clips,
+                gamma=camera_cfg.gamma,
+                loss_type=camera_cfg.loss_type,
+                weight_trans=camera_cfg.weight_trans,
+                weight_rot=camera_cfg.weight_rot,
+                weight_focal=camera_cfg.weight_focal,
+            )
+        )
         point_total = losses["loss_conf_point"] + losses["loss_reg_point"] + losses["loss_grad_point"]
         losses["objective"] = point_cfg.weight * point_total + camera_cfg.weight * losses["loss_camera"]
     return losses
 
 
-def camera_loss(pred_list: List[Tensor], gt: Tensor, valid_clips: Tensor, *, gamma: float = 0.6,
-                loss_type: str = "l1", weight_trans: float = 1.0, weight_rot: float = 1.0,
-                weight_focal: float = 0.5) -> Dict[str, Tensor]:
+def camera_loss(
+    pred_list: list[Tensor],
+    gt: Tensor,
+    valid_clips: Tensor,
+    *,
+    gamma: float = 0.6,
+    loss_type: str = "l1",
+    weight_trans: float = 1.0,
+    weight_rot: float = 1.0,
+    weight_focal: float = 0.5,
+) -> dict[str, Tensor]:
     """VGGT's camera loss over the camera head's iterations.
 
     pred_list: n tensors [B,T,V,9] (absT_quaR_FoV), gt: [B,T,V,9] in the same units; valid_clips:
@@ -293,5 +367,9 @@ def camera_loss(pred_list: List[Tensor], gt: Tensor, valid_clips: Tensor, *, gam
         loss_r = loss_r + weight * err_r.mean()
         loss_fl = loss_fl + weight * err_fl.mean()
     loss_t, loss_r, loss_fl = loss_t / n, loss_r / n, loss_fl / n
-    return {"loss_T": loss_t, "loss_R": loss_r, "loss_FL": loss_fl,
-            "loss_camera": weight_trans * loss_t + weight_rot * loss_r + weight_focal * loss_fl}
+    return {
+        "loss_T": loss_t,
+        "loss_R": loss_r,
+        "loss_FL": loss_fl,
+        "loss_camera": weight_trans * loss_t + weight_rot * loss_r + weight_focal * loss_fl,
+    }

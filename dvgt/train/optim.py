@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Iterable, List
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 
-def freeze_modules(model: nn.Module, patterns: Iterable[str]) -> List[str]:
+def freeze_modules(model: nn.Module, patterns: Iterable[str]) -> list[str]:
     """Set requires_grad=False on parameters whose name matches any fnmatch glob; return their names.
 
     A glob that matches nothing is an error: a typo would otherwise silently train what the user
@@ -21,8 +21,10 @@ def freeze_modules(model: nn.Module, patterns: Iterable[str]) -> List[str]:
     for pattern in patterns:
         matched = [name for name, _ in model.named_parameters() if fnmatch.fnmatchcase(name, pattern)]
         if not matched:
-            raise ValueError(f"optim.frozen_module_names: glob '{pattern}' matches no parameter "
-                             f"(parameter names look like 'aggregator.patch_embed.blocks.0.attn.qkv.weight')")
+            raise ValueError(
+                f"optim.frozen_module_names: glob '{pattern}' matches no parameter "
+                f"(parameter names look like 'aggregator.patch_embed.blocks.0.attn.qkv.weight')"
+            )
         frozen += matched
     params = dict(model.named_parameters())
     for name in frozen:

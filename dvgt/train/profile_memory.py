@@ -12,8 +12,8 @@ FSDP the fixed part shrinks with the number of ranks.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -26,7 +26,7 @@ class MemoryFit:
     per_image_bytes: float  # activations per image in the forward pass
 
 
-def fit_memory(peaks: Sequence[Tuple[int, int]]) -> MemoryFit:
+def fit_memory(peaks: Sequence[tuple[int, int]]) -> MemoryFit:
     """Least-squares line through (images per forward, peak bytes); needs two distinct image counts."""
     images = np.array([n for n, _ in peaks], dtype=float)
     if len(set(images)) < 2:
@@ -42,12 +42,14 @@ def max_images(fit: MemoryFit, memory_bytes: float, margin: float) -> int:
     return max(0, math.floor(((1.0 - margin) * memory_bytes - fit.fixed_bytes) / fit.per_image_bytes))
 
 
-def profile_table(fit: MemoryFit, profiles: Dict[str, "object"], margin: float) -> List[str]:
+def profile_table(fit: MemoryFit, profiles: dict[str, object], margin: float) -> list[str]:
     """One line per GPU profile of the catalog (dvgt.k8s.catalog.Profile): its memory, the current
     maxImagesPerForward and the measured largest images per forward."""
-    lines = [f"fixed {fit.fixed_bytes / GIB:.2f} GiB + {fit.per_image_bytes / GIB:.3f} GiB per image "
-             f"(safety margin {margin:.0%})",
-             f"{'profile':<12} {'memory':>8} {'catalog':>8} {'measured':>9}"]
+    lines = [
+        f"fixed {fit.fixed_bytes / GIB:.2f} GiB + {fit.per_image_bytes / GIB:.3f} GiB per image "
+        f"(safety margin {margin:.0%})",
+        f"{'profile':<12} {'memory':>8} {'catalog':>8} {'measured':>9}",
+    ]
     for name, profile in profiles.items():
         if profile.memory_gib:
             fits = max_images(fit, profile.memory_gib * GIB, margin)
@@ -55,7 +57,7 @@ def profile_table(fit: MemoryFit, profiles: Dict[str, "object"], margin: float) 
     return lines
 
 
-def measure_peaks(cfg, frame_counts: Sequence[int] = (2, 4, 8)) -> List[Tuple[int, int]]:
+def measure_peaks(cfg, frame_counts: Sequence[int] = (2, 4, 8)) -> list[tuple[int, int]]:
     """(images per forward, peak bytes) of one training step at each frame count, with the config's
     largest view count, width and narrowest aspect ratio; stops at the first out-of-memory."""
     import torch
@@ -90,7 +92,7 @@ def measure_peaks(cfg, frame_counts: Sequence[int] = (2, 4, 8)) -> List[Tuple[in
     return peaks
 
 
-def profile_memory(cfg, margin: float) -> List[str]:
+def profile_memory(cfg, margin: float) -> list[str]:
     import torch
 
     from dvgt.k8s.catalog import load_catalog
@@ -99,6 +101,8 @@ def profile_memory(cfg, margin: float) -> List[str]:
         raise RuntimeError("dvgt profile-memory measures GPU memory and needs a CUDA GPU; none is visible here")
     peaks = measure_peaks(cfg)
     name = torch.cuda.get_device_name()
-    lines = [f"{cfg.model.name} ({cfg.model.size}) on {name}: "
-             + ", ".join(f"{n} images -> {p / GIB:.2f} GiB" for n, p in peaks)]
+    lines = [
+        f"{cfg.model.name} ({cfg.model.size}) on {name}: "
+        + ", ".join(f"{n} images -> {p / GIB:.2f} GiB" for n, p in peaks)
+    ]
     return lines + profile_table(fit_memory(peaks), load_catalog().profiles, margin)
