@@ -32,6 +32,8 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+# One line per key: its trailing comment is its documentation (docs/configuration.md is generated from it).
+# fmt: off
 @dataclass
 class ModelConfig:
     name: str = "dvgt1"  # dvgt1 | dvgt2 | dvgt2_pretrain | vggt
@@ -40,31 +42,21 @@ class ModelConfig:
     max_frames: int = 48  # length of the learned temporal embedding (frames per clip at most)
     gradient_checkpointing: bool = True  # recompute aggregator blocks in backward (train mode only)
     frames_chunk_size: int | None = None  # DPT head: frames per chunk (None = all at once)
-    anchor_dir: str | None = (
-        None  # DVGT-2: folder of the official anchor files future_anchors_20_rdf.npz and past_anchors_20_rdf.npz (`dvgt anchors`; None = zeros until a checkpoint loads them)
-    )
-    enable_ego_status: bool = (
-        False  # DVGT-2: condition planning on ego status [B,T,8] (velocity 2, acceleration 2, command one-hot 4)
-    )
+    anchor_dir: str | None = None  # DVGT-2: folder of the official anchor files future_anchors_20_rdf.npz and past_anchors_20_rdf.npz (`dvgt anchors`; None = zeros until a checkpoint loads them)
+    enable_ego_status: bool = False  # DVGT-2: condition planning on ego status [B,T,8] (velocity 2, acceleration 2, command one-hot 4)
 
 
 @dataclass
 class DatasetEntry:
     dataset: str = MISSING  # official dataset name (the parquet prefix): nuscene | openscene | kitti | waymo | ddad | argoverse | navtrain | navtest | demo
     split: str = MISSING  # reads <dataset>_<split>.parquet, e.g. train, val, total_train, navtrain, test_sample_200
-    root: str | None = (
-        None  # the tree's root (the folder holding data_annotation/): a local path or s3://bucket/prefix; None = data.root
-    )
+    root: str | None = None  # the tree's root (the folder holding data_annotation/): a local path or s3://bucket/prefix; None = data.root
     original_fps: int = 2  # stored frame rate: 2 for nuScenes and OpenScene, 10 for KITTI, Waymo, DDAD
     dataset_len: int = -1  # sampling weight in the mix, as the official dataset_len (-1 = its number of sequences)
     frame_num_max: int = 99999  # most frames per training clip, future frames included (official frame_num_max)
     fixed_aspect_ratio: float = 0.0  # this dataset's evaluation aspect ratio (0 = the split's fixed_aspect_ratio)
-    filtered: bool = (
-        True  # read meta/.../moge_pred_filter_parquet/ (the filter's output, what training reads) or meta/ (unfiltered)
-    )
-    synthetic: bool = (
-        False  # generate this tree with dvgt's synthetic generator if it is missing (demo stages; dataset demo)
-    )
+    filtered: bool = True  # read meta/.../moge_pred_filter_parquet/ (the filter's output, what training reads) or meta/ (unfiltered)
+    synthetic: bool = False  # generate this tree with dvgt's synthetic generator if it is missing (demo stages; dataset demo)
 
 
 @dataclass
@@ -83,9 +75,7 @@ class ColorJitterConfig:
 @dataclass
 class DataSplitConfig:
     datasets: list[DatasetEntry] = field(default_factory=list)  # the mix (see DatasetEntry below)
-    clip_split: str = (
-        "default_train"  # default_train | DVGT1 | DVGT2 | long | nuscenes_planning | navtrain | navtest (docs/data.md)
-    )
+    clip_split: str = "default_train"  # default_train | DVGT1 | DVGT2 | long | nuscenes_planning | navtrain | navtest (docs/data.md)
     views: list[int] = field(default_factory=lambda: [2, 8])  # [min, max] cameras per clip (official view_num_range)
     min_frames: int = 2  # fewest frames per training clip (official min_frame_num); the most: max_img_per_gpu // views
     aspect_ratio: list[float] = field(default_factory=lambda: [1.6, 3.3])  # [min, max] width / height, drawn per step
@@ -96,12 +86,8 @@ class DataSplitConfig:
     img_width: int = 512  # height = width / aspect rounded down to a multiple of the patch size
     target_fps: int = 2  # clips are built at this rate (every original_fps // target_fps-th stored frame)
     inside_random: bool = True  # training: a random sequence per sample (else the sampler's index)
-    aug_pixel_aspect_range: list[float] | None = field(
-        default_factory=lambda: [0.8, 1.0]
-    )  # per-axis crop scale in training (null = off)
-    aug_safe_scales: list[float] | None = field(
-        default_factory=lambda: [0.8, 1.2]
-    )  # keep fx/fy within this after that crop
+    aug_pixel_aspect_range: list[float] | None = field(default_factory=lambda: [0.8, 1.0])  # per-axis crop scale in training (null = off)
+    aug_safe_scales: list[float] | None = field(default_factory=lambda: [0.8, 1.2])  # keep fx/fy within this after that crop
     random_resize: bool = True  # training: a random extra resize margin (triangular(0, 0, 0.3) x image size)
     fast_decode: bool = True  # training: decode JPEGs at 1/2, 1/4 or 1/8 scale when the view is at most that size (pixels within JPEG tolerance; evaluation always decodes exactly; docs/data.md)
     color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
@@ -138,12 +124,8 @@ class DataConfig:
     pin_memory: bool = True  # page-locked host batches (GPU only)
     prefetch_factor: int = 2  # batches prepared ahead per worker
     persistent_workers: bool = True  # keep workers alive across epochs
-    check: bool = (
-        True  # at start, refuse a tree that fails the quick `dvgt data check` (docs/data.md "Checking a tree")
-    )
-    feature_cache: str | None = (
-        None  # cached outputs of the frozen backbone or aggregator (dvgt cache build; docs/feature-cache.md): folder or s3:// URI
-    )
+    check: bool = True  # at start, refuse a tree that fails the quick `dvgt data check` (docs/data.md "Checking a tree")
+    feature_cache: str | None = None  # cached outputs of the frozen backbone or aggregator (dvgt cache build; docs/feature-cache.md): folder or s3:// URI
     s3_cache: S3CacheConfig = field(default_factory=S3CacheConfig)
     s3: S3Config = field(
         default_factory=S3Config
@@ -154,9 +136,7 @@ class DataConfig:
 class EvalConfig:
     points_and_poses: bool = True  # score point maps, ray depth and poses (official eval_point_and_pose)
     trajectory: bool = True  # score DVGT-2's planned trajectory (official eval_traj)
-    umeyama_per_scene: bool = (
-        False  # VGGT: align predicted points and camera centres to the GT by a similarity per clip
-    )
+    umeyama_per_scene: bool = False  # VGGT: align predicted points and camera centres to the GT by a similarity per clip
 
 
 @dataclass
@@ -243,15 +223,9 @@ class CheckpointConfig:
     load_pretrained_weights_path: str | None = None  # converted init: VGGT-1B -> DVGT-1/2, DVGT-2 stage 1 -> 2
     strict: bool = False  # strict key matching for the pretrained weights above
     async_mode: str = "wait"  # a save requested while one uploads: wait | skip; off: every save blocks until committed
-    preemption_budget_s: float = (
-        120.0  # on SIGTERM: seconds to commit a final checkpoint (< terminationGracePeriodSeconds)
-    )
-    retry_budget_s: float = (
-        300.0  # a save retries a transient storage failure this long (the final one, then it spills)
-    )
-    spill_dir: str | None = (
-        "${logging.log_dir}/spill"  # a final checkpoint the store cannot take goes here, uploaded at the next start (S3 only; null = none)
-    )
+    preemption_budget_s: float = 120.0  # on SIGTERM: seconds to commit a final checkpoint (< terminationGracePeriodSeconds)
+    retry_budget_s: float = 300.0  # a save retries a transient storage failure this long (the final one, then it spills)
+    spill_dir: str | None = "${logging.log_dir}/spill"  # a final checkpoint the store cannot take goes here, uploaded at the next start (S3 only; null = none)
     s3: S3Config = field(default_factory=S3Config)
 
 
@@ -267,20 +241,14 @@ class LoggingConfig:
 @dataclass
 class FSDPConfig:
     mode: str = "zero2"  # zero2: optimizer state and gradients sharded | zero3: parameters too (gathered per block in forward and backward)
-    reshard_after_forward: bool | None = (
-        None  # free gathered block parameters after forward (None: True for zero3, False for zero2)
-    )
-    cpu_offload: bool = (
-        False  # keep parameter shards, gradients and optimizer state in host memory; the optimizer step runs on the CPU
-    )
+    reshard_after_forward: bool | None = None  # free gathered block parameters after forward (None: True for zero3, False for zero2)
+    cpu_offload: bool = False  # keep parameter shards, gradients and optimizer state in host memory; the optimizer step runs on the CPU
     mixed_precision: bool = True  # with AMP on a GPU: aggregator blocks gather parameters in optim.amp.amp_dtype; gradients reduce in float32
 
 
 @dataclass
 class DistributedConfig:
-    strategy: str = (
-        "ddp"  # ddp: full replica per rank | fsdp: FSDP2 sharding (see distributed.fsdp, docs/distributed.md)
-    )
+    strategy: str = "ddp"  # ddp: full replica per rank | fsdp: FSDP2 sharding (see distributed.fsdp, docs/distributed.md)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
     timeout_mins: int = 30  # collective timeout
@@ -297,15 +265,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_epochs: int = 20  # epochs of data.train.steps_per_epoch (or limit_train_batches) steps
     limit_train_batches: int | None = None  # cap on steps per epoch (None = data.train.steps_per_epoch)
-    limit_val_batches: int | None = (
-        4  # evaluation clips per validation dataset, shared out between ranks (0 = no evaluation, null = all)
-    )
+    limit_val_batches: int | None = 4  # evaluation clips per validation dataset, shared out between ranks (0 = no evaluation, null = all)
     val_epoch_freq: int = 1  # evaluate every N epochs (and before the first step)
     accum_steps: int = 1  # split each batch into this many chunks, one optimizer step per batch
     max_img_per_gpu: int = 48  # images per GPU per optimizer step: batch = max(1, this // (views * frames)), split into accum_steps forward chunks
-    gt_scale_factor: float = (
-        0.1  # ground truth is multiplied by this in the data (DVGT: outputs in units of 10 m; VGGT: 1)
-    )
+    gt_scale_factor: float = 0.1  # ground truth is multiplied by this in the data (DVGT: outputs in units of 10 m; VGGT: 1)
     num_workers: int = 8  # data-loading worker processes per rank (0 = in the training process)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -316,6 +280,8 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
+
+# fmt: on
 
 # Renamed keys of the reference trainer, so that their error can point at our name.
 RENAMED_KEYS = {
@@ -625,13 +591,15 @@ def reference_markdown() -> str:
         nested = []
         for f in dataclasses.fields(schema):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            match = re.search(rf"^\s+{f.name}: [^=\n]+=[^#\n]*#\s*(.+)$", source, re.M)
-            meaning = match.group(1).strip().replace("|", "\\|") if match else ""
-            type_name = (f.type if isinstance(f.type, str) else str(f.type)).replace("|", "\\|")
             if dataclasses.is_dataclass(default):
                 nested.append((type(default), f"{prefix}{f.name}."))
                 lines.append(f"| `{prefix}{f.name}` | section | | see below |")
                 continue
+            match = re.search(rf"^\s+{f.name}: [^=\n]+=[^#\n]*#\s*(.+)$", source, re.M)
+            if not match:
+                raise ValueError(f"{schema.__name__}.{f.name} has no documentation: end its line with a # comment")
+            meaning = match.group(1).strip().replace("|", "\\|")
+            type_name = (f.type if isinstance(f.type, str) else str(f.type)).replace("|", "\\|")
             shown = "required" if default is MISSING else repr(default)
             lines.append(f"| `{prefix}{f.name}` | {type_name} | `{shown}` | {meaning} |")
         lines.append("")
