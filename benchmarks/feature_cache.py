@@ -31,15 +31,14 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from dvgt.config import load_config
+from dvgt.config import ModelConfig, load_config
 from dvgt.data.synthetic import RIG, generate_synthetic_dataset
-from dvgt.models import build_model
+from dvgt.families import build_model, get
 from dvgt.models.aggregator import precomputed_outputs
 from dvgt.models.dvgt1 import run_heads
-from dvgt.train.feature_cache import MODULES, build_cache, frozen_part
+from dvgt.train.feature_cache import build_cache, frozen_part
 from dvgt.train.loop import Trainer
 
 CONFIGS = {"aggregator": "train/dvgt1/finetune_heads_demo.yaml", "backbone": "train/dvgt1/finetune_demo.yaml"}
@@ -49,11 +48,12 @@ def step_flops(kind: str, cached: bool, frames: int = 4, views: int = 6, height:
     """Model FLOPs of one training step (forward, and backward of what trains, activation checkpointing
     included) of the full DVGT-1 with `kind` frozen, with or without its cached outputs; meta device."""
     with torch.device("meta"):
-        model = build_model(OmegaConf.create({"name": "dvgt1", "size": "full"})).train()
+        model = build_model(ModelConfig(name="dvgt1", size="full")).train()
         images = torch.rand(1, frames, views, 3, height, width)
+    parts = get("dvgt1").cacheable_parts
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(not name.startswith(MODULES[kind] + "."))
-    part = frozen_part(model, kind)
+        parameter.requires_grad_(not name.startswith(parts[kind] + "."))
+    part = frozen_part(model, kind, parts)
     part.module.eval()
     patch_tokens, aggregated = None, None
     if cached:

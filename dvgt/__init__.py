@@ -24,7 +24,7 @@ def build_model(
     weights_only=True) or a .safetensors file.
     """
     from dvgt.config import load_config
-    from dvgt.models import build_model as build_from_config
+    from dvgt.families import build_model as build_from_config
     from dvgt.models.weights import load_weights
 
     cfg = load_config(config, overrides)

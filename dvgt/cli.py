@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    from dvgt.models import model_layout
+    from dvgt.families import model_layout
 
     cfg = load_config(args.config, args.overrides)
     layout = model_layout(cfg.model)

@@ -22,6 +22,8 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from dvgt.s3_options import S3CacheConfig, S3Config
+
 
 class ConfigError(ValueError):
     """A configuration problem, with a message that says how to fix it."""
@@ -36,7 +38,7 @@ class ConfigError(ValueError):
 # fmt: off
 @dataclass
 class ModelConfig:
-    name: str = "dvgt1"  # dvgt1 | dvgt2 | dvgt2_pretrain | vggt
+    name: str = "dvgt1"  # the model family (dvgt/families/): dvgt1 | dvgt2 | dvgt2_pretrain | vggt
     size: str = "full"  # full (the published architecture) | small | tiny (same code, fewer/narrower layers)
     dino_v3_weight_path: str | None = None  # DINOv3 ViT-L/16 weights (.pth state_dict or .safetensors)
     max_frames: int = 48  # length of the learned temporal embedding (frames per clip at most)
@@ -98,25 +100,6 @@ class DataSplitConfig:
 
 
 @dataclass
-class S3Config:
-    endpoint_url: str | None = None  # S3 endpoint; None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS
-    region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION / the profile's region
-    addressing_style: str = "auto"  # auto (path-style when an endpoint is set, else virtual) | path | virtual
-    part_size_mb: int = 32  # multipart part size; upload memory is about part size x (concurrency + 2)
-    concurrency: int = 8  # parts uploaded / byte ranges downloaded in parallel per object
-    retry_mode: str = "adaptive"  # botocore retry mode on throttling, 5xx, timeouts: standard | adaptive
-    max_attempts: int = 8  # attempts per request, the first included
-    connect_timeout_s: float = 10.0  # TCP connect timeout per attempt
-    read_timeout_s: float = 60.0  # socket read timeout per attempt
-
-
-@dataclass
-class S3CacheConfig:
-    dir: str = "~/.cache/dvgt/data"  # node-local folder holding the files of s3:// data roots as they are read (the chart: an emptyDir); shared by every process of the node
-    max_gib: float = 20.0  # bound on the folder's size: past it the least recently read files are evicted (the chart: 90% of data.s3CacheSize)
-
-
-@dataclass
 class DataConfig:
     root: str = "data/dvgt"  # the official tree's root, the folder holding data_annotation/: a local path (a PVC in the chart) or s3://bucket/prefix (read through s3_cache; docs/data.md)
     train: DataSplitConfig = field(default_factory=DataSplitConfig)
@@ -127,9 +110,7 @@ class DataConfig:
     check: bool = True  # at start, refuse a tree that fails the quick `dvgt data check` (docs/data.md "Checking a tree")
     feature_cache: str | None = None  # cached outputs of the frozen backbone or aggregator (dvgt cache build; docs/feature-cache.md): folder or s3:// URI
     s3_cache: S3CacheConfig = field(default_factory=S3CacheConfig)
-    s3: S3Config = field(
-        default_factory=S3Config
-    )  # S3 options of s3:// data roots (the keys of checkpoint.s3; endpoint and credentials: the same AWS variables)
+    s3: S3Config = field(default_factory=S3Config)  # S3 options of s3:// data roots (the keys of checkpoint.s3; endpoint and credentials: the same AWS variables)
 
 
 @dataclass
@@ -462,13 +443,12 @@ def _check(condition: bool, message: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Checks across keys that types alone cannot express."""
-    _check(
-        cfg.model.name in ("dvgt1", "dvgt2", "dvgt2_pretrain", "vggt"),
-        f"model.name '{cfg.model.name}' is not one of dvgt1, dvgt2, dvgt2_pretrain, vggt",
-    )
-    _check(
-        cfg.model.size in ("full", "small", "tiny"), f"model.size '{cfg.model.size}' is not one of full, small, tiny"
-    )
+    from dvgt.families import check_model_config  # the model's own rules; it imports torch, the rest of this does not
+
+    try:
+        check_model_config(cfg.model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     _check(cfg.accum_steps >= 1, f"accum_steps must be >= 1, got {cfg.accum_steps}")
     _check(cfg.max_img_per_gpu >= 1, f"max_img_per_gpu must be >= 1, got {cfg.max_img_per_gpu}")
     _check(cfg.max_epochs >= 1, f"max_epochs must be >= 1, got {cfg.max_epochs}")

@@ -69,8 +69,9 @@ def run_demo(config: str, out: str | Path, overrides: Sequence[str] = (), metric
         clip,
         predictions,
         figure,
+        family=trainer.family,
         gt_scale_factor=cfg.gt_scale_factor,
-        title=f"DVGT-1 ({cfg.model.size}) demo: {result['step']} steps in {minutes:.1f} min",
+        title=f"{trainer.family.title} ({cfg.model.size}) demo: {result['step']} steps in {minutes:.1f} min",
     )
 
     print(f"\nDemo finished in {minutes:.1f} min")

@@ -122,7 +122,8 @@ def load_model(
     (.../step_NNNNNNNN), or a weights file (.pt/.pth state_dict or dict with 'model', or .safetensors).
     """
     from dvgt.checkpoint.manager import STEP_DIR, CheckpointManager
-    from dvgt.models import build_model, load_weights
+    from dvgt.families import build_model, get, names
+    from dvgt.models import load_weights
 
     path = Path(checkpoint)
     weights_file = path.suffix in (".pt", ".pth", ".safetensors") or path.is_file()
@@ -139,10 +140,11 @@ def load_model(
         state, source = found.model_state(), f"{found.storage.uri}/{found.prefix}"
         checkpoint_config = found.read("config.yaml").decode()
     cfg = _training_config(config, checkpoint_config, overrides)
-    if cfg.model.name not in ("dvgt2", "dvgt2_pretrain"):
+    if not get(cfg.model.name).streaming_inference:
+        streaming = ", ".join(name for name in names() if get(name).streaming_inference)
         raise ValueError(
-            f"dvgt infer runs DVGT-2 streaming inference; the config's model is '{cfg.model.name}' "
-            f"(use a train/dvgt2/* config)"
+            f"dvgt infer runs streaming inference, which model '{cfg.model.name}' does not do (models that do: "
+            f"{streaming}; use a train/dvgt2/* config)"
         )
     if cfg.model.enable_ego_status:
         raise ValueError(

@@ -19,8 +19,9 @@ from matplotlib.figure import Figure
 
 from dvgt.config import EvalConfig
 from dvgt.data.geometry import transform_points
+from dvgt.families.base import ModelFamily
 from dvgt.train import eval_metrics
-from dvgt.train.evaluation import evaluate_batch, post_process
+from dvgt.train.evaluation import evaluate_batch
 
 GT_COLOR, PRED_COLOR = "tab:blue", "tab:orange"
 LOSS_COMPONENTS = ("loss_conf_point", "loss_reg_point", "loss_grad_point", "loss_ego_pose")
@@ -46,6 +47,7 @@ def render_result_figure(
     predictions: Mapping[str, Any],
     out_png: str | Path,
     *,
+    family: ModelFamily,
     gt_scale_factor: float,
     title: str = "DVGT result",
     views: Sequence[tuple[int, int]] | None = None,
@@ -60,7 +62,7 @@ def render_result_figure(
     (x right, z forward, first-frame ego frame) of GT vs predicted points and ego trajectories.
     """
     clip, predictions = _first_clip(clip), _first_clip(predictions)
-    pred, gt = post_process(predictions, clip, gt_scale_factor, EvalConfig())  # metres, the first frame's ego
+    pred, gt = family.post_process(predictions, clip, gt_scale_factor, EvalConfig())  # metres, the first frame's ego
     first_to_cam = clip["ego_first_to_cam_n"][0].double().clone()  # [T,V,4,4]
     first_to_cam[..., :3, 3] /= gt_scale_factor
     pred_depth = transform_points(first_to_cam[:, :, None], pred["points_in_ego_first"][0])[..., 2]  # [T,V,H,W]
@@ -84,7 +86,7 @@ def render_result_figure(
             depth_range,
             f"frame {t}, view {v}",
         )
-    metrics = {k: v[0] for k, v in evaluate_batch(predictions, clip, gt_scale_factor, EvalConfig()).items()}
+    metrics = {k: v[0] for k, v in evaluate_batch(family, predictions, clip, gt_scale_factor, EvalConfig()).items()}
     _plot_birds_eye(fig.add_subplot(grid[1:, 3]), masks, gt, pred, metrics)
     fig.suptitle(title, fontsize=14)
     return _save(fig, out_png)

@@ -17,14 +17,13 @@ import torch
 from safetensors.torch import save_file
 
 from dvgt.config import ModelConfig
-from dvgt.models import build_model, load_weights
+from dvgt.families import build_model, convert_for, initialise_from_pretrained
+from dvgt.models import load_weights
 from dvgt.models.conversions import (
     DVGT2_STAGE1,
     VGGT,
-    convert_for,
     detect_source,
     dvgt2_stage1_to_stage2,
-    initialise_from_pretrained,
     vggt_to_dvgt1,
     vggt_to_dvgt2,
 )

@@ -11,7 +11,7 @@ import torch
 
 from dvgt.cli import main
 from dvgt.config import ModelConfig
-from dvgt.models import build_model, model_layout
+from dvgt.families import build_model, model_layout
 from dvgt.models.layers import KVCache
 from dvgt.models.reference_weights import fill_reference_weights
 
@@ -191,7 +191,7 @@ def test_anchors_load_from_the_official_anchor_files(tmp_path):
     np.savez(tmp_path / "bad" / "past_anchors_20_rdf.npz", centers=pose)
     with pytest.raises(ValueError, match=r"'trajectory' has shape \[10, 8, 2\], expected \[20, 8, 2\]"):
         tiny(anchor_dir=str(tmp_path / "bad"))
-    with pytest.raises(ValueError, match="model.anchor_dir needs model.name=dvgt2"):
+    with pytest.raises(ValueError, match="model.anchor_dir needs a planning model \(model.name=dvgt2\)"):
         tiny("dvgt2_pretrain", anchor_dir=str(tmp_path))
     assert model_layout(ModelConfig(name="dvgt2", size="tiny", anchor_dir=str(tmp_path / "missing")))  # no files read
 

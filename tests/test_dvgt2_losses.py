@@ -3,20 +3,21 @@ gradients, the best mode and the model-anchor read-out."""
 
 import pytest
 import torch
-from torch import nn
 
 import dvgt
 from dvgt.config import LossConfig
 from dvgt.data.geometry import absT_quaR_to_pose, pose_to_absT_quaR, pose_to_trajectory_rdf
-from dvgt.train.dvgt2_losses import (
+from dvgt.families import get
+from dvgt.families.dvgt2 import (
     PlanningAnchors,
     anchor_mode_loss,
     anchors_from_model,
+    best_mode,
+    dvgt2_loss,
     nearest_anchor,
     sigmoid_focal_loss,
 )
-from dvgt.train.evaluation import best_mode
-from dvgt.train.losses import compute_loss
+from dvgt.families.dvgt2_pretrain import dvgt2_pretrain_loss
 
 torch.set_num_threads(2)
 B, T, V, H, W, K, S = 2, 3, 2, 16, 20, 5, 8
@@ -101,12 +102,12 @@ def test_nearest_anchor_uses_only_valid_steps():
 def test_perfect_predictions_give_zero_regression_and_small_classification():
     anchors, cfg = make_anchors(), LossConfig()
     batch = make_batch(anchors)
-    losses = compute_loss(perfect_predictions(batch), batch, cfg, anchors)
+    losses = dvgt2_loss(perfect_predictions(batch), batch, cfg, anchors)
     for key in ("loss_traj_reg", "loss_pose_reg", "loss_T", "loss_R", "loss_reg_point"):
         assert losses[key].item() == pytest.approx(0.0, abs=1e-6), key
     assert 0 < losses["loss_traj_cls"].item() < 1e-4 and 0 < losses["loss_pose_cls"].item() < 1e-4
     wrong = perfect_predictions(batch, targets=(2, 0))  # the right values under the wrong anchors
-    worse = compute_loss(wrong, batch, cfg, anchors)
+    worse = dvgt2_loss(wrong, batch, cfg, anchors)
     assert worse["loss_traj_cls"] > 100 * losses["loss_traj_cls"] and worse["loss_traj_reg"] > 0.1
     assert worse["loss_pose_cls"] > 100 * losses["loss_pose_cls"] and worse["loss_pose_reg"] > 0.1
     assert set(losses) >= {"objective", "loss_conf_point", "loss_grad_point"}
@@ -119,19 +120,19 @@ def test_masks_frame_zero_and_missing_future_steps():
     batch = make_batch(anchors)
     short = dict(batch, future_ego_n_to_ego_curr=batch["future_ego_n_to_ego_curr"][:, :, :6])
     predictions = perfect_predictions(batch)
-    base = compute_loss(predictions, short, cfg, anchors)
+    base = dvgt2_loss(predictions, short, cfg, anchors)
     changed = {k: [v.clone() for v in vs] if isinstance(vs, list) else vs.clone() for k, vs in predictions.items()}
     for reg in changed["diff_traj_reg_list"]:
         reg[:, :, :, 6:] += 3.0  # only the steps the short clip does not know
     for reg in changed["diff_poses_reg_list"]:
         reg[:, 0] += 3.0  # only frame 0, which has no previous frame
-    again = compute_loss(changed, short, cfg, anchors)
+    again = dvgt2_loss(changed, short, cfg, anchors)
     assert again["loss_traj_reg"].item() == pytest.approx(0.0, abs=1e-6)
     assert again["loss_pose_reg"].item() == pytest.approx(0.0, abs=1e-6)
     assert base["objective"].item() == pytest.approx(again["objective"].item(), rel=1e-6)
     changed["diff_traj_reg_list"][0][:, 1, :, :6] += 1.0  # a known step of the first decoder layer counts
-    assert compute_loss(changed, short, cfg, anchors)["loss_traj_reg"] > 0.1
-    none = compute_loss(predictions, {k: v for k, v in batch.items() if k != "future_ego_n_to_ego_curr"}, cfg, anchors)
+    assert dvgt2_loss(changed, short, cfg, anchors)["loss_traj_reg"] > 0.1
+    none = dvgt2_loss(predictions, {k: v for k, v in batch.items() if k != "future_ego_n_to_ego_curr"}, cfg, anchors)
     assert none["loss_traj_cls"].item() == 0 and none["loss_traj_reg"].item() == 0
 
 
@@ -150,9 +151,9 @@ def test_layers_are_summed_and_weights_enter_the_objective():
     predictions = perfect_predictions(batch)
     for reg in predictions["diff_traj_reg_list"]:
         reg += 0.5
-    base = compute_loss(predictions, batch, cfg, anchors)
+    base = dvgt2_loss(predictions, batch, cfg, anchors)
     cfg.planning.reg_weight *= 2
-    doubled = compute_loss(predictions, batch, cfg, anchors)
+    doubled = dvgt2_loss(predictions, batch, cfg, anchors)
     extra = cfg.planning.weight * cfg.planning.reg_weight / 2 * base["loss_traj_reg"]
     assert doubled["objective"].item() == pytest.approx((base["objective"] + extra).item(), rel=1e-5)
 
@@ -180,7 +181,7 @@ def test_gradients_reach_every_prediction():
         values = [(v + 0.1).requires_grad_() for v in values]
         leaves += values
         predictions[key] = values if isinstance(value, list) else values[0]
-    compute_loss(predictions, batch, LossConfig(), anchors)["objective"].backward()
+    dvgt2_loss(predictions, batch, LossConfig(), anchors)["objective"].backward()
     for leaf in leaves:
         assert leaf.grad is not None and torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
 
@@ -195,16 +196,17 @@ def test_stage1_relative_pose_loss_and_missing_anchors():
         "relative_ego_pose_enc": pose,
         "relative_ego_pose_enc_list": [pose.clone()],
     }
-    losses = compute_loss(predictions, batch, LossConfig())
+    losses = dvgt2_pretrain_loss(predictions, batch, LossConfig())
     assert losses["loss_T"].item() == pytest.approx(0, abs=1e-7) and losses["loss_R"].item() == pytest.approx(
         0, abs=1e-7
     )
     predictions["relative_ego_pose_enc_list"][0][:, 0] += 1.0  # frame 0 is not supervised
-    assert compute_loss(predictions, batch, LossConfig())["loss_T"].item() == pytest.approx(0, abs=1e-7)
+    assert dvgt2_pretrain_loss(predictions, batch, LossConfig())["loss_T"].item() == pytest.approx(0, abs=1e-7)
     predictions["relative_ego_pose_enc_list"][0][:, 1, 2] += 0.3
-    assert compute_loss(predictions, batch, LossConfig())["loss_T"].item() > 0.01
-    with pytest.raises(ValueError, match="anchors"):
-        compute_loss(perfect_predictions(batch), batch, LossConfig())
+    assert dvgt2_pretrain_loss(predictions, batch, LossConfig())["loss_T"].item() > 0.01
+    model = dvgt.build_model("train/dvgt2/demo.yaml", ["model.size=tiny", "model.anchor_dir=null"])
+    with pytest.raises(ValueError, match="anchors are all identical: set model.anchor_dir"):
+        get("dvgt2").loss(model, LossConfig())  # stage 2 needs distinct anchors
 
 
 def test_anchors_are_read_from_the_model_buffers():
@@ -219,8 +221,6 @@ def test_anchors_are_read_from_the_model_buffers():
     read = anchors_from_model(model)
     torch.testing.assert_close(read.trajectory, anchors.trajectory, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(read.pose_translation, anchors.pose_translation, atol=1e-6, rtol=1e-5)
-    assert anchors_from_model(dvgt.build_model("train/dvgt2/pretrain.yaml", ["model.size=tiny"])) is None
-    assert anchors_from_model(nn.Linear(2, 2)) is None
 
 
 def test_best_mode_takes_the_top_scoring_mode_of_the_last_layer():

@@ -18,9 +18,8 @@ from dvgt.data.anchors import read_anchor_dir, write_anchors
 from dvgt.data.loader import load_clip
 from dvgt.data.scene_dataset import DatasetSpec, SceneDataset
 from dvgt.data.synthetic import generate_synthetic_dataset
-from dvgt.models import sample_targets
+from dvgt.families import sample_targets
 from dvgt.train.loop import Trainer
-from dvgt.train.losses import compute_loss
 
 torch.set_num_threads(2)
 
@@ -67,7 +66,7 @@ def held_out_objective(trainer: Trainer, clip) -> float:
     torch.manual_seed(0)
     with torch.no_grad():
         predictions = trainer.forward(trainer.model, clip)
-        objective = compute_loss(predictions, clip, trainer.cfg.loss, trainer.anchors)["objective"].item()
+        objective = trainer.loss(predictions, clip)["objective"].item()
     trainer.model.train()
     return objective
 

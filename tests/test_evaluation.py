@@ -13,6 +13,7 @@ from dvgt.config import DataConfig, DatasetEntry, EvalConfig
 from dvgt.data.geometry import camera_pose_encoding, pose_to_absT_quaR, pose_to_trajectory_rdf, quaternion_to_rotation
 from dvgt.data.loader import load_clip, open_datasets
 from dvgt.data.scene_dataset import ALL_TARGETS
+from dvgt.families import get
 from dvgt.train.evaluation import EvalAccumulator, evaluate_batch, umeyama
 from dvgt.viz import render_result_figure, render_training_curves
 
@@ -50,7 +51,7 @@ def assert_perfect(metrics):
 
 
 def test_perfect_dvgt1_predictions_score_perfectly(clip):
-    assert_perfect(evaluate_batch(dvgt1_predictions(clip), clip, SCALE, ALL))
+    assert_perfect(evaluate_batch(get("dvgt1"), dvgt1_predictions(clip), clip, SCALE, ALL))
 
 
 def test_perfect_dvgt2_predictions_score_perfectly_after_chaining(clip):
@@ -73,13 +74,13 @@ def test_perfect_dvgt2_predictions_score_perfectly_after_chaining(clip):
         "diff_poses_reg_list": [pose_modes],
         "diff_poses_cls_list": [scores],
     }
-    metrics = evaluate_batch(predictions, clip, SCALE, ALL)
+    metrics = evaluate_batch(get("dvgt2"), predictions, clip, SCALE, ALL)
     assert_perfect(metrics)
     for t in range(8):
         assert metrics[f"{t}_xy_l2"][0] == pytest.approx(0.0, abs=1e-5)
         assert metrics[f"{t}_theta_l1"][0] == pytest.approx(0.0, abs=1e-5)
     traj_modes[:, -1, 5, :, 1] += 1.0 * SCALE  # the last frame's plan: 1 m further forward at every step
-    shifted = evaluate_batch(predictions, clip, SCALE, EvalConfig(points_and_poses=False))
+    shifted = evaluate_batch(get("dvgt2"), predictions, clip, SCALE, EvalConfig(points_and_poses=False))
     assert all(shifted[f"{t}_xy_l2"][0] == pytest.approx(1.0, rel=1e-4) for t in range(8))
     assert "ego_first_chamfer" not in shifted  # eval.points_and_poses=false: planning only
 
@@ -96,12 +97,14 @@ def test_perfect_vggt_predictions_score_perfectly_through_the_rig(clip, umeyama_
         "cam_pose_enc": cameras,
         "cam_pose_enc_list": [cameras],
     }
-    assert_perfect(evaluate_batch(predictions, clip, SCALE, EvalConfig(umeyama_per_scene=umeyama_per_scene)))
+    assert_perfect(
+        evaluate_batch(get("vggt"), predictions, clip, SCALE, EvalConfig(umeyama_per_scene=umeyama_per_scene))
+    )
     if umeyama_per_scene:
         scaled = dict(predictions, points=clip["points_in_cam_first"] * 2.0)
         scaled["cam_pose_enc"] = cameras.clone()
         scaled["cam_pose_enc"][..., :3] *= 2.0
-        assert_perfect(evaluate_batch(scaled, clip, SCALE, EvalConfig(umeyama_per_scene=True)))
+        assert_perfect(evaluate_batch(get("vggt"), scaled, clip, SCALE, EvalConfig(umeyama_per_scene=True)))
 
 
 def test_known_offset_gives_the_expected_errors():
@@ -119,7 +122,7 @@ def test_known_offset_gives_the_expected_errors():
         "point_masks": depth > 0,
         "ego_n_to_ego_first": identity,
     }
-    metrics = evaluate_batch(dvgt1_predictions(clip, (0.0, 0.0, 0.5)), clip, SCALE, ALL)
+    metrics = evaluate_batch(get("dvgt1"), dvgt1_predictions(clip, (0.0, 0.0, 0.5)), clip, SCALE, ALL)
     assert metrics["ego_first_accuracy"][0] == pytest.approx(0.5, rel=1e-5)
     assert metrics["ego_first_completeness"][0] == pytest.approx(0.5, rel=1e-5)
     assert metrics["ego_first_chamfer"][0] == pytest.approx(1.0, rel=1e-5)
@@ -138,7 +141,7 @@ def test_pose_auc_follows_the_official_definition(clip):
     def auc(predicted):
         predictions = dvgt1_predictions(clip)
         predictions["absolute_ego_pose_enc"] = pose_to_absT_quaR(predicted)
-        return evaluate_batch(predictions, clip, SCALE, ALL)
+        return evaluate_batch(get("dvgt1"), predictions, clip, SCALE, ALL)
 
     for factor in (3.0, -1.0):
         scaled = pose.clone()
@@ -221,7 +224,9 @@ def assert_png(path, min_size=(800, 300)):
 def test_result_figure_is_written(tmp_path, clip, records):
     predictions = dvgt1_predictions(clip, (0.3, 0.0, 1.0))
     predictions["absolute_ego_pose_enc"][0, 1:, 0] += 0.05
-    out = render_result_figure(records, clip, predictions, tmp_path / "figs" / "result.png", gt_scale_factor=SCALE)
+    out = render_result_figure(
+        records, clip, predictions, tmp_path / "figs" / "result.png", family=get("dvgt1"), gt_scale_factor=SCALE
+    )
     assert_png(out, min_size=(1500, 1000))
 
 

@@ -31,11 +31,10 @@ from dvgt.data.loader import collate, open_datasets, train_sampler
 from dvgt.data.sampler import TrainIndex
 from dvgt.data.scene_dataset import SampleRequest
 from dvgt.data.synthetic import RIG, generate_synthetic_dataset
-from dvgt.models import sample_targets
+from dvgt.families import get, sample_targets
 from dvgt.train.feature_cache import build_cache, fill_misses
 from dvgt.train.logger import read_log
 from dvgt.train.loop import Trainer, train
-from dvgt.train.losses import compute_loss
 
 CONFIG = "train/dvgt1/finetune_demo.yaml"  # DVGT-1 with its DINOv3 backbone frozen, no pixel augmentation
 HEADS_CONFIG = "train/dvgt1/finetune_heads_demo.yaml"  # DVGT-1 with its whole aggregator frozen
@@ -394,9 +393,7 @@ def test_a_bfloat16_clip_cache_is_half_the_size_and_gives_nearly_the_live_loss(d
         assert batch["aggregator_tokens"].dtype == torch.bfloat16 and batch["aggregator_tokens_hit"].all()
         live = {k: v for k, v in batch.items() if not k.startswith("aggregator_tokens")}
         with torch.no_grad():
-            losses = [
-                compute_loss(trainer.forward(trainer.model, b), b, trainer.cfg.loss)["objective"] for b in (batch, live)
-            ]
+            losses = [trainer.loss(trainer.forward(trainer.model, b), b)["objective"] for b in (batch, live)]
         assert float(losses[0]) == pytest.approx(float(losses[1]), rel=1e-2)
         assert float(losses[0]) != float(losses[1])  # the rounding shows
     finally:
@@ -458,7 +455,7 @@ def test_models_take_precomputed_backbone_tokens_or_aggregator_outputs(name):
     }[name]().eval()
     p = model.patch_size
     images = torch.rand(1, 2, 2, 3, 2 * p, 4 * p)
-    part = frozen_part(model, AGGREGATOR)
+    part = frozen_part(model, AGGREGATOR, get(name).cacheable_parts)
     assert part.layers == (1, 2, 3) and part.depth == 4
     with torch.no_grad():
         tokens = model.aggregator.patch_embed(normalize_images(images.flatten(0, 2)))  # [4, 8, C]

@@ -16,8 +16,8 @@ from dvgt.checkpoint.manager import CheckpointManager
 from dvgt.cli import main
 from dvgt.config import load_config
 from dvgt.data.geometry import absT_quaR_to_pose, inverse_pose
+from dvgt.families import build_model
 from dvgt.infer import list_frames, load_frame
-from dvgt.models import build_model
 from dvgt.models.reference_weights import fill_reference_weights
 
 CAMERAS = ("CAM_B0.jpg", "CAM_F0.jpg")

@@ -7,8 +7,8 @@ import torch
 
 from dvgt.config import LossConfig
 from dvgt.data.geometry import pose_to_absT_quaR
+from dvgt.families.dvgt1 import dvgt1_loss
 from dvgt.train.losses import (
-    compute_loss,
     ego_pose_loss,
     filter_by_quantile,
     multi_scale_gradient_loss,
@@ -57,7 +57,7 @@ def config(**point):
 def test_zero_error_with_fixed_confidence_gives_the_analytic_value(gradient_loss_fn, terms):
     batch, conf = make_batch(), 2.0
     cfg = config(gradient_loss_fn=gradient_loss_fn)
-    losses = compute_loss(perfect_predictions(batch, conf), batch, cfg)
+    losses = dvgt1_loss(perfect_predictions(batch, conf), batch, cfg)
     # Zero error leaves -alpha * log(conf) in the confidence term (and in the gradient term if any).
     expected = -cfg.point.alpha * math.log(conf)
     assert losses["loss_reg_point"].item() == pytest.approx(0.0, abs=1e-6)
@@ -80,7 +80,7 @@ def test_known_error_gives_the_analytic_value():
     batch, conf = make_batch(), 3.0
     predictions = perfect_predictions(batch, conf)
     predictions["points"] = predictions["points"] + torch.tensor([0.03, 0.0, 0.04])  # 0.05 units everywhere
-    losses = compute_loss(predictions, batch, config(gradient_loss_fn=None))
+    losses = dvgt1_loss(predictions, batch, config(gradient_loss_fn=None))
     assert losses["loss_reg_point"].item() == pytest.approx(0.05, rel=1e-4)
     assert losses["loss_conf_point"].item() == pytest.approx(0.05 * conf - 0.2 * math.log(conf), rel=1e-4)
 
@@ -92,7 +92,7 @@ def test_point_loss_decreases_as_the_prediction_approaches_the_ground_truth():
     for factor in (1.0, 0.5, 0.25, 0.0):
         predictions = perfect_predictions(batch)
         predictions["points"] = predictions["points"] + factor * noise
-        objectives.append(compute_loss(predictions, batch, LossConfig())["objective"].item())
+        objectives.append(dvgt1_loss(predictions, batch, LossConfig())["objective"].item())
     assert objectives == sorted(objectives, reverse=True) and len(set(objectives)) == 4
 
 
@@ -101,7 +101,7 @@ def test_invalid_pixels_do_not_count():
     predictions = perfect_predictions(batch)
     predictions["points"] = predictions["points"] + 0.01 * torch.randn(predictions["points"].shape)
     for fn in ("normal", "grad"):
-        before = compute_loss(predictions, batch, config(gradient_loss_fn=fn))
+        before = dvgt1_loss(predictions, batch, config(gradient_loss_fn=fn))
         invalid = ~batch["point_masks"]
         changed_batch = dict(
             batch, points_in_ego_first=batch["points_in_ego_first"].masked_fill(invalid[..., None], math.nan)
@@ -110,7 +110,7 @@ def test_invalid_pixels_do_not_count():
         changed_predictions = dict(
             predictions, points=changed_points, points_conf=predictions["points_conf"].masked_fill(invalid, 50.0)
         )
-        after = compute_loss(changed_predictions, changed_batch, config(gradient_loss_fn=fn))
+        after = dvgt1_loss(changed_predictions, changed_batch, config(gradient_loss_fn=fn))
         for key in before:
             assert after[key].item() == pytest.approx(before[key].item(), rel=1e-6, abs=1e-7), (fn, key)
         after["objective"].backward()  # NaN ground truth at invalid pixels must not leak into the gradient
@@ -129,11 +129,11 @@ def test_quantile_filter_drops_an_injected_outlier():
     batch = make_batch()
     predictions = perfect_predictions(batch)
     predictions["points"] = predictions["points"] + 0.01 * torch.randn(predictions["points"].shape)
-    clean = compute_loss(predictions, batch, LossConfig())["loss_reg_point"].item()
+    clean = dvgt1_loss(predictions, batch, LossConfig())["loss_reg_point"].item()
     b, t, v, y, x = batch["point_masks"].nonzero()[0]
     predictions["points"][b, t, v, y, x] += 1e3
-    filtered = compute_loss(predictions, batch, LossConfig())["loss_reg_point"].item()
-    unfiltered = compute_loss(predictions, batch, config(valid_range=-1.0))["loss_reg_point"].item()
+    filtered = dvgt1_loss(predictions, batch, LossConfig())["loss_reg_point"].item()
+    unfiltered = dvgt1_loss(predictions, batch, config(valid_range=-1.0))["loss_reg_point"].item()
     assert filtered == pytest.approx(clean, rel=1e-2)
     assert unfiltered > 10 * clean
 
@@ -181,7 +181,7 @@ def test_gradients_reach_points_confidence_and_every_pose_iteration():
     predictions["points_conf"].requires_grad_()
     iterations = [(p + 0.01 * torch.randn(p.shape)).requires_grad_() for p in predictions["absolute_ego_pose_enc_list"]]
     predictions["absolute_ego_pose_enc_list"] = iterations
-    compute_loss(predictions, batch, LossConfig())["objective"].backward()
+    dvgt1_loss(predictions, batch, LossConfig())["objective"].backward()
     for tensor in [predictions["points"], predictions["points_conf"], *iterations]:
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
 
@@ -207,5 +207,5 @@ def test_losses_are_float32_under_bfloat16_autocast():
         for k, v in perfect_predictions(batch).items()
     }
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = compute_loss(predictions, batch, LossConfig())
+        losses = dvgt1_loss(predictions, batch, LossConfig())
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from dvgt.config import ModelConfig
-from dvgt.models import build_model
+from dvgt.families import build_model
 from dvgt.models.reference_weights import fill_reference_weights, weights_digest
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from dvgt.config import ModelConfig
-from dvgt.models import SIZES, WeightsMismatchError, build_model, load_weights, model_layout
+from dvgt.families import build_model, model_layout
+from dvgt.models import SIZES, WeightsMismatchError, load_weights
 from dvgt.models.reference_weights import fill_reference_weights, reference_state_dict, rule_group, weights_digest
 
 DATA = Path(__file__).parent / "data"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dvgt.config import ModelConfig
-from dvgt.models import build_model, model_layout
+from dvgt.families import build_model, model_layout
 from dvgt.models.reference_weights import rule_group
 
 DATA = Path(__file__).parent / "data"

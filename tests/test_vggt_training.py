@@ -17,10 +17,12 @@ from dvgt.data.geometry import (
 )
 from dvgt.data.loader import load_clip, open_datasets
 from dvgt.data.scene_dataset import ALL_TARGETS
+from dvgt.families import get
+from dvgt.families.vggt import camera_targets, vggt_loss
 from dvgt.train.evaluation import evaluate_batch
 from dvgt.train.logger import read_log
 from dvgt.train.loop import train
-from dvgt.train.losses import camera_loss, compute_loss, vggt_camera_targets
+from dvgt.train.losses import camera_loss
 
 SCALE = 1.0  # vggt/default's gt_scale_factor
 
@@ -35,7 +37,7 @@ def clip(tiny_data_root):
 
 
 def perfect_vggt_predictions(clip, iterations=4):
-    pose = vggt_camera_targets(clip)
+    pose = camera_targets(clip)
     points = clip["points_in_cam_first"]
     return {
         "points": points.clone(),
@@ -46,7 +48,7 @@ def perfect_vggt_predictions(clip, iterations=4):
 
 
 def test_camera_targets_put_the_first_camera_at_the_origin_and_reproject_into_every_camera(clip):
-    encoding = vggt_camera_targets(clip)
+    encoding = camera_targets(clip)
     B, T, V, H, W = clip["point_masks"].shape
     assert encoding.shape == (B, T, V, 9)
     torch.testing.assert_close(
@@ -85,17 +87,17 @@ def test_camera_loss_weighs_iterations_and_skips_invalid_clips():
     assert none_valid["loss_camera"].item() == 0.0 and none_valid["loss_camera"].requires_grad  # keeps the graph
 
 
-def test_compute_loss_dispatches_vggt_predictions_to_the_camera_loss(clip):
+def test_vggt_loss_adds_the_camera_loss_to_the_point_loss(clip):
     cfg = LossConfig()
     predictions = perfect_vggt_predictions(clip)
-    perfect = compute_loss(predictions, clip, cfg)
+    perfect = vggt_loss(predictions, clip, cfg)
     assert perfect["loss_camera"].item() == pytest.approx(0.0, abs=1e-6)
     assert perfect["loss_reg_point"].item() == pytest.approx(0.0, abs=1e-4)
     assert "loss_ego_pose" not in perfect
 
     for pose in predictions["cam_pose_enc_list"]:
         pose[..., 7:] += 0.1  # 0.1 rad off on both fields of view, every iteration
-    off = compute_loss(predictions, clip, cfg)
+    off = vggt_loss(predictions, clip, cfg)
     mean_weight = sum(cfg.camera.gamma**k for k in range(4)) / 4
     assert off["loss_FL"].item() == pytest.approx(0.1 * mean_weight, rel=1e-4)
     assert off["loss_camera"].item() == pytest.approx(cfg.camera.weight_focal * 0.1 * mean_weight, rel=1e-4)
@@ -111,7 +113,7 @@ def test_rotated_camera_predictions_lower_the_pose_auc(clip):
     half_angle = math.radians(20)
     turn[:3, :3] = quaternion_to_rotation(torch.tensor([0.0, math.sin(half_angle), 0.0, math.cos(half_angle)]))
     predictions["cam_pose_enc"][:, 1:, :, :7] = pose_to_absT_quaR(turn @ extrinsics)
-    metrics = evaluate_batch(predictions, clip, SCALE, EvalConfig())
+    metrics = evaluate_batch(get("vggt"), predictions, clip, SCALE, EvalConfig())
     assert metrics["ego_n_to_ego_first_AUC@30"][0] == 0.0  # the one pair of frames is 40 degrees off
     assert metrics["ego_first_chamfer"][0] == pytest.approx(0.0, abs=1e-3)  # the point maps did not change
 

@@ -34,6 +34,8 @@ from urllib.parse import urlparse
 
 import xxhash
 
+from dvgt.s3_options import S3Config
+
 Progress = Callable[[int], None] | None  # called with the number of bytes just transferred
 T = TypeVar("T")
 
@@ -316,7 +318,7 @@ class LocalStorage(Storage):
 
 
 def s3_client(options: Any, *, preflight: bool = False):
-    """A boto3 S3 client from `checkpoint.s3.*` (see dvgt/config.py S3Config) and the standard AWS
+    """A boto3 S3 client from `checkpoint.s3.*` (dvgt/s3_options.py S3Config) and the standard AWS
     variables (credentials, profile, region and endpoint are read by boto3 itself).
 
     Checksums: botocore >= 1.36 adds CRC32 checksums to every upload by default, which several
@@ -758,8 +760,6 @@ def open_storage(uri: str, s3: Any = None) -> Storage:
         return LocalStorage(parsed.path if parsed.scheme == "file" else uri)
     if parsed.scheme == "s3":
         if s3 is None:
-            from dvgt.config import S3Config
-
             s3 = S3Config()
         return S3Storage(str(uri), s3)
     raise ValueError(

@@ -25,9 +25,9 @@ import numpy as np
 
 from dvgt.data import format as fmt
 from dvgt.data.scenes import build_scenes, fps_step
+from dvgt.models.dvgt2 import PLANNING_STEPS
 
 NUM_ANCHORS = 20
-FUTURE_STEPS = 8  # the planning horizon: 8 poses at 2 Hz
 KMEANS = dict(random_state=42, n_init=50, max_iter=1000)  # the official tool's settings
 PLOT_FILE = "anchors.png"
 
@@ -59,8 +59,8 @@ def collect_motion(tables: Sequence[tuple[fmt.Table, str, int]]) -> tuple[np.nda
             rows = scene.rows[::step, 0]  # one pose per frame (the first camera's), at 2 Hz
             poses = np.concatenate([table.ego_to_world[rows], np.tile([[[0, 0, 0, 1.0]]], (len(rows), 1, 1))], 1)
             inverse = np.linalg.inv(poses)
-            for start in range(len(rows) - FUTURE_STEPS):
-                relative = inverse[start] @ poses[start + 1 : start + 1 + FUTURE_STEPS]  # [8, 4, 4]
+            for start in range(len(rows) - PLANNING_STEPS):
+                relative = inverse[start] @ poses[start + 1 : start + 1 + PLANNING_STEPS]  # [8, 4, 4]
                 futures.append(relative[:, [0, 2], 3])
             if len(rows) > 1:
                 pasts.append((inverse[1:] @ poses[:-1])[:, :3, 3])

@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 
 from dvgt.checkpoint.storage import StorageError, s3_client, s3_error
 from dvgt.data.format import DataFileError
+from dvgt.s3_options import S3CacheConfig, S3Config
 
 T = TypeVar("T")
 LOW_WATERMARK = 0.9  # an eviction brings the cache down to this share of its bound
@@ -253,8 +254,6 @@ def open_root(
     ``s3``: data.s3 options; None: their defaults), checked with one listing unless ``preflight`` is off."""
     if not is_s3(root):
         return Path(root), None
-    from dvgt.config import S3CacheConfig, S3Config
-
     cache, s3 = cache or S3CacheConfig(), s3 or S3Config()
     remote = S3Root(str(root), NodeCache(cache.dir, int(cache.max_gib * 2**30)), s3, settings)
     if preflight:

@@ -9,24 +9,22 @@ Pure functions from one state_dict to another (the mapping of the reference READ
 - DVGT-2 stage 1 -> stage 2: the single ego token gets 8 new future tokens, N(0, 1e-6), appended;
   the stage-1 ego-pose head is dropped; everything else is copied.
 
-`initialise_from_pretrained` detects the source layout from its keys and applies the conversion
-for the target model. Converted tensors share memory with the source (no copy of a 1B model).
+Each family declares the conversions into it (dvgt/families/); `dvgt.families.initialise_from_pretrained`
+detects the source layout from its keys and applies the target family's. Converted tensors share memory with
+the source (no copy of a 1B model).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .weights import LoadReport, load_state, read_checkpoint
+from .dvgt2 import PLANNING_STEPS  # stage 2's ego tokens: 1 relative-pose token + one per planned step
 
 VGGT, DVGT2_STAGE1 = "VGGT-1B", "DVGT-2 stage 1"
-NUM_FUTURE_TOKENS = 8  # DVGT-2 stage 2: ego tokens = 1 relative-pose token + 8 future tokens
 NEW_TOKEN_STD = 1e-6
 
 # VGGT block stack -> the DVGT stacks it initialises.
@@ -89,26 +87,17 @@ def vggt_to_dvgt2(state: Mapping[str, Tensor]) -> Conversion:
 def dvgt2_stage1_to_stage2(state: Mapping[str, Tensor]) -> Conversion:
     """New tokens are drawn from the global generator (the trainer seeds it)."""
     token = state["aggregator.ego_pose_token"]  # [1, 1, C]
-    future = torch.randn(token.shape[0], NUM_FUTURE_TOKENS, token.shape[2], dtype=token.dtype, device=token.device)
+    future = torch.randn(token.shape[0], PLANNING_STEPS, token.shape[2], dtype=token.dtype, device=token.device)
     converted = {k: v for k, v in state.items() if not k.startswith("ego_pose_head.")}
     converted["aggregator.ego_pose_token"] = torch.cat([token, future * NEW_TOKEN_STD], dim=1)  # [1, 9, C]
     dropped = [k for k in state if k.startswith("ego_pose_head.")]
     return Conversion(
         DVGT2_STAGE1,
-        f"DVGT-2 stage 1 -> stage 2: ego token + {NUM_FUTURE_TOKENS} new future "
+        f"DVGT-2 stage 1 -> stage 2: ego token + {PLANNING_STEPS} new future "
         "tokens N(0, 1e-6), stage-1 ego-pose head dropped",
         converted,
         dropped,
     )
-
-
-# (source layout, model.name) -> conversion
-CONVERSIONS: dict[tuple[str, str], Callable[[Mapping[str, Tensor]], Conversion]] = {
-    (VGGT, "dvgt1"): vggt_to_dvgt1,
-    (VGGT, "dvgt2_pretrain"): vggt_to_dvgt2,
-    (VGGT, "dvgt2"): vggt_to_dvgt2,
-    (DVGT2_STAGE1, "dvgt2"): dvgt2_stage1_to_stage2,
-}
 
 
 def detect_source(state: Mapping[str, Tensor]) -> str:
@@ -124,26 +113,3 @@ def detect_source(state: Mapping[str, Tensor]) -> str:
         "(aggregator.ego_pose_token of shape [1, 1, C]); weights of the model's own architecture load with "
         "checkpoint.direct_load_pretrained_weights_path"
     )
-
-
-def convert_for(model_name: str, state: Mapping[str, Tensor]) -> Conversion:
-    """The conversion of `state` (layout detected from its keys) for the model `model_name` (model.name)."""
-    source = detect_source(state)
-    convert = CONVERSIONS.get((source, model_name))
-    if convert is None:
-        targets = ", ".join(target for src, target in CONVERSIONS if src == source)
-        raise ValueError(
-            f"checkpoint.load_pretrained_weights_path: {source} weights cannot initialise model "
-            f"'{model_name}' (they can initialise: {targets})"
-        )
-    return convert(state)
-
-
-def initialise_from_pretrained(
-    model: nn.Module, model_name: str, path: str | Path, s3: Any = None
-) -> tuple[LoadReport, Conversion]:
-    """Convert the weights at `path` (local or s3://; `s3`: checkpoint.s3 options) for `model` and load them
-    non-strictly (the rest keeps its init)."""
-    conversion = convert_for(model_name, read_checkpoint(path, s3))
-    ignored = {f"not used by {conversion.source} -> {model_name}": conversion.dropped} if conversion.dropped else None
-    return load_state(model, conversion.state, strict=False, source=str(path), ignored=ignored), conversion

@@ -27,7 +27,7 @@ from .dvgt2_head import DVGT2EgoHead
 from .layers import KVCache
 from .trajectory_decoder import TrajectoryPoseDecoder
 
-FUTURE_TOKENS = 8  # future ego tokens per image (one per planned step)
+PLANNING_STEPS = 8  # the planning horizon: future poses at 2 Hz, one future ego token per image each
 # The optional ego-status input, [B, T, 8] per frame, as the official trainer builds it
 # (scene_dataset.py:get_sequence_data): velocity (2) and acceleration (2) in the ego frame as
 # [right, forward], multiplied by gt_scale_factor, then the driving command one-hot (4) in the order of
@@ -64,7 +64,7 @@ class DVGT2(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.frames_chunk_size = frames_chunk_size
-        self.num_ego_tokens = 1 + (FUTURE_TOKENS if planning else 0)
+        self.num_ego_tokens = 1 + (PLANNING_STEPS if planning else 0)
         self.aggregator = Aggregator(
             embed_dim=size.embed_dim,
             depth=size.depth,
@@ -86,7 +86,8 @@ class DVGT2(nn.Module):
             decoder = TrajectoryPoseDecoder(
                 dim=decoder_dim,
                 num_heads=decoder_heads,
-                future_steps=FUTURE_TOKENS,
+                future_steps=PLANNING_STEPS,
+                ego_status_dim=len(EGO_STATUS_FIELDS),
                 gt_scale_factor=gt_scale_factor,
                 enable_ego_status=enable_ego_status,
             )

@@ -32,7 +32,6 @@ from .layers import CrossAttentionBlock
 
 NUM_ANCHORS = 20
 POSE_DIM = 7  # translation (3) + quaternion xyzw (4)
-EGO_STATUS_DIM = 8
 # Physical ranges (metres) that map anchors and predictions to [-1, 1]; scaled by gt_scale_factor.
 TRAJ_RANGE = ((-28.9, -7.4), (33.7, 137.2))  # (min, max) of [right, forward]
 POSE_TRANSLATION_RANGE = ((-1.3, -0.7, -17.7), (1.5, 0.8, 1.0))  # (min, max) of [x, y, z]
@@ -161,10 +160,11 @@ class TrajectoryPoseDecoder(nn.Module):
 
     def __init__(
         self,
+        future_steps: int,
+        ego_status_dim: int,
         dim: int = 256,
         num_layers: int = 2,
         num_heads: int = 16,
-        future_steps: int = 8,
         init_values: float = 0.01,
         drop: float = 0.1,
         truncated_noise_steps: int = 50,
@@ -173,6 +173,7 @@ class TrajectoryPoseDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.future_steps = future_steps
+        self.ego_status_dim = ego_status_dim
         self.truncated_noise_steps = truncated_noise_steps
         self.gt_scale_factor = gt_scale_factor
         self.scheduler = DDIM()
@@ -187,7 +188,7 @@ class TrajectoryPoseDecoder(nn.Module):
         self.reset_buffers()
 
         # Ego status (see dvgt2.EGO_STATUS_FIELDS) conditions the trajectory queries.
-        self.hist_encoding = nn.Linear(EGO_STATUS_DIM, dim) if enable_ego_status else None
+        self.hist_encoding = nn.Linear(ego_status_dim, dim) if enable_ego_status else None
         self.traj_feature_proj = nn.Sequential(*_linear_relu_ln(dim, 2 * dim, 1), nn.Linear(dim, dim))
         self.pose_feature_proj = nn.Sequential(*_linear_relu_ln(dim, 3 * dim, 1), nn.Linear(dim, dim))
         self.time_mlp = nn.Sequential(
@@ -296,7 +297,7 @@ class TrajectoryPoseDecoder(nn.Module):
                 raise ValueError(
                     "this model conditions on the ego status (model.enable_ego_status): pass ego_status [B, T, 8]"
                 )
-            traj_feature = traj_feature + self.hist_encoding(ego_status.reshape(b, 1, EGO_STATUS_DIM))
+            traj_feature = traj_feature + self.hist_encoding(ego_status.reshape(b, 1, self.ego_status_dim))
         time_embed = self.time_mlp(t)[:, None]  # [b, 1, D]
 
         outputs: dict[str, list[Tensor]] = {key: [] for key in ("traj_reg", "traj_cls", "poses_reg", "poses_cls")}

@@ -166,3 +166,19 @@ def load_state(
         raise WeightsMismatchError(report.summary())
     model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report
+
+
+def load_dinov3_backbone(model: nn.Module, model_cfg: Any) -> None:
+    """model.dino_v3_weight_path (if set) into a DVGT model's backbone, `aggregator.patch_embed`, strictly."""
+    path = model_cfg.dino_v3_weight_path
+    if not path:
+        return
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.dino_v3_weight_path: DINOv3 weights file '{path}' does not exist")
+    try:
+        load_weights(model.get_submodule("aggregator.patch_embed"), path, strict=True)
+    except WeightsMismatchError as error:
+        raise WeightsMismatchError(
+            f"model.dino_v3_weight_path: '{path}' does not match the DINOv3 backbone of model.size="
+            f"{model_cfg.size}\n{error}"
+        ) from None

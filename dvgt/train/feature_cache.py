@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,12 +53,12 @@ from dvgt.data.feature_cache import (
     verify_shards,
 )
 from dvgt.data.loader import open_datasets, train_sampler
-from dvgt.models import build_model, sample_targets
+from dvgt.families import build_model, get, load_pretrained, sample_targets
 from dvgt.models.aggregator import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from dvgt.train import distributed
 from dvgt.train.optim import freeze_modules
+from dvgt.train.seeding import seed_everything
 
-MODULES = {BACKBONE: "aggregator.patch_embed", AGGREGATOR: "aggregator"}  # the module each part is
 KEYS = {BACKBONE: "patch_tokens", AGGREGATOR: "aggregator_tokens"}  # its batch key (and <key>_hit), its model argument
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # dvgt cache build --dtype
 # --verify: max |cached - live| / max |live| (bfloat16 keeps 8 mantissa bits)
@@ -84,15 +84,12 @@ class FrozenPart:
     """
 
     kind: str
+    name: str  # its module path in the model
     module: nn.Module
     token_dim: int
     layers: tuple[int, ...] = ()
     depth: int = 0
     special_tokens: int = 0
-
-    @property
-    def name(self) -> str:
-        return MODULES[self.kind]
 
     def outputs(self, images: torch.Tensor) -> torch.Tensor:
         """What the cache stores for each of n items, from their images [n, T, V, 3, H, W] in [0, 1]."""
@@ -115,25 +112,27 @@ class FrozenPart:
         return fields
 
 
-def frozen_kinds(model: nn.Module, frozen: Iterable[str]) -> list[str]:
-    """The parts (backbone, aggregator) whose parameters are all frozen, smallest first."""
+def frozen_kinds(model: nn.Module, frozen: Iterable[str], parts: Mapping[str, str]) -> list[str]:
+    """The cacheable parts (the family's cacheable_parts: backbone, aggregator) whose parameters are all
+    frozen, smallest first."""
     frozen = set(frozen)
     kinds = []
-    for kind, name in MODULES.items():
+    for kind, name in parts.items():
         names = [n for n, _ in model.named_parameters() if n.startswith(name + ".")]
         if names and all(n in frozen for n in names):
             kinds.append(kind)
     return kinds
 
 
-def frozen_part(model: nn.Module, kind: str) -> FrozenPart:
+def frozen_part(model: nn.Module, kind: str, parts: Mapping[str, str]) -> FrozenPart:
     if kind == BACKBONE:
-        backbone = model.get_submodule(MODULES[BACKBONE])
-        return FrozenPart(kind, backbone, int(backbone.norm.normalized_shape[0]))
-    aggregator = model.aggregator
+        backbone = model.get_submodule(parts[BACKBONE])
+        return FrozenPart(kind, parts[BACKBONE], backbone, int(backbone.norm.normalized_shape[0]))
+    aggregator = model.get_submodule(parts[AGGREGATOR])
     layers = tuple(sorted({*model.point_head.intermediate_layer_idx, aggregator.depth - 1}))  # what the heads read
     return FrozenPart(
         kind,
+        parts[AGGREGATOR],
         aggregator,
         int(model.point_head.norm.normalized_shape[0]),
         layers,
@@ -142,26 +141,31 @@ def frozen_part(model: nn.Module, kind: str) -> FrozenPart:
     )
 
 
-def largest_frozen_part(model: nn.Module, frozen: Iterable[str]) -> FrozenPart | None:
+def largest_frozen_part(model: nn.Module, frozen: Iterable[str], parts: Mapping[str, str]) -> FrozenPart | None:
     """The largest frozen prefix (the aggregator, else the backbone), or None: it runs in eval mode."""
-    kinds = frozen_kinds(model, frozen)
-    return frozen_part(model, kinds[-1]) if kinds else None
+    kinds = frozen_kinds(model, frozen, parts)
+    return frozen_part(model, kinds[-1], parts) if kinds else None
 
 
-def require_cacheable(model: nn.Module, frozen: Iterable[str], cfg: Any, kind: str | None = None) -> FrozenPart:
-    """The frozen part a cache holds (`kind`, or the largest frozen one), or a clear error: the part must be
-    wholly frozen, the config must not change pixels, and a clip cache needs the cameras of a clip fixed."""
+def require_cacheable(
+    model: nn.Module, frozen: Iterable[str], cfg: Any, parts: Mapping[str, str], kind: str | None = None
+) -> FrozenPart:
+    """The frozen part a cache holds (`kind`, or the largest frozen one of the family's cacheable `parts`), or a
+    clear error: the part must be wholly frozen, the config must not change pixels, and a clip cache needs
+    the cameras of a clip fixed."""
+    if not parts:
+        raise ValueError(f"model '{cfg.model.name}' declares no cacheable part: it cannot use a feature cache")
     frozen = set(frozen)
-    kinds = frozen_kinds(model, frozen)
+    kinds = frozen_kinds(model, frozen, parts)
     wanted = kind or (kinds[-1] if kinds else BACKBONE)
     if wanted not in kinds:
-        name = MODULES[wanted]
+        name = parts[wanted]
         trainable = [n for n, _ in model.named_parameters() if n.startswith(name + ".") and n not in frozen]
         raise ValueError(
             f"a feature cache of the {wanted} stores the output of {name}, so all of it must be frozen, but "
             f"optim.frozen_module_names={list(cfg.optim.frozen_module_names)} leaves {len(trainable)} of its "
             f"parameters trainable (e.g. {trainable[0]}); set optim.frozen_module_names=[{name}.*] (a cache of the "
-            f"backbone alone needs [{MODULES[BACKBONE]}.*], of the whole aggregator [{MODULES[AGGREGATOR]}.*])"
+            f"backbone alone needs [{parts[BACKBONE]}.*], of the whole aggregator [{parts[AGGREGATOR]}.*])"
         )
     train = cfg.data.train
     # each pixel augmentation's setting that turns it off, and whether it is on
@@ -179,7 +183,7 @@ def require_cacheable(model: nn.Module, frozen: Iterable[str], cfg: Any, kind: s
         )
     if wanted == AGGREGATOR:
         require_fixed_cameras(train)
-    return frozen_part(model, wanted)
+    return frozen_part(model, wanted, parts)
 
 
 def precision(cfg: Any, device: torch.device) -> str:
@@ -225,7 +229,8 @@ def open_for_training(cfg: Any, model: nn.Module, frozen: Iterable[str]) -> tupl
     """The cache of data.feature_cache and the part it holds, after the checks that need no weights: that
     part frozen, no pixel augmentation, fixed cameras for a clip cache (CachedDataset checks the sizes)."""
     cache = FeatureCache(cfg.data.feature_cache, cfg.checkpoint.s3)
-    return cache, require_cacheable(model, frozen, cfg, kind=cache.manifest["part"])
+    parts = get(cfg.model.name).cacheable_parts
+    return cache, require_cacheable(model, frozen, cfg, parts, kind=cache.manifest["part"])
 
 
 def check_weights(cache: FeatureCache, part: FrozenPart, cfg: Any, device: torch.device) -> None:
@@ -295,15 +300,14 @@ def build_cache(
     `dtype`: how they are stored, float32 (exact) or bfloat16 (half the bytes, ~3e-3 relative rounding).
     Under torchrun, rank r builds shards r, r + world, ...; rank 0 writes the manifest once all exist.
     Shards already committed for the same fingerprint are kept, so an interrupted build resumes."""
-    from dvgt.train.loop import load_pretrained, seed_everything
-
     info = distributed.init_distributed(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_mins)
     say = say if info.is_main else (lambda _: None)
     seed_everything(cfg.seed_value)  # the trainer's initial weights, then its pretrained ones
     # DVGT-2's planning anchors play no part in a cached prefix: not needed (nor made) to build a cache
     model = build_model(OmegaConf.merge(cfg.model, {"anchor_dir": None})).to(info.device)
     load_pretrained(model, cfg, say)
-    cached = require_cacheable(model, freeze_modules(model, cfg.optim.frozen_module_names), cfg, part)
+    frozen = freeze_modules(model, cfg.optim.frozen_module_names)
+    cached = require_cacheable(model, frozen, cfg, get(cfg.model.name).cacheable_parts, part)
     cached.module.eval()
     if not info.is_main:
         distributed.barrier()  # rank 0 first: it generates a synthetic dataset if one is missing

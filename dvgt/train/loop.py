@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import random
 import signal
 import sys
 import threading
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,30 +38,22 @@ from dvgt.data.anchors import ensure_anchors
 from dvgt.data.check import DataCheckError, require_clean
 from dvgt.data.feature_cache import CachedDataset
 from dvgt.data.loader import build_eval_loader, build_train_loader, open_datasets
+from dvgt.families import build_model, check_model_config, load_pretrained, sample_targets
 from dvgt.metrics.labels import rank_labels
 from dvgt.metrics.training import TrainingMetrics
-from dvgt.models import build_model, sample_targets
-from dvgt.models.conversions import initialise_from_pretrained
-from dvgt.models.weights import WeightsMismatchError, load_state, load_weights
+from dvgt.models.weights import WeightsMismatchError, load_state
 from dvgt.train import distributed, feature_cache
 from dvgt.train.checkpoint_cost import CheckpointCost
 from dvgt.train.clipping import GradientClipper
-from dvgt.train.dvgt2_losses import anchors_from_model, require_distinct_anchors
 from dvgt.train.evaluation import EvalAccumulator, evaluate_batch
 from dvgt.train.fsdp import no_gradient_sync, shard_model
 from dvgt.train.logger import RunLogger, format_record
-from dvgt.train.losses import compute_loss
 from dvgt.train.optim import build_optimizer, freeze_modules, set_lr, warmup_cosine
+from dvgt.train.seeding import seed_everything
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -79,25 +69,6 @@ def split_batch(batch: dict[str, Any], chunks: int) -> list[dict[str, Any]]:
         {k: (v[a:b] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
         for a, b in zip(bounds[:-1], bounds[1:])
     ]
-
-
-def load_pretrained(model: torch.nn.Module, cfg: DictConfig, say=print) -> None:
-    """checkpoint.load_pretrained_weights_path (converted, e.g. VGGT-1B -> DVGT-1), then
-    checkpoint.direct_load_pretrained_weights_path (same architecture, honours checkpoint.strict)."""
-    ck = cfg.checkpoint
-    for key in ("load_pretrained_weights_path", "direct_load_pretrained_weights_path"):
-        if ck[key] and not str(ck[key]).startswith("s3://") and not Path(ck[key]).is_file():
-            raise FileNotFoundError(
-                f"checkpoint.{key}: weights file '{ck[key]}' does not exist; fix the path or set checkpoint.{key}=null"
-            )
-    if ck.load_pretrained_weights_path:
-        report, conversion = initialise_from_pretrained(
-            model, cfg.model.name, ck.load_pretrained_weights_path, s3=ck.s3
-        )
-        say(f"Initialised from {ck.load_pretrained_weights_path} ({conversion.description}):\n{report.summary()}")
-    if ck.direct_load_pretrained_weights_path:
-        report = load_weights(model, ck.direct_load_pretrained_weights_path, strict=ck.strict, s3=ck.s3)
-        say(f"Loaded pretrained weights from {ck.direct_load_pretrained_weights_path}:\n{report.summary()}")
 
 
 class CheckpointMismatchError(ValueError):
@@ -187,6 +158,7 @@ class Trainer:
         seed_everything(cfg.seed_value)  # the same on every rank, so initial weights agree
         if cfg.model.anchor_dir:
             self._prepare_anchors()
+        self.family = check_model_config(cfg.model)
         self.model = build_model(cfg.model).to(self.device)
         resume_from = self._find_resume_checkpoint()
         # A resumed run continues its log; a fresh run starts a new one.
@@ -207,7 +179,9 @@ class Trainer:
         frozen = freeze_modules(self.model, cfg.optim.frozen_module_names)
         if frozen:
             self._print(f"Frozen: {len(frozen)} parameter tensors matching {list(cfg.optim.frozen_module_names)}")
-        self.frozen_part = feature_cache.largest_frozen_part(self.model, frozen)  # it runs in eval mode
+        self.frozen_part = feature_cache.largest_frozen_part(
+            self.model, frozen, self.family.cacheable_parts
+        )  # it runs in eval mode
         self.feature_cache, self.cached_part = (
             feature_cache.open_for_training(cfg, self.model, frozen) if cfg.data.feature_cache else (None, None)
         )
@@ -253,9 +227,7 @@ class Trainer:
         seed_everything(cfg.seed_value + 1000 * (self.dist.rank + 1))
         if resume_from is not None:
             self._resume(resume_from)
-        self.anchors = anchors_from_model(self.model)  # DVGT-2: the planning/pose losses need them
-        if self.anchors is not None:
-            require_distinct_anchors(self.anchors)
+        self.loss = self.family.loss(self.model, cfg.loss)  # the weights are final (DVGT-2 reads its anchors)
         if self.feature_cache is not None:  # the weights are final now (pretrained or resumed)
             feature_cache.check_weights(self.feature_cache, self.cached_part, cfg, self.device)
 
@@ -320,9 +292,7 @@ class Trainer:
     def forward(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         """The model on a batch's images (and ego status, for DVGT-2 with model.enable_ego_status; and the
         frozen part's outputs when a feature cache provides them)."""
-        kwargs = feature_cache.model_inputs(self.cached_part, batch)
-        if self.cfg.model.enable_ego_status:
-            kwargs["ego_status"] = batch["ego_status"]
+        kwargs = feature_cache.model_inputs(self.cached_part, batch) | self.family.model_inputs(self.cfg.model, batch)
         return model(batch["images"], **kwargs)
 
     def _print(self, message: str) -> None:
@@ -416,7 +386,7 @@ class Trainer:
             with self._gradient_sync(last):
                 with self.autocast():
                     predictions = self.forward(self.train_model, chunk)
-                losses = compute_loss(predictions, chunk, self.cfg.loss, self.anchors)
+                losses = self.loss(predictions, chunk)
                 share = chunk["images"].shape[0] / batch_size
                 finite = finite & torch.isfinite(losses["objective"].detach())
                 self.scaler.scale(losses["objective"] * share).backward()
@@ -526,9 +496,10 @@ class Trainer:
                 predictions = self.forward(self.model, batch)
             if counted:
                 accumulator.add(
-                    batch["dataset"][0], evaluate_batch(predictions, batch, self.cfg.gt_scale_factor, self.cfg.eval)
+                    batch["dataset"][0],
+                    evaluate_batch(self.family, predictions, batch, self.cfg.gt_scale_factor, self.cfg.eval),
                 )
-                objective = compute_loss(predictions, batch, self.cfg.loss, self.anchors)["objective"]
+                objective = self.loss(predictions, batch)["objective"]
                 accumulator.add("loss", {"objective": [float(objective)]})
         self.model.train()
         return {f"val/{key}": value for key, value in accumulator.reduce(self.device).items()}

@@ -1,4 +1,5 @@
-"""Training losses: confidence-aware point-map regression and ego-pose regression.
+"""The loss terms the model families compose (dvgt/families/): confidence-aware point-map regression,
+ego-pose regression and VGGT's camera loss.
 
 The point loss follows VGGT's training loss (facebookresearch/vggt, training/loss.py):
 
@@ -12,22 +13,22 @@ The point loss follows VGGT's training loss (facebookresearch/vggt, training/los
 The ego-pose loss is an L1 (or L2) loss on the translation and on the quaternion of every refinement
 iteration of the pose head, later iterations weighing more.
 
-VGGT predictions (``cam_pose_enc_list``) get the point loss on points in the first camera's frame and
-VGGT's camera loss (the same per-iteration scheme on translation, quaternion and field of view).
+VGGT's camera loss is the same per-iteration scheme on translation, quaternion and field of view.
 
-Targets are the official sample's keys (docs/data.md): ``points_in_ego_first`` and ``ego_n_to_ego_first``
-(DVGT-1), ``points_in_cam_first`` and ``cam_first_to_cam_n`` (VGGT). The data already multiplied them by
-``gt_scale_factor``, so they are in the units of the network output. Everything is computed in float32
-with autocast off. Non-finite values are returned as they are: the trainer skips such steps and counts them.
+Targets are the official sample's keys (docs/data.md), which the data already multiplied by
+``gt_scale_factor``: they are in the units of the network output. Everything is computed in float32
+(the families turn autocast off). Non-finite values are returned as they are: the trainer skips such
+steps and counts them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from dvgt.data.geometry import camera_pose_encoding, pose_to_absT_quaR
 
 MIN_VALID_PIXELS = 100  # below this many valid pixels in a batch the point loss is zero
 GRADIENT_LOSS_SCALES = 3  # the gradient term is averaged over strides 1, 2, 4
@@ -36,52 +37,25 @@ QUANTILE_MIN_ELEMENTS = 1000  # the outlier filter only acts on more elements th
 HARD_MAX = 100.0  # per-element losses are clamped here (outlier filter, translation loss)
 
 
-def compute_loss(predictions: dict[str, object], batch: dict[str, Tensor], loss_cfg, anchors=None) -> dict[str, Tensor]:
-    """All losses of one batch as scalar tensors; ``objective`` is the one to backpropagate.
-
-    predictions: ``points`` [B,T,V,H,W,3], ``points_conf`` [B,T,V,H,W] and
-    ``absolute_ego_pose_enc_list`` (one [B,T,7] per pose-head iteration; a lone
-    ``absolute_ego_pose_enc`` counts as one iteration).
-    batch: ``points_in_ego_first`` [B,T,V,H,W,3], ``point_masks`` [B,T,V,H,W], ``ego_n_to_ego_first``
-    [B,T,4,4] (scaled by gt_scale_factor). loss_cfg: a ``LossConfig`` (dvgt/config.py).
-
-    objective = point.weight * (loss_conf_point + loss_reg_point + loss_grad_point)
-              + ego_pose.weight * loss_ego_pose,  with loss_ego_pose = weight_trans * loss_T + weight_rot * loss_R.
-    DVGT-2 predictions (both stages) go to dvgt2_losses.dvgt2_loss, with the model's ``anchors``.
-    """
-    if "diff_traj_reg_list" in predictions or "relative_ego_pose_enc_list" in predictions:
-        from dvgt.train.dvgt2_losses import dvgt2_loss  # it builds on this module's losses
-
-        return dvgt2_loss(predictions, batch, loss_cfg, anchors)
-    if "cam_pose_enc_list" in predictions:
-        return compute_vggt_loss(predictions, batch, loss_cfg)
-    pred_points = predictions["points"]
-    pose_list = predictions.get("absolute_ego_pose_enc_list") or [predictions["absolute_ego_pose_enc"]]
-    with torch.autocast(device_type=pred_points.device.type, enabled=False):
-        gt_pose = pose_to_absT_quaR(batch["ego_n_to_ego_first"].float())
-        point_cfg, pose_cfg = loss_cfg.point, loss_cfg.ego_pose
-        losses = point_loss(
-            pred_points.float(),
-            predictions["points_conf"].float(),
-            batch["points_in_ego_first"].float(),
-            batch["point_masks"].bool(),
-            gamma=point_cfg.gamma,
-            alpha=point_cfg.alpha,
-            gradient_loss_fn=point_cfg.gradient_loss_fn,
-            valid_range=point_cfg.valid_range,
-        )
-        losses.update(
-            ego_pose_loss(
-                [pose.float() for pose in pose_list],
-                gt_pose,
-                gamma=pose_cfg.gamma,
-                loss_type=pose_cfg.loss_type,
-                weight_trans=pose_cfg.weight_trans,
-                weight_rot=pose_cfg.weight_rot,
-            )
-        )
-        point_total = losses["loss_conf_point"] + losses["loss_reg_point"] + losses["loss_grad_point"]
-        losses["objective"] = point_cfg.weight * point_total + pose_cfg.weight * losses["loss_ego_pose"]
+def point_losses(
+    predictions: Mapping[str, Any], gt_points: Tensor, batch: Mapping[str, Tensor], point_cfg: Any
+) -> dict[str, Tensor]:
+    """The point loss of a model's ``points`` / ``points_conf`` against ``gt_points`` [B,T,V,H,W,3] over
+    ``batch["point_masks"]``, in float32; ``objective`` = point.weight * (conf + reg + grad terms). The
+    families add their pose terms to it."""
+    losses = point_loss(
+        predictions["points"].float(),
+        predictions["points_conf"].float(),
+        gt_points.float(),
+        batch["point_masks"].bool(),
+        gamma=point_cfg.gamma,
+        alpha=point_cfg.alpha,
+        gradient_loss_fn=point_cfg.gradient_loss_fn,
+        valid_range=point_cfg.valid_range,
+    )
+    losses["objective"] = point_cfg.weight * (
+        losses["loss_conf_point"] + losses["loss_reg_point"] + losses["loss_grad_point"]
+    )
     return losses
 
 
@@ -281,55 +255,8 @@ def _pose_errors(pred: Tensor, gt: Tensor, loss_type: str) -> tuple[Tensor, Tens
 
 
 # --------------------------------------------------------------------------------------------
-# VGGT: targets and camera loss
+# VGGT's camera loss
 # --------------------------------------------------------------------------------------------
-
-
-def vggt_camera_targets(batch: dict[str, Tensor]) -> Tensor:
-    """VGGT's camera targets [B,T,V,9]: absT_quaR_FoV of the first camera -> each camera
-    (``cam_first_to_cam_n``, translations scaled by gt_scale_factor) with the images' fields of view."""
-    height, width = batch["images"].shape[-2:]
-    return camera_pose_encoding(
-        batch["cam_first_to_cam_n"].double(), batch["intrinsics"].double(), height, width
-    ).float()
-
-
-def compute_vggt_loss(predictions: dict[str, object], batch: dict[str, Tensor], loss_cfg) -> dict[str, Tensor]:
-    """Losses of VGGT predictions (``cam_pose_enc_list``: n x [B,T,V,9], ``points``, ``points_conf``).
-
-    objective = point.weight * (loss_conf_point + loss_reg_point + loss_grad_point) + camera.weight * loss_camera.
-    """
-    pred_points = predictions["points"]
-    with torch.autocast(device_type=pred_points.device.type, enabled=False):
-        gt_pose = vggt_camera_targets(batch)
-        masks = batch["point_masks"].bool()
-        point_cfg, camera_cfg = loss_cfg.point, loss_cfg.camera
-        losses = point_loss(
-            pred_points.float(),
-            predictions["points_conf"].float(),
-            batch["points_in_cam_first"].float(),
-            masks,
-            gamma=point_cfg.gamma,
-            alpha=point_cfg.alpha,
-            gradient_loss_fn=point_cfg.gradient_loss_fn,
-            valid_range=point_cfg.valid_range,
-        )
-        valid_clips = masks[:, 0, 0].sum(dim=(-1, -2)) > MIN_VALID_PIXELS  # the first image anchors the frame
-        losses.update(
-            camera_loss(
-                [pose.float() for pose in predictions["cam_pose_enc_list"]],
-                gt_pose,
-                valid_clips,
-                gamma=camera_cfg.gamma,
-                loss_type=camera_cfg.loss_type,
-                weight_trans=camera_cfg.weight_trans,
-                weight_rot=camera_cfg.weight_rot,
-                weight_focal=camera_cfg.weight_focal,
-            )
-        )
-        point_total = losses["loss_conf_point"] + losses["loss_reg_point"] + losses["loss_grad_point"]
-        losses["objective"] = point_cfg.weight * point_total + camera_cfg.weight * losses["loss_camera"]
-    return losses
 
 
 def camera_loss(

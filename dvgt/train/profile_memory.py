@@ -62,7 +62,7 @@ def measure_peaks(cfg, frame_counts: Sequence[int] = (2, 4, 8)) -> list[tuple[in
     largest view count, width and narrowest aspect ratio; stops at the first out-of-memory."""
     import torch
 
-    from dvgt.models import build_model
+    from dvgt.families import build_model, get
     from dvgt.train.optim import build_optimizer, freeze_modules
 
     device = torch.device("cuda")
@@ -75,7 +75,8 @@ def measure_peaks(cfg, frame_counts: Sequence[int] = (2, 4, 8)) -> list[tuple[in
     peaks = []
     for frames in [f for f in frame_counts if f <= cfg.model.max_frames]:
         images = torch.rand(1, frames, views, 3, height, width, device=device)
-        inputs = {"ego_status": torch.zeros(1, frames, 8, device=device)} if cfg.model.enable_ego_status else {}
+        ego_status = torch.zeros(1, frames, len(get(cfg.model.name).ego_status_fields), device=device)
+        inputs = {"ego_status": ego_status} if cfg.model.enable_ego_status else {}
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:

@@ -1,55 +1,82 @@
-"""DVGT-2 losses: local points, relative ego poses, planning and past poses.
+"""DVGT-2 (``dvgt2``, stage 2): stage 1's points and a truncated-diffusion planning decoder.
 
-Both DVGT-2 stages predict points in each frame's own ego frame (``points_in_ego_n`` targets, the same
-confidence-aware point loss as DVGT-1) and the relative pose ego_{t-1} -> ego_t (``ego_past_to_ego_curr``
-targets, frame 0 unsupervised):
+The decoder has K anchors per output, in the style of DiffusionDrive: each of its layers gives K modes and a
+score per mode. The target mode is the one whose anchor lies nearest to the ground truth; the scores learn it
+with a sigmoid focal loss and the target mode's regression an L1 loss. Summed over decoder layers, for the
+planned trajectory (``diff_traj_*``, anchors of PLANNING_STEPS future [right, forward] positions,
+``loss.planning``; targets from ``future_ego_n_to_ego_curr``, the poses of the frames after each input frame)
+and for the relative pose ego_{t-1} -> ego_t (``diff_poses_*``, anchors of the past translation,
+``loss.past_pose``; frame 0 unsupervised). The points get stage 1's loss.
 
-* stage 1 (``dvgt2_pretrain``) regresses it directly: ``relative_ego_pose_enc_list``, the DVGT-1
-  ego-pose loss (``loss.ego_pose``);
-* stage 2 (``dvgt2``) has a truncated-diffusion decoder with K anchors per output, in the style of
-  DiffusionDrive: each of its layers gives K modes and a score per mode. The target mode is the one
-  whose anchor lies nearest to the ground truth; the scores learn it with a sigmoid focal loss and the
-  target mode's regression an L1 loss. Summed over decoder layers, for the planned trajectory
-  (``diff_traj_*``, anchors of 8 future [right, forward] positions, ``loss.planning``; targets from
-  ``future_ego_n_to_ego_curr``, the poses of the frames after each input frame) and for the relative
-  pose (``diff_poses_*``, anchors of the past translation, ``loss.past_pose``).
+Evaluation: stage 1's, with the best-scoring pose mode of the last decoder layer as the relative pose; with
+``eval.trajectory``, the top-scoring trajectory of the last frame (converted to x forward, y left, yaw) is
+scored against the poses of the frames after it, zero-padded to PLANNING_STEPS (the nuScenes protocol has 6).
 
-Ground truth arrives scaled by gt_scale_factor (the data does it; headings and quaternions are not
-scaled). Everything is computed in float32 with autocast off.
+Ground truth arrives scaled by gt_scale_factor (the data does it; headings and quaternions are not scaled).
+Losses are computed in float32 with autocast off.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvgt.data.geometry import pose_to_absT_quaR, pose_to_trajectory_rdf
-from dvgt.train.losses import ego_pose_loss, point_loss
+from dvgt.data.geometry import pose_to_absT_quaR, pose_to_trajectory_rdf, trajectory_rdf_to_flu
+from dvgt.families.base import Batch, LossFn, ModelFamily, Predictions, register
+from dvgt.families.dvgt1 import AGGREGATOR_CACHE_PARTS
+from dvgt.families.dvgt2_pretrain import TRAINING_TARGETS, build_dvgt2, chained_points_and_poses, local_point_losses
+from dvgt.models.conversions import DVGT2_STAGE1, VGGT, dvgt2_stage1_to_stage2, vggt_to_dvgt2
+from dvgt.models.dvgt2 import EGO_STATUS_FIELDS, PLANNING_STEPS
+from dvgt.train.evaluation import trajectory_in_metres
 
-DECODER = "ego_pose_head.traj_pose_decoder"  # the DVGT-2 module that holds the anchors
+DECODER = "ego_pose_head.traj_pose_decoder"  # the module that holds the anchors
+
+
+class DVGT2Predictions(TypedDict, total=False):
+    points: Tensor  # [B, T, V, H, W, 3] in each frame's own ego frame
+    points_conf: Tensor  # [B, T, V, H, W]
+    diff_traj_reg_list: list[Tensor]  # per decoder layer [B, T, K, PLANNING_STEPS, 3] (right, forward, heading)
+    diff_traj_cls_list: list[Tensor]  # per decoder layer [B, T, K] mode logits
+    diff_poses_reg_list: list[Tensor]  # per decoder layer [B, T, K, 7] ego_{t-1} -> ego_t (absT_quaR)
+    diff_poses_cls_list: list[Tensor]  # per decoder layer [B, T, K]
+    images: Tensor  # eval mode: the input images
+
+
+def build(model_cfg: Any) -> nn.Module:
+    """Stage 2, with the planning anchors of model.anchor_dir if set (else zeros until weights bring them)."""
+    model = build_dvgt2(model_cfg, planning=True)
+    if model_cfg.anchor_dir:
+        from dvgt.data.anchors import read_anchor_dir
+
+        trajectory, pose_translation = read_anchor_dir(model_cfg.anchor_dir)
+        model.get_submodule(DECODER).set_anchors(torch.from_numpy(trajectory), torch.from_numpy(pose_translation))
+    return model
+
+
+def model_inputs(model_cfg: Any, batch: Batch) -> dict[str, Any]:
+    """The ego status [B, T, len(EGO_STATUS_FIELDS)] when the model conditions on it."""
+    return {"ego_status": batch["ego_status"]} if model_cfg.enable_ego_status else {}
 
 
 @dataclass
 class PlanningAnchors:
     """The decoder's anchors in model units (metres x gt_scale_factor), as the losses compare them."""
 
-    trajectory: Tensor  # [K, 8, 2] future [right, forward] positions
+    trajectory: Tensor  # [K, PLANNING_STEPS, 2] future [right, forward] positions
     pose_translation: Tensor  # [K, 3] translation of ego_{t-1} -> ego_t
 
 
-def anchors_from_model(model: nn.Module) -> PlanningAnchors | None:
-    """The anchors a DVGT-2 model holds, in model units (None for models without a planning decoder).
+def anchors_from_model(model: nn.Module) -> PlanningAnchors:
+    """The anchors a DVGT-2 model holds, in model units.
 
     The decoder stores them normalised to [-1, 1] over fixed ranges; its ``denormalize`` undoes that.
     """
-    try:
-        decoder = model.get_submodule(DECODER)
-    except AttributeError:
-        return None
+    decoder = model.get_submodule(DECODER)
     return PlanningAnchors(
         decoder.denormalize(decoder.norm_traj_anchor[0], decoder.traj_min, decoder.traj_max),
         decoder.denormalize(
@@ -69,50 +96,19 @@ def require_distinct_anchors(anchors: PlanningAnchors) -> None:
         )
 
 
-def dvgt2_loss(
-    predictions: dict[str, object], batch: dict[str, Tensor], loss_cfg, anchors: PlanningAnchors | None = None
-) -> dict[str, Tensor]:
-    """All losses of one DVGT-2 (stage 1 or 2) batch; ``objective`` is the one to backpropagate.
+def loss(model: nn.Module, loss_cfg: Any) -> LossFn:
+    """The loss of a model whose weights are final: it reads (and checks) the anchors once."""
+    anchors = anchors_from_model(model)
+    require_distinct_anchors(anchors)
+    return lambda predictions, batch: dvgt2_loss(predictions, batch, loss_cfg, anchors)
 
-    anchors: the model's, in model units (``anchors_from_model``); needed for stage 2 only. Stage 1: objective = point.weight * points + ego_pose.weight * loss_ego_pose.
-    Stage 2: objective = point.weight * points + planning.weight * (cls_weight * loss_traj_cls +
-    reg_weight * loss_traj_reg) + past_pose.weight * (cls_weight * loss_pose_cls + reg_weight * loss_pose_reg).
-    """
-    pred_points = predictions["points"]
-    with torch.autocast(device_type=pred_points.device.type, enabled=False):
-        point_cfg = loss_cfg.point
-        losses = point_loss(
-            pred_points.float(),
-            predictions["points_conf"].float(),
-            batch["points_in_ego_n"].float(),
-            batch["point_masks"].bool(),
-            gamma=point_cfg.gamma,
-            alpha=point_cfg.alpha,
-            gradient_loss_fn=point_cfg.gradient_loss_fn,
-            valid_range=point_cfg.valid_range,
-        )
-        objective = point_cfg.weight * (
-            losses["loss_conf_point"] + losses["loss_reg_point"] + losses["loss_grad_point"]
-        )
+
+def dvgt2_loss(predictions: Predictions, batch: Batch, loss_cfg: Any, anchors: PlanningAnchors) -> dict[str, Tensor]:
+    """objective = point.weight * points + planning.weight * (cls_weight * loss_traj_cls + reg_weight *
+    loss_traj_reg) + past_pose.weight * (cls_weight * loss_pose_cls + reg_weight * loss_pose_reg)."""
+    with torch.autocast(device_type=predictions["points"].device.type, enabled=False):
+        losses = local_point_losses(predictions, batch, loss_cfg)
         gt_pose = pose_to_absT_quaR(batch["ego_past_to_ego_curr"].float())  # [B,T,7]
-
-        if "relative_ego_pose_enc_list" in predictions:  # stage 1
-            pose_cfg = loss_cfg.ego_pose
-            losses.update(
-                ego_pose_loss(
-                    [pose.float() for pose in predictions["relative_ego_pose_enc_list"]],
-                    gt_pose,
-                    gamma=pose_cfg.gamma,
-                    loss_type=pose_cfg.loss_type,
-                    weight_trans=pose_cfg.weight_trans,
-                    weight_rot=pose_cfg.weight_rot,
-                )
-            )
-            losses["objective"] = objective + pose_cfg.weight * losses["loss_ego_pose"]
-            return losses
-
-        if anchors is None:
-            raise ValueError("the DVGT-2 planning and pose losses need the model's anchors (anchors_from_model)")
         trajectory, valid = planning_targets(batch, anchors.trajectory.shape[1])
         traj_cls, traj_reg = anchor_mode_loss(
             predictions["diff_traj_reg_list"],
@@ -142,7 +138,7 @@ def dvgt2_loss(
         )
         plan, past = loss_cfg.planning, loss_cfg.past_pose
         losses["objective"] = (
-            objective
+            losses["objective"]
             + plan.weight * (plan.cls_weight * traj_cls + plan.reg_weight * losses["loss_traj_reg"])
             + past.weight * (past.cls_weight * pose_cls + past.reg_weight * losses["loss_pose_reg"])
         )
@@ -210,3 +206,49 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gam
     p_true = probability * targets + (1 - probability) * (1 - targets)
     alpha_weight = alpha * targets + (1 - alpha) * (1 - targets)
     return alpha_weight * (1 - p_true) ** gamma * cross_entropy
+
+
+def best_mode(reg_list, cls_list) -> Tensor:
+    """The best-scoring mode of the last decoder layer: [B, T, K, ...] -> [B, T, ...]."""
+    reg, scores = reg_list[-1], cls_list[-1]
+    index = scores.argmax(-1)  # [B, T]
+    return torch.take_along_dim(reg, index.view(*index.shape, *([1] * (reg.dim() - 2))), dim=2).squeeze(2)
+
+
+def post_process(
+    predictions: Predictions, batch: Batch, gt_scale_factor: float, eval_cfg: Any
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    s = gt_scale_factor
+    pred: dict[str, Tensor] = {}
+    gt: dict[str, Tensor] = {}
+    if eval_cfg.points_and_poses:
+        relative = best_mode(predictions["diff_poses_reg_list"], predictions["diff_poses_cls_list"])
+        pred, gt = chained_points_and_poses(relative, predictions, batch, s)
+    if eval_cfg.trajectory and "future_ego_n_to_ego_curr" in batch:
+        top = best_mode(predictions["diff_traj_reg_list"], predictions["diff_traj_cls_list"])[:, -1].double()
+        pred["trajectories"] = trajectory_in_metres(trajectory_rdf_to_flu(top), s)  # [B, PLANNING_STEPS, 3]
+        future = batch["future_ego_n_to_ego_curr"][:, -1].double()  # the last input frame's future
+        flu = trajectory_rdf_to_flu(pose_to_trajectory_rdf(future))
+        padded = flu.new_zeros(flu.shape[0], max(PLANNING_STEPS, flu.shape[1]), 3)
+        padded[:, : flu.shape[1]] = flu
+        gt["trajectories"] = trajectory_in_metres(padded, s)
+    return pred, gt
+
+
+FAMILY = register(
+    ModelFamily(
+        name="dvgt2",
+        title="DVGT-2",
+        build=build,
+        predictions=DVGT2Predictions,
+        loss=loss,
+        post_process=post_process,
+        training_targets=TRAINING_TARGETS,
+        model_inputs=model_inputs,
+        conversions={VGGT: vggt_to_dvgt2, DVGT2_STAGE1: dvgt2_stage1_to_stage2},
+        cacheable_parts=AGGREGATOR_CACHE_PARTS,
+        streaming_inference=True,
+        planning_steps=PLANNING_STEPS,
+        ego_status_fields=EGO_STATUS_FIELDS,
+    )
+)
