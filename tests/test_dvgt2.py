@@ -191,7 +191,7 @@ def test_anchors_load_from_the_official_anchor_files(tmp_path):
     np.savez(tmp_path / "bad" / "past_anchors_20_rdf.npz", centers=pose)
     with pytest.raises(ValueError, match=r"'trajectory' has shape \[10, 8, 2\], expected \[20, 8, 2\]"):
         tiny(anchor_dir=str(tmp_path / "bad"))
-    with pytest.raises(ValueError, match="model.anchor_dir needs a planning model \(model.name=dvgt2\)"):
+    with pytest.raises(ValueError, match=r"model.anchor_dir needs a planning model \(model.name=dvgt2\)"):
         tiny("dvgt2_pretrain", anchor_dir=str(tmp_path))
     assert model_layout(ModelConfig(name="dvgt2", size="tiny", anchor_dir=str(tmp_path / "missing")))  # no files read
 
