@@ -141,7 +141,7 @@ def markdown_tables(chart: Path = CHART_DIR) -> dict[str, str]:
         return f"{name} (default)" if defaults[key] == name else name
 
     stages = markdown_table(
-        ["stage", "model", "config", "images per GPU per step", "recipe pods"],
+        ["stage", "model", "config", "max_img_per_gpu (images per GPU per optimizer step)", "recipe pods"],
         [[named(s.name, "stage"), s.model, s.config, s.images_per_step, s.nodes] for s in catalog.stages.values()],
     )
     per_step = sorted({s.images_per_step for s in catalog.stages.values()}, reverse=True)
@@ -150,7 +150,7 @@ def markdown_tables(chart: Path = CHART_DIR) -> dict[str, str]:
             "profile",
             "GPU memory",
             "images per forward",
-            *(f"accum_steps at {n} images per step" for n in per_step),
+            *(f"accum_steps at max_img_per_gpu {n}" for n in per_step),
             "status",
         ],
         [
@@ -171,7 +171,7 @@ def markdown_tables(chart: Path = CHART_DIR) -> dict[str, str]:
                 c.code,
                 c.meaning,
                 "-" if c.code == 0 else "yes" if c.retryable else "no",
-                "-" if c.code == 0 else "retried (128-255)" if c.code >= 128 else "the job fails (1-127)",
+                "-" if c.code == 0 else "retried (128-255)" if c.retryable else "the job fails (1-127)",
             ]
             for c in exit_codes.CODES
         ],
