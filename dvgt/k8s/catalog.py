@@ -31,8 +31,8 @@ class Profile:
     max_images_per_forward: int  # images per GPU per forward pass (an estimate until measured)
     gpu: bool  # False: no GPU resources (local and CI runs)
     overrides: list[str]  # trainer config overrides the profile adds
-    note: str  # what the numbers rest on (reference, estimate, ...)
     memory_gib: float | None = None  # memory of one GPU of this kind (None: no GPU)
+    note: str = ""  # what the numbers rest on (reference recipe, estimate, ...): the chart README's profile table
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def load_catalog(path: Path = CATALOG_FILE) -> Catalog:
     }
     profiles = {
         name: Profile(
-            name, int(p["maxImagesPerForward"]), bool(p["gpu"]), list(p["overrides"]), p["note"], p.get("memoryGiB")
+            name, int(p["maxImagesPerForward"]), bool(p["gpu"]), list(p["overrides"]), p.get("memoryGiB"), p["note"]
         )
         for name, p in raw["profiles"].items()
     }
