@@ -25,7 +25,8 @@ format: setup
 bench: setup
 	.venv/bin/python benchmarks/run.py
 
-# The chart's schema enums and the ready manifests k8s/<stage>.yaml, from charts/dvgt (tests check them).
+# Everything derived from the chart's catalog and the exit codes: schema enums, files/accumulation.yaml, k8s/ and the
+# README / chart README / docs/kubernetes.md tables (dvgt/k8s/generate.py; tests check them).
 manifests: setup
 	.venv/bin/python -m dvgt.k8s.generate
 

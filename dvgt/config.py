@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -248,8 +249,9 @@ class TrainConfig:
     limit_train_batches: int | None = None  # cap on steps per epoch (None = data.train.steps_per_epoch)
     limit_val_batches: int | None = 4  # evaluation clips per validation dataset, shared out between ranks (0 = no evaluation, null = all)
     val_epoch_freq: int = 1  # evaluate every N epochs (and before the first step)
-    accum_steps: int = 1  # split each batch into this many chunks, one optimizer step per batch
-    max_img_per_gpu: int = 48  # images per GPU per optimizer step: batch = max(1, this // (views * frames)), split into accum_steps forward chunks
+    accum_steps: int = 1  # forward chunks per batch (one optimizer step per batch; gradients synchronised on the last)
+    max_img_per_gpu: int = 48  # images per GPU per optimizer step (not per forward pass): batch = max(1, this // (views * frames)) clips, split into accum_steps forward chunks
+    max_img_per_forward: int | None = None  # images per forward pass per GPU; set: accum_steps = ceil(max_img_per_gpu / it)
     gt_scale_factor: float = 0.1  # ground truth is multiplied by this in the data (DVGT: outputs in units of 10 m; VGGT: 1)
     num_workers: int = 8  # data-loading worker processes per rank (0 = in the training process)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -422,7 +424,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), debug: bool = F
     cfg = OmegaConf.structured(TrainConfig)
     for layer in _read_yaml(config_file):
         cfg = _merge(cfg, layer, str(config_file))
-    for key, value in parse_overrides(list(DEBUG_OVERRIDES if debug else []) + list(overrides)):
+    pairs = parse_overrides(list(DEBUG_OVERRIDES if debug else []) + list(overrides))
+    for key, value in pairs:
         _apply_override(cfg, key, value)
     try:
         OmegaConf.resolve(cfg)
@@ -431,9 +434,25 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), debug: bool = F
         raise _explain(error, str(config_file)) from None
     if missing:
         raise ConfigError(f"config {config_file} leaves required key(s) unset: {', '.join(missing)}")
+    if cfg.max_img_per_forward is not None:
+        _check(
+            "accum_steps" not in dict(pairs),
+            "give accum_steps or max_img_per_forward, not both: max_img_per_forward sets accum_steps "
+            "(in the chart, set the value maxImagesPerForward instead of an override)",
+        )
+        _check(cfg.max_img_per_forward >= 1, f"max_img_per_forward must be >= 1, got {cfg.max_img_per_forward}")
+        cfg.accum_steps = accum_steps_for(cfg.max_img_per_gpu, cfg.max_img_per_forward)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def accum_steps_for(images_per_step: int, max_images_per_forward: int) -> int:
+    """The accumulation rule, in this one place: forward passes per optimizer step that keep `images_per_step`
+    images per GPU per step while no pass holds more than `max_images_per_forward` (the trainer splits each
+    batch into this many chunks, dvgt/train/loop.py split_batch). The trainer applies it to max_img_per_forward;
+    `make manifests` writes it per stage and profile into the chart (files/accumulation.yaml)."""
+    return math.ceil(images_per_step / max_images_per_forward)
 
 
 def _check(condition: bool, message: str) -> None:

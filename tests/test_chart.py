@@ -10,6 +10,7 @@ import functools
 import itertools
 import json
 import math
+import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,9 +21,9 @@ import pytest
 import yaml
 from kubeflow.training.api_client import ApiClient
 
-from dvgt.config import CONFIG_ROOT, load_config
+from dvgt.config import CONFIG_ROOT, accum_steps_for, load_config
 from dvgt.k8s import generate
-from dvgt.k8s.catalog import CHART_DIR, accum_steps, load_catalog
+from dvgt.k8s.catalog import CHART_DIR, load_catalog
 from dvgt.k8s.pytorchjob import CONTAINER, admission_errors, load_pytorchjob
 
 CHART = CHART_DIR.resolve()
@@ -155,7 +156,7 @@ def test_catalog_agrees_with_the_stage_configs():
         assert cfg.model.name == stage.model, stage.name
         assert cfg.max_img_per_gpu == stage.images_per_step, stage.name
     assert CATALOG.profiles["h20-146g"].max_images_per_forward == 48  # the reference recipe: accum 1
-    assert accum_steps(48, 48) == 1 and accum_steps(48, 32) == 2 and accum_steps(12, 8) == 2
+    assert accum_steps_for(48, 48) == 1 and accum_steps_for(48, 32) == 2 and accum_steps_for(12, 8) == 2
 
 
 def test_generated_files_match_the_chart():
@@ -169,6 +170,37 @@ def test_generated_files_match_the_chart():
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert schema["properties"]["stage"]["enum"] == STAGES
     assert schema["properties"]["profile"]["enum"] == PROFILES
+
+
+def test_generated_tables_follow_the_catalog_and_their_markers(tmp_path):
+    """The README tables are the catalog's rows (a hand edit or a removed marker is caught), and the
+    accumulation table the templates read is the rule's value for every stage and profile."""
+    tables = generate.markdown_tables(CHART)
+    for stage in CATALOG.stages.values():
+        assert f"| {stage.config} | {stage.images_per_step} | {stage.nodes} |" in tables["stages"]
+    accumulation = yaml.safe_load((CHART / "files" / "accumulation.yaml").read_text())["accumSteps"]
+    for stage, profile in MATRIX:
+        images, per_forward = CATALOG.stages[stage].images_per_step, CATALOG.profiles[profile].max_images_per_forward
+        assert accumulation[stage][profile] == math.ceil(images / per_forward)
+    readme = (REPO / "README.md").read_text()
+    edited = tmp_path / "README.md"
+    edited.write_text(readme.replace("| vggt-default |", "| vggt-old |"))  # a hand edit inside the block
+    assert generate.filled_markdown(edited, tables, ["stages"]) == readme
+    edited.write_text(readme.replace("<!-- end generated -->", ""))
+    with pytest.raises(ValueError, match=r"README.md has the generated blocks none, not \['stages'\]"):
+        generate.filled_markdown(edited, tables, ["stages"])
+
+
+def test_a_stale_accumulation_table_fails_the_render_naming_the_fix(tmp_path):
+    chart = tmp_path / "dvgt"
+    shutil.copytree(CHART, chart)
+    table = chart / "files" / "accumulation.yaml"
+    table.write_text(table.read_text().replace("  vggt-default:", "  vggt-old:"))
+    result = helm("template", "x", str(chart), "--set", "stage=vggt-default")
+    assert result.returncode != 0
+    assert (
+        "no accum_steps for stage vggt-default on profile h20-146g: it is stale, run `make manifests`" in result.stderr
+    )
 
 
 def test_ready_manifests_are_jobs_the_local_runner_reads():
@@ -335,7 +367,10 @@ def test_job_policies_and_placement_reach_the_job():
     args = trainer(replicas["Worker"]["template"])["args"]
     assert args[0] == "--nproc-per-node=4"
     assert "checkpoint.preemption_budget_s=300" in args and args[-1] == "optim.lr=1e-5"
-    assert "max_img_per_gpu=24" in args and "accum_steps=3" in args  # 24 images per step, 8 per forward
+    # a custom imagesPerStep: the chart passes the images per step and per forward, the trainer derives accum_steps
+    assert "max_img_per_gpu=24" in args and "max_img_per_forward=8" in args
+    assert not any(arg.startswith("accum_steps=") for arg in args)
+    assert load_config(CATALOG.stages["dvgt2-pretrain"].config, args[5:]).accum_steps == 3  # 24 per step, 8 per forward
     role = next(d for d in docs if d["kind"] == "Role")
     assert {
         "apiGroups": ["kubeflow.org"],
@@ -477,6 +512,7 @@ def test_chart_ships_inside_the_package(tmp_path):
         "values.yaml",
         "values.schema.json",
         "files/catalog.yaml",
+        "files/accumulation.yaml",
         "templates/_pod.tpl",
         "templates/pytorchjob.yaml",
         ".helmignore",
@@ -492,6 +528,9 @@ def test_notes_tell_how_to_follow_the_job():
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "stage finetune-nuscenes (train/dvgt2/default_finetune_nuscenes.yaml)" in notes
     assert "2 pod(s) x 8 process(es), accum_steps 1, checkpoints in s3://dvgt-checkpoints/nusc" in notes
+    custom = helm("install", "nusc", str(CHART), "--dry-run=client", "--set", "maxImagesPerForward=20")
+    assert custom.returncode == 0, custom.stderr
+    assert "accum_steps ceil(48 / 20) (the trainer derives it)" in custom.stdout.split("NOTES:", 1)[1]
     for command in (
         "kubectl get pytorchjob nusc",
         "kubectl logs -n default -f nusc-master-0 -c pytorch",

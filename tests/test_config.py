@@ -89,6 +89,7 @@ def test_working_directory_config_with_defaults(tmp_path, monkeypatch):
         ("data.train.views=[4,2]", r"data.train.views must be \[min, max\]"),
         ("model.name=dvgt3", "model.name 'dvgt3' is not one of"),
         ("accum_steps=0", "accum_steps must be >= 1"),
+        ("max_img_per_forward=0", "max_img_per_forward must be >= 1"),
         ("optim.lr", "must look like key.path=value"),
     ],
 )
@@ -120,3 +121,15 @@ def test_configuration_reference_is_generated_from_the_schema():
     assert doc.strip() == reference_markdown().strip(), "regenerate: python -m dvgt.config > docs/configuration.md"
     for key in valid_keys():
         assert f"`{key}`" in doc
+    undocumented = [line.split("`")[1] for line in doc.splitlines() if line.startswith("| `") and line.endswith("|  |")]
+    assert undocumented == [], f"keys without a comment in dvgt/config.py: {undocumented}"
+
+
+def test_max_img_per_forward_derives_accum_steps_by_the_one_rule():
+    """max_img_per_gpu stays the images per optimizer step; max_img_per_forward splits it into forward passes."""
+    cfg = load_config("train/dvgt1/default.yaml", ["max_img_per_forward=20"])
+    assert (cfg.max_img_per_gpu, cfg.accum_steps) == (48, 3)  # ceil(48 / 20)
+    cfg = load_config("train/dvgt1/default.yaml", ["max_img_per_forward=20", "max_img_per_gpu=12"])
+    assert cfg.accum_steps == 1  # the rule reads the final max_img_per_gpu, whatever the order
+    with pytest.raises(ConfigError, match="give accum_steps or max_img_per_forward, not both"):
+        load_config("train/dvgt1/default.yaml", ["accum_steps=2", "max_img_per_forward=20"])

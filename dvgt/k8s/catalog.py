@@ -1,14 +1,15 @@
 """The chart's stages and VRAM profiles, read from the one table the Helm templates read too
-(charts/dvgt/files/catalog.yaml), and the accumulation rule they share."""
+(charts/dvgt/files/catalog.yaml), and the accumulation table derived from them."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import yaml
+
+from dvgt.config import accum_steps_for
 
 # The chart inside the installed package (a link to charts/dvgt in the source tree).
 CHART_DIR = Path(str(resources.files("dvgt.k8s") / "chart"))
@@ -31,6 +32,7 @@ class Profile:
     gpu: bool  # False: no GPU resources (local and CI runs)
     overrides: list[str]  # trainer config overrides the profile adds
     memory_gib: float | None = None  # memory of one GPU of this kind (None: no GPU)
+    note: str = ""  # what the numbers rest on (reference recipe, estimate, ...): the chart README's profile table
 
 
 @dataclass(frozen=True)
@@ -46,14 +48,21 @@ def load_catalog(path: Path = CATALOG_FILE) -> Catalog:
         for name, s in raw["stages"].items()
     }
     profiles = {
-        name: Profile(name, int(p["maxImagesPerForward"]), bool(p["gpu"]), list(p["overrides"]), p.get("memoryGiB"))
+        name: Profile(
+            name, int(p["maxImagesPerForward"]), bool(p["gpu"]), list(p["overrides"]), p.get("memoryGiB"), p["note"]
+        )
         for name, p in raw["profiles"].items()
     }
     return Catalog(stages, profiles)
 
 
-def accum_steps(images_per_step: int, max_images_per_forward: int) -> int:
-    """Forward passes per optimizer step that keep `images_per_step` images per GPU per step while
-    no pass holds more than `max_images_per_forward` (the trainer splits each batch into this many
-    chunks; see dvgt/train/loop.py split_batch)."""
-    return math.ceil(images_per_step / max_images_per_forward)
+def accumulation_table(catalog: Catalog) -> dict[str, dict[str, int]]:
+    """accum_steps of every stage (its imagesPerStep) on every profile (its maxImagesPerForward): what the chart's
+    templates look up (files/accumulation.yaml, written by `make manifests`) instead of computing it."""
+    return {
+        stage.name: {
+            profile.name: accum_steps_for(stage.images_per_step, profile.max_images_per_forward)
+            for profile in catalog.profiles.values()
+        }
+        for stage in catalog.stages.values()
+    }
