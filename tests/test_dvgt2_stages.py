@@ -22,7 +22,7 @@ from dvgt.models import sample_targets
 from dvgt.train.loop import Trainer
 from dvgt.train.losses import compute_loss
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.torch_threads(2)
 
 STAGES = {
     "dvgt2-pretrain": "train/dvgt2/pretrain.yaml",
