@@ -14,9 +14,11 @@ test: setup lint
 	.venv/bin/pytest -q
 
 # Style: ruff's lint rules and formatter (pyproject.toml [tool.ruff]); `make format` applies them.
+# Types: mypy on dvgt/ (pyproject.toml [tool.mypy]: strict on dvgt.checkpoint, dvgt.k8s, dvgt.families).
 lint: setup
 	.venv/bin/ruff check dvgt tests benchmarks scripts
 	.venv/bin/ruff format --check dvgt tests benchmarks scripts
+	.venv/bin/mypy
 
 format: setup
 	.venv/bin/ruff check --fix dvgt tests benchmarks scripts
