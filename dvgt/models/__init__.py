@@ -93,7 +93,7 @@ def build_model(model_cfg: Any) -> nn.Module:
     Without weights the model is initialised as upstream does for training from scratch. Building
     under `with torch.device("meta"):` allocates nothing.
     """
-    model = _make(model_cfg)
+    model: Any = _make(model_cfg)  # (its parts are reached by name below)
     path = getattr(model_cfg, "dino_v3_weight_path", None)
     if path and model_cfg.name == "vggt":
         raise ValueError(
