@@ -739,7 +739,9 @@ class Trainer:
         spill folder. On preemption, within the budget (the pod's terminationGracePeriodSeconds)."""
         self._record_steps()
         timeout = None
-        if preempted and self._sigterm_at is not None:
+        if preempted:
+            if self._sigterm_at is None:  # another rank's SIGTERM (another node's pod): the budget runs from now
+                self._sigterm_at = time.monotonic()
             timeout = max(0.0, self.cfg.checkpoint.preemption_budget_s - (time.monotonic() - self._sigterm_at))
             self._print(f"SIGTERM: committing a final checkpoint at step {self.step} (budget {timeout:.0f} s)")
         started = time.perf_counter()
