@@ -25,6 +25,7 @@ from dvgt.train.logger import read_log
 from dvgt.train.loop import CheckpointMismatchError, NonFiniteLossError, Trainer, train
 
 DVGT = [sys.executable, "-m", "dvgt"]
+pytestmark = pytest.mark.torch_threads(2)  # the in-process training runs (the suite ran them with 2)
 
 
 def train_losses(run_dir: Path) -> dict:
