@@ -41,4 +41,4 @@ image:
 	docker build -f images/exporter/Dockerfile -t $(REGISTRY)/exporter:$(APP_VERSION) .
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .mypy_cache
