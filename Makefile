@@ -14,9 +14,11 @@ test: setup lint
 	.venv/bin/pytest -q
 
 # Style: ruff's lint rules and formatter (pyproject.toml [tool.ruff]); `make format` applies them.
+# Types: mypy on dvgt/ (pyproject.toml [tool.mypy]: strict on dvgt.checkpoint, dvgt.k8s, dvgt.families).
 lint: setup
 	.venv/bin/ruff check dvgt tests benchmarks scripts
 	.venv/bin/ruff format --check dvgt tests benchmarks scripts
+	.venv/bin/mypy
 
 format: setup
 	.venv/bin/ruff check --fix dvgt tests benchmarks scripts
@@ -40,4 +42,4 @@ image:
 	docker build -f images/exporter/Dockerfile -t $(REGISTRY)/exporter:$(APP_VERSION) .
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .mypy_cache

@@ -12,6 +12,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from dvgt.config import ConfigError, load_config
 
@@ -553,7 +554,7 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in lines)
 
 
-def exit_process(code: int, program: bool = True) -> None:
+def exit_process(code: int, program: bool = True) -> NoReturn:
     """sys.exit(code), unless this is the program (not a caller of main() such as a test) and native
     threads may still run: a background thread of ours (a checkpoint upload that outlived the
     trainer's wait for it), or the threads of a torch.distributed process group (a rank of a torchrun

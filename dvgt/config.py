@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -361,11 +361,10 @@ def _schema_type(key: str) -> str:
         fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
         if part not in fields:
             return annotation
-        annotation = fields[part].type if isinstance(fields[part].type, str) else str(fields[part].type)
+        declared = fields[part]
+        annotation = declared.type if isinstance(declared.type, str) else str(declared.type)
         default = (
-            fields[part].default_factory()
-            if fields[part].default_factory is not dataclasses.MISSING
-            else fields[part].default
+            declared.default_factory() if declared.default_factory is not dataclasses.MISSING else declared.default
         )
         schema = type(default) if dataclasses.is_dataclass(default) else None
     return annotation.replace("typing.", "")
@@ -383,7 +382,7 @@ def _explain(error: OmegaConfBaseException, source: str) -> ConfigError:
 
 def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
     try:
-        return OmegaConf.merge(base, layer)
+        return cast(DictConfig, OmegaConf.merge(base, layer))  # (a merge onto a DictConfig is one)
     except OmegaConfBaseException as error:
         raise _explain(error, source) from None
 

@@ -54,18 +54,16 @@ def list_frames(root: str | Path) -> FrameFolder:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--frames: folder '{root}' does not exist")
-    frames = sorted(
-        (p for p in root.iterdir() if p.is_dir() and FRAME_DIR.match(p.name)),
-        key=lambda p: int(FRAME_DIR.match(p.name).group(1)),
-    )
+    numbered = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := FRAME_DIR.match(p.name))]
+    frames = [p for _, p in sorted(numbered)]
     if not frames:
         raise ValueError(f"--frames: '{root}' has no frame_<k> folders (expected {root}/frame_0/CAM_*.jpg, ...)")
-    cameras = None
+    cameras: list[str] = []
     for frame in frames:
         names = sorted(p.name for p in frame.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not names:
             raise ValueError(f"--frames: {frame} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        if cameras is not None and names != cameras:
+        if cameras and names != cameras:
             raise ValueError(
                 f"--frames: {frame} has cameras {names} but {frames[0].name} has {cameras}; "
                 f"every frame needs the same camera images"
@@ -77,8 +75,8 @@ def list_frames(root: str | Path) -> FrameFolder:
 def load_image(path: Path, width: int, patch_size: int = 16) -> Tensor:
     """[3, H, W] in [0, 1]: resized to `width` (aspect kept, height a multiple of the patch size), height
     centre-cropped to at most `width`."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    with Image.open(path) as file:
+        image = file.convert("RGB")
         height = max(patch_size, round(image.height * width / image.width / patch_size) * patch_size)
         image = image.resize((width, height), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
@@ -239,7 +237,7 @@ def write_outputs(
     from dvgt.viz import render_streaming_bev
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out_dir / "predictions.npz", **arrays)
+    np.savez_compressed(out_dir / "predictions.npz", **arrays)  # type: ignore[arg-type]  # numpy's stub: a ** could fill allow_pickle
     record: dict[str, Any] = {
         **meta,
         "frames": [f.name for f in folder.frames],

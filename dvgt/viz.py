@@ -15,6 +15,7 @@ import matplotlib
 import numpy as np
 import torch
 from matplotlib.axes import Axes
+from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 
 from dvgt.config import EvalConfig
@@ -157,7 +158,7 @@ def _is_number(value: Any) -> bool:
 
 def _first_clip(data: Mapping[str, Any]) -> dict[str, Any]:
     """The tensors (and lists of tensors) of a batch dict, cut to its first clip, detached, on the CPU."""
-    first = {}
+    first: dict[str, Any] = {}
     for key, value in data.items():
         if torch.is_tensor(value):
             first[key] = value[:1].detach().cpu()
@@ -207,9 +208,9 @@ def _plot_birds_eye(
     metrics: Mapping[str, float],
 ) -> None:
     """x-z plane of the first-frame ego frame: GT vs predicted points (valid pixels) and ego trajectories."""
-    gt_xyz, pred_xyz = gt["points_in_ego_first"][0][masks], pred["points_in_ego_first"][0][masks]  # [N,3] metres
-    stride = max(1, math.ceil(len(gt_xyz) / BEV_MAX_POINTS))
-    gt_xyz, pred_xyz = gt_xyz[::stride].numpy(), pred_xyz[::stride].numpy()
+    gt_points, pred_points = gt["points_in_ego_first"][0][masks], pred["points_in_ego_first"][0][masks]  # [N,3] m
+    stride = max(1, math.ceil(len(gt_points) / BEV_MAX_POINTS))
+    gt_xyz, pred_xyz = gt_points[::stride].numpy(), pred_points[::stride].numpy()
     gt_traj = gt["ego_n_to_ego_first"][0, :, :3, 3].numpy()
     pred_traj = pred["ego_n_to_ego_first"][0, :, :3, 3].numpy()
 
@@ -229,7 +230,8 @@ def _plot_birds_eye(
     )
     legend = ax.legend(loc="upper left", fontsize=8)
     for handle in legend.legend_handles[:2]:  # the point clouds: legend dots larger than the 1-px points
-        handle.set_sizes([20])
+        if isinstance(handle, PathCollection):
+            handle.set_sizes([20])
     ax.grid(alpha=0.3)
 
 

@@ -1,15 +1,39 @@
-"""Shared fixtures: a small synthetic dataset (an official-format tree) and the overrides that make a
-demo run tiny and fast."""
+"""Shared fixtures: the seeds and torch threads of every test, a small synthetic dataset (an official-format
+tree) and the overrides that make a demo run tiny and fast."""
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from servers import SeaweedS3, free_port  # noqa: F401 - free_port is part of the tests' toolbox
 
 from dvgt.data.synthetic import generate_synthetic_dataset
 
 OFFICIAL = Path(__file__).parent / "data" / "official"  # the tree written by the official code, and its outputs
 OFFICIAL_TREE, OFFICIAL_OUTPUTS = OFFICIAL / "official_format", OFFICIAL / "official_outputs"
+TORCH_THREADS = 1  # tiny models: one thread is fastest (two on a shared 2-core machine are often many times slower)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_threads():
+    """TORCH_THREADS also for the module and session fixtures (they run before a test's own fixtures)."""
+    torch.set_num_threads(TORCH_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def seeds_and_threads(request):
+    """Each test starts from the same state whatever ran before it: torch, numpy and random seeded with 0, and
+    torch's intra-op threads from the closest `torch_threads(n)` mark (the test's, else its module's
+    `pytestmark`), else TORCH_THREADS; reset afterwards. Test modules set none of these at import time."""
+    mark = request.node.get_closest_marker("torch_threads")
+    torch.set_num_threads(mark.args[0] if mark else TORCH_THREADS)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    yield
+    torch.set_num_threads(TORCH_THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,6 @@ from dvgt.train import exit_codes
 from dvgt.train.logger import read_log
 from dvgt.train.loop import Trainer, train
 
-torch.set_num_threads(1)
 DVGT = [sys.executable, "-m", "dvgt"]
 SMALL_PARTS = S3Config(part_size_mb=5, concurrency=3)
 

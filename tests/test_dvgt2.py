@@ -19,15 +19,6 @@ DATA = Path(__file__).parent / "data"
 STREAM_TOLERANCE = 1e-5  # streaming vs causal batch: max|diff| <= STREAM_TOLERANCE * max|batch|, per output
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest (two threads on a shared 2-core machine are many times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(name: str = "dvgt2", **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model(ModelConfig(name=name, size="tiny", **overrides)).eval()

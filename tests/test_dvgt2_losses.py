@@ -19,7 +19,7 @@ from dvgt.families.dvgt2 import (
 )
 from dvgt.families.dvgt2_pretrain import dvgt2_pretrain_loss
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.torch_threads(2)
 B, T, V, H, W, K, S = 2, 3, 2, 16, 20, 5, 8
 SCALE = 0.1  # gt_scale_factor: the data multiplies the ground truth by it
 

@@ -21,7 +21,7 @@ from dvgt.data.synthetic import generate_synthetic_dataset
 from dvgt.families import sample_targets
 from dvgt.train.loop import Trainer
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.torch_threads(2)
 
 STAGES = {
     "dvgt2-pretrain": "train/dvgt2/pretrain.yaml",

@@ -41,11 +41,7 @@ HEADS_CONFIG = "train/dvgt1/finetune_heads_demo.yaml"  # DVGT-1 with its whole a
 DVGT = [sys.executable, "-m", "dvgt"]
 SCENES, FRAMES, CAMERAS = 2, 4, len(RIG)  # the cached split (demo/train); demo/extra is one more scene, never cached
 BOTH_SPLITS = "[{dataset: demo, split: train}, {dataset: demo, split: extra}]"
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(2)
+pytestmark = pytest.mark.torch_threads(2)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ from dvgt.train.loop import Trainer
 # (reduce-scatter vs all-reduce; measured differences are ~1e-6).
 LOSS_RTOL = 1e-4
 RUN = {"max_epochs": 2, "limit_train_batches": 2, "limit_val_batches": 3, "accum_steps": 2}
+pytestmark = pytest.mark.torch_threads(2)  # the in-process evaluations (the launched ranks: OMP_NUM_THREADS=1)
 
 
 def losses(run_dir) -> dict:
@@ -112,7 +113,6 @@ def test_every_rank_evaluates_and_the_reduced_metrics_equal_one_process(
     final = {k: v for k, v in logged[-1].items() if k.startswith("val/")}
     assert {"val/demo/ego_first_chamfer", "val/demo/ego_n_Abs Rel", "val/loss/objective"} <= set(final)
     checkpoint = "s3://fsdp/zero3/step_00000004" if run == "zero3" else runs[run] / "ckpts" / "step_00000004"
-    torch.set_num_threads(2)
     trainer = Trainer(
         load_config(
             "train/dvgt1/demo.yaml",
@@ -199,7 +199,6 @@ def test_two_rank_sharded_checkpoint_reshards_to_one_process(runs, tiny_data_roo
     )
     assert done.returncode == 0 and "sharded over 2 ranks" in done.stdout, done.stderr
     export = read_safetensors(bytearray((exported / "model.safetensors").read_bytes()))
-    torch.set_num_threads(2)
     trainer = Trainer(
         load_config(
             "train/dvgt1/demo.yaml",
@@ -247,7 +246,6 @@ def test_fsdp_configuration_errors_name_the_fix(tiny_data_root, tmp_path):
 
 
 def test_a_ddp_optimizer_state_of_another_parameter_set_is_refused(runs, tiny_data_root, tmp_path):
-    torch.set_num_threads(2)
     trainer = Trainer(
         load_config(
             "train/dvgt1/demo.yaml",
@@ -272,7 +270,6 @@ def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint(runs, tiny_data_r
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: the size still matches
     shard.write_bytes(bytes(data))
-    torch.set_num_threads(2)
     overrides = {**RUN, "distributed.strategy": "fsdp", "checkpoint.uri": ckpts}
     capsys.readouterr()
     trainer = Trainer(

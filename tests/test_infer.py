@@ -25,14 +25,6 @@ NUM_FRAMES = 3
 TINY = ["model.size=tiny", "model.anchor_dir=null"]  # the weights carry the anchors
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory) -> Path:
     """frame_0 .. frame_2 with two 128x64 JPEG cameras each (a moving gradient pattern)."""

@@ -18,6 +18,7 @@ from dvgt.train.losses import (
 
 B, T, V, H, W = 1, 3, 2, 16, 20
 SCALE = 0.1  # gt_scale_factor: the data multiplies the ground truth by it
+pytestmark = pytest.mark.torch_threads(2)  # the in-process training runs (the suite ran them with 2)
 
 
 def make_batch(seed=0):

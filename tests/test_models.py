@@ -19,6 +19,7 @@ from dvgt.models import SIZES, WeightsMismatchError, load_weights
 from dvgt.models.reference_weights import fill_reference_weights, reference_state_dict, rule_group, weights_digest
 
 DATA = Path(__file__).parent / "data"
+pytestmark = pytest.mark.torch_threads(2)  # the in-process training runs (the suite ran them with 2)
 
 
 def tiny(**overrides) -> torch.nn.Module:

@@ -6,14 +6,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_overrides
 from servers import wait_for
 
 from dvgt.cli import main
 from dvgt.sdk import Client, JobExistsError, JobNotFoundError, TrainingJob
-
-torch.set_num_threads(1)
 
 
 def live_processes(match) -> list:

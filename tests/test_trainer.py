@@ -25,6 +25,7 @@ from dvgt.train.logger import read_log
 from dvgt.train.loop import CheckpointMismatchError, NonFiniteLossError, Trainer, train
 
 DVGT = [sys.executable, "-m", "dvgt"]
+pytestmark = pytest.mark.torch_threads(2)  # the in-process training runs (the suite ran them with 2)
 
 
 def train_losses(run_dir: Path) -> dict:
@@ -521,3 +522,31 @@ def test_demo_config_learns(tmp_path):
     assert evals[-1]["val/demo/ego_first_chamfer"] < 0.9 * evals[0]["val/demo/ego_first_chamfer"]
     assert evals[-1]["val/demo/ego_first_completeness"] < 0.9 * evals[0]["val/demo/ego_first_completeness"]
     assert evals[-1]["val/loss/objective"] < 0.6 * evals[0]["val/loss/objective"]
+
+
+class OtherRankStops:
+    """Stands in for distributed.StopVote when the SIGTERM reached another rank only (the pod of another node
+    was preempted): one process has no process group, so the vote's outcome is given: stop after `step`."""
+
+    def __init__(self, trainer: Trainer, step: int) -> None:
+        self.trainer, self.step = trainer, step
+
+    def cast(self, stop: bool) -> bool:
+        return stop or self.trainer.step >= self.step
+
+    def result(self) -> bool:
+        return False
+
+
+def test_a_rank_stopped_by_another_ranks_sigterm_commits_the_final_checkpoint(tiny_data_root, tmp_path, capsys):
+    """A rank that got no SIGTERM itself but learns from the vote that another one did commits the final
+    checkpoint within the preemption budget, counted from when it learned (it used to fail: no SIGTERM time)."""
+    trainer = make_trainer(tiny_data_root, tmp_path, max_epochs=1, limit_train_batches=4, limit_val_batches=0)
+    trainer.stop_vote = OtherRankStops(trainer, step=2)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    assert (result["step"], result["preempted"]) == (2, True)
+    assert "SIGTERM: committing a final checkpoint at step 2" in capsys.readouterr().out
+    assert CheckpointManager(str(tmp_path / "ckpts")).committed_steps()[-1] == 2

@@ -16,14 +16,7 @@ from dvgt.models.reference_weights import rule_group
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = json.loads((DATA / "vggt_state_dict.json").read_text())
-
-
-@pytest.fixture(autouse=True)
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.torch_threads(2)
 
 
 def tiny_vggt(**overrides) -> torch.nn.Module:

@@ -25,6 +25,7 @@ from dvgt.train.loop import train
 from dvgt.train.losses import camera_loss
 
 SCALE = 1.0  # vggt/default's gt_scale_factor
+pytestmark = pytest.mark.torch_threads(2)  # the in-process training runs (the suite ran them with 2)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import traceback
 import warnings
@@ -35,6 +36,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
@@ -45,6 +47,7 @@ from torch.distributed.checkpoint.planner import (
     LoadItemType,
     LoadPlan,
     LoadPlanner,
+    ReadItem,
     SavePlan,
     SavePlanner,
     WriteItemType,
@@ -108,7 +111,7 @@ def metadata_to_json(metadata: Metadata) -> dict[str, Any]:
 
 
 def metadata_from_json(data: dict[str, Any]) -> Metadata:
-    tensors = {
+    tensors: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {
         fqn: TensorStorageMetadata(
             TensorProperties(dtype=DTYPE_OF[t["dtype"]]),
             torch.Size(t["size"]),
@@ -136,7 +139,7 @@ class ShardWriter(StorageWriter):
         self.put = put
         self.objects: list[dict[str, Any]] = []
 
-    def reset(self, checkpoint_id=None) -> None:
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.objects = []
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -150,7 +153,7 @@ class ShardWriter(StorageWriter):
             dataclasses.replace(plan, storage_data=f"dcp/rank_{rank:05d}.distcp") for rank, plan in enumerate(plans)
         ]
 
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         key: str = plan.storage_data
         results: list[WriteResult] = []
 
@@ -159,7 +162,9 @@ class ShardWriter(StorageWriter):
             for item in plan.items:
                 if item.type == WriteItemType.BYTE_IO:
                     raise TypeError(f"sharded checkpoints hold tensors only; '{item.index.fqn}' is not a tensor")
-                tensor = planner.resolve_data(item).detach().contiguous()
+                data = planner.resolve_data(item)
+                assert isinstance(data, torch.Tensor), "a tensor item resolves to a tensor"
+                tensor = data.detach().contiguous()
                 start = writer.size
                 if tensor.numel():
                     writer.write(tensor.reshape(-1).view(torch.uint8).numpy())  # the tensor's own memory, no copy
@@ -174,7 +179,7 @@ class ShardWriter(StorageWriter):
                 )
 
         self.objects.append(self.put(key, write))
-        future: Future = Future()
+        future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
 
@@ -184,7 +189,7 @@ class ShardWriter(StorageWriter):
         self.objects.append(self.put(METADATA, lambda writer: writer.write(data)))
 
     @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return False  # always passed explicitly, never picked by a checkpoint_id
 
 
@@ -197,7 +202,7 @@ class ShardReader(StorageReader):
         self.checkpoint = checkpoint
         self.refs: dict[MetadataIndex, ShardRef] = {}
 
-    def reset(self, checkpoint_id=None) -> None:
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         pass
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -212,8 +217,8 @@ class ShardReader(StorageReader):
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         return plans
 
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
-        by_object: dict[str, list] = {}
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        by_object: dict[str, list[ReadItem]] = {}
         for request in plan.items:
             if request.type == LoadItemType.BYTE_IO:
                 raise CorruptCheckpointError(f"{self.checkpoint.uri}: '{request.storage_index.fqn}' is not a tensor")
@@ -233,12 +238,12 @@ class ShardReader(StorageReader):
                 target = planner.resolve_tensor(request).detach()
                 target.copy_(chunk)
                 planner.commit_tensor(request, target)
-        future: Future = Future()
+        future: Future[None] = Future()
         future.set_result(None)
         return future
 
     @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return False
 
 
@@ -340,7 +345,7 @@ def read_full_model(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     full = {
         name: torch.empty(entry.size, dtype=entry.properties.dtype)
         for name, entry in saved.items()
-        if name.startswith("model.")
+        if name.startswith("model.") and isinstance(entry, TensorStorageMetadata)  # (the writer refuses bytes)
     }
     load_into(full, checkpoint, alone=True)
     return {name[len("model.") :]: tensor for name, tensor in full.items()}
@@ -349,7 +354,11 @@ def read_full_model(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
 def model_summary(checkpoint: Checkpoint) -> str:
     """Tensor and value counts of the model, from the metadata alone."""
     saved = read_metadata(checkpoint).state_dict_metadata
-    model = {name: entry for name, entry in saved.items() if name.startswith("model.")}
+    model = {
+        name: entry
+        for name, entry in saved.items()
+        if name.startswith("model.") and isinstance(entry, TensorStorageMetadata)  # (the writer refuses bytes)
+    }
     dtypes = sorted({DTYPES[entry.properties.dtype] for entry in model.values()})
     return (
         f"{len(model)} tensors, {sum(entry.size.numel() for entry in model.values()):,} values "

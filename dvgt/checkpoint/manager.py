@@ -38,7 +38,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ from dvgt.checkpoint.storage import (
     with_retries,
 )
 
+T = TypeVar("T")
 MANIFEST = "manifest.json"
 SHARDED_FORMAT = "dcp"  # manifest "format" of FSDP checkpoints (dvgt/checkpoint/dcp.py); absent for DDP's
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -85,7 +86,8 @@ def rng_key(rank: int) -> str:
 
 def rng_state() -> dict[str, Any]:
     """RNG states as plain values and tensors (what write_state stores)."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple), "numpy's global generator is the legacy MT19937"
     return {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
@@ -142,7 +144,7 @@ class HostStaging:
             tensor = tensors[key].detach()
             if end > begin:
                 buffer[begin:end].view(tensor.dtype).view(tensor.shape).copy_(tensor, non_blocking=tensor.is_cuda)
-        return memoryview(buffer.numpy()).cast("B")
+        return buffer.numpy().data.cast("B")
 
     def copy(self, tree: Any, path: str = "") -> Any:
         """The tree with every tensor replaced by its host copy; call `synchronize` before reading them."""
@@ -226,7 +228,7 @@ class Checkpoint:
         return self.manifest.get("format") == SHARDED_FORMAT
 
     def entry(self, name: str) -> dict[str, Any]:
-        entry = next((o for o in self.manifest["objects"] if o["key"] == name), None)
+        entry: dict[str, Any] | None = next((o for o in self.manifest["objects"] if o["key"] == name), None)
         if entry is None:
             raise CorruptCheckpointError(f"checkpoint {self.uri} has no object '{name}' in its manifest")
         return entry
@@ -257,7 +259,7 @@ class Checkpoint:
         """A nested state object (write_state) with its tensors."""
         return self._parse(name, read_state)
 
-    def _parse(self, name: str, parse: Callable[[bytearray], Any]) -> Any:
+    def _parse(self, name: str, parse: Callable[[bytearray], T]) -> T:
         data = self.read(name)
         try:
             return parse(data)
@@ -268,7 +270,8 @@ class Checkpoint:
         name = rng_key(rank)
         if not any(o["key"] == name for o in self.manifest["objects"]):
             return None
-        return self.state(name)
+        state: dict[str, Any] = self.state(name)
+        return state
 
     def load_all(self, rank: int) -> dict[str, Any]:
         """Everything a resume needs, every object verified before any of it is used. The objects
@@ -356,8 +359,9 @@ class CheckpointManager:
         steps = set()
         for key in self.storage.list(""):
             parts = key.split("/")
-            if len(parts) == 2 and parts[1] == MANIFEST and STEP_DIR.match(parts[0]):
-                steps.add(int(STEP_DIR.match(parts[0]).group(1)))
+            match = STEP_DIR.match(parts[0])
+            if len(parts) == 2 and parts[1] == MANIFEST and match:
+                steps.add(int(match.group(1)))
         return sorted(steps)
 
     def open(self, step: int) -> Checkpoint:
@@ -375,7 +379,9 @@ class CheckpointManager:
         steps = self.committed_steps()
         return self.open(steps[-1]) if steps else None
 
-    def load_newest(self, rank: int, warn: Callable[[str], None], before: int | None = None) -> tuple | None:
+    def load_newest(
+        self, rank: int, warn: Callable[[str], None], before: int | None = None
+    ) -> tuple[Checkpoint, dict[str, Any]] | None:
         """(checkpoint, state) of the newest committed checkpoint (older than step `before`, if given)
         whose objects all verify; a corrupt one is skipped with a warning. None when there is no
         committed checkpoint at all."""
@@ -412,7 +418,9 @@ class CheckpointManager:
         """Send the spilled checkpoints of this location to the store (objects first, each verified
         on the way, the manifest last), then delete them locally; one older than the store's newest
         commit is only deleted. Raises StorageError if the store is still unreachable (kept then)."""
-        uploaded = []
+        uploaded: list[int] = []
+        if self.spill is None:
+            return uploaded
         for checkpoint in self.spilled():
             committed = self.committed_steps()
             if committed and committed[-1] >= checkpoint.step:
@@ -531,9 +539,12 @@ class CheckpointManager:
             self.stats.in_flight = True
         self._retrying.clear()
         self._cancel.clear()
-        self._thread = threading.Thread(
-            target=lambda: (background_priority(), write()), name=f"dvgt-checkpoint-{step}", daemon=True
-        )
+
+        def run() -> None:
+            background_priority()
+            write()
+
+        self._thread = threading.Thread(target=run, name=f"dvgt-checkpoint-{step}", daemon=True)
         self._thread.start()
         if not (final or self.async_mode == "off"):
             return None
@@ -542,14 +553,15 @@ class CheckpointManager:
             spill_by = deadline - 5.0 - size / SPILL_WRITE_BYTES_PER_S
             while self.in_flight() and not self._retrying.is_set() and time.monotonic() < spill_by:
                 self._thread.join(0.1)
-            if self.in_flight() or self.stats.last_event.outcome != "ok":
+            last = self.stats.last_event
+            if self.in_flight() or last is None or last.outcome != "ok":
                 spilled = spill()
         if not self.wait(max(0.0, deadline - time.monotonic())):
             self._cancel.set()
             self.wait(30.0)
         event = self.stats.last_event
         if event is not None and event.step == step and event.outcome == "ok":
-            if spilled is not None:
+            if spilled is not None and self.spill is not None:
                 self.spill.delete_prefix(step_dir(step))
             return event
         if spilled is not None:
@@ -625,12 +637,14 @@ class CheckpointManager:
 
     def _spill_objects(self, step: int, epoch: int, objects: dict[str, Any]) -> CheckpointEvent:
         """Commit the staged objects to the spill folder (a manifest naming their destination)."""
+        spill = self.spill
+        assert spill is not None, "_start spills only to a spill folder"
         started = time.perf_counter()
         prefix = step_dir(step)
-        self.spill.delete_prefix(prefix)
-        entries = [self._put(self.spill, prefix, name, data, None) for name, data in objects.items()]
-        self._write_manifest(self.spill, prefix, step, epoch, entries, None, destination=self.storage.uri)
-        where = self.spill.child(prefix)
+        spill.delete_prefix(prefix)
+        entries = [self._put(spill, prefix, name, data, None) for name, data in objects.items()]
+        self._write_manifest(spill, prefix, step, epoch, entries, None, destination=self.storage.uri)
+        where = spill.child(prefix)
         self.say(
             f"checkpoint of step {step}: the store is unreachable; committed to the local spill folder {where}, "
             f"uploaded to {self.storage.uri} at the next start"

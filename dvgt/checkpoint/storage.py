@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import io
 import os
 import random
 import shutil
@@ -29,12 +30,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
 import xxhash
 
 from dvgt.s3_options import S3Config
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from mypy_boto3_s3 import S3Client  # boto3-stubs (the dev extra): only the type checker reads it
+    from mypy_boto3_s3.type_defs import GetObjectOutputTypeDef, MultipartUploadTypeDef
 
 Progress = Callable[[int], None] | None  # called with the number of bytes just transferred
 T = TypeVar("T")
@@ -44,7 +51,16 @@ T = TypeVar("T")
 # truncation and a half-overwritten object it is as sure as sha256; against someone who can rewrite
 # objects neither helps (they can rewrite the manifest beside them): that is the bucket policy's job.
 CHECKSUM = "xxh3_128"
-HASHERS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+
+
+class Hasher(Protocol):
+    """What a checksum is computed with: xxhash's and hashlib's objects alike."""
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+HASHERS: dict[str, Callable[[], Hasher]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 HASH_CHUNK = 8 * 2**20  # a local write is hashed and passed on in chunks of this size (S3: in parts)
 READ_CHUNK = 4 * 2**20  # an S3 range is read into its place in chunks of this size
 
@@ -168,7 +184,9 @@ class ObjectWriter(ABC):
     def __enter__(self) -> ObjectWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is None:
             self.commit()
         else:
@@ -182,7 +200,9 @@ class Storage(ABC):
     def open_write(self, key: str, progress: Progress = None, checksum: str = CHECKSUM) -> ObjectWriter: ...
 
     @abstractmethod
-    def read(self, key: str, progress: Progress = None, hasher: Any = None, size: int | None = None) -> bytearray:
+    def read(
+        self, key: str, progress: Progress = None, hasher: Hasher | None = None, size: int | None = None
+    ) -> bytearray:
         """The whole object, in a buffer the caller owns; `hasher` (an xxhash or hashlib object) is
         fed the bytes in order while they arrive, so verifying costs no second pass. `size`, when the
         caller knows it (a manifest), saves asking the store; an object of another size is then an
@@ -271,13 +291,15 @@ class LocalStorage(Storage):
     def open_write(self, key: str, progress: Progress = None, checksum: str = CHECKSUM) -> ObjectWriter:
         return LocalWriter(self._path(key), key, progress, checksum)
 
-    def _open(self, key: str):
+    def _open(self, key: str) -> io.BufferedReader:
         try:
             return open(self._path(key), "rb")
         except (FileNotFoundError, IsADirectoryError):
             raise FileNotFoundError(f"checkpoint object '{key}' not found under {self.uri}") from None
 
-    def read(self, key: str, progress: Progress = None, hasher: Any = None, size: int | None = None) -> bytearray:
+    def read(
+        self, key: str, progress: Progress = None, hasher: Hasher | None = None, size: int | None = None
+    ) -> bytearray:
         with self._open(key) as f:
             buffer = bytearray(os.fstat(f.fileno()).st_size)
             f.readinto(buffer)
@@ -317,7 +339,7 @@ class LocalStorage(Storage):
 # ------------------------------------------------------------------------------------------------
 
 
-def s3_client(options: Any, *, preflight: bool = False):
+def s3_client(options: Any, *, preflight: bool = False) -> S3Client:
     """A boto3 S3 client from `checkpoint.s3.*` (dvgt/s3_options.py S3Config) and the standard AWS
     variables (credentials, profile, region and endpoint are read by boto3 itself).
 
@@ -426,7 +448,7 @@ class S3Writer(ObjectWriter):
         self._pieces: list[memoryview] = []  # the part being gathered, by reference
         self._gathered = 0
         self._upload_id: str | None = None
-        self._parts: list[Future] = []
+        self._parts: list[Future[dict[str, Any]]] = []
 
     def _write(self, view: memoryview) -> None:
         while len(view):
@@ -461,13 +483,14 @@ class S3Writer(ObjectWriter):
             )["UploadId"]
         self.s3.slots.acquire()
         for done in self._parts:  # fail fast: stop feeding an upload whose earlier part failed
-            if done.done() and done.exception() is not None:
+            error = done.exception() if done.done() else None
+            if error is not None:
                 self.s3.slots.release()
-                raise done.exception()
+                raise error
         body, buffer = self._take_part()
         future = self.s3.pool.submit(self._upload_part, len(self._parts) + 1, body)
 
-        def finished(_: Future) -> None:
+        def finished(_: Future[dict[str, Any]]) -> None:
             if buffer is not None:
                 self.s3.give_buffer(buffer)
             self.s3.slots.release()
@@ -539,7 +562,7 @@ class S3Writer(ObjectWriter):
 class _InOrderHasher:
     """Feeds `hasher` the contiguous prefix of a buffer whose ranges complete out of order."""
 
-    def __init__(self, buffer: bytearray, hasher: Any, start: int = 0) -> None:
+    def __init__(self, buffer: bytearray, hasher: Hasher | None, start: int = 0) -> None:
         self._view, self._hasher = memoryview(buffer), hasher
         self._hashed = start  # bytes [0, _hashed) went into the hasher
         self._runs: dict[int, int] = {}  # completed but not yet hashed: start -> end
@@ -589,7 +612,7 @@ class S3Storage(Storage):
         check_key(key, prefix)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def call(self, what: str, key: str, method: Callable, **kwargs) -> Any:
+    def call(self, what: str, key: str, method: Callable[..., Any], **kwargs: Any) -> Any:
         """One S3 request (botocore retries it); any failure becomes a one-line StorageError."""
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -621,10 +644,10 @@ class S3Storage(Storage):
     def open_write(self, key: str, progress: Progress = None, checksum: str = CHECKSUM) -> ObjectWriter:
         return S3Writer(self, key, progress, checksum)
 
-    def _get(self, key: str, start: int, length: int, size: int | None = None) -> Any:
+    def _get(self, key: str, start: int, length: int, size: int | None = None) -> GetObjectOutputTypeDef:
         """A ranged GET; with `size`, one that shows the object is of another size is an ObjectSizeError."""
         try:
-            response = self.call(
+            response: GetObjectOutputTypeDef = self.call(
                 "read",
                 key,
                 self.client.get_object,
@@ -662,7 +685,9 @@ class S3Storage(Storage):
         finally:
             body.close()
 
-    def read(self, key: str, progress: Progress = None, hasher: Any = None, size: int | None = None) -> bytearray:
+    def read(
+        self, key: str, progress: Progress = None, hasher: Hasher | None = None, size: int | None = None
+    ) -> bytearray:
         """Parallel ranged GETs of part size, each read straight into one buffer of the object's
         size. With `size` known (from a manifest) every range starts at once; otherwise the first
         range's answer tells the size (no HEAD request either way)."""
@@ -718,9 +743,9 @@ class S3Storage(Storage):
     def list(self, prefix: str = "") -> builtins.list[str]:
         return sorted(k for k, _ in self._list_objects(prefix) if not k.startswith(".dvgt-write-check-"))
 
-    def _uploads(self, prefix: str) -> builtins.list[dict[str, Any]]:
+    def _uploads(self, prefix: str) -> builtins.list[MultipartUploadTypeDef]:
         paginator = self.client.get_paginator("list_multipart_uploads")
-        uploads = []
+        uploads: builtins.list[MultipartUploadTypeDef] = []
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.object_key(prefix, prefix=True)):
                 uploads += page.get("Uploads", [])

@@ -128,7 +128,7 @@ def show(uri: str) -> list[str]:
     return lines
 
 
-def _get(config: dict, dotted: str) -> Any:
+def _get(config: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         config = config.get(part, {}) if isinstance(config, dict) else {}
     return config if config != {} else "?"

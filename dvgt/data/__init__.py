@@ -1,20 +1,7 @@
-"""Data: the official DVGT preprocessed format, its datasets and samples, the sampler and the loaders,
-and the synthetic generator. docs/data.md describes the format and every convention."""
+"""Data: the official DVGT preprocessed format (format.py), its scenes and sequences (scenes.py), the
+dataset and its samples (scene_dataset.py), the samplers (sampler.py), the loaders (loader.py), s3://
+roots (remote.py) and the synthetic generator (synthetic.py). docs/data.md describes the format and every
+convention.
 
-from dvgt.data.format import DataFileError
-from dvgt.data.loader import build_eval_loader, build_train_loader, load_clip, open_datasets
-from dvgt.data.scene_dataset import DatasetSpec, SampleRequest, SceneDataset
-from dvgt.data.synthetic import ensure_synthetic_dataset, generate_synthetic_dataset
-
-__all__ = [
-    "DataFileError",
-    "DatasetSpec",
-    "SampleRequest",
-    "SceneDataset",
-    "build_eval_loader",
-    "build_train_loader",
-    "ensure_synthetic_dataset",
-    "generate_synthetic_dataset",
-    "load_clip",
-    "open_datasets",
-]
+Nothing is imported here, so that reading a constant of format.py (as the config validator does) does
+not load the loaders, torch and the S3 layer."""

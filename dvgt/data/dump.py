@@ -84,7 +84,7 @@ def dump_samples(root: str | Path, manifest: str | Path, out: str | Path, s3_cac
             arrays = {k: arrays[k] for k in keep}
         path = Path(out) / entry["file"]
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **arrays)
+        np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub: a ** could fill allow_pickle
         yield f"{path}: {arrays.get('seq_name', '')} ({len(arrays)} keys)"
 
 

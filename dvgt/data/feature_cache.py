@@ -164,13 +164,18 @@ class FeatureCache:
     def fingerprint(self) -> dict[str, Any]:
         return self.manifest["fingerprint"]
 
-    def _header(self, shard: int) -> tuple:
+    def _store(self) -> Storage:
+        """The storage, opened anew in each process (a forked loader worker too)."""
         if self._storage is None or self._pid != os.getpid():
             self._storage, self._headers, self._pid = open_storage(self.uri, self.s3), {}, os.getpid()
+        return self._storage
+
+    def _header(self, shard: int) -> tuple[int, dict[str, Any]]:
+        store = self._store()
         if shard not in self._headers:
             name = shard_name(shard)
-            length = int.from_bytes(self._storage.read_range(name, 0, 8), "little")
-            header = json.loads(self._storage.read_range(name, 8, length))
+            length = int.from_bytes(store.read_range(name, 0, 8), "little")
+            header = json.loads(store.read_range(name, 8, length))
             header.pop("__metadata__", None)
             self._headers[shard] = (8 + length, header)
         return self._headers[shard]
@@ -183,7 +188,7 @@ class FeatureCache:
         if info is None:
             return None
         begin, end = info["data_offsets"]
-        data = bytearray(self._storage.read_range(shard_name(shard), base + begin, end - begin))
+        data = bytearray(self._store().read_range(shard_name(shard), base + begin, end - begin))
         return torch.frombuffer(data, dtype=DTYPE_OF[info["dtype"]]).reshape(info["shape"])
 
 
@@ -235,7 +240,7 @@ class CachedDataset(torch.utils.data.Dataset):
         shape = (self.layers, T, V, self.special_tokens + P, self.token_dim)
         cached = self.cache.get(clip_id(name, split, filenames, T, V), H, W)
         found = cached is not None and tuple(cached.shape) == shape
-        tokens = cached if found else torch.zeros(shape, dtype=self.dtype)
+        tokens = cached if cached is not None and found else torch.zeros(shape, dtype=self.dtype)
         return {**sample, "aggregator_tokens": tokens, "aggregator_tokens_hit": torch.full((T, V), found)}
 
 
@@ -271,7 +276,7 @@ def clip_cameras(dataset: SceneDataset, split_cfg: Any) -> list[tuple[int, ...]]
     return [(camera,) for camera in range(dataset.num_cameras)]
 
 
-def cache_items(part: str, sampler: GroupedBatchSampler, split_cfg: Any) -> list[CacheItem]:
+def cache_items(part: str, sampler: GroupedBatchSampler[SceneDataset], split_cfg: Any) -> list[CacheItem]:
     """Every item of the sampler's datasets in a fixed order: each image (backbone), or each clip the
     sampler can draw (aggregator)."""
     items = []
@@ -298,7 +303,7 @@ def _images(d: int, dataset: SceneDataset) -> list[CacheItem]:
     return list(items.values())
 
 
-def _clips(d: int, sampler: GroupedBatchSampler, split_cfg: Any) -> list[CacheItem]:
+def _clips(d: int, sampler: GroupedBatchSampler[SceneDataset], split_cfg: Any) -> list[CacheItem]:
     """Every clip the sampler can draw from dataset d, as SceneDataset._draw_clip draws it: every frame count
     the sampler allows (frame_range for each views_range count), from every sequence with room for the
     clip and its future frames at the target rate, every start; clips that several sequences share once."""

@@ -159,7 +159,7 @@ def train_sampler(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
-) -> GroupedBatchSampler:
+) -> GroupedBatchSampler[SceneDataset]:
     """The grouped sampler of data.train (also what the feature cache asks which clips can be drawn)."""
     s = split_cfg
     return GroupedBatchSampler(

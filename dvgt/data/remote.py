@@ -242,7 +242,8 @@ class S3Root:
             config = TransferConfig(
                 multipart_threshold=part, multipart_chunksize=part, max_concurrency=self.options.concurrency
             )
-            self._transfer, self._pid = S3Transfer(s3_client(self.options), config), os.getpid()
+            # (boto3-stubs types the config as s3transfer's base class; boto3's TransferConfig extends it)
+            self._transfer, self._pid = S3Transfer(s3_client(self.options), config), os.getpid()  # type: ignore[arg-type]
         return self._transfer
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple, Protocol
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -37,10 +37,14 @@ from dvgt.data.scene_dataset import SampleRequest
 class Source(Protocol):
     """What the sampler needs to know about a dataset (SceneDataset provides it)."""
 
-    name: str
-    num_cameras: int
-    max_frames: int  # the longest training clip its sequences allow
-    frame_num_max: int  # frame_num_max minus the future frames
+    @property
+    def name(self) -> str: ...
+    @property
+    def num_cameras(self) -> int: ...
+    @property
+    def max_frames(self) -> int: ...  # the longest training clip its sequences allow
+    @property
+    def frame_num_max(self) -> int: ...  # frame_num_max minus the future frames
 
     def __len__(self) -> int: ...
 
@@ -56,12 +60,15 @@ class EvalIndex(NamedTuple):
     counted: bool  # False for the repeats that even out the ranks
 
 
-class GroupedBatchSampler(torch.utils.data.Sampler):
+SourceT = TypeVar("SourceT", bound=Source)
+
+
+class GroupedBatchSampler(torch.utils.data.Sampler[list[TrainIndex]], Generic[SourceT]):
     """Yields, per step, this rank's list of TrainIndex (use it as a DataLoader ``batch_sampler``)."""
 
     def __init__(
         self,
-        datasets: Sequence[Source],
+        datasets: Sequence[SourceT],
         *,
         views: Sequence[int],
         min_frames: int,
@@ -91,8 +98,8 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         self.step = 0  # next step to yield in this epoch
         self._resume_step = 0  # where the next iteration starts
         for index in range(len(self.datasets)):  # fail at start-up, not at the first step that draws it
-            for views in self.views_range(index):
-                self.frame_range(index, views)
+            for count in self.views_range(index):
+                self.frame_range(index, count)
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -123,7 +130,7 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         views = int(rng.integers(views_range.start, views_range.stop))
         frames_range = self.frame_range(index, views)
         frames = int(rng.integers(frames_range.start, frames_range.stop))
-        aspect = self.fixed_aspect_ratio or round(float(rng.uniform(*self.aspect_ratio)), 2)
+        aspect = self.fixed_aspect_ratio or round(float(rng.uniform(self.aspect_ratio[0], self.aspect_ratio[1])), 2)
         total = max(1, self.max_img_per_gpu // (views * frames)) * self.world_size
         sequences = rng.integers(0, 2**31, size=total)
         seeds = rng.integers(0, 2**63 - 1, size=total)

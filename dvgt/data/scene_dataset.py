@@ -48,7 +48,7 @@ SCALED_TRANSLATION = (
 class SampleRequest(NamedTuple):
     """One training sample of a step, as the sampler asks for it."""
 
-    index: int  # sequence index (used when inside_random is off)
+    index: int  # type: ignore[assignment]  # sequence index (used when inside_random is off); shadows tuple.index
     views: int
     frames: int
     aspect_ratio: float

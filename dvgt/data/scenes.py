@@ -31,6 +31,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -97,7 +98,7 @@ class SceneIndex:
         """The scene of each position into ``frames``."""
         return np.searchsorted(self.offsets, positions, side="right") - 1
 
-    def find(self, scenes: np.ndarray, frames: np.ndarray, side: str = "left") -> np.ndarray:
+    def find(self, scenes: np.ndarray, frames: np.ndarray, side: Literal["left", "right"] = "left") -> np.ndarray:
         """np.searchsorted of each frame value within its scene's frames, as a position into ``frames``."""
         low, high = int(self.frames.min()) - 1, int(self.frames.max()) + 1
         span = high - low + 1  # frame values clipped to [low, high] keep their order against every stored frame

@@ -69,7 +69,7 @@ RIG = {  # OpenScene's eight cameras, 45 degrees apart; neighbours overlap by ab
     "CAM_R2": CameraMount(135.0, (0.7, -1.55, -0.6), 66.0, (-0.010, 0.015)),
 }
 assert list(RIG) == list(fmt.CAMERAS[DATASET])  # the official dataset's cameras, in its order
-COMMANDS = fmt.COMMAND_ORDER[DATASET]  # left, forward, right, unknown
+COMMANDS = fmt.COMMAND_ORDER[DATASET] or ()  # left, forward, right, unknown
 COMMAND_LATERAL_M = 2.0  # lateral offset 4 s ahead that counts as a turn (the nuScenes planning convention)
 
 
@@ -233,7 +233,7 @@ def build_scene(seed: np.random.SeedSequence, num_frames: int) -> SyntheticScene
     road = Road.random(rng, ego_s[-1] + ROAD_AHEAD)
     s_range = (-ROAD_BEHIND, ego_s[-1] + ROAD_AHEAD)
     curb = ROAD_HALF_WIDTH + SIDEWALK_WIDTH
-    boxes = [
+    groups = [
         _boxes_along_road(
             rng,
             road,
@@ -274,7 +274,7 @@ def build_scene(seed: np.random.SeedSequence, num_frames: int) -> SyntheticScene
             yaw_jitter=0.05,
         ),
     ]
-    boxes = Boxes(*(np.concatenate([getattr(b, f) for b in boxes]) for f in Boxes.__dataclass_fields__))
+    boxes = Boxes(*(np.concatenate([getattr(b, f) for b in groups]) for f in Boxes.__dataclass_fields__))
 
     wobble = rng.uniform(0, 2 * np.pi, size=2)
     lateral = LANE_OFFSET + 0.2 * np.sin(0.8 * times + wobble[0])

@@ -149,11 +149,13 @@ def resize_jpeg(jpeg: Image.Image, plan: ViewPlan) -> np.ndarray:
     drafted = jpeg.draft("RGB", (jpeg.width // scale, jpeg.height // scale)) if scale > 1 else None
     if not drafted:  # too little room to shrink (or not a JPEG): the official path, byte-identical
         return resize_image(np.asarray(jpeg.convert("RGB")), plan)
-    scale = stored_w / drafted[1][2]  # the scale the decoder agreed to
+    agreed = stored_w / drafted[1][2]  # the scale the decoder agreed to
     x0, y0, x1, y1 = plan.box
     new_h, new_w = plan.size
     rgb = jpeg if jpeg.mode == "RGB" else jpeg.convert("RGB")
-    resized = rgb.resize((new_w, new_h), resample=plan.resample, box=(x0 / scale, y0 / scale, x1 / scale, y1 / scale))
+    resized = rgb.resize(
+        (new_w, new_h), resample=plan.resample, box=(x0 / agreed, y0 / agreed, x1 / agreed, y1 / agreed)
+    )
     return _final_crop(np.asarray(resized), plan.final)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from dvgt.families.dvgt1 import AGGREGATOR_CACHE_PARTS
 from dvgt.families.dvgt2_pretrain import TRAINING_TARGETS, build_dvgt2, chained_points_and_poses, local_point_losses
 from dvgt.models.conversions import DVGT2_STAGE1, VGGT, dvgt2_stage1_to_stage2, vggt_to_dvgt2
 from dvgt.models.dvgt2 import EGO_STATUS_FIELDS, PLANNING_STEPS
+from dvgt.models.trajectory_decoder import TrajectoryPoseDecoder
 from dvgt.train.evaluation import trajectory_in_metres
 
 DECODER = "ego_pose_head.traj_pose_decoder"  # the module that holds the anchors
@@ -54,7 +55,9 @@ def build(model_cfg: Any) -> nn.Module:
         from dvgt.data.anchors import read_anchor_dir
 
         trajectory, pose_translation = read_anchor_dir(model_cfg.anchor_dir)
-        model.get_submodule(DECODER).set_anchors(torch.from_numpy(trajectory), torch.from_numpy(pose_translation))
+        cast(TrajectoryPoseDecoder, model.get_submodule(DECODER)).set_anchors(
+            torch.from_numpy(trajectory), torch.from_numpy(pose_translation)
+        )
     return model
 
 
@@ -76,7 +79,7 @@ def anchors_from_model(model: nn.Module) -> PlanningAnchors:
 
     The decoder stores them normalised to [-1, 1] over fixed ranges; its ``denormalize`` undoes that.
     """
-    decoder = model.get_submodule(DECODER)
+    decoder = cast(TrajectoryPoseDecoder, model.get_submodule(DECODER))
     return PlanningAnchors(
         decoder.denormalize(decoder.norm_traj_anchor[0], decoder.traj_min, decoder.traj_max),
         decoder.denormalize(
@@ -145,7 +148,7 @@ def dvgt2_loss(predictions: Predictions, batch: Batch, loss_cfg: Any, anchors: P
     return losses
 
 
-def planning_targets(batch: dict[str, Tensor], steps: int) -> tuple[Tensor, Tensor]:
+def planning_targets(batch: Batch, steps: int) -> tuple[Tensor, Tensor]:
     """(right, forward, heading) [B,T,steps,3] of the next ``steps`` frames of every input frame and their
     validity [B,T,steps]: a clip with fewer future frames (nuScenes planning evaluation has 6) leaves the
     later steps invalid; without any future frame nothing is valid."""
@@ -168,11 +171,12 @@ def nearest_anchor(gt: Tensor, valid: Tensor, anchors: Tensor) -> Tensor:
     """
     distance = torch.linalg.vector_norm(gt[:, None] - anchors[None], dim=-1)  # [N, K, S]
     weights = valid[:, None].float()
-    return ((distance * weights).sum(-1) / weights.sum(-1).clamp(min=1)).argmin(-1)
+    mean_distance: Tensor = (distance * weights).sum(-1) / weights.sum(-1).clamp(min=1)  # [N, K]
+    return mean_distance.argmin(-1)
 
 
 def anchor_mode_loss(
-    reg_list: Sequence[Tensor], cls_list: Sequence[Tensor], gt: Tensor, valid: Tensor, anchors: Tensor, cfg
+    reg_list: Sequence[Tensor], cls_list: Sequence[Tensor], gt: Tensor, valid: Tensor, anchors: Tensor, cfg: Any
 ) -> tuple[Tensor, Tensor]:
     """Focal classification of the nearest anchor + L1 regression of that mode, summed over decoder layers.
 
@@ -184,13 +188,13 @@ def anchor_mode_loss(
     gt, valid = gt.flatten(0, 1), valid.flatten(0, 1)  # [N, S, D], [N, S]
     frames = valid.any(-1)  # [N]
     if not frames.any():
-        zero = 0.0 * sum(reg.float().sum() + cls.float().sum() for reg, cls in zip(reg_list, cls_list))
+        zero = 0.0 * torch.stack([reg.float().sum() + cls.float().sum() for reg, cls in zip(reg_list, cls_list)]).sum()
         return zero, zero.expand(gt.shape[-1])
     gt, valid = gt[frames], valid[frames]
     target = nearest_anchor(gt[..., : anchors.shape[-1]], valid, anchors)  # [M]
     one_hot = F.one_hot(target, anchors.shape[0]).float()  # [M, K]
     steps = valid[..., None].float()  # [M, S, 1]
-    cls_total = reg_total = 0.0
+    cls_total, reg_total = gt.new_zeros(()), gt.new_zeros(gt.shape[-1])
     for reg, cls in zip(reg_list, cls_list):
         reg, cls = reg.float().flatten(0, 1)[frames], cls.float().flatten(0, 1)[frames]  # [M, K, S, D], [M, K]
         mode = reg[torch.arange(len(target), device=reg.device), target]  # [M, S, D]
@@ -208,7 +212,7 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gam
     return alpha_weight * (1 - p_true) ** gamma * cross_entropy
 
 
-def best_mode(reg_list, cls_list) -> Tensor:
+def best_mode(reg_list: Sequence[Tensor], cls_list: Sequence[Tensor]) -> Tensor:
     """The best-scoring mode of the last decoder layer: [B, T, K, ...] -> [B, T, ...]."""
     reg, scores = reg_list[-1], cls_list[-1]
     index = scores.argmax(-1)  # [B, T]

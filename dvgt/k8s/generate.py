@@ -218,7 +218,7 @@ def expected_files(chart: Path = CHART_DIR) -> dict[Path, str]:
     return files
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dvgt.k8s.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only report files that differ from the chart")
     args = parser.parse_args(argv)

@@ -38,10 +38,11 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
 from dvgt.k8s import pytorchjob, trainjob
 from dvgt.k8s.pytorchjob import CONTAINER, REPLICA_TYPES, operator_env, replica_counts
@@ -63,7 +64,8 @@ def log(prefix: str, line: str) -> None:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -177,7 +179,7 @@ class PodPlan:
     fields: dict[str, str]  # downward-API values beyond metadata.name & co (labels, annotations)
     policy: str  # restartPolicy as the manifest says it (messages)
     in_place: str = ""  # "OnFailure" | "Always": the kubelet restarts the container; "": a failed pod is recreated ...
-    fail_codes: frozenset = frozenset()  # ... unless its exit code fails the job
+    fail_codes: frozenset[int] = frozenset()  # ... unless its exit code fails the job
     recreate: bool = True  # False: a failed pod fails the job (PyTorchJob Never)
     required: bool = True  # the job succeeds when every required pod has
 
@@ -226,9 +228,9 @@ def plan_pytorchjob(job: dict[str, Any], port: int) -> JobPlan:
     )
 
 
-def failing_exit_codes(job_spec: dict[str, Any]) -> frozenset:
+def failing_exit_codes(job_spec: dict[str, Any]) -> frozenset[int]:
     """The exit codes of the `node` container that the Job's podFailurePolicy answers with FailJob."""
-    codes: set = set()
+    codes: set[int] = set()
     for rule in (job_spec.get("podFailurePolicy") or {}).get("rules") or []:
         exits = rule.get("onExitCodes") or {}
         if rule.get("action") != "FailJob" or exits.get("containerName", trainjob.NODE) != trainjob.NODE:
@@ -310,10 +312,10 @@ class ContainerFiles:
         """Container paths under a mount or the working directory -> host paths, wherever a path can start
         in a value: at its start, or after '=', ':', a space or a quote (key=value overrides, shell scripts)."""
 
-        def swap(match: re.Match) -> str:
-            path = match.group(2)
+        def swap(match: re.Match[str]) -> str:
+            path: str = match.group(2)
             inside = any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
-            return match.group(1) + (str(self.host_path(path)) if inside else path)
+            return str(match.group(1)) + (str(self.host_path(path)) if inside else path)
 
         return re.sub(r"(^|[=:\s'\"])(/[^\s=:,;'\"]*)", swap, value)
 
@@ -321,7 +323,7 @@ class ContainerFiles:
 @dataclass
 class Process:
     name: str
-    popen: subprocess.Popen
+    popen: subprocess.Popen[str]
     reader: threading.Thread
 
     def poll(self) -> int | None:
@@ -354,7 +356,7 @@ class Pod:
 
     # -- file system ------------------------------------------------------------------------------
     def _volume_folder(self, volume: dict[str, Any]) -> Path:
-        name = volume["name"]
+        name: str = volume["name"]
         if name in self.options.volumes:
             return Path(self.options.volumes[name]).resolve()
         if "emptyDir" in volume:
@@ -418,7 +420,7 @@ class Pod:
             for k, v in env.items()
         }
 
-    def _declared(self, container: dict[str, Any]) -> set:
+    def _declared(self, container: dict[str, Any]) -> set[str]:
         return {item["name"] for item in container.get("env") or []} | set(self.options.env)
 
     def _env_value(self, container: str, item: dict[str, Any], env: dict[str, str]) -> str:
@@ -489,6 +491,7 @@ class Pod:
         )
 
         def forward() -> None:
+            assert popen.stdout is not None  # stdout=PIPE
             for line in popen.stdout:
                 log(label, line.rstrip("\n"))
 
@@ -568,7 +571,7 @@ class Pod:
         ]
 
 
-def _signal_group(popen: subprocess.Popen, sig: int) -> None:
+def _signal_group(popen: subprocess.Popen[str], sig: int) -> None:
     try:
         os.killpg(popen.pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -601,7 +604,9 @@ class JobRun:
                 del self.due[pod.name]
                 pod.start_main() if pod.plan.in_place else pod.start()
             return None
-        code = None if pod.finished else pod.main.poll()
+        if pod.finished or pod.main is None:
+            return None
+        code = pod.main.poll()
         if code is None:
             return None
         pod.main.reader.join(timeout=5)
@@ -639,7 +644,7 @@ class JobRun:
         if self.options.targets_file:
             self.options.targets_file.write_text(json.dumps([t for pod in self.pods for t in pod.targets()], indent=1))
 
-        def interrupt(signum, frame):
+        def interrupt(signum: int, frame: FrameType | None) -> NoReturn:
             raise Interrupted(signum)
 
         previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -679,11 +684,15 @@ def run_job(job: dict[str, Any], options: Options, runtime: dict[str, Any] | Non
     job = apply_local_options(job, options)
     check(job)
     port = free_port()  # the master's port: a free one here, not the declared one
-    plan = plan_trainjob(job, runtime, port) if job.get("kind") == "TrainJob" else plan_pytorchjob(job, port)
+    if job.get("kind") == "TrainJob":
+        assert runtime is not None, "check_admission refuses a TrainJob without its runtime"
+        plan = plan_trainjob(job, runtime, port)
+    else:
+        plan = plan_pytorchjob(job, port)
     return JobRun(plan, options).run(port)
 
 
-def load_job(manifest: str, runtime_files: list[Path]) -> tuple:
+def load_job(manifest: str, runtime_files: list[Path]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(job, runtime) of a manifest ('-': stdin) holding one PyTorchJob or one TrainJob. A TrainJob's
     runtime is looked for in the manifest, then in runtime_files, then in the YAML files beside the
     manifest (k8s/trainjob/runtime.yaml for the ready TrainJobs)."""
@@ -711,6 +720,6 @@ def load_job(manifest: str, runtime_files: list[Path]) -> tuple:
     )
 
 
-def run_manifest(manifest: str, options: Options, runtime_files: list[Path] = ()) -> int:
+def run_manifest(manifest: str, options: Options, runtime_files: Sequence[Path] = ()) -> int:
     job, runtime = load_job(manifest, list(runtime_files))
     return run_job(job, options, runtime)

@@ -155,11 +155,11 @@ def strategic_merge(base: Any, patch: Any) -> Any:
         and isinstance(patch, list)
         and all(isinstance(x, dict) and "name" in x for x in base + patch)
     ):
-        out = [dict(x) for x in base]
+        merged = [dict(x) for x in base]
         for item in patch:
-            at = next((i for i, x in enumerate(out) if x["name"] == item["name"]), None)
-            out.append(item) if at is None else out.__setitem__(at, strategic_merge(out[at], item))
-        return out
+            at = next((i for i, x in enumerate(merged) if x["name"] == item["name"]), None)
+            merged.append(item) if at is None else merged.__setitem__(at, strategic_merge(merged[at], item))
+        return merged
     return patch
 
 
@@ -181,7 +181,9 @@ def node_template(trainjob: dict[str, Any], runtime: dict[str, Any]) -> dict[str
         patched = ((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec")
         if patched:
             spec = strategic_merge(spec, patched)
-    job = copy.deepcopy(trainer_job({"spec": {"template": {"spec": spec}}}))
+    trainer_template = trainer_job({"spec": {"template": {"spec": spec}}})
+    assert trainer_template is not None, "admission_errors refuses a runtime without the trainer job"
+    job = copy.deepcopy(trainer_template)
     trainer = trainjob["spec"].get("trainer") or {}
     for container in pod_spec(job).get("containers") or []:
         if container["name"] != NODE:

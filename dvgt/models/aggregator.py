@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +60,7 @@ def token_positions(rows: int, cols: int, num_special: int, device: torch.device
     return torch.cat([special, grid], dim=0)
 
 
-def embed_patches(patch_embed: nn.Module, images: Tensor, patch_tokens: Tensor | None = None) -> Tensor:
+def embed_patches(patch_embed: Any, images: Tensor, patch_tokens: Tensor | None = None) -> Tensor:
     """Patch tokens [B*T*V, P, C] of images [B, T, V, 3, H, W] in [0, 1]: the backbone's output, or
     `patch_tokens` [B, T, V, P, C] when given (the backbone's output for these images, precomputed by the
     feature cache, docs/feature-cache.md), which skips the backbone."""
@@ -75,7 +76,7 @@ def embed_patches(patch_embed: nn.Module, images: Tensor, patch_tokens: Tensor |
     return patch_tokens.reshape(B * T * V, *patch_tokens.shape[3:])
 
 
-def precomputed_outputs(aggregator: nn.Module, aggregator_tokens: Sequence[Tensor | None]) -> tuple[list, int]:
+def precomputed_outputs(aggregator: Any, aggregator_tokens: Sequence[Tensor | None]) -> tuple[list, int]:
     """(outputs by layer, patch_start_idx) as a frozen aggregator's cached outputs give them (feature cache,
     docs/feature-cache.md): one entry per layer, [B, T, V, N, D] where a head reads it and None elsewhere."""
     if len(aggregator_tokens) != aggregator.depth:
@@ -147,6 +148,7 @@ class Aggregator(nn.Module):
                 nn.init.normal_(token, std=1e-6)
 
         self.patch_embed = DinoVisionTransformer(embed_dim, backbone_depth, num_heads, patch_size)
+        self.rope: RotaryPositionEmbedding2D | MultimodalRotaryEmbedding
         if rope == "2d":
             self.rope = RotaryPositionEmbedding2D(frequency=rope_freq)
         else:

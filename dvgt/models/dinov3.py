@@ -39,6 +39,8 @@ class RopePositionEmbedding(nn.Module):
     buffer (it is in the official checkpoints).
     """
 
+    periods: Tensor  # [head_dim / 4] (register_buffer)
+
     def __init__(self, head_dim: int, base: float = 100.0, rescale_coords: float = 2.0) -> None:
         super().__init__()
         if head_dim % 4:
@@ -54,14 +56,14 @@ class RopePositionEmbedding(nn.Module):
         self.periods.copy_(self.base ** (exponents / (self.head_dim // 2)))
 
     def forward(self, H: int, W: int) -> tuple[Tensor, Tensor]:
-        dd = dict(device=self.periods.device, dtype=torch.float32)
-        coords_h = torch.arange(0.5, H, **dd) / H  # patch centres in (0, 1)
-        coords_w = torch.arange(0.5, W, **dd) / W
+        device, dtype = self.periods.device, torch.float32
+        coords_h = torch.arange(0.5, H, device=device, dtype=dtype) / H  # patch centres in (0, 1)
+        coords_w = torch.arange(0.5, W, device=device, dtype=dtype) / W
         coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)  # [HW, 2]
         coords = 2.0 * coords - 1.0
         if self.training and self.rescale_coords is not None:
             log_max = math.log(self.rescale_coords)
-            coords = coords * torch.empty(1, **dd).uniform_(-log_max, log_max).exp()
+            coords = coords * torch.empty(1, device=device, dtype=dtype).uniform_(-log_max, log_max).exp()
         angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]  # [HW, 2, head_dim/4]
         angles = angles.flatten(1, 2).tile(2)  # [HW, head_dim]
         return torch.sin(angles), torch.cos(angles)

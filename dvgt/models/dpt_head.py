@@ -8,6 +8,7 @@ to the image size and predicts, per pixel, 3 point coordinates and a confidence.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -172,14 +173,15 @@ class DPTHead(nn.Module):
 
         x = self._fuse(features)  # [B*t*V, features/2, 8 * grid_h, 8 * grid_w]
         x = add_uv_embedding(interpolate(x, (H, W)), W / H)
-        x = self.scratch.output_conv2(x).permute(0, 2, 3, 1)  # [B*t*V, H, W, 4]
+        scratch: Any = self.scratch  # a namespace of the checkpoint's layout (its modules set one by one)
+        x = scratch.output_conv2(x).permute(0, 2, 3, 1)  # [B*t*V, H, W, 4]
 
         points = torch.sign(x[..., :3]) * torch.expm1(x[..., :3].abs())  # inverse of sign(p) * log(1 + |p|)
         conf = 1 + x[..., 3].exp()
         return points.reshape(B, t, V, H, W, 3), conf.reshape(B, t, V, H, W)
 
     def _fuse(self, features: list[Tensor]) -> Tensor:
-        s = self.scratch
+        s: Any = self.scratch  # (see forward)
         l1, l2, l3, l4 = (rn(f) for rn, f in zip((s.layer1_rn, s.layer2_rn, s.layer3_rn, s.layer4_rn), features))
         x = s.refinenet4(l4, size=l3.shape[2:])
         x = s.refinenet3(x, l3, size=l2.shape[2:])

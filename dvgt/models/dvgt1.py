@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +86,7 @@ class DVGT1(nn.Module):
 
 
 def run_heads(
-    model: nn.Module, images: Tensor, tokens_list, patch_start_idx: int, pose_head: nn.Module, pose_key: str
+    model: Any, images: Tensor, tokens_list, patch_start_idx: int, pose_head: nn.Module, pose_key: str
 ) -> dict[str, object]:
     """The pose head and `model.point_head` on the aggregator's tokens, in float32 even under autocast
     (DVGT-1 and VGGT). Returns `pose_key` (last iteration), `<pose_key>_list`, points, points_conf

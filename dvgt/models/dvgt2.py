@@ -16,6 +16,7 @@ head sees the ego tokens of the last W frames.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -106,7 +107,7 @@ class DVGT2(nn.Module):
         self,
         tokens_list: list[Tensor],
         patch_start_idx: int,
-        image_size: tuple[int, int],
+        image_size: tuple[int, ...],
         ego_tokens: Tensor,
         ego_status: Tensor | None,
         noise: tuple[Tensor, Tensor] | None,
@@ -211,7 +212,9 @@ class DVGT2(nn.Module):
         """One streaming step: frame [B, V, 3, H, W] with absolute index t; updates `caches` in place and
         returns (predictions for this frame, the new ego-token cache). ego_status: [B, Tc, 8] of the window."""
         if t >= infer_window:  # the caches hold W frames: keep the last W - 1
-            tokens_per_frame = caches[0].keys.shape[2] // infer_window
+            keys = caches[0].keys
+            assert keys is not None, "frame t >= infer_window > 0 filled the caches"
+            tokens_per_frame = keys.shape[2] // infer_window
             for cache in caches:
                 cache.keep_last((infer_window - 1) * tokens_per_frame)
         tokens_list, patch_start_idx = self.aggregator(frame[:, None], kv_caches=caches, first_frame=t)
@@ -222,13 +225,16 @@ class DVGT2(nn.Module):
         predictions = self._heads(
             tokens_list, patch_start_idx, frame.shape[-2:], ego_tokens, ego_status, noise, embedded=True
         )
-        predictions = {k: [x[:, -1:] for x in v] if isinstance(v, list) else v[:, -1:] for k, v in predictions.items()}
+        predictions = {
+            k: [x[:, -1:] for x in v] if isinstance(v, list) else cast(Tensor, v)[:, -1:]
+            for k, v in predictions.items()
+        }
         if not self.training:
             predictions["images"] = frame[:, None]
         return predictions, ego_tokens
 
 
-def _merge_steps(steps: list[dict[str, object]]) -> dict[str, object]:
+def _merge_steps(steps: list[dict[str, Any]]) -> dict[str, object]:
     """Concatenate per-step outputs (tensors and lists of tensors with a T dim of 1) along T."""
     merged: dict[str, object] = {}
     for key, value in steps[0].items():

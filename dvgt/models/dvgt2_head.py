@@ -12,6 +12,8 @@ index) is added, then LayerNorm, `trunk_depth` blocks over all T*V*E tokens and 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -39,7 +41,7 @@ class DVGT2EgoHead(nn.Module):
         )
         self.token_norm = nn.LayerNorm(dim_in)
         self.trunk_norm = nn.LayerNorm(dim_in)
-        out_dim = POSE_DIM if decoder is None else decoder.time_mlp[-1].out_features
+        out_dim = POSE_DIM if decoder is None else cast(nn.Linear, decoder.time_mlp[-1]).out_features
         self.pose_branch = Mlp(dim_in, dim_in // 2, out_dim)
         self.traj_pose_decoder = decoder
 

@@ -13,12 +13,13 @@ At call time a block also takes an optional boolean `attn_mask` (True = may atte
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-RopeFn = Callable[[Tensor, object], Tensor]
+RopeFn = Callable[[Tensor, Any], Tensor]  # rope(x, positions): positions as the embedding takes them
 
 
 class Mlp(nn.Module):
@@ -52,6 +53,8 @@ class LinearKMaskedBias(nn.Linear):
     checkpoints load unchanged.
     """
 
+    bias_mask: Tensor  # [out_features] (register_buffer)
+
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=True)
         self.register_buffer("bias_mask", torch.empty(out_features))
@@ -72,8 +75,9 @@ def reset_buffers(model: nn.Module) -> nn.Module:
     Needed after `model.to_empty(...)`, which leaves buffers as uninitialised memory.
     """
     for module in model.modules():
-        if hasattr(module, "reset_buffers"):
-            module.reset_buffers()
+        reset = getattr(module, "reset_buffers", None)
+        if callable(reset):
+            reset()
     return model
 
 
@@ -147,14 +151,14 @@ class KVCache:
 
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append the new k, v [B, heads, N, head_dim]; returns all keys and values, past first."""
-        if self.keys is not None:
+        if self.keys is not None and self.values is not None:
             k, v = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
         self.keys, self.values = k, v
         return k, v
 
     def keep_last(self, num_tokens: int) -> None:
         """Drop all but the last `num_tokens` cached tokens (a sliding window)."""
-        if self.keys is not None:
+        if self.keys is not None and self.values is not None:
             start = self.keys.shape[2] - num_tokens
             self.keys, self.values = self.keys[:, :, start:], self.values[:, :, start:]
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -113,11 +114,13 @@ class ScoreAndOffsetHead(nn.Module):
     def __init__(self, dim: int, output_shape: Sequence[int]) -> None:
         super().__init__()
         self.output_shape = tuple(output_shape)
-        self.cls_branch = nn.Sequential(*_linear_relu_ln(dim, dim, 2), nn.Linear(dim, 1))
+        hidden = _linear_relu_ln(dim, dim, 2)
+        score = nn.Linear(dim, 1)
+        self.cls_branch = nn.Sequential(*hidden, score)
         self.reg_branch = nn.Sequential(
             nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, math.prod(output_shape))
         )
-        nn.init.constant_(self.cls_branch[-1].bias, -math.log((1 - 0.01) / 0.01))  # prior score 0.01
+        nn.init.constant_(score.bias, -math.log((1 - 0.01) / 0.01))  # prior score 0.01
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         B, M, _ = x.shape
@@ -157,6 +160,13 @@ class DecoderLayer(nn.Module):
 
 class TrajectoryPoseDecoder(nn.Module):
     INFERENCE_STEPS = (10, 0)  # DDIM steps at inference (DiffusionDrive: trained on t < 50, sampled from 10)
+    # persistent buffers (register_buffer; declared for the type checker)
+    norm_traj_anchor: Tensor  # [1, K, future_steps, 2]
+    traj_max: Tensor  # [2]
+    traj_min: Tensor  # [2]
+    norm_pose_translation_anchor: Tensor  # [1, K, 3]
+    pose_translation_max: Tensor  # [3]
+    pose_translation_min: Tensor  # [3]
 
     def __init__(
         self,
@@ -301,7 +311,7 @@ class TrajectoryPoseDecoder(nn.Module):
         time_embed = self.time_mlp(t)[:, None]  # [b, 1, D]
 
         outputs: dict[str, list[Tensor]] = {key: [] for key in ("traj_reg", "traj_cls", "poses_reg", "poses_cls")}
-        for layer in self.diff_decoder["layers"]:
+        for layer in cast(nn.ModuleList, self.diff_decoder["layers"]):
             results = layer(traj_feature, pose_feature, past_tokens, future_tokens, traj, pose, time_embed)
             for key, value in zip(outputs, results):
                 outputs[key].append(value)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import zipfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +50,18 @@ def read_checkpoint(path: str | Path, s3: Any = None) -> dict[str, Tensor]:
     `weights_only=True`: tensors and plain containers only, never arbitrary pickled objects), or a
     .safetensors file.
     """
+    source: str | Path
+    read: Callable[[], Any]
     if str(path).startswith("s3://"):
-        source, state_from = str(path), _read_remote
+        source = str(path)
+        read = partial(_read_remote, source, s3)
     else:
-        source, state_from = Path(str(path).removeprefix("file://")), _read_local
+        source = Path(str(path).removeprefix("file://"))
         if not source.is_file():
             raise FileNotFoundError(f"checkpoint file not found: {source}")
+        read = partial(_read_local, source, s3)
     try:
-        state = state_from(source, s3)
+        state = read()
     except OSError:  # missing object, unreachable storage: already one clear line
         raise
     except Exception as error:  # torch and safetensors raise many types for damaged files

@@ -16,10 +16,15 @@ import builtins
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dvgt.sdk import errors
 from dvgt.sdk.job import TrainingJob
 from dvgt.sdk.status import JobStatus
+
+if TYPE_CHECKING:  # the backends are imported when chosen (the cluster's need the Kubernetes client)
+    from dvgt.sdk.cluster import ClusterBackend
+    from dvgt.sdk.local import LocalBackend
 
 BACKENDS = ("cluster", "local")
 APIS = ("pytorchjob", "trainjob")
@@ -50,6 +55,7 @@ class Client:
         backend "local": jobs run on this machine, kept under `home` ($DVGT_HOME or ~/.dvgt)."""
         if api not in APIS:
             raise ValueError(f"api '{api}' is not one of {', '.join(APIS)}")
+        self.backend: ClusterBackend | LocalBackend  # TrainJobBackend is a ClusterBackend
         if backend == "cluster" and api == "trainjob":
             from dvgt.sdk.trainjob_cluster import TrainJobBackend
 

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _key_value(text: str) -> str:
@@ -29,7 +30,7 @@ def job_from_args(args: argparse.Namespace):
 
     from dvgt.sdk import TrainingJob
 
-    values = {}
+    values: dict[str, Any] = {}
     if args.values:
         values = yaml.safe_load(Path(args.values).read_text()) or {}
         if not isinstance(values, dict):
@@ -48,7 +49,7 @@ def job_from_args(args: argparse.Namespace):
         data_host_path=args.data_host_path,
         data_root=args.data_root,
         overrides=list(args.set),
-        name=args.name,
+        name=args.name or "",
         namespace=args.namespace,
         values=values,
     )
@@ -97,7 +98,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
                     callback=lambda s: live.update(line(s)),
                 )
         else:
-            seen = []
+            seen: list[str] = []
 
             def show(status) -> None:
                 if not seen or seen[-1] != status.summary():

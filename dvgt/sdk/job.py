@@ -114,7 +114,7 @@ class TrainingJob:
     checkpoint_uri: str | None = None  # checkpoints go to <uri>/<name> (s3://bucket/prefix or a path in the pod)
     s3_secret: str | None = None  # existing Secret with the AWS_* variables ("" = none)
     overrides: Mapping[str, Any] | Sequence[str] = field(default_factory=dict)  # trainer config overrides
-    name: str | None = None  # the job's name (DNS-1035); None: <stage>-<random suffix>
+    name: str = ""  # the job's name (DNS-1035); "" (or None): <stage>-<random suffix>
     namespace: str | None = None  # None: the client's namespace (the kubeconfig context's)
     images_per_step: int | None = None  # images per GPU per optimizer step; None: the stage's recipe
     max_images_per_forward: int | None = None  # images per GPU per forward pass; None: the profile's
@@ -143,7 +143,7 @@ class TrainingJob:
     values: dict[str, Any] = field(default_factory=dict)  # any other chart value, e.g. {"rdma": {"enabled": True}}
 
     def __post_init__(self) -> None:
-        if self.name is None:
+        if not self.name:
             self.name = default_name(self.stage)
 
     def to_values(self) -> dict[str, Any]:

@@ -262,8 +262,8 @@ class TrainJobBackend(ClusterBackend):
             upstream = self.trainer.wait_for_job_status(
                 name,
                 status=STATUSES_FOR[until],
-                polling_interval=poll_s,
-                timeout=NO_LIMIT_S if timeout is None else timeout,
+                polling_interval=poll_s,  # type: ignore[arg-type]  # the SDK annotates int; it divides and sleeps (floats work)
+                timeout=NO_LIMIT_S if timeout is None else timeout,  # type: ignore[arg-type]  # (the same)
                 callbacks=[report],
             )
         except TimeoutError:

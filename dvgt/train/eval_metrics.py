@@ -20,7 +20,7 @@ with one value per batch element (NaN where the metric is undefined), like the o
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -154,7 +154,7 @@ def trajectory(pred_trajectory: Tensor, gt_trajectory: Tensor) -> Metrics:
 
 
 # The argument names of each official metric function: a case file holding them is scored by it.
-CASE_FUNCTIONS = {
+CASE_FUNCTIONS: dict[tuple[str, ...], Callable[..., Metrics]] = {
     ("pred_points", "gt_points", "gt_masks"): chamfer,
     ("pred_depth", "gt_depth", "gt_mask"): depth,
     ("pred_poses", "gt_poses", "gt_masks"): pose_auc,

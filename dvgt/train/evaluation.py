@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,8 +20,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dvgt.data.geometry import inverse_pose, transform_points
-from dvgt.families.base import ModelFamily
 from dvgt.train import eval_metrics
+
+if TYPE_CHECKING:  # the families build on this module's helpers
+    from dvgt.families.base import ModelFamily
 
 
 def in_metres(pose: Tensor, scale: float) -> Tensor:

@@ -85,7 +85,7 @@ class FrozenPart:
 
     kind: str
     name: str  # its module path in the model
-    module: nn.Module
+    module: Any  # the backbone or the aggregator (its attributes are read by name)
     token_dim: int
     layers: tuple[int, ...] = ()
     depth: int = 0
@@ -124,11 +124,12 @@ def frozen_kinds(model: nn.Module, frozen: Iterable[str], parts: Mapping[str, st
     return kinds
 
 
-def frozen_part(model: nn.Module, kind: str, parts: Mapping[str, str]) -> FrozenPart:
+def frozen_part(model: Any, kind: str, parts: Mapping[str, str]) -> FrozenPart:
+    """The part `kind` of `model` (a DVGT or VGGT model: its point head's layers are read by name)."""
     if kind == BACKBONE:
-        backbone = model.get_submodule(parts[BACKBONE])
+        backbone: Any = model.get_submodule(parts[BACKBONE])
         return FrozenPart(kind, parts[BACKBONE], backbone, int(backbone.norm.normalized_shape[0]))
-    aggregator = model.get_submodule(parts[AGGREGATOR])
+    aggregator: Any = model.get_submodule(parts[AGGREGATOR])
     layers = tuple(sorted({*model.point_head.intermediate_layer_idx, aggregator.depth - 1}))  # what the heads read
     return FrozenPart(
         kind,
@@ -314,7 +315,7 @@ def build_cache(
     datasets = open_datasets(
         cfg.data,
         "train",
-        patch_size=model.patch_size,
+        patch_size=cached.module.patch_size,  # the trainer's patch size: the backbone's
         gt_scale_factor=cfg.gt_scale_factor,
         targets=sample_targets(cfg.model, evaluation=False),
     )  # as the trainer opens them
@@ -391,6 +392,7 @@ def build_cache(
     if info.is_main:
         records = [_committed(storage, i, num_shards, shard_digest, rehash=False) for i in range(num_shards)]
         absent = [shard_name(i) for i, r in enumerate(records) if r is None]
+        committed = [r for r in records if r is not None]
         if absent:
             raise FeatureCacheError(
                 f"feature cache {storage.uri}: shards {absent} are missing or corrupt after the "
@@ -403,7 +405,7 @@ def build_cache(
             "num_shards": num_shards,
             "shard_rule": "sha256(item id) mod num_shards",
             "items": len(items),
-            "entries": sum(r["entries"] for r in records),
+            "entries": sum(r["entries"] for r in committed),
             "dtype": DTYPES[stored],
             "datasets": [
                 {"name": name, "split": split, "root": d.spec.location, "sizes": [list(s) for s in held]}
@@ -417,7 +419,7 @@ def build_cache(
                     "items": r["items"],
                     "entries": r["entries"],
                 }
-                for i, r in enumerate(records)
+                for i, r in enumerate(committed)
             ],
         }
         storage.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -483,7 +485,7 @@ def verify_cache(
             f"re-run `dvgt cache build` with the same config and --out to rebuild them"
         )
     text = f"{len(manifest['shards'])} shards intact"
-    if part is None or samples <= 0 or not items:
+    if part is None or datasets is None or device is None or samples <= 0 or not items:
         return text
     cache = FeatureCache(storage.uri, cfg.checkpoint.s3)
     sizes = {(d["name"], d["split"]): d["sizes"] for d in manifest["datasets"]}

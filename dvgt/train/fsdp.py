@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from dvgt.models.layers import Block, CrossAttentionBlock
 
@@ -51,8 +52,9 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, cfg, amp_dtype: torch.dtype 
 @contextlib.contextmanager
 def no_gradient_sync(model: nn.Module) -> Iterator[None]:
     """Accumulate local gradients without reduce-scatter (micro-steps before the last one)."""
-    model.set_requires_gradient_sync(False)
+    sharded = cast(FSDPModule, model)  # (fully_shard made it one)
+    sharded.set_requires_gradient_sync(False)
     try:
         yield
     finally:
-        model.set_requires_gradient_sync(True)
+        sharded.set_requires_gradient_sync(True)

@@ -31,7 +31,7 @@ class RunLogger:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self._lock:
-            if self._file.closed:
+            if self._file is None or self._file.closed:
                 return
             self._file.write(json.dumps(clean) + "\n")
             if self._tb is not None and "step" in record:

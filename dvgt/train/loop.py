@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -181,10 +181,11 @@ class Trainer:
             self._print(f"Frozen: {len(frozen)} parameter tensors matching {list(cfg.optim.frozen_module_names)}")
         self.frozen_part = feature_cache.largest_frozen_part(
             self.model, frozen, self.family.cacheable_parts
-        )  # it runs in eval mode
-        self.feature_cache, self.cached_part = (
-            feature_cache.open_for_training(cfg, self.model, frozen) if cfg.data.feature_cache else (None, None)
-        )
+        )  # eval mode
+        self.feature_cache: feature_cache.FeatureCache | None = None
+        self.cached_part: feature_cache.FrozenPart | None = None
+        if cfg.data.feature_cache:
+            self.feature_cache, self.cached_part = feature_cache.open_for_training(cfg, self.model, frozen)
         self.amp_dtype = getattr(torch, cfg.optim.amp.amp_dtype)
         self.use_amp = cfg.optim.amp.enabled and self.device.type == "cuda"
         if self.fsdp:  # parameters become DTensor shards: the clipper and the optimizer take those
@@ -215,7 +216,7 @@ class Trainer:
                 gradient_as_bucket_view=d.gradient_as_bucket_view,
             )
 
-        self.patch_size = self.model.patch_size
+        self.patch_size = cast(int, self.model.patch_size)  # (every model family has one)
         if not self.dist.is_main:
             distributed.barrier()  # rank 0 first: it generates a synthetic dataset if one is missing
         self.train_loader = self._train_loader()
@@ -228,7 +229,7 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
         self.loss = self.family.loss(self.model, cfg.loss)  # the weights are final (DVGT-2 reads its anchors)
-        if self.feature_cache is not None:  # the weights are final now (pretrained or resumed)
+        if self.feature_cache is not None and self.cached_part is not None:  # the weights are final now
             feature_cache.check_weights(self.feature_cache, self.cached_part, cfg, self.device)
 
     # -- start-up -------------------------------------------------------------------------------
@@ -400,7 +401,7 @@ class Trainer:
         self._optimizer_step(finite)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        record = {f"loss/{k}": v for k, v in totals.items()}
+        record: dict[str, Any] = {f"loss/{k}": v for k, v in totals.items()}
         record.update({f"grad_norm/{k}": v for k, v in norms.items()})
         record.update(step=self.step, lr=lr, skipped=~finite, **cache_counts)
         self._pending.append(record)
@@ -414,11 +415,11 @@ class Trainer:
             if bool(finite):
                 self.scaler.step(self.optimizer)
         elif self.optimizer.defaults.get("fused"):
-            self.optimizer.found_inf = (~finite).to(torch.float32)
+            self.optimizer.found_inf = (~finite).to(torch.float32)  # type: ignore[attr-defined]  # read by fused AdamW
             try:
                 self.optimizer.step()
             finally:
-                del self.optimizer.found_inf
+                del self.optimizer.found_inf  # type: ignore[attr-defined]
         elif bool(finite):
             self.optimizer.step()
         self.scaler.update()
@@ -464,7 +465,7 @@ class Trainer:
         """DDP and FSDP reduce gradients only on the last micro-step of an optimizer step."""
         if enabled or not self.dist.is_distributed:
             return contextlib.nullcontext()
-        return no_gradient_sync(self.model) if self.fsdp else self.train_model.no_sync()
+        return no_gradient_sync(self.model) if self.fsdp else cast(DDP, self.train_model).no_sync()
 
     def verify_replicas(self) -> None:
         """Under DDP, check that every rank holds bit-identical parameters (catches silent desync)."""
@@ -541,7 +542,7 @@ class Trainer:
         }
         if self.fsdp:  # sharded, keyed by parameter name (torch.distributed.checkpoint.state_dict)
             model_state, optimizer_state = (
-                get_model_state_dict(self.model),
+                cast(dict[str, torch.Tensor], get_model_state_dict(self.model)),  # (DTensors)
                 get_optimizer_state_dict(self.model, self.optimizer),
             )
         else:
@@ -679,7 +680,8 @@ class Trainer:
             self.step_in_epoch += 1
             if cfg.distributed.verify_replicas:
                 self.verify_replicas()
-            self._progress.update(1)
+            if self._progress is not None:
+                self._progress.update(1)
             if cfg.checkpoint.save_every_steps and self.step % cfg.checkpoint.save_every_steps == 0:
                 self.save()
                 saving |= self._last_saved_step == self.step
@@ -709,6 +711,8 @@ class Trainer:
         self._record_steps()
         timeout = None
         if preempted:
+            if self._sigterm_at is None:  # another rank's SIGTERM (another node's pod): the budget runs from now
+                self._sigterm_at = time.monotonic()
             timeout = max(0.0, self.cfg.checkpoint.preemption_budget_s - (time.monotonic() - self._sigterm_at))
             self._print(f"SIGTERM: committing a final checkpoint at step {self.step} (budget {timeout:.0f} s)")
         started = time.perf_counter()

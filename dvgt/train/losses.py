@@ -231,10 +231,10 @@ def ego_pose_loss(
     ``loss_R`` and ``loss_ego_pose`` = weight_trans * loss_T + weight_rot * loss_R.
     """
     if gt.shape[1] < 2:  # a single frame: nothing to supervise
-        zero = 0.0 * sum(pred.mean() for pred in pred_list)
+        zero = 0.0 * torch.stack([pred.mean() for pred in pred_list]).sum()  # keeps the graph
         return {"loss_T": zero, "loss_R": zero, "loss_ego_pose": zero}
     n = len(pred_list)
-    loss_t = loss_r = 0.0
+    loss_t = loss_r = gt.new_zeros(())
     for i, pred in enumerate(pred_list):
         weight = gamma ** (n - i - 1)
         err_t, err_r = _pose_errors(pred[:, 1:], gt[:, 1:], loss_type)
@@ -279,11 +279,11 @@ def camera_loss(
     + weight_focal * loss_FL.
     """
     if not valid_clips.any():
-        zero = 0.0 * sum(pred.mean() for pred in pred_list)
+        zero = 0.0 * torch.stack([pred.mean() for pred in pred_list]).sum()  # keeps the graph
         return {"loss_T": zero, "loss_R": zero, "loss_FL": zero, "loss_camera": zero}
     n = len(pred_list)
     gt = gt[valid_clips]
-    loss_t = loss_r = loss_fl = 0.0
+    loss_t = loss_r = loss_fl = gt.new_zeros(())
     for i, pred in enumerate(pred_list):
         weight = gamma ** (n - i - 1)
         pred = pred[valid_clips]

@@ -12,10 +12,14 @@ FSDP the fixed part shrinks with the number of ranks.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from dvgt.k8s.catalog import Profile
 
 GIB = 1024**3
 
@@ -42,7 +46,7 @@ def max_images(fit: MemoryFit, memory_bytes: float, margin: float) -> int:
     return max(0, math.floor(((1.0 - margin) * memory_bytes - fit.fixed_bytes) / fit.per_image_bytes))
 
 
-def profile_table(fit: MemoryFit, profiles: dict[str, object], margin: float) -> list[str]:
+def profile_table(fit: MemoryFit, profiles: Mapping[str, Profile], margin: float) -> list[str]:
     """One line per GPU profile of the catalog (dvgt.k8s.catalog.Profile): its memory, the current
     maxImagesPerForward and the measured largest images per forward."""
     lines = [
@@ -66,7 +70,7 @@ def measure_peaks(cfg, frame_counts: Sequence[int] = (2, 4, 8)) -> list[tuple[in
     from dvgt.train.optim import build_optimizer, freeze_modules
 
     device = torch.device("cuda")
-    model = build_model(cfg.model).to(device).train()
+    model: Any = build_model(cfg.model).to(device).train()  # (its patch_size is read below)
     freeze_modules(model, cfg.optim.frozen_module_names)
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, fused=True)
     split = cfg.data.train
@@ -82,7 +86,9 @@ def measure_peaks(cfg, frame_counts: Sequence[int] = (2, 4, 8)) -> list[tuple[in
         try:
             with torch.autocast("cuda", dtype=getattr(torch, cfg.optim.amp.amp_dtype), enabled=cfg.optim.amp.enabled):
                 outputs = model(images, **inputs)
-            loss = sum(v.float().mean() for v in outputs.values() if torch.is_tensor(v) and v.requires_grad)
+            loss = torch.stack(
+                [v.float().mean() for v in outputs.values() if torch.is_tensor(v) and v.requires_grad]
+            ).sum()
             loss.backward()
             optimizer.step()  # the first step allocates the optimizer state: part of every later peak
             optimizer.zero_grad(set_to_none=True)
