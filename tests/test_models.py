@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode
 
 from dvgt.config import ModelConfig
 from dvgt.models import SIZES, WeightsMismatchError, build_model, load_weights, model_layout
@@ -153,29 +154,50 @@ def test_backward_reaches_every_trainable_parameter():
         assert param.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
-def test_gradient_checkpointing_gives_same_loss_and_gradients():
-    with_ckpt = tiny(gradient_checkpointing=True).train()
-    without = copy.deepcopy(with_ckpt)
-    without.aggregator.gradient_checkpointing = False
+@pytest.mark.parametrize(
+    "mode, recomputed",
+    [
+        ("full", {"intra": 2, "view": 2}),
+        ("selective", {"intra": 2, "view": 2}),
+        ("every_other", {"intra": 2, "view": 1}),
+    ],
+)
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(mode, recomputed):
+    """Each model.activation_checkpointing mode against none: its blocks run again in backward (every_other:
+    the even block calls only), selective without redoing a matmul (torch's FLOP counter sees the backward of
+    none), and the gradients are the same."""
+    checkpointed = tiny(activation_checkpointing=mode).train()
+    plain = copy.deepcopy(checkpointed)
+    plain.aggregator.activation_checkpointing = "none"
     images = torch.rand(1, 2, 2, 3, 32, 32)
 
-    calls = {}
+    calls, backward_flops = {}, {}
     results = []
-    for label, model in (("ckpt", with_ckpt), ("plain", without)):
-        block = model.aggregator.intra_view_blocks[0]
-        calls[label] = 0
+    for label, model in ((mode, checkpointed), ("none", plain)):
+        for kind, block in (
+            ("intra", model.aggregator.intra_view_blocks[0]),
+            ("view", model.aggregator.cross_view_blocks[0]),
+        ):
+            calls[label, kind] = 0
 
-        def counted_forward(*args, label=label, forward=block.forward, **kwargs):
-            calls[label] += 1
-            return forward(*args, **kwargs)
+            def counted_forward(*args, key=(label, kind), forward=block.forward, **kwargs):
+                calls[key] += 1
+                return forward(*args, **kwargs)
 
-        block.forward = counted_forward
+            block.forward = counted_forward
         torch.manual_seed(3)  # DINOv3 RoPE draws a random coordinate rescale in train mode
         loss = all_outputs_loss(model(images))
-        loss.backward()
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        backward_flops[label] = counter.get_total_flops()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
 
-    assert calls == {"ckpt": 2, "plain": 1}  # checkpointed blocks are recomputed in backward
+    assert {kind: calls[mode, kind] for kind in ("intra", "view")} == recomputed
+    if mode == "selective":
+        assert backward_flops[mode] == backward_flops["none"]
+    else:
+        assert backward_flops[mode] > backward_flops["none"]
+    assert calls["none", "intra"] == calls["none", "view"] == 1
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
     assert grads_a.keys() == grads_b.keys()

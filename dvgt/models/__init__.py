@@ -45,7 +45,7 @@ def _make(model_cfg: Any) -> nn.Module:
     if name == "vggt":
         return VGGT(
             SIZES[model_cfg.size],
-            gradient_checkpointing=getattr(model_cfg, "gradient_checkpointing", True),
+            activation_checkpointing=getattr(model_cfg, "activation_checkpointing", "full"),
             frames_chunk_size=getattr(model_cfg, "frames_chunk_size", None),
         )
     if name in ("dvgt2", "dvgt2_pretrain"):
@@ -56,13 +56,13 @@ def _make(model_cfg: Any) -> nn.Module:
             decoder_dim=DECODER_SIZES[model_cfg.size][0],
             decoder_heads=DECODER_SIZES[model_cfg.size][1],
             enable_ego_status=getattr(model_cfg, "enable_ego_status", False),
-            gradient_checkpointing=getattr(model_cfg, "gradient_checkpointing", True),
+            activation_checkpointing=getattr(model_cfg, "activation_checkpointing", "full"),
             frames_chunk_size=getattr(model_cfg, "frames_chunk_size", None),
         )
     return DVGT1(
         SIZES[model_cfg.size],
         max_frames=getattr(model_cfg, "max_frames", 48),
-        gradient_checkpointing=getattr(model_cfg, "gradient_checkpointing", True),
+        activation_checkpointing=getattr(model_cfg, "activation_checkpointing", "full"),
         frames_chunk_size=getattr(model_cfg, "frames_chunk_size", None),
     )
 
