@@ -65,7 +65,7 @@ def device_peak_flops(device, override_tflops: float | None) -> tuple[float | No
     if override_tflops:
         return override_tflops * 1e12, f"logging.peak_tflops={override_tflops:g}"
     if getattr(device, "type", "cpu") != "cuda":
-        return None, "no peak for a CPU (set logging.peak_tflops to report MFU)"
+        return None, "a CPU has no peak: set logging.peak_tflops to report MFU"
     import torch
 
     name = torch.cuda.get_device_name(device)
