@@ -61,3 +61,19 @@ def test_each_attention_backend_matches_eager(eager, setting):
     assert line.endswith(f"aggregator (float32) -> {kernel}; masked (float32, masked) -> {kernel}")
     with attention_context(order):
         assert_same(outputs_and_gradients(copy.deepcopy(model), images), expected)
+
+
+def test_the_trainer_reports_the_kernel_of_each_kind_of_attention_call():
+    """The start-of-run line: DVGT-2's frame-causal (masked) calls are listed beside the unmasked ones."""
+    from dvgt.config import ModelConfig
+    from dvgt.models import build_model
+    from dvgt.train.speedups import training_attention
+
+    with torch.device("meta"):
+        model = build_model(ModelConfig(name="dvgt2", size="tiny"))
+    order, line = training_attention(model, "auto", torch.device("cpu"), torch.float32)
+    assert order == ("flash", "math")
+    assert line == (
+        "Attention (model.attention_backend=auto, order flash, math): "
+        "aggregator (float32) -> flash; frame-causal (float32, masked) -> flash"
+    )
