@@ -34,8 +34,7 @@ CASES = [
     ("dvgt2", []),
     ("dvgt2_pretrain", []),
     ("vggt", []),
-    ("dvgt1", ["aggregator.patch_embed.*"]),  # frozen first part: no backward at all
-    ("dvgt2", ["aggregator.*"]),  # frozen backbone and aggregator, trainable heads
+    ("dvgt2", ["aggregator.*"]),  # frozen backbone and aggregator (no backward at all), trainable heads
 ]
 
 

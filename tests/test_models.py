@@ -154,6 +154,35 @@ def test_backward_reaches_every_trainable_parameter():
         assert param.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
+def checkpointed_backward(mode: str) -> dict:
+    """The tiny model's loss, gradients, backward FLOPs (torch's counter) and the calls of its first
+    intra-view and cross-view blocks in one training step under model.activation_checkpointing=`mode`."""
+    model = tiny(activation_checkpointing=mode).train()
+    calls = {}
+    for kind, block in (
+        ("intra", model.aggregator.intra_view_blocks[0]),
+        ("view", model.aggregator.cross_view_blocks[0]),
+    ):
+        calls[kind] = 0
+
+        def counted_forward(*args, kind=kind, forward=block.forward, **kwargs):
+            calls[kind] += 1
+            return forward(*args, **kwargs)
+
+        block.forward = counted_forward
+    torch.manual_seed(3)  # DINOv3 RoPE draws a random coordinate rescale in train mode
+    loss = all_outputs_loss(model(torch.rand(1, 2, 2, 3, 32, 32)))
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return {"loss": loss.detach(), "grads": grads, "flops": counter.get_total_flops(), "calls": calls}
+
+
+@pytest.fixture(scope="module")
+def without_checkpointing():
+    return checkpointed_backward("none")
+
+
 @pytest.mark.parametrize(
     "mode, recomputed",
     [
@@ -162,47 +191,20 @@ def test_backward_reaches_every_trainable_parameter():
         ("every_other", {"intra": 2, "view": 1}),
     ],
 )
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(mode, recomputed):
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(mode, recomputed, without_checkpointing):
     """Each model.activation_checkpointing mode against none: its blocks run again in backward (every_other:
     the even block calls only), selective without redoing a matmul (torch's FLOP counter sees the backward of
     none), and the gradients are the same."""
-    checkpointed = tiny(activation_checkpointing=mode).train()
-    plain = copy.deepcopy(checkpointed)
-    plain.aggregator.activation_checkpointing = "none"
-    images = torch.rand(1, 2, 2, 3, 32, 32)
-
-    calls, backward_flops = {}, {}
-    results = []
-    for label, model in ((mode, checkpointed), ("none", plain)):
-        for kind, block in (
-            ("intra", model.aggregator.intra_view_blocks[0]),
-            ("view", model.aggregator.cross_view_blocks[0]),
-        ):
-            calls[label, kind] = 0
-
-            def counted_forward(*args, key=(label, kind), forward=block.forward, **kwargs):
-                calls[key] += 1
-                return forward(*args, **kwargs)
-
-            block.forward = counted_forward
-        torch.manual_seed(3)  # DINOv3 RoPE draws a random coordinate rescale in train mode
-        loss = all_outputs_loss(model(images))
-        with FlopCounterMode(display=False) as counter:
-            loss.backward()
-        backward_flops[label] = counter.get_total_flops()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-
-    assert {kind: calls[mode, kind] for kind in ("intra", "view")} == recomputed
+    plain, checkpointed = without_checkpointing, checkpointed_backward(mode)
+    assert plain["calls"] == {"intra": 1, "view": 1} and checkpointed["calls"] == recomputed
     if mode == "selective":
-        assert backward_flops[mode] == backward_flops["none"]
+        assert checkpointed["flops"] == plain["flops"]
     else:
-        assert backward_flops[mode] > backward_flops["none"]
-    assert calls["none", "intra"] == calls["none", "view"] == 1
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
-    assert grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert checkpointed["flops"] > plain["flops"]
+    torch.testing.assert_close(checkpointed["loss"], plain["loss"], rtol=0, atol=0)
+    assert checkpointed["grads"].keys() == plain["grads"].keys()
+    for name, grad in plain["grads"].items():
+        torch.testing.assert_close(checkpointed["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_frames_chunk_size_gives_same_points():
