@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
+
+from dvgt.k8s.catalog import load_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "benchmarks" / "gpu" / "run.sh"
@@ -42,3 +45,17 @@ def test_without_a_gpu_it_asks_for_the_dry_run():
     assert run.stderr.strip().splitlines()[-1] == (
         "error: the GPU check needs a CUDA GPU and none is visible; run it with --dry-run on a CPU"
     )
+
+
+def test_each_card_is_compared_with_its_own_profile():
+    """The GPU-only part of the table that a CPU can check: which catalog profile a card's peak memory is
+    held against (by name as a whole word, then by memory; an H200 is not an H20)."""
+    sys.path.insert(0, str(RUN.parent))
+    from bench import profile_of
+
+    profiles = load_catalog().profiles
+    assert profile_of("NVIDIA H100 80GB HBM3", 79.1, profiles) == "h100-80g"
+    assert profile_of("NVIDIA A100-SXM4-40GB", 39.4, profiles) == "a100-40g"
+    assert profile_of("NVIDIA A100-SXM4-80GB", 79.2, profiles) == "a100-80g"
+    assert profile_of("NVIDIA H20", 95.0, profiles) == "h20-146g"
+    assert profile_of("NVIDIA H200", 139.8, profiles) == "h20-146g"  # no H200 profile: the closest memory

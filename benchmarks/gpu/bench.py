@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -146,7 +147,8 @@ class Bench:
         from dvgt.k8s.catalog import load_catalog
 
         profiles = load_catalog().profiles
-        name = self.args.profile or profile_of(torch.cuda.get_device_name(self.device), profiles)
+        memory_gib = torch.cuda.get_device_properties(self.device).total_memory / GIB
+        name = self.args.profile or profile_of(torch.cuda.get_device_name(self.device), memory_gib, profiles)
         fit = fit_memory(peaks)
         predicted = fit.fixed_bytes + fit.per_image_bytes * profiles[name].max_images_per_forward
         budget = (1 - self.args.margin) * profiles[name].memory_gib * GIB
@@ -262,13 +264,13 @@ class Bench:
         return "\n".join(lines)
 
 
-def profile_of(device_name: str, profiles: dict) -> str:
-    """The catalog profile of a card: the first whose name's model (h100, a100, l40s, h20) is in it."""
-    for name in profiles:
-        card = name.split("-")[0]
-        if profiles[name].memory_gib and card.upper() in device_name.upper():
-            return name
-    return "h100-80g"
+def profile_of(device_name: str, memory_gib: float, profiles: dict) -> str:
+    """The catalog profile of a card: among those whose name starts with the card's model as a word of
+    its name (h100-80g for "NVIDIA H100 80GB HBM3", not h20-146g for an H200), the one closest in memory;
+    without such a profile, the GPU profile closest in memory."""
+    gpu = {name: p for name, p in profiles.items() if p.memory_gib}
+    named = {n: p for n, p in gpu.items() if re.search(rf"\b{re.escape(n.split('-')[0])}\b", device_name, re.I)}
+    return min(named or gpu, key=lambda n: abs(gpu[n].memory_gib - memory_gib))
 
 
 def driver_version() -> str:
