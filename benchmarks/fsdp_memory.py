@@ -49,7 +49,7 @@ def worker(rank: int, world: int, port: int, strategy: str, size: str, out: str)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = DVGT1(SIZES[size], gradient_checkpointing=True).train()
+    model = DVGT1(SIZES[size], activation_checkpointing="full").train()
     if strategy == "ddp":
         wrapped = DDP(model, gradient_as_bucket_view=True)
     else:

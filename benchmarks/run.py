@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/run.py [--size small] [--steps 5]
 
-1. Gradient checkpointing: step time with `model.gradient_checkpointing=true` relative to false
-   (the cost of recomputing the aggregator blocks in backward).
+1. Activation checkpointing: step time with `model.activation_checkpointing` full, selective and
+   every_other relative to none (the cost of recomputing the aggregator blocks, or parts of them, in backward).
 2. Gradient accumulation: one batch split into 2 chunks relative to one pass (the cost of smaller
    forward passes at the same images per optimizer step).
 Timings are medians over --steps steps after one warm-up step; CPU timings are noisy, compare ratios.
@@ -70,14 +70,19 @@ def main() -> None:
         generate_synthetic_dataset(root, split="train", num_scenes=2, num_frames=4, height=64, width=128, seed=0)
         generate_synthetic_dataset(root, split="val", num_scenes=1, num_frames=4, height=64, width=128, seed=1)
         run = Path(tmp) / "run"
-        base = median_step_time(root, run / "base", args.size, args.steps, **{"model.gradient_checkpointing": "false"})
-        ckpt = median_step_time(root, run / "ckpt", args.size, args.steps, **{"model.gradient_checkpointing": "true"})
+        times = {
+            mode: median_step_time(root, run / mode, args.size, args.steps, **{"model.activation_checkpointing": mode})
+            for mode in ("none", "full", "selective", "every_other")
+        }
         accum = median_step_time(
-            root, run / "accum", args.size, args.steps, **{"model.gradient_checkpointing": "false", "accum_steps": 2}
+            root, run / "accum", args.size, args.steps, **{"model.activation_checkpointing": "none", "accum_steps": 2}
         )
+    base = times["none"]
     print(f"DVGT-1 {args.size}, 2 views x 2 frames x 64x128, batch 2, CPU threads {torch.get_num_threads()}")
     print(f"  baseline step (no checkpointing, 1 chunk): {base * 1000:8.1f} ms   ratio 1.00")
-    print(f"  gradient checkpointing:                    {ckpt * 1000:8.1f} ms   ratio {ckpt / base:.2f}")
+    for mode in ("full", "selective", "every_other"):
+        label = f"activation checkpointing {mode}:"
+        print(f"  {label:<42} {times[mode] * 1000:8.1f} ms   ratio {times[mode] / base:.2f}")
     print(f"  accumulation, 2 chunks:                    {accum * 1000:8.1f} ms   ratio {accum / base:.2f}")
 
 

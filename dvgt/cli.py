@@ -65,7 +65,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 def cmd_profile_memory(args: argparse.Namespace) -> int:
     from dvgt.train.profile_memory import profile_memory
 
-    print("\n".join(profile_memory(load_config(args.config, args.overrides), margin=args.margin)))
+    print("\n".join(profile_memory(load_config(args.config, args.overrides), margin=args.margin, out=args.out)))
     return 0
 
 
@@ -283,6 +283,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         type=float,
         default=0.1,
         help="share of GPU memory kept free (fragmentation, CUDA context, other processes)",
+    )
+    profile.add_argument(
+        "--out", help="also write the measurements, card, driver and torch version as JSON (docs/distributed.md)"
     )
     profile.set_defaults(func=cmd_profile_memory)
 

@@ -43,8 +43,10 @@ class ModelConfig:
     size: str = "full"  # full (the published architecture) | small | tiny (same code, fewer/narrower layers)
     dino_v3_weight_path: str | None = None  # DINOv3 ViT-L/16 weights (.pth state_dict or .safetensors)
     max_frames: int = 48  # length of the learned temporal embedding (frames per clip at most)
-    gradient_checkpointing: bool = True  # recompute aggregator blocks in backward (train mode only)
+    activation_checkpointing: str = "full"  # aggregator blocks in backward, train mode only: none (keep all activations) | full (recompute every block) | selective (keep matmul and attention outputs, recompute the rest) | every_other (recompute every other block); docs/distributed.md
     frames_chunk_size: int | None = None  # DPT head: frames per chunk (None = all at once)
+    compile_blocks: bool = False  # regional torch.compile: every transformer block compiled on its own (training; docs/distributed.md)
+    attention_backend: str = "auto"  # SDPA kernels: auto (the fastest that takes each call; GPU: cudnn, flash, efficient, math; CPU: flash, math) | flash | cudnn | efficient | math (that one, math where it cannot); the choice is logged at start
     anchor_dir: str | None = None  # DVGT-2: folder of the official anchor files future_anchors_20_rdf.npz and past_anchors_20_rdf.npz (`dvgt anchors`; None = zeros until a checkpoint loads them)
     enable_ego_status: bool = False  # DVGT-2: condition planning on ego status [B,T,8] (velocity 2, acceleration 2, command one-hot 4)
 
@@ -217,6 +219,7 @@ class LoggingConfig:
     log_freq: int = 10  # log every N optimizer steps (the host reads losses off the device then, not every step)
     tensorboard: bool = False  # also write TensorBoard event files
     progress: bool = True  # progress bar on rank 0
+    peak_tflops: float | None = None  # dense bf16 peak of one GPU in TFLOP/s, for MFU (None: looked up from the GPU's name, dvgt/train/flops.py; a CPU has none, so no MFU)
     metrics: bool = True  # Prometheus metrics of every rank into $PROMETHEUS_MULTIPROC_DIR, else <log_dir>/metrics (docs/metrics.md)
 
 
@@ -278,6 +281,7 @@ RENAMED_KEYS = {
     "train.strategy": "distributed.strategy",
     "optim.optimizer.lr": "optim.lr",
     "optim.optimizer.weight_decay": "optim.weight_decay",
+    "model.gradient_checkpointing": "model.activation_checkpointing",  # true is full, false is none
 }
 
 # What --debug changes: few batches, log every step, save every epoch, no workers.
@@ -467,6 +471,21 @@ def validate(cfg: DictConfig) -> None:
         check_model_config(cfg.model)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    from dvgt.models.checkpointing import MODES
+    from dvgt.train.speedups import ATTENTION_BACKENDS
+
+    _check(
+        cfg.model.activation_checkpointing in MODES,
+        f"model.activation_checkpointing '{cfg.model.activation_checkpointing}' is not one of {', '.join(MODES)}",
+    )
+    _check(
+        cfg.model.attention_backend in ("auto", *ATTENTION_BACKENDS),
+        f"model.attention_backend '{cfg.model.attention_backend}' is not one of auto, {', '.join(ATTENTION_BACKENDS)}",
+    )
+    _check(
+        cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0,
+        f"logging.peak_tflops must be > 0 TFLOP/s or null (looked up from the GPU), got {cfg.logging.peak_tflops}",
+    )
     _check(cfg.accum_steps >= 1, f"accum_steps must be >= 1, got {cfg.accum_steps}")
     _check(cfg.max_img_per_gpu >= 1, f"max_img_per_gpu must be >= 1, got {cfg.max_img_per_gpu}")
     _check(cfg.max_epochs >= 1, f"max_epochs must be >= 1, got {cfg.max_epochs}")

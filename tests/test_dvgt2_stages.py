@@ -97,7 +97,7 @@ def test_stage_lowers_its_held_out_loss(stage, planning_root, tmp_path):
         "max_epochs": 2,
         "limit_val_batches": 0,
         "max_img_per_gpu": 4,
-        "model.gradient_checkpointing": "false",
+        "model.activation_checkpointing": "none",
         "checkpoint.resume": "never",
         "data.train.clip_split": "default_train",
         "data.train.fixed_num_views": 0,

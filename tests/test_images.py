@@ -90,10 +90,14 @@ def test_trainer_image_is_built_on_the_tested_torch():
 
 def test_scripts_and_workflows_pass_shellcheck_and_actionlint():
     bin_dir = Path(sys.executable).parent
-    scripts = sorted((REPO / "scripts").glob("*.sh")) + [
-        REPO / "images" / "exporter" / "install.sh",
-        REPO / ".ci" / "run",
-    ]
+    scripts = (
+        sorted((REPO / "scripts").glob("*.sh"))
+        + sorted((REPO / "benchmarks").rglob("*.sh"))
+        + [
+            REPO / "images" / "exporter" / "install.sh",
+            REPO / ".ci" / "run",
+        ]
+    )
     check = subprocess.run(
         [str(bin_dir / "shellcheck"), *map(str, scripts)], capture_output=True, text=True, timeout=120
     )

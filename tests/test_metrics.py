@@ -38,6 +38,7 @@ DASHBOARD = ROOT / "charts/dvgt/files/grafana/dvgt-training.json"
 ALERTS = ROOT / "charts/dvgt/files/prometheus/alerts.yaml"
 ALERT_TESTS = ROOT / "tests/promtool/alerts_test.yaml"
 JOB = "e2e"
+PEAK_TFLOPS = 0.5  # logging.peak_tflops of the scraped run
 # What Grafana substitutes before a query reaches Prometheus.
 GRAFANA = {"$__rate_interval": "1m", "$__range": "1h", "$namespace": ".*", "$dvgt_job": JOB}
 CLEAN_ENV = {
@@ -131,7 +132,15 @@ def scraped_run(tiny_data_root, tmp_path_factory):
 
         started = time.time()
         subprocess.run(
-            train_command(tiny_data_root, run_dir, max_epochs=2, limit_train_batches=2, limit_val_batches=1),
+            # a configured peak gives MFU on a CPU too (docs/distributed.md)
+            train_command(
+                tiny_data_root,
+                run_dir,
+                max_epochs=2,
+                limit_train_batches=2,
+                limit_val_batches=1,
+                **{"logging.peak_tflops": PEAK_TFLOPS},
+            ),
             env=train_env(folder, DVGT_JOB_NAME=JOB),
             check=True,
             timeout=300,
@@ -209,6 +218,8 @@ def test_dashboard_has_the_variables_and_a_panel_for_every_item():
         "dvgt_nonfinite_steps_skipped_total",
         "dvgt_last_step_timestamp_seconds",
         "dvgt_eval_metric",
+        "dvgt_mfu_ratio",
+        "dvgt_model_flops_total",
     ):
         assert metric in exprs, f"no dashboard panel shows {metric}"
     for _, expr in dashboard_targets():
@@ -280,6 +291,14 @@ def test_exporter_serves_what_the_run_logged_and_passes_promtool(scraped_run):
     )
     assert samples(text, "dvgt_data_wait_seconds_total", **rank)[0] == pytest.approx(sum(r["data_time"] for r in steps))
     assert samples(text, "dvgt_images_total", **rank) == [sum(r["images"] for r in steps)]
+    # model FLOPs (dvgt/train/flops.py) of every step, the FLOP/s and MFU of the last against the configured peak
+    assert all(r["model_flops"] > 0 for r in steps)
+    assert samples(text, "dvgt_model_flops_total", **rank)[0] == pytest.approx(sum(r["model_flops"] for r in steps))
+    assert samples(text, "dvgt_model_flops_per_second", **rank)[0] == pytest.approx(
+        steps[-1]["model_flops"] / steps[-1]["step_time"]
+    )
+    assert samples(text, "dvgt_mfu_ratio", **rank)[0] == pytest.approx(steps[-1]["mfu"])
+    assert steps[-1]["mfu"] == pytest.approx(steps[-1]["model_flops_per_sec"] / (PEAK_TFLOPS * 1e12))
     assert samples(text, "dvgt_optimizer_step", **rank) == [4]
     assert samples(text, "dvgt_learning_rate", **rank)[0] == pytest.approx(steps[-1]["lr"])
     for key, value in steps[-1].items():
@@ -478,6 +497,34 @@ except ValueError as error:
     assert values[("dvgt_checkpoint_blocked_seconds", None)] == 0.25  # the last save's
     assert values[("dvgt_checkpoint_upload_seconds", None)] == 12.0  # the failed save reported none
     assert values[("dvgt_checkpoint_size_bytes", None)] == 4096
+
+
+def test_mfu_is_exported_only_with_a_peak(tmp_path):
+    """A step record without `mfu` (a CPU, or a GPU missing from the peak table) leaves the MFU series
+    out; with it, the series has the rank's labels, like the step-time series."""
+    script = """
+import sys
+from dvgt.metrics.training import TrainingMetrics
+m = TrainingMetrics(sys.argv[1], {"dvgt_job": "j", "stage": "s", "node_rank": "1", "local_rank": "3"})
+step = {"step": 1, "step_time": 2.0, "data_time": 0.1, "images": 8, "lr": 1e-4, "skipped": False,
+        "model_flops": 3e12, "model_flops_per_sec": 1.5e12}
+m.observe_step(step)
+if sys.argv[2] == "peak":
+    m.observe_step({**step, "step": 2, "mfu": 0.25})
+"""
+    found = {}
+    for case in ("cpu", "peak"):
+        folder = tmp_path / case
+        run = subprocess.run([sys.executable, "-c", script, str(folder), case], env=CLEAN_ENV, capture_output=True)
+        assert run.returncode == 0, run.stderr
+        found[case] = {
+            s.name: s.labels
+            for m in MultiProcessCollector.merge([str(p) for p in (folder / "metrics").glob("*.db")])
+            for s in m.samples
+        }
+    assert "dvgt_mfu_ratio" not in found["cpu"] and "dvgt_model_flops_per_second" in found["cpu"]
+    rank = {"dvgt_job": "j", "stage": "s", "node_rank": "1", "local_rank": "3"}
+    assert found["peak"]["dvgt_mfu_ratio"] == found["peak"]["dvgt_step_duration_seconds_count"] == rank
 
 
 WRITER = """

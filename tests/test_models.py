@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode
 
 from dvgt.config import ModelConfig
 from dvgt.families import build_model, model_layout
@@ -155,34 +156,57 @@ def test_backward_reaches_every_trainable_parameter():
         assert param.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
-def test_gradient_checkpointing_gives_same_loss_and_gradients():
-    with_ckpt = tiny(gradient_checkpointing=True).train()
-    without = copy.deepcopy(with_ckpt)
-    without.aggregator.gradient_checkpointing = False
-    images = torch.rand(1, 2, 2, 3, 32, 32)
-
+def checkpointed_backward(mode: str) -> dict:
+    """The tiny model's loss, gradients, backward FLOPs (torch's counter) and the calls of its first
+    intra-view and cross-view blocks in one training step under model.activation_checkpointing=`mode`."""
+    model = tiny(activation_checkpointing=mode).train()
     calls = {}
-    results = []
-    for label, model in (("ckpt", with_ckpt), ("plain", without)):
-        block = model.aggregator.intra_view_blocks[0]
-        calls[label] = 0
+    for kind, block in (
+        ("intra", model.aggregator.intra_view_blocks[0]),
+        ("view", model.aggregator.cross_view_blocks[0]),
+    ):
+        calls[kind] = 0
 
-        def counted_forward(*args, label=label, forward=block.forward, **kwargs):
-            calls[label] += 1
+        def counted_forward(*args, kind=kind, forward=block.forward, **kwargs):
+            calls[kind] += 1
             return forward(*args, **kwargs)
 
         block.forward = counted_forward
-        torch.manual_seed(3)  # DINOv3 RoPE draws a random coordinate rescale in train mode
-        loss = all_outputs_loss(model(images))
+    torch.manual_seed(3)  # DINOv3 RoPE draws a random coordinate rescale in train mode
+    loss = all_outputs_loss(model(torch.rand(1, 2, 2, 3, 32, 32)))
+    with FlopCounterMode(display=False) as counter:
         loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return {"loss": loss.detach(), "grads": grads, "flops": counter.get_total_flops(), "calls": calls}
 
-    assert calls == {"ckpt": 2, "plain": 1}  # checkpointed blocks are recomputed in backward
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
-    assert grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+@pytest.fixture(scope="module")
+def without_checkpointing():
+    return checkpointed_backward("none")
+
+
+@pytest.mark.parametrize(
+    "mode, recomputed",
+    [
+        ("full", {"intra": 2, "view": 2}),
+        ("selective", {"intra": 2, "view": 2}),
+        ("every_other", {"intra": 2, "view": 1}),
+    ],
+)
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(mode, recomputed, without_checkpointing):
+    """Each model.activation_checkpointing mode against none: its blocks run again in backward (every_other:
+    the even block calls only), selective without redoing a matmul (torch's FLOP counter sees the backward of
+    none), and the gradients are the same."""
+    plain, checkpointed = without_checkpointing, checkpointed_backward(mode)
+    assert plain["calls"] == {"intra": 1, "view": 1} and checkpointed["calls"] == recomputed
+    if mode == "selective":
+        assert checkpointed["flops"] == plain["flops"]
+    else:
+        assert checkpointed["flops"] > plain["flops"]
+    torch.testing.assert_close(checkpointed["loss"], plain["loss"], rtol=0, atol=0)
+    assert checkpointed["grads"].keys() == plain["grads"].keys()
+    for name, grad in plain["grads"].items():
+        torch.testing.assert_close(checkpointed["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_frames_chunk_size_gives_same_points():

@@ -1,6 +1,7 @@
 """`dvgt profile-memory`: the fit and the per-profile table from injected measurements (no GPU
 here), and the one-line refusal on a machine without a GPU."""
 
+import json
 import subprocess
 import sys
 
@@ -53,3 +54,25 @@ def test_without_a_gpu_it_says_so_in_one_line():
     assert done.stderr.strip() == (
         "error: dvgt profile-memory measures GPU memory and needs a CUDA GPU; none is visible here"
     )
+
+
+def test_measurement_record_keeps_the_card_the_peaks_and_the_measured_profiles():
+    """What `dvgt profile-memory --out` writes (docs/distributed.md, "Calibrating the VRAM profiles"), from
+    injected peaks and versions (no GPU here)."""
+    from dvgt.config import load_config
+    from dvgt.train.profile_memory import measurement_record
+
+    cfg = load_config("train/dvgt1/default.yaml")
+    environment = {"card": "NVIDIA H100 80GB HBM3", "driver": "570.86", "cuda": "12.8", "torch": "2.13.0"}
+    peaks = [(12, 30.5 * GIB), (24, 42.5 * GIB), (48, 66.5 * GIB)]  # 18.5 GiB + 1 GiB per image
+    profiles = {"h100-80g": Profile("h100-80g", 24, True, [], 80), "cpu-test": Profile("cpu-test", 8, False, [], None)}
+    record = measurement_record(cfg, peaks, 0.1, profiles, environment)
+    assert json.loads(json.dumps(record)) == record  # plain JSON
+    assert record["card"] == "NVIDIA H100 80GB HBM3" and record["torch"] == "2.13.0"
+    assert (record["model"], record["activation_checkpointing"]) == ("dvgt1", "full")
+    assert record["views"] == 8  # the config's largest view count
+    assert record["peaks"][2] == {"images": 48, "peak_bytes": int(66.5 * GIB)}
+    assert record["fixed_bytes"] == pytest.approx(18.5 * GIB) and record["per_image_bytes"] == pytest.approx(GIB)
+    assert record["profiles"] == {  # (72 - 18.5) / 1: 53 images fit below 90% of 80 GiB
+        "h100-80g": {"memory_gib": 80, "catalog_max_images_per_forward": 24, "measured_max_images_per_forward": 53}
+    }

@@ -37,7 +37,7 @@ def build(model_cfg: Any) -> nn.Module:
     model = DVGT1(
         SIZES[model_cfg.size],
         max_frames=model_cfg.max_frames,
-        gradient_checkpointing=model_cfg.gradient_checkpointing,
+        activation_checkpointing=model_cfg.activation_checkpointing,
         frames_chunk_size=model_cfg.frames_chunk_size,
     )
     load_dinov3_backbone(model, model_cfg)

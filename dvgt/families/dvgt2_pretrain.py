@@ -46,7 +46,7 @@ def build_dvgt2(model_cfg: Any, planning: bool) -> DVGT2:
         decoder_dim=decoder_dim,
         decoder_heads=decoder_heads,
         enable_ego_status=model_cfg.enable_ego_status,
-        gradient_checkpointing=model_cfg.gradient_checkpointing,
+        activation_checkpointing=model_cfg.activation_checkpointing,
         frames_chunk_size=model_cfg.frames_chunk_size,
     )
     load_dinov3_backbone(model, model_cfg)

@@ -35,7 +35,7 @@ class VGGTPredictions(TypedDict, total=False):
 def build(model_cfg: Any) -> nn.Module:
     return VGGT(
         SIZES[model_cfg.size],
-        gradient_checkpointing=model_cfg.gradient_checkpointing,
+        activation_checkpointing=model_cfg.activation_checkpointing,
         frames_chunk_size=model_cfg.frames_chunk_size,
     )
 

@@ -80,6 +80,16 @@ class TrainingMetrics:
         self.last_step_duration = gauge("dvgt_step_last_duration_seconds", "Wall time of the last step").labels(**rank)
         self.data_wait = counter("dvgt_data_wait_seconds", "Time spent waiting for the next batch").labels(**rank)
         self.images = counter("dvgt_images", "Images trained on by this rank").labels(**rank)
+        self.model_flops = counter(
+            "dvgt_model_flops", "Model FLOPs of this rank's training steps (dvgt/train/flops.py)"
+        ).labels(**rank)
+        self.model_flops_rate = gauge(
+            "dvgt_model_flops_per_second", "Model FLOPs per second of the last step on this rank, over its wall time"
+        ).labels(**rank)
+        # present only with a peak (a known GPU or logging.peak_tflops): its child is made at the first value
+        self._mfu = gauge(
+            "dvgt_mfu_ratio", "Model FLOPs utilisation of the last step: its FLOP/s over the GPU's dense bf16 peak"
+        )
         self.cache_hits = counter(
             "dvgt_feature_cache_hits",
             "Images whose frozen-part outputs (backbone tokens or aggregator outputs) came from the feature cache",
@@ -154,13 +164,18 @@ class TrainingMetrics:
         return self._children[key]
 
     def observe_step(self, record: Mapping[str, Any]) -> None:
-        """One optimizer step, from the loop's record: step, step_time, data_time, images,
-        lr, skipped, `loss/<component>`, `grad_norm/<group>` and, with a feature cache, cache_hits and
-        cache_misses."""
+        """One optimizer step, from the loop's record: step, step_time, data_time, images, model_flops,
+        model_flops_per_sec, lr, skipped, `loss/<component>`, `grad_norm/<group>`, with a peak mfu and,
+        with a feature cache, cache_hits and cache_misses."""
         self.step_duration.observe(record["step_time"])
         self.last_step_duration.set(record["step_time"])
         self.data_wait.inc(record["data_time"])
         self.images.inc(record["images"])
+        if "model_flops" in record:
+            self.model_flops.inc(record["model_flops"])
+            self.model_flops_rate.set(record["model_flops_per_sec"])
+        if "mfu" in record:
+            self._child(self._mfu).set(record["mfu"])
         self.optimizer_step.set(record["step"])
         self.learning_rate.set(record["lr"])
         if record.get("skipped"):

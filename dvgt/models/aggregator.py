@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from .checkpointing import check_mode, run_block
 from .dinov3 import DinoVisionTransformer
 from .layers import Block, KVCache, MultimodalRotaryEmbedding, RotaryPositionEmbedding2D
 
@@ -96,13 +96,6 @@ def per_image_tokens(token: Tensor, B: int, T: int, V: int) -> Tensor:
     return per_frame[:, :, None].expand(B, T, V, -1, -1).reshape(B * T * V, *token.shape[-2:])
 
 
-def run_block(block: nn.Module, x: Tensor, pos: Tensor, checkpointing: bool, **kwargs) -> Tensor:
-    """block(x, pos, **kwargs), recomputed in backward (activation checkpointing) when `checkpointing`."""
-    if checkpointing:
-        return checkpoint(block, x, pos, use_reentrant=False, **kwargs)
-    return block(x, pos=pos, **kwargs)
-
-
 class Aggregator(nn.Module):
     def __init__(
         self,
@@ -121,11 +114,12 @@ class Aggregator(nn.Module):
         mlp_ratio: float = 4.0,
         init_values: float = 0.01,
         rope_freq: float = 100.0,
-        gradient_checkpointing: bool = True,
+        activation_checkpointing: str = "full",
     ) -> None:
         """`first_frame_tokens`: special tokens have a frame-0 variant ([1, 2, X, C]) or are shared ([1, X, C]);
         `temporal_embedding`: add a learned per-frame embedding to the patch tokens; `rope`: "2d" or
-        "mrope" (3D, positions (t, row, col)); `causal`: cross-frame attention sees only earlier frames."""
+        "mrope" (3D, positions (t, row, col)); `causal`: cross-frame attention sees only earlier frames;
+        `activation_checkpointing`: none | full | selective | every_other (checkpointing.py)."""
         super().__init__()
         if rope not in ("2d", "mrope"):
             raise ValueError(f"rope must be '2d' or 'mrope', got '{rope}'")
@@ -135,7 +129,7 @@ class Aggregator(nn.Module):
         self.num_ego_tokens = num_ego_tokens
         self.patch_start_idx = num_ego_tokens + num_register_tokens  # ego tokens, then registers, then patches
         self.causal = causal
-        self.gradient_checkpointing = gradient_checkpointing
+        self.activation_checkpointing = check_mode(activation_checkpointing)
 
         # Learned special tokens, [1, 2, X, C] (variant 0 for frame 0, variant 1 for later frames) or [1, X, C].
         variants = (2,) if first_frame_tokens else ()
@@ -234,16 +228,16 @@ class Aggregator(nn.Module):
             pos_intra, pos_view, pos_frame = pos_intra[:1], pos_view[:1], pos_frame[:1]
         mask = self._frame_causal_mask(T, N, x.device)
 
-        checkpointing = self.training and self.gradient_checkpointing
+        ac = self.activation_checkpointing if self.training else "none"
         outputs = []
         for i, (intra_block, view_block, frame_block) in enumerate(
             zip(self.intra_view_blocks, self.cross_view_blocks, self.cross_frame_blocks)
         ):
-            intra = run_block(intra_block, x.reshape(B * T * V, N, C), pos_intra, checkpointing).view(B, T, V, N, C)
-            view = run_block(view_block, intra.reshape(B * T, V * N, C), pos_view, checkpointing).view(B, T, V, N, C)
+            intra = run_block(intra_block, x.reshape(B * T * V, N, C), pos_intra, ac, 3 * i).view(B, T, V, N, C)
+            view = run_block(view_block, intra.reshape(B * T, V * N, C), pos_view, ac, 3 * i + 1).view(B, T, V, N, C)
             frame_input = view.transpose(1, 2).reshape(B * V, T * N, C)
             if kv_caches is None:
-                frame = run_block(frame_block, frame_input, pos_frame, checkpointing, attn_mask=mask)
+                frame = run_block(frame_block, frame_input, pos_frame, ac, 3 * i + 2, attn_mask=mask)
             else:
                 frame = frame_block(frame_input, pos=pos_frame, kv_cache=kv_caches[i])
             x = frame.view(B, V, T, N, C).transpose(1, 2)

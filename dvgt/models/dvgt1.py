@@ -41,7 +41,7 @@ class DVGT1(nn.Module):
         size: DVGT1Size = SIZES["full"],
         patch_size: int = 16,
         max_frames: int = 48,
-        gradient_checkpointing: bool = True,
+        activation_checkpointing: str = "full",
         frames_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -54,7 +54,7 @@ class DVGT1(nn.Module):
             backbone_depth=size.backbone_depth,
             patch_size=patch_size,
             max_frames=max_frames,
-            gradient_checkpointing=gradient_checkpointing,
+            activation_checkpointing=activation_checkpointing,
         )
         dim_in = 3 * size.embed_dim
         self.ego_pose_head = EgoPoseHead(dim_in, trunk_depth=size.ego_trunk_depth, num_heads=size.num_heads)

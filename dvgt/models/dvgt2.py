@@ -57,7 +57,7 @@ class DVGT2(nn.Module):
         decoder_heads: int = 16,
         enable_ego_status: bool = False,
         gt_scale_factor: float = 0.1,
-        gradient_checkpointing: bool = True,
+        activation_checkpointing: str = "full",
         frames_chunk_size: int | None = None,
     ) -> None:
         """`planning`: DVGT-2 (9 ego tokens, causal, diffusion decoder) or the stage-1 pretrain variant.
@@ -79,7 +79,7 @@ class DVGT2(nn.Module):
             rope_freq=1000.0,
             causal=planning,
             max_frames=max_frames,
-            gradient_checkpointing=gradient_checkpointing,
+            activation_checkpointing=activation_checkpointing,
         )
         dim_in = 3 * size.embed_dim
         decoder = None

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .aggregator import check_images, embed_patches, per_image_tokens, precomputed_outputs, run_block, token_positions
+from .aggregator import check_images, embed_patches, per_image_tokens, precomputed_outputs, token_positions
+from .checkpointing import check_mode, run_block
 from .dinov2 import DinoV2VisionTransformer
 from .dpt_head import DPTHead
 from .dvgt1 import SIZES, DVGT1Size, run_heads
@@ -40,13 +41,13 @@ class VGGTAggregator(nn.Module):
         mlp_ratio: float = 4.0,
         init_values: float = 0.01,
         rope_freq: float = 100.0,
-        gradient_checkpointing: bool = True,
+        activation_checkpointing: str = "full",
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.depth = depth
         self.patch_start_idx = 1 + num_register_tokens  # camera token, then registers, then patches
-        self.gradient_checkpointing = gradient_checkpointing
+        self.activation_checkpointing = check_mode(activation_checkpointing)
 
         # Learned special tokens: variant 0 for the first image of a clip, variant 1 for the others.
         self.camera_token = nn.Parameter(torch.empty(1, 2, 1, embed_dim))
@@ -92,11 +93,11 @@ class VGGTAggregator(nn.Module):
         pos = token_positions(H // self.patch_size, W // self.patch_size, self.patch_start_idx, images.device)  # [N,2]
         pos_global = pos.repeat(S, 1)[None]  # same grid per image
 
-        checkpointing = self.training and self.gradient_checkpointing
+        ac = self.activation_checkpointing if self.training else "none"
         outputs = []
-        for frame_block, global_block in zip(self.frame_blocks, self.global_blocks):
-            frame = run_block(frame_block, x.reshape(B * S, N, C), pos[None], checkpointing).view(B, S, N, C)
-            x = run_block(global_block, frame.reshape(B, S * N, C), pos_global, checkpointing).view(B, S, N, C)
+        for i, (frame_block, global_block) in enumerate(zip(self.frame_blocks, self.global_blocks)):
+            frame = run_block(frame_block, x.reshape(B * S, N, C), pos[None], ac, 2 * i).view(B, S, N, C)
+            x = run_block(global_block, frame.reshape(B, S * N, C), pos_global, ac, 2 * i + 1).view(B, S, N, C)
             outputs.append(torch.cat([frame, x], dim=-1))
         return outputs, self.patch_start_idx
 
@@ -108,7 +109,7 @@ class VGGT(nn.Module):
         self,
         size: DVGT1Size = SIZES["full"],
         patch_size: int = 14,
-        gradient_checkpointing: bool = True,
+        activation_checkpointing: str = "full",
         frames_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -120,7 +121,7 @@ class VGGT(nn.Module):
             num_heads=size.num_heads,
             backbone_depth=size.backbone_depth,
             patch_size=patch_size,
-            gradient_checkpointing=gradient_checkpointing,
+            activation_checkpointing=activation_checkpointing,
         )
         dim_in = 2 * size.embed_dim
         self.camera_head = EgoPoseHead(

@@ -46,10 +46,12 @@ from dvgt.train import distributed, feature_cache
 from dvgt.train.checkpoint_cost import CheckpointCost
 from dvgt.train.clipping import GradientClipper
 from dvgt.train.evaluation import EvalAccumulator, evaluate_batch
+from dvgt.train.flops import StepFlops, device_peak_flops
 from dvgt.train.fsdp import no_gradient_sync, shard_model
 from dvgt.train.logger import RunLogger, format_record
 from dvgt.train.optim import build_optimizer, freeze_modules, set_lr, warmup_cosine
 from dvgt.train.seeding import seed_everything
+from dvgt.train.speedups import attention_context, compile_blocks, training_attention
 
 
 class NonFiniteLossError(RuntimeError):
@@ -188,6 +190,16 @@ class Trainer:
             self.feature_cache, self.cached_part = feature_cache.open_for_training(cfg, self.model, frozen)
         self.amp_dtype = getattr(torch, cfg.optim.amp.amp_dtype)
         self.use_amp = cfg.optim.amp.enabled and self.device.type == "cuda"
+        # MFU accounting (dvgt/train/flops.py) and the faster paths (dvgt/train/speedups.py)
+        self.step_flops = StepFlops(self.model, frozen, self.cached_part.kind if self.cached_part else None)
+        self.peak_flops, peak_source = device_peak_flops(self.device, cfg.logging.peak_tflops)
+        self._print(f"MFU peak: {f'{self.peak_flops / 1e12:g} TFLOP/s' if self.peak_flops else 'none'} ({peak_source})")
+        self.attention_order, attention_line = training_attention(
+            self.model, cfg.model.attention_backend, self.device, self.amp_dtype if self.use_amp else torch.float32
+        )
+        self._print(attention_line)
+        if cfg.model.compile_blocks:
+            self._print(f"Compiled {compile_blocks(self.model)} transformer blocks (model.compile_blocks)")
         if self.fsdp:  # parameters become DTensor shards: the clipper and the optimizer take those
             shard_model(
                 self.model,
@@ -613,14 +625,16 @@ class Trainer:
         self._check_nonfinite_streak()
 
     def fit(self) -> dict[str, Any]:
-        """Train to the end, or until SIGTERM (then result["preempted"] is True; see _fit)."""
-        if threading.current_thread() is not threading.main_thread():
-            return self._fit()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        try:
-            return self._fit()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        """Train to the end, or until SIGTERM (then result["preempted"] is True; see _fit). Attention runs
+        on model.attention_backend's kernels throughout (recomputation in backward included)."""
+        with attention_context(self.attention_order):
+            if threading.current_thread() is not threading.main_thread():
+                return self._fit()
+            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            try:
+                return self._fit()
+            finally:
+                signal.signal(signal.SIGTERM, previous)
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -688,6 +702,7 @@ class Trainer:
             preempted = self.stop_vote.cast(self._sigterm_at is not None)
             ended = time.perf_counter()
             step_time = ended - started  # data wait, step, save and bookkeeping: the step's whole wall time
+            flops = self.step_flops(*batch["images"].shape[:3], *batch["images"].shape[-2:])  # this rank's
             record.update(
                 kind="train",
                 epoch=self.epoch,
@@ -695,6 +710,9 @@ class Trainer:
                 data_time=data_time,
                 images=images,
                 images_per_sec=images * self.dist.world_size / step_time,
+                model_flops=flops,
+                model_flops_per_sec=flops / step_time,
+                **({"mfu": flops / step_time / self.peak_flops} if self.peak_flops else {}),
             )
             if self.step % cfg.logging.log_freq == 0 or self.step == 1 or preempted:
                 self._record_steps()

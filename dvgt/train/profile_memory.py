@@ -6,11 +6,13 @@ peak (torch.cuda.max_memory_allocated) is fitted as fixed + per_image x images (
 weights, gradients, optimizer state; the per-image part: activations). For every GPU profile of
 the chart's catalog the largest images-per-forward that stays below (1 - margin) of its memory is
 printed: the value for the profile's maxImagesPerForward. Single-GPU (DDP-style) memory: under
-FSDP the fixed part shrinks with the number of ranks.
+FSDP the fixed part shrinks with the number of ranks. `--out FILE.json` also writes the measurements
+with the card, driver and torch version (`measurement_record`), for docs/distributed.md's calibration.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +63,64 @@ def profile_table(fit: MemoryFit, profiles: Mapping[str, Profile], margin: float
     return lines
 
 
+def step_shape(cfg, patch_size: int) -> tuple[int, int, int]:
+    """(views, height, width) of the measured steps: the config's largest view count, its width and
+    narrowest aspect ratio (the tallest images)."""
+    split = cfg.data.train
+    width = int(split.img_width)
+    return int(split.views[1]), int(width / split.aspect_ratio[0]) // patch_size * patch_size, width
+
+
+def measurement_record(
+    cfg: Any,
+    peaks: Sequence[tuple[int, int]],
+    margin: float,
+    profiles: Mapping[str, Profile],
+    environment: dict[str, str],
+) -> dict:
+    """What a calibration keeps (JSON): the card and software, the config and shape, each step's peak,
+    the fit and, per GPU profile, the catalog's maxImagesPerForward next to the measured largest."""
+    fit = fit_memory(peaks)
+    return {
+        **environment,
+        "model": cfg.model.name,
+        "size": cfg.model.size,
+        "activation_checkpointing": cfg.model.activation_checkpointing,
+        "amp_dtype": cfg.optim.amp.amp_dtype if cfg.optim.amp.enabled else "float32",
+        "frozen_module_names": list(cfg.optim.frozen_module_names),
+        "views": int(cfg.data.train.views[1]),
+        "img_width": int(cfg.data.train.img_width),
+        "aspect_ratio": float(cfg.data.train.aspect_ratio[0]),
+        "peaks": [{"images": images, "peak_bytes": int(peak)} for images, peak in peaks],
+        "fixed_bytes": fit.fixed_bytes,
+        "per_image_bytes": fit.per_image_bytes,
+        "margin": margin,
+        "profiles": {
+            name: {
+                "memory_gib": profile.memory_gib,
+                "catalog_max_images_per_forward": profile.max_images_per_forward,
+                "measured_max_images_per_forward": max_images(fit, profile.memory_gib * GIB, margin),
+            }
+            for name, profile in profiles.items()
+            if profile.memory_gib
+        },
+    }
+
+
+def gpu_environment() -> dict[str, str]:
+    """The card, driver, CUDA and torch versions a measurement was taken with."""
+    import pynvml
+    import torch
+
+    pynvml.nvmlInit()
+    return {
+        "card": torch.cuda.get_device_name(),
+        "driver": pynvml.nvmlSystemGetDriverVersion(),
+        "cuda": str(torch.version.cuda),
+        "torch": torch.__version__,
+    }
+
+
 def measure_peaks(cfg, frame_counts: Sequence[int] = (2, 4, 8)) -> list[tuple[int, int]]:
     """(images per forward, peak bytes) of one training step at each frame count, with the config's
     largest view count, width and narrowest aspect ratio; stops at the first out-of-memory."""
@@ -73,9 +133,7 @@ def measure_peaks(cfg, frame_counts: Sequence[int] = (2, 4, 8)) -> list[tuple[in
     model: Any = build_model(cfg.model).to(device).train()  # (its patch_size is read below)
     freeze_modules(model, cfg.optim.frozen_module_names)
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, fused=True)
-    split = cfg.data.train
-    views, width = int(split.views[1]), int(split.img_width)
-    height = int(width / split.aspect_ratio[0]) // model.patch_size * model.patch_size
+    views, height, width = step_shape(cfg, model.patch_size)
     peaks = []
     for frames in [f for f in frame_counts if f <= cfg.model.max_frames]:
         images = torch.rand(1, frames, views, 3, height, width, device=device)
@@ -99,7 +157,7 @@ def measure_peaks(cfg, frame_counts: Sequence[int] = (2, 4, 8)) -> list[tuple[in
     return peaks
 
 
-def profile_memory(cfg, margin: float) -> list[str]:
+def profile_memory(cfg, margin: float, out: str | None = None) -> list[str]:
     import torch
 
     from dvgt.k8s.catalog import load_catalog
@@ -112,4 +170,10 @@ def profile_memory(cfg, margin: float) -> list[str]:
         f"{cfg.model.name} ({cfg.model.size}) on {name}: "
         + ", ".join(f"{n} images -> {p / GIB:.2f} GiB" for n, p in peaks)
     ]
-    return lines + profile_table(fit_memory(peaks), load_catalog().profiles, margin)
+    profiles = load_catalog().profiles
+    if out:
+        record = measurement_record(cfg, peaks, margin, profiles, gpu_environment())
+        with open(out, "w") as file:
+            json.dump(record, file, indent=2)
+        lines.append(f"measurements written to {out}")
+    return lines + profile_table(fit_memory(peaks), profiles, margin)
