@@ -14,7 +14,7 @@ a family up by `model.name` and never inspect prediction keys or model classes t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,8 @@ Predictions = Mapping[str, Any]  # a model's outputs; each family declares their
 LossFn = Callable[[Predictions, Batch], dict[str, Tensor]]  # -> scalar losses, "objective" among them
 PostProcessFn = Callable[[Predictions, Batch, float, Any], tuple[dict[str, Tensor], dict[str, Tensor]]]
 ConversionFn = Callable[[Mapping[str, Tensor]], Any]  # a state_dict of another layout -> models.conversions.Conversion
+# (model, frozen parameter names, part served by the feature cache) -> model FLOPs of a step of shape (B, T, V, H, W)
+FlopsCounter = Callable[[nn.Module, Iterable[str], str | None], Callable[[int, int, int, int, int], float]]
 
 
 class UnknownModelError(ValueError):
@@ -54,6 +56,7 @@ class ModelFamily:
     check_config: Callable[[Any], None] = no_config_rules  # raise ValueError on model options it cannot take
     conversions: Mapping[str, ConversionFn] = field(default_factory=dict)  # source layout -> its conversion
     cacheable_parts: Mapping[str, str] = field(default_factory=dict)  # feature-cache part -> module path
+    flops: FlopsCounter | None = None  # its analytic FLOP count (dvgt/train/flops.py StepFlops); None: no MFU
     streaming_inference: bool = False  # `dvgt infer` can run it frame by frame
     planning_steps: int = 0  # future poses it plans (0: no planning head)
     ego_status_fields: tuple[str, ...] = ()  # the ego-status vector it can condition on (model.enable_ego_status)

@@ -19,6 +19,7 @@ from dvgt.models.conversions import VGGT, vggt_to_dvgt1
 from dvgt.models.dvgt1 import DVGT1, SIZES
 from dvgt.models.weights import load_dinov3_backbone
 from dvgt.train.evaluation import in_metres, ray_depth_in_own_frame
+from dvgt.train.flops import StepFlops
 from dvgt.train.losses import ego_pose_loss, point_losses
 
 # Feature-cache parts of the DVGT and VGGT architectures: the DINO backbone (per image) or the whole aggregator.
@@ -111,5 +112,6 @@ FAMILY = register(
         training_targets=frozenset({"points_in_ego_first"}),
         conversions={VGGT: vggt_to_dvgt1},
         cacheable_parts=AGGREGATOR_CACHE_PARTS,
+        flops=StepFlops,
     )
 )

@@ -34,6 +34,7 @@ from dvgt.models.conversions import DVGT2_STAGE1, VGGT, dvgt2_stage1_to_stage2, 
 from dvgt.models.dvgt2 import EGO_STATUS_FIELDS, PLANNING_STEPS
 from dvgt.models.trajectory_decoder import TrajectoryPoseDecoder
 from dvgt.train.evaluation import trajectory_in_metres
+from dvgt.train.flops import StepFlops
 
 DECODER = "ego_pose_head.traj_pose_decoder"  # the module that holds the anchors
 
@@ -251,6 +252,7 @@ FAMILY = register(
         model_inputs=model_inputs,
         conversions={VGGT: vggt_to_dvgt2, DVGT2_STAGE1: dvgt2_stage1_to_stage2},
         cacheable_parts=AGGREGATOR_CACHE_PARTS,
+        flops=StepFlops,
         streaming_inference=True,
         planning_steps=PLANNING_STEPS,
         ego_status_fields=EGO_STATUS_FIELDS,

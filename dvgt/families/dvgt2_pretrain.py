@@ -23,6 +23,7 @@ from dvgt.models.dvgt1 import SIZES
 from dvgt.models.dvgt2 import DECODER_SIZES, DVGT2
 from dvgt.models.weights import load_dinov3_backbone
 from dvgt.train.evaluation import in_metres
+from dvgt.train.flops import StepFlops
 from dvgt.train.losses import ego_pose_loss, point_losses
 
 TRAINING_TARGETS = frozenset({"points_in_ego_n", "ego_past_to_ego_curr"})
@@ -126,6 +127,7 @@ FAMILY = register(
         training_targets=TRAINING_TARGETS,
         conversions={VGGT: vggt_to_dvgt2},
         cacheable_parts=AGGREGATOR_CACHE_PARTS,
+        flops=StepFlops,
         streaming_inference=True,
     )
 )

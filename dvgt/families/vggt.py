@@ -21,6 +21,7 @@ from dvgt.families.dvgt1 import AGGREGATOR_CACHE_PARTS, pose_and_points_in_ego_f
 from dvgt.models.dvgt1 import SIZES
 from dvgt.models.vggt import VGGT
 from dvgt.train.evaluation import umeyama
+from dvgt.train.flops import StepFlops
 from dvgt.train.losses import MIN_VALID_PIXELS, camera_loss, point_losses
 
 
@@ -130,5 +131,6 @@ FAMILY = register(
         training_targets=frozenset({"points_in_ego_first", "cam"}),
         check_config=check_config,
         cacheable_parts=AGGREGATOR_CACHE_PARTS,
+        flops=StepFlops,
     )
 )

@@ -46,7 +46,7 @@ from dvgt.train import distributed, feature_cache
 from dvgt.train.checkpoint_cost import CheckpointCost
 from dvgt.train.clipping import GradientClipper
 from dvgt.train.evaluation import EvalAccumulator, evaluate_batch
-from dvgt.train.flops import StepFlops, device_peak_flops
+from dvgt.train.flops import device_peak_flops
 from dvgt.train.fsdp import no_gradient_sync, shard_model
 from dvgt.train.logger import RunLogger, format_record
 from dvgt.train.optim import build_optimizer, freeze_modules, set_lr, warmup_cosine
@@ -191,7 +191,8 @@ class Trainer:
         self.amp_dtype = getattr(torch, cfg.optim.amp.amp_dtype)
         self.use_amp = cfg.optim.amp.enabled and self.device.type == "cuda"
         # MFU accounting (dvgt/train/flops.py) and the faster paths (dvgt/train/speedups.py)
-        self.step_flops = StepFlops(self.model, frozen, self.cached_part.kind if self.cached_part else None)
+        cached_kind = self.cached_part.kind if self.cached_part else None
+        self.step_flops = self.family.flops(self.model, frozen, cached_kind) if self.family.flops else None
         self.peak_flops, peak_source = device_peak_flops(self.device, cfg.logging.peak_tflops)
         self._print(f"MFU peak: {f'{self.peak_flops / 1e12:g} TFLOP/s' if self.peak_flops else 'none'} ({peak_source})")
         self.attention_order, attention_line = training_attention(
@@ -702,7 +703,6 @@ class Trainer:
             preempted = self.stop_vote.cast(self._sigterm_at is not None)
             ended = time.perf_counter()
             step_time = ended - started  # data wait, step, save and bookkeeping: the step's whole wall time
-            flops = self.step_flops(*batch["images"].shape[:3], *batch["images"].shape[-2:])  # this rank's
             record.update(
                 kind="train",
                 epoch=self.epoch,
@@ -710,10 +710,12 @@ class Trainer:
                 data_time=data_time,
                 images=images,
                 images_per_sec=images * self.dist.world_size / step_time,
-                model_flops=flops,
-                model_flops_per_sec=flops / step_time,
-                **({"mfu": flops / step_time / self.peak_flops} if self.peak_flops else {}),
             )
+            if self.step_flops is not None:  # this rank's model FLOPs, their rate and MFU
+                flops = self.step_flops(*batch["images"].shape[:3], *batch["images"].shape[-2:])
+                record.update(model_flops=flops, model_flops_per_sec=flops / step_time)
+                if self.peak_flops:
+                    record["mfu"] = flops / step_time / self.peak_flops
             if self.step % cfg.logging.log_freq == 0 or self.step == 1 or preempted:
                 self._record_steps()
             self._checkpoint_cost.observe(step_time, saving or self.checkpoints.in_flight())

@@ -77,7 +77,9 @@ def attention_report(
 def training_attention(model: nn.Module, setting: str, device: torch.device, amp_dtype: torch.dtype):
     """attention_report for the trainer's calls: the aggregator's (in the AMP dtype; frame-causal ones
     masked) and, under AMP, the heads' (they run in float32)."""
-    head_dim = next(m.attn.head_dim for m in model.modules() if isinstance(m, Block))
+    head_dim = next((m.attn.head_dim for m in model.modules() if isinstance(m, Block)), None)
+    if head_dim is None:
+        return attention_order(setting, device), "Attention: the model has no transformer blocks"
     masked = any(getattr(m, "causal", False) for m in model.modules())  # DVGT-2: frame-causal masks
     calls = {"aggregator": (amp_dtype, False)}
     if masked:
