@@ -2,6 +2,7 @@
 
 model = build_model(cfg.model)          # cfg.model.name (dvgt1 | dvgt2 | dvgt2_pretrain | vggt) at cfg.model.size
 layout = model_layout(cfg.model)        # parameter names and shapes, built on the meta device
+parts = model_parts(cfg.model)          # what model.device_map places (part -> submodule path)
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ __all__ = [
     "build_model",
     "load_weights",
     "model_layout",
+    "model_parts",
+    "model_skeleton",
     "sample_targets",
     "read_checkpoint",
 ]
@@ -123,9 +126,19 @@ def build_model(model_cfg: Any) -> nn.Module:
 
 def model_layout(model_cfg: Any) -> dict[str, Any]:
     """{"num_parameters": int, "state_dict": {key: [shape, dtype]}} in state_dict order, without allocating weights."""
-    with torch.device("meta"):
-        model = _make(model_cfg)
+    model = model_skeleton(model_cfg)
     return {
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "state_dict": {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in model.state_dict().items()},
     }
+
+
+def model_parts(model_cfg: Any) -> dict[str, str]:
+    """The parts `model.device_map` places (part -> submodule path), without allocating weights."""
+    return model_skeleton(model_cfg).device_map_parts()
+
+
+def model_skeleton(model_cfg: Any) -> nn.Module:
+    """The architecture on the meta device: names, shapes and forward shapes, no memory."""
+    with torch.device("meta"):
+        return _make(model_cfg)

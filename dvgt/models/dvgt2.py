@@ -22,9 +22,10 @@ from torch import Tensor, nn
 
 from .aggregator import Aggregator, precomputed_outputs
 from .dpt_head import DPTHead
-from .dvgt1 import SIZES, DVGT1Size
+from .dvgt1 import SIZES, DVGT1Size, read_layers, unread_dropped
 from .dvgt2_head import DVGT2EgoHead
 from .layers import KVCache
+from .split import Carry, PipelineUnit, layer_name
 from .trajectory_decoder import TrajectoryPoseDecoder
 
 FUTURE_TOKENS = 8  # future ego tokens per image (one per planned step)
@@ -111,6 +112,7 @@ class DVGT2(nn.Module):
         noise: tuple[Tensor, Tensor] | None,
         embedded: bool = False,
     ) -> dict[str, object]:
+        tokens_list = unread_dropped(self, tokens_list)
         # The heads run in float32 even under autocast.
         with torch.autocast(device_type=ego_tokens.device.type, enabled=False):
             predictions = dict(self.ego_pose_head(ego_tokens, ego_status, noise=noise, embedded=embedded))
@@ -155,6 +157,38 @@ class DVGT2(nn.Module):
         if not self.training:
             predictions["images"] = images
         return predictions
+
+    def device_map_parts(self) -> dict[str, str]:
+        """model.device_map: part -> submodule (the backbone leaves the aggregator the rest of its
+        parameters, the trajectory decoder the ego head the rest of its)."""
+        parts = {
+            "backbone": "aggregator.patch_embed",
+            "aggregator": "aggregator",
+            "ego_pose_head": "ego_pose_head",
+            "point_head": "point_head",
+        }
+        if self.planning:
+            parts["trajectory_decoder"] = "ego_pose_head.traj_pose_decoder"
+        return parts
+
+    def pipeline_units(self) -> list[PipelineUnit]:
+        """Pipeline units: the aggregator's (embedding, one per depth step), then the heads (the ego head
+        reads the model input ego_status when the model takes it)."""
+
+        def heads(carry: Carry) -> dict[str, object]:
+            tokens_list = [carry.get(layer_name(i)) for i in range(self.aggregator.depth)]
+            ego_tokens = tokens_list[-1][:, :, :, : self.num_ego_tokens]
+            image_size = carry["images"].shape[-2:]
+            patch_start_idx = self.aggregator.patch_start_idx
+            return self._heads(tokens_list, patch_start_idx, image_size, ego_tokens, carry.get("ego_status"), None)
+
+        read = read_layers(self)
+        decoder = self.ego_pose_head.traj_pose_decoder
+        inputs = ("images", "ego_status") if decoder is not None and decoder.hist_encoding is not None else ("images",)
+        heads_unit = PipelineUnit(
+            "heads", ("ego_pose_head", "point_head"), (*inputs, *map(layer_name, read)), (), heads
+        )
+        return [*self.aggregator.pipeline_units("aggregator", read), heads_unit]
 
     @torch.no_grad()
     def inference(
