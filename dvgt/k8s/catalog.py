@@ -31,6 +31,8 @@ class Profile:
     gpu: bool  # False: no GPU resources (local and CI runs)
     overrides: list[str]  # trainer config overrides the profile adds
     memory_gib: float | None = None  # memory of one GPU of this kind (None: no GPU)
+    gpus_per_process: int = 1  # GPUs one process drives (a model.device_map override in `overrides`)
+    model: str | None = None  # the only model.name the profile fits (its device map names that model's parts)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,15 @@ def load_catalog(path: Path = CATALOG_FILE) -> Catalog:
         for name, s in raw["stages"].items()
     }
     profiles = {
-        name: Profile(name, int(p["maxImagesPerForward"]), bool(p["gpu"]), list(p["overrides"]), p.get("memoryGiB"))
+        name: Profile(
+            name,
+            int(p["maxImagesPerForward"]),
+            bool(p["gpu"]),
+            list(p["overrides"]),
+            p.get("memoryGiB"),
+            int(p.get("gpusPerProcess", 1)),
+            p.get("model"),
+        )
         for name, p in raw["profiles"].items()
     }
     return Catalog(stages, profiles)

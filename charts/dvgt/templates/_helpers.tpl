@@ -101,6 +101,7 @@ Volumes: every extra mount names a volume the pod has, and extraVolumes reuse no
 The plan as JSON (use: include "dvgt.plan" . | fromJson).
   accumSteps = ceil(imagesPerStep / maxImagesPerForward): the trainer splits each optimizer step's
   imagesPerStep images per GPU (config max_img_per_gpu) into accum_steps forward passes.
+  processes = gpusPerNode / the profile's gpusPerProcess: torchrun processes per pod (nprocPerNode).
   resources, shmSize, workspaceSize: the sizing rule of files/catalog.yaml (host), under the values that override it.
 */}}
 {{- define "dvgt.plan" -}}
@@ -111,6 +112,15 @@ The plan as JSON (use: include "dvgt.plan" . | fromJson).
 {{- $nodes := .Values.nodes | default $stage.nodes | int -}}
 {{- $perStep := .Values.imagesPerStep | default $stage.imagesPerStep | int -}}
 {{- $perForward := .Values.maxImagesPerForward | default $profile.maxImagesPerForward | int -}}
+{{- /* a profile with a device map: each process drives gpusPerProcess GPUs */ -}}
+{{- $gpusPerProcess := $profile.gpusPerProcess | default 1 | int -}}
+{{- if mod (int .Values.gpusPerNode) $gpusPerProcess -}}
+{{- fail (printf "gpusPerNode (%d) is not a multiple of profile %s's gpusPerProcess (%d): set gpusPerNode to a multiple of %d" (int .Values.gpusPerNode) .Values.profile $gpusPerProcess $gpusPerProcess) -}}
+{{- end -}}
+{{- if and $profile.model (ne $profile.model $stage.model) -}}
+{{- fail (printf "profile %s places the parts of a %s model, but stage %s trains %s: pick another profile" .Values.profile $profile.model .Values.stage $stage.model) -}}
+{{- end -}}
+{{- $processes := div (int .Values.gpusPerNode) $gpusPerProcess -}}
 {{- $accum := div (add $perStep $perForward -1) $perForward -}}
 {{- $minAvailable := .Values.scheduling.minAvailable | default $nodes | int -}}
 {{- if gt $minAvailable $nodes -}}
@@ -135,11 +145,10 @@ The plan as JSON (use: include "dvgt.plan" . | fromJson).
 {{- $trainerArgs = concat $trainerArgs (list "data.s3_cache.dir=/data-cache" (printf "data.s3_cache.max_gib=%.2f" (divf (mulf $dataCacheMi 0.9) 1024))) -}}
 {{- end -}}
 {{- $trainerArgs = concat $trainerArgs $profile.overrides .Values.overrides -}}
-{{- $args := concat (list (printf "--nproc-per-node=%d" (int .Values.gpusPerNode))
+{{- $args := concat (list (printf "--nproc-per-node=%d" $processes)
       (printf "--shutdown-timeout=%d" (int .Values.checkpoint.preemptionBudgetSeconds)) "-m" "dvgt.train") $trainerArgs -}}
 {{- /* the sizing rule (files/catalog.yaml host): per pod, P processes of I images per forward pass */ -}}
 {{- $host := merge (deepCopy ($profile.host | default dict)) $catalog.host -}}
-{{- $processes := int .Values.gpusPerNode -}}
 {{- $shmMi := ternary (include "dvgt.mebibytes" (toString .Values.shmSize) | int) (mul $processes $perForward $host.shmMiBPerImage) (not (empty .Values.shmSize)) -}}
 {{- $workspaceMi := ternary (include "dvgt.mebibytes" (toString .Values.workspaceSize) | int) (mul $processes $host.workspaceGiBPerProcess 1024) (not (empty .Values.workspaceSize)) -}}
 {{- $tmpMi := include "dvgt.mebibytes" .Values.tmpSize | int -}}
@@ -147,7 +156,7 @@ The plan as JSON (use: include "dvgt.plan" . | fromJson).
       "memory" (include "dvgt.quantity" (add (mul $processes $host.memoryGiBPerProcess 1024) $shmMi | int))
       "ephemeral-storage" (include "dvgt.quantity" (add $workspaceMi $tmpMi $dataCacheMi 1024 | int)) -}}
 {{- $devices := dict -}}  {{- /* extended resources: requests = limits, quantities as strings */ -}}
-{{- if $profile.gpu }}{{ $_ := set $devices "nvidia.com/gpu" (toString $processes) }}{{ end -}}
+{{- if $profile.gpu }}{{ $_ := set $devices "nvidia.com/gpu" (toString (int .Values.gpusPerNode)) }}{{ end -}}
 {{- if .Values.rdma.enabled }}{{ range $name, $count := .Values.rdma.resources }}{{ $_ := set $devices $name (toString $count) }}{{ end }}{{ end -}}
 {{- $resources := dict -}}
 {{- range $kind := list "requests" "limits" -}}
@@ -155,7 +164,7 @@ The plan as JSON (use: include "dvgt.plan" . | fromJson).
 {{- $_ := set $resources $kind (merge (deepCopy $devices) (deepCopy $given) (deepCopy $sized)) -}}
 {{- end -}}
 {{- dict "job" $job "stage" $stage "profile" $profile "nodes" $nodes "accumSteps" $accum "minAvailable" $minAvailable
-      "gpus" (ternary $processes 0 $profile.gpu) "checkpointUri" $uri "args" $args "trainerArgs" $trainerArgs "resources" $resources
+      "gpus" (ternary (int .Values.gpusPerNode) 0 $profile.gpu) "processes" $processes "checkpointUri" $uri "args" $args "trainerArgs" $trainerArgs "resources" $resources
       "shmSize" (include "dvgt.quantity" $shmMi) "workspaceSize" (include "dvgt.quantity" $workspaceMi)
       "tmpSize" (include "dvgt.quantity" $tmpMi) "dataCacheSize" (ternary (include "dvgt.quantity" $dataCacheMi) "" (gt $dataCacheMi 0)) | toJson -}}
 {{- end -}}
