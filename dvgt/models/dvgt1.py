@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from .aggregator import Aggregator, precomputed_outputs
 from .dpt_head import DPTHead
 from .ego_pose_head import EgoPoseHead
+from .layers import autocast_off
 from .split import Carry, PipelineUnit, layer_name
 
 
@@ -130,7 +130,7 @@ def run_heads(
     (DVGT-1 and VGGT). Returns `pose_key` (last iteration), `<pose_key>_list`, points, points_conf
     and, in eval mode, the input `images`."""
     tokens_list = unread_dropped(model, tokens_list)
-    with torch.autocast(device_type=images.device.type, enabled=False):
+    with autocast_off(images.device):
         poses = pose_head(tokens_list)
         points, points_conf = model.point_head(
             tokens_list, images.shape[-2:], patch_start_idx, frames_chunk_size=model.frames_chunk_size

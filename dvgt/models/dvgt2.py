@@ -24,7 +24,7 @@ from .aggregator import Aggregator, precomputed_outputs
 from .dpt_head import DPTHead
 from .dvgt1 import SIZES, DVGT1Size, read_layers, unread_dropped
 from .dvgt2_head import DVGT2EgoHead
-from .layers import KVCache
+from .layers import KVCache, autocast_off
 from .split import Carry, PipelineUnit, layer_name
 from .trajectory_decoder import TrajectoryPoseDecoder
 
@@ -114,7 +114,7 @@ class DVGT2(nn.Module):
     ) -> dict[str, object]:
         tokens_list = unread_dropped(self, tokens_list)
         # The heads run in float32 even under autocast.
-        with torch.autocast(device_type=ego_tokens.device.type, enabled=False):
+        with autocast_off(ego_tokens.device):
             predictions = dict(self.ego_pose_head(ego_tokens, ego_status, noise=noise, embedded=embedded))
             predictions["points"], predictions["points_conf"] = self.point_head(
                 tokens_list, image_size, patch_start_idx, frames_chunk_size=self.frames_chunk_size
