@@ -12,7 +12,8 @@ With a model.device_map or distributed.pipeline.stages > 1 in the config it repo
 share instead (`split_memory`), by accounting on the meta device (no memory, no GPU, any model
 size): parameters, gradients and AdamW state of the parts or stages each GPU holds, plus the
 activations autograd saves between forward and backward, each attributed to the part or stage
-whose module was running when it was saved, for one forward pass of one clip. A pipeline stage
+whose module was running when it was saved, for one forward pass of one clip (attention counted
+as a fused kernel keeps it: q, k, v and the output, not the attention matrix). A pipeline stage
 holds the activations of the micro-batches in flight: all accum_steps of them under GPipe, at most
 stages - s under 1F1B. Not counted: transient buffers (attention scores, the recomputation of
 checkpointed blocks in backward, communication buffers), so leave a margin.
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
 
 GIB = 1024**3
 
@@ -69,7 +72,6 @@ def profile_table(fit: MemoryFit, profiles: dict[str, object], margin: float) ->
 def measure_peaks(cfg, frame_counts: Sequence[int] = (2, 4, 8)) -> list[tuple[int, int]]:
     """(images per forward, peak bytes) of one training step at each frame count, with the config's
     largest view count, width and narrowest aspect ratio; stops at the first out-of-memory."""
-    import torch
 
     from dvgt.models import build_model
     from dvgt.train.optim import build_optimizer, freeze_modules
@@ -102,7 +104,6 @@ def measure_peaks(cfg, frame_counts: Sequence[int] = (2, 4, 8)) -> list[tuple[in
 
 
 def profile_memory(cfg, margin: float, frames: int = 2) -> list[str]:
-    import torch
 
     from dvgt.k8s.catalog import load_catalog
 
@@ -144,7 +145,6 @@ def split_memory(cfg, frames: int = 2) -> tuple[str, list[GroupMemory]]:
     """(what was measured, one entry per GPU of the device map or per pipeline stage), by accounting
     on the meta device for one clip of `frames` frames with the config's largest view count, width
     and narrowest aspect ratio per forward pass (see the module docstring)."""
-    import torch
 
     from dvgt.models import model_skeleton
     from dvgt.train.device_map import part_of_parameters
@@ -219,15 +219,38 @@ def split_memory(cfg, frames: int = 2) -> tuple[str, list[GroupMemory]]:
     height = int(width / split_cfg.aspect_ratio[0]) // model.patch_size * model.patch_size
     images = torch.rand(1, frames, views, 3, height, width, device="meta")
     inputs = {"ego_status": torch.zeros(1, frames, 8, device="meta")} if cfg.model.enable_ego_status else {}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        outputs = model(images, **inputs)
-        loss = sum(v.float().mean() for v in outputs.values() if torch.is_tensor(v) and v.requires_grad)
-    loss.backward()
+    # The forward alone: what it saves is the activation memory; gradients and AdamW state are counted
+    # from the parameters above (and a backward would recompute checkpointed blocks outside the mode).
+    with FlashAttentionAccounting(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(images, **inputs)
     what = (
         f"{cfg.model.name} ({cfg.model.size}), {kind}; one clip of {frames} frames x {views} views at "
         f"{width}x{height} per forward pass; accounted on the meta device"
     )
     return what, list(groups.values())
+
+
+class FlashAttentionAccounting(TorchFunctionMode):
+    """F.scaled_dot_product_attention saving what a fused (flash) kernel saves: q, k, v, the output and
+    one log-sum-exp per query. On the meta device SDPA falls back to the math kernel, which would
+    count the N x N attention matrices that no GPU kernel keeps."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return _FlashLikeAttention.apply(*args[:3])
+        return func(*args, **(kwargs or {}))
+
+
+class _FlashLikeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1]))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("memory accounting runs the forward only")
 
 
 def _is_module(model, path: str) -> bool:
