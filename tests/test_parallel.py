@@ -90,6 +90,21 @@ def test_a_bad_device_map_is_refused_before_anything_is_allocated(tiny_data_root
     assert not (tmp_path / "ckpts").exists()  # refused before the checkpoint storage, the data, the model
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"distributed.pipeline.stages": 2, "limit_val_batches": 1}, "does not evaluate during training yet"),
+        ({"distributed.pipeline.stages": 2, "distributed.strategy": "fsdp"}, "runs data parallelism as DDP"),
+        ({"distributed.pipeline.stages": 2}, "does not divide the 1 processes into whole pipelines"),
+        ({"model.device_map": DVGT1_MAP, "distributed.strategy": "fsdp"}, "works with distributed.strategy=ddp only"),
+    ],
+)
+def test_layouts_that_cannot_run_are_refused_in_one_line(tiny_data_root, tmp_path, extra, message):
+    with pytest.raises(ValueError) as error:
+        Trainer(load_config("train/dvgt1/demo.yaml", overrides(tiny_data_root, tmp_path, **extra)))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
 def test_a_gpu_index_the_node_does_not_have_is_refused():
     """Local rank 1 with 2 GPUs per process owns GPUs 2 and 3; a node showing 3 GPUs lacks GPU 3.
     (No GPU here: the check takes the visible count, as the trainer passes torch.cuda.device_count().)"""
