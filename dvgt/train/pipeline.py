@@ -239,7 +239,7 @@ class Pipeline:
 
     # -- training -------------------------------------------------------------------------------
     def _schedule(self, chunks: list[dict[str, Any]]):
-        """The schedule for micro-batches of these shapes (built on first use: shape inference)."""
+        """The schedule for micro-batches of these shapes (built on first use, its boundaries declared)."""
         key = tuple(tuple(chunk["images"].shape) for chunk in chunks)
         if key not in self._schedules:
             if len(self._schedules) == MAX_SCHEDULES:  # the oldest shape's buffers go
