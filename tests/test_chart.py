@@ -550,7 +550,8 @@ def test_every_render_of_both_apis_is_valid_against_the_upstream_crds(linted_and
         # the node pod as Trainer admits it (runtime, the job's patches and trainer fields): `restricted`, no workaround
         admitted = trainjob.node_template(job, runtime)["template"]["spec"]["template"]
         assert pss.violations(admitted["spec"], admitted["metadata"], "restricted") == [], combo
-        assert job["spec"]["trainer"]["numNodes"] == 2 and job["spec"]["trainer"]["numProcPerNode"] == 8
+        processes = 8 // CATALOG.profiles[combo[1]].gpus_per_process  # gpusPerNode 8
+        assert job["spec"]["trainer"]["numNodes"] == 2 and job["spec"]["trainer"]["numProcPerNode"] == processes
     ready = [d for path in sorted((REPO / "k8s").rglob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
     k8s_crds.check(ready)
     runtime = yaml.safe_load((REPO / "k8s" / "trainjob" / "runtime.yaml").read_text())
