@@ -65,7 +65,8 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 def cmd_profile_memory(args: argparse.Namespace) -> int:
     from dvgt.train.profile_memory import profile_memory
 
-    print("\n".join(profile_memory(load_config(args.config, args.overrides), margin=args.margin, out=args.out)))
+    cfg = load_config(args.config, args.overrides)
+    print("\n".join(profile_memory(cfg, margin=args.margin, out=args.out, frames=args.frames)))
     return 0
 
 
@@ -275,7 +276,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     profile = sub.add_parser(
         "profile-memory",
         help="measure peak GPU memory per image and print the largest "
-        "images per forward pass for each VRAM profile (needs a GPU)",
+        "images per forward pass for each VRAM profile (needs a GPU); with model.device_map or "
+        "distributed.pipeline.stages, each GPU's share of the split (accounted, no GPU needed)",
     )
     _add_config_args(profile)
     profile.add_argument(
@@ -286,6 +288,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     profile.add_argument(
         "--out", help="also write the measurements, card, driver and torch version as JSON (docs/distributed.md)"
+    )
+    profile.add_argument(
+        "--frames",
+        type=int,
+        default=2,
+        help="with model.device_map or distributed.pipeline.stages: frames of the clip per forward pass",
     )
     profile.set_defaults(func=cmd_profile_memory)
 

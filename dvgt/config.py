@@ -45,6 +45,7 @@ class ModelConfig:
     max_frames: int = 48  # length of the learned temporal embedding (frames per clip at most)
     activation_checkpointing: str = "full"  # aggregator blocks in backward, train mode only: none (keep all activations) | full (recompute every block) | selective (keep matmul and attention outputs, recompute the rest) | every_other (recompute every other block); docs/distributed.md
     frames_chunk_size: int | None = None  # DPT head: frames per chunk (None = all at once)
+    device_map: dict[str, int] | None = None  # part -> local GPU index within the process, e.g. {aggregator: 0, point_head: 1, ...} (docs/distributed.md)
     compile_blocks: bool = False  # regional torch.compile: every transformer block compiled on its own (training; docs/distributed.md)
     attention_backend: str = "auto"  # SDPA kernels: auto (the fastest that takes each call; GPU: cudnn, flash, efficient, math; CPU: flash, math) | flash | cudnn | efficient | math (that one, math where it cannot); the choice is logged at start
     anchor_dir: str | None = None  # DVGT-2: folder of the official anchor files future_anchors_20_rdf.npz and past_anchors_20_rdf.npz (`dvgt anchors`; None = zeros until a checkpoint loads them)
@@ -232,9 +233,16 @@ class FSDPConfig:
 
 
 @dataclass
+class PipelineConfig:
+    stages: int = 1  # > 1: the model split into this many stages, one per rank of a pipeline (docs/distributed.md)
+    schedule: str = "1f1b"  # gpipe | 1f1b (micro-batches = the accum_steps chunks)
+
+
+@dataclass
 class DistributedConfig:
     strategy: str = "ddp"  # ddp: full replica per rank | fsdp: FSDP2 sharding (see distributed.fsdp, docs/distributed.md)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
     timeout_mins: int = 30  # collective timeout
     find_unused_parameters: bool = False  # DDP option (needed only if some outputs go unused)
@@ -535,6 +543,34 @@ def validate(cfg: DictConfig) -> None:
     d = cfg.distributed
     _check(d.strategy in ("ddp", "fsdp"), f"distributed.strategy must be ddp or fsdp, got '{d.strategy}'")
     _check(d.fsdp.mode in ("zero2", "zero3"), f"distributed.fsdp.mode must be zero2 or zero3, got '{d.fsdp.mode}'")
+    _check(d.pipeline.stages >= 1, f"distributed.pipeline.stages must be >= 1, got {d.pipeline.stages}")
+    _check(
+        d.pipeline.schedule in ("gpipe", "1f1b"),
+        f"distributed.pipeline.schedule must be gpipe or 1f1b, got '{d.pipeline.schedule}'",
+    )
+    if cfg.model.device_map is not None:
+        _check(
+            d.strategy == "ddp" and d.pipeline.stages == 1,
+            "model.device_map places a whole model replica on several GPUs of one process and works with "
+            "distributed.strategy=ddp only: drop distributed.pipeline.stages / strategy=fsdp, or model.device_map",
+        )
+    if d.pipeline.stages > 1:
+        _check(
+            d.strategy == "ddp" and not d.verify_replicas and not cfg.data.feature_cache,
+            "distributed.pipeline.stages > 1 runs data parallelism as DDP between the pipelines, without "
+            "verify_replicas or a feature cache: set distributed.strategy=ddp, distributed.verify_replicas=false, "
+            "data.feature_cache=null",
+        )
+        _check(
+            not (cfg.optim.amp.enabled and cfg.optim.amp.amp_dtype == "float16"),
+            "distributed.pipeline.stages > 1 trains in bfloat16 or float32 (float16 would need its loss scaler in "
+            "every stage): set optim.amp.amp_dtype=bfloat16",
+        )
+        _check(
+            cfg.limit_val_batches == 0,
+            "distributed.pipeline.stages > 1 does not evaluate during training yet: set limit_val_batches=0 "
+            "(evaluate the checkpoints in one process with `dvgt infer` or a run without pipeline stages)",
+        )
     if d.strategy == "fsdp":
         _check(
             not d.verify_replicas,

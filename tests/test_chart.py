@@ -72,7 +72,12 @@ def round_trip(job: dict) -> dict:
     return client.sanitize_for_serialization(client.deserialize(Response(), "KubeflowOrgV1PyTorchJob"))
 
 
-MATRIX = list(itertools.product(STAGES, PROFILES))
+# every stage with every profile that fits its model (a profile with a device map fits one model)
+MATRIX = [
+    (stage, profile)
+    for stage, profile in itertools.product(STAGES, PROFILES)
+    if CATALOG.profiles[profile].model in (None, CATALOG.stages[stage].model)
+]
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +121,10 @@ def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, l
     container = trainer(pods_of(job)["Master"])
     assert container["command"] == ["python", "-m", "dvgt.train.launch"]
     args = container["args"]
+    processes = 8 // CATALOG.profiles[profile].gpus_per_process  # gpusPerNode 8
+    assert job["spec"]["nprocPerNode"] == str(processes)
     assert args[:5] == [
-        "--nproc-per-node=8",
+        f"--nproc-per-node={processes}",
         "--shutdown-timeout=120",
         "-m",
         "dvgt.train",
@@ -141,7 +148,7 @@ def test_every_stage_and_profile_lints_and_renders_a_valid_job(stage, profile, l
     else:
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert container["resources"]["requests"] == container["resources"]["limits"]  # with the exporter's: Guaranteed QoS
-    assert container["resources"]["limits"] == expected_resources(profile, processes=8)
+    assert container["resources"]["limits"] == expected_resources(profile, processes=processes)
 
 
 def test_catalog_agrees_with_the_stage_configs():
@@ -229,7 +236,7 @@ def expected_resources(profile: str, processes: int, **given) -> dict:
         "ephemeral-storage": quantity(storage),
     }
     if CATALOG.profiles[profile].gpu:
-        sized["nvidia.com/gpu"] = str(processes)
+        sized["nvidia.com/gpu"] = str(processes * CATALOG.profiles[profile].gpus_per_process)
     return {**sized, **given}
 
 
@@ -582,7 +589,8 @@ def test_every_render_of_both_apis_is_valid_against_the_upstream_crds(linted_and
         # the node pod as Trainer admits it (runtime, the job's patches and trainer fields): `restricted`, no workaround
         admitted = trainjob.node_template(job, runtime)["template"]["spec"]["template"]
         assert pss.violations(admitted["spec"], admitted["metadata"], "restricted") == [], combo
-        assert job["spec"]["trainer"]["numNodes"] == 2 and job["spec"]["trainer"]["numProcPerNode"] == 8
+        processes = 8 // CATALOG.profiles[combo[1]].gpus_per_process  # gpusPerNode 8
+        assert job["spec"]["trainer"]["numNodes"] == 2 and job["spec"]["trainer"]["numProcPerNode"] == processes
     ready = [d for path in sorted((REPO / "k8s").rglob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
     k8s_crds.check(ready)
     runtime = yaml.safe_load((REPO / "k8s" / "trainjob" / "runtime.yaml").read_text())
@@ -731,3 +739,32 @@ def test_the_optional_data_check_runs_the_trainers_config_before_it(tmp_path, ca
         *set_args({"api": "trainjob", "trainJob.runtime.name": "shared", "data.check.enabled": "true"}),
     )
     assert shared.returncode != 0 and "trainJob.runtime.name shares the runtime between stages" in shared.stderr
+
+
+def test_a_profile_with_a_device_map_runs_fewer_processes_per_pod_and_fits_its_model_only():
+    """vggt-a100-40g-x2: 2 GPUs per process, so 8 GPUs per pod run 4 processes with the device map;
+    a stage of another model, or a GPU count it does not divide, is refused at render time."""
+    profile = CATALOG.profiles["vggt-a100-40g-x2"]
+    assert (profile.gpus_per_process, profile.model) == (2, "vggt")
+    job = job_of(render(stage="vggt-default", profile="vggt-a100-40g-x2"))
+    container = trainer(pods_of(job)["Master"])
+    assert job["spec"]["nprocPerNode"] == "4" and container["args"][0] == "--nproc-per-node=4"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    cfg = load_config(CATALOG.stages["vggt-default"].config, container["args"][5:])
+    assert dict(cfg.model.device_map) == {"backbone": 0, "aggregator": 0, "camera_head": 1, "point_head": 1}
+    other = helm("template", "t", str(CHART), *set_args({"stage": "dvgt1-default", "profile": "vggt-a100-40g-x2"}))
+    assert other.returncode != 0
+    assert (
+        "profile vggt-a100-40g-x2 places the parts of a vggt model, but stage dvgt1-default trains dvgt1"
+        in other.stderr
+    )
+    odd = helm(
+        "template",
+        "t",
+        str(CHART),
+        *set_args({"stage": "vggt-default", "profile": "vggt-a100-40g-x2", "gpusPerNode": 3}),
+    )
+    assert (
+        odd.returncode != 0
+        and "gpusPerNode (3) is not a multiple of profile vggt-a100-40g-x2's gpusPerProcess (2)" in odd.stderr
+    )

@@ -1,5 +1,6 @@
 """`dvgt profile-memory`: the fit and the per-profile table from injected measurements (no GPU
-here), and the one-line refusal on a machine without a GPU."""
+here), the one-line refusal on a machine without a GPU, and the per-GPU accounting of a device
+map or pipeline split (on the meta device)."""
 
 import json
 import subprocess
@@ -7,8 +8,18 @@ import sys
 
 import pytest
 
+from dvgt.config import load_config
+from dvgt.families import model_skeleton
 from dvgt.k8s.catalog import Profile, load_catalog
-from dvgt.train.profile_memory import GIB, MemoryFit, fit_memory, max_images, profile_table
+from dvgt.train.profile_memory import (
+    GIB,
+    MemoryFit,
+    fit_memory,
+    max_images,
+    profile_table,
+    split_memory,
+    split_table,
+)
 
 
 def test_fit_recovers_fixed_and_per_image_cost():
@@ -76,3 +87,44 @@ def test_measurement_record_keeps_the_card_the_peaks_and_the_measured_profiles()
     assert record["profiles"] == {  # (72 - 18.5) / 1: 53 images fit below 90% of 80 GiB
         "h100-80g": {"memory_gib": 80, "catalog_max_images_per_forward": 24, "measured_max_images_per_forward": 53}
     }
+
+
+def split_config(*overrides):
+    return load_config("train/dvgt1/demo.yaml", ["model.size=tiny", "data.train.img_width=64", *overrides])
+
+
+def test_per_gpu_memory_of_a_device_map_is_accounted_on_the_meta_device():
+    """Every parameter byte lands on exactly one GPU of the map; frozen parameters have no gradient
+    or AdamW state; both GPUs hold saved activations (the heads' at full resolution dominate)."""
+    cfg = split_config(
+        "model.device_map={backbone: 0, aggregator: 0, ego_pose_head: 1, point_head: 1}",
+        "optim.frozen_module_names=[aggregator.patch_embed.*]",
+    )
+    what, groups = split_memory(cfg, frames=2)
+    assert "model.device_map" in what and "2 frames x 3 views at 64x32" in what
+    model = model_skeleton(cfg.model)
+    assert sum(g.parameters for g in groups) == sum(p.numel() * 4 for p in model.parameters())
+    frozen = sum(p.numel() * 4 for n, p in model.named_parameters() if n.startswith("aggregator.patch_embed."))
+    gpu0, gpu1 = groups
+    assert (gpu0.parts, gpu1.parts) == (["backbone", "aggregator"], ["ego_pose_head", "point_head"])
+    assert gpu0.gradients == gpu0.parameters - frozen and gpu0.optimizer == 2 * gpu0.gradients
+    assert gpu1.gradients == gpu1.parameters and 0 < gpu0.activations < gpu1.activations
+    lines = split_table(what, groups)
+    assert lines[2].startswith("GPU 0") and lines[3].endswith("ego_pose_head, point_head")
+
+
+def test_pipeline_stages_hold_the_activations_of_the_micro_batches_in_flight():
+    """4 micro-batches on 2 stages: GPipe keeps all 4 in flight on every stage, 1F1B at most 2 on
+    stage 0 and 1 on the last; the parameters split as the trainer's split does."""
+    gpipe = split_memory(
+        split_config(
+            "distributed.pipeline.stages=2",
+            "limit_val_batches=0",
+            "accum_steps=4",
+            "distributed.pipeline.schedule=gpipe",
+        )
+    )[1]
+    one_f_one_b = split_memory(split_config("distributed.pipeline.stages=2", "limit_val_batches=0", "accum_steps=4"))[1]
+    assert [g.activations for g in gpipe] == [2 * one_f_one_b[0].activations, 4 * one_f_one_b[1].activations]
+    assert [g.parameters for g in gpipe] == [g.parameters for g in one_f_one_b]
+    assert gpipe[0].parts == ["aggregator.embed .. aggregator.3"] and gpipe[1].parts == ["heads .. heads"]

@@ -37,7 +37,11 @@ def load_trainjob(path: Path) -> dict:
 
 
 def test_every_stage_and_profile_renders_what_helm_template_renders():
-    combos = list(itertools.product(CATALOG.stages, CATALOG.profiles))
+    combos = [  # a profile with a device map fits the one model it names
+        (stage, profile)
+        for stage, profile in itertools.product(CATALOG.stages, CATALOG.profiles)
+        if CATALOG.profiles[profile].model in (None, CATALOG.stages[stage].model)
+    ]
 
     def both(combo):
         stage, profile = combo
@@ -70,7 +74,7 @@ def test_every_stage_and_profile_renders_what_helm_template_renders():
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         pairs = list(pool.map(both, combos))
-    assert len(pairs) == len(CATALOG.stages) * len(CATALOG.profiles) >= 70
+    assert len(pairs) == len(combos) >= 70
     for (stage, profile), (sdk, helm) in zip(combos, pairs):
         assert sdk == helm, f"{stage} x {profile}"
         assert sdk["metadata"]["labels"]["dvgt.io/profile"] == profile and len(sdk["spec"]["pytorchReplicaSpecs"]) == 2

@@ -35,6 +35,8 @@ __all__ = [
     "initialise_from_pretrained",
     "load_pretrained",
     "model_layout",
+    "model_parts",
+    "model_skeleton",
     "names",
     "register",
     "sample_targets",
@@ -69,11 +71,24 @@ def build_model(model_cfg: Any) -> nn.Module:
     return check_model_config(model_cfg).build(model_cfg)
 
 
-def model_layout(model_cfg: Any) -> dict[str, Any]:
-    """{"num_parameters": int, "state_dict": {key: [shape, dtype]}} in state_dict order, without allocating weights."""
+def model_skeleton(model_cfg: Any) -> nn.Module:
+    """The architecture on the meta device: names, shapes and forward shapes, no memory, no weight files read."""
     family = check_model_config(model_cfg)
     with torch.device("meta"):
-        model = family.build(_without_weight_files(model_cfg))
+        return family.build(_without_weight_files(model_cfg))
+
+
+def model_parts(model_cfg: Any) -> dict[str, str]:
+    """The parts model.device_map places (part -> module path), without allocating weights."""
+    family = check_model_config(model_cfg)
+    if family.device_map_parts is None:
+        raise ValueError(f"model '{family.name}' declares no parts: model.device_map cannot place it")
+    return dict(family.device_map_parts(model_skeleton(model_cfg)))
+
+
+def model_layout(model_cfg: Any) -> dict[str, Any]:
+    """{"num_parameters": int, "state_dict": {key: [shape, dtype]}} in state_dict order, without allocating weights."""
+    model = model_skeleton(model_cfg)
     return {
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "state_dict": {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in model.state_dict().items()},

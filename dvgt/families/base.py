@@ -56,6 +56,9 @@ class ModelFamily:
     check_config: Callable[[Any], None] = no_config_rules  # raise ValueError on model options it cannot take
     conversions: Mapping[str, ConversionFn] = field(default_factory=dict)  # source layout -> its conversion
     cacheable_parts: Mapping[str, str] = field(default_factory=dict)  # feature-cache part -> module path
+    # model -> its parts model.device_map places (part -> module path); pipeline stages split the model's
+    # pipeline_units() (dvgt/models/split.py). None: the family cannot be split.
+    device_map_parts: Callable[[Any], Mapping[str, str]] | None = None
     flops: FlopsCounter | None = None  # its analytic FLOP count (dvgt/train/flops.py StepFlops); None: no MFU
     streaming_inference: bool = False  # `dvgt infer` can run it frame by frame
     planning_steps: int = 0  # future poses it plans (0: no planning head)

@@ -113,5 +113,6 @@ FAMILY = register(
         conversions={VGGT: vggt_to_dvgt1},
         cacheable_parts=AGGREGATOR_CACHE_PARTS,
         flops=StepFlops,
+        device_map_parts=DVGT1.device_map_parts,
     )
 )

@@ -31,7 +31,7 @@ from dvgt.families.base import Batch, LossFn, ModelFamily, Predictions, register
 from dvgt.families.dvgt1 import AGGREGATOR_CACHE_PARTS
 from dvgt.families.dvgt2_pretrain import TRAINING_TARGETS, build_dvgt2, chained_points_and_poses, local_point_losses
 from dvgt.models.conversions import DVGT2_STAGE1, VGGT, dvgt2_stage1_to_stage2, vggt_to_dvgt2
-from dvgt.models.dvgt2 import EGO_STATUS_FIELDS, PLANNING_STEPS
+from dvgt.models.dvgt2 import DVGT2, EGO_STATUS_FIELDS, PLANNING_STEPS
 from dvgt.models.trajectory_decoder import TrajectoryPoseDecoder
 from dvgt.train.evaluation import trajectory_in_metres
 from dvgt.train.flops import StepFlops
@@ -253,6 +253,7 @@ FAMILY = register(
         conversions={VGGT: vggt_to_dvgt2, DVGT2_STAGE1: dvgt2_stage1_to_stage2},
         cacheable_parts=AGGREGATOR_CACHE_PARTS,
         flops=StepFlops,
+        device_map_parts=DVGT2.device_map_parts,
         streaming_inference=True,
         planning_steps=PLANNING_STEPS,
         ego_status_fields=EGO_STATUS_FIELDS,

@@ -128,6 +128,7 @@ FAMILY = register(
         conversions={VGGT: vggt_to_dvgt2},
         cacheable_parts=AGGREGATOR_CACHE_PARTS,
         flops=StepFlops,
+        device_map_parts=DVGT2.device_map_parts,
         streaming_inference=True,
     )
 )

@@ -132,5 +132,6 @@ FAMILY = register(
         check_config=check_config,
         cacheable_parts=AGGREGATOR_CACHE_PARTS,
         flops=StepFlops,
+        device_map_parts=VGGT.device_map_parts,
     )
 )

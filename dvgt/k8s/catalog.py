@@ -32,6 +32,8 @@ class Profile:
     gpu: bool  # False: no GPU resources (local and CI runs)
     overrides: list[str]  # trainer config overrides the profile adds
     memory_gib: float | None = None  # memory of one GPU of this kind (None: no GPU)
+    gpus_per_process: int = 1  # GPUs one process drives (a model.device_map override in `overrides`)
+    model: str | None = None  # the only model.name the profile fits (its device map names that model's parts)
     note: str = ""  # what the numbers rest on (reference recipe, estimate, ...): the chart README's profile table
 
 
@@ -49,7 +51,14 @@ def load_catalog(path: Path = CATALOG_FILE) -> Catalog:
     }
     profiles = {
         name: Profile(
-            name, int(p["maxImagesPerForward"]), bool(p["gpu"]), list(p["overrides"]), p.get("memoryGiB"), p["note"]
+            name,
+            int(p["maxImagesPerForward"]),
+            bool(p["gpu"]),
+            list(p["overrides"]),
+            p.get("memoryGiB"),
+            int(p.get("gpusPerProcess", 1)),
+            p.get("model"),
+            p["note"],
         )
         for name, p in raw["profiles"].items()
     }

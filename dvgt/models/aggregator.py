@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .checkpointing import check_mode, run_block
 from .dinov3 import DinoVisionTransformer
 from .layers import Block, KVCache, MultimodalRotaryEmbedding, RotaryPositionEmbedding2D
+from .split import Carry, PipelineUnit, layer_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -196,13 +197,23 @@ class Aggregator(nn.Module):
         `KVCache` per depth step; the cross-frame blocks attend to the cached earlier frames and add
         this frame to the caches.
         """
-        self._check_input(images)
-        B, T, V, _, H, W = images.shape
-        if kv_caches is not None and (T != 1 or len(kv_caches) != len(self.cross_frame_blocks)):
+        if kv_caches is not None and (images.shape[1] != 1 or len(kv_caches) != len(self.cross_frame_blocks)):
             raise ValueError(
-                f"streaming takes one frame and one KV cache per depth step, got {T} frames and "
+                f"streaming takes one frame and one KV cache per depth step, got {images.shape[1]} frames and "
                 f"{len(kv_caches)} caches for {len(self.cross_frame_blocks)} steps"
             )
+        x = self.embed(images, patch_tokens)
+        layout = self.layout(images, first_frame)
+        outputs = []
+        for i in range(self.depth):
+            x, output = self.step(i, x, layout, None if kv_caches is None else kv_caches[i])
+            outputs.append(output)
+        return outputs, self.patch_start_idx
+
+    def embed(self, images: Tensor, patch_tokens: Tensor | None = None) -> Tensor:
+        """images [B, T, V, 3, H, W] -> the tokens entering the first depth step, [B, T, V, N, C]."""
+        self._check_input(images)
+        B, T, V = images.shape[:3]
         patches = embed_patches(self.patch_embed, images, patch_tokens)  # [B*T*V, P, C]
         P, C = patches.shape[1:]
         if self.temporal_pos_embed is not None:
@@ -215,31 +226,72 @@ class Aggregator(nn.Module):
             ],
             dim=1,
         )
-        N = x.shape[1]
-        x = x.view(B, T, V, N, C)
+        return x.view(B, T, V, -1, C)
 
-        # RoPE positions laid out like the tokens of each attention type
-        pos = self._positions(H // self.patch_size, W // self.patch_size, range(first_frame, first_frame + T), x.device)
+    def layout(self, images: Tensor, first_frame: int = 0) -> dict:
+        """What every depth step needs besides the tokens, from the images' shape: RoPE positions laid
+        out like the tokens of each attention type, the frame-causal mask and whether to checkpoint."""
+        B, T, V, _, H, W = images.shape
+        rows, cols = H // self.patch_size, W // self.patch_size
+        N = self.patch_start_idx + rows * cols
+        pos = self._positions(rows, cols, range(first_frame, first_frame + T), images.device)
         pos = pos[None, :, None].expand(B, T, V, N, -1)  # [B, T, V, N, 2 or 3]
         pos_intra = pos.reshape(B * T * V, N, -1)
         pos_view = pos.reshape(B * T, V * N, -1)
         pos_frame = pos.transpose(1, 2).reshape(B * V, T * N, -1)
         if isinstance(self.rope, RotaryPositionEmbedding2D):  # 2D positions are the same in every sequence
             pos_intra, pos_view, pos_frame = pos_intra[:1], pos_view[:1], pos_frame[:1]
-        mask = self._frame_causal_mask(T, N, x.device)
+        return {
+            "intra": pos_intra,
+            "view": pos_view,
+            "frame": pos_frame,
+            "mask": self._frame_causal_mask(T, N, images.device),
+            "checkpointing": self.activation_checkpointing if self.training else "none",
+        }
 
-        ac = self.activation_checkpointing if self.training else "none"
-        outputs = []
-        for i, (intra_block, view_block, frame_block) in enumerate(
-            zip(self.intra_view_blocks, self.cross_view_blocks, self.cross_frame_blocks)
-        ):
-            intra = run_block(intra_block, x.reshape(B * T * V, N, C), pos_intra, ac, 3 * i).view(B, T, V, N, C)
-            view = run_block(view_block, intra.reshape(B * T, V * N, C), pos_view, ac, 3 * i + 1).view(B, T, V, N, C)
-            frame_input = view.transpose(1, 2).reshape(B * V, T * N, C)
-            if kv_caches is None:
-                frame = run_block(frame_block, frame_input, pos_frame, ac, 3 * i + 2, attn_mask=mask)
-            else:
-                frame = frame_block(frame_input, pos=pos_frame, kv_cache=kv_caches[i])
-            x = frame.view(B, V, T, N, C).transpose(1, 2)
-            outputs.append(torch.cat([x, view, intra], dim=-1))
-        return outputs, self.patch_start_idx
+    def step(self, i: int, x: Tensor, layout: dict, kv_cache: KVCache | None = None) -> tuple[Tensor, Tensor]:
+        """Depth step i: x [B, T, V, N, C] -> (x after the step, its output [B, T, V, N, 3C])."""
+        B, T, V, N, C = x.shape
+        checkpointing = layout["checkpointing"]
+        intra = run_block(self.intra_view_blocks[i], x.reshape(B * T * V, N, C), layout["intra"], checkpointing, 3 * i)
+        intra = intra.view(B, T, V, N, C)
+        view = run_block(
+            self.cross_view_blocks[i], intra.reshape(B * T, V * N, C), layout["view"], checkpointing, 3 * i + 1
+        )
+        view = view.view(B, T, V, N, C)
+        frame_input = view.transpose(1, 2).reshape(B * V, T * N, C)
+        if kv_cache is None:
+            frame = run_block(
+                self.cross_frame_blocks[i],
+                frame_input,
+                layout["frame"],
+                checkpointing,
+                3 * i + 2,
+                attn_mask=layout["mask"],
+            )
+        else:
+            frame = self.cross_frame_blocks[i](frame_input, pos=layout["frame"], kv_cache=kv_cache)
+        x = frame.view(B, V, T, N, C).transpose(1, 2)
+        return x, torch.cat([x, view, intra], dim=-1)
+
+    def pipeline_units(self, path: str, read_layers: Sequence[int]) -> list[PipelineUnit]:
+        """The embedding (backbone and special tokens), then one unit per depth step; `path`: this
+        aggregator's path in the model; `read_layers`: the outputs later units read (kept in the carry)."""
+        tokens = [f"{path}.{name}" for name, _ in self.named_parameters(recurse=False)]
+
+        def embed(carry: Carry) -> Carry:
+            return {"x": self.embed(carry["images"])}
+
+        def step(i: int) -> PipelineUnit:
+            def run(carry: Carry) -> Carry:
+                x, output = self.step(i, carry["x"], self.layout(carry["images"]))
+                return {"x": x, **({layer_name(i): output} if i in read_layers else {})}
+
+            owns = tuple(
+                f"{path}.{kind}.{i}" for kind in ("intra_view_blocks", "cross_view_blocks", "cross_frame_blocks")
+            )
+            writes = ("x", layer_name(i)) if i in read_layers else ("x",)
+            return PipelineUnit(f"{path}.{i}", owns, ("images", "x"), writes, run)
+
+        embedding = PipelineUnit(f"{path}.embed", (f"{path}.patch_embed", *tokens), ("images",), ("x",), embed)
+        return [embedding, *(step(i) for i in range(self.depth))]

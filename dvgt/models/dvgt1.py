@@ -6,12 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .aggregator import Aggregator, precomputed_outputs
 from .dpt_head import DPTHead
 from .ego_pose_head import EgoPoseHead
+from .layers import autocast_off
+from .split import Carry, PipelineUnit, layer_name
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,14 @@ SIZES: dict[str, DVGT1Size] = {
 
 
 class DVGT1(nn.Module):
+    # model.device_map: part -> submodule (the backbone's parameters leave the aggregator's part)
+    DEVICE_MAP_PARTS = {
+        "backbone": "aggregator.patch_embed",
+        "aggregator": "aggregator",
+        "ego_pose_head": "ego_pose_head",
+        "point_head": "point_head",
+    }
+
     def __init__(
         self,
         size: DVGT1Size = SIZES["full"],
@@ -84,6 +93,36 @@ class DVGT1(nn.Module):
         )
         return run_heads(self, images, tokens_list, patch_start_idx, self.ego_pose_head, "absolute_ego_pose_enc")
 
+    def device_map_parts(self) -> dict[str, str]:
+        return dict(self.DEVICE_MAP_PARTS)
+
+    def pipeline_units(self) -> list[PipelineUnit]:
+        """Pipeline units: the aggregator's (embedding, one per depth step), then both heads."""
+
+        def heads(carry: Carry) -> dict[str, object]:
+            tokens_list = [carry.get(layer_name(i)) for i in range(self.aggregator.depth)]
+            patch_start_idx = self.aggregator.patch_start_idx
+            return run_heads(
+                self, carry["images"], tokens_list, patch_start_idx, self.ego_pose_head, "absolute_ego_pose_enc"
+            )
+
+        read = read_layers(self)
+        heads_unit = PipelineUnit(
+            "heads", ("ego_pose_head", "point_head"), ("images", *map(layer_name, read)), (), heads
+        )
+        return [*self.aggregator.pipeline_units("aggregator", read), heads_unit]
+
+
+def read_layers(model: Any) -> list[int]:
+    """The aggregator outputs the heads read: the DPT head's intermediate layers and the last (pose heads)."""
+    return sorted({*model.point_head.intermediate_layer_idx, model.aggregator.depth - 1})
+
+
+def unread_dropped(model: nn.Module, tokens_list: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """tokens_list with None for the layers no head reads (so a device map moves only what is read)."""
+    read = set(read_layers(model))
+    return [tokens if i in read else None for i, tokens in enumerate(tokens_list)]
+
 
 def run_heads(
     model: Any, images: Tensor, tokens_list, patch_start_idx: int, pose_head: nn.Module, pose_key: str
@@ -91,7 +130,8 @@ def run_heads(
     """The pose head and `model.point_head` on the aggregator's tokens, in float32 even under autocast
     (DVGT-1 and VGGT). Returns `pose_key` (last iteration), `<pose_key>_list`, points, points_conf
     and, in eval mode, the input `images`."""
-    with torch.autocast(device_type=images.device.type, enabled=False):
+    tokens_list = unread_dropped(model, tokens_list)
+    with autocast_off(images.device):
         poses = pose_head(tokens_list)
         points, points_conf = model.point_head(
             tokens_list, images.shape[-2:], patch_start_idx, frames_chunk_size=model.frames_chunk_size

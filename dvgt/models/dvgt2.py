@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from .aggregator import Aggregator, precomputed_outputs
 from .dpt_head import DPTHead
-from .dvgt1 import SIZES, DVGT1Size
+from .dvgt1 import SIZES, DVGT1Size, read_layers, unread_dropped
 from .dvgt2_head import DVGT2EgoHead
-from .layers import KVCache
+from .layers import KVCache, autocast_off
+from .split import Carry, PipelineUnit, layer_name
 from .trajectory_decoder import TrajectoryPoseDecoder
 
 PLANNING_STEPS = 8  # the planning horizon: future poses at 2 Hz, one future ego token per image each
@@ -105,7 +106,7 @@ class DVGT2(nn.Module):
 
     def _heads(
         self,
-        tokens_list: list[Tensor],
+        tokens_list: list[Any],
         patch_start_idx: int,
         image_size: tuple[int, ...],
         ego_tokens: Tensor,
@@ -113,8 +114,9 @@ class DVGT2(nn.Module):
         noise: tuple[Tensor, Tensor] | None,
         embedded: bool = False,
     ) -> dict[str, object]:
+        tokens_list = unread_dropped(self, tokens_list)
         # The heads run in float32 even under autocast.
-        with torch.autocast(device_type=ego_tokens.device.type, enabled=False):
+        with autocast_off(ego_tokens.device):
             predictions = dict(self.ego_pose_head(ego_tokens, ego_status, noise=noise, embedded=embedded))
             predictions["points"], predictions["points_conf"] = self.point_head(
                 tokens_list, image_size, patch_start_idx, frames_chunk_size=self.frames_chunk_size
@@ -157,6 +159,38 @@ class DVGT2(nn.Module):
         if not self.training:
             predictions["images"] = images
         return predictions
+
+    def device_map_parts(self) -> dict[str, str]:
+        """model.device_map: part -> submodule (the backbone leaves the aggregator the rest of its
+        parameters, the trajectory decoder the ego head the rest of its)."""
+        parts = {
+            "backbone": "aggregator.patch_embed",
+            "aggregator": "aggregator",
+            "ego_pose_head": "ego_pose_head",
+            "point_head": "point_head",
+        }
+        if self.planning:
+            parts["trajectory_decoder"] = "ego_pose_head.traj_pose_decoder"
+        return parts
+
+    def pipeline_units(self) -> list[PipelineUnit]:
+        """Pipeline units: the aggregator's (embedding, one per depth step), then the heads (the ego head
+        reads the model input ego_status when the model takes it)."""
+
+        def heads(carry: Carry) -> dict[str, object]:
+            tokens_list: list[Any] = [carry.get(layer_name(i)) for i in range(self.aggregator.depth)]
+            ego_tokens = tokens_list[-1][:, :, :, : self.num_ego_tokens]
+            image_size = carry["images"].shape[-2:]
+            patch_start_idx = self.aggregator.patch_start_idx
+            return self._heads(tokens_list, patch_start_idx, image_size, ego_tokens, carry.get("ego_status"), None)
+
+        read = read_layers(self)
+        decoder = self.ego_pose_head.traj_pose_decoder
+        inputs = ("images", "ego_status") if decoder is not None and decoder.hist_encoding is not None else ("images",)
+        heads_unit = PipelineUnit(
+            "heads", ("ego_pose_head", "point_head"), (*inputs, *map(layer_name, read)), (), heads
+        )
+        return [*self.aggregator.pipeline_units("aggregator", read), heads_unit]
 
     @torch.no_grad()
     def inference(

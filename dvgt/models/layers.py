@@ -12,6 +12,7 @@ At call time a block also takes an optional boolean `attn_mask` (True = may atte
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -266,3 +267,11 @@ class CrossAttentionBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         x = x + self.ls1(self.drop(self.attn(self.norm1(x), context)))
         return x + self.ls2(self.drop(self.mlp(self.norm2(x))))
+
+
+def autocast_off(device: torch.device):
+    """A region in float32 even under autocast (the heads); nothing to switch off on the meta device
+    (dvgt profile-memory runs the model there)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)

@@ -20,9 +20,10 @@ from .aggregator import check_images, embed_patches, per_image_tokens, precomput
 from .checkpointing import check_mode, run_block
 from .dinov2 import DinoV2VisionTransformer
 from .dpt_head import DPTHead
-from .dvgt1 import SIZES, DVGT1Size, run_heads
+from .dvgt1 import SIZES, DVGT1Size, read_layers, run_heads
 from .ego_pose_head import CAMERA_POSE_DIM, EgoPoseHead
 from .layers import Block, RotaryPositionEmbedding2D
+from .split import Carry, PipelineUnit, layer_name
 
 # Heads of the published VGGT-1B that this model does not build: their checkpoint keys are ignored.
 DISABLED_HEADS = ("depth_head.", "track_head.")
@@ -76,8 +77,18 @@ class VGGTAggregator(nn.Module):
     def forward(self, images: Tensor, patch_tokens: Tensor | None = None) -> tuple[list[Tensor], int]:
         """images [B, T, V, 3, H, W] in [0, 1] -> (depth x [B, T*V, N, 2C], patch_start_idx); `patch_tokens`
         [B, T, V, P, C]: the DINOv2 backbone's output for these images (feature cache), which skips it."""
+        x = self.embed(images, patch_tokens)
+        layout = self.layout(images)
+        outputs = []
+        for i in range(self.depth):
+            x, output = self.step(i, x, layout)
+            outputs.append(output)
+        return outputs, self.patch_start_idx
+
+    def embed(self, images: Tensor, patch_tokens: Tensor | None = None) -> Tensor:
+        """images [B, T, V, 3, H, W] -> the tokens entering the first step, [B, S, N, C] (S = T*V)."""
         check_images(images, self.patch_size)
-        B, T, V, _, H, W = images.shape
+        B, T, V = images.shape[:3]
         S = T * V
         patches = embed_patches(self.patch_embed, images, patch_tokens)  # [B*S, P, C]
         x = torch.cat(
@@ -88,22 +99,59 @@ class VGGTAggregator(nn.Module):
             ],
             dim=1,
         )
-        N, C = x.shape[1:]
+        return x.view(B, S, *x.shape[1:])
 
+    def layout(self, images: Tensor) -> dict:
+        """RoPE positions of the frame and global attention, and whether to checkpoint (from the images' shape)."""
+        H, W = images.shape[-2:]
+        S = images.shape[1] * images.shape[2]
         pos = token_positions(H // self.patch_size, W // self.patch_size, self.patch_start_idx, images.device)  # [N,2]
-        pos_global = pos.repeat(S, 1)[None]  # same grid per image
+        return {
+            "frame": pos[None],
+            "global": pos.repeat(S, 1)[None],  # same grid per image
+            "checkpointing": self.activation_checkpointing if self.training else "none",
+        }
 
-        ac = self.activation_checkpointing if self.training else "none"
-        outputs = []
-        for i, (frame_block, global_block) in enumerate(zip(self.frame_blocks, self.global_blocks)):
-            frame = run_block(frame_block, x.reshape(B * S, N, C), pos[None], ac, 2 * i).view(B, S, N, C)
-            x = run_block(global_block, frame.reshape(B, S * N, C), pos_global, ac, 2 * i + 1).view(B, S, N, C)
-            outputs.append(torch.cat([frame, x], dim=-1))
-        return outputs, self.patch_start_idx
+    def step(self, i: int, x: Tensor, layout: dict) -> tuple[Tensor, Tensor]:
+        """Step i: x [B, S, N, C] -> (x after the step, its output [B, S, N, 2C])."""
+        B, S, N, C = x.shape
+        checkpointing = layout["checkpointing"]
+        frame = run_block(self.frame_blocks[i], x.reshape(B * S, N, C), layout["frame"], checkpointing, 2 * i).view(
+            B, S, N, C
+        )
+        x = run_block(self.global_blocks[i], frame.reshape(B, S * N, C), layout["global"], checkpointing, 2 * i + 1)
+        x = x.view(B, S, N, C)
+        return x, torch.cat([frame, x], dim=-1)
+
+    def pipeline_units(self, path: str, read_layers: Sequence[int]) -> list[PipelineUnit]:
+        """The embedding (backbone and special tokens), then one unit per step (as Aggregator.pipeline_units)."""
+        tokens = [f"{path}.{name}" for name, _ in self.named_parameters(recurse=False)]
+
+        def embed(carry: Carry) -> Carry:
+            return {"x": self.embed(carry["images"])}
+
+        def step(i: int) -> PipelineUnit:
+            def run(carry: Carry) -> Carry:
+                x, output = self.step(i, carry["x"], self.layout(carry["images"]))
+                return {"x": x, **({layer_name(i): output} if i in read_layers else {})}
+
+            owns = (f"{path}.frame_blocks.{i}", f"{path}.global_blocks.{i}")
+            writes = ("x", layer_name(i)) if i in read_layers else ("x",)
+            return PipelineUnit(f"{path}.{i}", owns, ("images", "x"), writes, run)
+
+        embedding = PipelineUnit(f"{path}.embed", (f"{path}.patch_embed", *tokens), ("images",), ("x",), embed)
+        return [embedding, *(step(i) for i in range(self.depth))]
 
 
 class VGGT(nn.Module):
     disabled_heads = DISABLED_HEADS  # read by load_weights
+    # model.device_map: part -> submodule (the backbone's parameters leave the aggregator's part)
+    DEVICE_MAP_PARTS = {
+        "backbone": "aggregator.patch_embed",
+        "aggregator": "aggregator",
+        "camera_head": "camera_head",
+        "point_head": "point_head",
+    }
 
     def __init__(
         self,
@@ -152,3 +200,22 @@ class VGGT(nn.Module):
         else:
             tokens_list, patch_start_idx = precomputed_outputs(self.aggregator, aggregator_tokens)
         return run_heads(self, images, tokens_list, patch_start_idx, self.camera_head, "cam_pose_enc")
+
+    def device_map_parts(self) -> dict[str, str]:
+        return dict(self.DEVICE_MAP_PARTS)
+
+    def pipeline_units(self) -> list[PipelineUnit]:
+        """Pipeline units: the aggregator's (embedding, one per step), then both heads."""
+
+        def heads(carry: Carry) -> dict[str, object]:
+            images = carry["images"]
+            B, T, V = images.shape[:3]
+            tokens_list = [carry.get(layer_name(i)) for i in range(self.aggregator.depth)]
+            tokens_list = [None if t is None else t.view(B, T, V, *t.shape[2:]) for t in tokens_list]
+            return run_heads(
+                self, images, tokens_list, self.aggregator.patch_start_idx, self.camera_head, "cam_pose_enc"
+            )
+
+        read = read_layers(self)
+        heads_unit = PipelineUnit("heads", ("camera_head", "point_head"), ("images", *map(layer_name, read)), (), heads)
+        return [*self.aggregator.pipeline_units("aggregator", read), heads_unit]

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -26,7 +27,16 @@ class GradientClipper:
     the clipper refuses to start and lists the uncovered names.
     """
 
-    def __init__(self, model: nn.Module, configs: Sequence) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        configs: Sequence,
+        process_group: dist.ProcessGroup | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        """`process_group` (pipeline stages): the ranks holding the rest of each group's parameters;
+        every group's norm is then reduced over them (`device`: where this rank's norms live)."""
+        self.process_group, self.device = process_group, device
         self.groups: list[ClipGroup] = []
         owner: dict[str, str] = {}
         for config in configs:
@@ -55,11 +65,22 @@ class GradientClipper:
         the training loop reads it with the step's other values at the logging interval)."""
         norms = {}
         for group in self.groups:
-            if group.params:
+            if group.params or self.process_group is not None:  # every stage takes part in the reduction
                 grads = [p.grad for p in group.params if p.grad is not None]
                 norm = torch.nn.utils.get_total_norm(grads, norm_type=group.norm_type)
                 if isinstance(norm, DTensor):  # FSDP: the norm of this rank's gradient slices, reduced over ranks
                     norm = norm.full_tensor()
+                if self.process_group is not None:
+                    norm = self._reduced(norm.to(self.device, torch.float32), group.norm_type)
                 torch.nn.utils.clip_grads_with_norm_(group.params, group.max_norm, norm)
                 norms[group.name] = norm.detach()
         return norms
+
+    def _reduced(self, norm: torch.Tensor, norm_type: float) -> torch.Tensor:
+        """The norm over the parameters of every rank of the process group, from this rank's part."""
+        if norm_type == float("inf"):
+            dist.all_reduce(norm, op=dist.ReduceOp.MAX, group=self.process_group)
+            return norm
+        power = norm**norm_type
+        dist.all_reduce(power, group=self.process_group)
+        return power ** (1.0 / norm_type)

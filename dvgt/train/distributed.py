@@ -37,14 +37,19 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(
-    device: str = "auto", backend: str = "auto", timeout_mins: int = 30, single_process_group: bool = False
+    device: str = "auto",
+    backend: str = "auto",
+    timeout_mins: int = 30,
+    single_process_group: bool = False,
+    gpus_per_process: int = 1,
 ) -> DistInfo:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
-    `single_process_group`: a process alone still gets a group of one (FSDP needs one)."""
+    `single_process_group`: a process alone still gets a group of one (FSDP needs one).
+    `gpus_per_process` k (model.device_map): local rank r owns GPUs r*k .. r*k+k-1; its device is the first."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch_device = pick_device(device, local_rank)
+    torch_device = pick_device(device, local_rank * gpus_per_process)
     if world_size > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if torch_device.type == "cuda" else "gloo"

@@ -38,11 +38,11 @@ from dvgt.data.anchors import ensure_anchors
 from dvgt.data.check import DataCheckError, require_clean
 from dvgt.data.feature_cache import CachedDataset
 from dvgt.data.loader import build_eval_loader, build_train_loader, open_datasets
-from dvgt.families import build_model, check_model_config, load_pretrained, sample_targets
+from dvgt.families import build_model, check_model_config, load_pretrained, model_skeleton, sample_targets
 from dvgt.metrics.labels import rank_labels
 from dvgt.metrics.training import TrainingMetrics
 from dvgt.models.weights import WeightsMismatchError, load_state
-from dvgt.train import distributed, feature_cache
+from dvgt.train import device_map, distributed, feature_cache, pipeline
 from dvgt.train.checkpoint_cost import CheckpointCost
 from dvgt.train.clipping import GradientClipper
 from dvgt.train.evaluation import EvalAccumulator, evaluate_batch
@@ -110,8 +110,14 @@ class Trainer:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.fsdp = cfg.distributed.strategy == "fsdp"
+        if cfg.model.device_map:  # a bad map is refused before any process group or allocation
+            device_map.check(cfg.model, cfg.device)
         self.dist = distributed.init_distributed(
-            cfg.device, cfg.distributed.backend, cfg.distributed.timeout_mins, single_process_group=self.fsdp
+            cfg.device,
+            cfg.distributed.backend,
+            cfg.distributed.timeout_mins,
+            single_process_group=self.fsdp,
+            gpus_per_process=device_map.gpus_per_process(cfg.model.device_map),
         )
         self.device = self.dist.device
         try:
@@ -135,6 +141,13 @@ class Trainer:
         self._sigterm_at: float | None = None  # when SIGTERM arrived (preemption)
         self._checkpoint_events: queue.SimpleQueue[CheckpointEvent] = queue.SimpleQueue()
         self._checkpoint_cost = CheckpointCost()
+        stages = cfg.distributed.pipeline.stages
+        self.pipeline: pipeline.Pipeline | None = None  # set at the end of the set-up
+        self.mesh = pipeline.mesh_for(self.dist.world_size, stages, self.device.type) if stages > 1 else None
+        # the data shard of this rank: under a pipeline every stage of a replica reads the replica's batches
+        self.data_rank, self.data_world = (
+            (self.mesh.get_local_rank("dp"), self.mesh.size(1)) if self.mesh else (self.dist.rank, self.dist.world_size)
+        )
 
         ck = cfg.checkpoint  # storage is checked first: a wrong bucket or credentials fail within seconds
         manager = partial(ShardedCheckpointManager, device=self.dist.device) if self.fsdp else CheckpointManager
@@ -161,7 +174,12 @@ class Trainer:
         if cfg.model.anchor_dir:
             self._prepare_anchors()
         self.family = check_model_config(cfg.model)
-        self.model = build_model(cfg.model).to(self.device)
+        self.model = build_model(cfg.model)
+        if cfg.model.device_map:
+            devices = device_map.apply_device_map(self.model, cfg.model.device_map, self.device)
+            self._print(f"model.device_map:\n{device_map.describe(self.model, cfg.model.device_map, devices)}")
+        elif self.mesh is None:  # (a pipeline moves only its stage, once split)
+            self.model.to(self.device)
         resume_from = self._find_resume_checkpoint()
         # A resumed run continues its log; a fresh run starts a new one.
         self.log = RunLogger(
@@ -219,11 +237,12 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.train_model = self.model
-        if self.dist.is_distributed and not self.fsdp:
+        if self.dist.is_distributed and not self.fsdp and self.mesh is None:
             d = cfg.distributed
             self.train_model = DDP(
                 self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # a model over several GPUs (model.device_map) takes no device_ids
+                device_ids=[self.device.index] if self.device.type == "cuda" and not cfg.model.device_map else None,
                 find_unused_parameters=d.find_unused_parameters,
                 bucket_cap_mb=d.bucket_cap_mb,
                 gradient_as_bucket_view=d.gradient_as_bucket_view,
@@ -244,6 +263,40 @@ class Trainer:
         self.loss = self.family.loss(self.model, cfg.loss)  # the weights are final (DVGT-2 reads its anchors)
         if self.feature_cache is not None and self.cached_part is not None:  # the weights are final now
             feature_cache.check_weights(self.feature_cache, self.cached_part, cfg, self.device)
+        if self.mesh is not None:  # the weights are final: split the model
+            self._set_up_pipeline()
+
+    def _set_up_pipeline(self) -> None:
+        """Keep this rank's stage of the model, with the optimizer state and clipping groups for it."""
+        cfg = self.cfg
+        assert self.mesh is not None  # set up with distributed.pipeline.stages > 1
+        inputs = ("images", "ego_status") if cfg.model.enable_ego_status else ("images",)
+        full_optimizer = self.optimizer
+        skeleton = model_skeleton(cfg.model)
+        freeze_modules(skeleton, cfg.optim.frozen_module_names)
+        self.pipeline = pipeline.Pipeline(
+            self.model,
+            full_optimizer,
+            self.mesh,
+            self.device,
+            cfg.distributed.pipeline.schedule,
+            inputs,
+            self.autocast,
+            skeleton,
+        )
+        self._print(self.pipeline.report())
+        self.optimizer = build_optimizer(
+            self.model,
+            cfg.optim.lr,
+            cfg.optim.weight_decay,
+            cfg.optim.betas,
+            fused=not cfg.distributed.fsdp.cpu_offload,
+        )
+        self.pipeline.carry_optimizer_state(full_optimizer, self.optimizer)
+        self.clipper = GradientClipper(
+            self.model, cfg.optim.gradient_clip, process_group=self.pipeline.pp_group, device=self.device
+        )
+        self.train_model = self.pipeline.wrapped
 
     # -- start-up -------------------------------------------------------------------------------
     def _check_data(self) -> None:
@@ -277,8 +330,8 @@ class Trainer:
             datasets,
             max_img_per_gpu=cfg.max_img_per_gpu,
             seed=cfg.seed_value,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
+            rank=self.data_rank,
+            world_size=self.data_world,
             num_workers=cfg.num_workers,
             pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
             prefetch_factor=cfg.data.prefetch_factor,
@@ -391,8 +444,29 @@ class Trainer:
             self.step, self.total_steps, self.cfg.optim.warmup_fraction, self.cfg.optim.lr, self.cfg.optim.min_lr
         )
         set_lr(self.optimizer, lr)
-        chunks = split_batch(batch, self.cfg.accum_steps)
-        batch_size = batch["images"].shape[0]
+        if self.pipeline is None:
+            totals, finite = self._forward_backward(split_batch(batch, self.cfg.accum_steps))
+        else:  # micro-batches of one shape
+            chunks = split_batch(batch, pipeline.micro_batches(batch["images"].shape[0], self.cfg.accum_steps))
+            totals, finite = self.pipeline.forward_backward(chunks, self.loss)
+        self.scaler.unscale_(self.optimizer)
+        norms = self.clipper.clip()
+        if not self.scaler.is_enabled() and norms:  # (the fp16 grad scaler skips overflowing steps itself)
+            finite = finite & torch.isfinite(torch.stack([n.to(self.device) for n in norms.values()])).all()
+        finite = distributed.all_true(finite)
+        self._optimizer_step(finite)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record: dict[str, Any] = {f"loss/{k}": v for k, v in totals.items()}
+        record.update({f"grad_norm/{k}": v for k, v in norms.items()})
+        record.update(step=self.step, lr=lr, skipped=~finite, **cache_counts)
+        self._pending.append(record)
+        return record
+
+    def _forward_backward(self, chunks: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Forward and backward of every chunk (gradients reduced on the last one); returns the batch's
+        losses and whether they are finite (a device flag)."""
+        batch_size = sum(chunk["images"].shape[0] for chunk in chunks)
         totals: dict[str, torch.Tensor] = {}
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         for i, chunk in enumerate(chunks):
@@ -406,19 +480,7 @@ class Trainer:
                 self.scaler.scale(losses["objective"] * share).backward()
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() * share
-        self.scaler.unscale_(self.optimizer)
-        norms = self.clipper.clip()
-        if not self.scaler.is_enabled() and norms:  # (the fp16 grad scaler skips overflowing steps itself)
-            finite = finite & torch.isfinite(torch.stack(list(norms.values()))).all()
-        finite = distributed.all_true(finite)
-        self._optimizer_step(finite)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        record: dict[str, Any] = {f"loss/{k}": v for k, v in totals.items()}
-        record.update({f"grad_norm/{k}": v for k, v in norms.items()})
-        record.update(step=self.step, lr=lr, skipped=~finite, **cache_counts)
-        self._pending.append(record)
-        return record
+        return totals, finite
 
     def _optimizer_step(self, finite: torch.Tensor) -> None:
         """The optimizer step, applied only where `finite` (a device flag) holds: fused AdamW takes the
@@ -557,6 +619,10 @@ class Trainer:
             model_state, optimizer_state = (
                 cast(dict[str, torch.Tensor], get_model_state_dict(self.model)),  # (DTensors)
                 get_optimizer_state_dict(self.model, self.optimizer),
+            )
+        elif self.pipeline is not None:  # the stages gathered into the unsplit layout on rank 0
+            model_state, optimizer_state = self.pipeline.full_state(
+                self.optimizer, self.optimizer.param_groups[0]["lr"]
             )
         else:
             model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
