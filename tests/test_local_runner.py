@@ -580,7 +580,10 @@ def test_chart_job_runs_locally_survives_a_killed_worker_and_is_scraped(tiny_dat
         out, _ = runner.communicate(timeout=400)
         assert runner.returncode == 0, out[-4000:]
 
-        assert "[local-run] worker-0: pytorch exited 137; restarting" in out  # its killed rank's SIGKILL
+        # worker-0's pod reports its first failed rank (torchrun's first failure, by time): the killed rank's
+        # SIGKILL (137) or, when the other rank's error file is stamped before torchrun sees the kill, that
+        # rank's lost peer (203, temporary); either way a retryable code, and the pod restarts.
+        assert re.search(r"\[local-run\] worker-0: pytorch exited (137|203); restarting", out), out[-4000:]
         assert "[local-run] master-0: pytorch exited 203; restarting" in out  # its ranks lost their peer: temporary
         assert f"[local-run] job {job} Succeeded" in out
         resumed = [line for line in log_lines(out, "master-0") if line.startswith("Resumed from ")]
