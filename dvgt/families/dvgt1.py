@@ -13,14 +13,14 @@ from typing import Any, TypedDict
 import torch
 from torch import Tensor, nn
 
-from dvgt.data.geometry import absT_quaR_to_pose, pose_to_absT_quaR
+from dvgt.data.geometry import absT_quaR_to_pose
 from dvgt.families.base import Batch, LossFn, ModelFamily, Predictions, register
 from dvgt.models.conversions import VGGT, vggt_to_dvgt1
 from dvgt.models.dvgt1 import DVGT1, SIZES
 from dvgt.models.weights import load_dinov3_backbone
 from dvgt.train.evaluation import in_metres, ray_depth_in_own_frame
 from dvgt.train.flops import StepFlops
-from dvgt.train.losses import ego_pose_loss, point_losses
+from dvgt.train.losses import ego_pose_losses, point_losses
 
 # Feature-cache parts of the DVGT and VGGT architectures: the DINO backbone (per image) or the whole aggregator.
 AGGREGATOR_CACHE_PARTS = {"backbone": "aggregator.patch_embed", "aggregator": "aggregator"}
@@ -53,18 +53,8 @@ def dvgt1_loss(predictions: Predictions, batch: Batch, loss_cfg: Any) -> dict[st
     """objective = point.weight * (conf + reg + grad point losses) + ego_pose.weight * loss_ego_pose."""
     with torch.autocast(device_type=predictions["points"].device.type, enabled=False):
         losses = point_losses(predictions, batch["points_in_ego_first"], batch, loss_cfg.point)
-        pose_cfg = loss_cfg.ego_pose
-        losses.update(
-            ego_pose_loss(
-                [pose.float() for pose in pose_iterations(predictions)],
-                pose_to_absT_quaR(batch["ego_n_to_ego_first"].float()),
-                gamma=pose_cfg.gamma,
-                loss_type=pose_cfg.loss_type,
-                weight_trans=pose_cfg.weight_trans,
-                weight_rot=pose_cfg.weight_rot,
-            )
-        )
-        losses["objective"] = losses["objective"] + pose_cfg.weight * losses["loss_ego_pose"]
+        losses.update(ego_pose_losses(pose_iterations(predictions), batch["ego_n_to_ego_first"], loss_cfg.ego_pose))
+        losses["objective"] = losses["objective"] + loss_cfg.ego_pose.weight * losses["loss_ego_pose"]
     return losses
 
 

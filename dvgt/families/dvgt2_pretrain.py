@@ -15,7 +15,7 @@ from typing import Any, TypedDict
 import torch
 from torch import Tensor, nn
 
-from dvgt.data.geometry import absT_quaR_to_pose, chain_relative_poses, pose_to_absT_quaR, transform_points
+from dvgt.data.geometry import absT_quaR_to_pose, chain_relative_poses, transform_points
 from dvgt.families.base import Batch, LossFn, ModelFamily, Predictions, register
 from dvgt.families.dvgt1 import AGGREGATOR_CACHE_PARTS
 from dvgt.models.conversions import VGGT, vggt_to_dvgt2
@@ -24,7 +24,7 @@ from dvgt.models.dvgt2 import DECODER_SIZES, DVGT2
 from dvgt.models.weights import load_dinov3_backbone
 from dvgt.train.evaluation import in_metres
 from dvgt.train.flops import StepFlops
-from dvgt.train.losses import ego_pose_loss, point_losses
+from dvgt.train.losses import ego_pose_losses, point_losses
 
 TRAINING_TARGETS = frozenset({"points_in_ego_n", "ego_past_to_ego_curr"})
 
@@ -71,18 +71,10 @@ def dvgt2_pretrain_loss(predictions: Predictions, batch: Batch, loss_cfg: Any) -
     """objective = point.weight * (conf + reg + grad point losses) + ego_pose.weight * loss_ego_pose."""
     with torch.autocast(device_type=predictions["points"].device.type, enabled=False):
         losses = local_point_losses(predictions, batch, loss_cfg)
-        pose_cfg = loss_cfg.ego_pose
         losses.update(
-            ego_pose_loss(
-                [pose.float() for pose in predictions["relative_ego_pose_enc_list"]],
-                pose_to_absT_quaR(batch["ego_past_to_ego_curr"].float()),
-                gamma=pose_cfg.gamma,
-                loss_type=pose_cfg.loss_type,
-                weight_trans=pose_cfg.weight_trans,
-                weight_rot=pose_cfg.weight_rot,
-            )
+            ego_pose_losses(predictions["relative_ego_pose_enc_list"], batch["ego_past_to_ego_curr"], loss_cfg.ego_pose)
         )
-        losses["objective"] = losses["objective"] + pose_cfg.weight * losses["loss_ego_pose"]
+        losses["objective"] = losses["objective"] + loss_cfg.ego_pose.weight * losses["loss_ego_pose"]
     return losses
 
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dvgt.data.geometry import pose_to_absT_quaR
+
 MIN_VALID_PIXELS = 100  # below this many valid pixels in a batch the point loss is zero
 GRADIENT_LOSS_SCALES = 3  # the gradient term is averaged over strides 1, 2, 4
 MIN_GRADIENT_ELEMENTS = 10  # a scale with fewer valid neighbourhoods adds nothing
@@ -57,6 +59,19 @@ def point_losses(
         losses["loss_conf_point"] + losses["loss_reg_point"] + losses["loss_grad_point"]
     )
     return losses
+
+
+def ego_pose_losses(pred_list: list[Tensor], gt_pose: Tensor, pose_cfg: Any) -> dict[str, Tensor]:
+    """`ego_pose_loss` of predicted pose encodings (n x [B,T,7], taken in float32) against the rigid transforms
+    `gt_pose` [B,T,4,4], with the config section `loss.ego_pose` (its weight is the caller's)."""
+    return ego_pose_loss(
+        [pose.float() for pose in pred_list],
+        pose_to_absT_quaR(gt_pose.float()),
+        gamma=pose_cfg.gamma,
+        loss_type=pose_cfg.loss_type,
+        weight_trans=pose_cfg.weight_trans,
+        weight_rot=pose_cfg.weight_rot,
+    )
 
 
 # --------------------------------------------------------------------------------------------
